@@ -1,0 +1,66 @@
+"""The store's exceptions, and the translation of driver errors into them.
+
+Callers (the dispatcher at import, the CLI) catch these four classes and nothing from SQLAlchemy
+or the drivers; every message names the problem and the URL, with any password masked.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import exc as sa_exc
+
+from .paths import mask_url
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class DatabaseUnavailableError(StoreError):
+    """Unreachable server, missing file (with create=False), read-only path, locked database."""
+
+
+class DatabaseCorruptError(StoreError):
+    """Truncated file, not a SQLite file, or flashtune tables missing."""
+
+
+class SchemaVersionError(StoreError):
+    """A schema newer than this code understands, or an older one that needs `flashtune db migrate`."""
+
+
+# SQLite reports everything as OperationalError/DatabaseError; the message is all there is.
+_CORRUPT_MARKERS = ("file is not a database", "malformed", "no such table", "no such column",
+                    "does not exist", "undefinedtable", "undefinedcolumn", "not a database")
+_UNAVAILABLE_MARKERS = ("locked", "unable to open", "readonly", "read-only", "disk i/o",
+                        "connection", "could not connect", "timeout", "timed out", "refused",
+                        "password authentication", "no such host", "name or service",
+                        "permission denied", "database is full", "out of memory", "disk is full")
+
+
+def classify(error: BaseException, url: str, doing: str) -> StoreError:
+    """The StoreError for a driver/SQLAlchemy error raised while `doing` something with `url`."""
+    if isinstance(error, StoreError):
+        return error
+    orig = getattr(error, "orig", None) or error
+    text = f"{type(orig).__name__}: {orig}".strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    low = text.lower()
+    where = mask_url(url)
+    if any(m in low for m in _CORRUPT_MARKERS):
+        return DatabaseCorruptError(f"database {where} is corrupt or not a flashtune database "
+                                    f"({doing}: {first_line})")
+    if isinstance(error, sa_exc.InterfaceError) or any(m in low for m in _UNAVAILABLE_MARKERS):
+        return DatabaseUnavailableError(f"database {where} is unavailable ({doing}: {first_line})")
+    return StoreError(f"database {where}: {doing} failed: {first_line}")
+
+
+@contextmanager
+def translated(url: str, doing: str) -> Iterator[None]:
+    """Re-raise SQLAlchemy, driver and OS errors from the block as StoreError subclasses."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (sa_exc.SQLAlchemyError, OSError) as error:
+        raise classify(error, url, doing) from error

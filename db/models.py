@@ -1,0 +1,155 @@
+"""The tables: schema meta, tuning runs, trials (every config tried) and winners (best per key).
+
+One set of models serves SQLite and PostgreSQL. Table names carry a `flashtune_` prefix so that
+a fleet can share a PostgreSQL database with other applications. A config is stored as its four
+integers plus `config_extra`, the canonical JSON text of its kernel-variant knobs, so that equal
+configs are equal rows and the columns stay queryable.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import (JSON, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text,
+                        TypeDecorator, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+KEY_COLUMNS: tuple[str, ...] = ("arch", "op", "seq_len", "seq_len_kv", "head_dim", "dtype", "causal")
+CONFIG_COLUMNS: tuple[str, ...] = ("block_m", "block_n", "num_warps", "num_stages", "config_extra")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone, PostgreSQL converts)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps aware UTC times")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    """Now, aware, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetaRow(Base):
+    """Key/value facts about the database itself; `schema_version` is the one that matters."""
+
+    __tablename__ = "flashtune_meta"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class RunRow(Base):
+    """One `tune` invocation and the machine and software it ran on."""
+
+    __tablename__ = "flashtune_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    gpu_name: Mapped[str] = mapped_column(String(128))
+    arch: Mapped[str] = mapped_column(String(16))
+    sm_count: Mapped[int] = mapped_column(Integer)
+    smem_limit: Mapped[int] = mapped_column(Integer)
+    driver: Mapped[str] = mapped_column(String(64))
+    cuda: Mapped[str] = mapped_column(String(64))
+    triton_version: Mapped[str] = mapped_column(String(64))
+    torch_version: Mapped[str] = mapped_column(String(64))
+    kernel_version: Mapped[str] = mapped_column(String(64), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(32), default="running")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+
+
+class TrialRow(Base):
+    """One config tried for one key, whatever its outcome."""
+
+    __tablename__ = "flashtune_trials"
+    __table_args__ = (
+        # The tuner's resume lookup (which configs of this key were already tried).
+        Index("ix_flashtune_trials_key", *KEY_COLUMNS, "kernel_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("flashtune_runs.id", ondelete="SET NULL"), nullable=True, index=True)
+    arch: Mapped[str] = mapped_column(String(16))
+    op: Mapped[str] = mapped_column(String(8))
+    seq_len: Mapped[int] = mapped_column(Integer)
+    seq_len_kv: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    causal: Mapped[bool] = mapped_column(Boolean)
+    block_m: Mapped[int] = mapped_column(Integer)
+    block_n: Mapped[int] = mapped_column(Integer)
+    num_warps: Mapped[int] = mapped_column(Integer)
+    num_stages: Mapped[int] = mapped_column(Integer)
+    config_extra: Mapped[str] = mapped_column(Text, default="{}")
+    outcome: Mapped[str] = mapped_column(String(32))
+    median_ms: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
+    tflops: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
+    compile_s: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    kernel_version: Mapped[str] = mapped_column(String(64), index=True)
+    gpu_name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WinnerRow(Base):
+    """The best `ok` trial per key, with the provenance of its measurement.
+
+    The unique key leads with `arch`, so its index serves the dispatcher's one query by arch.
+    `kernel_version` sits beside the key so that a stale winner is visible, not a second row.
+    """
+
+    __tablename__ = "flashtune_winners"
+    __table_args__ = (UniqueConstraint(*KEY_COLUMNS, name="uq_flashtune_winners_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    arch: Mapped[str] = mapped_column(String(16))
+    op: Mapped[str] = mapped_column(String(8))
+    seq_len: Mapped[int] = mapped_column(Integer)
+    seq_len_kv: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    causal: Mapped[bool] = mapped_column(Boolean)
+    block_m: Mapped[int] = mapped_column(Integer)
+    block_n: Mapped[int] = mapped_column(Integer)
+    num_warps: Mapped[int] = mapped_column(Integer)
+    num_stages: Mapped[int] = mapped_column(Integer)
+    config_extra: Mapped[str] = mapped_column(Text, default="{}")
+    median_ms: Mapped[float] = mapped_column(Double)
+    tflops: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
+    kernel_version: Mapped[str] = mapped_column(String(64))
+    gpu_name: Mapped[str] = mapped_column(String(128))
+    sm_count: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    driver: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    cuda: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    triton_version: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    torch_version: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    measured_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Indexed so that deleting trials (prune) need not scan the winners for each one.
+    trial_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("flashtune_trials.id", ondelete="SET NULL"), nullable=True, index=True)
+
+
+FLASHTUNE_TABLES: tuple[str, ...] = tuple(Base.metadata.tables)

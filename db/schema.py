@@ -1,0 +1,134 @@
+"""Schema versions and migrations: one integer in `flashtune_meta`, and an ordered list of steps.
+
+The mechanism, kept small on purpose (no Alembic needed on GPU machines):
+- `SCHEMA_VERSION` is the version these models describe. A new database is created from the
+  models directly and stamped with it.
+- `MIGRATIONS[i]` takes a database from version `MIGRATIONS[i].version - 1` to `.version`; a
+  schema change adds one step here and bumps `SCHEMA_VERSION`. Steps run in order, all in one
+  transaction (DDL is transactional on SQLite and PostgreSQL), so a failed migration leaves the
+  database at its old version.
+- Opening a database refuses a newer version (naming both) and an older one (naming the command,
+  `flashtune db migrate`): readers such as the dispatcher must never write, and a fleet's shared
+  database is migrated once, on purpose.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import Connection, Engine, inspect, select, text
+
+from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError
+from .models import FLASHTUNE_TABLES, Base, MetaRow
+
+SCHEMA_VERSION = 1
+VERSION_KEY = "schema_version"
+MIGRATE_COMMAND = "flashtune db migrate"
+# Any constant: serialises schema creation between processes on one PostgreSQL server.
+_PG_SCHEMA_LOCK = 0x666C6173
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step: `apply` turns a database at `version - 1` into one at `version`."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+MIGRATIONS: list[Migration] = []
+
+
+def _present_tables(conn: Connection) -> set[str]:
+    return set(inspect(conn).get_table_names()) & set(FLASHTUNE_TABLES)
+
+
+def read_version(conn: Connection, where: str) -> int | None:
+    """The stored schema version; None when the database holds no flashtune tables at all."""
+    try:
+        value = conn.execute(select(MetaRow.value).where(MetaRow.name == VERSION_KEY)).scalar()
+    except Exception:
+        conn.rollback()  # PostgreSQL: the failed statement aborted the transaction
+        present = _present_tables(conn)
+        if not present:
+            return None
+        if MetaRow.__tablename__ not in present:
+            raise DatabaseCorruptError(f"database {where} has flashtune tables but no "
+                                       f"{MetaRow.__tablename__} table: not a complete flashtune "
+                                       f"database") from None
+        raise
+    if value is None or not str(value).isdigit():
+        raise DatabaseCorruptError(f"database {where} has no valid {VERSION_KEY} in "
+                                   f"{MetaRow.__tablename__} (found {value!r})")
+    return int(value)
+
+
+def check_version(version: int | None, where: str, create: bool) -> None:
+    """Raise unless a database at `version` can be used as it is."""
+    if version is None:
+        if not create:
+            raise DatabaseUnavailableError(f"database {where} holds no flashtune tables yet "
+                                           f"(run `flashtune tune` or `{MIGRATE_COMMAND}` to create them)")
+        return
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(f"database {where} has schema version {version}, newer than "
+                                 f"version {SCHEMA_VERSION} that this flashtune understands: "
+                                 f"upgrade flashtune")
+    if version < SCHEMA_VERSION:
+        raise SchemaVersionError(f"database {where} has schema version {version}, older than "
+                                 f"version {SCHEMA_VERSION} that this flashtune needs: run "
+                                 f"`{MIGRATE_COMMAND} --db URL` to migrate it")
+
+
+def _lock_schema(conn: Connection) -> None:
+    # SQLite's write transactions already begin IMMEDIATE (see store.py); PostgreSQL needs a lock
+    # so that two first-time writers do not both create the tables.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
+
+
+def _stamp(conn: Connection, version: int) -> None:
+    updated = conn.execute(MetaRow.__table__.update().where(MetaRow.name == VERSION_KEY)
+                           .values(value=str(version))).rowcount
+    if not updated:
+        conn.execute(MetaRow.__table__.insert().values(name=VERSION_KEY, value=str(version)))
+
+
+def migrate(engine: Engine, where: str, *, write_options: dict[str, object]) -> tuple[int | None, int]:
+    """Create or migrate the schema to SCHEMA_VERSION in one transaction; (old version, new)."""
+    with engine.connect().execution_options(**write_options) as conn:
+        with conn.begin():
+            _lock_schema(conn)
+            version = read_version(conn, where)
+            if version is None:
+                Base.metadata.create_all(conn)
+                _stamp(conn, SCHEMA_VERSION)
+                return None, SCHEMA_VERSION
+            old = version
+            if version > SCHEMA_VERSION:
+                check_version(version, where, create=True)
+            for step in MIGRATIONS:
+                if version < step.version <= SCHEMA_VERSION:
+                    if step.version != version + 1:
+                        raise SchemaVersionError(f"no migration from schema version {version} to "
+                                                 f"{version + 1} (next step is {step.version})")
+                    step.apply(conn)
+                    version = step.version
+                    _stamp(conn, version)
+            if version != SCHEMA_VERSION:
+                raise SchemaVersionError(f"database {where} stopped at schema version {version}: "
+                                         f"no migration reaches version {SCHEMA_VERSION}")
+            return old, version
+
+
+def ensure(engine: Engine, where: str, *, create: bool, write_options: dict[str, object]) -> int:
+    """Check the schema; with `create`, make the tables of a database that has none. The version."""
+    with engine.connect() as conn:
+        version = read_version(conn, where)
+        conn.rollback()
+    if version is None and create:
+        _, version = migrate(engine, where, write_options=write_options)
+        return version
+    check_version(version, where, create)
+    return version if version is not None else SCHEMA_VERSION

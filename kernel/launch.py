@@ -1,0 +1,155 @@
+"""Launching the forward kernel with an explicit config: input checks, config checks, the launch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+
+from db.arch import estimate_smem
+from db.types import HEAD_DIMS, Config
+
+from . import device as _device
+from .defaults import default_config
+from .fwd import attn_fwd_kernel
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+}
+_PRECISIONS = ("ieee", "tf32")
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """The sizes one attention call works on, after validation."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 for plain multi-head attention)."""
+        return self.heads_q // self.heads_kv
+
+
+def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
+    """Validate q, k, v of layout (batch, heads, seq, head_dim), any strides; return their sizes.
+
+    Raises TypeError for non-tensors and unsupported or mismatched dtypes, ValueError for devices,
+    ranks, sizes and head dims; the message names the argument, the value and what is accepted.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _device.INTERPRET):
+        raise ValueError(f"q, k, v are on {q.device}: the kernel needs CUDA tensors "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+    b, hq, nq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    bk, hkv, nk, dk = k.shape
+    if bk != b:
+        raise ValueError(f"batch size differs: q has {b}, k and v have {bk}")
+    if dk != d:
+        raise ValueError(f"head dim differs: q has {d}, k and v have {dk}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"unsupported head dim {d}: supported {', '.join(map(str, HEAD_DIMS))}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # Offsets inside one (batch, head) slice are 32-bit in the kernel.
+        if (t.shape[2] - 1) * t.stride(2) + (d - 1) * t.stride(3) > _INT32_MAX:
+            raise ValueError(f"{name} spans more than 2**31 elements within one head "
+                             f"(shape {tuple(t.shape)}, strides {t.stride()}): split the sequence")
+    return AttnShape(b, hq, hkv, nq, nk, d, _DTYPE_NAMES[q.dtype])
+
+
+def check_config(config: Any, shape: AttnShape, smem_limit: int | None) -> None:
+    """Raise if `config` is not a Config or its estimated shared memory exceeds `smem_limit`."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a db.types.Config, got {type(config).__name__}")
+    if smem_limit is not None:
+        need = estimate_smem(config, shape.head_dim, shape.dtype)
+        if need > smem_limit:
+            raise ValueError(f"config {config} needs about {need // 1024} KB of shared memory for head dim "
+                             f"{shape.head_dim} {shape.dtype}; this GPU allows {smem_limit // 1024} KB per block")
+
+
+def _check_scale(scale: Any, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_precision(fp32_precision: Any) -> str:
+    if fp32_precision not in _PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {', '.join(_PRECISIONS)}, got {fp32_precision!r}")
+    return fp32_precision
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
+           scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
+           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Launch the kernel with no checks; returns (o, lse or None, Triton's compiled kernel or None).
+
+    The dispatcher's hot path and the tuner call this after validating once. Triton's own errors
+    (OutOfResources, CompilationError) propagate unchanged so the tuner can record them.
+    """
+    o = torch.empty_like(q) if out is None else out
+    lse = (torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
+           if return_lse else o)
+    grid = (triton.cdiv(shape.seq_q, config.block_m), shape.heads_q, shape.batch)
+    compiled = attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        shape.seq_q, shape.seq_k, shape.group, scale * 1.4426950408889634,  # log2(e): exp2 in-kernel
+        HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return o, (lse if return_lse else None), compiled
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  scale: float | None = None, config: Config | None = None, return_lse: bool = False,
+                  fp32_precision: str = "ieee") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask])·V, with an explicit config.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides. `causal` is
+    top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
+    float32 inputs use IEEE fp32 dots unless fp32_precision="tf32". With return_lse, also returns
+    the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq).
+    """
+    shape = check_inputs(q, k, v)
+    scale = _check_scale(scale, shape.head_dim)
+    precision = _check_precision(fp32_precision)
+    on_gpu = q.device.type == "cuda"
+    smem_limit = _device.device_smem_limit(q.device) if on_gpu else None
+    if config is None:
+        arch = _device.device_arch(q.device) if on_gpu else "sm_80"
+        config = default_config(arch, shape.head_dim, shape.dtype, smem_limit)
+    check_config(config, shape, smem_limit)
+    o, lse, _ = launch(q, k, v, shape, causal=bool(causal), scale=scale, config=config,
+                       return_lse=return_lse, fp32_precision=precision)
+    return (o, lse) if return_lse else o

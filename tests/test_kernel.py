@@ -1,0 +1,181 @@
+"""The forward kernel against the fp64 reference, on CPU under the interpreter or on CUDA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from db.types import Config
+from kernel.launch import attention_fwd, check_inputs, launch
+from kernel.reference import attention_reference, lse_reference
+
+# Relative-norm error bounds ‖o − ref‖ / ‖ref‖ against fp64: fp16 inputs round Q, K, V and P to an
+# 11-bit mantissa (~5e-4 per element, averaging down), bf16 to an 8-bit one; fp32 with IEEE dots is
+# near 1e-6; tf32 dots near 3e-4.
+BOUNDS = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 2e-5}
+TF32_BOUND = 2e-3
+
+CONFIGS = [Config(16, 16, 2, 1), Config(32, 16, 4, 1), Config(16, 32, 2, 2), Config(64, 32, 4, 2)]
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal)
+CASES = [
+    (1, 1, 1, 1, 1, 16, False),
+    (1, 1, 1, 1, 1, 16, True),
+    (2, 2, 2, 17, 17, 32, False),
+    (2, 2, 2, 17, 17, 32, True),
+    (1, 3, 3, 67, 67, 64, True),      # prime length, not a multiple of any block
+    (1, 4, 2, 31, 31, 64, True),      # GQA
+    (1, 4, 1, 40, 40, 16, False),     # MQA
+    (1, 2, 2, 23, 61, 80, False),     # cross attention, padded head dim
+    (1, 2, 2, 23, 61, 80, True),
+    (1, 2, 2, 61, 23, 96, True),      # more queries than keys
+    (1, 1, 1, 19, 19, 112, True),
+    (1, 1, 1, 33, 33, 128, False),
+]
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _qkv(case, dtype, device, gen):
+    b, hq, hkv, nq, nk, d, _ = case
+    mk = lambda h, n: torch.randn(b, h, n, d, generator=gen, dtype=torch.float32).to(device, dtype)
+    return mk(hq, nq), mk(hkv, nk), mk(hkv, nk)
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
+    # The interpreter's bf16 dot is wrong on CPU (numpy has no bf16); bf16 is checked on the GPU.
+    return [torch.float16, torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def _check_case(case, dtype, config, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _qkv(case, dtype, device, gen)
+    causal = case[-1]
+    shape = check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(case[5])
+    poisoned = torch.full_like(q, float("nan"))
+    o, lse, _ = launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=True,
+                       out=poisoned)
+    ref = attention_reference(q, k, v, causal=causal)
+    assert torch.isfinite(o).all(), "unwritten (NaN-poisoned) or non-finite output elements"
+    err = _rel(o, ref)
+    assert err < BOUNDS[dtype], f"{case} {dtype} {config}: relative error {err:.2e}"
+    lse_err = (lse.double() - lse_reference(q, k, causal=causal)).abs().max().item()
+    assert lse_err < 1e-3, f"LSE error {lse_err:.2e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}/{}n{}x{}d{}{}".format(*c[:6], "c" if c[6] else ""))
+def test_matches_fp64_reference(case, kernel_device):
+    for i, dtype in enumerate(_dtypes(kernel_device)):
+        config = CONFIGS[(CASES.index(case) + i) % len(CONFIGS)]
+        _check_case(case, dtype, config, kernel_device, seed=1000 * CASES.index(case) + i)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_every_config_gives_the_same_function(config, kernel_device):
+    _check_case((1, 2, 2, 45, 45, 64, True), torch.float16, config, kernel_device, seed=7)
+
+
+def test_strided_bnhd_view_needs_no_copy(kernel_device):
+    gen = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 29, 3, 64
+    base = [torch.randn(b, n, h, d, generator=gen).to(kernel_device, torch.float16) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)  # (B, H, N, D) views of (B, N, H, D) storage
+    assert not q.is_contiguous()
+    o = attention_fwd(q, k, v, causal=True, config=Config(16, 16, 2, 1))
+    assert o.shape == q.shape
+    assert _rel(o, attention_reference(q, k, v, causal=True)) < BOUNDS[torch.float16]
+
+
+def test_sliced_inputs_with_odd_strides(kernel_device):
+    gen = torch.Generator().manual_seed(4)
+    big = torch.randn(1, 2, 50, 3 * 32, generator=gen).to(kernel_device, torch.float32)
+    q, k, v = big[..., :32], big[..., 32:64], big[:, :, 5:40, 64:]
+    o = attention_fwd(q, k[:, :, 5:40], v, config=Config(16, 16, 2, 1))
+    assert _rel(o, attention_reference(q, k[:, :, 5:40], v)) < BOUNDS[torch.float32]
+
+
+def test_default_config_custom_scale_and_lse(kernel_device):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _qkv((1, 2, 2, 20, 20, 32, True), torch.float32, kernel_device, gen)
+    o, lse = attention_fwd(q, k, v, causal=True, scale=0.3, return_lse=True)
+    assert _rel(o, attention_reference(q, k, v, causal=True, scale=0.3)) < BOUNDS[torch.float32]
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 20)
+    assert (lse.double() - lse_reference(q, k, causal=True, scale=0.3)).abs().max() < 1e-4
+
+
+def test_fp32_tf32_is_selectable(kernel_device):
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = _qkv((1, 1, 1, 64, 64, 64, False), torch.float32, kernel_device, gen)
+    ref = attention_reference(q, k, v)
+    ieee = attention_fwd(q, k, v, config=Config(16, 16, 2, 1), fp32_precision="ieee")
+    tf32 = attention_fwd(q, k, v, config=Config(16, 16, 2, 1), fp32_precision="tf32")
+    assert _rel(ieee, ref) < BOUNDS[torch.float32]
+    assert _rel(tf32, ref) < TF32_BOUND
+    if kernel_device == "cuda":  # tensor cores round to a 10-bit mantissa: visibly worse than IEEE
+        assert _rel(tf32, ref) > 10 * _rel(ieee, ref)
+
+
+# --- bad input: a clear error naming the problem, nothing launched --------------------------------
+
+def _good(device="cpu", dtype=torch.float16):
+    return [torch.randn(1, 2, 8, 32).to(device, dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda q, k, v: ([1, 2], k, v), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "float64"),
+    (lambda q, k, v: (q, k.float(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q, k[:, :, :4], v), ValueError, "same shape"),
+    (lambda q, k, v: (q[:1].expand(2, -1, -1, -1), k, v), ValueError, "batch size differs"),
+    (lambda q, k, v: (torch.randn(1, 2, 8, 24).half(), k, v), ValueError, "head dim differs"),
+    (lambda q, k, v: (torch.randn(1, 2, 8, 24).half(), torch.randn(1, 2, 8, 24).half(),
+                      torch.randn(1, 2, 8, 24).half()), ValueError, "unsupported head dim 24"),
+    (lambda q, k, v: (torch.randn(1, 3, 8, 32).half(), k, v), ValueError, "multiple of key/value heads"),
+    (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty"),
+])
+def test_bad_inputs_raise_named_errors(mutate, exc, words):
+    q, k, v = mutate(*_good())
+    with pytest.raises(exc, match=words):
+        attention_fwd(q, k, v, config=Config(16, 16, 2, 1))
+
+
+def test_bad_scale_precision_and_config():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        attention_fwd(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="fp32_precision must be one of"):
+        attention_fwd(q, k, v, fp32_precision="fast")
+    with pytest.raises(TypeError, match="config must be a db.types.Config"):
+        attention_fwd(q, k, v, config="m16-n16-w2-s1")
+    with pytest.raises(ValueError, match="power of two"):
+        Config(48, 16, 2, 1)
+
+
+def test_cpu_tensors_rejected_outside_interpreter(monkeypatch):
+    from kernel import device
+
+    monkeypatch.setattr(device, "INTERPRET", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        attention_fwd(*_good())
+
+
+@pytest.mark.gpu
+def test_config_too_large_for_gpu_is_refused():
+    q, k, v = (torch.randn(1, 2, 8, 256, device="cuda", dtype=torch.float32) for _ in range(3))
+    with pytest.raises(ValueError, match="shared memory"):
+        attention_fwd(q, k, v, config=Config(256, 256, 8, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_longer_sequences(dtype):
+    for i, (n, d, causal) in enumerate([(1000, 64, True), (2049, 128, False), (777, 256, True), (513, 96, True)]):
+        gen = torch.Generator().manual_seed(100 + i)
+        q, k, v = _qkv((2, 4, 2, n, n, d, causal), dtype, "cuda", gen)
+        o = attention_fwd(q, k, v, causal=causal)
+        assert _rel(o, attention_reference(q, k, v, causal=causal)) < BOUNDS[dtype]
