@@ -125,6 +125,10 @@ def _good(device="cpu", dtype=torch.float16):
     return [torch.randn(1, 2, 8, 32).to(device, dtype) for _ in range(3)]
 
 
+def _like(q: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    return torch.randn(1, heads, 8, head_dim, device=q.device).half()
+
+
 @pytest.mark.parametrize("mutate, exc, words", [
     (lambda q, k, v: ([1, 2], k, v), TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
@@ -132,20 +136,20 @@ def _good(device="cpu", dtype=torch.float16):
     (lambda q, k, v: (q, k.float(), v), TypeError, "share one dtype"),
     (lambda q, k, v: (q, k[:, :, :4], v), ValueError, "same shape"),
     (lambda q, k, v: (q[:1].expand(2, -1, -1, -1), k, v), ValueError, "batch size differs"),
-    (lambda q, k, v: (torch.randn(1, 2, 8, 24).half(), k, v), ValueError, "head dim differs"),
-    (lambda q, k, v: (torch.randn(1, 2, 8, 24).half(), torch.randn(1, 2, 8, 24).half(),
-                      torch.randn(1, 2, 8, 24).half()), ValueError, "unsupported head dim 24"),
-    (lambda q, k, v: (torch.randn(1, 3, 8, 32).half(), k, v), ValueError, "multiple of key/value heads"),
+    (lambda q, k, v: (_like(q, 2, 24), k, v), ValueError, "head dim differs"),
+    (lambda q, k, v: (_like(q, 2, 24), _like(q, 2, 24),
+                      _like(q, 2, 24)), ValueError, "unsupported head dim 24"),
+    (lambda q, k, v: (_like(q, 3, 32), k, v), ValueError, "multiple of key/value heads"),
     (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty"),
 ])
-def test_bad_inputs_raise_named_errors(mutate, exc, words):
-    q, k, v = mutate(*_good())
+def test_bad_inputs_raise_named_errors(mutate, exc, words, kernel_device):
+    q, k, v = mutate(*_good(kernel_device))
     with pytest.raises(exc, match=words):
         attention_fwd(q, k, v, config=Config(16, 16, 2, 1))
 
 
-def test_bad_scale_precision_and_config():
-    q, k, v = _good()
+def test_bad_scale_precision_and_config(kernel_device):
+    q, k, v = _good(kernel_device)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         attention_fwd(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match="fp32_precision must be one of"):

@@ -1,0 +1,173 @@
+"""Forward-kernel benchmark on a CUDA GPU (issue 2): a hand grid of configs per shape vs torch SDPA.
+
+Shapes: 16k tokens (B·N = 16384), H·D = 2048, N in --seq, D in --head-dim, causal both ways, fp16 and
+bf16. For each shape every config of the hand grid is timed (triton.testing.do_bench, median, L2
+flushed between repetitions), beside torch SDPA's flash and cuDNN backends timed in the same run.
+Compiles run first in a process pool (they fill Triton's on-disk cache, so the timing process only
+loads them). Writes <out>/kernel_fwd.csv (every timing), <out>/kernel_fwd_summary.json, and prints
+a per-shape table: best, median, worst, default config, baselines.
+
+    python3 bench/kernel_fwd.py --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from db.arch import estimate_smem  # noqa: E402
+from db.types import Config  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hand_grid() -> list[Config]:
+    """48 configs around what FA2-style kernels use on Ampere/Hopper."""
+    grid = [Config(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+    grid += [Config(128, 128, 8, 1), Config(128, 64, 8, 1), Config(256, 64, 8, 2), Config(256, 64, 8, 3),
+             Config(256, 128, 8, 2), Config(256, 64, 16, 2), Config(256, 128, 16, 2), Config(128, 128, 16, 2),
+             Config(32, 32, 4, 2), Config(32, 64, 4, 3), Config(64, 64, 2, 2), Config(128, 32, 8, 5)]
+    return grid
+
+
+def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, float]:
+    """Compile (and run once on a tiny input) one config; returns (config text, error, seconds)."""
+    from kernel.launch import check_inputs, launch
+
+    text, d, dtype, causal = job
+    config = Config.parse(text)
+    q, k, v = (torch.randn(1, 1, 256, d, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
+    t0 = time.perf_counter()
+    try:
+        launch(q, k, v, check_inputs(q, k, v), causal=causal, scale=d ** -0.5, config=config)
+        torch.cuda.synchronize()
+        return text, None, time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 - any compile failure is a data point here
+        return text, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--seq", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--head-dim", default="64,128")
+    ap.add_argument("--dtype", default="fp16,bf16")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--configs", type=int, default=0, help="use only the first K configs of the grid")
+    ap.add_argument("--rep", type=int, default=40, help="do_bench repetition budget, ms")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernel.defaults import default_config
+    from kernel.device import device_arch, device_name, device_smem_limit
+    from kernel.launch import check_inputs, launch
+    from kernel.version import KERNEL_VERSION
+
+    seqs = [int(x) for x in args.seq.split(",")]
+    dims = [int(x) for x in args.head_dim.split(",")]
+    dtypes = args.dtype.split(",")
+    causals = [bool(int(x)) for x in args.causal.split(",")]
+    arch, limit = device_arch(0), device_smem_limit(0)
+    grid = hand_grid()[: args.configs or None]
+
+    # 1. compile everything in parallel
+    jobs = []
+    for d, dt, causal in itertools.product(dims, dtypes, causals):
+        configs = set(grid) | {default_config(arch, d, dt, limit)}
+        jobs += [(str(c), d, dt, causal) for c in sorted(configs, key=str) if estimate_smem(c, d, dt) <= limit]
+    t0 = time.perf_counter()
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        compiled = list(pool.map(_compile_one, jobs, chunksize=1))
+    failed = {(j[0], j[1], j[2], j[3]): r[1] for j, r in zip(jobs, compiled) if r[1]}
+    compile_wall = time.perf_counter() - t0
+    print(f"compiled {len(jobs)} kernels in {compile_wall:.1f} s wall on {args.workers} workers, "
+          f"{len(failed)} failed", flush=True)
+
+    # 2. time every shape
+    rows, summary = [], []
+    for d, dt, causal, n in itertools.product(dims, dtypes, causals, seqs):
+        b, h = 16384 // n, 2048 // d
+        gen = torch.Generator(device="cuda").manual_seed(n * d)
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dt], generator=gen) for _ in range(3))
+        flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+        tflops = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
+        shape = check_inputs(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        base = {}
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+                    fn()
+                    base[name] = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
+            except RuntimeError as exc:
+                print(f"  {name} unavailable for this shape: {exc}".splitlines()[0])
+        default = default_config(arch, d, dt, limit)
+        times = {}
+        for config in sorted(set(grid) | {default}, key=str):
+            if estimate_smem(config, d, dt) > limit or (str(config), d, dt, causal) in failed:
+                continue
+            fn = lambda: launch(q, k, v, shape, causal=causal, scale=d ** -0.5, config=config)  # noqa: E731
+            o = fn()[0]
+            err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+            ms = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
+            times[config] = ms
+            rows.append(dict(N=n, D=d, dtype=dt, causal=int(causal), config=str(config), ms=ms,
+                             tflops=tflops(ms), rel_err_vs_sdpa=err))
+        for name, ms in base.items():
+            rows.append(dict(N=n, D=d, dtype=dt, causal=int(causal), config=name, ms=ms, tflops=tflops(ms),
+                             rel_err_vs_sdpa=0.0))
+        best = min(times, key=times.get)
+        _, _, kern = launch(q, k, v, shape, causal=causal, scale=d ** -0.5, config=best)
+        ptx = kern.asm.get("ptx", "") if kern is not None else ""
+        summary.append(dict(
+            N=n, D=d, dtype=dt, causal=causal, configs_timed=len(times), best=str(best),
+            best_tflops=tflops(times[best]), median_tflops=tflops(statistics.median(times.values())),
+            worst_tflops=tflops(max(times.values())), default=str(default),
+            default_tflops=tflops(times[default]) if default in times else None,
+            **{f"{k}_tflops": tflops(ms) for k, ms in base.items()},
+            best_regs=getattr(kern, "n_regs", None), best_spills=getattr(kern, "n_spills", None),
+            best_smem=kern.metadata.shared if kern is not None else None,
+            best_uses_wgmma="wgmma" in ptx, best_uses_mma_sync="mma.sync" in ptx))
+        s = summary[-1]
+        print(f"N={n:5d} D={d:3d} {dt} causal={int(causal)} best {s['best']:16s} {s['best_tflops']:6.1f} | "
+              f"median {s['median_tflops']:6.1f} worst {s['worst_tflops']:6.1f} default {s['default_tflops'] or 0:6.1f} | "
+              f"flash {s.get('sdpa_flash_tflops') or 0:6.1f} cudnn {s.get('sdpa_cudnn_tflops') or 0:6.1f}", flush=True)
+        del q, k, v, ref
+
+    with open(out / "kernel_fwd.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = dict(gpu=device_name(0), arch=arch, smem_limit=limit, triton=triton.__version__,
+                torch=torch.__version__, kernel_version=KERNEL_VERSION, compile_wall_s=compile_wall,
+                compile_jobs=len(jobs), compile_failures={f"{k}": v for k, v in failed.items()})
+    (out / "kernel_fwd_summary.json").write_text(json.dumps(dict(meta=meta, shapes=summary), indent=1))
+
+    print("\nTFLOP/s (fwd, 16k tokens, H*D=2048): best of grid / default / SDPA flash / cuDNN; best vs flash, vs cuDNN")
+    for s in summary:
+        fl, cu = s.get("sdpa_flash_tflops"), s.get("sdpa_cudnn_tflops")
+        print(f"{s['dtype']} D={s['D']:3d} {'causal' if s['causal'] else 'full  '} N={s['N']:5d} "
+              f"{s['best_tflops']:6.1f} {s['default_tflops'] or 0:6.1f} {fl or 0:6.1f} {cu or 0:6.1f} "
+              f"x{s['best_tflops'] / fl if fl else 0:.2f} x{s['best_tflops'] / cu if cu else 0:.2f}  {s['best']}")
+
+
+if __name__ == "__main__":
+    main()
