@@ -90,7 +90,7 @@ def main() -> None:
     jobs = []
     for d, dt, causal in itertools.product(dims, dtypes, causals):
         configs = set(grid) | {default_config(arch, d, dt, limit)}
-        jobs += [(str(c), d, dt, causal) for c in sorted(configs, key=str) if estimate_smem(c, d, dt) <= limit]
+        jobs += [(str(c), d, dt, causal) for c in sorted(configs, key=str) if estimate_smem(c, d, dt, arch) <= limit]
     t0 = time.perf_counter()
     ctx = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
@@ -122,7 +122,7 @@ def main() -> None:
         default = default_config(arch, d, dt, limit)
         times = {}
         for config in sorted(set(grid) | {default}, key=str):
-            if estimate_smem(config, d, dt) > limit or (str(config), d, dt, causal) in failed:
+            if estimate_smem(config, d, dt, arch) > limit or (str(config), d, dt, causal) in failed:
                 continue
             fn = lambda: launch(q, k, v, shape, causal=causal, scale=d ** -0.5, config=config)  # noqa: E731
             o = fn()[0]

@@ -24,13 +24,15 @@ def default_config(arch: str, head_dim: int, dtype: str, smem_limit: int | None 
     tile to stay inside the register file.
     """
     dtype = normalize_dtype(dtype)
+    try:
+        arch = normalize_arch(arch)
+        known = True
+    except ValueError:
+        known = False  # a real but unlisted GPU: plan for the smallest chip and any MMA path
     if smem_limit is None:
-        try:
-            smem_limit = ARCH_SMEM[normalize_arch(arch)]
-        except ValueError:
-            smem_limit = _FALLBACK_SMEM  # a real but unlisted GPU: plan for the smallest chip
+        smem_limit = ARCH_SMEM[arch] if known else _FALLBACK_SMEM
     candidates = _PREFERENCE if head_dim <= 128 else _PREFERENCE[2:]
     for config in candidates:
-        if estimate_smem(config, head_dim, dtype) <= smem_limit:
+        if estimate_smem(config, head_dim, dtype, arch if known else None) <= smem_limit:
             return config
     return _PREFERENCE[-1]

@@ -82,12 +82,12 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
     return AttnShape(b, hq, hkv, nq, nk, d, _DTYPE_NAMES[q.dtype])
 
 
-def check_config(config: Any, shape: AttnShape, smem_limit: int | None) -> None:
-    """Raise if `config` is not a Config or its estimated shared memory exceeds `smem_limit`."""
+def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: str | None = None) -> None:
+    """Raise if `config` is not a Config or its estimated shared memory on `arch` exceeds `smem_limit`."""
     if not isinstance(config, Config):
         raise TypeError(f"config must be a db.types.Config, got {type(config).__name__}")
     if smem_limit is not None:
-        need = estimate_smem(config, shape.head_dim, shape.dtype)
+        need = estimate_smem(config, shape.head_dim, shape.dtype, arch)
         if need > smem_limit:
             raise ValueError(f"config {config} needs about {need // 1024} KB of shared memory for head dim "
                              f"{shape.head_dim} {shape.dtype}; this GPU allows {smem_limit // 1024} KB per block")
@@ -146,10 +146,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     precision = _check_precision(fp32_precision)
     on_gpu = q.device.type == "cuda"
     smem_limit = _device.device_smem_limit(q.device) if on_gpu else None
+    arch = _device.device_arch(q.device) if on_gpu else None
     if config is None:
-        arch = _device.device_arch(q.device) if on_gpu else "sm_80"
-        config = default_config(arch, shape.head_dim, shape.dtype, smem_limit)
-    check_config(config, shape, smem_limit)
+        config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
+    check_config(config, shape, smem_limit, arch)
     o, lse, _ = launch(q, k, v, shape, causal=bool(causal), scale=scale, config=config,
                        return_lse=return_lse, fp32_precision=precision)
     return (o, lse) if return_lse else o

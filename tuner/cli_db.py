@@ -1,8 +1,252 @@
-"""Commands of the flashtune CLI (filled in by its issue)."""
+"""Database commands: `show`, `export`, `import`, and `db path|migrate|vacuum`.
+
+None of them imports torch or triton, so they run on a machine that only holds the database.
+Bad input (a bad file, URL, arch or dtype, or a database that is missing, locked, corrupt or of
+another schema version) prints one line on stderr and exits with code 2, having written nothing.
+"""
 from __future__ import annotations
 
+import functools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
 import click
+
+from db import exchange
+from db.paths import default_url, mask_url, sqlite_path
+from db.store import Store, StoreError, Winner, migrate_database
+from db.types import DTYPES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(click.ClickException):
+    """Bad input or an unusable database: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _handle_errors(func: F) -> F:
+    """Turn the store's and the exchange file's errors into CliError."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (StoreError, ValueError, TypeError) as error:
+            raise CliError(_one_line(error)) from error
+    return wrapper  # type: ignore[return-value]
+
+
+def _db_option(func: F) -> F:
+    return click.option(
+        "--db", "db_url", metavar="URL", default=None,
+        help="Database URL (default: $FLASHTUNE_DB, else the per-user SQLite file that "
+             "`flashtune db path` prints).")(func)
+
+
+def _url(db_url: str | None) -> str:
+    return db_url if db_url else default_url()
+
+
+# --- show --------------------------------------------------------------------------------------
+
+def _row(w: Winner) -> list[str]:
+    k = w.key
+    n = str(k.seq_len) if k.seq_len == k.seq_len_kv else f"{k.seq_len}x{k.seq_len_kv}"
+    return [k.arch, k.op, n, str(k.head_dim), k.dtype, "yes" if k.causal else "no", str(w.config),
+            f"{w.median_ms:.4f}", "" if w.tflops is None else f"{w.tflops:.1f}", w.gpu_name,
+            w.kernel_version[:12], w.measured_at.strftime("%Y-%m-%d %H:%M")]
+
+
+_HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "config", "ms", "TFLOP/s", "GPU",
+            "kernel", "measured (UTC)"]
+
+
+def _print_table(rows: Sequence[Sequence[str]], title: str) -> None:
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(title=title)
+            for header in _HEADERS:
+                table.add_column(header, no_wrap=True)
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+            return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS)]
+    click.echo(title)
+    for row in [_HEADERS, ["-" * w for w in widths], *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@click.command("show")
+@_db_option
+@click.option("--arch", default=None, help="Only this arch, e.g. sm_90.")
+@click.option("--op", default=None, type=click.Choice(["fwd", "bwd"]), help="Only this op.")
+@click.option("--dtype", default=None, help=f"Only this dtype ({', '.join(DTYPES)}).")
+@click.option("--head-dim", type=int, default=None, help="Only this head dim.")
+@click.option("--causal/--no-causal", default=None, help="Only causal or only non-causal keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the exchange file's winner shape).")
+@_handle_errors
+def show(db_url: str | None, arch: str | None, op: str | None, dtype: str | None,
+         head_dim: int | None, causal: bool | None, as_json: bool) -> None:
+    """List the stored winners."""
+    with Store.open(_url(db_url), create=False) as store:
+        winners = store.winners(arch, op=op, dtype=dtype, head_dim=head_dim, causal=causal)
+        where = store.display_url
+    if as_json:
+        click.echo(json.dumps([exchange.winner_to_dict(w) for w in winners], indent=1))
+        return
+    if not winners:
+        click.echo(f"no winners in {where} match")
+        return
+    _print_table([_row(w) for w in winners], f"{len(winners)} winner(s) in {where}")
+
+
+# --- export / import ---------------------------------------------------------------------------
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A half-written export must never replace a good one.
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@click.command("export")
+@_db_option
+@click.option("--arch", default=None, help="Only this arch, e.g. sm_90.")
+@click.option("--dtype", default=None, help=f"Only this dtype ({', '.join(DTYPES)}).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here (default: stdout).")
+@_handle_errors
+def export(db_url: str | None, arch: str | None, dtype: str | None, output: Path | None) -> None:
+    """Write the winners as a versioned JSON exchange file."""
+    with Store.open(_url(db_url), create=False) as store:
+        document = exchange.export_winners(store, arch=arch, dtype=dtype)
+    text = exchange.dump_document(document)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        _write_atomically(output, text)
+    except OSError as error:
+        raise CliError(f"cannot write {output}: {error.strerror or error}") from None
+    click.echo(f"exported {len(document.winners)} winner(s) to {output}", err=True)
+
+
+def _print_report(report: exchange.ImportReport, verbose: bool) -> None:
+    head = "would add" if report.dry_run else "added"
+    click.echo(f"{head} {len(report.added)}, "
+               f"{'would replace' if report.dry_run else 'replaced'} {len(report.replaced)}, "
+               f"kept {len(report.kept)}, conflicts {len(report.conflicts)} "
+               f"(policy {report.policy}{'; dry run, nothing written' if report.dry_run else ''})")
+    groups = [("conflict", report.conflicts)]
+    if verbose:
+        groups = [("add", report.added), ("replace", report.replaced), ("keep", report.kept), *groups]
+    for label, items in groups:
+        for item in items:
+            new = str(item.incoming.config)
+            old = f" (stored {item.existing.config})" if item.existing else ""
+            click.echo(f"  {label:8} {item.key}  {new}{old}: {item.reason}")
+
+
+@click.command("import")
+@_db_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--policy", type=click.Choice(list(exchange.POLICIES)), default="faster",
+              show_default=True,
+              help="faster: keep the faster time when both were measured on the same GPU model "
+                   "(else keep the stored one and report a conflict); newer: keep the later "
+                   "measurement; replace: take the file's; keep: only add new keys.")
+@click.option("--dry-run", is_flag=True, help="Print what would be added, replaced and kept; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every winner, not only the conflicts.")
+@_handle_errors
+def import_(db_url: str | None, file: Path, policy: str, dry_run: bool, as_json: bool,
+            verbose: bool) -> None:
+    """Merge an exchange file into the database (validated as a whole first, one transaction)."""
+    winners = exchange.read_document(file)  # before the database is even opened
+    url = _url(db_url)
+    path = sqlite_path(url)
+    if dry_run and path is not None and not path.exists():
+        # Nothing to compare with, and a dry run must not create the file.
+        report, _ = exchange.plan_import(winners, {}, policy, dry_run=True, source=str(file))
+    else:
+        with Store.open(url, create=not dry_run) as store:
+            report = exchange.merge(store, winners, policy=policy, dry_run=dry_run, source=str(file))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        _print_report(report, verbose or dry_run)
+
+
+# --- db path | migrate | vacuum ----------------------------------------------------------------
+
+@click.group("db")
+def db_group() -> None:
+    """Where the database is, and its upkeep."""
+
+
+@db_group.command("path")
+@_db_option
+@_handle_errors
+def db_path(db_url: str | None) -> None:
+    """Print the database file (SQLite) or URL (password masked) that commands use."""
+    url = _url(db_url)
+    path = sqlite_path(url)
+    click.echo(str(path) if path is not None else mask_url(url))
+
+
+@db_group.command("migrate")
+@_db_option
+@_handle_errors
+def db_migrate(db_url: str | None) -> None:
+    """Create the tables, or bring an older schema up to this version's."""
+    url = _url(db_url)
+    old, new = migrate_database(url)
+    if old is None:
+        click.echo(f"created schema version {new} in {mask_url(url)}")
+    elif old == new:
+        click.echo(f"{mask_url(url)} is already at schema version {new}")
+    else:
+        click.echo(f"migrated {mask_url(url)} from schema version {old} to {new}")
+
+
+@db_group.command("vacuum")
+@_db_option
+@_handle_errors
+def db_vacuum(db_url: str | None) -> None:
+    """Reclaim free space and refresh the query planner's statistics."""
+    url = _url(db_url)
+    path = sqlite_path(url)
+    before = path.stat().st_size if path is not None and path.exists() else None
+    with Store.open(url, create=False) as store:
+        store.vacuum()
+    if before is not None and path is not None:
+        click.echo(f"vacuumed {path}: {before} -> {path.stat().st_size} bytes")
+    else:
+        click.echo(f"vacuumed {mask_url(url)}")
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to the CLI group."""
+    for command in (show, export, import_, db_group):
+        group.add_command(command)

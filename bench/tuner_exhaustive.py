@@ -1,0 +1,120 @@
+"""Exhaustive sweep of the legal config space for a few keys, against the tuner's winners in a database.
+
+For each key every legal config (tuner.space without the cost rules: the shared-memory estimate fits,
+the tile is legal for D and dtype) gets the first-pass timing, with no pruning; the fastest eight and
+the tuner's stored winner are then timed carefully in the same process, so the comparison is like
+with like. Trials go to a scratch SQLite file under --out, never to the tuned database.
+
+    python3 bench/tuner_exhaustive.py --db sqlite:///bench/results/tune.db --out bench/results
+Writes tuner_exhaustive.csv and tuner_exhaustive.json and prints a table last: the tuner's winner is
+expected within 3 % of the exhaustive best.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from db.store import Store  # noqa: E402
+from db.types import Key  # noqa: E402
+from kernel.defaults import default_config  # noqa: E402
+from kernel.version import KERNEL_VERSION  # noqa: E402
+from tuner.bench import fill_batch_heads  # noqa: E402
+from tuner.gpu import detect_gpu, run_info  # noqa: E402
+from tuner.loop import Tuner, TuneSettings  # noqa: E402
+from tuner.space import candidates  # noqa: E402
+from tuner.worker import WorkerBench  # noqa: E402
+
+# fp16 non-causal: bench/tuner_smem_report.py compiled these groups already, so Triton's cache has them.
+DEFAULT_KEYS = "512:64:fp16:full,2048:64:fp16:full,1024:128:fp16:full,4096:128:fp16:full"
+
+
+def parse_keys(text: str, arch: str) -> list[Key]:
+    """'N:D:dtype:causal|full,...' -> keys for `arch`."""
+    keys = []
+    for item in text.split(","):
+        n, d, dtype, mode = item.split(":")
+        if mode not in ("causal", "full"):
+            raise SystemExit(f"bad key {item!r}: the last field is causal or full")
+        keys.append(Key(arch, "fwd", int(n), int(d), dtype, mode == "causal"))
+    return keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", required=True, help="the database the tune command wrote")
+    parser.add_argument("--keys", default=DEFAULT_KEYS)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--careful-top", type=int, default=8)
+    args = parser.parse_args()
+
+    gpu = detect_gpu()
+    keys = parse_keys(args.keys, gpu.arch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Store.open(args.db, create=False) as tuned:
+        winners = {w.key: w for w in tuned.winners(gpu.arch)}
+    missing = [str(k) for k in keys if k not in winners]
+    if missing:
+        raise SystemExit(f"no tuned winner in {args.db} for: {', '.join(missing)}")
+
+    scratch_path = out / "tuner_exhaustive.db"
+    scratch_path.unlink(missing_ok=True)
+    scratch = Store.open(f"sqlite:///{scratch_path}")
+    run_id = scratch.start_run(run_info(gpu, {"exhaustive": args.keys}))
+    bench = WorkerBench(gpu.index, compile_threads=args.threads)
+    started = time.monotonic()
+    try:
+        # No pruning (prune_ratio huge); the tuner's winner plays the "default" so it is timed carefully.
+        tuner = Tuner(scratch, run_id, bench, kernel_version=KERNEL_VERSION, gpu_name=gpu.name,
+                      space=lambda k: candidates(k.head_dim, k.dtype, gpu.smem_limit, arch=gpu.arch, cost_rules=False),
+                      default=lambda k: winners[k].config,
+                      batch_heads=lambda k: fill_batch_heads(k.seq_len, gpu.sm_count),
+                      settings=TuneSettings(prune_ratio=1e9, careful_top=args.careful_top))
+        results = tuner.run(keys)
+        scratch.finish_run(run_id)
+    finally:
+        bench.close()
+    rows = []
+    for r in results:
+        best = r.winner
+        tuned_ms = r.default_ms
+        gap = tuned_ms / best.median_ms - 1 if best and tuned_ms else None
+        default = default_config(gpu.arch, r.key.head_dim, r.key.dtype, gpu.smem_limit)
+        rows.append({"key": str(r.key), "space": len(candidates(r.key.head_dim, r.key.dtype, gpu.smem_limit, arch=gpu.arch,
+                                                               cost_rules=False)),
+                     "tuned_space": len(candidates(r.key.head_dim, r.key.dtype, gpu.smem_limit, arch=gpu.arch)),
+                     "exhaustive_best": str(best.config) if best else None,
+                     "exhaustive_ms": best.median_ms if best else None,
+                     "tuner_winner": str(winners[r.key].config), "tuner_winner_ms_now": tuned_ms,
+                     "tuner_winner_ms_stored": winners[r.key].median_ms, "gap": gap,
+                     "within_3pct": gap is not None and gap <= 0.03, "default": str(default),
+                     "outcomes": r.outcomes})
+    with open(out / "tuner_exhaustive.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "config", "outcome", "median_ms", "tflops", "compile_s", "error"])
+        for t in scratch.trials():
+            writer.writerow([str(t.key), str(t.config), t.outcome, t.median_ms, t.tflops, t.compile_s,
+                             (t.error or "")[:200]])
+    scratch.close()
+    summary = {"gpu": gpu.name, "elapsed_s": round(time.monotonic() - started, 1),
+               "worker_restarts": bench.restarts, "keys": rows}
+    (out / "tuner_exhaustive.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{gpu.name}: exhaustive sweep of {len(rows)} keys in {summary['elapsed_s']} s")
+    print(f"{'key':<40} {'space':>5} {'best':<18} {'ms':>8} {'tuner':<18} {'ms now':>8} {'gap':>7}")
+    for row in rows:
+        gap = f"{row['gap'] * 100:+.1f}%" if row["gap"] is not None else "-"
+        print(f"{row['key']:<40} {row['space']:>5} {row['exhaustive_best'] or '-':<18} "
+              f"{row['exhaustive_ms'] or 0:>8.4f} {row['tuner_winner']:<18} {row['tuner_winner_ms_now'] or 0:>8.4f} "
+              f"{gap:>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Shared-memory estimate vs the compiled kernel's own figure, over the whole config space, on this GPU.
+
+Compiles (launches once, never times) every config of tuner.space.full_space() for each head dim,
+reads `compiled.metadata.shared` (or the figure in Triton's OutOfResources), and counts how often
+the analytic estimate db.arch.estimate_smem is wrong in each direction against the GPU's limit:
+
+- keeps that fail: the estimate fits, the compiled kernel does not (a wasted compile, an OOR trial);
+- drops that fit: the estimate is over the limit, the compiled kernel fits (a config never tried).
+
+    python3 bench/tuner_smem_report.py --out bench/results [--head-dims 64,128] [--max-configs 200]
+Writes tuner_smem_report.csv and tuner_smem_report.json under --out and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+from db.arch import estimate_smem  # noqa: E402
+from db.types import Config, Key, normalize_dtype  # noqa: E402
+from tuner.bench import KeyInputs  # noqa: E402
+from tuner.gpu import detect_gpu  # noqa: E402
+from tuner.space import full_space  # noqa: E402
+
+
+def compile_one(inputs: KeyInputs, config: Config) -> tuple[int | None, str, float]:
+    """(compiled shared bytes, status, seconds); status 'ok', 'out_of_resources' or the error."""
+    start = time.perf_counter()
+    try:
+        _, compiled = inputs.run(config)
+        return int(compiled.metadata.shared), "ok", time.perf_counter() - start
+    except OutOfResources as error:
+        return int(getattr(error, "required", 0)) or None, "out_of_resources", time.perf_counter() - start
+    except Exception as error:  # noqa: BLE001 - a compile failure is data here, not a reason to stop
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}", time.perf_counter() - start
+
+
+def score(rows: list[dict], field: str, limit: int) -> dict:
+    """How often the estimate in `field` mis-predicts fitting, and its relative error where known."""
+    known = [r for r in rows if r["compiled"] is not None]
+    keeps_fail = sum(1 for r in known if r[field] <= limit < r["compiled"])
+    drops_fit = sum(1 for r in known if r["compiled"] <= limit < r[field])
+    exact = sum(1 for r in known if r[field] == r["compiled"])
+    rel = sorted(abs(r[field] - r["compiled"]) / r["compiled"] for r in known if r["compiled"])
+    return {"configs": len(known), "keeps_that_fail": keeps_fail, "drops_that_fit": drops_fit, "exact": exact,
+            "median_rel_error": rel[len(rel) // 2] if rel else None, "max_rel_error": rel[-1] if rel else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch-heads", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--max-configs", type=int, default=None, help="a random sample of this many per head dim")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    gpu = detect_gpu()
+    dtype = normalize_dtype(args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    started = time.monotonic()
+    for head_dim in [int(x) for x in args.head_dims.split(",")]:
+        configs = full_space()
+        if args.max_configs and args.max_configs < len(configs):
+            configs = random.Random(args.seed).sample(configs, args.max_configs)
+        inputs = KeyInputs.build(Key(gpu.arch, "fwd", args.seq, head_dim, dtype, False), args.batch_heads,
+                                 torch.device("cuda", gpu.index))
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(args.threads) as pool:
+            results = list(pool.map(lambda c: compile_one(inputs, c), configs))
+        torch.cuda.synchronize()
+        print(f"D={head_dim}: {len(configs)} configs compiled in {time.monotonic() - t0:.0f} s", flush=True)
+        for config, (shared, status, seconds) in zip(configs, results):
+            rows.append({"head_dim": head_dim, "dtype": dtype, "config": str(config), "block_m": config.block_m,
+                         "block_n": config.block_n, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                         "compiled": shared, "status": status, "compile_s": round(seconds, 3),
+                         "estimate": estimate_smem(config, head_dim, dtype, gpu.arch)})
+        del inputs
+        torch.cuda.empty_cache()
+
+    with open(out / "tuner_smem_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"gpu": gpu.name, "arch": gpu.arch, "smem_limit": gpu.smem_limit, "triton": gpu.triton_version,
+               "elapsed_s": round(time.monotonic() - started, 1),
+               "failed_compiles": sum(1 for r in rows if r["compiled"] is None),
+               "by_head_dim": {}}
+    for head_dim in sorted({r["head_dim"] for r in rows}):
+        part = [r for r in rows if r["head_dim"] == head_dim]
+        summary["by_head_dim"][head_dim] = {m: score(part, m, gpu.smem_limit) for m in ("estimate",)}
+    summary["all"] = {m: score(rows, m, gpu.smem_limit) for m in ("estimate",)}
+    (out / "tuner_smem_report.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"\n{gpu.name} ({gpu.arch}), limit {gpu.smem_limit // 1024} KB, {len(rows)} configs, "
+          f"{summary['failed_compiles']} failed to compile, {summary['elapsed_s']} s")
+    print(f"{'D':>4} {'model':<13} {'configs':>7} {'keeps-fail':>10} {'drops-fit':>9} {'exact':>6} {'med err':>8}")
+    for head_dim, models in summary["by_head_dim"].items():
+        for name, s in models.items():
+            med = f"{s['median_rel_error']:.2f}" if s["median_rel_error"] is not None else "-"
+            print(f"{head_dim:>4} {name:<13} {s['configs']:>7} {s['keeps_that_fail']:>10} {s['drops_that_fit']:>9} "
+                  f"{s['exact']:>6} {med:>8}")
+
+
+if __name__ == "__main__":
+    main()

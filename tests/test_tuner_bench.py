@@ -1,0 +1,69 @@
+"""The benchmark harness in-process: the real kernel under the interpreter (CPU) or on CUDA."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from db.store import RunInfo, Store
+from db.types import Config, Key
+from tuner.bench import (TOLERANCE, LocalBench, attention_flops, classify_compile_error, fill_batch_heads,
+                         relative_error)
+from tuner.loop import Tuner
+from tuner.timing import median_ms
+
+SMALL = [Config(16, 16, 2, 1), Config(32, 16, 2, 2)]
+
+
+def test_interpreter_tunes_a_tiny_key_end_to_end(tmp_path, kernel_device):
+    key = Key("sm_90", "fwd", 16, 16, "float16", True)
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2))
+    store = Store.open(f"sqlite:///{tmp_path / 'tiny.db'}")
+    run = store.start_run(RunInfo("cpu-interpreter", "sm_90", 1, 232448, "", "", "", "", "v" * 12, "h", {}))
+    tuner = Tuner(store, run, bench, kernel_version="v" * 12, gpu_name="cpu-interpreter",
+                  space=lambda k: SMALL, default=lambda k: SMALL[0], batch_heads=lambda k: 2)
+    [result] = tuner.run([key])
+    trials = store.trials(key)
+    assert sorted(str(t.config) for t in trials) == sorted(map(str, SMALL))
+    assert all(t.outcome == "ok" and t.median_ms > 0 and t.compile_s is not None for t in trials)
+    assert result.winner_stored and result.winner.config in SMALL and result.speedup >= 1.0
+    # The same inputs with a reference that is off: the harness calls it a wrong result.
+    inputs = bench._inputs_for(key, 2)
+    inputs.reference = inputs.reference * 1.5
+    [m] = list(bench.measure(key, 2, SMALL[:1], careful=False))
+    assert m.outcome == "wrong_result" and "relative error" in m.error and m.median_ms is None
+    store.close()
+
+
+def test_relative_error_and_tolerances():
+    ref = torch.ones(2, 3)
+    assert relative_error(ref.half(), ref) == 0.0
+    assert relative_error(torch.full((2, 3), math.nan), ref) == math.inf
+    assert relative_error(ref * 1.01, ref) == pytest.approx(0.01, rel=1e-3)
+    assert TOLERANCE["float16"] < TOLERANCE["bfloat16"]
+
+
+def test_error_classification():
+    assert classify_compile_error(OutOfResources(300000, 232448, "shared memory")) == "out_of_resources"
+    assert classify_compile_error(RuntimeError("CUDA error: an illegal memory access was encountered")) == "crashed"
+    assert classify_compile_error(RuntimeError("Triton Error [CUDA]: unspecified launch failure")) == "crashed"
+    assert classify_compile_error(ValueError("PassManager::run failed")) == "compile_error"
+
+
+def test_batch_heads_fill_the_gpu_and_flops():
+    assert fill_batch_heads(4096, 132) == 32  # 2**17 tokens
+    assert fill_batch_heads(128, 132) == 1024
+    assert fill_batch_heads(4096, 1000) == 125  # two waves of 256-row tiles over 1000 SMs
+    full = Key("sm_90", "fwd", 1024, 128, "float16", False)
+    assert attention_flops(full, 8) == 4 * 8 * 1024 * 1024 * 128
+    assert attention_flops(Key("sm_90", "fwd", 1024, 128, "float16", True), 8) == attention_flops(full, 8) / 2
+
+
+def test_median_counts_every_repetition():
+    calls = []
+    ms = median_ms(lambda: calls.append(1), warmup=2, reps=5, flush=None)
+    assert len(calls) == 7 and ms >= 0
+    with pytest.raises(ValueError, match="reps"):
+        median_ms(lambda: None, warmup=0, reps=0, flush=None)

@@ -1,0 +1,221 @@
+"""The benchmark harness for one key: inputs, the fp32 reference, compile, validate and time configs.
+
+`LocalBench` runs in the process that owns the GPU: the worker process in production
+(tuner.worker), or the test process itself under the Triton interpreter. A config's first launch
+compiles it; first launches of a batch run in threads because Triton's LLVM and ptxas steps release
+the GIL, so compiles overlap on the CPU cores.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from db.types import Config, Key
+from kernel.launch import AttnShape, check_inputs, launch
+
+from .measure import Measurement
+from .timing import l2_flush_buffer, median_ms
+
+# Relative Frobenius-norm error allowed against the fp32 reference. A correct kernel sits near
+# 1e-3 (fp16) and 8e-3 (bf16); a wrong tile schedule is off by tens of percent.
+TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
+FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for several waves
+FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)
+QUICK = (2, 5)  # (warm-up, repetitions) of the first pass
+CAREFUL = (10, 50)  # of the careful timing of the survivors
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Error texts after which the CUDA context is unusable: the process must be replaced.
+_STICKY = ("illegal memory access", "illegal address", "unspecified launch failure", "misaligned address",
+           "illegal instruction", "launch failure", "device-side assert", "cuda error", "triton error [cuda]",
+           "an illegal", "hardware exception", "context is destroyed")
+
+
+def fill_batch_heads(seq_len: int, sm_count: int) -> int:
+    """B·H for benchmark inputs of length `seq_len`: ~FILL_TOKENS tokens and enough programs for the SMs."""
+    by_tokens = math.ceil(FILL_TOKENS / seq_len)
+    by_waves = math.ceil(FILL_WAVES * max(sm_count, 1) / math.ceil(seq_len / 256))
+    return max(1, by_tokens, by_waves)
+
+
+def attention_flops(key: Key, batch_heads: int) -> float:
+    """Forward FLOPs: 4·B·H·Nq·Nk·D, half when causal."""
+    flops = 4.0 * batch_heads * key.seq_len * key.seq_len_kv * key.head_dim
+    return flops / 2 if key.causal else flops
+
+
+def tflops(key: Key, batch_heads: int, ms: float) -> float:
+    """TFLOP/s of one forward call on (key, batch_heads) that took `ms`."""
+    return attention_flops(key, batch_heads) / (ms * 1e-3) / 1e12
+
+
+def is_sticky_cuda_error(error: BaseException) -> bool:
+    """Whether `error` leaves the CUDA context unusable (the process must be restarted)."""
+    return any(marker in str(error).lower() for marker in _STICKY)
+
+
+def classify_compile_error(error: BaseException) -> str:
+    """The trial outcome for an exception raised by a config's first launch."""
+    if isinstance(error, OutOfResources):
+        return "out_of_resources"
+    if is_sticky_cuda_error(error):
+        return "crashed"
+    return "compile_error"
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32; inf when `out` has a NaN or inf."""
+    out32 = out.float()
+    if not torch.isfinite(out32).all():
+        return math.inf
+    return float(torch.linalg.vector_norm(out32 - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def _split(batch_heads: int) -> tuple[int, int]:
+    heads = math.gcd(batch_heads, 16)
+    return batch_heads // heads, heads
+
+
+@dataclass
+class KeyInputs:
+    """Random inputs of a key's shape on the bench device, and the torch SDPA (math, fp32) reference."""
+
+    key: Key
+    batch_heads: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: AttnShape
+    scale: float
+    reference: torch.Tensor
+
+    @classmethod
+    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KeyInputs":
+        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key."""
+        batch, heads = _split(batch_heads)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        dtype = _TORCH_DTYPES[key.dtype]
+
+        def draw(n: int) -> torch.Tensor:
+            return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+
+        q, k, v = draw(key.seq_len), draw(key.seq_len_kv), draw(key.seq_len_kv)
+        scale = 1.0 / math.sqrt(key.head_dim)
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=key.causal,
+                                                 scale=scale)
+        return cls(key, batch_heads, q, k, v, check_inputs(q, k, v), scale, ref)
+
+    def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """One launch with `config`; returns (output, Triton's compiled kernel or None)."""
+        o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
+                                config=config, out=out)
+        return o, compiled
+
+
+class LocalBench:
+    """A Bench running in this process on `device` (a CUDA GPU, or the CPU under TRITON_INTERPRET=1).
+
+    A sticky CUDA error is reported as a `crashed` measurement and then re-raised as CudaContextLost
+    so that the owner (the worker) can replace the process.
+    """
+
+    def __init__(self, device: torch.device | str, *, compile_threads: int = 1, seed: int = 0,
+                 quick: tuple[int, int] = QUICK, careful: tuple[int, int] = CAREFUL) -> None:
+        self.device = torch.device(device)
+        self.compile_threads = max(1, compile_threads)
+        self.seed = seed
+        self.quick, self.careful = quick, careful
+        self._inputs: KeyInputs | None = None
+        self._flush = l2_flush_buffer(self.device) if self.device.type == "cuda" else None
+
+    def _inputs_for(self, key: Key, batch_heads: int) -> KeyInputs:
+        current = self._inputs
+        if current is None or current.key != key or current.batch_heads != batch_heads:
+            self._inputs = None  # free the previous key's tensors before allocating the next
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._inputs = KeyInputs.build(key, batch_heads, self.device, self.seed)
+        return self._inputs
+
+    def _first_launch(self, inputs: KeyInputs, config: Config) -> tuple[torch.Tensor | None, float, BaseException | None]:
+        start = time.perf_counter()
+        try:
+            out, _ = inputs.run(config)
+            return out, time.perf_counter() - start, None
+        except (CompilationError, OutOfResources, RuntimeError, ValueError, TypeError, AssertionError) as error:
+            return None, time.perf_counter() - start, error
+
+    def measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
+                careful: bool) -> Iterator[Measurement]:
+        inputs = self._inputs_for(key, batch_heads)
+        warmup, reps = self.careful if careful else self.quick
+        step = self.compile_threads
+        for lo in range(0, len(configs), step):
+            chunk = list(configs[lo:lo + step])
+            if len(chunk) > 1:
+                with ThreadPoolExecutor(len(chunk)) as pool:
+                    firsts = list(pool.map(lambda c: self._first_launch(inputs, c), chunk))
+            else:
+                firsts = [self._first_launch(inputs, chunk[0])]
+            self._sync(chunk)
+            for config, (out, compile_s, error) in zip(chunk, firsts):
+                if error is not None and len(chunk) > 1 and classify_compile_error(error) == "compile_error":
+                    # Alone this time: an error that only shows up under concurrent compiles is not the config's.
+                    out, compile_s, error = self._first_launch(inputs, config)
+                    self._sync([config])
+                yield self._finish(inputs, config, out, compile_s, error, warmup, reps)
+
+    def _sync(self, chunk: Sequence[Config]) -> None:
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as error:
+            if is_sticky_cuda_error(error):
+                raise CudaContextLost(chunk, error) from error
+            raise
+
+    def _finish(self, inputs: KeyInputs, config: Config, out: torch.Tensor | None, compile_s: float,
+                error: BaseException | None, warmup: int, reps: int) -> Measurement:
+        text = f"{type(error).__name__}: {error}"[:2000] if error is not None else None
+        if error is not None or out is None:
+            outcome = classify_compile_error(error) if error is not None else "compile_error"
+            if outcome == "crashed" and error is not None:
+                raise CudaContextLost([config], error)
+            return Measurement(config, outcome, compile_s=compile_s, error=text)
+        err = relative_error(out, inputs.reference)
+        tol = TOLERANCE[inputs.key.dtype]
+        if not err <= tol:
+            return Measurement(config, "wrong_result", compile_s=compile_s,
+                               error=f"relative error {err:.3g} > {tol:g} against torch SDPA (fp32)")
+        del out
+        buffer = torch.empty_like(inputs.q)
+        try:
+            ms = median_ms(lambda: inputs.run(config, out=buffer), warmup=warmup, reps=reps, flush=self._flush)
+        except RuntimeError as run_error:
+            if is_sticky_cuda_error(run_error):
+                raise CudaContextLost([config], run_error) from run_error
+            raise
+        return Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
+
+    def close(self) -> None:
+        self._inputs = None
+        self._flush = None
+
+
+class CudaContextLost(RuntimeError):
+    """A sticky CUDA error while benchmarking `configs`; this process can no longer use the GPU."""
+
+    def __init__(self, configs: Sequence[Config], error: BaseException) -> None:
+        self.configs = list(configs)
+        self.error_text = f"{type(error).__name__}: {error}"[:2000]
+        super().__init__(f"CUDA context lost while running {', '.join(map(str, self.configs))}: {self.error_text}")

@@ -1,0 +1,162 @@
+"""`flashtune doctor`: is it working? The GPUs, the software, the database, the dispatcher, one kernel run.
+
+Each check yields Findings; a `fail` finding makes the command exit 1, `warn` findings do not (a
+fresh machine with nothing tuned yet works, on default configs).
+"""
+from __future__ import annotations
+
+import os
+import platform
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import triton
+
+from db.arch import ARCH_SMEM
+from db.paths import default_url, mask_url, sqlite_path
+from db.store import Store, StoreError
+from kernel.version import KERNEL_VERSION
+
+from .gpu import GpuInfo, NoGpuError, detect_gpu
+
+LEVELS = ("ok", "info", "warn", "fail")
+# Relative error a correct fp16 kernel stays well under (tests/test_kernel.py's bound).
+SMOKE_TOLERANCE = {"float16": 2e-3, "float32": 2e-5}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report."""
+
+    level: str  # one of LEVELS
+    topic: str
+    message: str
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_software() -> Iterator[Finding]:
+    """Versions, and whether the Triton interpreter is on."""
+    yield Finding("info", "software", f"python {platform.python_version()}, torch {torch.__version__} "
+                  f"(CUDA {torch.version.cuda or 'none'}), triton {triton.__version__}, "
+                  f"kernel version {KERNEL_VERSION}")
+    if _interpret():
+        level = "warn" if torch.cuda.is_available() else "info"
+        yield Finding(level, "TRITON_INTERPRET", "set: kernels run in the Triton interpreter on the CPU "
+                      "(for tests and debugging; slow, and no tuned configs apply)")
+    else:
+        yield Finding("ok", "TRITON_INTERPRET", "not set: kernels compile for the GPU")
+
+
+def check_gpus() -> tuple[list[GpuInfo], list[Finding]]:
+    """The CUDA GPUs this process sees, or why none."""
+    findings = []
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = [detect_gpu(i) for i in range(count)]
+    except NoGpuError:
+        gpus = []
+    except Exception as error:  # noqa: BLE001 - a broken driver is exactly what doctor reports
+        return [], [Finding("fail", "GPU", f"querying the CUDA devices failed: {type(error).__name__}: {error}")]
+    if not gpus:
+        level = "warn" if _interpret() else "fail"
+        findings.append(Finding(level, "GPU", "no CUDA GPU visible (torch.cuda.is_available() is False): "
+                                "the kernel runs only under TRITON_INTERPRET=1, on CPU tensors"))
+    for g in gpus:
+        findings.append(Finding("ok", f"GPU {g.index}", f"{g.name}, {g.arch}, {g.sm_count} SMs, "
+                                f"{g.smem_limit // 1024} KB shared memory per block, driver {g.driver}, "
+                                f"CUDA {g.cuda}"))
+        if g.arch not in ARCH_SMEM:
+            findings.append(Finding("warn", f"GPU {g.index}", f"{g.arch} is not in the arch table "
+                                    f"({', '.join(ARCH_SMEM)}): tuning works, planning with --dry-run does not"))
+    return gpus, findings
+
+
+def check_database(url: str, archs: list[str]) -> Iterator[Finding]:
+    """Whether the database opens, its schema and counts, winners per arch and how many are stale."""
+    where = mask_url(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        yield Finding("warn", "database", f"no database at {path} yet: nothing is tuned, every call uses "
+                      "the default config (run `tune` to tune this GPU)")
+        return
+    try:
+        with Store.open(url, create=False) as store:
+            version, counts, winners = store.schema_version, store.counts(), store.winners()
+    except StoreError as error:
+        yield Finding("fail", "database", " ".join(str(error).split()))
+        return
+    yield Finding("ok", "database", f"{where}: schema version {version}, {counts['runs']} runs, "
+                  f"{counts['trials']} trials, {counts['winners']} winners")
+    per_arch = Counter(w.key.arch for w in winners)
+    if per_arch:
+        yield Finding("info", "winners", ", ".join(f"{a}: {n}" for a, n in sorted(per_arch.items())))
+    stale = [w for w in winners if w.kernel_version != KERNEL_VERSION]
+    if stale:
+        versions = ", ".join(sorted({w.kernel_version for w in stale}))
+        yield Finding("warn", "stale winners", f"{len(stale)} of {len(winners)} winners were tuned with another "
+                      f"kernel version ({versions}; now {KERNEL_VERSION}): they are still used if they fit; "
+                      "re-tune to refresh them")
+    for arch in archs:
+        if not per_arch.get(arch):
+            yield Finding("warn", "winners", f"nothing tuned for {arch}, the GPU here: calls use the default "
+                          "config (run `tune`)")
+
+
+def check_dispatcher(db_url: str | None) -> Iterator[Finding]:
+    """What the dispatcher loaded at import (from $FLASHTUNE_DB or the user file, never from --db)."""
+    from kernel import dispatch
+
+    info = dispatch.info()
+    yield Finding("ok" if info.ok else "fail", "dispatcher", info.message)
+    if db_url is not None and info.url is not None and info.url != mask_url(db_url):
+        yield Finding("info", "dispatcher", f"apps read {info.url}, not --db; set FLASHTUNE_DB to change that")
+    if info.override is not None:
+        yield Finding("warn", "dispatcher", f"{dispatch.CONFIG_ENV_VAR}={info.override} forces one config "
+                      "for every call")
+
+
+def check_kernel(device: torch.device) -> Iterator[Finding]:
+    """One small call of kernel.attention against the float64 reference."""
+    from kernel import attention, dispatch
+    from kernel.bench import output_errors
+    from kernel.reference import attention_reference
+
+    on_gpu = device.type == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    size = (2, 4, 256, 64) if on_gpu else (1, 2, 32, 16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    try:
+        choice = dispatch.explain(q, k, v, is_causal=True)
+        out = attention(q, k, v, is_causal=True)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - any failure of the kernel is the finding
+        yield Finding("fail", "kernel", f"a test call on {device} failed: {type(error).__name__}: {error}")
+        return
+    _, rel = output_errors(out, attention_reference(q, k, v, causal=True).float())
+    tol = SMOKE_TOLERANCE["float16" if on_gpu else "float32"]
+    level = "ok" if rel < tol else "fail"
+    yield Finding(level, "kernel", f"causal {tuple(size)} {str(dtype).removeprefix('torch.')} on {device} with "
+                  f"{choice.config} ({choice.source}): relative error {rel:.1e} (limit {tol:g})")
+
+
+def diagnose(db_url: str | None = None, *, run_kernel: bool = True) -> list[Finding]:
+    """Every check, in the order printed."""
+    findings = list(check_software())
+    gpus, gpu_findings = check_gpus()
+    findings += gpu_findings
+    url = db_url or default_url()
+    findings += check_database(url, sorted({g.arch for g in gpus}))
+    findings += check_dispatcher(db_url)
+    if run_kernel:
+        if gpus:
+            findings += check_kernel(torch.device("cuda", gpus[0].index))
+        elif _interpret():
+            findings += check_kernel(torch.device("cpu"))
+    return findings

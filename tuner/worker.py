@@ -1,0 +1,202 @@
+"""The benchmark worker: a spawned child process that owns the GPU and is replaced when a config kills it.
+
+A config that triggers an illegal address or a launch failure poisons the CUDA context for good, so
+benchmarks never run in the tuner's own process. The child imports torch once and serves requests
+over a pipe; the parent (`WorkerBench`) restarts it when it dies, reports a sticky CUDA error or
+goes silent for longer than the per-trial timeout. A batch that fails as a whole is retried one
+config at a time, so that the crash or hang is pinned on the config that caused it.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Generator, Iterator, Sequence
+
+from db.types import Config, Key
+
+from .measure import Bench, Measurement
+
+DEFAULT_TRIAL_TIMEOUT_S = 180.0  # the longest a compile or a timing may stay silent
+_START_TIMEOUT_S = 300.0  # importing torch and creating a CUDA context
+
+
+def cuda_bench(device_index: int, compile_threads: int) -> Bench:
+    """The production bench of a worker: LocalBench on CUDA device `device_index`."""
+    import torch
+
+    from .bench import LocalBench
+
+    torch.cuda.set_device(device_index)
+    return LocalBench(torch.device("cuda", device_index), compile_threads=compile_threads)
+
+
+def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tuple[Any, ...]) -> None:
+    """Child main loop: answer ('measure', id, key, batch_heads, configs, careful) until EOF or 'stop'."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, between trials
+    try:
+        from .bench import CudaContextLost
+
+        bench = factory(*factory_args)
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the run with it
+        conn.send(("fatal", f"{type(error).__name__}: {error}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request[0] == "stop":
+            return
+        _, batch_id, key_fields, batch_heads, config_texts, careful = request
+        key = Key(**key_fields)
+        configs = [Config.parse(text) for text in config_texts]
+        try:
+            for m in bench.measure(key, batch_heads, configs, careful=careful):
+                conn.send(("result", batch_id, m.to_wire()))
+        except CudaContextLost as lost:
+            conn.send(("lost", batch_id, [str(c) for c in lost.configs], lost.error_text))
+            os._exit(3)  # the context is gone; exiting is the only clean-up left
+        except Exception as error:  # noqa: BLE001 - a harness bug: report it rather than hang the parent
+            conn.send(("error", batch_id, f"{type(error).__name__}: {error}"))
+            continue
+        conn.send(("done", batch_id))
+
+
+class WorkerError(RuntimeError):
+    """The worker could not start, or the harness inside it failed outside any single trial."""
+
+
+class WorkerBench:
+    """A Bench that runs every measurement in a restartable child process on GPU `device_index`.
+
+    `factory(*factory_args)` builds the bench inside the child; it must be importable by name
+    (spawn pickles it by reference). The default is LocalBench on the CUDA device.
+    """
+
+    def __init__(self, device_index: int = 0, *, compile_threads: int = 8,
+                 trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S,
+                 factory: Callable[..., Bench] = cuda_bench, factory_args: tuple[Any, ...] | None = None) -> None:
+        self.trial_timeout_s = trial_timeout_s
+        self._factory = factory
+        self._factory_args = (device_index, compile_threads) if factory_args is None else factory_args
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")  # fork would copy the parent's CUDA state
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._batch = 0
+
+    def _start(self) -> Connection:
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            return self._conn
+        self._kill()
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child, self._factory, self._factory_args),
+                                       name="flashtune-bench", daemon=True)
+        self._proc.start()
+        child.close()
+        if not parent.poll(_START_TIMEOUT_S):
+            self._kill()
+            raise WorkerError(f"the benchmark worker did not start within {_START_TIMEOUT_S:.0f} s")
+        try:
+            message = parent.recv()
+        except EOFError:
+            self._kill()
+            raise WorkerError("the benchmark worker exited while starting") from None
+        if message[0] != "ready":
+            self._kill()
+            raise WorkerError(f"the benchmark worker could not start: {message[1]}")
+        self._conn = parent
+        return parent
+
+    def _kill(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(timeout=30)
+            self._proc = None
+
+    def _restart(self) -> None:
+        self._kill()
+        self.restarts += 1
+
+    def measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
+                careful: bool) -> Iterator[Measurement]:
+        pending: dict[Config, None] = dict.fromkeys(configs)
+        suspects: list[Config] = []  # configs to run one at a time after their batch was lost
+        try:
+            while pending:
+                suspects = [c for c in suspects if c in pending]
+                batch = suspects[:1] if suspects else list(pending)
+                failure = yield from self._run_batch(key, batch_heads, batch, careful, pending)
+                if failure is None:
+                    for config in batch:
+                        if config in pending:  # the harness skipped it; never loop on it
+                            pending.pop(config)
+                            yield Measurement(config, "compile_error", error="benchmark worker returned no result")
+                    continue
+                outcome, text, blamed = failure
+                self._restart()
+                if len(batch) == 1:
+                    pending.pop(batch[0], None)
+                    yield Measurement(batch[0], outcome, error=text)
+                else:  # pin the crash or hang on one config: rerun the suspects singly
+                    suspects = [c for c in (blamed or batch) if c in pending]
+        finally:
+            if pending and self._conn is not None:
+                self._restart()  # abandoned mid-batch (stop requested): drop the stale replies
+
+    def _run_batch(self, key: Key, batch_heads: int, batch: list[Config], careful: bool,
+                   pending: dict[Config, None]) -> Generator[Measurement, None, tuple[str, str, list[Config] | None] | None]:
+        """Send one batch and yield its results; return (outcome, error, configs to blame) if the worker was lost."""
+        conn = self._start()
+        self._batch += 1
+        batch_id = self._batch
+        conn.send(("measure", batch_id, asdict(key), batch_heads, [str(c) for c in batch], careful))
+        while True:
+            try:
+                ready = conn.poll(self.trial_timeout_s)
+            except (EOFError, OSError):
+                ready = True
+            if not ready:
+                return "timeout", f"no result within {self.trial_timeout_s:.0f} s (worker killed)", None
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                code = None
+                if self._proc is not None:
+                    self._proc.join(timeout=10)  # reap it so that its exit code is known
+                    code = self._proc.exitcode
+                return "crashed", f"benchmark worker died (exit code {code})", None
+            kind, got_id = message[0], message[1]
+            if got_id != batch_id:
+                continue
+            if kind == "result":
+                m = Measurement.from_wire(message[2])
+                if m.config in pending:
+                    pending.pop(m.config)
+                    yield m
+            elif kind == "lost":
+                return "crashed", message[3], [Config.parse(t) for t in message[2]]
+            elif kind == "error":
+                raise WorkerError(f"benchmark harness failed: {message[2]}")
+            elif kind == "done":
+                return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+            deadline = time.monotonic() + 10
+            while self._proc is not None and self._proc.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self._kill()
