@@ -1,0 +1,383 @@
+"""The dispatcher: tuned configs in memory, and the rules that pick one config per call.
+
+Importing this module reads the winners of every visible GPU's arch from the database in one
+query (`db.store.load_winners`) and keeps them in an immutable in-memory table. A call never
+touches the database or the filesystem: it is resolved once per distinct input signature
+(shapes, strides, dtypes, devices, causal) and memoised, so the steady state is one dict lookup.
+
+Rules, in order, for a call on a CUDA tensor of arch A with shape (Nq, Nk, D, dtype, causal):
+1. `FLASHTUNE_CONFIG` (e.g. `m64-n32-w4-s2`) forces that config for every call (debugging).
+2. The winner stored for exactly (A, "fwd", Nq, Nk, D, dtype, causal).
+3. Else the nearest tuned length with the same (A, "fwd", D, dtype, causal): the entry (n, n_kv)
+   minimising |log2(Nq/n)| + |log2(Nk/n_kv)|; a tie goes to the larger n, then the larger n_kv.
+4. Else `kernel.defaults.default_config` for A and the device's shared-memory limit.
+A stored config (2 or 3) is used only if its estimated shared memory fits the device. One from an
+older kernel version is used with one warning; if it then fails to compile, the call and every
+later one with that config fall back to the default (also with one warning).
+
+CPU tensors (only under TRITON_INTERPRET=1) never consult the table: they get the default for the
+nominal arch `INTERPRETER_ARCH` (the interpreter has no shared-memory limit or timing to tune).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from db.arch import ARCH_SMEM, estimate_smem, normalize_arch
+from db.types import Config, Key
+
+from .defaults import default_config
+from .device import device_arch, device_smem_limit
+from .launch import AttnShape, _check_scale, check_inputs
+from .version import KERNEL_VERSION
+
+if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
+    from db.store import Winner
+
+__all__ = ["CONFIG_ENV_VAR", "Choice", "DispatchWarning", "INTERPRETER_ARCH", "LoadInfo", "Plan", "explain",
+           "info", "lookup", "plan", "reload", "visible_archs"]
+
+log = logging.getLogger("flashtune.dispatch")
+
+CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
+DB_ENV_VAR = "FLASHTUNE_DB"  # db.paths.ENV_VAR; repeated so that a missing sqlalchemy cannot break import
+INTERPRETER_ARCH = "sm_80"
+OP = "fwd"
+_MEMO_LIMIT = 4096  # distinct call signatures kept; apps with ever-changing lengths just re-resolve
+
+# Choice.source values.
+OVERRIDE, EXACT, NEAREST, DEFAULT = "override", "exact", "nearest", "default"
+
+
+class DispatchWarning(UserWarning):
+    """Why the dispatcher is not using what the database holds (unreadable, stale, failing)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The config a call uses and why; `explain()` returns one, `str()` reads as a sentence."""
+
+    config: Config
+    source: str  # "override" | "exact" | "nearest" | "default"
+    reason: str
+    arch: str  # the arch whose rules were applied (INTERPRETER_ARCH for CPU tensors)
+    key: Key | None = None  # the call's key; None where no key can be formed (an unlisted arch)
+    winner: "Winner | None" = None  # the stored winner behind an exact/nearest choice
+    stale: bool = False  # the winner was tuned with another kernel version
+
+    def __str__(self) -> str:
+        return f"{self.config} ({self.source}): {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a call needs after validation, memoised per input signature."""
+
+    shape: AttnShape
+    choice: Choice
+    default_scale: float  # 1/sqrt(D), used when the call passes scale=None
+    grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """What the last load (import or `reload()`) read, for `flashtune doctor` and people."""
+
+    url: str | None  # masked; None when no database was read
+    archs: tuple[str, ...]
+    winners: int
+    ok: bool  # False when the database could not be read and warned about
+    message: str
+    override: Config | None = None
+
+
+_GroupKey = tuple[str, str, int, str, bool]  # (arch, op, head_dim, dtype, causal)
+_ExactKey = tuple[str, str, int, int, int, str, bool]  # (arch, op, n, n_kv, head_dim, dtype, causal)
+
+
+@dataclass
+class _Table:
+    """One loaded snapshot. Replaced whole by reload(), so a reader never sees half a table."""
+
+    exact: dict[_ExactKey, "Winner"]
+    groups: dict[_GroupKey, tuple[tuple[int, int, "Winner"], ...]]
+    override: Config | None
+    info: LoadInfo
+    memo: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+
+
+def _build_table(winners: Iterable["Winner"], override: Config | None, info: LoadInfo) -> _Table:
+    exact: dict[_ExactKey, Winner] = {}
+    groups: dict[_GroupKey, list[tuple[int, int, Winner]]] = {}
+    for w in winners:
+        k = w.key
+        exact[(k.arch, k.op, k.seq_len, k.seq_len_kv, k.head_dim, k.dtype, k.causal)] = w
+        groups.setdefault((k.arch, k.op, k.head_dim, k.dtype, k.causal), []).append(
+            (k.seq_len, k.seq_len_kv, w))
+    return _Table(exact, {g: tuple(sorted(v, key=lambda e: (e[0], e[1]))) for g, v in groups.items()},
+                  override, info)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def visible_archs() -> tuple[str, ...]:
+    """Archs of the CUDA devices this process sees, sorted; () without CUDA."""
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(sorted({device_arch(i) for i in range(torch.cuda.device_count())}))
+
+
+def _read_override() -> tuple[Config | None, str | None]:
+    text = os.environ.get(CONFIG_ENV_VAR, "").strip()
+    if not text:
+        return None, None
+    try:
+        return Config.parse(text), None
+    except (ValueError, TypeError) as exc:
+        return None, f"flashtune: ignoring {CONFIG_ENV_VAR}={text!r}: {exc}"
+
+
+def _read_winners(url: str | None, archs: tuple[str, ...]) -> tuple[list["Winner"] | None, LoadInfo]:
+    """The winners of `archs` (None when the database could not be read) and what happened."""
+    if not archs:
+        return [], LoadInfo(None, archs, 0, True, "no CUDA GPU visible: nothing loaded, defaults apply")
+    where: str | None = None  # the masked URL, once known: a password never reaches a message
+    try:
+        from db.paths import default_sqlite_path, default_url, mask_url
+        from db.store import StoreError, load_winners
+
+        if url is None and not os.environ.get(DB_ENV_VAR, "").strip():
+            path = default_sqlite_path()
+            if not path.exists():
+                # A fresh machine: nothing tuned yet is the normal state, not worth a warning.
+                return [], LoadInfo(str(path), archs, 0, True,
+                                    f"no database at {path} (nothing tuned yet): defaults apply")
+        url = default_url() if url is None else url
+        where = mask_url(url)
+        winners = load_winners(archs, url)
+    except StoreError as exc:
+        return None, LoadInfo(where, archs, 0, False, str(exc))
+    except Exception as exc:  # noqa: BLE001 - import must never fail: any other cause is reported too
+        return None, LoadInfo(where, archs, 0, False, f"reading the database{' ' + where if where else ''} "
+                              f"failed: {type(exc).__name__}: {exc}")
+    return winners, LoadInfo(where, archs, len(winners), True,
+                             f"{len(winners)} tuned config(s) for {', '.join(archs)} from {where}")
+
+
+def _load(url: str | None, archs: Iterable[str] | None, previous: _Table | None) -> _Table:
+    """Read the database and the override into a new table; warn (never raise) on failure."""
+    override, override_problem = _read_override()
+    if override_problem:
+        warnings.warn(override_problem, DispatchWarning, stacklevel=3)
+    try:
+        arch_list = visible_archs() if archs is None else tuple(sorted({str(a) for a in archs}))
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not break `import kernel`
+        warnings.warn(f"flashtune: cannot query the CUDA devices ({type(exc).__name__}: {exc}); "
+                      "default configs will be used", DispatchWarning, stacklevel=3)
+        arch_list = ()
+    winners, info = _read_winners(url, arch_list)
+    if winners is None:
+        kept = list(previous.exact.values()) if previous is not None else []
+        tail = (f"keeping the {len(kept)} config(s) loaded before" if kept
+                else "default configs will be used")
+        warnings.warn(f"flashtune: cannot load tuned configs: {info.message}; {tail}",
+                      DispatchWarning, stacklevel=3)
+        info = LoadInfo(info.url, info.archs, len(kept), False, f"{info.message}; {tail}")
+        winners = kept
+    else:
+        log.info("flashtune: %s", info.message)
+    info = LoadInfo(info.url, info.archs, info.winners, info.ok, info.message, override)
+    return _build_table(winners, override, info)
+
+
+_lock = threading.Lock()
+_warned: set[Any] = set()
+_failed: dict[tuple[str, int, Config, int, str, bool], str] = {}  # (arch, smem, config, D, dtype, causal) -> error
+_table: _Table = _load(None, None, None)
+
+
+def reload(url: str | None = None, archs: Iterable[str] | None = None) -> LoadInfo:
+    """Re-read the database (default: `db.paths.default_url()` now) and FLASHTUNE_CONFIG.
+
+    `archs` defaults to the visible GPUs' archs; pass some to load others (planning, tests). An
+    unreadable database warns and keeps the configs loaded before; this never raises for it.
+    """
+    global _table
+    new = _load(url, archs, _table)
+    with _lock:
+        _table = new
+    return new.info
+
+
+def info() -> LoadInfo:
+    """What the current table was loaded from."""
+    return _table.info
+
+
+# --- resolution -----------------------------------------------------------------------------
+
+def _nearest(entries: tuple[tuple[int, int, "Winner"], ...], nq: int, nk: int) -> "Winner":
+    lq, lk = math.log2(nq), math.log2(nk)
+    best: tuple[float, int, int] | None = None
+    chosen = entries[0][2]
+    for n, n_kv, w in entries:
+        # Round so that exact ties in log space (e.g. 256 for 128 and 512) compare equal.
+        score = (round(abs(lq - math.log2(n)) + abs(lk - math.log2(n_kv)), 9), -n, -n_kv)
+        if best is None or score < best:
+            best, chosen = score, w
+    return chosen
+
+
+def _key_or_none(arch: str, nq: int, nk: int, head_dim: int, dtype: str, causal: bool) -> Key | None:
+    try:
+        return Key(arch, OP, nq, head_dim, dtype, causal, seq_len_kv=nk)
+    except ValueError:
+        return None
+
+
+def _resolve(table: _Table, arch: str, smem_limit: int, nq: int, nk: int, head_dim: int, dtype: str,
+             causal: bool) -> Choice:
+    key = _key_or_none(arch, nq, nk, head_dim, dtype, causal)
+    if table.override is not None:
+        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key)
+    winner = table.exact.get((arch, OP, nq, nk, head_dim, dtype, causal))
+    source = EXACT
+    if winner is None:
+        entries = table.groups.get((arch, OP, head_dim, dtype, causal))
+        if entries:
+            winner, source = _nearest(entries, nq, nk), NEAREST
+    fallback_why = "nothing tuned for this arch, head dim, dtype and causal"
+    if winner is not None:
+        config, wk = winner.config, winner.key
+        need = estimate_smem(config, head_dim, dtype, arch)
+        failed = _failed.get((arch, smem_limit, config, head_dim, dtype, causal))
+        stale = winner.kernel_version != KERNEL_VERSION
+        if failed is not None:
+            fallback_why = f"stored config {config} for {wk} failed to compile here ({failed})"
+        elif need > smem_limit:
+            fallback_why = (f"stored config {config} for {wk} needs about {need // 1024} KB of shared "
+                            f"memory; this GPU allows {smem_limit // 1024} KB")
+        else:
+            what = "stored winner" if source == EXACT else f"nearest tuned length, the winner for {wk}"
+            reason = f"{what}, {winner.median_ms:.4g} ms on {winner.gpu_name}"
+            if stale:
+                reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
+            return Choice(config, source, reason, arch, key, winner, stale)
+    config = default_config(arch, head_dim, dtype, smem_limit)
+    return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key)
+
+
+def _arch_limit(arch: str) -> tuple[str, int]:
+    try:
+        name = normalize_arch(arch)
+    except ValueError:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCH_SMEM)} "
+                         "(or explain() a CUDA tensor of that GPU)") from None
+    return name, ARCH_SMEM[name]
+
+
+def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
+           seq_len_kv: int | None = None, smem_limit: int | None = None) -> Choice:
+    """The config the rules give a forward call on `arch` (no tensors, no memo, no warnings).
+
+    `smem_limit` defaults to the arch table's planning figure (db.arch.ARCH_SMEM).
+    """
+    key = Key(arch, OP, seq_len, head_dim, dtype, causal, seq_len_kv=seq_len_kv or seq_len)
+    limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
+    return _resolve(_table, key.arch, limit, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
+                    key.causal)
+
+
+def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool) -> Choice:
+    if device.type == "cuda":
+        return _resolve(table, device_arch(device), device_smem_limit(device), shape.seq_q, shape.seq_k,
+                        shape.head_dim, shape.dtype, causal)
+    # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
+    key = _key_or_none(INTERPRETER_ARCH, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype, causal)
+    if table.override is not None:
+        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key)
+    config = default_config(INTERPRETER_ARCH, shape.head_dim, shape.dtype)
+    return Choice(config, DEFAULT, f"CPU tensors run under the Triton interpreter: the {INTERPRETER_ARCH} "
+                  "default, tuned configs are not consulted", INTERPRETER_ARCH, key)
+
+
+def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[Any, ...]:
+    # Everything check_inputs and the rules depend on; data pointers do not matter to either.
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, causal)
+
+
+def _warn_once(token: Any, message: str) -> None:
+    with _lock:
+        if token in _warned:
+            return
+        _warned.add(token)
+    warnings.warn(message, DispatchWarning, stacklevel=5)  # the caller of attention()
+
+
+def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
+    shape = check_inputs(q, k, v)
+    table = _table
+    choice = _choose(table, q.device, shape, causal)
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
+                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
+                   "re-tune to refresh it")
+    entry = Plan(shape, choice, _check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv)
+    with _lock:
+        if len(table.memo) >= _MEMO_LIMIT:
+            table.memo.clear()
+        table.memo[_signature(q, k, v, causal)] = entry
+    return entry
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
+    """Validate q, k, v and pick the config, memoised per input signature (the hot path).
+
+    Raises what kernel.launch.check_inputs raises (TypeError/ValueError) for bad inputs.
+    """
+    try:
+        hit = _table.memo.get(_signature(q, k, v, causal))
+    except AttributeError:  # not tensors: check_inputs in _plan_miss names the argument
+        hit = None
+    return hit if hit is not None else _plan_miss(q, k, v, causal)
+
+
+def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
+                  error: BaseException) -> Plan:
+    """Record that a stored config failed to compile here; the plan every call gets from now on."""
+    shape = check_inputs(q, k, v)
+    smem = device_smem_limit(q.device) if q.device.type == "cuda" else 0
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = f"{type(error).__name__}: {first_line}"[:300]
+    with _lock:
+        _failed[(choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)] = text
+        _table.memo.clear()
+    what = choice.winner.key if choice.winner is not None else choice.key
+    _warn_once(("failed", choice.arch, choice.config, shape.head_dim, shape.dtype, causal),
+               f"flashtune: stored config {choice.config} for {what} failed to compile ({text}); "
+               "using the default config instead")
+    return _plan_miss(q, k, v, causal)
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
+            arch: str | None = None) -> Choice:
+    """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it.
+
+    `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
+    to ask about sm_90 from a CPU machine; by default the tensors' own device decides.
+    """
+    shape = check_inputs(q, k, v)
+    causal = bool(is_causal)
+    if arch is not None:
+        name, limit = _arch_limit(arch)
+        return _resolve(_table, name, limit, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype, causal)
+    return _choose(_table, q.device, shape, causal)

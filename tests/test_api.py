@@ -1,0 +1,167 @@
+"""`kernel.attention` on CPU under the Triton interpreter: results, the SDPA-compatible argument
+handling, fallback, and torch.compile(fullgraph=True) through the custom op."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernel
+from kernel import attention
+from kernel.reference import attention_reference
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs under the interpreter (conftest)
+
+
+def qkv(b: int = 1, hq: int = 2, hkv: int = 2, nq: int = 24, nk: int = 24, d: int = 16,
+        dtype: torch.dtype = torch.float32, device: str = DEVICE, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype)
+                 for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_exports() -> None:
+    assert set(kernel.__all__) == {"attention", "dispatch"}
+    assert kernel.attention is attention and kernel.dispatch.plan is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton interpreter's bf16 dot is wrong on CPU (numpy has no bf16)"))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_fp64_reference(kernel_device: str, dtype: torch.dtype, causal: bool) -> None:
+    # Nq != Nk and lengths that are not tile multiples: masking and top-left causal alignment.
+    q, k, v = qkv(nq=40, nk=72, dtype=dtype, device=kernel_device)
+    close(attention(q, k, v, is_causal=causal), attention_reference(q, k, v, causal=causal), dtype)
+
+
+def test_scale_gqa_and_strides_match_sdpa(kernel_device: str) -> None:
+    q, k, v = qkv(hq=4, hkv=2, nq=33, nk=33, d=32, device=kernel_device)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, H, D) memory, viewed as (B, H, N, D)
+    out = attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    ref = attention_reference(q, k, v, causal=True, scale=0.3)
+    close(out, ref, torch.float32)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3,
+                                                                   enable_gqa=True), atol=2e-5, rtol=2e-5)
+    assert out.stride() == torch.empty_like(q).stride()  # laid out like query
+
+
+def test_gqa_needs_enable_gqa_like_sdpa() -> None:
+    q, k, v = qkv(hq=4, hkv=2)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        attention(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"attn_mask": torch.ones(24, 24, dtype=torch.bool, device=DEVICE).tril()}, "attn_mask"),
+    ({"dropout_p": 0.1}, "dropout_p=0.1"),
+])
+def test_unsupported_arguments_raise_or_fall_back(kwargs: dict, named: str) -> None:
+    q, k, v = qkv()
+    with pytest.raises(NotImplementedError, match=named):
+        attention(q, k, v, **kwargs)
+    torch.manual_seed(1)
+    out = attention(q, k, v, fallback=True, **kwargs)
+    torch.manual_seed(1)  # dropout draws the same mask again
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=0, rtol=0)
+
+
+def test_inputs_that_require_grad() -> None:
+    q, k, v = qkv()
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="require grad"):
+        attention(q, k, v)
+    out = attention(q, k, v, fallback=True)
+    out.sum().backward()  # SDPA has a backward
+    assert q.grad is not None
+    with torch.no_grad():
+        close(attention(q, k, v), attention_reference(q.detach(), k, v), torch.float32)
+
+
+def test_tensors_the_kernel_rejects_fall_back_only_when_asked() -> None:
+    q, k, v = qkv(d=48)  # an unsupported head dim
+    with pytest.raises(ValueError, match="head dim 48"):
+        attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v, fallback=True), F.scaled_dot_product_attention(q, k, v))
+    qd, kd, vd = (t.double() for t in qkv())
+    with pytest.raises(TypeError, match="float64"):
+        attention(qd, kd, vd)
+    torch.testing.assert_close(attention(qd, kd, vd, is_causal=True, fallback=True),
+                               F.scaled_dot_product_attention(qd, kd, vd, is_causal=True))
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        attention([1.0], k, v)
+    with pytest.raises(ValueError, match="scale"):
+        attention(*qkv(), scale=float("nan"))
+
+
+def test_cpu_tensors_outside_the_interpreter() -> None:
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from kernel import attention
+        q = torch.randn(1, 2, 8, 16)
+        try:
+            attention(q, q, q)
+        except ValueError as exc:
+            print("ERROR", exc)
+        out = attention(q, q, q, is_causal=True, fallback=True)
+        print("FALLBACK", torch.equal(out, F.scaled_dot_product_attention(q, q, q, is_causal=True)))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR q, k, v are on cpu" in result.stdout and "FALLBACK True" in result.stdout
+
+
+def test_custom_op_passes_opcheck() -> None:
+    q, k, v = qkv(nq=20, nk=36)
+    torch.library.opcheck(torch.ops.flashtune.attention_fwd.default, (q, k, v, True, 0.25))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_no_graph_breaks(dynamic: bool) -> None:
+    def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q * 2.0, k, v, is_causal=True).sum(dim=1)
+
+    q, k, v = qkv(nq=40, nk=40)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(q, k, v)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(block, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    ref = attention_reference(q * 2.0, k, v, causal=True).sum(dim=1)
+    close(compiled(q, k, v), ref, torch.float32)
+    q2, k2, v2 = qkv(nq=40 if not dynamic else 29, nk=40 if not dynamic else 53, seed=3)
+    close(compiled(q2, k2, v2), attention_reference(q2 * 2.0, k2, v2, causal=True).sum(dim=1), torch.float32)
+
+
+def test_torch_compile_fallback_for_a_mask() -> None:
+    q, k, v = qkv()
+    mask = torch.randn(24, 24, device=DEVICE)
+    compiled = torch.compile(lambda a, b, c, m: attention(a, b, c, attn_mask=m, fallback=True),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_torch_compile_reports_and_falls_back_for_unsupported_inputs() -> None:
+    q = torch.randn(1, 1, 16, 48, device=DEVICE)  # head dim 48: not a kernel size
+    strict = torch.compile(lambda a, b, c: attention(a, b, c), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="unsupported head dim 48"):  # Dynamo wraps it, message kept
+        strict(q, q, q)
+    lenient = torch.compile(lambda a, b, c: attention(a, b, c, fallback=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(lenient(q, q, q), F.scaled_dot_product_attention(q, q, q))
+    g = torch.randn(1, 1, 16, 16, device=DEVICE, requires_grad=True)
+    lenient(g, g, g).sum().backward()  # SDPA's backward
+    assert g.grad is not None and torch.isfinite(g.grad).all()
