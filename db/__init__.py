@@ -1,6 +1,11 @@
 """flashtune's config database: the shared key/config types, the store and the exchange file."""
 from .arch import ARCH_SMEM, estimate_smem, normalize_arch, smem_limit
+from .paths import default_url
+from .store import (DatabaseCorruptError, DatabaseUnavailableError, RunInfo, SchemaVersionError,
+                    Store, StoreError, TrialRecord, Winner, load_winners, migrate_database)
 from .types import DTYPES, HEAD_DIMS, OPS, OUTCOMES, Config, Key, normalize_dtype
 
-__all__ = ["ARCH_SMEM", "DTYPES", "HEAD_DIMS", "OPS", "OUTCOMES", "Config", "Key", "estimate_smem",
+__all__ = ["ARCH_SMEM", "DTYPES", "HEAD_DIMS", "OPS", "OUTCOMES", "Config", "DatabaseCorruptError",
+           "DatabaseUnavailableError", "Key", "RunInfo", "SchemaVersionError", "Store", "StoreError",
+           "TrialRecord", "Winner", "default_url", "estimate_smem", "load_winners", "migrate_database",
            "normalize_arch", "normalize_dtype", "smem_limit"]

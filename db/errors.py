@@ -30,8 +30,11 @@ class SchemaVersionError(StoreError):
 
 
 # SQLite reports everything as OperationalError/DatabaseError; the message is all there is.
+# Connection failures come first: PostgreSQL's "database ... does not exist" is one of them.
+_CONNECT_MARKERS = ("connection failed", "connection to server", "could not connect",
+                    "connection refused", "server closed the connection")
 _CORRUPT_MARKERS = ("file is not a database", "malformed", "no such table", "no such column",
-                    "does not exist", "undefinedtable", "undefinedcolumn", "not a database")
+                    "undefinedtable", "undefinedcolumn")
 _UNAVAILABLE_MARKERS = ("locked", "unable to open", "readonly", "read-only", "disk i/o",
                         "connection", "could not connect", "timeout", "timed out", "refused",
                         "password authentication", "no such host", "name or service",
@@ -47,6 +50,8 @@ def classify(error: BaseException, url: str, doing: str) -> StoreError:
     first_line = text.splitlines()[0] if text else type(error).__name__
     low = text.lower()
     where = mask_url(url)
+    if any(m in low for m in _CONNECT_MARKERS):
+        return DatabaseUnavailableError(f"database {where} is unreachable ({doing}: {first_line})")
     if any(m in low for m in _CORRUPT_MARKERS):
         return DatabaseCorruptError(f"database {where} is corrupt or not a flashtune database "
                                     f"({doing}: {first_line})")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sqlalchemy import Connection, Engine, inspect, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError
 from .models import FLASHTUNE_TABLES, Base, MetaRow
@@ -44,24 +45,44 @@ def _present_tables(conn: Connection) -> set[str]:
     return set(inspect(conn).get_table_names()) & set(FLASHTUNE_TABLES)
 
 
-def read_version(conn: Connection, where: str) -> int | None:
-    """The stored schema version; None when the database holds no flashtune tables at all."""
-    try:
-        value = conn.execute(select(MetaRow.value).where(MetaRow.name == VERSION_KEY)).scalar()
-    except Exception:
-        conn.rollback()  # PostgreSQL: the failed statement aborted the transaction
-        present = _present_tables(conn)
-        if not present:
-            return None
-        if MetaRow.__tablename__ not in present:
-            raise DatabaseCorruptError(f"database {where} has flashtune tables but no "
-                                       f"{MetaRow.__tablename__} table: not a complete flashtune "
-                                       f"database") from None
-        raise
+def _parse_version(value: object, where: str) -> int:
     if value is None or not str(value).isdigit():
         raise DatabaseCorruptError(f"database {where} has no valid {VERSION_KEY} in "
                                    f"{MetaRow.__tablename__} (found {value!r})")
-    return int(value)
+    return int(str(value))
+
+
+def _select_version(conn: Connection) -> object:
+    meta = MetaRow.__table__  # Core, not ORM: see store.py
+    return conn.execute(select(meta.c.value).where(meta.c.name == VERSION_KEY)).scalar()
+
+
+def inspect_version(conn: Connection, where: str) -> int | None:
+    """The stored schema version, looking at the tables first; None when there are none."""
+    present = _present_tables(conn)
+    if not present:
+        return None
+    if MetaRow.__tablename__ not in present:
+        raise DatabaseCorruptError(f"database {where} has flashtune tables but no "
+                                   f"{MetaRow.__tablename__} table: not a complete flashtune database")
+    return _parse_version(_select_version(conn), where)
+
+
+def read_version(conn: Connection, where: str) -> int | None:
+    """The stored schema version in one query (the fast path at every app import); None when the
+    database holds no flashtune tables. `conn` must not be inside a `begin()` block."""
+    try:
+        value = _select_version(conn)
+    except SQLAlchemyError as first:
+        conn.rollback()  # PostgreSQL: the failed statement aborted the transaction
+        try:
+            present = _present_tables(conn)
+        except SQLAlchemyError:
+            raise first from None
+        if MetaRow.__tablename__ in present:
+            raise
+        return inspect_version(conn, where)
+    return _parse_version(value, where)
 
 
 def check_version(version: int | None, where: str, create: bool) -> None:
@@ -89,10 +110,11 @@ def _lock_schema(conn: Connection) -> None:
 
 
 def _stamp(conn: Connection, version: int) -> None:
-    updated = conn.execute(MetaRow.__table__.update().where(MetaRow.name == VERSION_KEY)
+    meta = MetaRow.__table__
+    updated = conn.execute(meta.update().where(meta.c.name == VERSION_KEY)
                            .values(value=str(version))).rowcount
     if not updated:
-        conn.execute(MetaRow.__table__.insert().values(name=VERSION_KEY, value=str(version)))
+        conn.execute(meta.insert().values(name=VERSION_KEY, value=str(version)))
 
 
 def migrate(engine: Engine, where: str, *, write_options: dict[str, object]) -> tuple[int | None, int]:
@@ -100,7 +122,7 @@ def migrate(engine: Engine, where: str, *, write_options: dict[str, object]) -> 
     with engine.connect().execution_options(**write_options) as conn:
         with conn.begin():
             _lock_schema(conn)
-            version = read_version(conn, where)
+            version = inspect_version(conn, where)
             if version is None:
                 Base.metadata.create_all(conn)
                 _stamp(conn, SCHEMA_VERSION)

@@ -1,0 +1,149 @@
+"""`flashtune doctor` and `flashtune profile` (the ncu command and reading ncu's raw CSV)."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from db_fixtures import populate, sqlite_url  # noqa: F401  (sqlite_url is a fixture)
+from db.store import Store
+from kernel.version import KERNEL_VERSION
+from tuner.cli import main as cli
+from tuner.ncu import KERNEL_NAME, find_ncu, ncu_command, parse_raw_csv, summarize
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def doctor(*args: str):
+    return CliRunner().invoke(cli, ["doctor", *args])
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+def test_doctor_reports_database_counts_and_stale_winners(sqlite_url):
+    with Store.open(sqlite_url) as store:
+        populate(store, kernel_version="0123456789ab")  # 12 winners of sm_90, another kernel version
+        populate(store, arch="sm_86", gpu_name="NVIDIA A10", kernel_version=KERNEL_VERSION)
+    result = doctor("--db", sqlite_url, "--json")
+    report = json.loads(result.output)
+    by_topic = {}
+    for f in report["findings"]:
+        by_topic.setdefault(f["topic"], []).append(f)
+    database = by_topic["database"][0]
+    assert database["level"] == "ok"
+    assert "schema version" in database["message"] and "24 winners" in database["message"]
+    assert by_topic["winners"][0]["message"] == "sm_86: 12, sm_90: 12"
+    stale = by_topic["stale winners"][0]
+    assert stale["level"] == "warn" and stale["message"].startswith("12 of 24 winners")
+    assert "0123456789ab" in stale["message"] and KERNEL_VERSION in stale["message"]
+    assert any(KERNEL_VERSION in f["message"] for f in by_topic["software"])
+    assert result.exit_code == (0 if report["healthy"] else 1)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU report")
+def test_doctor_without_a_gpu_says_so_and_runs_the_interpreter(sqlite_url):
+    # conftest set TRITON_INTERPRET=1: no GPU is then a warning, and the kernel runs on the CPU.
+    with Store.open(sqlite_url) as store:
+        populate(store, kernel_version=KERNEL_VERSION)
+    result = doctor("--db", sqlite_url)
+    assert result.exit_code == 0, result.output
+    assert "[WARN] GPU: no CUDA GPU visible" in result.output
+    assert "[  OK] kernel: causal (1, 2, 32, 16) float32 on cpu" in result.output
+    assert result.output.rstrip().endswith("healthy")
+
+
+def test_doctor_fails_on_an_unreadable_database(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"definitely not sqlite" * 10)
+    result = doctor("--db", f"sqlite:///{junk}", "--no-run")
+    assert result.exit_code == 1
+    assert "[FAIL] database" in result.output and "is not a SQLite file" in result.output
+    assert "problem(s): database" in result.output.splitlines()[-1]
+
+
+def test_doctor_on_a_fresh_machine_warns_but_is_not_broken_by_a_missing_database(tmp_path):
+    result = doctor("--db", f"sqlite:///{tmp_path / 'none.db'}", "--no-run", "--json")
+    findings = json.loads(result.output)["findings"]
+    db = [f for f in findings if f["topic"] == "database"]
+    assert db[0]["level"] == "warn" and "nothing is tuned" in db[0]["message"]
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_doctor_bad_url_exits_2():
+    result = doctor("--db", "mysql://x@y/z")
+    assert result.exit_code == 2 and "unsupported database URL" in result.output
+
+
+# --- profile -------------------------------------------------------------------------------------
+
+def test_profile_dry_run_prints_the_ncu_command():
+    result = CliRunner().invoke(cli, ["profile", "--seq", "4096", "--head-dim", "128", "--dtype", "fp16",
+                                      "--causal", "--warmup", "7", "--report", "out/prof", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    command = shlex.split(result.output.strip().splitlines()[-1])
+    assert command[0].endswith("ncu")
+    joined = " ".join(command)
+    for part in ("--clock-control none", "--nvtx --nvtx-include flashtune/", f"-k regex:{KERNEL_NAME}",
+                 "--launch-skip 0 --launch-count 1", "--set full", "-o out/prof"):
+        assert part in joined
+    tail = command[command.index("-m"):]
+    assert tail == ["-m", "tuner.cli", "profile", "--seq", "4096", "--head-dim", "128", "--dtype", "float16",
+                    "--causal", "--batch", "4", "--heads", "16", "--warmup", "7"]
+
+
+def test_the_kernel_name_filter_matches_the_triton_kernel():
+    from kernel.fwd import attn_fwd_kernel
+
+    assert attn_fwd_kernel.fn.__name__ == KERNEL_NAME
+
+
+def test_ncu_command_reruns_profile_without_run_ncu():
+    command = ncu_command(["--seq", "128"], report="r", ncu="/opt/ncu", python="py")
+    assert command[:1] == ["/opt/ncu"] and command[-6:] == ["py", "-m", "tuner.cli", "profile", "--seq", "128"]
+    assert "--run-ncu" not in command
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--head-dim", "48"], "unsupported head dim 48"),
+    (["--dtype", "int4"], "unknown dtype"),
+    (["--warmup", "-1"], "--warmup must be at least 0"),
+    (["--hidden", "100"], "not a multiple of head dim 128"),
+])
+def test_profile_bad_input_exits_2(args, match):
+    result = CliRunner().invoke(cli, ["profile", *args, "--dry-run"])
+    assert result.exit_code == 2 and match in result.output
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
+def test_profile_needs_a_gpu():
+    result = CliRunner().invoke(cli, ["profile", "--seq", "64", "--head-dim", "16"])
+    assert result.exit_code == 2 and "profile needs a CUDA GPU" in result.output
+
+
+@pytest.mark.skipif(find_ncu() is not None, reason="ncu is installed here")
+def test_run_ncu_without_ncu_exits_2():
+    result = CliRunner().invoke(cli, ["profile", "--run-ncu"])
+    assert result.exit_code == 2 and "no ncu executable" in result.output
+
+
+RAW = '''==PROF== Connected to process 1234 (/usr/bin/python3.12)
+"ID","Process ID","Process Name","Host Name","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread","sm__warps_active.avg.pct_of_peak_sustained_active","sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active","dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__grid_size","launch__block_size"
+"","","","","","usecond","register/thread","%","%","%","",""
+"0","1234","python3.12","host","attn_fwd_kernel","512.26","186","12.41","71.90","9.53","2048","256"
+'''
+
+
+def test_raw_csv_summary_names_occupancy_tensor_and_memory():
+    kernels = parse_raw_csv(RAW)
+    assert len(kernels) == 1 and kernels[0]["Kernel Name"] == ("attn_fwd_kernel", "")
+    summary = dict(summarize(kernels[0]))
+    assert summary["duration"] == "512.26 usecond"
+    assert summary["achieved occupancy"] == "12.41 %"
+    assert summary["tensor pipe active"] == "71.90 %"
+    assert summary["DRAM throughput"] == "9.53 %"
+    assert summary["registers per thread"] == "186 register/thread"
+    assert summary["grid / block"] == "2048 / 256"
+    assert parse_raw_csv("==PROF== nothing profiled\n") == []

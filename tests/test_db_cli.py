@@ -1,0 +1,192 @@
+"""`flashtune show|export|import|db ...` on real databases: output, exit codes, nothing written on errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import text
+
+from db import exchange
+from db.store import Store
+from tuner import cli_db
+
+from db_fixtures import (CFG_B, db_url, file_digest, pg_url, populate,  # noqa: F401
+                         snapshot)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@click.group()
+def cli() -> None:
+    pass
+
+
+cli_db.register(cli)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def assert_usage_error(result: Result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    with Store.open(url) as store:
+        populate(store)
+        populate(store, arch="sm_80", gpu_name="NVIDIA A100", kernel_version="k2")
+    return url
+
+
+def test_show_table_and_json(source: str) -> None:
+    table = run("show", "--db", source, "--arch", "sm_80", "--head-dim", "128", "--causal")
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.stdout.splitlines() if line.startswith("sm_")]
+    assert len(rows) == 3 and all(str(CFG_B) in row and "NVIDIA A100" in row for row in rows)
+    assert "3 winner(s)" in table.stdout
+    as_json = run("show", "--db", source, "--json", "--dtype", "fp16")
+    with Store.open(source, create=False) as store:
+        expected = [exchange.winner_to_dict(w) for w in store.winners()]
+    assert json.loads(as_json.stdout) == expected and len(expected) == 24
+    none = run("show", "--db", source, "--dtype", "bf16")
+    assert none.exit_code == 0 and "no winners" in none.stdout
+
+
+def test_show_bad_input(source: str, tmp_path: Path) -> None:
+    assert_usage_error(run("show", "--db", source, "--arch", "sm_99"), "unknown arch 'sm_99'", "sm_90")
+    assert_usage_error(run("show", "--db", source, "--dtype", "int4"), "unknown dtype 'int4'")
+    missing = tmp_path / "nothing" / "here.db"
+    assert_usage_error(run("show", "--db", f"sqlite:///{missing}"), "no file at", str(missing))
+    assert not missing.parent.exists()
+    assert_usage_error(run("show", "--db", "oracle://x@y/z"), "unsupported database URL")
+
+
+def test_export_then_import_elsewhere(source: str, tmp_path: Path, db_url: str) -> None:
+    out = tmp_path / "w.json"
+    exported = run("export", "--db", source, "--arch", "sm_90", "-o", out)
+    assert exported.exit_code == 0 and "exported 12 winner(s)" in exported.stderr
+    to_stdout = run("export", "--db", source)
+    assert len(json.loads(to_stdout.stdout)["winners"]) == 24
+    if db_url.startswith("sqlite"):
+        # A dry run against a database that does not exist yet: all adds, no file created.
+        dry = run("import", "--db", db_url, out, "--dry-run")
+        assert dry.exit_code == 0 and "would add 12" in dry.stdout
+        assert dry.stdout.count("  add ") == 12
+        assert not Path(db_url.removeprefix("sqlite:///")).exists()
+    first = run("import", "--db", db_url, out)
+    assert first.exit_code == 0 and first.stdout.startswith("added 12, replaced 0, kept 0, conflicts 0")
+    again = run("import", "--db", db_url, out, "--json")
+    report = json.loads(again.stdout)
+    assert (len(report["added"]), len(report["kept"])) == (0, 12)
+    shown = json.loads(run("show", "--db", db_url, "--json").stdout)
+    assert shown == json.loads(out.read_text())["winners"]
+
+
+def test_import_dry_run_lists_and_writes_nothing(source: str, tmp_path: Path) -> None:
+    faster = tmp_path / "faster.json"
+    with Store.open(source, create=False) as store:
+        document = json.loads(exchange.dump_document(exchange.export_winners(store, arch="sm_90")))
+    document["winners"][0]["median_ms"] /= 2  # same GPU: replaces under --policy faster
+    document["winners"][1]["provenance"]["gpu_name"] = "NVIDIA H100"  # other GPU: a conflict
+    document["winners"][1]["median_ms"] /= 2
+    faster.write_text(json.dumps(document))
+    path = Path(source.removeprefix("sqlite:///"))
+    before, digest = snapshot(source), file_digest(path)
+    dry = run("import", "--db", source, faster, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout.splitlines()[0] == ("would add 0, would replace 1, kept 10, conflicts 1 "
+                                          "(policy faster; dry run, nothing written)")
+    assert dry.stdout.count("  replace ") == 1 and dry.stdout.count("  keep ") == 10
+    assert "NVIDIA H100" in dry.stdout and "conflict" in dry.stdout
+    assert snapshot(source) == before and file_digest(path) == digest
+    real = run("import", "--db", source, faster)
+    assert real.stdout.startswith("added 0, replaced 1, kept 10, conflicts 1")
+    assert "  keep " not in real.stdout and real.stdout.count("  conflict ") == 1
+
+
+def test_import_bad_file_leaves_database_byte_for_byte(source: str, tmp_path: Path) -> None:
+    path = Path(source.removeprefix("sqlite:///"))
+    digest = file_digest(path)
+    bad = tmp_path / "bad.json"
+    cases = {
+        "{oops": "malformed JSON",
+        json.dumps({"format": "flashtune-winners", "format_version": 9, "winners": []}): "format version 9",
+    }
+    for content, needle in cases.items():
+        bad.write_text(content)
+        for extra in ([], ["--dry-run"], ["--policy", "replace"]):
+            assert_usage_error(run("import", "--db", source, bad, *extra), needle, "bad.json")
+    assert_usage_error(run("import", "--db", source, tmp_path / "absent.json"), "cannot read")
+    assert file_digest(path) == digest
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith("source")) == ["source.db"]
+
+
+def test_bad_databases(source: str, tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(run("export", "--db", source).stdout)
+    notes = tmp_path / "notes.db"
+    notes.write_text("not sqlite " * 50)
+    digest = file_digest(notes)
+    for command in (["import", good], ["show"], ["export"], ["db", "vacuum"], ["db", "migrate"]):
+        assert_usage_error(run(*command, "--db", f"sqlite:///{notes}"), "not a SQLite file")
+    assert file_digest(notes) == digest
+    assert_usage_error(run("import", good, "--db", "sqlite:////proc/flashtune/x.db"), "cannot create directory")
+    assert_usage_error(run("import", good, "--db", "sqlite:////proc/x.db"), "unavailable")
+    unreachable = "postgresql+psycopg://u:hunter2@127.0.0.1:1/test?connect_timeout=2"
+    result = run("import", good, "--db", unreachable)
+    assert_usage_error(result, "unreachable", "***")
+    assert "hunter2" not in result.stderr
+
+
+def test_newer_schema_is_refused(source: str) -> None:
+    with Store.open(source) as store:
+        with store._engine.begin() as conn:
+            conn.execute(text("UPDATE flashtune_meta SET value = '5' WHERE name = 'schema_version'"))
+    for command in (["show"], ["export"], ["db", "migrate"]):
+        assert_usage_error(run(*command, "--db", source), "schema version 5", "version 1")
+
+
+def test_db_path(tmp_path: Path) -> None:
+    env = {"FLASHTUNE_DB": "", "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    assert run("db", "path", env=env).stdout.strip() == str(tmp_path / "xdg" / "flashtune" / "flashtune.db")
+    env["FLASHTUNE_DB"] = f"sqlite:///{tmp_path}/env.db"
+    assert run("db", "path", env=env).stdout.strip() == f"{tmp_path}/env.db"
+    pg = run("db", "path", "--db", "postgresql+psycopg://me:pw@db.example/tuning")
+    assert pg.stdout.strip() == "postgresql+psycopg://me:***@db.example/tuning"
+
+
+def test_db_migrate_and_vacuum(db_url: str) -> None:
+    created = run("db", "migrate", "--db", db_url)
+    assert created.exit_code == 0 and "created schema version 1" in created.stdout
+    assert "already at schema version 1" in run("db", "migrate", "--db", db_url).stdout
+    with Store.open(db_url) as store:
+        populate(store)
+        store.prune("other")
+    before = snapshot(db_url)
+    vacuumed = run("db", "vacuum", "--db", db_url)
+    assert vacuumed.exit_code == 0 and "vacuumed" in vacuumed.stdout
+    assert snapshot(db_url) == before
+
+
+def test_real_entry_point_and_no_gpu_imports(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLASHTUNE_DB": f"sqlite:///{tmp_path}/none.db"}
+    probe = ("import sys, db, db.exchange, tuner.cli_db; "
+             "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    result = subprocess.run([sys.executable, "-m", "tuner", "show"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "no file at" in result.stderr
+    assert not (tmp_path / "none.db").exists()

@@ -1,0 +1,269 @@
+"""The exchange file: round trips, each merge policy, and bad files that must change nothing."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from db import exchange
+from db.exchange import ExchangeFileError, import_file, read_document
+from db.store import Store, Winner
+from db.types import Config
+
+from db_fixtures import (CFG_A, CFG_B, CFG_C, aware, db_url, key, pg_url,  # noqa: F401
+                         populate, run_info, snapshot)
+
+
+def _winner(k=None, config=CFG_A, ms=1.0, gpu="NVIDIA H200", kernel="k1", when=None) -> Winner:
+    return Winner(key=k or key(), config=config, median_ms=ms, tflops=10.0 / ms, kernel_version=kernel,
+                  gpu_name=gpu, sm_count=132, driver="560.35", cuda="12.6", triton_version="3.6.0",
+                  torch_version="2.11.0", host="node-1", measured_at=when or aware(), trial_id=None)
+
+
+def _document(winners: list[Winner]) -> dict[str, Any]:
+    return {"format": "flashtune-winners", "format_version": 1, "exported_at": "2025-02-01T00:00:00Z",
+            "producer": {"flashtune": "0.1.0", "schema_version": 1, "python": "3.11", "sqlalchemy": "2.0",
+                         "pydantic": "2.5", "host": "node-1"},
+            "filters": {}, "winners": [exchange.winner_to_dict(w) for w in winners]}
+
+
+def _write(path: Path, document: Any) -> Path:
+    path.write_text(json.dumps(document) if not isinstance(document, str) else document)
+    return path
+
+
+def _plain(winners: list[Winner]) -> list[Winner]:
+    return [dataclasses.replace(w, trial_id=None) for w in winners]
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+def test_export_import_round_trip(tmp_path: Path, db_url: str) -> None:
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    with Store.open(source) as store:
+        populate(store)
+        populate(store, arch="sm_80", gpu_name="NVIDIA A100", kernel_version="k2")
+        store.offer_winner(store.record_trial(  # a cross-attention key with kernel knobs
+            store.start_run(run_info()),
+            key(1024, 128, "bfloat16", False, n_kv=4096), CFG_B, "ok", median_ms=0.123456789012345))
+        expected = _plain(store.winners())
+        document = exchange.export_winners(store)
+    path = tmp_path / "winners.json"
+    path.write_text(exchange.dump_document(document))
+    assert json.loads(path.read_text())["format_version"] == exchange.FORMAT_VERSION
+    with Store.open(db_url) as target:
+        first = import_file(target, path)
+        assert len(first.added) == len(expected) == 25 and first.changed == 25
+        assert target.winners() == expected  # every field, floats bit for bit
+        before = snapshot(db_url)
+        for policy in exchange.POLICIES:  # the same file again changes nothing, whatever the policy
+            again = import_file(target, path, policy)
+            assert again.changed == 0 and len(again.kept) == 25 and not again.conflicts
+        assert snapshot(db_url) == before
+
+
+def test_export_filters(tmp_path: Path) -> None:
+    with Store.open(f"sqlite:///{tmp_path / 'a.db'}") as store:
+        populate(store)
+        populate(store, arch="sm_80", gpu_name="NVIDIA A100")
+        assert len(exchange.export_winners(store, arch="sm80").winners) == 12
+        assert len(exchange.export_winners(store, arch="sm_90", dtype="fp16").winners) == 12
+        assert exchange.export_winners(store, dtype="bfloat16").winners == []
+        with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+            exchange.export_winners(store, dtype="float8")
+
+
+# --- merge policies ----------------------------------------------------------------------------
+
+STORED = _winner(ms=1.0, when=aware(hours=0))
+CASES = {
+    "new key": _winner(key(4096), ms=9.0),
+    "faster same gpu": _winner(key(), CFG_B, ms=0.5, when=aware(hours=-5)),
+    "slower newer": _winner(key(), CFG_C, ms=2.0, when=aware(hours=5)),
+    "faster other gpu": _winner(key(), CFG_B, ms=0.1, gpu="NVIDIA H100", when=aware(hours=-5)),
+    "faster other kernel": _winner(key(), CFG_B, ms=0.1, kernel="k0", when=aware(hours=-5)),
+}
+EXPECTED = {  # policy -> case -> bucket
+    "faster": {"new key": "added", "faster same gpu": "replaced", "slower newer": "kept",
+               "faster other gpu": "conflicts", "faster other kernel": "conflicts"},
+    "newer": {"new key": "added", "faster same gpu": "kept", "slower newer": "replaced",
+              "faster other gpu": "kept", "faster other kernel": "kept"},
+    "replace": {"new key": "added", "faster same gpu": "replaced", "slower newer": "replaced",
+                "faster other gpu": "replaced", "faster other kernel": "replaced"},
+    "keep": {"new key": "added", "faster same gpu": "kept", "slower newer": "kept",
+             "faster other gpu": "kept", "faster other kernel": "kept"},
+}
+
+
+@pytest.mark.parametrize("policy", exchange.POLICIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_policy_decisions(policy: str, case: str) -> None:
+    bucket, reason = exchange.decide(policy, CASES[case], None if case == "new key" else STORED)
+    assert bucket == EXPECTED[policy][case], reason
+
+
+@pytest.mark.parametrize("policy", exchange.POLICIES)
+@pytest.mark.parametrize("case", ["faster same gpu", "slower newer", "faster other gpu"])
+def test_policies_against_a_database(tmp_path: Path, db_url: str, policy: str, case: str) -> None:
+    other = _winner(key(256), CFG_A, ms=3.0)
+    with Store.open(db_url) as store:
+        exchange.merge(store, [STORED, other], policy="replace")
+    base = snapshot(db_url)
+    path = _write(tmp_path / "w.json", _document([CASES[case], CASES["new key"], other]))
+    with Store.open(db_url) as store:
+        dry = import_file(store, path, policy, dry_run=True)
+    assert snapshot(db_url) == base  # a dry run writes nothing
+    with Store.open(db_url) as store:
+        real = import_file(store, path, policy)
+        winners = {w.key: w for w in store.winners()}
+    assert dry.to_dict() | {"dry_run": True} == real.to_dict() | {"dry_run": True}
+    bucket = EXPECTED[policy][case]
+    assert [i.incoming for i in getattr(real, bucket) if i.key == key()] == [CASES[case]]
+    assert [i.incoming for i in real.added] == [CASES["new key"]]
+    assert [i.incoming for i in real.kept if i.key == key(256)] == [other]  # identical: kept
+    assert winners[key()] == (CASES[case] if bucket == "replaced" else STORED)
+    assert winners[key(4096)] == CASES["new key"] and winners[key(256)] == other
+    assert len(winners) == 3
+
+
+def test_unknown_policy(tmp_path: Path) -> None:
+    path = _write(tmp_path / "w.json", _document([STORED]))
+    with Store.open(f"sqlite:///{tmp_path / 'a.db'}") as store:
+        with pytest.raises(ValueError, match="unknown import policy 'fastest'"):
+            import_file(store, path, "fastest")
+
+
+# --- bad files ---------------------------------------------------------------------------------
+
+def _set(path: str, value: Any) -> Callable[[dict], dict]:
+    def mutate(doc: dict) -> dict:
+        doc = copy.deepcopy(doc)
+        target = doc
+        parts = path.split(".")
+        for part in parts[:-1]:
+            target = target[int(part)] if part.isdigit() else target[part]
+        last = parts[-1]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[int(last) if last.isdigit() else last] = value
+        return doc
+    return mutate
+
+
+_DELETE = object()
+W0 = "winners.0"
+BAD_DOCUMENTS: dict[str, tuple[Callable[[dict], Any], str]] = {
+    "not an object": (lambda d: [d], "expected a JSON object"),
+    "wrong format": (_set("format", "something-else"), "not a flashtune exchange file"),
+    "future version": (_set("format_version", 2), "format version 2 is newer than version 1"),
+    "version zero": (_set("format_version", 0), "invalid format_version 0"),
+    "version as text": (_set("format_version", "1"), "invalid format_version '1'"),
+    "unknown arch": (_set(f"{W0}.key.arch", "sm_99"), "unknown arch 'sm_99'"),
+    "code as arch": (_set(f"{W0}.key.arch", "__import__('os').system('true')"), "winners[0].key.arch"),
+    "unknown dtype": (_set(f"{W0}.key.dtype", "float8"), "unknown dtype 'float8'"),
+    "unknown op": (_set(f"{W0}.key.op", "sideways"), "unknown op 'sideways'"),
+    "zero block": (_set(f"{W0}.config.block_m", 0), "block_m=0"),
+    "negative block": (_set(f"{W0}.config.block_n", -64), "block_n=-64"),
+    "non power of two block": (_set(f"{W0}.config.block_m", 48), "block_m=48: must be a power of two"),
+    "odd warps": (_set(f"{W0}.config.num_warps", 3), "num_warps=3"),
+    "float block": (_set(f"{W0}.config.block_m", 64.0), "winners[0].config.block_m"),
+    "text block": (_set(f"{W0}.config.block_m", "64"), "winners[0].config.block_m"),
+    "nested extra": (_set(f"{W0}.config.extra", {"tma": {"on": True}}), "winners[0].config.extra"),
+    "int causal": (_set(f"{W0}.key.causal", 1), "winners[0].key.causal"),
+    "zero seq": (_set(f"{W0}.key.seq_len", 0), "winners[0].key.seq_len"),
+    "odd head dim": (_set(f"{W0}.key.head_dim", 100), "unsupported head dim 100"),
+    "zero time": (_set(f"{W0}.median_ms", 0), "winners[0].median_ms"),
+    "negative time": (_set(f"{W0}.median_ms", -1.0), "winners[0].median_ms"),
+    "missing time": (_set(f"{W0}.median_ms", _DELETE), "winners[0].median_ms"),
+    "naive time": (_set(f"{W0}.provenance.measured_at", "2025-01-01T00:00:00"), "measured_at"),
+    "unknown field": (_set(f"{W0}.comment", "hi"), "winners[0].comment"),
+    "empty gpu": (_set(f"{W0}.provenance.gpu_name", ""), "winners[0].provenance.gpu_name"),
+    "does not fit sm_75": (lambda d: _set(W0, exchange.winner_to_dict(_winner(
+        key(1024, 256, "float32", arch="sm_75"), Config(256, 256, 8, 4))))(d),
+        "more than the 65536 bytes of any sm_75 GPU"),
+    "duplicate key": (lambda d: {**d, "winners": d["winners"] + d["winners"][:1]}, "repeats winners[0]"),
+}
+
+
+@pytest.fixture
+def stored_db(tmp_path: Path, db_url: str) -> str:
+    with Store.open(db_url) as store:
+        populate(store)
+    return db_url
+
+
+def _valid(stored_url: str) -> dict:
+    with Store.open(stored_url, create=False) as store:
+        document = exchange.export_winners(store)
+    fresh = [_winner(key(n, 64, "bfloat16"), ms=n / 100) for n in (64, 8192)]
+    return json.loads(exchange.dump_document(document)) | {
+        "winners": [exchange.winner_to_dict(w) for w in fresh]}
+
+
+@pytest.mark.parametrize("case", list(BAD_DOCUMENTS))
+def test_bad_documents_change_nothing(tmp_path: Path, stored_db: str, case: str) -> None:
+    mutate, message = BAD_DOCUMENTS[case]
+    good = _valid(stored_db)
+    read_document(_write(tmp_path / "good.json", good))  # the unmutated file is fine
+    path = _write(tmp_path / "bad.json", mutate(good))
+    before = snapshot(stored_db)
+    for policy in ("faster", "replace"):
+        with Store.open(stored_db) as store:
+            with pytest.raises(ExchangeFileError, match="bad.json") as info:
+                import_file(store, path, policy)
+        assert message in str(info.value)
+        assert "\n" not in str(info.value)
+    assert snapshot(stored_db) == before
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"format": "flashtune-winners", "winners": [', "malformed JSON"),
+    ("", "malformed JSON"),
+    ('{"format": "flashtune-winners", "format_version": 1, "median_ms": NaN}', "NaN is not a number"),
+    (pickle.dumps({"winners": []}), "not UTF-8"),
+    (b"\xff\xfe\x00garbage", "not UTF-8"),
+])
+def test_unparseable_files(tmp_path: Path, stored_db: str, content: Any, message: str) -> None:
+    path = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    before = snapshot(stored_db)
+    with Store.open(stored_db) as store:
+        with pytest.raises(ExchangeFileError, match=message):
+            import_file(store, path)
+    assert snapshot(stored_db) == before
+
+
+def test_oversized_and_missing_files(tmp_path: Path, stored_db: str) -> None:
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:  # sparse: costs no disk
+        fh.truncate(exchange.MAX_FILE_BYTES + 1)
+    before = snapshot(stored_db)
+    with Store.open(stored_db) as store:
+        with pytest.raises(ExchangeFileError, match="larger than the 67108864-byte limit"):
+            import_file(store, big)
+        small_limit = _write(tmp_path / "ok.json", _document([STORED]))
+        with pytest.raises(ExchangeFileError, match="larger than the 100-byte limit"):
+            import_file(store, small_limit, max_bytes=100)
+        with pytest.raises(ExchangeFileError, match="cannot read .*missing.json"):
+            import_file(store, tmp_path / "missing.json")
+        with pytest.raises(ExchangeFileError, match="cannot read"):
+            import_file(store, tmp_path)
+    assert snapshot(stored_db) == before
+
+
+def test_many_problems_are_counted(tmp_path: Path) -> None:
+    bad = [_winner(key(64 * (i + 1)), ms=1.0) for i in range(30)]
+    document = _document(bad)
+    for item in document["winners"]:
+        item["key"]["arch"] = "sm_1"
+    with pytest.raises(ExchangeFileError, match=r"30 invalid value\(s\).*\(and 20 more\)"):
+        read_document(_write(tmp_path / "w.json", document))
