@@ -57,6 +57,33 @@ def test_crash_hang_and_lost_context_are_trials_and_the_worker_restarts():
         bench.close()
 
 
+class _ChattyBench(FunctionBench):
+    """Prints to stdout inside the worker, as Triton does with a whole PTX listing when ptxas fails."""
+
+    def __init__(self) -> None:
+        super().__init__(self._cost)
+
+    @staticmethod
+    def _cost(key, config, careful):
+        print("ptxas fatal : Insufficient registers // PTX listing follows", flush=True)
+        return 1.0
+
+
+def chatty_bench() -> _ChattyBench:
+    return _ChattyBench()
+
+
+def test_worker_output_never_reaches_stdout(capfd):
+    bench = WorkerBench(trial_timeout_s=30, factory=chatty_bench, factory_args=())
+    try:
+        assert [m.outcome for m in bench.measure(KEY, 4, GOOD[:1], careful=False)] == ["ok"]
+    finally:
+        bench.close()
+    out, err = capfd.readouterr()
+    assert "ptxas fatal" not in out  # stdout carries `tune --json` and nothing else
+    assert "ptxas fatal" in err
+
+
 @pytest.mark.gpu
 def test_cuda_worker_measures_real_configs():
     bench = WorkerBench(compile_threads=2)

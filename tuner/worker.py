@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -37,6 +38,9 @@ def cuda_bench(device_index: int, compile_threads: int) -> Bench:
 def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tuple[Any, ...]) -> None:
     """Child main loop: answer ('measure', id, key, batch_heads, configs, careful) until EOF or 'stop'."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, between trials
+    # Triton prints whole PTX listings to stdout when ptxas fails; stdout is the CLI's --json channel.
+    sys.stdout.flush()
+    os.dup2(2, 1)
     try:
         from .bench import CudaContextLost
 
