@@ -2,7 +2,6 @@
 handling, fallback, and torch.compile(fullgraph=True) through the custom op."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 import kernel
 from kernel import attention
 from kernel.reference import attention_reference
+from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -118,8 +118,7 @@ def test_cpu_tensors_outside_the_interpreter() -> None:
         out = attention(q, q, q, is_causal=True, fallback=True)
         print("FALLBACK", torch.equal(out, F.scaled_dot_product_attention(q, q, q, is_causal=True)))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env = repo_env(drop=("TRITON_INTERPRET",), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from kernel.bench_csv import BASELINES, COLUMNS, BenchRow, read_csv, write_csv
 from kernel.providers import PROVIDERS, select_providers
 from kernel.reference import attention_reference
 from tuner.cli import main as cli
+from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -291,8 +291,7 @@ def test_kernel_bench_module_bad_input_exits_2(capsys):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without CUDA")
 def test_kernel_bench_module_needs_a_gpu_without_the_interpreter():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
+    env = repo_env(drop=("TRITON_INTERPRET",))
     done = subprocess.run([sys.executable, "-m", "kernel.bench", "--seq", "64"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
     assert done.returncode == 2

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ from tuner import cli_db
 
 from db_fixtures import (CFG_B, db_url, file_digest, pg_url, populate,  # noqa: F401
                          snapshot)
+from subproc import repo_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @click.group()
@@ -182,7 +181,7 @@ def test_db_migrate_and_vacuum(db_url: str) -> None:
 
 
 def test_real_entry_point_and_no_gpu_imports(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLASHTUNE_DB": f"sqlite:///{tmp_path}/none.db"}
+    env = repo_env(FLASHTUNE_DB=f"sqlite:///{tmp_path}/none.db")
     probe = ("import sys, db, db.exchange, tuner.cli_db; "
              "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)

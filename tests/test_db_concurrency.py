@@ -1,7 +1,6 @@
 """Several real processes on one database: concurrent writers, and a writer killed mid-run."""
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -13,8 +12,8 @@ from db.store import Store
 from db.types import Config
 
 from db_fixtures import db_url, pg_url  # noqa: F401
+from subproc import repo_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # A tuner stand-in: one commit per trial, then the trial id on stdout (so the id is known to be
 # committed when the parent reads it), and every trial offered as a winner.
@@ -39,7 +38,7 @@ with Store.open(url) as store:
 
 
 def _spawn(url: str, tag: str, count: int, start: float, offset: float) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = repo_env()
     return subprocess.Popen([sys.executable, "-c", WRITER, url, tag, str(count), str(start), str(offset)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

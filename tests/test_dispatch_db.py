@@ -2,7 +2,6 @@
 dispatcher tests (imported by test_dispatch.py and test_dispatch_gpu.py)."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from db.store import Store
 from db.types import Config, Key
 from kernel import dispatch
 from kernel.version import KERNEL_VERSION
+from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,8 +158,7 @@ def _import_kernel(env_db: str, code: str = "") -> subprocess.CompletedProcess[s
         from kernel import attention, dispatch
         print("IMPORTED", dispatch.info().ok)
     """) + textwrap.dedent(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "FLASHTUNE_DB": env_db, "CUDA_VISIBLE_DEVICES": ""}  # no GPU: the child runs on CPU
+    env = repo_env(FLASHTUNE_DB=env_db, CUDA_VISIBLE_DEVICES="")  # no GPU: the child runs on CPU
     env.pop("FLASHTUNE_CONFIG", None)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)

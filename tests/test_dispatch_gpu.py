@@ -3,7 +3,6 @@ capture and replay, mixed shapes, stale winners, threads, the import-time load. 
 its own SQLite database for the GPU's arch; run with `python -m pytest -m gpu tests/test_dispatch_gpu.py`."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from kernel.launch import check_inputs, launch
 from kernel.reference import attention_reference
 from kernel.version import KERNEL_VERSION
 from test_dispatch_db import REPO, build_db, restore_table  # noqa: F401  (restore_table is a fixture)
+from subproc import repo_env
 
 pytestmark = pytest.mark.gpu
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 2e-5}  # relative norm vs fp64
@@ -217,8 +217,7 @@ def test_mixed_arch_devices_use_their_own_arch() -> None:
 
 def _child(db: Path, code: str) -> subprocess.CompletedProcess[str]:
     script = "import warnings\nwarnings.simplefilter('always')\n" + textwrap.dedent(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "FLASHTUNE_DB": f"sqlite:///{db}"}
+    env = repo_env(FLASHTUNE_DB=f"sqlite:///{db}")
     env.pop("FLASHTUNE_CONFIG", None)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)

@@ -89,3 +89,14 @@ def test_ptxas_failure_is_a_compile_error_trial(kernel_device):
     assert outcomes[SMALL[0]].outcome == "ok"
     assert outcomes[SMALL[1]].outcome == "compile_error"
     assert "Insufficient registers" in outcomes[SMALL[1]].error
+
+
+def test_careful_timing_interleaves_the_candidates():
+    from tuner.timing import median_ms_each
+
+    order: list[str] = []
+    fns = [lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")]
+    times = median_ms_each(fns, warmup=1, reps=3, flush=None)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert order[:3] == ["a", "b", "c"]  # warm-ups
+    assert order[3:] == ["a", "b", "c"] * 3  # repetitions round-robin, so clock drift hits all alike

@@ -170,3 +170,29 @@ def test_settings_reject_nonsense():
         TuneSettings(budget_s=0)
     with pytest.raises(ValueError, match="prune_ratio"):
         TuneSettings(prune_ratio=1.0)
+
+
+def test_winner_comes_only_from_the_careful_pass(store):
+    # Z is a survivor that is never timed carefully (careful_top=2) and whose lucky first-pass time
+    # is below every careful time: it must not win on that first-pass number.
+    x, y, z = Config(128, 64, 4, 3), Config(128, 64, 4, 2), Config(64, 64, 4, 3)
+    times = {x: (1.0, 3.0), y: (1.1, 2.0), z: (1.2, 1.5)}  # (first pass, careful)
+    key = Key(ARCH, "fwd", 1024, 64, "float16", False)
+
+    def model(k, config, careful):
+        first, slow = times[config]
+        return slow if careful else first
+
+    tuner = Tuner(store, start(store), FunctionBench(model), kernel_version=KV, gpu_name=GPU,
+                  space=lambda k: list(times), default=lambda k: x, batch_heads=lambda k: 8,
+                  settings=TuneSettings(prune_ratio=1.5, careful_top=2))
+    [result] = tuner.run([key])
+    assert result.winner.config == y and result.winner.median_ms == 2.0
+    [winner] = store.winners(ARCH)
+    assert winner.config == y
+    # Run again: nothing new is measured, and the stored winner is reported, not a first-pass time.
+    bench = FunctionBench(model)
+    [again] = Tuner(store, start(store), bench, kernel_version=KV, gpu_name=GPU, space=lambda k: list(times),
+                    default=lambda k: x, batch_heads=lambda k: 8,
+                    settings=TuneSettings(prune_ratio=1.5, careful_top=2)).run([key])
+    assert bench.calls == [] and again.complete and again.winner.config == y

@@ -22,7 +22,7 @@ from db.types import Config, Key
 from kernel.launch import AttnShape, check_inputs, launch
 
 from .measure import Measurement
-from .timing import l2_flush_buffer, median_ms
+from .timing import l2_flush_buffer, median_ms_each
 
 # Relative Frobenius-norm error allowed against the fp32 reference. A correct kernel sits near
 # 1e-3 (fp16) and 8e-3 (bf16); a wrong tile schedule is off by tens of percent.
@@ -155,8 +155,27 @@ class LocalBench:
 
     def measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
                 careful: bool) -> Iterator[Measurement]:
+        """Compile, validate and time `configs`. The first pass times each config as it comes; the
+        careful pass times all valid configs together, repetitions interleaved (see median_ms_each)."""
         inputs = self._inputs_for(key, batch_heads)
         warmup, reps = self.careful if careful else self.quick
+        ready: list[tuple[Config, float]] = []
+        for config, out, compile_s, error in self._first_launches(inputs, configs):
+            failed = self._check(inputs, config, out, compile_s, error)
+            if failed is not None:
+                yield failed
+            elif careful:
+                ready.append((config, compile_s))
+            else:
+                [ms] = self._time(inputs, [config], warmup, reps)
+                yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
+        if ready:
+            times = self._time(inputs, [c for c, _ in ready], warmup, reps)
+            for (config, compile_s), ms in zip(ready, times):
+                yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
+
+    def _first_launches(self, inputs: KeyInputs, configs: Sequence[Config]
+                        ) -> Iterator[tuple[Config, torch.Tensor | None, float, BaseException | None]]:
         step = self.compile_threads
         for lo in range(0, len(configs), step):
             chunk = list(configs[lo:lo + step])
@@ -171,7 +190,7 @@ class LocalBench:
                     # Alone this time: an error that only shows up under concurrent compiles is not the config's.
                     out, compile_s, error = self._first_launch(inputs, config)
                     self._sync([config])
-                yield self._finish(inputs, config, out, compile_s, error, warmup, reps)
+                yield config, out, compile_s, error
 
     def _sync(self, chunk: Sequence[Config]) -> None:
         if self.device.type != "cuda":
@@ -183,8 +202,9 @@ class LocalBench:
                 raise CudaContextLost(chunk, error) from error
             raise
 
-    def _finish(self, inputs: KeyInputs, config: Config, out: torch.Tensor | None, compile_s: float,
-                error: BaseException | None, warmup: int, reps: int) -> Measurement:
+    def _check(self, inputs: KeyInputs, config: Config, out: torch.Tensor | None, compile_s: float,
+               error: BaseException | None) -> Measurement | None:
+        """The failed measurement of a config whose first launch failed or was wrong; None if it is good."""
         text = f"{type(error).__name__}: {error}"[:2000] if error is not None else None
         if error is not None or out is None:
             outcome = classify_compile_error(error) if error is not None else "compile_error"
@@ -196,15 +216,17 @@ class LocalBench:
         if not err <= tol:
             return Measurement(config, "wrong_result", compile_s=compile_s,
                                error=f"relative error {err:.3g} > {tol:g} against torch SDPA (fp32)")
-        del out
+        return None
+
+    def _time(self, inputs: KeyInputs, configs: Sequence[Config], warmup: int, reps: int) -> list[float]:
         buffer = torch.empty_like(inputs.q)
+        fns = [lambda c=c: inputs.run(c, out=buffer) for c in configs]
         try:
-            ms = median_ms(lambda: inputs.run(config, out=buffer), warmup=warmup, reps=reps, flush=self._flush)
+            return median_ms_each(fns, warmup=warmup, reps=reps, flush=self._flush)
         except RuntimeError as run_error:
             if is_sticky_cuda_error(run_error):
-                raise CudaContextLost([config], run_error) from run_error
+                raise CudaContextLost(list(configs), run_error) from run_error
             raise
-        return Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
 
     def close(self) -> None:
         self._inputs = None

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
-from db.store import Store, TrialRecord
+from db.store import Store, TrialRecord, Winner
 from db.types import Config, Key
 
 from .bench import tflops
@@ -180,50 +180,66 @@ class Tuner:
         candidates = self._candidates(key, seeds)
         todo = [c for c in candidates if c not in stored]
         result.skipped = len(candidates) - len(todo)
-        ok_times = [t.median_ms for t in stored.values() if t.outcome == "ok" and t.median_ms]
-        best = min(ok_times, default=math.inf)
+        if not todo and self._winner(key) is not None:
+            return self._finish_key(result, stored, timed=None)  # finished by an earlier run
+        # First-pass times of an earlier, interrupted run of this key compete with this run's.
+        quick = {c: t.median_ms for c, t in stored.items() if t.outcome == "ok" and t.median_ms}
+        best = min(quick.values(), default=math.inf)
         cutoff = self.settings.prune_ratio
         survivors: dict[Config, Measurement] = {}
 
         # First pass: a few repetitions each; far slower than the best so far is final.
         for m in self.bench.measure(key, bh, todo, careful=False):
             self.progress.advance(key)
-            if m.outcome != "ok" or m.median_ms is None:
-                self._record(key, bh, m, result, stored)
-            elif m.median_ms > cutoff * best:
+            if m.outcome != "ok" or m.median_ms is None or m.median_ms > cutoff * best:
                 self._record(key, bh, m, result, stored)
             else:
                 survivors[m.config] = m
+                quick[m.config] = m.median_ms
                 best = min(best, m.median_ms)
             if self._stop():
-                return self._finish_key(result, stored, complete=False)
+                return self._finish_key(result, stored, timed=None)
 
-        # Survivors the later best left behind are final too; the fastest few get a careful timing,
-        # and so does the default so that the speed-up compares like with like.
-        ranked = sorted(survivors.values(), key=lambda m: m.median_ms or math.inf)
-        careful = [m.config for m in ranked if (m.median_ms or math.inf) <= cutoff * best][:self.settings.careful_top]
-        if result.default_config in survivors and result.default_config not in careful:
+        # The fastest few get a careful timing, all together, and so does the default so that the
+        # speed-up compares like with like; the other survivors keep their first-pass time.
+        ranked = sorted(quick, key=lambda c: (quick[c], str(c)))
+        careful = [c for c in ranked if quick[c] <= cutoff * best][:self.settings.careful_top]
+        if result.default_config in quick and result.default_config not in careful:
             careful.append(result.default_config)
-        for m in ranked:
-            if m.config not in careful:
+        for config, m in survivors.items():
+            if config not in careful:
                 self._record(key, bh, m, result, stored)
+        timed: list[TrialRecord] = []
         for m in self.bench.measure(key, bh, careful, careful=True):
             self.progress.advance(key)
-            self._record(key, bh, m, result, stored)
-            survivors.pop(m.config, None)
-            if self._stop():
-                return self._finish_key(result, stored, complete=False)
-        return self._finish_key(result, stored, complete=True)
+            timed.append(self._record(key, bh, m, result, stored))
+        if self._stop() and len(timed) < len(careful):
+            return self._finish_key(result, stored, timed=None)
+        return self._finish_key(result, stored, timed=timed)
 
-    def _finish_key(self, result: KeyResult, stored: dict[Config, TrialRecord], *, complete: bool) -> KeyResult:
-        ok = [t for t in stored.values() if t.outcome == "ok" and t.median_ms is not None]
-        result.complete = complete
+    def _winner(self, key: Key) -> Winner | None:
+        """The stored winner of `key` if this kernel version on this GPU measured it."""
+        return next((w for w in self.store.winners(key.arch, op=key.op, dtype=key.dtype, head_dim=key.head_dim,
+                                                   causal=key.causal)
+                     if w.key == key and w.kernel_version == self.kernel_version and w.gpu_name == self.gpu_name),
+                    None)
+
+    def _finish_key(self, result: KeyResult, stored: dict[Config, TrialRecord], *,
+                    timed: list[TrialRecord] | None) -> KeyResult:
+        """Close a key. `timed`: this run's careful trials, from which alone a winner is named (their
+        times were taken side by side); None when the key stopped early or an earlier run finished it."""
         default = stored.get(result.default_config)
         if default is not None and default.outcome == "ok":
             result.default_ms = default.median_ms
-        if ok:
-            result.winner = min(ok, key=lambda t: (t.median_ms, t.id))
-            # Only a finished key names a winner: a partial first pass may not have seen the best.
-            if complete:
+        if timed is not None:
+            ok = [t for t in timed if t.outcome == "ok" and t.median_ms is not None]
+            result.complete = True
+            if ok:
+                result.winner = min(ok, key=lambda t: (t.median_ms, t.id))
                 result.winner_stored = self.store.offer_winner(result.winner)
+            return result
+        winner = self._winner(result.key)
+        result.complete = winner is not None
+        if winner is not None:
+            result.winner = next((t for t in stored.values() if t.id == winner.trial_id), None)
         return result
