@@ -38,9 +38,12 @@ def cuda_bench(device_index: int, compile_threads: int) -> Bench:
 def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tuple[Any, ...]) -> None:
     """Child main loop: answer ('measure', id, key, batch_heads, configs, careful) until EOF or 'stop'."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, between trials
-    # Triton prints whole PTX listings to stdout when ptxas fails; stdout is the CLI's --json channel.
+    # Triton prints a whole PTX listing to stdout when ptxas fails: it would corrupt `tune --json`
+    # and bury the progress bar. The trial keeps ptxas's own message as its error text.
     sys.stdout.flush()
-    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     try:
         from .bench import CudaContextLost
 
