@@ -284,7 +284,12 @@ def _pg_engine(url: str, timeout_s: float) -> Engine:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parse_url(url).query:
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    try:
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    except ImportError as exc:  # the DBAPI driver is loaded here, not at import of db
+        raise DatabaseUnavailableError(
+            f"database {mask_url(url)}: its driver is not installed ({exc.name or exc}); "
+            "install PostgreSQL support with: pip install 'flashtune[postgres]'") from None
 
 
 def _make_engine(url: str, create: bool, timeout_s: float) -> Engine:

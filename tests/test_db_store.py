@@ -7,6 +7,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import sys
+
 import pytest
 from sqlalchemy import text
 
@@ -352,6 +354,13 @@ def test_unreachable_postgres_masks_password() -> None:
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
     with pytest.raises(DatabaseUnavailableError):
         load_winners(["sm_90"], url)
+
+
+def test_postgres_url_without_its_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a machine without the postgres extra
+    with pytest.raises(DatabaseUnavailableError, match=r"pip install 'flashtune\[postgres\]'") as info:
+        Store.open("postgresql+psycopg://flashtune:s3cret@127.0.0.1:5432/test")
+    assert "s3cret" not in str(info.value)
 
 
 @pytest.mark.postgres
