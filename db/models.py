@@ -48,6 +48,23 @@ class Base(DeclarativeBase):
     pass
 
 
+class KeyConfigColumns:
+    """The key (KEY_COLUMNS) and the config (CONFIG_COLUMNS) that trials and winners both carry."""
+
+    arch: Mapped[str] = mapped_column(String(16))
+    op: Mapped[str] = mapped_column(String(8))
+    seq_len: Mapped[int] = mapped_column(Integer)
+    seq_len_kv: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    causal: Mapped[bool] = mapped_column(Boolean)
+    block_m: Mapped[int] = mapped_column(Integer)
+    block_n: Mapped[int] = mapped_column(Integer)
+    num_warps: Mapped[int] = mapped_column(Integer)
+    num_stages: Mapped[int] = mapped_column(Integer)
+    config_extra: Mapped[str] = mapped_column(Text, default="{}")
+
+
 class MetaRow(Base):
     """Key/value facts about the database itself; `schema_version` is the one that matters."""
 
@@ -79,7 +96,7 @@ class RunRow(Base):
     finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
 
 
-class TrialRow(Base):
+class TrialRow(KeyConfigColumns, Base):
     """One config tried for one key, whatever its outcome."""
 
     __tablename__ = "flashtune_trials"
@@ -91,18 +108,6 @@ class TrialRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[Optional[int]] = mapped_column(
         ForeignKey("flashtune_runs.id", ondelete="SET NULL"), nullable=True, index=True)
-    arch: Mapped[str] = mapped_column(String(16))
-    op: Mapped[str] = mapped_column(String(8))
-    seq_len: Mapped[int] = mapped_column(Integer)
-    seq_len_kv: Mapped[int] = mapped_column(Integer)
-    head_dim: Mapped[int] = mapped_column(Integer)
-    dtype: Mapped[str] = mapped_column(String(16))
-    causal: Mapped[bool] = mapped_column(Boolean)
-    block_m: Mapped[int] = mapped_column(Integer)
-    block_n: Mapped[int] = mapped_column(Integer)
-    num_warps: Mapped[int] = mapped_column(Integer)
-    num_stages: Mapped[int] = mapped_column(Integer)
-    config_extra: Mapped[str] = mapped_column(Text, default="{}")
     outcome: Mapped[str] = mapped_column(String(32))
     median_ms: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
     tflops: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
@@ -113,7 +118,7 @@ class TrialRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class WinnerRow(Base):
+class WinnerRow(KeyConfigColumns, Base):
     """The best `ok` trial per key, with the provenance of its measurement.
 
     The unique key leads with `arch`, so its index serves the dispatcher's one query by arch.
@@ -124,18 +129,6 @@ class WinnerRow(Base):
     __table_args__ = (UniqueConstraint(*KEY_COLUMNS, name="uq_flashtune_winners_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    arch: Mapped[str] = mapped_column(String(16))
-    op: Mapped[str] = mapped_column(String(8))
-    seq_len: Mapped[int] = mapped_column(Integer)
-    seq_len_kv: Mapped[int] = mapped_column(Integer)
-    head_dim: Mapped[int] = mapped_column(Integer)
-    dtype: Mapped[str] = mapped_column(String(16))
-    causal: Mapped[bool] = mapped_column(Boolean)
-    block_m: Mapped[int] = mapped_column(Integer)
-    block_n: Mapped[int] = mapped_column(Integer)
-    num_warps: Mapped[int] = mapped_column(Integer)
-    num_stages: Mapped[int] = mapped_column(Integer)
-    config_extra: Mapped[str] = mapped_column(Text, default="{}")
     median_ms: Mapped[float] = mapped_column(Double)
     tflops: Mapped[Optional[float]] = mapped_column(Double, nullable=True)
     kernel_version: Mapped[str] = mapped_column(String(64))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .launch import _check_scale, check_inputs, launch
+from .launch import check_scale, check_inputs, launch
 
 __all__ = ["attention", "attention_fwd_op"]
 
@@ -132,7 +132,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
             raise
         if shape.heads_q != shape.heads_kv and not enable_gqa:
             raise _gqa_error(shape.heads_q, shape.heads_kv)
-        return attention_fwd_op(query, key, value, causal, _check_scale(scale, shape.head_dim))
+        return attention_fwd_op(query, key, value, causal, check_scale(scale, shape.head_dim))
     try:
         plan = dispatch.plan(query, key, value, causal)
     except (TypeError, ValueError):
@@ -142,4 +142,4 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if plan.grouped and not enable_gqa:
         raise _gqa_error(plan.shape.heads_q, plan.shape.heads_kv)
     return _launch_planned(query, key, value, plan, causal,
-                           plan.default_scale if scale is None else _check_scale(scale, plan.shape.head_dim))
+                           plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))

@@ -35,7 +35,7 @@ from db.types import Config, Key
 
 from .defaults import default_config
 from .device import device_arch, device_smem_limit
-from .launch import AttnShape, _check_scale, check_inputs
+from .launch import AttnShape, check_scale, check_inputs
 from .version import KERNEL_VERSION
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
@@ -331,7 +331,7 @@ def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
         _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
                    f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
                    "re-tune to refresh it")
-    entry = Plan(shape, choice, _check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv)
+    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv)
     with _lock:
         if len(table.memo) >= _MEMO_LIMIT:
             table.memo.clear()

@@ -93,7 +93,8 @@ def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: st
                              f"{shape.head_dim} {shape.dtype}; this GPU allows {smem_limit // 1024} KB per block")
 
 
-def _check_scale(scale: Any, head_dim: int) -> float:
+def check_scale(scale: Any, head_dim: int) -> float:
+    """The softmax scale to use: 1/sqrt(head_dim) for None, else `scale` if it is a finite number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -142,7 +143,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq).
     """
     shape = check_inputs(q, k, v)
-    scale = _check_scale(scale, shape.head_dim)
+    scale = check_scale(scale, shape.head_dim)
     precision = _check_precision(fp32_precision)
     on_gpu = q.device.type == "cuda"
     smem_limit = _device.device_smem_limit(q.device) if on_gpu else None

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import click
 
 from .cli_db import CliError
-from .cli_tune import _MODES, _parse
+from .cli_tune import MASK_MODES, parse_option
 
 
 def _render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -152,9 +152,9 @@ def bench(seq_text: str, head_dim_text: str, dtype_text: str, mode: str, tokens:
     """Time the tuned kernel (through the dispatcher) against torch SDPA's backends over a sweep."""
     from .ranges import parse_dtypes, parse_head_dims, parse_seq_lens
 
-    seqs = _parse(parse_seq_lens, seq_text, "--seq")
-    dims = _parse(parse_head_dims, head_dim_text, "--head-dim")
-    dtypes = _parse(parse_dtypes, dtype_text, "--dtype")
+    seqs = parse_option(parse_seq_lens, seq_text, "--seq")
+    dims = parse_option(parse_head_dims, head_dim_text, "--head-dim")
+    dtypes = parse_option(parse_dtypes, dtype_text, "--dtype")
     if not (warmup_ms >= 0 and rep_ms > 0):
         raise CliError(f"--warmup-ms must be >= 0 and --rep-ms above 0, got {warmup_ms} and {rep_ms}")
     from kernel.bench import bench_shape, bench_shape_for, default_timer
@@ -164,7 +164,7 @@ def bench(seq_text: str, head_dim_text: str, dtype_text: str, mode: str, tokens:
     try:
         chosen = select_providers(providers)
         shapes = [bench_shape_for(n, d, dt, c, tokens=tokens, hidden=hidden, batch=batch, heads=heads)
-                  for d in dims for dt in dtypes for c in _MODES[mode if isinstance(mode, str) else "both"] for n in seqs]
+                  for d in dims for dt in dtypes for c in MASK_MODES[mode if isinstance(mode, str) else "both"] for n in seqs]
     except ValueError as error:
         raise CliError(str(error)) from None
     device = _device()
@@ -405,7 +405,7 @@ def doctor(db_url: str | None, no_run: bool, as_json: bool) -> None:
     from db.paths import parse_url
 
     if db_url is not None:
-        backend = _parse(parse_url, db_url, "--db").get_backend_name()
+        backend = parse_option(parse_url, db_url, "--db").get_backend_name()
         if backend not in ("sqlite", "postgresql"):
             raise CliError(f"--db: unsupported database URL {db_url!r}: expected sqlite:///PATH or "
                            "postgresql+psycopg://USER@HOST[:PORT]/DBNAME")

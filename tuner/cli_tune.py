@@ -23,10 +23,12 @@ from db.types import Key
 
 from .cli_db import CliError
 
-_MODES = {"causal": (True,), "full": (False,), "both": (False, True)}
+# --causal / --no-causal / --both: which masks a command covers.
+MASK_MODES = {"causal": (True,), "full": (False,), "both": (False, True)}
 
 
-def _parse(func: Any, text: str, option: str) -> Any:
+def parse_option(func: Any, text: str, option: str) -> Any:
+    """`func(text)`, its ValueError turned into the CLI's one-line error naming `option`."""
     try:
         return func(text)
     except ValueError as error:
@@ -188,15 +190,15 @@ def tune(arch: str | None, seq_text: str, head_dim_text: str, dtype_text: str, m
 
     from .ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
 
-    seq_lens = _parse(parse_seq_lens, seq_text, "--seq")
-    head_dims = _parse(parse_head_dims, head_dim_text, "--head-dim")
-    dtypes = _parse(parse_dtypes, dtype_text, "--dtype")
-    budget = _parse(parse_duration, budget_text, "--budget") if budget_text is not None else None
-    trial_timeout = _parse(parse_duration, timeout_text, "--trial-timeout")
+    seq_lens = parse_option(parse_seq_lens, seq_text, "--seq")
+    head_dims = parse_option(parse_head_dims, head_dim_text, "--head-dim")
+    dtypes = parse_option(parse_dtypes, dtype_text, "--dtype")
+    budget = parse_option(parse_duration, budget_text, "--budget") if budget_text is not None else None
+    trial_timeout = parse_option(parse_duration, timeout_text, "--trial-timeout")
     batch_heads = _positive_int(batch_heads_text, "--batch-heads")
     threads = _positive_int(threads_text, "--compile-threads") or min(16, os.cpu_count() or 1)
-    arch = _parse(normalize_arch, arch, "--arch") if arch is not None else None
-    causals = _MODES[mode if isinstance(mode, str) else "both"]
+    arch = parse_option(normalize_arch, arch, "--arch") if arch is not None else None
+    causals = MASK_MODES[mode if isinstance(mode, str) else "both"]
 
     def keys_for(target: str) -> list[Key]:
         return [Key(target, "fwd", n, d, dt, c) for d in head_dims for dt in dtypes for c in causals
