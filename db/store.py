@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
 from .arch import normalize_arch
@@ -235,7 +236,10 @@ def _sqlite_engine(url: str, create: bool, timeout_s: float) -> Engine:
     else:
         # A pooled connection stays open between writes: closing the last connection of a WAL
         # database checkpoints and deletes the WAL, which would make every commit cost an fsync.
-        engine = create_engine(url, connect_args={"timeout": timeout_s})
+        parsed = parse_url(url)
+        if parsed.database and parsed.database.startswith("~"):
+            parsed = parsed.set(database=str(path))  # open the file the checks above looked at
+        engine = create_engine(parsed, connect_args={"timeout": timeout_s})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -293,13 +297,16 @@ def _pg_engine(url: str, timeout_s: float) -> Engine:
 
 
 def _make_engine(url: str, create: bool, timeout_s: float) -> Engine:
-    backend = parse_url(url).get_backend_name()
-    if backend == "sqlite":
-        return _sqlite_engine(url, create, timeout_s)
-    if backend == "postgresql":
-        return _pg_engine(url, timeout_s)
-    raise ValueError(f"unsupported database URL {mask_url(url)!r}: expected sqlite:///PATH or "
-                     f"postgresql+psycopg://USER@HOST[:PORT]/DBNAME")
+    expected = "expected sqlite:///PATH or postgresql+psycopg://USER@HOST[:PORT]/DBNAME"
+    try:
+        backend = parse_url(url).get_backend_name()
+        if backend == "sqlite":
+            return _sqlite_engine(url, create, timeout_s)
+        if backend == "postgresql":
+            return _pg_engine(url, timeout_s)
+    except ArgumentError as exc:  # an unknown driver name, e.g. postgresql+foo://
+        raise ValueError(f"unsupported database URL {mask_url(url)!r} ({exc}); {expected}") from None
+    raise ValueError(f"unsupported database URL {mask_url(url)!r}: {expected}")
 
 
 def _upsert(dialect: str) -> Callable[..., Any]:

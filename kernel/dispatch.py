@@ -110,6 +110,7 @@ class _Table:
     groups: dict[_GroupKey, tuple[tuple[int, int, "Winner"], ...]]
     override: Config | None
     info: LoadInfo
+    url: str | None = None  # what reload() was given (None: FLASHTUNE_DB or the default file)
     memo: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
 
 
@@ -194,7 +195,9 @@ def _load(url: str | None, archs: Iterable[str] | None, previous: _Table | None)
     else:
         log.info("flashtune: %s", info.message)
     info = LoadInfo(info.url, info.archs, info.winners, info.ok, info.message, override)
-    return _build_table(winners, override, info)
+    table = _build_table(winners, override, info)
+    table.url = url
+    return table
 
 
 _lock = threading.Lock()
@@ -219,6 +222,16 @@ def reload(url: str | None = None, archs: Iterable[str] | None = None) -> LoadIn
 def info() -> LoadInfo:
     """What the current table was loaded from."""
     return _table.info
+
+
+def _table_for(arch: str) -> _Table:
+    """The loaded table when it covers `arch`; else that arch's winners read now, for planning calls
+    (`explain(arch=...)`, `lookup`) about a GPU that is not here. Never on the hot path, and the
+    runtime table is left as it is."""
+    table = _table
+    if arch in table.info.archs:
+        return table
+    return _load(table.url, (arch,), None)
 
 
 # --- resolution -----------------------------------------------------------------------------
@@ -291,7 +304,7 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     """
     key = Key(arch, OP, seq_len, head_dim, dtype, causal, seq_len_kv=seq_len_kv or seq_len)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
-    return _resolve(_table, key.arch, limit, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
+    return _resolve(_table_for(key.arch), key.arch, limit, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
                     key.causal)
 
 
@@ -379,5 +392,6 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     causal = bool(is_causal)
     if arch is not None:
         name, limit = _arch_limit(arch)
-        return _resolve(_table, name, limit, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype, causal)
+        return _resolve(_table_for(name), name, limit, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
+                        causal)
     return _choose(_table, q.device, shape, causal)

@@ -49,6 +49,9 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout is not torch.strided or t.is_nested:
+            raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs "
+                            "dense (strided) tensors")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPE_NAMES:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from db import schema
 from db.errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError, StoreError
-from db.store import Store, TrialRecord, Winner, load_winners, migrate_database
+from db.store import RunInfo, Store, TrialRecord, Winner, load_winners, migrate_database
 from db.types import Config
 
 from db_fixtures import (CFG_A, CFG_B, CFG_C, db_url, file_digest, key, pg_url,  # noqa: F401
@@ -405,3 +405,11 @@ def test_invalid_stored_values_are_reported_as_corrupt(db_url: str) -> None:
             conn.execute(text("UPDATE flashtune_winners SET block_m = 48 WHERE seq_len = 512"))
     with pytest.raises(DatabaseCorruptError, match=r"row \d+ of flashtune_winners .*block_m=48"):
         load_winners(["sm_90"], db_url)
+
+
+def test_tilde_in_a_sqlite_url_is_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with Store.open("sqlite:///~/sub/ft.db") as store:
+        store.start_run(RunInfo("GPU", "sm_90", 1, 1, "", "", "", "", "k", "h", {}))
+    assert (tmp_path / "sub" / "ft.db").exists() and not (tmp_path / "~").exists()

@@ -141,6 +141,7 @@ def _like(q: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
                       _like(q, 2, 24)), ValueError, "unsupported head dim 24"),
     (lambda q, k, v: (_like(q, 3, 32), k, v), ValueError, "multiple of key/value heads"),
     (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty"),
+    (lambda q, k, v: (q.to_sparse(), k, v), TypeError, "dense"),
 ])
 def test_bad_inputs_raise_named_errors(mutate, exc, words, kernel_device):
     q, k, v = mutate(*_good(kernel_device))

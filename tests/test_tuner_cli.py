@@ -1,6 +1,8 @@
 """The `tune` command: --dry-run, bad input, and a whole run on a stand-in GPU with a cost-model bench."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -89,11 +91,13 @@ def test_arch_other_than_the_gpu_is_an_error(stand_in_gpu, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.db").exists()
 
 
-@pytest.mark.parametrize("where", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("where", ["postgresql", "sqlite", "mysql", "unknown-driver"])
 def test_unreachable_db_is_one_line_and_exit_2(stand_in_gpu, tmp_path, where):
     (tmp_path / "a-file").write_text("not a directory")
-    url = ("postgresql+psycopg://nobody@127.0.0.1:1/none" if where == "postgresql"
-           else f"sqlite:///{tmp_path / 'a-file' / 'x.db'}")
+    url = {"postgresql": "postgresql+psycopg://nobody@127.0.0.1:1/none",
+           "sqlite": f"sqlite:///{tmp_path / 'a-file' / 'x.db'}",
+           "mysql": "mysql://u@h/d",
+           "unknown-driver": "postgresql+nodriver://u@h/d"}[where]
     result = run("--db", url, "--seq", "128")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
@@ -117,3 +121,11 @@ def test_tune_stores_winners_and_resumes(stand_in_gpu, tmp_path):
         assert len(store.trials()) == count
     table = run(*args[:-1])
     assert "geomean speed-up" in table.output and str(stand_in_gpu) in table.output
+
+
+def test_gpu_of_an_unknown_arch_is_one_line_and_exit_2(stand_in_gpu, monkeypatch, tmp_path):
+    monkeypatch.setattr(tuner.gpu, "detect_gpu", lambda index=0: dataclasses.replace(H200, name="Future GPU",
+                                                                                     arch="sm_103"))
+    result = run("--db", f"sqlite:///{tmp_path / 'x.db'}", "--seq", "128")
+    assert result.exit_code == 2 and "sm_103" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.db").exists()

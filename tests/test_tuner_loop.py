@@ -196,3 +196,36 @@ def test_winner_comes_only_from_the_careful_pass(store):
                     default=lambda k: x, batch_heads=lambda k: 8,
                     settings=TuneSettings(prune_ratio=1.5, careful_top=2)).run([key])
     assert bench.calls == [] and again.complete and again.winner.config == y
+
+
+def test_default_is_timed_carefully_even_when_the_first_pass_would_drop_it(store):
+    fast, slow_default = Config(128, 64, 4, 3), Config(64, 32, 4, 2)
+    times = {fast: (1.0, 1.0), slow_default: (2.0, 2.5)}  # default: 2x in the first pass, 2.5x careful
+    keys = [Key(ARCH, "fwd", n, 64, "float16", False) for n in (1024, 2048)]
+    bench = FunctionBench(lambda k, c, careful: times[c][1 if careful else 0] * k.seq_len / 1024)
+    tuner = Tuner(store, start(store), bench, kernel_version=KV, gpu_name=GPU, space=lambda k: list(times),
+                  default=lambda k: slow_default, batch_heads=lambda k: 8, settings=TuneSettings(prune_ratio=1.3))
+    results = tuner.run(keys)
+    for r in results:  # the second key is seeded with the first one's winner, which prunes the default
+        assert (r.key, slow_default, True) in bench.calls
+        assert r.speedup == pytest.approx(2.5)
+
+
+def test_a_finished_key_is_not_retimed_when_another_gpu_holds_its_winner(store):
+    key = Key(ARCH, "fwd", 1024, 64, "float16", False)
+    configs = [Config(128, 64, 4, 3), Config(64, 64, 4, 3)]
+    other_run = store.start_run(RunInfo("faster gpu", ARCH, 132, LIMIT, "1", "12.4", "3.6", "2.11", KV, "h2", {}))
+    other = Tuner(store, other_run, FunctionBench(lambda k, c, careful: 0.5), kernel_version=KV,
+                  gpu_name="faster gpu", space=lambda k: configs, default=lambda k: configs[0],
+                  batch_heads=lambda k: 8)
+    other.run([key])
+    for attempt in range(2):
+        bench = FunctionBench(lambda k, c, careful: 1.0)
+        [result] = Tuner(store, start(store), bench, kernel_version=KV, gpu_name=GPU, space=lambda k: configs,
+                         default=lambda k: configs[0], batch_heads=lambda k: 8).run([key])
+        assert (len(bench.calls) > 0) == (attempt == 0)  # measured once, then recognised as done
+        assert result.complete and not result.winner_stored
+        # First this run's own best (not stored: slower); then the stored winner it found.
+        assert result.winner.gpu_name == (GPU if attempt == 0 else "faster gpu")
+    [winner] = store.winners(ARCH)
+    assert winner.gpu_name == "faster gpu" and winner.median_ms == 0.5

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import click
 
+from db.arch import normalize_arch
 from db.store import Store, StoreError
 from db.types import Key
 
@@ -186,7 +187,6 @@ def tune(arch: str | None, seq_text: str, head_dim_text: str, dtype_text: str, m
          batch_heads_text: str | None, db_url: str | None, budget_text: str | None, dry_run: bool,
          as_json: bool, threads_text: str | None, timeout_text: str) -> None:
     """Find the fastest correct launch config per key on this GPU and store it."""
-    from db.arch import normalize_arch
 
     from .ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
 
@@ -227,13 +227,17 @@ def _tune(arch: str | None, keys_for: Any, batch_heads: int | None, db_url: str 
         gpu = detect_gpu()
     except NoGpuError as error:
         raise CliError(str(error)) from None
+    try:
+        normalize_arch(gpu.arch)
+    except ValueError as error:
+        raise CliError(f"{gpu.name} is {gpu.arch}: {error}") from None
     if arch is not None and arch != gpu.arch:
         raise CliError(f"--arch {arch} differs from the GPU present, {gpu.name} ({gpu.arch}); "
                        "tune on that GPU, or plan with --dry-run")
     keys = keys_for(gpu.arch)
     try:
         store = Store.open(db_url)
-    except StoreError as error:
+    except (StoreError, ValueError) as error:  # unreachable, corrupt, or a malformed/unsupported URL
         raise CliError(" ".join(str(error).split())) from None
     space_cache: dict[tuple[int, str], list[Any]] = {}
 
@@ -255,6 +259,7 @@ def _tune(arch: str | None, keys_for: Any, batch_heads: int | None, db_url: str 
     previous = signal.signal(signal.SIGINT, on_sigint)
     started = time.monotonic()
     status = "failed"
+    run_id: int | None = None
     try:
         try:
             run_id = store.start_run(run_info(gpu, args))
@@ -267,12 +272,18 @@ def _tune(arch: str | None, keys_for: Any, batch_heads: int | None, db_url: str 
                       should_stop=lambda: stop["requested"])
         try:
             results = tuner.run(keys)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         except (WorkerError, StoreError) as error:
-            store.finish_run(run_id, "failed")
             raise CliError(" ".join(str(error).split())) from None
         status = tuner.stop_reason or "done"
-        store.finish_run(run_id, status)
     finally:
+        if run_id is not None:
+            try:
+                store.finish_run(run_id, status)
+            except StoreError as error:  # the run's trials are committed; only its end mark is lost
+                click.echo(f"could not mark run {run_id} {status}: {' '.join(str(error).split())}", err=True)
         signal.signal(signal.SIGINT, previous)
         bench.close()
         store.close()

@@ -181,7 +181,7 @@ class Tuner:
         todo = [c for c in candidates if c not in stored]
         result.skipped = len(candidates) - len(todo)
         if not todo and self._winner(key) is not None:
-            return self._finish_key(result, stored, timed=None)  # finished by an earlier run
+            return self._finish_key(result, stored, timed=None, finished=True)  # an earlier run did it all
         # First-pass times of an earlier, interrupted run of this key compete with this run's.
         quick = {c: t.median_ms for c, t in stored.items() if t.outcome == "ok" and t.median_ms}
         best = min(quick.values(), default=math.inf)
@@ -191,14 +191,16 @@ class Tuner:
         # First pass: a few repetitions each; far slower than the best so far is final.
         for m in self.bench.measure(key, bh, todo, careful=False):
             self.progress.advance(key)
-            if m.outcome != "ok" or m.median_ms is None or m.median_ms > cutoff * best:
-                self._record(key, bh, m, result, stored)
-            else:
+            ok = m.outcome == "ok" and m.median_ms is not None
+            # The default always survives: the speed-up over it compares two careful timings.
+            if ok and (m.median_ms <= cutoff * best or m.config == result.default_config):
                 survivors[m.config] = m
                 quick[m.config] = m.median_ms
                 best = min(best, m.median_ms)
+            else:
+                self._record(key, bh, m, result, stored)
             if self._stop():
-                return self._finish_key(result, stored, timed=None)
+                return self._finish_key(result, stored, timed=None, finished=False)
 
         # The fastest few get a careful timing, all together, and so does the default so that the
         # speed-up compares like with like; the other survivors keep their first-pass time.
@@ -214,20 +216,22 @@ class Tuner:
             self.progress.advance(key)
             timed.append(self._record(key, bh, m, result, stored))
         if self._stop() and len(timed) < len(careful):
-            return self._finish_key(result, stored, timed=None)
-        return self._finish_key(result, stored, timed=timed)
+            return self._finish_key(result, stored, timed=None, finished=False)
+        return self._finish_key(result, stored, timed=timed, finished=True)
 
     def _winner(self, key: Key) -> Winner | None:
-        """The stored winner of `key` if this kernel version on this GPU measured it."""
+        """The stored winner of `key` for this kernel version. On a fleet database it may have been
+        measured on another GPU of the same arch: the store keeps the faster one, so a finished key
+        is not re-timed here just because another GPU's winner stands."""
         return next((w for w in self.store.winners(key.arch, op=key.op, dtype=key.dtype, head_dim=key.head_dim,
                                                    causal=key.causal)
-                     if w.key == key and w.kernel_version == self.kernel_version and w.gpu_name == self.gpu_name),
-                    None)
+                     if w.key == key and w.kernel_version == self.kernel_version), None)
 
     def _finish_key(self, result: KeyResult, stored: dict[Config, TrialRecord], *,
-                    timed: list[TrialRecord] | None) -> KeyResult:
+                    timed: list[TrialRecord] | None, finished: bool) -> KeyResult:
         """Close a key. `timed`: this run's careful trials, from which alone a winner is named (their
-        times were taken side by side); None when the key stopped early or an earlier run finished it."""
+        times were taken side by side); None when the key stopped early or an earlier run finished it.
+        `finished`: every candidate has its final time."""
         default = stored.get(result.default_config)
         if default is not None and default.outcome == "ok":
             result.default_ms = default.median_ms
@@ -239,7 +243,7 @@ class Tuner:
                 result.winner_stored = self.store.offer_winner(result.winner)
             return result
         winner = self._winner(result.key)
-        result.complete = winner is not None
-        if winner is not None:
-            result.winner = next((t for t in stored.values() if t.id == winner.trial_id), None)
+        result.complete = finished and winner is not None
+        if winner is not None and winner.trial_id is not None:
+            result.winner = next((t for t in self.store.trials(result.key) if t.id == winner.trial_id), None)
         return result
