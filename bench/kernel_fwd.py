@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from db.arch import estimate_smem  # noqa: E402
 from db.types import Config  # noqa: E402
+from kernel.bench_csv import attention_flops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -106,7 +107,7 @@ def main() -> None:
         b, h = 16384 // n, 2048 // d
         gen = torch.Generator(device="cuda").manual_seed(n * d)
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dt], generator=gen) for _ in range(3))
-        flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+        flops = attention_flops(b * h, n, n, d, causal)
         tflops = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
         shape = check_inputs(q, k, v)
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)

@@ -33,6 +33,12 @@ COLUMNS: tuple[str, ...] = (
 _REQUIRED = tuple(c for c in COLUMNS if not c.startswith(SPEEDUP_PREFIX) and c not in ("note", "gpu"))
 
 
+def attention_flops(batch_heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of attention: 4·B·H·Nq·Nk·D, half when causal."""
+    flops = 4.0 * batch_heads * seq_q * seq_k * head_dim
+    return flops / 2 if causal else flops
+
+
 @dataclass(frozen=True)
 class BenchShape:
     """One benchmarked problem: (batch, heads, seq_len, head_dim) inputs of one dtype, causal or not."""
@@ -47,8 +53,7 @@ class BenchShape:
     @property
     def flops(self) -> float:
         """Forward FLOPs: 4·B·H·N²·D, half when causal."""
-        flops = 4.0 * self.batch * self.heads * self.seq_len * self.seq_len * self.head_dim
-        return flops / 2 if self.causal else flops
+        return attention_flops(self.batch * self.heads, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
     def throughput(self, ms: float) -> float:
         """TFLOP/s of one call that took `ms` milliseconds."""

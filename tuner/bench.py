@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 
 from db.types import Config, Key
+from kernel.bench import fp32_reference, output_errors
+from kernel.bench_csv import attention_flops as kernel_attention_flops
 from kernel.launch import AttnShape, check_inputs, launch
 
 from .measure import Measurement
@@ -47,8 +47,7 @@ def fill_batch_heads(seq_len: int, sm_count: int) -> int:
 
 def attention_flops(key: Key, batch_heads: int) -> float:
     """Forward FLOPs: 4·B·H·Nq·Nk·D, half when causal."""
-    flops = 4.0 * batch_heads * key.seq_len * key.seq_len_kv * key.head_dim
-    return flops / 2 if key.causal else flops
+    return kernel_attention_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
 
 
 def tflops(key: Key, batch_heads: int, ms: float) -> float:
@@ -72,10 +71,7 @@ def classify_compile_error(error: BaseException) -> str:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in fp32; inf when `out` has a NaN or inf."""
-    out32 = out.float()
-    if not torch.isfinite(out32).all():
-        return math.inf
-    return float(torch.linalg.vector_norm(out32 - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    return output_errors(out, ref)[1]
 
 
 def _split(batch_heads: int) -> tuple[int, int]:
@@ -107,10 +103,8 @@ class KeyInputs:
             return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
 
         q, k, v = draw(key.seq_len), draw(key.seq_len_kv), draw(key.seq_len_kv)
-        scale = 1.0 / math.sqrt(key.head_dim)
-        with sdpa_kernel(SDPBackend.MATH):
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=key.causal,
-                                                 scale=scale)
+        scale = 1.0 / math.sqrt(key.head_dim)  # fp32_reference uses SDPA's default, the same
+        ref = fp32_reference(q, k, v, key.causal)
         return cls(key, batch_heads, q, k, v, check_inputs(q, k, v), scale, ref)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
