@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import sqlalchemy  # noqa: E402
 from sqlalchemy import create_engine, insert  # noqa: E402
 
-from db.arch import ARCH_SMEM, fits  # noqa: E402
-from db.models import RunRow, TrialRow, WinnerRow  # noqa: E402
-from db.store import RunInfo, Store, load_winners  # noqa: E402
-from db.types import DTYPES, HEAD_DIMS, OPS, Config, Key  # noqa: E402
+from flashtune.db.arch import ARCH_SMEM
+from flashtune.db.smem import fits  # noqa: E402
+from flashtune.db.models import RunRow, TrialRow, WinnerRow  # noqa: E402
+from flashtune.db.store import RunInfo, Store, load_winners  # noqa: E402
+from flashtune.db.types import DTYPES, HEAD_DIMS, OPS, Config, Key  # noqa: E402
 
 LOAD_TARGET_MS = 50.0
 INSERT_TARGET_PER_S = 1000.0
@@ -48,7 +48,7 @@ CANDIDATES = [Config(m, n, w, s) for m, n, w, s in
 CHILD = r"""
 import sys, time
 t0 = time.perf_counter()
-from db.store import load_winners
+from flashtune.db.store import load_winners
 t1 = time.perf_counter()
 winners = load_winners([sys.argv[2]], sys.argv[1])
 t2 = time.perf_counter()

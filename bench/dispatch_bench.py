@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from db.types import Key  # noqa: E402
+from flashtune.db.types import Key  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGET_US = 5.0
@@ -53,8 +52,8 @@ def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
     """Part (a): µs per call of each way to run the tiny shape, medians over interleaved repeats."""
     import torch.nn.functional as F
 
-    from kernel import attention, dispatch
-    from kernel.launch import check_inputs, launch
+    from flashtune.kernel import attention, dispatch
+    from flashtune.kernel.launch import check_inputs, launch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
@@ -94,11 +93,11 @@ def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
 
 def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
     """Part (b): attention() vs the stored winner launched by hand over the 48-key grid."""
-    from db.store import StoreError, load_winners
-    from kernel import attention, dispatch
-    from kernel.defaults import default_config
-    from kernel.device import device_arch, device_smem_limit
-    from kernel.launch import check_inputs, launch
+    from flashtune.db.store import StoreError, load_winners
+    from flashtune.kernel import attention, dispatch
+    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.device import device_arch, device_smem_limit
+    from flashtune.kernel.launch import check_inputs, launch
 
     arch = device_arch(0)
     try:
@@ -168,9 +167,9 @@ def main() -> None:
 
     import triton
 
-    from kernel import dispatch
-    from kernel.device import device_name
-    from kernel.version import KERNEL_VERSION
+    from flashtune.kernel import dispatch
+    from flashtune.kernel.device import device_name
+    from flashtune.kernel.version import KERNEL_VERSION
 
     info = dispatch.reload(args.db) if args.db else dispatch.info()
     print(f"dispatcher: {info.message}", flush=True)

@@ -22,13 +22,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from db.arch import estimate_smem  # noqa: E402
-from db.types import Config  # noqa: E402
-from kernel.bench_csv import attention_flops  # noqa: E402
+from flashtune.db.smem import estimate_smem  # noqa: E402
+from flashtune.db.types import Config  # noqa: E402
+from flashtune.kernel.reference import attention_flops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +43,7 @@ def hand_grid() -> list[Config]:
 
 def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, float]:
     """Compile (and run once on a tiny input) one config; returns (config text, error, seconds)."""
-    from kernel.launch import check_inputs, launch
+    from flashtune.kernel.launch import check_inputs, launch
 
     text, d, dtype, causal = job
     config = Config.parse(text)
@@ -75,10 +74,10 @@ def main() -> None:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernel.defaults import default_config
-    from kernel.device import device_arch, device_name, device_smem_limit
-    from kernel.launch import check_inputs, launch
-    from kernel.version import KERNEL_VERSION
+    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.device import device_arch, device_name, device_smem_limit
+    from flashtune.kernel.launch import check_inputs, launch
+    from flashtune.kernel.version import KERNEL_VERSION
 
     seqs = [int(x) for x in args.seq.split(",")]
     dims = [int(x) for x in args.head_dim.split(",")]

@@ -19,17 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from db.store import Store  # noqa: E402
-from db.types import Key  # noqa: E402
-from kernel.defaults import default_config  # noqa: E402
-from kernel.version import KERNEL_VERSION  # noqa: E402
-from tuner.bench import fill_batch_heads  # noqa: E402
-from tuner.gpu import detect_gpu, run_info  # noqa: E402
-from tuner.loop import Tuner, TuneSettings  # noqa: E402
-from tuner.space import candidates  # noqa: E402
-from tuner.worker import WorkerBench  # noqa: E402
+from flashtune.db.store import Store  # noqa: E402
+from flashtune.db.types import Key  # noqa: E402
+from flashtune.kernel.defaults import default_config  # noqa: E402
+from flashtune.kernel.version import KERNEL_VERSION  # noqa: E402
+from flashtune.tuner.bench import fill_batch_heads  # noqa: E402
+from flashtune.tuner.gpu import detect_gpu, run_info  # noqa: E402
+from flashtune.tuner.loop import Tuner, TuneSettings  # noqa: E402
+from flashtune.tuner.space import candidates  # noqa: E402
+from flashtune.tuner.worker import WorkerBench  # noqa: E402
 
 # fp16 non-causal: bench/tuner_smem_report.py compiled these groups already, so Triton's cache has them.
 DEFAULT_KEYS = "512:64:fp16:full,2048:64:fp16:full,1024:128:fp16:full,4096:128:fp16:full"

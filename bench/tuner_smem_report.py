@@ -21,16 +21,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from db.arch import estimate_smem  # noqa: E402
-from db.types import Config, Key, normalize_dtype  # noqa: E402
-from tuner.bench import KeyInputs  # noqa: E402
-from tuner.gpu import detect_gpu  # noqa: E402
-from tuner.space import full_space  # noqa: E402
+from flashtune.db.smem import estimate_smem  # noqa: E402
+from flashtune.db.types import Config, Key, normalize_dtype  # noqa: E402
+from flashtune.tuner.bench import KeyInputs  # noqa: E402
+from flashtune.tuner.gpu import detect_gpu  # noqa: E402
+from flashtune.tuner.space import full_space  # noqa: E402
 
 
 def compile_one(inputs: KeyInputs, config: Config) -> tuple[int | None, str, float]:

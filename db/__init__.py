@@ -1,5 +1,6 @@
 """flashtune's config database: the shared key/config types, the store and the exchange file."""
-from .arch import ARCH_SMEM, estimate_smem, normalize_arch, smem_limit
+from .arch import ARCH_SMEM, normalize_arch, smem_limit
+from .smem import estimate_smem
 from .paths import default_url
 from .store import (DatabaseCorruptError, DatabaseUnavailableError, RunInfo, SchemaVersionError,
                     Store, StoreError, TrialRecord, Winner, load_winners, migrate_database)

@@ -1,4 +1,6 @@
-"""GPU architectures: shared-memory limits for planning, and the kernel's shared-memory model.
+"""GPU architectures: the known archs and their shared-memory limits for planning.
+
+A leaf module: it imports nothing of flashtune, so the key type and the shared-memory model can both use it.
 
 The per-block opt-in limits are what CUDA reports as `sharedMemPerBlockOptin` on each chip; on a
 real GPU the device's own figure wins (the tuner and the kernel read it from the device).
@@ -6,8 +8,6 @@ real GPU the device's own figure wins (the tuner and the kernel read it from the
 from __future__ import annotations
 
 import re
-
-from .types import DTYPE_BYTES, Config, normalize_dtype
 
 KB = 1024
 # Per-block opt-in shared memory, bytes.
@@ -43,46 +43,3 @@ def arch_from_capability(major: int, minor: int) -> str:
 def smem_limit(arch: str) -> int:
     """Planning limit in bytes for a known arch."""
     return ARCH_SMEM[normalize_arch(arch)]
-
-
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
-def _uses_wgmma(config: Config, arch: str) -> bool:
-    # Hopper's warpgroup MMA needs whole 64-row warpgroups; smaller query tiles take mma.sync.
-    return arch == "sm_90" and config.block_m % 64 == 0 and config.num_warps >= 4
-
-
-def estimate_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
-    """Estimated shared memory (bytes) of the forward kernel compiled with `config` for `arch`.
-
-    The model follows how Triton 3.x lays the kernel out: the Q tile is staged once; K and V tiles
-    are buffered by the software pipeline, `num_stages` deep on the wgmma path (sm_90) and
-    `num_stages - 1` deep on the mma.sync path, one tile when there is no pipelining; and on the
-    mma.sync path small query tiles convert P through a shared-memory scratch tile. It equals the
-    compiled kernels' own `metadata.shared` for every config measured (see README, "Shared memory").
-    `arch=None` gives the larger of the two paths, a safe bound for any GPU.
-    """
-    if arch is None:
-        return max(estimate_smem(config, head_dim, dtype, "sm_90"), estimate_smem(config, head_dim, dtype, "sm_80"))
-    elt = DTYPE_BYTES[normalize_dtype(dtype)]
-    d = _pow2_at_least(head_dim)
-    q_tile, kv_tile = config.block_m * d * elt, config.block_n * d * elt
-    wgmma = _uses_wgmma(config, arch)
-    if config.num_stages == 1:
-        buffers = 1
-    else:
-        buffers = 2 * (config.num_stages if wgmma else config.num_stages - 1)
-    scratch = 0
-    if not wgmma and (config.block_m < 64 or (config.block_m == 64 and d >= 128)):
-        scratch = config.block_m * config.block_n * elt
-    return q_tile + buffers * kv_tile + scratch
-
-
-def fits(config: Config, head_dim: int, dtype: str, limit_bytes: int, arch: str | None = None) -> bool:
-    """Whether the estimate fits a shared-memory limit."""
-    return estimate_smem(config, head_dim, dtype, arch) <= limit_bytes

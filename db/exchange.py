@@ -17,7 +17,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from .arch import ARCH_SMEM, estimate_smem, normalize_arch
+from .arch import ARCH_SMEM, normalize_arch
+from .smem import estimate_smem
 from .models import utcnow
 from .schema import SCHEMA_VERSION
 from .store import Store, Winner

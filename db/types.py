@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+from .arch import normalize_arch
+
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_ALIASES: dict[str, str] = {
@@ -149,8 +151,6 @@ class Key:
     seq_len_kv: int = 0  # 0 means "same as seq_len"; normalised in __post_init__
 
     def __post_init__(self) -> None:
-        from .arch import normalize_arch  # local: arch imports this module
-
         object.__setattr__(self, "arch", normalize_arch(self.arch))
         object.__setattr__(self, "op", normalize_op(self.op))
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))

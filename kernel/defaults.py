@@ -1,8 +1,9 @@
 """The config a call gets when nothing was tuned for its key: safe first, reasonable second."""
 from __future__ import annotations
 
-from db.arch import ARCH_SMEM, estimate_smem, normalize_arch
-from db.types import Config, normalize_dtype
+from ..db.arch import ARCH_SMEM, normalize_arch
+from ..db.smem import estimate_smem
+from ..db.types import Config, normalize_dtype
 
 # Ordered from the best general-purpose choice to the smallest tile; the first one whose estimated
 # shared memory fits the GPU wins. The larger tiles need Ampere-class shared memory.

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from db.arch import arch_from_capability
+from ..db.arch import arch_from_capability
 
 # Under the Triton interpreter kernels run on CPU tensors (tests, debugging).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from db.arch import ARCH_SMEM, estimate_smem, normalize_arch
-from db.types import Config, Key
+from ..db.arch import ARCH_SMEM, normalize_arch
+from ..db.smem import estimate_smem
+from ..db.types import Config, Key
 
 from .defaults import default_config
 from .device import device_arch, device_smem_limit
@@ -39,7 +40,7 @@ from .launch import AttnShape, check_scale, check_inputs
 from .version import KERNEL_VERSION
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
-    from db.store import Winner
+    from ..db.store import Winner
 
 __all__ = ["CONFIG_ENV_VAR", "Choice", "DispatchWarning", "INTERPRETER_ARCH", "LoadInfo", "Plan", "explain",
            "info", "lookup", "plan", "reload", "visible_archs"]
@@ -151,8 +152,8 @@ def _read_winners(url: str | None, archs: tuple[str, ...]) -> tuple[list["Winner
         return [], LoadInfo(None, archs, 0, True, "no CUDA GPU visible: nothing loaded, defaults apply")
     where: str | None = None  # the masked URL, once known: a password never reaches a message
     try:
-        from db.paths import default_sqlite_path, default_url, mask_url
-        from db.store import StoreError, load_winners
+        from ..db.paths import default_sqlite_path, default_url, mask_url
+        from ..db.store import StoreError, load_winners
 
         if url is None and not os.environ.get(DB_ENV_VAR, "").strip():
             path = default_sqlite_path()

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import triton
 
-from db.arch import estimate_smem
-from db.types import HEAD_DIMS, Config
+from ..db.smem import estimate_smem
+from ..db.types import HEAD_DIMS, Config
 
 from . import device as _device
 from .defaults import default_config
@@ -88,7 +88,7 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
 def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: str | None = None) -> None:
     """Raise if `config` is not a Config or its estimated shared memory on `arch` exceeds `smem_limit`."""
     if not isinstance(config, Config):
-        raise TypeError(f"config must be a db.types.Config, got {type(config).__name__}")
+        raise TypeError(f"config must be a flashtune.db.types.Config, got {type(config).__name__}")
     if smem_limit is not None:
         need = estimate_smem(config, shape.head_dim, shape.dtype, arch)
         if need > smem_limit:

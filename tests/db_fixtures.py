@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from db.store import RunInfo, Store
-from db.types import Config, Key
+from flashtune.db.store import RunInfo, Store
+from flashtune.db.types import Config, Key
 
 PG_ENV = "FLASHTUNE_TEST_PG_URL"
 PG_SKIP_REASON = f"{PG_ENV} is not set (CI sets it to the PostgreSQL server at 127.0.0.1:5432)"

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernel
-from kernel import attention
-from kernel.reference import attention_reference
+from flashtune import kernel
+from flashtune.kernel import attention
+from flashtune.kernel.reference import attention_reference
 from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_tensors_the_kernel_rejects_fall_back_only_when_asked() -> None:
 def test_cpu_tensors_outside_the_interpreter() -> None:
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
-        from kernel import attention
+        from flashtune.kernel import attention
         q = torch.randn(1, 2, 8, 16)
         try:
             attention(q, q, q)

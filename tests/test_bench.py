@@ -1,4 +1,4 @@
-"""`kernel.bench` and `flashtune bench`: shapes, row assembly with an injected timer, errors, the CSV schema.
+"""`flashtune.tuner.benchmarking.run` and `flashtune bench`: shapes, row assembly with an injected timer, errors, the CSV schema.
 
 On a machine without CUDA the kernel runs under the Triton interpreter on tiny shapes (conftest sets
 TRITON_INTERPRET=1); the SDPA flash/efficient/cuDNN providers are then skipped rows.
@@ -16,12 +16,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kernel.bench import (BenchShape, bench_shape, bench_shape_for, fp32_reference, main, output_errors,
+from flashtune.tuner.benchmarking.run import (BenchShape, bench_shape, bench_shape_for, fp32_reference, main, output_errors,
                           with_speedups)
-from kernel.bench_csv import BASELINES, COLUMNS, BenchRow, read_csv, write_csv
-from kernel.providers import PROVIDERS, select_providers
-from kernel.reference import attention_reference
-from tuner.cli import main as cli
+from flashtune.tuner.benchmarking.results import BASELINES, COLUMNS, BenchRow, read_csv, write_csv
+from flashtune.tuner.benchmarking.providers import PROVIDERS, select_providers
+from flashtune.kernel.reference import attention_reference
+from flashtune.tuner.cli import main as cli
 from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_kernel_bench_module_bad_input_exits_2(capsys):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without CUDA")
 def test_kernel_bench_module_needs_a_gpu_without_the_interpreter():
     env = repo_env(drop=("TRITON_INTERPRET",))
-    done = subprocess.run([sys.executable, "-m", "kernel.bench", "--seq", "64"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "flashtune.tuner.benchmarking.run", "--seq", "64"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
     assert done.returncode == 2
     assert "needs a CUDA GPU" in done.stderr

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from db_fixtures import populate, sqlite_url  # noqa: F401  (sqlite_url is a fixture)
-from db.store import Store
-from kernel.version import KERNEL_VERSION
-from tuner.cli import main as cli
-from tuner.ncu import KERNEL_NAME, find_ncu, ncu_command, parse_raw_csv, summarize
+from flashtune.db.store import Store
+from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.tuner.cli import main as cli
+from flashtune.tuner.benchmarking.ncu import KERNEL_NAME, find_ncu, ncu_command, parse_raw_csv, summarize
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -90,19 +90,19 @@ def test_profile_dry_run_prints_the_ncu_command():
                  "--launch-skip 0 --launch-count 1", "--set full", "-o out/prof"):
         assert part in joined
     tail = command[command.index("-m"):]
-    assert tail == ["-m", "tuner.cli", "profile", "--seq", "4096", "--head-dim", "128", "--dtype", "float16",
+    assert tail == ["-m", "flashtune.tuner.cli", "profile", "--seq", "4096", "--head-dim", "128", "--dtype", "float16",
                     "--causal", "--batch", "4", "--heads", "16", "--warmup", "7"]
 
 
 def test_the_kernel_name_filter_matches_the_triton_kernel():
-    from kernel.fwd import attn_fwd_kernel
+    from flashtune.kernel.fwd import attn_fwd_kernel
 
     assert attn_fwd_kernel.fn.__name__ == KERNEL_NAME
 
 
 def test_ncu_command_reruns_profile_without_run_ncu():
     command = ncu_command(["--seq", "128"], report="r", ncu="/opt/ncu", python="py")
-    assert command[:1] == ["/opt/ncu"] and command[-6:] == ["py", "-m", "tuner.cli", "profile", "--seq", "128"]
+    assert command[:1] == ["/opt/ncu"] and command[-6:] == ["py", "-m", "flashtune.tuner.cli", "profile", "--seq", "128"]
     assert "--run-ncu" not in command
 
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
-from db import exchange
-from db.store import Store
-from tuner import cli_db
+from flashtune.db import exchange
+from flashtune.db.store import Store
+from flashtune.tuner.cli import db as cli_db
 
 from db_fixtures import (CFG_B, db_url, file_digest, pg_url, populate,  # noqa: F401
                          snapshot)
@@ -185,10 +185,10 @@ def test_db_migrate_and_vacuum(db_url: str) -> None:
 
 def test_real_entry_point_and_no_gpu_imports(tmp_path: Path) -> None:
     env = repo_env(FLASHTUNE_DB=f"sqlite:///{tmp_path}/none.db")
-    probe = ("import sys, db, db.exchange, tuner.cli_db; "
+    probe = ("import sys, db, db.exchange, flashtune.tuner.cli.db; "
              "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    result = subprocess.run([sys.executable, "-m", "tuner", "show"], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "flashtune.tuner.cli", "show"], env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "no file at" in result.stderr
     assert not (tmp_path / "none.db").exists()

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from db.store import Store
-from db.types import Config
+from flashtune.db.store import Store
+from flashtune.db.types import Config
 
 from db_fixtures import db_url, pg_url  # noqa: F401
 from subproc import repo_env
@@ -19,8 +19,8 @@ from subproc import repo_env
 # committed when the parent reads it), and every trial offered as a winner.
 WRITER = r"""
 import sys, time
-from db.store import RunInfo, Store
-from db.types import Config, Key
+from flashtune.db.store import RunInfo, Store
+from flashtune.db.types import Config, Key
 url, tag, count, start, offset = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 with Store.open(url) as store:
     run = store.start_run(RunInfo("GPU", "sm_90", 132, 232448, "d", "c", "t", "p", "k1", tag, {}))

@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import pytest
 
-from db import exchange
-from db.exchange import ExchangeFileError, import_file, read_document
-from db.store import Store, Winner
-from db.types import Config
+from flashtune.db import exchange
+from flashtune.db.exchange import ExchangeFileError, import_file, read_document
+from flashtune.db.store import Store, Winner
+from flashtune.db.types import Config
 
 from db_fixtures import (CFG_A, CFG_B, CFG_C, aware, db_url, key, pg_url,  # noqa: F401
                          populate, run_info, snapshot)

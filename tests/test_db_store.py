@@ -12,10 +12,10 @@ import sys
 import pytest
 from sqlalchemy import text
 
-from db import schema
-from db.errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError, StoreError
-from db.store import RunInfo, Store, TrialRecord, Winner, load_winners, migrate_database
-from db.types import Config
+from flashtune.db import schema
+from flashtune.db.errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError, StoreError
+from flashtune.db.store import RunInfo, Store, TrialRecord, Winner, load_winners, migrate_database
+from flashtune.db.types import Config
 
 from db_fixtures import (CFG_A, CFG_B, CFG_C, db_url, file_digest, key, pg_url,  # noqa: F401
                          populate, run_info, snapshot, sqlite_url)
@@ -181,7 +181,7 @@ def test_open_without_create_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_default_url_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from db.paths import default_url
+    from flashtune.db.paths import default_url
 
     monkeypatch.setenv("FLASHTUNE_DB", f"sqlite:///{tmp_path}/env.db")
     assert default_url() == f"sqlite:///{tmp_path}/env.db"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from db.arch import estimate_smem
-from db.types import Config
-from kernel import dispatch
-from kernel.defaults import default_config
-from kernel.version import KERNEL_VERSION
+from flashtune.db.smem import estimate_smem
+from flashtune.db.types import Config
+from flashtune.kernel import dispatch
+from flashtune.kernel.defaults import default_config
+from flashtune.kernel.version import KERNEL_VERSION
 from test_dispatch_db import build_db, key, restore_table  # noqa: F401  (restore_table is a fixture)
 
 C128, C512, C2048 = Config(32, 32, 4, 1), Config(64, 32, 4, 2), Config(128, 64, 8, 3)
@@ -180,7 +180,7 @@ def _audit(event: str, args: tuple) -> None:
 
 def test_steady_state_calls_touch_no_file_or_database(tuned: str) -> None:
     global _AUDIT
-    from kernel import attention
+    from flashtune.kernel import attention
 
     q = torch.randn(1, 2, 24, 16, device=DEVICE)
     attention(q, q, q, is_causal=True)  # warm: plan and (on a GPU) compile

@@ -14,10 +14,10 @@ import pytest
 import torch
 from db_fixtures import db_url, pg_url, run_info  # noqa: F401  (fixtures)
 
-from db.store import Store
-from db.types import Config, Key
-from kernel import dispatch
-from kernel.version import KERNEL_VERSION
+from flashtune.db.store import Store
+from flashtune.db.types import Config, Key
+from flashtune.kernel import dispatch
+from flashtune.kernel.version import KERNEL_VERSION
 from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,8 +158,8 @@ def _import_kernel(env_db: str, code: str = "") -> subprocess.CompletedProcess[s
     script = textwrap.dedent("""
         import os, warnings
         warnings.simplefilter("always")
-        import kernel
-        from kernel import attention, dispatch
+        import flashtune.kernel
+        from flashtune.kernel import attention, dispatch
         print("IMPORTED", dispatch.info().ok)
     """) + textwrap.dedent(code)
     # No GPU: the child runs on the CPU under the interpreter.

@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from db.arch import estimate_smem
-from db.types import Config, Key
-from kernel import attention, dispatch
-from kernel.device import device_arch, device_smem_limit
-from kernel.launch import check_inputs, launch
-from kernel.reference import attention_reference
-from kernel.version import KERNEL_VERSION
+from flashtune.db.smem import estimate_smem
+from flashtune.db.types import Config, Key
+from flashtune.kernel import attention, dispatch
+from flashtune.kernel.device import device_arch, device_smem_limit
+from flashtune.kernel.launch import check_inputs, launch
+from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.version import KERNEL_VERSION
 from test_dispatch_db import REPO, build_db, restore_table  # noqa: F401  (restore_table is a fixture)
 from subproc import repo_env
 
@@ -231,7 +231,7 @@ def test_import_loads_the_visible_archs_once(tmp_path: Path) -> None:
         events = []
         sys.addaudithook(lambda e, a: events.append(e) if e == "sqlite3.connect" else None)
         import torch
-        from kernel import attention, dispatch
+        from flashtune.kernel import attention, dispatch
         info = dispatch.info()
         print("LOADED", info.ok, info.winners, info.archs)
         x = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.float16)
@@ -248,7 +248,7 @@ def test_import_with_a_corrupt_database_warns_once(tmp_path: Path) -> None:
     db.write_bytes(b"not sqlite" * 300)
     result = _child(db, """
         import torch
-        from kernel import attention, dispatch
+        from flashtune.kernel import attention, dispatch
         x = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.float16)
         print("RAN", attention(x, x, x).shape, dispatch.explain(x, x, x).source)
     """)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from db.types import Config
-from kernel.launch import attention_fwd, check_inputs, launch
-from kernel.reference import attention_reference, lse_reference
+from flashtune.db.types import Config
+from flashtune.kernel.launch import attention_fwd, check_inputs, launch
+from flashtune.kernel.reference import attention_reference, lse_reference
 
 # Relative-norm error bounds ‖o − ref‖ / ‖ref‖ against fp64: fp16 inputs round Q, K, V and P to an
 # 11-bit mantissa (~5e-4 per element, averaging down), bf16 to an 8-bit one; fp32 with IEEE dots is
@@ -155,14 +155,14 @@ def test_bad_scale_precision_and_config(kernel_device):
         attention_fwd(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match="fp32_precision must be one of"):
         attention_fwd(q, k, v, fp32_precision="fast")
-    with pytest.raises(TypeError, match="config must be a db.types.Config"):
+    with pytest.raises(TypeError, match="config must be a flashtune.db.types.Config"):
         attention_fwd(q, k, v, config="m16-n16-w2-s1")
     with pytest.raises(ValueError, match="power of two"):
         Config(48, 16, 2, 1)
 
 
 def test_cpu_tensors_rejected_outside_interpreter(monkeypatch):
-    from kernel import device
+    from flashtune.kernel import device
 
     monkeypatch.setattr(device, "INTERPRET", False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):

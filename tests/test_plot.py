@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from db.store import Store
-from db.types import Config, Key
-from kernel.bench_csv import read_csv
-from kernel.version import KERNEL_VERSION
+from flashtune.db.store import Store
+from flashtune.db.types import Config, Key
+from flashtune.tuner.benchmarking.results import read_csv
+from flashtune.kernel.version import KERNEL_VERSION
 from db_fixtures import run_info, sqlite_url  # noqa: F401  (sqlite_url is a fixture)
-from tuner.cli import main as cli
+from flashtune.tuner.cli import main as cli
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_sample.csv"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def test_heatmap_from_a_real_database(tmp_path, sqlite_url):
 
 
 def test_heatmap_cells_are_the_best_trial_per_tile(sqlite_url):
-    from tuner.plots import _cells
+    from flashtune.tuner.benchmarking.plots import _cells
 
     best = make_db(sqlite_url, KEY)
     with Store.open(sqlite_url, create=False) as store:

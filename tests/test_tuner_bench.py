@@ -7,12 +7,12 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
-from db.store import RunInfo, Store
-from db.types import Config, Key
-from tuner.bench import (TOLERANCE, LocalBench, attention_flops, classify_compile_error, fill_batch_heads,
+from flashtune.db.store import RunInfo, Store
+from flashtune.db.types import Config, Key
+from flashtune.tuner.bench import (TOLERANCE, LocalBench, attention_flops, classify_compile_error, fill_batch_heads,
                          relative_error)
-from tuner.loop import Tuner
-from tuner.timing import median_ms
+from flashtune.tuner.loop import Tuner
+from flashtune.tuner.timing import median_ms
 
 SMALL = [Config(16, 16, 2, 1), Config(32, 16, 2, 2)]
 
@@ -92,7 +92,7 @@ def test_ptxas_failure_is_a_compile_error_trial(kernel_device):
 
 
 def test_careful_timing_interleaves_the_candidates():
-    from tuner.timing import median_ms_each
+    from flashtune.tuner.timing import median_ms_each
 
     order: list[str] = []
     fns = [lambda: order.append("a"), lambda: order.append("b"), lambda: order.append("c")]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tuner.gpu
-import tuner.worker
-from db.store import Store
-from db.types import Config
-from tuner.cli import main
-from tuner.gpu import GpuInfo
-from tuner.measure import FunctionBench
+import flashtune.tuner.gpu
+import flashtune.tuner.worker
+from flashtune.db.store import Store
+from flashtune.db.types import Config
+from flashtune.tuner.cli import main
+from flashtune.tuner.gpu import GpuInfo
+from flashtune.tuner.measure import FunctionBench
 
 H200 = GpuInfo("NVIDIA H200 (stand-in)", "sm_90", 132, 232448, "570.0", "12.8", "3.6.0", "2.11", "host", True)
 
@@ -74,14 +74,14 @@ def test_no_gpu_without_dry_run(tmp_path):
 @pytest.fixture
 def stand_in_gpu(monkeypatch):
     """The GPU detection answers for an H200 and the bench is a cost model: no GPU is needed."""
-    monkeypatch.setattr(tuner.gpu, "detect_gpu", lambda index=0: H200)
+    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: H200)
     best = Config(128, 64, 4, 2)
 
     def cost(key, config, careful):
         return key.seq_len / 100 * (1 + abs(config.block_m - best.block_m) / 64 + abs(config.block_n - best.block_n) / 64
                                     + abs(config.num_warps - best.num_warps) / 4 + abs(config.num_stages - 2) / 4)
 
-    monkeypatch.setattr(tuner.worker, "WorkerBench", lambda *a, **kw: FunctionBench(cost))
+    monkeypatch.setattr(flashtune.tuner.worker, "WorkerBench", lambda *a, **kw: FunctionBench(cost))
     return best
 
 
@@ -124,7 +124,7 @@ def test_tune_stores_winners_and_resumes(stand_in_gpu, tmp_path):
 
 
 def test_gpu_of_an_unknown_arch_is_one_line_and_exit_2(stand_in_gpu, monkeypatch, tmp_path):
-    monkeypatch.setattr(tuner.gpu, "detect_gpu", lambda index=0: dataclasses.replace(H200, name="Future GPU",
+    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: dataclasses.replace(H200, name="Future GPU",
                                                                                      arch="sm_103"))
     result = run("--db", f"sqlite:///{tmp_path / 'x.db'}", "--seq", "128")
     assert result.exit_code == 2 and "sm_103" in result.output, result.output

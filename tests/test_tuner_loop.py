@@ -6,14 +6,14 @@ from collections import Counter
 
 import pytest
 
-from db.arch import smem_limit
-from db.store import RunInfo, Store
-from db.types import Config, Key
-from kernel.defaults import default_config
-from tuner.bench import attention_flops
-from tuner.loop import Tuner, TuneSettings, tuning_order
-from tuner.measure import FunctionBench, Measurement
-from tuner.space import candidates
+from flashtune.db.arch import smem_limit
+from flashtune.db.store import RunInfo, Store
+from flashtune.db.types import Config, Key
+from flashtune.kernel.defaults import default_config
+from flashtune.tuner.bench import attention_flops
+from flashtune.tuner.loop import Tuner, TuneSettings, tuning_order
+from flashtune.tuner.measure import FunctionBench, Measurement
+from flashtune.tuner.space import candidates
 
 ARCH = "sm_90"
 LIMIT = smem_limit(ARCH)

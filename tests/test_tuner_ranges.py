@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
+from flashtune.tuner.ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -1,9 +1,10 @@
 """The config space and its pruning rules."""
 from __future__ import annotations
 
-from db.arch import estimate_smem, smem_limit
-from db.types import Config
-from tuner.space import (BLOCK_SIZES, NUM_STAGES, NUM_WARPS, candidates, cost_reason, full_space, legal_reason,
+from flashtune.db.arch import smem_limit
+from flashtune.db.smem import estimate_smem
+from flashtune.db.types import Config
+from flashtune.tuner.space import (BLOCK_SIZES, NUM_STAGES, NUM_WARPS, candidates, cost_reason, full_space, legal_reason,
                          plan, seeded_order)
 
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from db.types import Config, Key
-from tuner.measure import FunctionBench
-from tuner.worker import WorkerBench
+from flashtune.db.types import Config, Key
+from flashtune.tuner.measure import FunctionBench
+from flashtune.tuner.worker import WorkerBench
 
 KEY = Key("sm_90", "fwd", 256, 64, "float16", False)
 CRASH, HANG, LOST = Config(64, 64, 4, 5), Config(64, 64, 4, 6), Config(64, 64, 4, 4)
@@ -28,7 +28,7 @@ class _FaultyBench(FunctionBench):
         if config == HANG:
             time.sleep(600)
         if config == LOST:
-            from tuner.bench import CudaContextLost
+            from flashtune.tuner.bench import CudaContextLost
 
             raise CudaContextLost([config], RuntimeError("CUDA error: an illegal memory access was encountered"))
         return float(config.block_m + config.num_stages)

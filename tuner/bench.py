@@ -16,10 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from triton.runtime.errors import OutOfResources
 
-from db.types import Config, Key
-from kernel.bench import fp32_reference, output_errors
-from kernel.bench_csv import attention_flops as kernel_attention_flops
-from kernel.launch import AttnShape, check_inputs, launch
+from ..db.types import Config, Key
+from ..kernel.reference import attention_flops as shape_flops, fp32_reference, output_errors, tflops as rate
+from ..kernel.launch import AttnShape, check_inputs, launch
 
 from .measure import Measurement
 from .timing import l2_flush_buffer, median_ms_each
@@ -47,12 +46,12 @@ def fill_batch_heads(seq_len: int, sm_count: int) -> int:
 
 def attention_flops(key: Key, batch_heads: int) -> float:
     """Forward FLOPs: 4·B·H·Nq·Nk·D, half when causal."""
-    return kernel_attention_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
+    return shape_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
 
 
 def tflops(key: Key, batch_heads: int, ms: float) -> float:
     """TFLOP/s of one forward call on (key, batch_heads) that took `ms`."""
-    return attention_flops(key, batch_heads) / (ms * 1e-3) / 1e12
+    return rate(attention_flops(key, batch_heads), ms)
 
 
 def is_sticky_cuda_error(error: BaseException) -> bool:

@@ -14,10 +14,10 @@ from typing import Iterator
 import torch
 import triton
 
-from db.arch import ARCH_SMEM
-from db.paths import default_url, mask_url, sqlite_path
-from db.store import Store, StoreError
-from kernel.version import KERNEL_VERSION
+from ..db.arch import ARCH_SMEM
+from ..db.paths import default_url, mask_url, sqlite_path
+from ..db.store import Store, StoreError
+from ..kernel.version import KERNEL_VERSION
 
 from .gpu import GpuInfo, NoGpuError, detect_gpu
 
@@ -109,7 +109,7 @@ def check_database(url: str, archs: list[str]) -> Iterator[Finding]:
 
 def check_dispatcher(db_url: str | None) -> Iterator[Finding]:
     """What the dispatcher loaded at import (from $FLASHTUNE_DB or the user file, never from --db)."""
-    from kernel import dispatch
+    from ..kernel import dispatch
 
     info = dispatch.info()
     yield Finding("ok" if info.ok else "fail", "dispatcher", info.message)
@@ -122,9 +122,9 @@ def check_dispatcher(db_url: str | None) -> Iterator[Finding]:
 
 def check_kernel(device: torch.device) -> Iterator[Finding]:
     """One small call of kernel.attention against the float64 reference."""
-    from kernel import attention, dispatch
-    from kernel.bench import output_errors
-    from kernel.reference import attention_reference
+    from ..kernel import attention, dispatch
+    from .benchmarking.run import output_errors
+    from ..kernel.reference import attention_reference
 
     on_gpu = device.type == "cuda"
     dtype = torch.float16 if on_gpu else torch.float32

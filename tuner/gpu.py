@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import torch
 import triton
 
-from db.arch import arch_from_capability, normalize_arch, smem_limit
-from db.store import RunInfo
-from kernel.version import KERNEL_VERSION
+from ..db.arch import arch_from_capability, normalize_arch, smem_limit
+from ..db.store import RunInfo
+from ..kernel.version import KERNEL_VERSION
 
 
 class NoGpuError(RuntimeError):

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
-from db.store import Store, TrialRecord, Winner
-from db.types import Config, Key
+from ..db.store import Store, TrialRecord, Winner
+from ..db.types import Config, Key
 
 from .bench import tflops
 from .measure import Bench, Measurement

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from db.types import OUTCOMES, Config, Key
+from ..db.types import OUTCOMES, Config, Key
 
 
 @dataclass(frozen=True)

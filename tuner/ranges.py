@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from db.types import HEAD_DIMS, check_head_dim, normalize_dtype
+from ..db.types import HEAD_DIMS, check_head_dim, normalize_dtype
 
 SEQ_FORMS = "A..B (doubling from A to B), A..B:S (steps of S), or a comma list such as 128,512,1000"
 _INT = r"\s*(\d+)\s*"

@@ -17,8 +17,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from db.arch import estimate_smem
-from db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
+from ..db.smem import estimate_smem
+from ..db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 NUM_WARPS: tuple[int, ...] = (2, 4, 8, 16)

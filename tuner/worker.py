@@ -17,7 +17,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Generator, Iterator, Sequence
 
-from db.types import Config, Key
+from ..db.types import Config, Key
 
 from .measure import Bench, Measurement
 

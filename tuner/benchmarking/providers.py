@@ -14,16 +14,14 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from .bench_csv import PROVIDER_NAMES, TUNED
-from .device import INTERPRET
+from .results import PROVIDER_NAMES, TUNED
+from ...kernel.device import INTERPRET
+from ...kernel.reference import MATH_SCORE_COPIES
 
 Fn = Callable[[], torch.Tensor]
 
 _BACKENDS = {"sdpa_math": "MATH", "sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
              "sdpa_cudnn": "CUDNN_ATTENTION"}
-# The math backend upcasts fp16/bf16 to fp32 (torch's default) and materialises the scores, their
-# softmax and, when causal, a masked copy: about three fp32 B·H·N·N tensors at its peak.
-MATH_SCORE_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -70,14 +68,14 @@ class Provider:
     def build(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Fn:
         """A no-argument callable running this provider on q, k, v (call it inside `context()`)."""
         if self.name == TUNED:
-            from .api import attention
+            from ...kernel.api import attention
 
             return lambda: attention(q, k, v, is_causal=causal)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 _DESCRIPTIONS = {
-    TUNED: "flashtune's kernel through kernel.attention (the dispatcher's config)",
+    TUNED: "flashtune's kernel through flashtune.kernel.attention (the dispatcher's config)",
     "sdpa_math": "torch SDPA, math backend (unfused, fp32 internally)",
     "sdpa_flash": "torch SDPA, FlashAttention-2 backend",
     "sdpa_efficient": "torch SDPA, memory-efficient (xFormers) backend",

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import click
 
-from db.arch import normalize_arch
-from db.store import Store, StoreError
-from db.types import Key
+from ...db.arch import normalize_arch
+from ...db.store import Store, StoreError
+from ...db.types import Key
 
-from .cli_db import CliError
+from .db import CliError
 
 # --causal / --no-causal / --both: which masks a command covers.
 MASK_MODES = {"causal": (True,), "full": (False,), "both": (False, True)}
@@ -98,8 +98,8 @@ class _CliProgress:
 
 def _dry_run(arch: str | None, head_dims: Sequence[int], dtypes: Sequence[str], keys_count: int,
              as_json: bool) -> None:
-    from .gpu import NoGpuError, detect_gpu, planned_gpu
-    from .space import plan
+    from ..gpu import NoGpuError, detect_gpu, planned_gpu
+    from ..space import plan
 
     try:
         here = detect_gpu()
@@ -188,7 +188,7 @@ def tune(arch: str | None, seq_text: str, head_dim_text: str, dtype_text: str, m
          as_json: bool, threads_text: str | None, timeout_text: str) -> None:
     """Find the fastest correct launch config per key on this GPU and store it."""
 
-    from .ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
+    from ..ranges import parse_dtypes, parse_duration, parse_head_dims, parse_seq_lens
 
     seq_lens = parse_option(parse_seq_lens, seq_text, "--seq")
     head_dims = parse_option(parse_head_dims, head_dim_text, "--head-dim")
@@ -214,14 +214,14 @@ def tune(arch: str | None, seq_text: str, head_dim_text: str, dtype_text: str, m
 
 def _tune(arch: str | None, keys_for: Any, batch_heads: int | None, db_url: str | None, budget: float | None,
           trial_timeout: float, threads: int, as_json: bool, args: dict[str, Any]) -> None:
-    from kernel.defaults import default_config
-    from kernel.version import KERNEL_VERSION
+    from ...kernel.defaults import default_config
+    from ...kernel.version import KERNEL_VERSION
 
-    from .bench import fill_batch_heads
-    from .gpu import NoGpuError, detect_gpu, run_info
-    from .loop import Tuner, TuneSettings
-    from .space import candidates
-    from .worker import WorkerBench, WorkerError
+    from ..bench import fill_batch_heads
+    from ..gpu import NoGpuError, detect_gpu, run_info
+    from ..loop import Tuner, TuneSettings
+    from ..space import candidates
+    from ..worker import WorkerBench, WorkerError
 
     try:
         gpu = detect_gpu()

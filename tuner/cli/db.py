@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
-from db import exchange
-from db.paths import default_url, mask_url, sqlite_path
-from db.store import Store, StoreError, Winner, migrate_database
-from db.types import DTYPES
+from ...db import exchange
+from ...db.paths import default_url, mask_url, sqlite_path
+from ...db.store import Store, StoreError, Winner, migrate_database
+from ...db.types import DTYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 

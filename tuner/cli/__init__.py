@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import cli_bench, cli_db, cli_tune
+from . import bench as cli_bench, db as cli_db, tune as cli_tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

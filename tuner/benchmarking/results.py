@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
-from db.types import check_head_dim, normalize_dtype
+from ...db.types import check_head_dim, normalize_dtype
+from ...kernel.reference import attention_flops, tflops
 
 TUNED = "flashtune"
 BASELINES: tuple[str, ...] = ("sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
@@ -31,12 +32,6 @@ COLUMNS: tuple[str, ...] = (
     "note", "gpu",
 )
 _REQUIRED = tuple(c for c in COLUMNS if not c.startswith(SPEEDUP_PREFIX) and c not in ("note", "gpu"))
-
-
-def attention_flops(batch_heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool) -> float:
-    """Forward FLOPs of attention: 4·B·H·Nq·Nk·D, half when causal."""
-    flops = 4.0 * batch_heads * seq_q * seq_k * head_dim
-    return flops / 2 if causal else flops
 
 
 @dataclass(frozen=True)
@@ -57,7 +52,7 @@ class BenchShape:
 
     def throughput(self, ms: float) -> float:
         """TFLOP/s of one call that took `ms` milliseconds."""
-        return self.flops / (ms * 1e-3) / 1e12
+        return tflops(self.flops, ms)
 
     def __str__(self) -> str:
         return (f"B={self.batch} H={self.heads} N={self.seq_len} D={self.head_dim} {self.dtype} "

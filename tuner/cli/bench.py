@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import click
 
-from .cli_db import CliError
-from .cli_tune import MASK_MODES, parse_option
+from .db import CliError
+from .tune import MASK_MODES, parse_option
 
 
 def _render(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -57,7 +57,7 @@ def _mode_options(func: Any) -> Any:
 
 
 def _device() -> Any:
-    from kernel.bench import bench_device
+    from ..benchmarking.run import bench_device
 
     try:
         return bench_device()
@@ -68,7 +68,7 @@ def _device() -> Any:
 # --- bench -------------------------------------------------------------------------------------
 
 def _sweep_table(rows: Sequence[Any]) -> list[str]:
-    from kernel.bench_csv import BASELINES, TUNED
+    from ..benchmarking.results import BASELINES, TUNED
 
     short = {b: b.removeprefix("sdpa_") for b in BASELINES}
     headers = ["provider", "B", "H", "N", "D", "dtype", "causal", "ms", "TFLOP/s",
@@ -85,7 +85,7 @@ def _sweep_table(rows: Sequence[Any]) -> list[str]:
 
 
 def _geomeans(rows: Sequence[Any]) -> dict[str, tuple[float, int]]:
-    from kernel.bench_csv import BASELINES, TUNED
+    from ..benchmarking.results import BASELINES, TUNED
 
     out = {}
     for b in BASELINES:
@@ -106,7 +106,7 @@ class _Progress:
             self.bar.__enter__()
 
     def shape_done(self, shape: Any, rows: Sequence[Any]) -> None:
-        from kernel.bench_csv import TUNED
+        from ..benchmarking.results import TUNED
 
         self.done += 1
         if self.bar is not None:
@@ -150,16 +150,16 @@ def bench(seq_text: str, head_dim_text: str, dtype_text: str, mode: str, tokens:
           batch: int | None, heads: int | None, providers: str | None, csv_path: Path | None, as_json: bool,
           warmup_ms: float, rep_ms: float, seed: int) -> None:
     """Time the tuned kernel (through the dispatcher) against torch SDPA's backends over a sweep."""
-    from .ranges import parse_dtypes, parse_head_dims, parse_seq_lens
+    from ..ranges import parse_dtypes, parse_head_dims, parse_seq_lens
 
     seqs = parse_option(parse_seq_lens, seq_text, "--seq")
     dims = parse_option(parse_head_dims, head_dim_text, "--head-dim")
     dtypes = parse_option(parse_dtypes, dtype_text, "--dtype")
     if not (warmup_ms >= 0 and rep_ms > 0):
         raise CliError(f"--warmup-ms must be >= 0 and --rep-ms above 0, got {warmup_ms} and {rep_ms}")
-    from kernel.bench import bench_shape, bench_shape_for, default_timer
-    from kernel.bench_csv import CsvWriter
-    from kernel.providers import select_providers
+    from ..benchmarking.run import bench_shape, bench_shape_for, default_timer
+    from ..benchmarking.results import CsvWriter
+    from ..benchmarking.providers import select_providers
 
     try:
         chosen = select_providers(providers)
@@ -215,8 +215,8 @@ def _writable_dir(path: Path) -> Path:
 
 def _heatmap(out: Path, db_url: str | None, arch: str | None, seq: int | None, head_dim: int | None,
              dtype: str | None, causal: bool, kernel_version: str) -> Path:
-    from db.store import Store, StoreError
-    from db.types import Key
+    from ...db.store import Store, StoreError
+    from ...db.types import Key
 
     missing = [name for name, value in (("--arch", arch), ("--seq", seq), ("--head-dim", head_dim),
                                         ("--dtype", dtype)) if value is None]
@@ -226,7 +226,7 @@ def _heatmap(out: Path, db_url: str | None, arch: str | None, seq: int | None, h
         key = Key(arch, "fwd", seq, head_dim, dtype, causal)
     except ValueError as error:
         raise CliError(str(error)) from None
-    from kernel.version import KERNEL_VERSION
+    from ...kernel.version import KERNEL_VERSION
 
     version = KERNEL_VERSION if kernel_version == "current" else kernel_version
     try:
@@ -242,7 +242,7 @@ def _heatmap(out: Path, db_url: str | None, arch: str | None, seq: int | None, h
                 else "; run `tune` for it, or check `flashtune show`")
         scope = "" if version == "any" else f" with kernel version {version}"
         raise CliError(f"{what} for {key}{scope} in {where}{hint}")
-    from .plots import PlotDependencyError, heatmap_figure
+    from ..benchmarking.plots import PlotDependencyError, heatmap_figure
 
     _writable_dir(out)
     try:
@@ -276,9 +276,9 @@ def plot(csv_file: Path | None, out_dir: Path, heatmap: bool, arch: str | None, 
         return
     if csv_file is None:
         raise CliError("give the CSV written by `flashtune bench --csv FILE`, or --heatmap with a key")
-    from kernel.bench_csv import read_csv
+    from ..benchmarking.results import read_csv
 
-    from .plots import PlotDependencyError, sweep_figures
+    from ..benchmarking.plots import PlotDependencyError, sweep_figures
 
     try:
         rows = read_csv(csv_file)
@@ -308,7 +308,7 @@ def _profile_args(seq: int, head_dim: int, dtype: str, causal: bool, shape: Any,
 
 
 def _run_ncu(command: list[str], report: str, ncu: str) -> None:
-    from .ncu import import_command, parse_raw_csv, summarize
+    from ..benchmarking.ncu import import_command, parse_raw_csv, summarize
 
     click.echo(f"running: {shlex.join(command)}", err=True)
     captured = subprocess.run(command, capture_output=True, text=True)
@@ -339,15 +339,15 @@ def _run_ncu(command: list[str], report: str, ncu: str) -> None:
 def profile(seq: int, head_dim: int, dtype: str, causal: bool, tokens: int, hidden: int, batch: int | None,
             heads: int | None, warmup: int, report: str, run_ncu: bool, dry_run: bool) -> None:
     """Run the tuned kernel for one shape inside an NVTX range and print the ncu command that captures it."""
-    from db.types import normalize_dtype
+    from ...db.types import normalize_dtype
 
-    from .ncu import KERNEL_NAME, NVTX_RANGE, find_ncu, ncu_command
+    from ..benchmarking.ncu import KERNEL_NAME, NVTX_RANGE, find_ncu, ncu_command
 
     if warmup < 0:
         raise CliError(f"--warmup must be at least 0, got {warmup}")
     try:
         dtype = normalize_dtype(dtype)
-        from kernel.bench import bench_shape_for
+        from ..benchmarking.run import bench_shape_for
 
         shape = bench_shape_for(seq, head_dim, dtype, causal, tokens=tokens, hidden=hidden, batch=batch,
                                 heads=heads)
@@ -370,8 +370,8 @@ def profile(seq: int, head_dim: int, dtype: str, causal: bool, tokens: int, hidd
 def _profile_launch(shape: Any, warmup: int, nvtx_range: str) -> None:
     import torch
 
-    from kernel import attention, dispatch
-    from kernel.bench import make_inputs
+    from ...kernel import attention, dispatch
+    from ..benchmarking.run import make_inputs
 
     device = _device()
     if device.type != "cuda":
@@ -402,14 +402,14 @@ def _profile_launch(shape: Any, warmup: int, nvtx_range: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def doctor(db_url: str | None, no_run: bool, as_json: bool) -> None:
     """Check the setup: GPUs, versions, the database, the dispatcher and one kernel call. Exit 1 if broken."""
-    from db.paths import parse_url
+    from ...db.paths import parse_url
 
     if db_url is not None:
         backend = parse_option(parse_url, db_url, "--db").get_backend_name()
         if backend not in ("sqlite", "postgresql"):
             raise CliError(f"--db: unsupported database URL {db_url!r}: expected sqlite:///PATH or "
                            "postgresql+psycopg://USER@HOST[:PORT]/DBNAME")
-    from .doctor import diagnose
+    from ..doctor import diagnose
 
     findings = diagnose(db_url, run_kernel=not no_run)
     failed = [f for f in findings if f.level == "fail"]

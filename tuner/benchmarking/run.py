@@ -1,6 +1,6 @@
 """One-shape micro-benchmark: the tuned kernel against torch SDPA's backends, timed in one process.
 
-    python -m kernel.bench --seq 1024 --head-dim 64 --dtype fp16 --causal
+    python -m flashtune.tuner.benchmarking.run --seq 1024 --head-dim 64 --dtype fp16 --causal
 
 prints, per provider, the median time, TFLOP/s, max abs and relative error against an fp32 reference,
 peak memory, and the tuned kernel's speed-up over it. `bench_shape` is the same measurement as a
@@ -24,16 +24,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from db.types import check_head_dim, normalize_dtype
+from ...db.types import check_head_dim, normalize_dtype
 
-from .bench_csv import BASELINES, TUNED, BenchRow, BenchShape
-from .device import INTERPRET
-from .providers import MATH_SCORE_COPIES, PROVIDERS, Provider, select_providers
+from .results import BASELINES, TUNED, BenchRow, BenchShape
+from ...kernel.device import INTERPRET
+from ...kernel.reference import fp32_reference, output_errors
+from .providers import PROVIDERS, Provider, select_providers
 
 DEFAULT_TOKENS = 16384
 DEFAULT_HIDDEN = 2048
-# The fp32 reference runs in chunks of batch·heads whose N×N scores stay under this many bytes.
-REFERENCE_BYTES = {"cuda": 4 << 30, "cpu": 256 << 20}
 MEMORY_MARGIN = 0.9  # a provider whose estimate exceeds this share of the free memory is skipped
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -87,39 +86,6 @@ def default_timer(device: torch.device, *, warmup_ms: float = 25, rep_ms: float 
     return wall
 
 
-def fp32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, *,
-                   max_bytes: int | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√D [+ causal mask])·V by torch SDPA's math backend on fp32 copies, (B, H, N, D).
-
-    Computed a few (batch, head) slices at a time, so a long sequence never needs the whole
-    B·H·N·N score tensor at once.
-    """
-    b, h, n, d = q.shape
-    nk = k.shape[2]
-    if max_bytes is None:
-        max_bytes = REFERENCE_BYTES.get(q.device.type, REFERENCE_BYTES["cpu"])
-    chunk = max(1, max_bytes // (MATH_SCORE_COPIES * n * nk * 4))
-    qf, kf, vf = (x.flatten(0, 1) for x in (q, k, v))
-    out = torch.empty(b * h, n, d, dtype=torch.float32, device=q.device)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        for lo in range(0, b * h, chunk):
-            hi = min(lo + chunk, b * h)
-            out[lo:hi] = F.scaled_dot_product_attention(qf[lo:hi].float(), kf[lo:hi].float(),
-                                                        vf[lo:hi].float(), is_causal=causal)
-    return out.view(b, h, n, d)
-
-
-def output_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max |out − ref|, ‖out − ref‖ / ‖ref‖) in fp32; (inf, inf) when `out` holds a NaN or inf."""
-    diff = out.float() - ref
-    if not bool(torch.isfinite(diff).all()):
-        return math.inf, math.inf
-    rel = torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(ref).clamp_min(1e-30)
-    return float(diff.abs().max()), float(rel)
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
@@ -152,7 +118,7 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 def _tuned_note(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
-    from .dispatch import explain
+    from ...kernel.dispatch import explain
 
     choice = explain(q, k, v, is_causal=causal)
     return f"{choice.config} ({choice.source})"
@@ -241,7 +207,7 @@ def with_speedups(rows: Sequence[BenchRow]) -> list[BenchRow]:
 
 def _gpu_name(device: torch.device) -> str:
     if device.type == "cuda":
-        from .device import device_name
+        from ...kernel.device import device_name
 
         return device_name(device)
     return "cpu (Triton interpreter)"
@@ -283,7 +249,7 @@ def format_rows(rows: Sequence[BenchRow]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m kernel.bench",
+    ap = argparse.ArgumentParser(prog="python -m flashtune.tuner.benchmarking.run",
                                  description="Time flashtune's tuned kernel against torch SDPA's backends "
                                              "on one shape.")
     ap.add_argument("--seq", type=int, default=1024, help="sequence length N (default 1024)")
@@ -304,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kernel.bench`: print one shape's table; exit 2 on bad input or without a GPU."""
+    """`python -m flashtune.tuner.benchmarking.run`: print one shape's table; exit 2 on bad input or without a GPU."""
     ap = _parser()
     args = ap.parse_args(argv)
     try:
@@ -316,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = bench_device()
     except (ValueError, RuntimeError) as error:
         ap.exit(2, f"{ap.prog}: error: {error}\n")
-    from .version import KERNEL_VERSION
+    from ...kernel.version import KERNEL_VERSION
 
     timer = default_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     rows = bench_shape(shape, device, providers=providers, timer=timer, seed=args.seed)

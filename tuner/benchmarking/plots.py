@@ -11,9 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from db.store import TrialRecord
-from db.types import Key
-from kernel.bench_csv import BASELINES, TUNED, BenchRow
+from ...db.store import TrialRecord
+from ...db.types import Key
+from .results import BASELINES, TUNED, BenchRow
 
 INSTALL_HINT = "pip install 'flashtune[plot]' (or: pip install matplotlib)"
 METRICS: dict[str, str] = {

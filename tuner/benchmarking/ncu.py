@@ -56,7 +56,7 @@ def ncu_command(profile_args: Sequence[str], *, report: str = "flashtune_profile
     return [ncu, "--clock-control", "none", "--nvtx", "--nvtx-include", f"{NVTX_RANGE}/",
             "-k", f"regex:{KERNEL_NAME}", "--launch-skip", "0", "--launch-count", "1",
             "--set", "full", "-f", "-o", report,
-            python or sys.executable, "-m", "tuner.cli", "profile", *profile_args]
+            python or sys.executable, "-m", "flashtune.tuner.cli", "profile", *profile_args]
 
 
 def import_command(report: str, *, ncu: str = "ncu") -> list[str]:
