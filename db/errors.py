@@ -13,6 +13,19 @@ from sqlalchemy import exc as sa_exc
 from .paths import mask_url
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, at most `limit` characters: how an error is reported in one
+    line (trial records, warnings, benchmark rows). The whole project uses this one form."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line}"[:limit] if line else type(error).__name__
+
+
+def one_line(error: BaseException | str) -> str:
+    """The message of `error` with its whitespace (newlines included) folded into single spaces."""
+    return " ".join(str(error).split())
+
+
 class StoreError(Exception):
     """Base of the store's errors."""
 
