@@ -1,4 +1,5 @@
-"""What the kernel needs to know about a device: its arch string and shared-memory limit.
+"""What the kernel needs to know about a device: its arch string, name and shared-memory limit, and
+whether kernels run in the Triton interpreter. The tuner's GPU detection reads the same answers.
 
 Answers are cached per device index: the dispatcher asks on every call and CUDA property queries
 cost microseconds.
@@ -12,7 +13,8 @@ import torch
 
 from ..db.arch import arch_from_capability
 
-# Under the Triton interpreter kernels run on CPU tensors (tests, debugging).
+# Under the Triton interpreter kernels run on CPU tensors (tests, debugging). Triton itself reads the
+# variable when a @triton.jit function is defined, so reading it once at import agrees with Triton.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -57,7 +59,3 @@ def device_name(device: torch.device | int | str) -> str:
     """Marketing name of a CUDA device, e.g. 'NVIDIA H200'."""
     return _props(_cuda_index(device)).name
 
-
-def device_sm_count(device: torch.device | int | str) -> int:
-    """Number of streaming multiprocessors of a CUDA device."""
-    return int(_props(_cuda_index(device)).multi_processor_count)

@@ -9,6 +9,7 @@ from triton.runtime.errors import OutOfResources
 
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
+from flashtune.kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
 from flashtune.tuner.bench import (TOLERANCE, LocalBench, attention_flops, classify_compile_error, fill_batch_heads,
                          relative_error)
 from flashtune.tuner.loop import Tuner
@@ -46,10 +47,21 @@ def test_relative_error_and_tolerances():
 
 
 def test_error_classification():
+    from triton.runtime.errors import PTXASError
+
     assert classify_compile_error(OutOfResources(300000, 232448, "shared memory")) == "out_of_resources"
     assert classify_compile_error(RuntimeError("CUDA error: an illegal memory access was encountered")) == "crashed"
     assert classify_compile_error(RuntimeError("Triton Error [CUDA]: unspecified launch failure")) == "crashed"
     assert classify_compile_error(ValueError("PassManager::run failed")) == "compile_error"
+    # kernel.errors is the one classifier: the dispatcher falls back to the default config for the
+    # compile failures and out-of-resources, and re-raises what no other config would fix.
+    assert launch_failure(PTXASError("Internal Triton PTX codegen error")) == "compile_error"
+    assert launch_failure(RuntimeError("PassManager::run failed")) == "compile_error"
+    assert launch_failure(OutOfResources(300000, 232448, "shared memory")) == "out_of_resources"
+    assert launch_failure(ValueError("q must be 4-D")) is None and launch_failure(KeyError("x")) is None
+    assert is_sticky_cuda_error(RuntimeError("CUDA error: misaligned address"))
+    text = trial_error_text(PTXASError("Internal Triton PTX codegen error\n`ptxas` stderr:\nInsufficient registers"))
+    assert text.startswith("PTXASError: PTXAS error: Internal") and "Insufficient registers" in text
 
 
 def test_batch_heads_fill_the_gpu_and_flops():

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-from triton.runtime.errors import OutOfResources
 
 from ..db.types import Config, Key
 from ..kernel.reference import attention_flops as shape_flops, fp32_reference, output_errors, tflops as rate
+from ..kernel.dtypes import TORCH_DTYPES
+from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
 from ..kernel.launch import AttnShape, check_inputs, launch
 
 from .measure import Measurement
@@ -30,11 +31,6 @@ FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for
 FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)
 QUICK = (2, 5)  # (warm-up, repetitions) of the first pass
 CAREFUL = (10, 50)  # of the careful timing of the survivors
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Error texts after which the CUDA context is unusable: the process must be replaced.
-_STICKY = ("illegal memory access", "illegal address", "unspecified launch failure", "misaligned address",
-           "illegal instruction", "launch failure", "device-side assert", "cuda error", "triton error [cuda]",
-           "an illegal", "hardware exception", "context is destroyed")
 
 
 def fill_batch_heads(seq_len: int, sm_count: int) -> int:
@@ -54,18 +50,10 @@ def tflops(key: Key, batch_heads: int, ms: float) -> float:
     return rate(attention_flops(key, batch_heads), ms)
 
 
-def is_sticky_cuda_error(error: BaseException) -> bool:
-    """Whether `error` leaves the CUDA context unusable (the process must be restarted)."""
-    return any(marker in str(error).lower() for marker in _STICKY)
-
-
 def classify_compile_error(error: BaseException) -> str:
-    """The trial outcome for an exception raised by a config's first launch."""
-    if isinstance(error, OutOfResources):
-        return "out_of_resources"
-    if is_sticky_cuda_error(error):
-        return "crashed"
-    return "compile_error"
+    """The trial outcome for an exception raised by a config's first launch: kernel.errors'
+    classification, and `compile_error` for anything else (the config did not produce a result)."""
+    return launch_failure(error) or "compile_error"
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,7 +84,7 @@ class KeyInputs:
         """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key."""
         batch, heads = _split(batch_heads)
         gen = torch.Generator(device=device).manual_seed(seed)
-        dtype = _TORCH_DTYPES[key.dtype]
+        dtype = TORCH_DTYPES[key.dtype]
 
         def draw(n: int) -> torch.Tensor:
             return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
@@ -198,7 +186,7 @@ class LocalBench:
     def _check(self, inputs: KeyInputs, config: Config, out: torch.Tensor | None, compile_s: float,
                error: BaseException | None) -> Measurement | None:
         """The failed measurement of a config whose first launch failed or was wrong; None if it is good."""
-        text = f"{type(error).__name__}: {error}"[:2000] if error is not None else None
+        text = trial_error_text(error) if error is not None else None
         if error is not None or out is None:
             outcome = classify_compile_error(error) if error is not None else "compile_error"
             if outcome == "crashed" and error is not None:
@@ -231,5 +219,5 @@ class CudaContextLost(RuntimeError):
 
     def __init__(self, configs: Sequence[Config], error: BaseException) -> None:
         self.configs = list(configs)
-        self.error_text = f"{type(error).__name__}: {error}"[:2000]
+        self.error_text = trial_error_text(error)
         super().__init__(f"CUDA context lost while running {', '.join(map(str, self.configs))}: {self.error_text}")

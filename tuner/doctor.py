@@ -5,7 +5,6 @@ fresh machine with nothing tuned yet works, on default configs).
 """
 from __future__ import annotations
 
-import os
 import platform
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import triton
 from ..db.arch import ARCH_SMEM
 from ..db.paths import default_url, mask_url, sqlite_path
 from ..db.store import Store, StoreError
+from ..kernel.device import INTERPRET
 from ..kernel.version import KERNEL_VERSION
 
 from .gpu import GpuInfo, NoGpuError, detect_gpu
@@ -35,16 +35,12 @@ class Finding:
     message: str
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def check_software() -> Iterator[Finding]:
     """Versions, and whether the Triton interpreter is on."""
     yield Finding("info", "software", f"python {platform.python_version()}, torch {torch.__version__} "
                   f"(CUDA {torch.version.cuda or 'none'}), triton {triton.__version__}, "
                   f"kernel version {KERNEL_VERSION}")
-    if _interpret():
+    if INTERPRET:
         level = "warn" if torch.cuda.is_available() else "info"
         yield Finding(level, "TRITON_INTERPRET", "set: kernels run in the Triton interpreter on the CPU "
                       "(for tests and debugging; slow, and no tuned configs apply)")
@@ -63,7 +59,7 @@ def check_gpus() -> tuple[list[GpuInfo], list[Finding]]:
     except Exception as error:  # noqa: BLE001 - a broken driver is exactly what doctor reports
         return [], [Finding("fail", "GPU", f"querying the CUDA devices failed: {type(error).__name__}: {error}")]
     if not gpus:
-        level = "warn" if _interpret() else "fail"
+        level = "warn" if INTERPRET else "fail"
         findings.append(Finding(level, "GPU", "no CUDA GPU visible (torch.cuda.is_available() is False): "
                                 "the kernel runs only under TRITON_INTERPRET=1, on CPU tensors"))
     for g in gpus:
@@ -157,6 +153,6 @@ def diagnose(db_url: str | None = None, *, run_kernel: bool = True) -> list[Find
     if run_kernel:
         if gpus:
             findings += check_kernel(torch.device("cuda", gpus[0].index))
-        elif _interpret():
+        elif INTERPRET:
             findings += check_kernel(torch.device("cpu"))
     return findings

@@ -15,8 +15,9 @@ from typing import Any, Mapping
 import torch
 import triton
 
-from ..db.arch import arch_from_capability, normalize_arch, smem_limit
+from ..db.arch import normalize_arch, smem_limit
 from ..db.store import RunInfo
+from ..kernel.device import device_arch, device_name, device_smem_limit
 from ..kernel.version import KERNEL_VERSION
 
 
@@ -66,16 +67,12 @@ def detect_gpu(index: int = 0) -> GpuInfo:
     if not torch.cuda.is_available() or torch.cuda.device_count() <= index:
         raise NoGpuError("no CUDA GPU is visible (torch.cuda.is_available() is False); "
                          "use --dry-run --arch sm_XY to plan without one")
-    props = torch.cuda.get_device_properties(index)
-    limit = getattr(props, "shared_memory_per_block_optin", 0)
-    if not limit:  # older torch: Triton's driver knows it
-        from triton.runtime import driver
-
-        limit = driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return GpuInfo(name=props.name, arch=arch_from_capability(props.major, props.minor),
-                   sm_count=int(props.multi_processor_count), smem_limit=int(limit),
-                   driver=_driver_version(), cuda=str(torch.version.cuda), triton_version=triton.__version__,
-                   torch_version=torch.__version__, host=platform.node(), present=True, index=index)
+    # The arch, name and shared-memory limit come from kernel.device, the answers the dispatcher uses.
+    return GpuInfo(name=device_name(index), arch=device_arch(index),
+                   sm_count=int(torch.cuda.get_device_properties(index).multi_processor_count),
+                   smem_limit=device_smem_limit(index), driver=_driver_version(), cuda=str(torch.version.cuda),
+                   triton_version=triton.__version__, torch_version=torch.__version__, host=platform.node(),
+                   present=True, index=index)
 
 
 def planned_gpu(arch: str) -> GpuInfo:
