@@ -5,13 +5,23 @@ V, keeps the running row max and row sum in fp32 (online softmax, base-2 exponen
 softmax scale folded into one multiply), accumulates P·V in fp32 and writes O once.
 
 Plain pointers, no block pointers: Triton 3.9 removed `tl.make_block_ptr`, and the same source must
-compile on the GPU machine's Triton 3.6. The file's hash is the kernel version stored with every
-tuned config (kernel/version.py), so any change here marks earlier tuning results as stale.
+compile on the GPU machine's Triton 3.6. The file's hash is part of the kernel version stored with
+every tuned config (kernel/version.py), so any change here marks earlier tuning results as stale;
+the grid lives here for that reason too, since the kernel decodes its program id against it.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# CUDA's grid limit in x. y and z allow only 65535, which B or H alone can exceed, so the kernel
+# runs on one axis and finds its (batch, head, query block) from the program id.
+GRID_X_MAX = 2**31 - 1
+
+
+def fwd_grid(batch: int, heads_q: int, seq_q: int, block_m: int) -> tuple[int]:
+    """The launch grid of attn_fwd_kernel: one program per query block of every (batch, head)."""
+    return (batch * heads_q * -(-seq_q // block_m),)  # ceil division inline: this runs on every call
 
 
 @triton.jit
@@ -69,14 +79,19 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    seq_q, seq_k, group, qk_scale,
+                    seq_q, seq_k, heads_q, group, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(seq_q, BLOCK_M), heads_q, batch). `group` = heads_q // heads_kv (GQA/MQA)."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    """Grid: fwd_grid(...), one axis. `group` = heads_q // heads_kv (GQA/MQA)."""
+    # Program p is query block p % n_blocks of (batch, head) number p // n_blocks: the blocks of one
+    # head run next to each other (they share K and V in L2), as with a (blocks, heads, batch) grid.
+    n_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    bh = pid // n_blocks
+    batch = (bh // heads_q).to(tl.int64)
+    head = bh % heads_q
     head_kv = (head // group).to(tl.int64)
     head = head.to(tl.int64)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
@@ -118,4 +133,4 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
     if STORE_LSE:
         # Natural-log LSE of the scaled scores: m_i and l_i live in base 2.
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + (batch * tl.num_programs(1) + head) * seq_q + offs_m, lse, mask=m_ok)
+        tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=m_ok)

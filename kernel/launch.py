@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import triton
 
@@ -13,13 +14,15 @@ from ..db.types import HEAD_DIMS, Config
 
 from . import device as _device
 from .defaults import default_config
-from .fwd import attn_fwd_kernel
+from .dtypes import DTYPE_NAMES
+from .fwd import GRID_X_MAX, fwd_grid
+from .variants import PLAIN_FWD, fwd_variant
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-}
 _PRECISIONS = ("ieee", "tf32")
 _INT32_MAX = 2**31 - 1
+_MIN_BLOCK_M = 16  # the smallest query tile of any config (db.types.Config)
+GRAD_UNSUPPORTED = ("inputs that require grad (the kernel has no backward yet; call it under torch.no_grad() "
+                    "or torch.inference_mode())")
 
 
 @dataclass(frozen=True)
@@ -40,31 +43,31 @@ class AttnShape:
         return self.heads_q // self.heads_kv
 
 
-def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
+def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
     """Validate q, k, v of layout (batch, heads, seq, head_dim), any strides; return their sizes.
 
-    Raises TypeError for non-tensors and unsupported or mismatched dtypes, ValueError for devices,
-    ranks, sizes and head dims; the message names the argument, the value and what is accepted.
+    What planning needs (dispatch.explain for another arch): it does not ask whether this machine
+    can run them; check_inputs does. Raises TypeError for non-tensors, layouts and unsupported or
+    mismatched dtypes, ValueError for devices, ranks, sizes and head dims; the message names the
+    argument, the value and what is accepted.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout is not torch.strided or t.is_nested:
+        # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
+        if t.is_nested or t.layout is not torch.strided:
             raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs "
                             "dense (strided) tensors")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _device.INTERPRET):
-        raise ValueError(f"q, k, v are on {q.device}: the kernel needs CUDA tensors "
-                         "(CPU tensors run only under TRITON_INTERPRET=1)")
     b, hq, nq, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -82,13 +85,58 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
         if (t.shape[2] - 1) * t.stride(2) + (d - 1) * t.stride(3) > _INT32_MAX:
             raise ValueError(f"{name} spans more than 2**31 elements within one head "
                              f"(shape {tuple(t.shape)}, strides {t.stride()}): split the sequence")
-    return AttnShape(b, hq, hkv, nq, nk, d, _DTYPE_NAMES[q.dtype])
+    if fwd_grid(b, hq, nq, _MIN_BLOCK_M)[0] > GRID_X_MAX:
+        # Only broadcast (stride-0) inputs get here: real memory runs out long before.
+        raise ValueError(f"q of shape {tuple(q.shape)} needs more than 2**31-1 programs (batch x heads x "
+                         f"query blocks of {_MIN_BLOCK_M} rows), CUDA's grid limit: split the batch")
+    return AttnShape(b, hq, hkv, nq, nk, d, DTYPE_NAMES[q.dtype])
+
+
+def check_runnable(t: torch.Tensor, names: str = "q, k, v") -> None:
+    """Raise unless a kernel can run here on `t`'s device and dtype (`names`: the tensors it stands
+    for, in the message): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 in fp16/fp32.
+    ValueError for the device; TypeError for bf16 under the interpreter, whose bf16 dots are wrong."""
+    if t.device.type == "cuda":
+        return
+    if not (t.device.type == "cpu" and _device.INTERPRET):
+        raise ValueError(f"{names} are on {t.device}: the kernel needs CUDA tensors "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+    if t.dtype == torch.bfloat16:
+        raise TypeError(f"{names} are bfloat16 on the CPU: the Triton interpreter computes bf16 dots "
+                        "wrongly (numpy has no bfloat16; results are off by orders of magnitude), so "
+                        "under TRITON_INTERPRET=1 use float16 or float32; bf16 runs on CUDA GPUs")
+
+
+def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
+    """check_tensors, and check_runnable: that this machine can run the kernel on them."""
+    shape = check_tensors(q, k, v)
+    check_runnable(q)
+    return shape
+
+
+def check_causal(value: Any, name: str = "causal") -> bool:
+    """`value` as a bool when it is one (numpy bools included); TypeError naming `name` otherwise.
+
+    bool() would turn "False", "no", 2.5 or [] into causal attention: a silently wrong result
+    (torch SDPA raises TypeError for these too).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+
+
+def needs_grad(q: Any, k: Any, v: Any) -> bool:
+    """Whether autograd would have to differentiate through the call (grad mode on, an input requiring grad)."""
+    return torch.is_grad_enabled() and (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+                                        or getattr(v, "requires_grad", False))
 
 
 def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: str | None = None) -> None:
-    """Raise if `config` is not a Config or its estimated shared memory on `arch` exceeds `smem_limit`."""
+    """Raise if `config` is not a Config, has a knob the kernel does not know (kernel.variants), or
+    its estimated shared memory on `arch` exceeds `smem_limit`."""
     if not isinstance(config, Config):
         raise TypeError(f"config must be a flashtune.db.types.Config, got {type(config).__name__}")
+    fwd_variant(config)
     if smem_limit is not None:
         need = estimate_smem(config, shape.head_dim, shape.dtype, arch)
         if need > smem_limit:
@@ -114,23 +162,27 @@ def _check_precision(fp32_precision: Any) -> str:
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
            scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-    """Launch the kernel with no checks; returns (o, lse or None, Triton's compiled kernel or None).
+    """Launch the kernel with no input checks; returns (o, lse or None, Triton's compiled kernel or None).
 
-    The dispatcher's hot path and the tuner call this after validating once. Triton's own errors
-    (OutOfResources, CompilationError) propagate unchanged so the tuner can record them.
+    The dispatcher's hot path and the tuner call this after validating once. `config.extra` selects
+    the kernel variant (kernel.variants; ValueError for a knob the kernel does not know, raised
+    before anything runs). Triton's own errors (OutOfResources, CompilationError) propagate
+    unchanged so the tuner can record them.
     """
+    variant = fwd_variant(config) if config.extra else PLAIN_FWD
     o = torch.empty_like(q) if out is None else out
     lse = (torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
            if return_lse else o)
-    grid = (triton.cdiv(shape.seq_q, config.block_m), shape.heads_q, shape.batch)
-    compiled = attn_fwd_kernel[grid](
+    grid = fwd_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
+    compiled = variant.kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        shape.seq_q, shape.seq_k, shape.group, scale * 1.4426950408889634,  # log2(e): exp2 in-kernel
+        shape.seq_q, shape.seq_k, shape.heads_q, shape.group,
+        scale * 1.4426950408889634,  # log2(e): exp2 in-kernel
         HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **variant.constexprs,
     )
     return o, (lse if return_lse else None), compiled
 
@@ -140,12 +192,16 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
                   fp32_precision: str = "ieee") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask])·V, with an explicit config.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides. `causal` is
-    top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides. `causal` (a bool)
+    is top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
     float32 inputs use IEEE fp32 dots unless fp32_precision="tf32". With return_lse, also returns
-    the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq).
+    the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq). Inputs that require grad while
+    grad mode is on raise NotImplementedError: the kernel has no backward yet.
     """
     shape = check_inputs(q, k, v)
+    causal = check_causal(causal)
+    if needs_grad(q, k, v):
+        raise NotImplementedError(f"attention_fwd does not support {GRAD_UNSUPPORTED}")
     scale = check_scale(scale, shape.head_dim)
     precision = _check_precision(fp32_precision)
     on_gpu = q.device.type == "cuda"
@@ -154,6 +210,6 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if config is None:
         config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_config(config, shape, smem_limit, arch)
-    o, lse, _ = launch(q, k, v, shape, causal=bool(causal), scale=scale, config=config,
+    o, lse, _ = launch(q, k, v, shape, causal=causal, scale=scale, config=config,
                        return_lse=return_lse, fp32_precision=precision)
     return (o, lse) if return_lse else o
