@@ -305,8 +305,9 @@ def default_decode_config(seq_q: int, seq_kv: int, head_dim: int, dtype: str, *,
 
     batch_heads is B·Hq and group Hq/Hkv, as in the tuning key. M tile: the packed rows G·Nq
     rounded up to a power of two, 16 to 64 (128 for D <= 64). Splits: enough programs for
-    `TARGET_PROGRAMS_PER_SM` per SM over B·Hkv heads, at least cdiv(Nmax, MAX_SPLIT_KEYS) (so that
-    ragged batches balance), and no split shorter than MIN_SPLIT_TILES tiles.
+    `TARGET_PROGRAMS_PER_SM` per SM over B·Hkv heads, at least cdiv(Nmax, MAX_SPLIT_KEYS) for up
+    to 16 packed rows (so that a ragged batch launches as many live programs as a uniform one of
+    the same total length), and no split shorter than MIN_SPLIT_TILES tiles.
     """
     dtype = normalize_dtype(dtype)
     rows = group * seq_q
@@ -325,18 +326,23 @@ def default_decode_config(seq_q: int, seq_kv: int, head_dim: int, dtype: str, *,
             block_n, warps, stages = bn, w, s
             break
     splits = default_num_splits(seq_kv, block_n, batch_heads_kv=max(1, batch_heads // max(1, group)),
-                                m_blocks=triton.cdiv(rows, block_m), sm_count=sm_count)
+                                rows=rows, block_m=block_m, sm_count=sm_count)
     return Config(block_m, block_n, warps, stages, ((SPLITS_KNOB, splits),))
 
 
-def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, m_blocks: int = 1,
+def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, rows: int = 1, block_m: int = 16,
                        sm_count: int | None = None) -> int:
-    """The split count rule of `default_decode_config` (see there)."""
+    """The split count rule of `default_decode_config` (see there). `rows` = G·Nq per KV head.
+
+    The split-size cap grows with the rows per KV head: each split writes rows·D fp32 partials
+    (and pass 2 reads them back) against split·D·2 elements of K and V, so the cap keeps that
+    traffic near 2·rows/MAX_SPLIT_KEYS of the cache's (under 2% for 8 rows), never the bulk.
+    """
     sms = sm_count or DEFAULT_SM_COUNT
     tiles = triton.cdiv(seq_kv, block_n)
-    programs = batch_heads_kv * m_blocks
+    programs = batch_heads_kv * triton.cdiv(rows, block_m)
     splits = triton.cdiv(TARGET_PROGRAMS_PER_SM * sms, programs)
-    splits = max(splits, triton.cdiv(seq_kv, MAX_SPLIT_KEYS))
+    splits = max(splits, triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16)))
     splits = min(splits, max(1, tiles // MIN_SPLIT_TILES))
     splits = min(splits, max(1, MAX_PROGRAMS // programs))
     return max(1, splits)

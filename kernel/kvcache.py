@@ -18,7 +18,7 @@ from .decode import (SPLITS_KNOB, DecodePlan, combine_block_s, combine_warps, de
 from .launch import AttnShape, check_scale
 
 __all__ = ["KVCACHE_HEAD_DIMS", "attention_kvcache", "check_cache_seqlens", "check_decode_config",
-           "check_kvcache_inputs", "decode_config_for", "launch_decode"]
+           "check_kvcache_inputs", "decode_config_for", "decode_partials", "launch_decode"]
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",

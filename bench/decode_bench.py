@@ -1,0 +1,378 @@
+"""Decode / KV-cache benchmark (issue 12): the split-KV kernel vs torch SDPA flash and cuDNN, in TB/s.
+
+Cases (bf16, D=128, Hq=32, Hkv=8 unless --smoke): B=8 Nk=32768, B=8 Nk=4096, B=64 Nk=2048 with Nq=1;
+a few Nq=4/8 rows (one bottom-right causal); ragged batches (lengths from 1 to 32k in one static
+cache) beside the uniform batch of the same total length. For each case: flashtune's default decode
+config, the best of a small grid (num_splits x BLOCK_N x warps x stages; every config is checked
+against an fp32 reference before it is timed, and a wrong one is reported, never best), the public
+`attention_kvcache` end to end (its cache_seqlens check syncs), and SDPA's flash and cuDNN backends
+in the same process (GQA through enable_gqa=True, else repeated heads; a backend that refuses a shape
+is reported, not fatal). SDPA has no per-sequence lengths: ragged cases have no SDPA figure.
+
+Effective bandwidth = (K and V bytes of the live tokens + Q + O bytes) / median time, in TB/s. Times are
+`triton.testing.do_bench` medians, which flush the L2 between repetitions. Every timing goes to
+<out>/decode_bench.csv, a summary with the versions to <out>/decode_bench.json (both rewritten after
+each case, so an interrupted run keeps what it measured); a table is printed last. The exit status is
+1 when any config gave a wrong result.
+
+    python3 bench/decode_bench.py --out bench/results                # on the GPU machine
+    TRITON_INTERPRET=1 python3 bench/decode_bench.py --smoke --out /tmp/decode_smoke   # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+# Targets from issue 12, TB/s effective (the card's copy bandwidth is about 4.3 TB/s).
+TARGETS = {"b8_n32k": 3.6, "b8_n4k": 2.4, "b64_n2k": 3.5}
+BOUND = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-4}  # ‖o − ref‖/‖ref‖ against the fp32 reference
+
+
+@dataclass
+class Case:
+    name: str
+    batch: int
+    seq_q: int
+    n_max: int
+    lengths: list[int] | None = None  # None: every sequence has n_max keys (no cache_seqlens)
+    causal: bool = False
+    compare_to: str | None = None  # for ragged cases: the uniform case of the same total length
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(self.lengths) if self.lengths is not None else self.batch * self.n_max
+
+
+def _uniform_like(name: str, ragged: Case) -> Case:
+    """The batch of the same size and total length with every sequence equally long."""
+    n = max(1, round(ragged.kv_tokens / ragged.batch))
+    return Case(name, ragged.batch, ragged.seq_q, n, [n] * ragged.batch, ragged.causal)
+
+
+def gpu_cases() -> list[Case]:
+    import random
+
+    cases = [Case("b8_n32k", 8, 1, 32768), Case("b8_n4k", 8, 1, 4096), Case("b64_n2k", 64, 1, 2048)]
+    lin = [max(1, round(1 + i * (32768 - 1) / 7)) for i in range(8)]  # 1 .. 32768, evenly spread
+    cases.append(Case("ragged_b8", 8, 1, 32768, lin, compare_to="uniform_b8"))
+    cases.append(_uniform_like("uniform_b8", cases[-1]))
+    rng = random.Random(12)
+    rand = [rng.randint(1, 32768) for _ in range(32)]
+    rand[0], rand[1] = 1, 32768
+    cases.append(Case("ragged_b32", 32, 1, 32768, rand, compare_to="uniform_b32"))
+    cases.append(_uniform_like("uniform_b32", cases[-1]))
+    cases += [Case("b8_n4k_q4", 8, 4, 4096), Case("b8_n32k_q4", 8, 4, 32768),
+              Case("b8_n4k_q4_causal", 8, 4, 4096, causal=True), Case("b64_n2k_q8", 64, 8, 2048)]
+    return cases
+
+
+def smoke_cases() -> list[Case]:
+    ragged = Case("ragged_smoke", 3, 1, 96, [1, 50, 96], compare_to="uniform_smoke")
+    return [Case("b2_n64", 2, 1, 64), ragged, _uniform_like("uniform_smoke", ragged),
+            Case("b2_n40_q4_causal", 2, 4, 40, [40, 7], causal=True)]
+
+
+def config_grid(default: Any, seq_kv: int, size: str) -> list[Any]:
+    """num_splits around the default's x BLOCK_N x (warps, stages); the default's M tile."""
+    from flashtune.db.types import Config
+    from flashtune.kernel.decode import SPLITS_KNOB
+
+    s = int(default.extra_dict.get(SPLITS_KNOB, 1))
+    if size == "smoke":
+        return [Config(default.block_m, 16, 2, 1, {SPLITS_KNOB: n}) for n in (1, 3)]
+    if size == "small":
+        splits = {max(1, s // 2), s, 2 * s}
+        tiles, warps_stages = (64, 128), ((4, 2), (4, 3), (8, 3))
+    else:
+        splits = {1, max(1, s // 4), max(1, s // 2), s, 2 * s, 4 * s}
+        tiles, warps_stages = (32, 64, 128), ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (2, 3))
+    grid = []
+    for n, bn, (w, st) in itertools.product(sorted(splits), tiles, warps_stages):
+        if n <= max(1, math.ceil(seq_kv / bn)):
+            grid.append(Config(default.block_m, bn, w, st, {SPLITS_KNOB: n}))
+    return grid
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results", help="directory for decode_bench.csv/.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp16 on CPU, SDPA's math backend instead "
+                    "of flash/cuDNN (runs on CPU under TRITON_INTERPRET=1)")
+    ap.add_argument("--grid", choices=("small", "full"), default="small", help="configs tried per case")
+    ap.add_argument("--cases", default="", help="comma list of case names to run (default: all)")
+    ap.add_argument("--rep", type=int, default=30, help="do_bench repetition budget per timing, ms")
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    if not torch.cuda.is_available():
+        if not args.smoke:
+            ap.error("no CUDA GPU: run with --smoke (tiny shapes under the Triton interpreter)")
+        # Must be set before triton and the kernels are imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+    import triton
+
+    from flashtune.kernel.decode import decode_bytes
+    from flashtune.kernel.kvcache import (attention_kvcache, check_kvcache_inputs, decode_config_for,
+                                          launch_decode)
+    from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        dtype, heads_q, heads_kv, head_dim = (torch.bfloat16 if device == "cuda" else torch.float16), 4, 2, 32
+        # SDPA's math backend stands in for flash/cuDNN so that the baseline code path runs too.
+        cases, size, use_sdpa = smoke_cases(), "smoke", not args.no_sdpa
+    else:
+        dtype, heads_q, heads_kv, head_dim = torch.bfloat16, 32, 8, 128
+        cases, size, use_sdpa = gpu_cases(), args.grid, not args.no_sdpa
+    dtype_name = str(dtype).removeprefix("torch.")
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        unknown = wanted - {c.name for c in cases}
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(sorted(unknown))}: known {', '.join(c.name for c in cases)}")
+        cases = [c for c in cases if c.name in wanted]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    elt = torch.empty((), dtype=dtype).element_size()
+
+    def timer(fn: Callable[[], Any]) -> float:
+        if on_gpu:
+            return float(triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median"))
+        times = []
+        for _ in range(2):  # the interpreter: only proves the path runs
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    meta: dict[str, Any] = dict(
+        device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (Triton interpreter)",
+        triton=triton.__version__, torch=torch.__version__, dtype=dtype_name, heads_q=heads_q, heads_kv=heads_kv,
+        head_dim=head_dim, grid=size, rep_ms=args.rep, smoke=args.smoke,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        meta.update(sm_count=props.multi_processor_count, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    try:
+        from flashtune.kernel.version import KERNEL_VERSION
+
+        meta["kernel_version"] = KERNEL_VERSION
+    except Exception:  # noqa: BLE001 - provenance only
+        pass
+    import hashlib
+
+    meta["decode_source_sha"] = hashlib.sha256(
+        (Path(__file__).resolve().parent.parent / "kernel" / "decode.py").read_bytes()).hexdigest()[:12]
+
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, Any]] = {}
+
+    def save() -> None:
+        if rows:
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            with open(out_dir / "decode_bench.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+        (out_dir / "decode_bench.json").write_text(json.dumps(dict(meta=meta, cases=summary), indent=1))
+
+    for case in cases:
+        t_case = time.perf_counter()
+        print(f"[{case.name}] B={case.batch} Nq={case.seq_q} Nmax={case.n_max} tokens={case.kv_tokens} "
+              f"causal={case.causal}", flush=True)
+        gen = torch.Generator(device=device).manual_seed(zlib.crc32(case.name.encode()))
+        try:
+            q = torch.randn(case.batch, heads_q, case.seq_q, head_dim, device=device, dtype=dtype, generator=gen)
+            k = torch.randn(case.batch, heads_kv, case.n_max, head_dim, device=device, dtype=dtype, generator=gen)
+            v = torch.randn(case.batch, heads_kv, case.n_max, head_dim, device=device, dtype=dtype, generator=gen)
+            lens = (None if case.lengths is None
+                    else torch.tensor(case.lengths, dtype=torch.int32, device=device))
+            shape = check_kvcache_inputs(q, k, v)
+            ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=case.causal,
+                                              dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other cases still run
+            print(f"  setup failed: {_short(exc)}", flush=True)
+            summary[case.name] = dict(error=_short(exc))
+            save()
+            continue
+        nbytes = decode_bytes(batch=case.batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=case.seq_q,
+                              kv_tokens=case.kv_tokens, head_dim=head_dim, elt=elt)
+        tbps = lambda ms: nbytes / (ms * 1e-3) / 1e12  # noqa: E731
+        scale = head_dim ** -0.5
+        base = dict(case=case.name, batch=case.batch, seq_q=case.seq_q, n_max=case.n_max, kv_tokens=case.kv_tokens,
+                    causal=int(case.causal), bytes=nbytes)
+
+        def rel_err(o: Any) -> float:
+            diff = o.float() - ref
+            if not bool(torch.isfinite(diff).all()):
+                return math.inf
+            return float(diff.norm() / ref.norm().clamp_min(1e-30))
+
+        def measure(label: str, kind: str, fn: Callable[[], Any], extra: dict[str, Any] | None = None,
+                    check: bool = True) -> float | None:
+            """Run once, check against the reference, time; one row either way. The time, or None."""
+            row = dict(base, provider=kind, config=label, ms=None, tbps=None, rel_err=None, status="ok", error="")
+            row.update(extra or {})
+            try:
+                o = fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if check:
+                    err = rel_err(o)
+                    row["rel_err"] = err
+                    if not err <= BOUND[dtype_name]:
+                        row["status"] = "wrong_result"
+                        print(f"  WRONG RESULT {kind} {label}: rel err {err:.3e}", flush=True)
+                        rows.append(row)
+                        return None
+                ms = timer(fn)
+                row.update(ms=ms, tbps=tbps(ms))
+                rows.append(row)
+                return ms
+            except Exception as exc:  # noqa: BLE001 - one failing config or backend must not stop the run
+                row.update(status="error", error=_short(exc))
+                rows.append(row)
+                print(f"  {kind} {label}: {row['error']}", flush=True)
+                if os.environ.get("DECODE_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return None
+
+        default = decode_config_for(shape, q.device)
+        timings: dict[str, float] = {}
+        kernels: dict[str, Any] = {}
+        grid = config_grid(default, case.n_max, size)
+        for config in [default] + [c for c in grid if c != default]:
+            fn = lambda c=config: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=case.causal,  # noqa: E731
+                                                scale=scale, config=c)[0]
+            ms = measure(str(config), "flashtune", fn, dict(is_default=int(config == default)))
+            if ms is not None:
+                timings[str(config)] = ms
+        api_ms = measure("attention_kvcache(default)", "flashtune_api",
+                         lambda: attention_kvcache(q, k, v, cache_seqlens=lens, causal=case.causal))
+
+        sdpa: dict[str, dict[str, Any]] = {}
+        if use_sdpa and case.lengths is not None and any(n != case.n_max for n in case.lengths):
+            case.notes.append("SDPA has no per-sequence lengths: no baseline for a ragged batch")
+        elif use_sdpa and case.causal and case.seq_q > 1:
+            case.notes.append("SDPA's is_causal is top-left: no bottom-right baseline without a mask")
+        elif use_sdpa:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            group = heads_q // heads_kv
+            backends = ((("sdpa_math", SDPBackend.MATH),) if args.smoke else
+                        (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)))
+            for name, backend in backends:
+                for how in ("enable_gqa", "repeat_kv"):
+                    if how == "enable_gqa":
+                        kk, vv, kw = k, v, {"enable_gqa": True}
+                    else:  # the backend refused GQA: give it one KV head per query head (not timed: built here)
+                        kk, vv, kw = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), {}
+
+                    def run(kk=kk, vv=vv, kw=kw, backend=backend):
+                        with sdpa_kernel(backend):
+                            # Nq=1: no causal mask (bottom-right causal sees every key; is_causal would not).
+                            return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, scale=scale, **kw)
+                    ms = measure(how, name, run)
+                    if ms is not None:
+                        sdpa[name] = dict(ms=ms, tbps=tbps(ms), how=how)
+                        break
+                    del kk, vv
+                if name not in sdpa:
+                    case.notes.append(f"{name}: refused or failed (see the CSV)")
+
+        ok = {c: ms for c, ms in timings.items()}
+        best = min(ok, key=ok.get) if ok else None
+        wrong = [r["config"] for r in rows if r["case"] == case.name and r["status"] == "wrong_result"]
+        failed = [r["config"] for r in rows if r["case"] == case.name and r["status"] == "error"
+                  and r["provider"] == "flashtune"]
+        best_kernel: dict[str, Any] = {}
+        if best is not None and device == "cuda":
+            try:
+                from flashtune.db.types import Config
+
+                _, compiled = launch_decode(q, k, v, shape, cache_seqlens=lens, causal=case.causal, scale=scale,
+                                            config=Config.parse(best))
+                first = compiled[0]
+                best_kernel = dict(regs=getattr(first, "n_regs", None), spills=getattr(first, "n_spills", None),
+                                   smem=getattr(getattr(first, "metadata", None), "shared", None))
+            except Exception as exc:  # noqa: BLE001 - provenance only
+                best_kernel = dict(error=_short(exc))
+        s = dict(batch=case.batch, seq_q=case.seq_q, n_max=case.n_max, kv_tokens=case.kv_tokens,
+                 causal=case.causal, bytes=nbytes, default=str(default),
+                 default_ms=timings.get(str(default)), default_tbps=tbps(timings[str(default)]) if str(default) in timings else None,
+                 best=best, best_ms=ok.get(best) if best else None, best_tbps=tbps(ok[best]) if best else None,
+                 api_ms=api_ms, api_tbps=tbps(api_ms) if api_ms else None,
+                 configs_timed=len(ok), wrong_results=wrong, failed=failed, best_kernel=best_kernel,
+                 target_tbps=TARGETS.get(case.name), compare_to=case.compare_to, notes=case.notes,
+                 wall_s=time.perf_counter() - t_case,
+                 **{f"{n}_{k_}": v_ for n, d in sdpa.items() for k_, v_ in d.items()})
+        summary[case.name] = s
+        print(f"  default {s['default']} {s['default_tbps'] or 0:.2f} TB/s | best {best} {s['best_tbps'] or 0:.2f} TB/s"
+              f" | api {s['api_tbps'] or 0:.2f} | flash {s.get('sdpa_flash_tbps') or 0:.2f} | "
+              f"cudnn {s.get('sdpa_cudnn_tbps') or 0:.2f} | {len(wrong)} wrong, {len(failed)} failed | "
+              f"{s['wall_s']:.0f} s", flush=True)
+        del q, k, v, ref
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        save()
+
+    for name, s in summary.items():  # ragged vs the uniform batch of the same total length
+        other = summary.get(s.get("compare_to") or "")
+        if other and s.get("best_ms") and other.get("best_ms"):
+            s["ragged_over_uniform_best"] = s["best_ms"] / other["best_ms"]
+        if other and s.get("default_ms") and other.get("default_ms"):
+            s["ragged_over_uniform_default"] = s["default_ms"] / other["default_ms"]
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save()
+
+    f2 = lambda x: f"{x:5.2f}" if isinstance(x, (int, float)) and x is not None else "    -"  # noqa: E731
+    print(f"\nDecode, {dtype_name} D={head_dim} Hq={heads_q} Hkv={heads_kv}: effective TB/s "
+          "((K+V of live tokens + Q + O) / median time)")
+    print(f"{'case':18s} {'B':>3s} {'Nq':>2s} {'Nmax':>6s} | {'dflt':>5s} {'best':>5s} {'api':>5s} | "
+          f"{'flash':>5s} {'cuDNN':>5s} | {'b/fl':>5s} {'target':>6s} | best config / ragged÷uniform")
+    for name, s in summary.items():
+        if "error" in s:
+            print(f"{name:18s} setup failed: {s['error']}")
+            continue
+        fl = s.get("sdpa_flash_tbps")
+        ratio = s["best_tbps"] / fl if fl and s.get("best_tbps") else None
+        tail = s.get("best") or "-"
+        if "ragged_over_uniform_best" in s:
+            tail += (f"  ragged/uniform time: best {s['ragged_over_uniform_best']:.2f}, "
+                     f"default {s.get('ragged_over_uniform_default', float('nan')):.2f}")
+        print(f"{name:18s} {s['batch']:3d} {s['seq_q']:2d} {s['n_max']:6d} | {f2(s.get('default_tbps'))} "
+              f"{f2(s.get('best_tbps'))} {f2(s.get('api_tbps'))} | {f2(fl)} {f2(s.get('sdpa_cudnn_tbps'))} | "
+              f"{f2(ratio)} {f2(s.get('target_tbps')):>6s} | {tail}")
+    bad = {n: s["wrong_results"] for n, s in summary.items() if s.get("wrong_results")}
+    if bad:
+        print(f"\nWRONG RESULTS (never counted as best): {json.dumps(bad)}")
+    print(f"\nwrote {out_dir / 'decode_bench.csv'} and {out_dir / 'decode_bench.json'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
