@@ -59,3 +59,7 @@ def device_name(device: torch.device | int | str) -> str:
     """Marketing name of a CUDA device, e.g. 'NVIDIA H200'."""
     return _props(_cuda_index(device)).name
 
+
+def device_sm_count(device: torch.device | int | str) -> int:
+    """Number of streaming multiprocessors of a CUDA device (persistent grids, the tuner's records)."""
+    return int(_props(_cuda_index(device)).multi_processor_count)

@@ -17,7 +17,7 @@ import triton
 
 from ..db.arch import normalize_arch, smem_limit
 from ..db.store import RunInfo
-from ..kernel.device import device_arch, device_name, device_smem_limit
+from ..kernel.device import device_arch, device_name, device_sm_count, device_smem_limit
 from ..kernel.version import KERNEL_VERSION
 
 
@@ -67,9 +67,8 @@ def detect_gpu(index: int = 0) -> GpuInfo:
     if not torch.cuda.is_available() or torch.cuda.device_count() <= index:
         raise NoGpuError("no CUDA GPU is visible (torch.cuda.is_available() is False); "
                          "use --dry-run --arch sm_XY to plan without one")
-    # The arch, name and shared-memory limit come from kernel.device, the answers the dispatcher uses.
-    return GpuInfo(name=device_name(index), arch=device_arch(index),
-                   sm_count=int(torch.cuda.get_device_properties(index).multi_processor_count),
+    # kernel.device answers: the same the dispatcher and the kernels use.
+    return GpuInfo(name=device_name(index), arch=device_arch(index), sm_count=device_sm_count(index),
                    smem_limit=device_smem_limit(index), driver=_driver_version(), cuda=str(torch.version.cuda),
                    triton_version=triton.__version__, torch_version=torch.__version__, host=platform.node(),
                    present=True, index=index)
