@@ -263,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
         default = decode_config_for(shape, q.device)
         timings: dict[str, float] = {}
-        kernels: dict[str, Any] = {}
         grid = config_grid(default, case.n_max, size)
         for config in [default] + [c for c in grid if c != default]:
             fn = lambda c=config: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=case.causal,  # noqa: E731
@@ -323,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 best_kernel = dict(error=_short(exc))
         s = dict(batch=case.batch, seq_q=case.seq_q, n_max=case.n_max, kv_tokens=case.kv_tokens,
                  causal=case.causal, bytes=nbytes, default=str(default),
-                 default_ms=timings.get(str(default)), default_tbps=tbps(timings[str(default)]) if str(default) in timings else None,
+                 default_ms=timings.get(str(default)),
+                 default_tbps=tbps(timings[str(default)]) if str(default) in timings else None,
                  best=best, best_ms=ok.get(best) if best else None, best_tbps=tbps(ok[best]) if best else None,
                  api_ms=api_ms, api_tbps=tbps(api_ms) if api_ms else None,
                  configs_timed=len(ok), wrong_results=wrong, failed=failed, best_kernel=best_kernel,
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
               f" | api {s['api_tbps'] or 0:.2f} | flash {s.get('sdpa_flash_tbps') or 0:.2f} | "
               f"cudnn {s.get('sdpa_cudnn_tbps') or 0:.2f} | {len(wrong)} wrong, {len(failed)} failed | "
               f"{s['wall_s']:.0f} s", flush=True)
-        del q, k, v, ref
+        q = k = v = ref = None  # free the case's tensors before the next one is built
         if device == "cuda":
             torch.cuda.empty_cache()
         save()

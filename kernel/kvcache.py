@@ -6,6 +6,7 @@ conventions: per-sequence valid lengths and bottom-right causal alignment.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -15,14 +16,12 @@ from ..db.types import Config
 from . import device as _device
 from .decode import (SPLITS_KNOB, DecodePlan, combine_block_s, combine_warps, decode_combine_kernel,
                      decode_split_kernel, default_decode_config, estimate_decode_smem, plan_decode)
+from .dtypes import DTYPE_NAMES
 from .launch import AttnShape, check_scale
 
 __all__ = ["KVCACHE_HEAD_DIMS", "attention_kvcache", "check_cache_seqlens", "check_decode_config",
            "check_kvcache_inputs", "decode_config_for", "decode_partials", "launch_decode"]
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-}
 # flash_attn's rule: every multiple of 8 up to 256 (the kernel pads to a power of two with masks).
 KVCACHE_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
 _INT32_MAX = 2**31 - 1
@@ -49,7 +48,7 @@ def check_kvcache_inputs(q: Any, k_cache: Any, v_cache: Any) -> AttnShape:
         if t.dim() != 4:
             layout = "(batch, heads, seq_len, head_dim)" if name == "q" else "(batch, heads_kv, max_seq_len, head_dim)"
             raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPE_NAMES:
+        if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
@@ -87,7 +86,7 @@ def check_kvcache_inputs(q: Any, k_cache: Any, v_cache: Any) -> AttnShape:
         # Only broadcast (stride-0) inputs get here: real memory runs out long before.
         raise ValueError(f"q of shape {tuple(q.shape)} has more than 2**31-1 rows (batch x heads x queries), "
                          "CUDA's grid limit for the combine pass: split the batch")
-    return AttnShape(b, hq, hkv, nq, nmax, d, _DTYPE_NAMES[q.dtype])
+    return AttnShape(b, hq, hkv, nq, nmax, d, DTYPE_NAMES[q.dtype])
 
 
 def _lengths_checkable(t: torch.Tensor) -> bool:
@@ -173,12 +172,18 @@ def check_decode_config(config: Any, shape: AttnShape, smem_limit: int | None, a
                              f"{shape.head_dim} {shape.dtype}; this GPU allows {smem_limit // 1024} KB per block")
 
 
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
 def decode_config_for(shape: AttnShape, device: torch.device) -> Config:
     """The default decode config for these sizes on `device` (its SM count, arch and shared memory)."""
     if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
         return default_decode_config(shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
                                      batch_heads=shape.batch * shape.heads_q, group=shape.group,
-                                     sm_count=_device.device_sm_count(device), arch=_device.device_arch(device),
+                                     sm_count=_sm_count(index), arch=_device.device_arch(device),
                                      smem_limit=_device.device_smem_limit(device))
     return default_decode_config(shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
                                  batch_heads=shape.batch * shape.heads_q, group=shape.group)

@@ -44,7 +44,8 @@ CASES = [
 
 def _ids(case) -> str:
     b, hq, hkv, nq, nmax, d, causal, lens, config = case
-    return f"b{b}h{hq}/{hkv}q{nq}n{nmax}d{d}{'c' if causal else ''}{'r' if lens else ''}-s{config.extra_dict[SPLITS_KNOB]}"
+    flags = ("c" if causal else "") + ("r" if lens else "")
+    return f"b{b}h{hq}/{hkv}q{nq}n{nmax}d{d}{flags}-s{config.extra_dict[SPLITS_KNOB]}"
 
 
 def _inputs(case, dtype, device, seed):

@@ -1,0 +1,529 @@
+"""The forward attention kernel with Q/K/V loaded through tensor descriptors (TMA on sm_90 and newer).
+
+Same math and semantics as kernel/fwd.py: online softmax in base 2 with the scale folded into one
+multiply, fp32 accumulation, causal top-left aligned like torch SDPA, GQA by `head // group`, any
+sequence length, output in q's layout, optional natural-log LSE. What differs is how tiles move:
+each program builds 2-D descriptors (rows × head dim) over its own (batch, head) slices, so the
+descriptor bounds zero-fill rows past the sequence end and columns past the head dim (80, 96, 112,
+160 and 192 load a power-of-two box whose tail columns read as zeros) and clip the output store.
+On Hopper the loads become TMA copies (`cp.async.bulk.tensor`) that feed `wgmma` from shared memory.
+
+Knobs, carried in `Config.extra` (see `TMA_KNOBS`):
+- `loads`: "tma" (this variant; kernel/fwd.py is "ptr").
+- `ws`: Triton's automatic warp specialisation of the KV loop (`tl.range(..., warp_specialize=True)`).
+  Triton's Hopper pass (3.6 and 3.9 alike) applies it to 4-warp kernels only, which it turns into
+  one producer warpgroup issuing the TMA loads and two consumer warpgroups splitting the query
+  rows (12 warps, FA3's layout without its ping-pong); with other warp counts `ws` compiles to the
+  plain kernel (`ws_active`). The pass fails on a kernel holding a second loop after the
+  specialised one, or any if/else, so with `ws` the KV loop is one loop that masks every tile
+  (the plain kernel splits off the masked diagonal/tail tiles). A no-op under the interpreter.
+- `schedule`: the order programs take work in, which matters for causal attention where a query
+  block's cost grows with its index:
+  "grid" (query blocks in order, as kernel/fwd.py), "heavy_first" (reversed, so the grid ends on
+  the cheapest blocks instead of the most expensive ones), "persistent" (about one wave of
+  programs striding over work units; causally a unit is the pair of query blocks i and
+  last - i of one head, which always costs the same, so the programs stay balanced).
+
+Device-side descriptors need a global scratch buffer from `triton.set_allocator`; `launch_tma`
+installs one (torch's caching allocator) if the calling thread has none. Inputs a descriptor cannot
+describe (last dim not contiguous, strides or base pointers not 16-byte aligned) are refused with a
+ValueError before anything launches (`tma_refusal`), so the caller can fall back to the pointer kernel.
+
+Triton 3.6 (the H200) and 3.9 (here) share the APIs used: `tl.make_tensor_descriptor(base, shape,
+strides, block_shape)`, `tl.range(..., warp_specialize=)` and `triton.set_allocator`; the warp
+specialisation keyword is still feature-detected so a Triton without it refuses `ws=True` cleanly.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+import triton
+import triton.language as tl
+
+from ..db.types import DTYPE_BYTES, Config, normalize_dtype
+
+from . import device as _device
+
+# --- the knob contract -------------------------------------------------------------------------
+
+SCHEDULES: tuple[str, ...] = ("grid", "heavy_first", "persistent")
+# Every knob this variant reads from Config.extra, with its legal values; the first is the default.
+TMA_KNOBS: dict[str, tuple[Any, ...]] = {
+    "loads": ("tma",),
+    "ws": (False, True),
+    "schedule": SCHEDULES,
+}
+TMA_ARCHS_MIN = 90  # TMA (cp.async.bulk.tensor) exists from Hopper on
+
+HAS_WARP_SPECIALIZE: bool = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+HAS_TENSOR_DESCRIPTORS: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+_TMA_ALIGN = 16  # bytes: base addresses and every stride but the last (CUDA tensor-map rules)
+_TMA_MAX_STRIDE = 1 << 40  # bytes
+_LOG2E = 1.4426950408889634
+_GRID_X_MAX = 2**31 - 1
+
+
+def tma_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
+    """(ws, schedule) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
+    unknown = sorted(set(extra) - set(TMA_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown knob(s) for the TMA forward kernel: {', '.join(unknown)}; "
+                         f"known: {', '.join(TMA_KNOBS)}")
+    loads = extra.get("loads", "tma")
+    if loads != "tma":
+        raise ValueError(f"loads={loads!r}: the TMA forward kernel runs loads='tma' only")
+    ws = extra.get("ws", False)
+    if not isinstance(ws, bool):
+        raise ValueError(f"ws={ws!r}: must be true or false")
+    schedule = extra.get("schedule", "grid")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    return ws, schedule
+
+
+@lru_cache(maxsize=None)
+def _config_knobs(config: Config) -> tuple[bool, str]:
+    return tma_knobs(config.extra_dict)
+
+
+def _arch_number(arch: str) -> int | None:
+    digits = "".join(ch for ch in str(arch) if ch.isdigit())
+    return int(digits) if digits else None
+
+
+def tma_supported(arch: str | None, head_dim: int, q: Any = None, k: Any = None, v: Any = None, *,
+                  out: Any = None, extra: Mapping[str, Any] | None = None) -> str | None:
+    """None when this variant can run; else the reason it cannot, in one line.
+
+    `arch` None means the Triton interpreter (CPU tensors). Tensors may be left out to ask about
+    the arch, head dim and knobs only (the tuner's space); with tensors, their layout is checked
+    too (see `tma_refusal`). Every head dim of flashtune runs, the padded ones (80, 96, 112, 160,
+    192) through a power-of-two box whose extra columns the descriptor bounds zero-fill.
+    """
+    if not HAS_TENSOR_DESCRIPTORS:
+        return f"Triton {triton.__version__} has no tensor descriptors (tl.make_tensor_descriptor, set_allocator)"
+    if arch is not None:
+        number = _arch_number(arch)
+        if number is None or number < TMA_ARCHS_MIN:
+            return f"{arch} has no TMA: the tensor-descriptor kernel needs sm_90 or newer"
+    if head_dim < 16 or head_dim > 256 or head_dim % 16:
+        return f"head dim {head_dim}: the tensor-descriptor kernel takes multiples of 16 up to 256"
+    if extra is not None:
+        try:
+            ws, _ = tma_knobs(extra)
+        except ValueError as exc:
+            return str(exc)
+        if ws and not HAS_WARP_SPECIALIZE:
+            return f"Triton {triton.__version__} has no tl.range(warp_specialize=...): ws=true cannot run"
+    if q is not None:
+        return tma_refusal(q, k, v, out)
+    return None
+
+
+def _layout_problem(name: str, t: torch.Tensor) -> str | None:
+    elt = t.element_size()
+    if t.shape[3] > 1 and t.stride(3) != 1:
+        return f"{name} has last-dim stride {t.stride(3)}: tensor descriptors need a contiguous head dim"
+    if t.data_ptr() % _TMA_ALIGN:
+        return f"{name} starts at an address that is not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16})"
+    for dim, label in ((0, "batch"), (1, "head")):
+        # These only move the base address (0 is fine: an expanded, shared K/V), which must stay aligned.
+        if t.shape[dim] > 1 and (t.stride(dim) * elt) % _TMA_ALIGN:
+            return (f"{name} has {label} stride {t.stride(dim)} elements ({t.stride(dim) * elt} bytes): the "
+                    "tensor descriptors' base addresses need it to be a multiple of 16 bytes")
+    # The row stride goes into the descriptor itself. A size-1 dim's stride addresses nothing (the
+    # kernel gets a clean one).
+    row_bytes = t.stride(2) * elt
+    if t.shape[2] > 1 and (row_bytes % _TMA_ALIGN or not 0 < row_bytes < _TMA_MAX_STRIDE):
+        return (f"{name} has sequence stride {t.stride(2)} elements ({row_bytes} bytes): tensor descriptors "
+                "need a positive row stride that is a multiple of 16 bytes")
+    return None
+
+
+def tma_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> str | None:
+    """Why the tensor descriptors cannot describe these (already validated) inputs, or None.
+
+    TMA needs the head dim contiguous, the base address and every other stride 16-byte aligned.
+    `out`, when given, must also match q's shape and dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        problem = _layout_problem(name, t)
+        if problem:
+            return problem
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            return (f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; "
+                    f"expected q's {tuple(q.shape)}, {q.dtype} on {q.device}")
+        return _layout_problem("out", out)
+    return None
+
+
+# --- the shared-memory model -------------------------------------------------------------------
+
+
+def _pow2_at_least(x: int) -> int:
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+def ws_active(config: Config, arch: str | None) -> bool:
+    """Whether Triton really warp-specialises this config: its Hopper pass (Triton 3.6 and 3.9) takes
+    4-warp kernels only and makes them 1 producer + 2 consumer warpgroups (12 warps); with any other
+    count `ws` compiles to the plain single-loop kernel."""
+    ws, _ = _config_knobs(config)
+    return ws and config.num_warps == 4 and (arch is None or _arch_number(arch) == 90)
+
+
+def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
+    """Estimated shared memory (bytes) of the TMA forward kernel compiled with `config` for `arch`.
+
+    Pure Python (db-style; it can move to flashtune.db.smem as is). Fitted to the compiled kernels'
+    `metadata.shared` for sm_90 (Triton 3.6 and 3.9, bench/results/fwd_tma_smem_sm90.jsonl):
+    - the Q box once, and K and V boxes `num_stages` deep (TMA writes them straight into shared
+      memory, so every stage is resident);
+    - the output leaves through a Q-sized staging box; in a grid kernel it reuses the K/V ring once
+      the loop is done, so it costs nothing unless the ring is more than twice the Q box (then the
+      packing adds 1 KB); in the persistent kernel it lives beside the ring (+ one Q box);
+    - warp specialisation (when Triton applies it, `ws_active`) adds a 128-row (at least BLOCK_M)
+      staging box for the consumers and its barriers; in the persistent kernel it also buffers the
+      Q box `num_stages` deep, since the next tile's Q load is issued early;
+    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 640 with warp specialisation.
+    `arch` None plans for sm_90; the layout is the same on newer TMA archs as far as measured.
+    """
+    _, schedule = _config_knobs(config)
+    persistent = schedule == "persistent"
+    elt = DTYPE_BYTES[normalize_dtype(dtype)]
+    d = _pow2_at_least(head_dim)
+    q_box, kv_box = config.block_m * d * elt, config.block_n * d * elt
+    stages = max(1, config.num_stages)
+    ring = 2 * stages * kv_box
+    if ws_active(config, arch):
+        q_bufs = stages * q_box if persistent else q_box
+        return q_bufs + ring + max(config.block_m, 128) * d * elt + 640
+    staging = q_box if persistent else 0
+    return q_box + ring + staging + (1024 if ring > 2 * q_box else 64)
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k, qk_scale,
+              MASK_COLS: tl.constexpr, MASK_DIAG: tl.constexpr, NEG_SCALE: tl.constexpr,
+              PRECISION: tl.constexpr):
+    # One BLOCK_N tile of keys. MASK_COLS drops keys past seq_k (the descriptor zero-fills them, so
+    # they would score 0, not -inf); MASK_DIAG applies the causal mask. Unmasked (the steady state),
+    # the row max is taken on the raw scores and scaled once, so the exponent is one FMA per score.
+    k = k_desc.load([start_n, 0])
+    qk = tl.dot(q, k.T, input_precision=PRECISION)
+    if MASK_COLS or MASK_DIAG:
+        cols = start_n + offs_n
+        # Rows see key 0 before any tile can mask them fully (top-left causal), so m_new is
+        # finite and the masked scores give exp2(-inf) = 0.
+        if MASK_DIAG:
+            valid = offs_m[:, None] >= cols[None, :]
+            if MASK_COLS:
+                valid = valid & (cols < seq_k)[None, :]
+            qk = tl.where(valid, qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale + tl.where(cols < seq_k, 0.0, float("-inf"))[None, :]  # one FMA per score
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:
+        if NEG_SCALE:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)  # a negative scale flips the order
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = v_desc.load([start_n, 0])
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _tma_tile(Q, K, V, O, LSE, pid_m, head, batch,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+              seq_q, seq_k, heads_q, group, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+              WS: tl.constexpr, NEG_SCALE: tl.constexpr, EVEN_N: tl.constexpr):
+    # One BLOCK_M block of queries of one (batch, head), start to finish.
+    head_kv = (head // group).to(tl.int64)
+    batch = batch.to(tl.int64)
+    head64 = head.to(tl.int64)
+    # Per-(batch, head) 2-D descriptors: their bounds are this head's rows, so a box that runs past
+    # the sequence end reads zeros (and a store there is clipped) instead of the next head's rows.
+    q_desc = tl.make_tensor_descriptor(Q + batch * stride_qb + head64 * stride_qh, shape=[seq_q, HEAD_DIM],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + batch * stride_kb + head_kv * stride_kh, shape=[seq_k, HEAD_DIM],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + batch * stride_vb + head_kv * stride_vh, shape=[seq_k, HEAD_DIM],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O + batch * stride_ob + head64 * stride_oh, shape=[seq_q, HEAD_DIM],
+                                       strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = q_desc.load([start_m, 0])
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        # Top-left alignment: query i sees keys j <= i. Keys past the block's last row are never
+        # loaded; keys before its first row need no causal mask.
+        hi = tl.minimum(seq_k, start_m + BLOCK_M)
+        full_hi = (tl.minimum(seq_k, start_m) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    if WS:
+        # One loop: Triton 3.6's Hopper warp-specialisation pass fails (PassManager::run failed) on a
+        # function with a second loop beside the specialised one. So every tile takes the causal mask,
+        # and the key-range mask too unless seq_k is a multiple of BLOCK_N (EVEN_N).
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
+                                      qk_scale, not EVEN_N, CAUSAL, NEG_SCALE, PRECISION)
+    else:
+        for start_n in range(0, full_hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
+                                      qk_scale, False, False, NEG_SCALE, PRECISION)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
+                                      qk_scale, True, CAUSAL, NEG_SCALE, PRECISION)
+
+    acc = acc / l_i[:, None]
+    o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
+    if STORE_LSE:
+        # Natural-log LSE of the scaled scores: m_i and l_i live in base 2.
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        row0 = (batch * heads_q + head64) * seq_q
+        tl.store(LSE + row0 + offs_m, lse, mask=offs_m < seq_q)
+
+
+# seq lengths, head counts and the work counts are not specialised on (=1, %16), so one binary
+# serves every shape of a (dtype, head dim, config): the tuner and the benchmark compile it once on
+# a small input.
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_m", "num_units", "reverse"])
+def attn_fwd_tma_kernel(Q, K, V, O, LSE,
+                        stride_qb, stride_qh, stride_qm,
+                        stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn,
+                        stride_ob, stride_oh, stride_om,
+                        seq_q, seq_k, heads_q, group, qk_scale, num_m, num_units, reverse,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+                        WS: tl.constexpr, PERSISTENT: tl.constexpr, NEG_SCALE: tl.constexpr,
+                        EVEN_N: tl.constexpr):
+    """Grid (batch * heads_q * num_m,), or (programs,) when PERSISTENT. Last dims contiguous.
+
+    `reverse` (0/1, grid schedules) takes query blocks last-first. PERSISTENT programs stride over
+    `num_units` work units, head-major; causally a unit is the query-block pair (last - i, i).
+    """
+    if PERSISTENT:
+        if CAUSAL:
+            per_head = (num_m + 1) // 2
+        else:
+            per_head = num_m
+        for unit in range(tl.program_id(0), num_units, tl.num_programs(0)):
+            bh = unit // per_head
+            i = unit % per_head
+            head = bh % heads_q
+            batch = bh // heads_q
+            tiles = 1
+            if CAUSAL:
+                tiles = 1 + (i != num_m - 1 - i).to(tl.int32)
+            # The costly block first (later blocks see more keys), then its cheap partner. One call
+            # site, so the warp-specialised loop exists once in the kernel.
+            for j in range(0, tiles):
+                pid_m = tl.where(j == 0, num_m - 1 - i, i)
+                _tma_tile(Q, K, V, O, LSE, pid_m, head, batch,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                          seq_q, seq_k, heads_q, group, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, STORE_LSE, PRECISION, WS, NEG_SCALE, EVEN_N)
+    else:
+        # One grid axis (y and z stop at 65535, which B or H alone can exceed): program p is query
+        # block p % num_m of (batch, head) p // num_m, so one head's blocks run side by side and
+        # share K and V in L2. `reverse` flips the block order by arithmetic, not an `if`: Triton's
+        # Hopper warp-specialisation pass gives up on any function holding an if/else.
+        pid = tl.program_id(0)
+        bh = pid // num_m
+        j = pid % num_m
+        pid_m = j + reverse * (num_m - 1 - 2 * j)
+        _tma_tile(Q, K, V, O, LSE, pid_m, bh % heads_q, bh // heads_q,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                  seq_q, seq_k, heads_q, group, qk_scale,
+                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, STORE_LSE, PRECISION, WS, NEG_SCALE, EVEN_N)
+
+
+# --- launching ---------------------------------------------------------------------------------
+
+
+def _scratch_allocator(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Device-side descriptors live in this scratch (128 bytes each per program). torch's caching
+    # allocator is stream-ordered, so freeing it right after the launch is safe.
+    dev = "cuda" if torch.cuda.is_available() and not _device.INTERPRET else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=dev)
+
+
+def ensure_allocator() -> None:
+    """Install the descriptor scratch allocator unless this thread already has one.
+
+    Triton keeps the allocator in a ContextVar: every new thread starts without one, so this runs
+    on each launch (a ContextVar read) rather than once per process.
+    """
+    try:
+        from triton.runtime import _allocation
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # a Triton with another layout: set ours every time
+        pass
+    triton.set_allocator(_scratch_allocator)
+
+
+def _clean_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    # Size-1 dims never advance, but their strides still reach the kernel (and the descriptor for
+    # the row dim): give them aligned values so that odd-but-harmless strides are no problem.
+    b, h, n, d = t.shape
+    sb, sh, sn = t.stride(0), t.stride(1), t.stride(2)
+    row = -(-d * t.element_size() // _TMA_ALIGN) * _TMA_ALIGN // t.element_size()
+    return (0 if b == 1 else sb, 0 if h == 1 else sh, row if n == 1 else sn)
+
+
+# Blocks per SM of each compiled persistent kernel, by (device, binary). Filled from the compiled
+# kernel's own registers, shared memory and warps after its first launch; that first launch (a
+# compile, and the tuner's validation run) uses one block per SM.
+_BLOCKS_PER_SM: dict[tuple[Any, ...], int] = {}
+
+
+def blocks_per_sm(compiled: Any, smem_per_sm: int, regs_per_sm: int = 65536, max_warps: int = 64) -> int:
+    """Blocks of a compiled Triton kernel that fit on one SM at once (at least 1).
+
+    Registers are allocated per warp in units of 256 (n_regs rounded up to 8 per thread); each block
+    also reserves 1 KB of shared memory for the system. With warp specialisation `num_warps` in the
+    metadata already counts the producer and consumer warpgroups.
+    """
+    md = compiled.metadata
+    warps = int(getattr(md, "num_warps", 4))
+    regs = int(getattr(compiled, "n_regs", 0) or 0)
+    shared = int(getattr(md, "shared", 0) or 0)
+    by_warps = max_warps // warps
+    by_regs = regs_per_sm // (warps * -(-regs * 32 // 256) * 256) if regs else by_warps
+    by_smem = smem_per_sm // (shared + 1024)
+    return max(1, min(by_warps, by_regs, by_smem, 32))
+
+
+def _sm_resources(device: torch.device) -> tuple[int, int, int]:
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or _device.device_smem_limit(device) + 1024
+    regs = getattr(props, "regs_per_multiprocessor", 0) or 65536
+    return int(props.multi_processor_count), int(smem), int(regs)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
+             config: Config, return_lse: bool, fp32_precision: str, out: torch.Tensor | None
+             ) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor, Any]:
+    """(grid, args, constexprs and options, o, lse buffer, persistent-binary key or None) of one call."""
+    ws, schedule = _config_knobs(config)
+    if ws and not HAS_WARP_SPECIALIZE:
+        raise ValueError(f"ws=true needs tl.range(warp_specialize=...), which Triton {triton.__version__} lacks")
+    problem = tma_refusal(q, k, v, out)
+    if problem:
+        raise ValueError(f"the TMA forward kernel cannot take these inputs: {problem}")
+    o = torch.empty_like(q) if out is None else out
+    if return_lse:
+        lse = torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
+    else:
+        lse = o  # never written (STORE_LSE=False); any pointer will do
+    num_m = triton.cdiv(shape.seq_q, config.block_m)
+    persistent = schedule == "persistent"
+    binary = None
+    if persistent:
+        per_head = (num_m + 1) // 2 if causal else num_m
+        num_units = shape.batch * shape.heads_q * per_head
+        if q.device.type == "cuda":
+            binary = (q.device, config, shape.head_dim, q.dtype, bool(causal), bool(return_lse), fp32_precision,
+                      scale < 0, ws and shape.seq_k % config.block_n == 0)
+            programs = _device.device_sm_count(q.device) * _BLOCKS_PER_SM.get(binary, 1)
+        else:
+            programs = 3  # the interpreter: a few programs, so each strides over several units
+        grid: tuple[int, ...] = (max(1, min(programs, num_units)),)
+    else:
+        num_units = 0
+        grid = (shape.batch * shape.heads_q * num_m,)
+        if grid[0] > _GRID_X_MAX:
+            raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
+    args = (q, k, v, o, lse,
+            *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * _LOG2E, num_m, num_units,
+            int(schedule == "heavy_first"))
+    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
+                  BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                  CAUSAL=bool(causal), STORE_LSE=bool(return_lse), PRECISION=fp32_precision,
+                  WS=ws, PERSISTENT=persistent, NEG_SCALE=scale < 0,
+                  # Only the warp-specialised loop reads it: one binary for the plain kernel.
+                  EVEN_N=ws and shape.seq_k % config.block_n == 0,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return grid, args, kwargs, o, lse, binary
+
+
+def launch_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool,
+               scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Launch the TMA kernel; returns (o, lse or None, Triton's compiled kernel or None).
+
+    `shape` is kernel.launch.AttnShape (from check_inputs). The same contract as launch.launch,
+    plus two cheap checks that raise ValueError before launching: unknown or bad knobs in
+    `config.extra` (tma_knobs), and layouts tensor descriptors cannot describe (tma_refusal).
+    Triton's own errors (OutOfResources, CompilationError, RuntimeError from an MLIR pass)
+    propagate unchanged so the tuner can record them.
+    """
+    grid, args, kwargs, o, lse, binary = _prepare(q, k, v, shape, causal, scale, config, return_lse,
+                                                  fp32_precision, out)
+    ensure_allocator()
+    compiled = attn_fwd_tma_kernel[grid](*args, **kwargs)
+    if binary is not None and binary not in _BLOCKS_PER_SM and compiled is not None:
+        _, smem, regs = _sm_resources(q.device)
+        _BLOCKS_PER_SM[binary] = blocks_per_sm(compiled, smem, regs)
+    return o, (lse if return_lse else None), compiled
+
+
+def compile_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool, scale: float,
+                config: Config, return_lse: bool = False, fp32_precision: str = "ieee") -> Any:
+    """Compile (or load from Triton's cache) the binary `launch_tma` would run, without running it.
+
+    Safe to call from many threads at once (nothing touches the GPU), so the tuner and the benchmark
+    can compile a batch in parallel and take first launches one at a time. Sizes are not specialised
+    on, so small inputs of the same dtype, head dim and layout give the real shapes' binary.
+    Returns Triton's compiled kernel (None under the interpreter, which compiles nothing).
+    """
+    grid, args, kwargs, _, _, _ = _prepare(q, k, v, shape, causal, scale, config, return_lse, fp32_precision,
+                                           None)
+    if _device.INTERPRET:
+        return None
+    return attn_fwd_tma_kernel.warmup(*args, grid=grid, **kwargs)
+
+
+def tma_config(block_m: int, block_n: int, num_warps: int, num_stages: int, *, ws: bool = False,
+               schedule: str = "grid") -> Config:
+    """A Config for this variant with its knobs in canonical form."""
+    tma_knobs({"ws": ws, "schedule": schedule})
+    return Config(block_m, block_n, num_warps, num_stages,
+                  (("loads", "tma"), ("schedule", schedule), ("ws", bool(ws))))
