@@ -184,7 +184,8 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
     """Estimated shared memory (bytes) of the TMA forward kernel compiled with `config` for `arch`.
 
     Pure Python (db-style; it can move to flashtune.db.smem as is). Fitted to the compiled kernels'
-    `metadata.shared` for sm_90 (Triton 3.6 and 3.9, bench/results/fwd_tma_smem_sm90.jsonl):
+    `metadata.shared` for sm_90 on Triton 3.6 and 3.9 (compiled offline, no GPU needed:
+    `bench/fwd_variants_bench.py --smem-offline`); it is never below them and at most 1 KB above:
     - the Q box once, and K and V boxes `num_stages` deep (TMA writes them straight into shared
       memory, so every stage is resident);
     - the output leaves through a Q-sized staging box; in a grid kernel it reuses the K/V ring once
@@ -193,7 +194,7 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
     - warp specialisation (when Triton applies it, `ws_active`) adds a 128-row (at least BLOCK_M)
       staging box for the consumers and its barriers; in the persistent kernel it also buffers the
       Q box `num_stages` deep, since the next tile's Q load is issued early;
-    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 640 with warp specialisation.
+    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 768 with warp specialisation.
     `arch` None plans for sm_90; the layout is the same on newer TMA archs as far as measured.
     """
     _, schedule = _config_knobs(config)
@@ -205,7 +206,7 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
     ring = 2 * stages * kv_box
     if ws_active(config, arch):
         q_bufs = stages * q_box if persistent else q_box
-        return q_bufs + ring + max(config.block_m, 128) * d * elt + 640
+        return q_bufs + ring + max(config.block_m, 128) * d * elt + 768
     staging = q_box if persistent else 0
     return q_box + ring + staging + (1024 if ring > 2 * q_box else 64)
 
@@ -519,6 +520,35 @@ def compile_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *
     if _device.INTERPRET:
         return None
     return attn_fwd_tma_kernel.warmup(*args, grid=grid, **kwargs)
+
+
+# Tile configs worth trying, from the Triton tutorial's Hopper grid and the pointer kernel's H200 winners.
+# Warp specialisation only with 4 warps (the only count Triton's Hopper pass takes).
+_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+    (128, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+)
+_WS_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4),
+)
+
+
+def tma_candidates(arch: str, head_dim: int, dtype: str, causal: bool, smem_limit: int) -> list[Config]:
+    """The TMA variant's configs for a tuner's space: none on archs without TMA; `heavy_first` only
+    when causal (it reorders blocks of equal cost otherwise); each fitting `smem_limit` by
+    estimate_tma_smem."""
+    if tma_supported(arch, head_dim):
+        return []
+    schedules = SCHEDULES if causal else ("grid", "persistent")
+    out = []
+    for tiles, ws in ((_TILES, False), (_WS_TILES, True)):
+        if ws and (not HAS_WARP_SPECIALIZE or _arch_number(arch) != 90):
+            continue  # elsewhere ws would compile to the plain kernel: the same config twice
+        for (bm, bn, w, st), schedule in ((t, sc) for t in tiles for sc in schedules):
+            config = tma_config(bm, bn, w, st, ws=ws, schedule=schedule)
+            if estimate_tma_smem(config, head_dim, dtype, arch) <= smem_limit:
+                out.append(config)
+    return out
 
 
 def tma_config(block_m: int, block_n: int, num_warps: int, num_stages: int, *, ws: bool = False,

@@ -15,7 +15,8 @@ import torch
 
 from flashtune.db.types import Config
 from flashtune.kernel.fwd_tma import (SCHEDULES, TMA_KNOBS, blocks_per_sm, compile_tma, estimate_tma_smem,
-                                      launch_tma, tma_config, tma_knobs, tma_refusal, tma_supported, ws_active)
+                                      launch_tma, tma_candidates, tma_config, tma_knobs, tma_refusal,
+                                      tma_supported, ws_active)
 from flashtune.kernel.launch import check_inputs
 from flashtune.kernel.reference import attention_reference, lse_reference
 
@@ -138,6 +139,18 @@ def test_compile_only_entry_point(kernel_device):
     with pytest.raises(ValueError, match="contiguous head dim"):
         qt = q.transpose(2, 3).contiguous().transpose(2, 3)
         compile_tma(qt, k, v, check_inputs(qt, k, v), causal=True, scale=0.125, config=config)
+
+
+def test_candidates_for_the_tuner_space():
+    assert tma_candidates("sm_86", 128, "float16", True, 101376) == []
+    causal = tma_candidates("sm_90", 128, "float16", True, 232448)
+    full = tma_candidates("sm_90", 128, "float16", False, 232448)
+    assert causal and full and len(set(causal)) == len(causal)
+    assert all(c.extra_dict["schedule"] != "heavy_first" for c in full)
+    assert {c.extra_dict["schedule"] for c in causal} == set(SCHEDULES)
+    assert all(c.num_warps == 4 for c in causal if c.extra_dict["ws"])
+    assert all(estimate_tma_smem(c, 128, "float16", "sm_90") <= 232448 for c in causal)
+    assert not any(c.extra_dict["ws"] for c in tma_candidates("sm_100", 128, "float16", True, 232448))
 
 
 def test_ws_takes_effect_with_four_warps_on_hopper_only():
@@ -266,50 +279,68 @@ def test_blocks_per_sm_from_the_compiled_kernel():
 
 # --- GPU: the whole grid of the variant, fp16 and bf16 ------------------------------------------
 
-GPU_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
-               (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2)]
+# Plain kernels, and warp-specialised ones (4 warps: the only count Triton's Hopper pass takes).
+GPU_CONFIGS = {False: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3)],
+               True: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2)]}
+# (head_dim, seq_len, causal): lengths no tile divides; 96 is a padded head dim.
+GPU_SHAPES = [(64, 300, True), (128, 257, False), (128, 511, True), (96, 200, True)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ws", [False, True], ids=["ws0", "ws1"])
 def test_gpu_grid(dtype, ws):
-    """Every config × schedule, causal both ways, D 64/128 (and padded 96), N not a multiple of the tile.
+    """Every config × schedule on every shape, GQA, against the fp64 reference.
 
-    Non-specialised kernels must all be right. Warp-specialised ones that Triton cannot compile or
-    that come out wrong are known compiler limitations the tuner's validation exists for: they are
-    reported (xfail naming them) rather than failing the suite, but every one that does run must
-    be right or be reported.
+    Plain kernels must all be right. Warp-specialised ones that Triton cannot compile or that come
+    out wrong are the compiler limitation the tuner's validation exists for: they are reported
+    (xfail naming each) rather than failing the suite; with none, the test passes.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import triton
 
     from flashtune.kernel.device import device_arch, device_smem_limit
 
     arch, limit = device_arch(0), device_smem_limit(0)
-    if tma_supported(arch, 128, extra={"ws": ws}):
-        pytest.skip(tma_supported(arch, 128, extra={"ws": ws}))
-    bad: list[str] = []
+    reason = tma_supported(arch, 128, extra={"ws": ws})
+    if reason:
+        pytest.skip(reason)
+    name = str(dtype).removeprefix("torch.")
     gen = torch.Generator(device="cuda").manual_seed(1234 + ws)
-    for d, n, causal in ((64, 300, True), (128, 257, False), (128, 511, True), (96, 200, True)):
+    jobs = []
+    for d, n, causal in GPU_SHAPES:
         q, k, v = (torch.randn(2, 4, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
-        kv = [x[:, ::2].contiguous() for x in (k, v)]  # GQA, 2 query heads per KV head
-        ref = attention_reference(q, kv[0], kv[1], causal=causal)
-        for bm, bn, w, s in GPU_CONFIGS:
-            for schedule in SCHEDULES:
-                config = tma_config(bm, bn, w, s, ws=ws, schedule=schedule)
-                if estimate_tma_smem(config, d, str(dtype).removeprefix("torch."), arch) > limit:
-                    continue
-                try:
-                    o, _, _ = launch_tma(q, kv[0], kv[1], check_inputs(q, *kv), causal=causal, scale=d ** -0.5,
-                                         config=config, out=torch.full_like(q, float("nan")))
-                    torch.cuda.synchronize()
-                except (RuntimeError, triton.CompilationError, triton.runtime.errors.OutOfResources) as exc:
-                    bad.append(f"{config} D={d} causal={causal}: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-                    continue
-                err = _rel(o, ref) if torch.isfinite(o).all() else math.inf
-                if not err < BOUNDS[dtype]:
-                    bad.append(f"{config} D={d} causal={causal}: relative error {err:.3g}")
+        k, v = k[:, ::2].contiguous(), v[:, ::2].contiguous()  # GQA, 2 query heads per KV head
+        ref = attention_reference(q, k, v, causal=causal)
+        for (bm, bn, w, s), schedule in ((c, sc) for c in GPU_CONFIGS[ws] for sc in SCHEDULES):
+            config = tma_config(bm, bn, w, s, ws=ws, schedule=schedule)
+            if estimate_tma_smem(config, d, name, arch) <= limit:
+                jobs.append((config, q, k, v, causal, ref))
+
+    def compile_job(job):
+        config, q, k, v, causal, _ = job
+        try:
+            compile_tma(q, k, v, check_inputs(q, k, v), causal=causal, scale=q.shape[-1] ** -0.5, config=config)
+            return None
+        except (RuntimeError, triton.CompilationError, triton.runtime.errors.OutOfResources) as exc:
+            return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+    # The first compile alone (Triton sets up its per-device caches then), the rest overlapped.
+    compile_errors = [compile_job(jobs[0])]
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        compile_errors += list(pool.map(compile_job, jobs[1:]))
+    bad: list[str] = []
+    for (config, q, k, v, causal, ref), error in zip(jobs, compile_errors):
+        where = f"{config} D={q.shape[-1]} N={q.shape[2]} causal={causal}"
+        if error:
+            bad.append(f"{where}: {error}")
+            continue
+        o, _, _ = launch_tma(q, k, v, check_inputs(q, k, v), causal=causal, scale=q.shape[-1] ** -0.5,
+                             config=config, out=torch.full_like(q, float("nan")))
+        err = _rel(o, ref) if torch.isfinite(o).all() else math.inf
+        if not err < BOUNDS[dtype]:
+            bad.append(f"{where}: relative error {err:.3g}")
     if bad and ws:
         pytest.xfail(f"Triton {triton.__version__}: {len(bad)} warp-specialised kernels failed: " + "; ".join(bad))
     assert not bad, "\n".join(bad)
