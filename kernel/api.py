@@ -14,39 +14,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .launch import check_scale, check_inputs, launch
+from .errors import launch_failure
+from .launch import GRAD_UNSUPPORTED, check_causal, check_inputs, check_scale, launch, needs_grad
 
 __all__ = ["attention", "attention_fwd_op"]
 
 
-def _triton_errors() -> tuple[type[BaseException], ...]:
-    # What a config that does not compile on this GPU raises (names differ across Triton versions).
-    found: list[type[BaseException]] = []
-    for module, name in (("triton.errors", "TritonError"),
-                         ("triton.runtime.errors", "OutOfResources"),
-                         ("triton.runtime.errors", "PTXASError"),
-                         ("triton.compiler.errors", "CompilationError")):
-        try:
-            found.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
-_TRITON_ERRORS = _triton_errors()
 _STORED = (dispatch.EXACT, dispatch.NEAREST)
-
-
-def _is_compile_failure(error: Exception) -> bool:
-    # MLIR pass failures reach Python as a bare RuntimeError from the C++ pass manager.
-    return isinstance(error, _TRITON_ERRORS) or (isinstance(error, RuntimeError) and "PassManager" in str(error))
+_COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may work: fall back
 
 
 def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float) -> Tensor:
     try:
         return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config)[0]
     except Exception as error:
-        if plan.choice.source not in _STORED or not _is_compile_failure(error):
+        if plan.choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
             raise
         plan = dispatch.config_failed(q, k, v, causal, plan.choice, error)
         return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config)[0]
@@ -74,15 +56,9 @@ def _unsupported(attn_mask: Any, dropout_p: float, query: Any, key: Any, value: 
         return "attn_mask (an explicit mask tensor; use is_causal=True for a causal mask)"
     if dropout_p:
         return f"dropout_p={dropout_p!r} (the kernel has no dropout)"
-    if torch.is_grad_enabled() and _needs_grad(query, key, value):
-        return ("inputs that require grad (the kernel has no backward yet; call it under torch.no_grad() "
-                "or torch.inference_mode())")
+    if needs_grad(query, key, value):
+        return GRAD_UNSUPPORTED
     return None
-
-
-def _needs_grad(query: Any, key: Any, value: Any) -> bool:
-    return (getattr(query, "requires_grad", False) or getattr(key, "requires_grad", False)
-            or getattr(value, "requires_grad", False))
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
@@ -104,19 +80,20 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
 
     The signature is torch.nn.functional.scaled_dot_product_attention's, so one swaps for the other.
     query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D); fp16, bf16 or fp32 (IEEE fp32 dots); any strides.
-    `is_causal` is top-left aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs
-    enable_gqa=True. Returns a new tensor laid out like `query`.
+    `is_causal` is a bool (numpy bools too; anything else is a TypeError, as with SDPA), top-left
+    aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs enable_gqa=True. Returns a new
+    tensor laid out like `query`.
 
     What the kernel does not run -- attn_mask, dropout_p > 0, inputs that require grad, CPU tensors
-    outside the Triton interpreter, dtypes/head dims/layouts check_inputs rejects -- raises
+    outside the Triton interpreter, bf16 under it, dtypes/head dims/layouts check_inputs rejects -- raises
     (NotImplementedError for the arguments, TypeError/ValueError for the tensors) naming the
     problem. `fallback=True` sends such calls to torch SDPA instead. The default is False because
     a silent fallback hides that a call is not running the tuned kernel (a performance cliff a user
     swapping SDPA for this function would want to hear about), and it cannot be undone afterwards.
     """
-    causal = bool(is_causal)
+    causal = is_causal if type(is_causal) is bool else check_causal(is_causal, "is_causal")
     # The common case decides in three cheap tests; _unsupported() repeats them to name the problem.
-    if attn_mask is not None or dropout_p or (torch.is_grad_enabled() and _needs_grad(query, key, value)):
+    if attn_mask is not None or dropout_p or (torch.is_grad_enabled() and needs_grad(query, key, value)):
         if fallback:
             return _sdpa(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa)
         raise NotImplementedError(f"flashtune attention does not support "

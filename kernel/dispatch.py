@@ -11,9 +11,10 @@ Rules, in order, for a call on a CUDA tensor of arch A with shape (Nq, Nk, D, dt
 3. Else the nearest tuned length with the same (A, "fwd", D, dtype, causal): the entry (n, n_kv)
    minimising |log2(Nq/n)| + |log2(Nk/n_kv)|; a tie goes to the larger n, then the larger n_kv.
 4. Else `kernel.defaults.default_config` for A and the device's shared-memory limit.
-A stored config (2 or 3) is used only if its estimated shared memory fits the device. One from an
-older kernel version is used with one warning; if it then fails to compile, the call and every
-later one with that config fall back to the default (also with one warning).
+A stored config (2 or 3) is used only if its estimated shared memory fits the device and the kernel
+knows its extra knobs (kernel.variants). One from an older kernel version is used with one warning;
+if it then fails to compile, the call and every later one with that config fall back to the default
+(also with one warning). An override the kernel cannot run is ignored with one warning at load.
 
 CPU tensors (only under TRITON_INTERPRET=1) never consult the table: they get the default for the
 nominal arch `INTERPRETER_ARCH` (the interpreter has no shared-memory limit or timing to tune).
@@ -31,12 +32,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from ..db.arch import ARCH_SMEM, normalize_arch
+from ..db.errors import first_line, one_line
 from ..db.smem import estimate_smem
+from ..db.text import printable, shown
 from ..db.types import Config, Key
 
 from .defaults import default_config
 from .device import device_arch, device_smem_limit
-from .launch import AttnShape, check_scale, check_inputs
+from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors
+from .variants import fwd_variant
 from .version import KERNEL_VERSION
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
@@ -52,6 +56,11 @@ DB_ENV_VAR = "FLASHTUNE_DB"  # db.paths.ENV_VAR; repeated so that a missing sqla
 INTERPRETER_ARCH = "sm_80"
 OP = "fwd"
 _MEMO_LIMIT = 4096  # distinct call signatures kept; apps with ever-changing lengths just re-resolve
+# FLASHTUNE_CONFIG is read at import, which must never fail: longer or more bracketed text is refused
+# before parsing (a deeply nested JSON extra would raise RecursionError in the parser). A real
+# override has one {...} of scalar knobs.
+_OVERRIDE_MAX_CHARS = 1000
+_OVERRIDE_MAX_BRACKETS = 16
 
 # Choice.source values.
 OVERRIDE, EXACT, NEAREST, DEFAULT = "override", "exact", "nearest", "default"
@@ -137,13 +146,25 @@ def visible_archs() -> tuple[str, ...]:
 
 
 def _read_override() -> tuple[Config | None, str | None]:
+    """FLASHTUNE_CONFIG as a config the kernel can run, or why it is ignored; never raises."""
     text = os.environ.get(CONFIG_ENV_VAR, "").strip()
     if not text:
         return None, None
-    try:
-        return Config.parse(text), None
-    except (ValueError, TypeError) as exc:
-        return None, f"flashtune: ignoring {CONFIG_ENV_VAR}={text!r}: {exc}"
+    brackets = text.count("{") + text.count("[")
+    if len(text) > _OVERRIDE_MAX_CHARS:
+        problem = f"longer than {_OVERRIDE_MAX_CHARS} characters"
+    elif brackets > _OVERRIDE_MAX_BRACKETS:
+        problem = f"{brackets} brackets ('{{' or '['): extra knobs are scalars in one JSON object"
+    else:
+        try:
+            config = Config.parse(text)
+            fwd_variant(config)  # a knob the kernel does not know is refused here, not at every call
+            return config, None
+        except (ValueError, TypeError) as exc:
+            problem = one_line(exc)
+        except Exception as exc:  # noqa: BLE001 - import must never fail, whatever the parser raises
+            problem = first_line(exc)
+    return None, f"flashtune: ignoring {CONFIG_ENV_VAR}={shown(text, 120)}: {printable(problem, 300)}"
 
 
 def _read_winners(url: str | None, archs: tuple[str, ...]) -> tuple[list["Winner"] | None, LoadInfo]:
@@ -249,6 +270,23 @@ def _nearest(entries: tuple[tuple[int, int, "Winner"], ...], nq: int, nk: int) -
     return chosen
 
 
+def _timing(winner: "Winner") -> str:
+    """'0.1234 ms on GPU' for a reason; a damaged stored time is shown, never formatted as a number."""
+    ms = winner.median_ms
+    when = (f"{ms:.4g} ms" if isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms)
+            else f"an unreadable time {shown(ms)}")
+    return f"{when} on {printable(winner.gpu_name, 100)}"
+
+
+def _unknown_knobs(config: Config) -> str | None:
+    """Why the kernel cannot run `config`'s extra knobs (kernel.variants), or None if it can."""
+    try:
+        fwd_variant(config)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _key_or_none(arch: str, nq: int, nk: int, head_dim: int, dtype: str, causal: bool) -> Key | None:
     try:
         return Key(arch, OP, nq, head_dim, dtype, causal, seq_len_kv=nk)
@@ -273,14 +311,17 @@ def _resolve(table: _Table, arch: str, smem_limit: int, nq: int, nk: int, head_d
         need = estimate_smem(config, head_dim, dtype, arch)
         failed = _failed.get((arch, smem_limit, config, head_dim, dtype, causal))
         stale = winner.kernel_version != KERNEL_VERSION
+        unknown = _unknown_knobs(config) if config.extra else None
         if failed is not None:
             fallback_why = f"stored config {config} for {wk} failed to compile here ({failed})"
+        elif unknown is not None:
+            fallback_why = f"stored config for {wk} cannot run here: {unknown}"
         elif need > smem_limit:
             fallback_why = (f"stored config {config} for {wk} needs about {need // 1024} KB of shared "
                             f"memory; this GPU allows {smem_limit // 1024} KB")
         else:
             what = "stored winner" if source == EXACT else f"nearest tuned length, the winner for {wk}"
-            reason = f"{what}, {winner.median_ms:.4g} ms on {winner.gpu_name}"
+            reason = f"{what}, {_timing(winner)}"
             if stale:
                 reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
             return Choice(config, source, reason, arch, key, winner, stale)
@@ -303,7 +344,7 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
 
     `smem_limit` defaults to the arch table's planning figure (db.arch.ARCH_SMEM).
     """
-    key = Key(arch, OP, seq_len, head_dim, dtype, causal, seq_len_kv=seq_len_kv or seq_len)
+    key = Key(arch, OP, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
     return _resolve(_table_for(key.arch), key.arch, limit, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
                     key.causal)
@@ -360,7 +401,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Pla
     """
     try:
         hit = _table.memo.get(_signature(q, k, v, causal))
-    except AttributeError:  # not tensors: check_inputs in _plan_miss names the argument
+    except (AttributeError, RuntimeError):  # not tensors, or nested ones: check_inputs names the problem
         hit = None
     return hit if hit is not None else _plan_miss(q, k, v, causal)
 
@@ -370,8 +411,7 @@ def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     """Record that a stored config failed to compile here; the plan every call gets from now on."""
     shape = check_inputs(q, k, v)
     smem = device_smem_limit(q.device) if q.device.type == "cuda" else 0
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    text = f"{type(error).__name__}: {first_line}"[:300]
+    text = first_line(error)
     with _lock:
         _failed[(choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)] = text
         _table.memo.clear()
@@ -387,12 +427,13 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it.
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
-    to ask about sm_90 from a CPU machine; by default the tensors' own device decides.
+    to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
+    runs. By default the tensors' own device decides, and it must be one the kernel runs on.
     """
-    shape = check_inputs(q, k, v)
-    causal = bool(is_causal)
+    causal = check_causal(is_causal, "is_causal")
     if arch is not None:
+        shape = check_tensors(q, k, v)
         name, limit = _arch_limit(arch)
         return _resolve(_table_for(name), name, limit, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
                         causal)
-    return _choose(_table, q.device, shape, causal)
+    return _choose(_table, q.device, check_inputs(q, k, v), causal)

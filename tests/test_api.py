@@ -5,14 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flashtune import kernel
-from flashtune.kernel import attention
+from flashtune.kernel import api, attention, dispatch
 from flashtune.kernel.reference import attention_reference
 from subproc import repo_env
 
@@ -35,16 +37,55 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 def test_exports() -> None:
     assert set(kernel.__all__) == {"attention", "dispatch"}
-    assert kernel.attention is attention and kernel.dispatch.plan is not None
+    assert kernel.attention is api.attention and kernel.dispatch is sys.modules["flashtune.kernel.dispatch"]
+    q, k, v = qkv(hq=4, hkv=2, nq=24, nk=40)
+    plan = kernel.dispatch.plan(q, k, v, True)
+    assert (plan.shape.batch, plan.shape.heads_q, plan.shape.heads_kv, plan.shape.seq_q, plan.shape.seq_k,
+            plan.shape.head_dim, plan.shape.dtype) == (1, 4, 2, 24, 40, 16, "float32")
+    assert plan.grouped and plan.default_scale == 0.25 and plan.choice == dispatch.explain(q, k, v, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the Triton interpreter's bf16 dot is wrong on CPU (numpy has no bf16)"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_fp64_reference(kernel_device: str, dtype: torch.dtype, causal: bool) -> None:
     # Nq != Nk and lengths that are not tile multiples: masking and top-left causal alignment.
     q, k, v = qkv(nq=40, nk=72, dtype=dtype, device=kernel_device)
+    if kernel_device == "cpu" and dtype == torch.bfloat16:
+        # The interpreter's bf16 dot is wrong (numpy has no bf16): refused, SDPA on request.
+        with pytest.raises(TypeError, match="bfloat16 on the CPU: the Triton interpreter"):
+            attention(q, k, v, is_causal=causal)
+        out = attention(q, k, v, is_causal=causal, fallback=True)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal), atol=0, rtol=0)
+        return
     close(attention(q, k, v, is_causal=causal), attention_reference(q, k, v, causal=causal), dtype)
+
+
+@pytest.mark.parametrize("is_causal", ["False", "no", 2.5, [], None, 1, torch.tensor(False)])
+def test_is_causal_must_be_a_bool_like_sdpa(is_causal: object) -> None:
+    q, k, v = qkv()
+    with pytest.raises(TypeError):  # what torch SDPA raises for these
+        F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    for fallback in (False, True):  # an argument error, not something SDPA would run
+        with pytest.raises(TypeError, match=f"is_causal must be a bool.*of type {type(is_causal).__name__}"):
+            attention(q, k, v, is_causal=is_causal, fallback=fallback)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        dispatch.explain(q, k, v, is_causal=is_causal)
+
+
+def test_numpy_bool_is_causal() -> None:
+    q, k, v = qkv()
+    close(attention(q, k, v, is_causal=np.bool_(True)), attention_reference(q, k, v, causal=True), torch.float32)
+    close(attention(q, k, v, is_causal=np.bool_(False)), attention_reference(q, k, v), torch.float32)
+
+
+def test_strided_nested_tensor_is_the_documented_type_error() -> None:
+    q, k, v = qkv()
+    for layout in (torch.strided, torch.jagged):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the strided layout is a "prototype" in torch
+            nested = torch.nested.nested_tensor([q[0], q[0, :, :5]], layout=layout)
+        with pytest.raises(TypeError, match="q has layout nested"):
+            attention(nested, k, v)
 
 
 def test_scale_gqa_and_strides_match_sdpa(kernel_device: str) -> None:
@@ -107,9 +148,10 @@ def test_tensors_the_kernel_rejects_fall_back_only_when_asked() -> None:
 
 
 def test_cpu_tensors_outside_the_interpreter() -> None:
+    # Planning for another arch (explain(arch=...)) runs nothing, so CPU tensors are fine for it.
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
-        from flashtune.kernel import attention
+        from flashtune.kernel import attention, dispatch
         q = torch.randn(1, 2, 8, 16)
         try:
             attention(q, q, q)
@@ -117,12 +159,20 @@ def test_cpu_tensors_outside_the_interpreter() -> None:
             print("ERROR", exc)
         out = attention(q, q, q, is_causal=True, fallback=True)
         print("FALLBACK", torch.equal(out, F.scaled_dot_product_attention(q, q, q, is_causal=True)))
+        choice = dispatch.explain(q.half(), q.half(), q.half(), is_causal=True, arch="sm_90")
+        print("PLANNED", choice.arch, choice.key)
+        try:
+            dispatch.explain(q, q, q)
+        except ValueError as exc:
+            print("OWN DEVICE", exc)
     """)
     env = repo_env(drop=("TRITON_INTERPRET",), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "ERROR q, k, v are on cpu" in result.stdout and "FALLBACK True" in result.stdout
+    assert "PLANNED sm_90 sm_90/fwd/N=8/D=16/float16/causal" in result.stdout
+    assert "OWN DEVICE q, k, v are on cpu" in result.stdout
 
 
 def test_custom_op_passes_opcheck() -> None:

@@ -1,6 +1,7 @@
 """Lookup rules, reload, explain and the FLASHTUNE_CONFIG override, against real SQLite databases."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -197,3 +198,70 @@ def test_steady_state_calls_touch_no_file_or_database(tuned: str) -> None:
         _AUDIT = None
     assert seen == []
     assert any(tuned.removeprefix("sqlite:///") in event for event in reload_seen), reload_seen
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('m64-n32-w4-s2+{"a":' + "[" * 100_000 + "]" * 100_000 + "}", "longer than 1000 characters"),
+    ('m64-n32-w4-s2+{"a":' + "[" * 300 + "]" * 300 + "}", "301 brackets"),
+    ('m64-n32-w4-s2+{"a":' + "[" * 8 + "1" + "]" * 8 + "}", "values must be bool, int, float or str"),
+    ('m64-n32-w4-s2+{"tma":true}', "does not know the knob 'tma' (known knobs: none)"),
+    ("m64-n32-w4-s2\x1b[2J", "malformed config"),
+], ids=["huge", "deep", "nested-value", "unknown-knob", "escape"])
+def test_override_the_kernel_cannot_run_warns_and_is_ignored(tuned: str, monkeypatch: pytest.MonkeyPatch,
+                                                             text: str, problem: str) -> None:
+    # Read at import, which must never fail: bounded before parsing, anything the parser raises caught.
+    monkeypatch.setenv(dispatch.CONFIG_ENV_VAR, text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = dispatch.reload(tuned, archs=["sm_90"])
+    [message] = [str(w.message) for w in caught if issubclass(w.category, dispatch.DispatchWarning)]
+    assert f"ignoring {dispatch.CONFIG_ENV_VAR}=" in message and problem in message
+    assert len(message) < 600 and "\x1b" not in message
+    assert info.override is None and look(128).source == "exact"
+
+
+def test_stored_config_with_unknown_knobs_falls_back(tmp_path: Path, restore_table: None) -> None:  # noqa: F811
+    # A winner tuned by a newer flashtune with a kernel variant this kernel does not have.
+    url = build_db(tmp_path / "knobs.db", [(key(512), Config(64, 32, 4, 2, extra={"loads": "tma"}), 0.05,
+                                            KERNEL_VERSION)])
+    dispatch.reload(url, archs=["sm_90"])
+    choice = look(512)
+    assert choice.source == "default" and choice.config == default_config("sm_90", 64, "float16", 227 * 1024)
+    assert "does not know the knob 'loads'" in choice.reason
+
+
+def test_damaged_stored_time_does_not_break_lookup(tuned: str, restore_table: None) -> None:  # noqa: F811
+    # A hand-edited row the store did not catch: the reason shows it instead of formatting it.
+    good = look(512).winner
+    assert good is not None
+    bad = dataclasses.replace(good, median_ms="fast", gpu_name="GPU\x1b[31m")
+    dispatch._table = dispatch._build_table([bad], None, dispatch.info())
+    choice = look(512)
+    assert (choice.config, choice.source) == (C512, "exact")
+    assert "an unreadable time 'fast'" in choice.reason and "\x1b" not in choice.reason
+    q = torch.randn(1, 1, 512, 64, dtype=torch.float16)
+    assert dispatch.explain(q, q, q, arch="sm_90").reason == choice.reason
+
+
+def test_lookup_and_explain_causal_must_be_a_bool(tuned: str) -> None:
+    q = torch.randn(1, 1, 16, 16, device=DEVICE)
+    for bad in ("False", 1, None):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            dispatch.lookup("sm_90", 128, 64, "float16", bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            dispatch.explain(q, q, q, is_causal=bad, arch="sm_90")  # type: ignore[arg-type]
+
+
+def test_explain_for_an_arch_needs_no_runnable_device(tuned: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashtune.kernel import device
+
+    # As on a CPU machine without TRITON_INTERPRET (test_api runs that for real in a subprocess).
+    monkeypatch.setattr(device, "INTERPRET", False)
+    q = torch.randn(2, 4, 512, 64, dtype=torch.bfloat16)
+    assert look(512).config == C512
+    with pytest.raises(ValueError, match="q, k, v are on cpu"):
+        dispatch.explain(q, q, q)
+    planned = dispatch.explain(q, q, q, arch="sm_90")
+    assert planned.arch == "sm_90" and planned.key is not None and planned.key.dtype == "bfloat16"
+    assert planned.source == "default"  # nothing tuned for bf16 in the fixture
+    assert planned.config == default_config("sm_90", 64, "bfloat16", 227 * 1024)

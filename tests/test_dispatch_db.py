@@ -197,3 +197,37 @@ def test_unreachable_server_warns_without_the_password(restore_table: None) -> N
     info, messages = _reload_warnings("postgresql+psycopg://flashtune:s3cret@127.0.0.1:1/flashtune")
     assert len(messages) == 1 and "127.0.0.1:1" in messages[0]
     assert "s3cret" not in messages[0] and "s3cret" not in info.message and not info.ok
+
+
+def test_import_kernel_survives_a_deeply_nested_override(tmp_path: Path) -> None:
+    # FLASHTUNE_CONFIG with a deeply nested extra once made `import flashtune.kernel` raise RecursionError.
+    script = textwrap.dedent("""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from flashtune.kernel import dispatch
+        print("IMPORTED", dispatch.info().override, len(caught), str(caught[0].message)[:400])
+    """)
+    text = 'm64-n32-w4-s2+{"a":' + "[" * 50_000 + "]" * 50_000 + "}"
+    env = repo_env(FLASHTUNE_DB=f"sqlite:///{tmp_path / 'none.db'}", CUDA_VISIBLE_DEVICES="",
+                   FLASHTUNE_CONFIG=text)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IMPORTED None 1 flashtune: ignoring FLASHTUNE_CONFIG=" in result.stdout
+    assert "longer than 1000 characters" in result.stdout
+
+
+def test_hand_edited_winner_time_does_not_break_lookup(good_db: str, restore_table: None) -> None:
+    # median_ms='fast' in a row once made lookup raise "Unknown format code 'g'". The store may skip
+    # the damaged row (then the default applies) or pass it on; either way lookup answers.
+    path = Path(good_db.removeprefix("sqlite:///"))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("UPDATE flashtune_winners SET median_ms = 'fast' WHERE arch = 'sm_90'").rowcount == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dispatch.reload(good_db, archs=["sm_90"])
+    choice = dispatch.lookup("sm_90", 1024, 64, "float16", False)
+    assert choice.source in ("default", "exact")
+    assert choice.source == "default" or "unreadable time 'fast'" in choice.reason
+    assert str(choice)
