@@ -17,6 +17,7 @@ from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Generator, Iterator, Sequence
 
+from ..db.errors import first_line
 from ..db.types import Config, Key
 
 from .measure import Bench, Measurement
@@ -49,7 +50,7 @@ def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tupl
 
         bench = factory(*factory_args)
     except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the run with it
-        conn.send(("fatal", f"{type(error).__name__}: {error}"))
+        conn.send(("fatal", first_line(error)))
         return
     conn.send(("ready", os.getpid()))
     while True:
@@ -69,7 +70,7 @@ def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tupl
             conn.send(("lost", batch_id, [str(c) for c in lost.configs], lost.error_text))
             os._exit(3)  # the context is gone; exiting is the only clean-up left
         except Exception as error:  # noqa: BLE001 - a harness bug: report it rather than hang the parent
-            conn.send(("error", batch_id, f"{type(error).__name__}: {error}"))
+            conn.send(("error", batch_id, first_line(error)))
             continue
         conn.send(("done", batch_id))
 

@@ -28,13 +28,13 @@ from ...db.types import check_head_dim, normalize_dtype
 
 from .results import BASELINES, TUNED, BenchRow, BenchShape
 from ...kernel.device import INTERPRET
+from ...kernel.dtypes import TORCH_DTYPES
 from ...kernel.reference import fp32_reference, output_errors
 from .providers import PROVIDERS, Provider, select_providers
 
 DEFAULT_TOKENS = 16384
 DEFAULT_HIDDEN = 2048
 MEMORY_MARGIN = 0.9  # a provider whose estimate exceeds this share of the free memory is skipped
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 Timer = Callable[[str, Callable[[], object]], float]
 """timer(provider name, fn) -> median milliseconds of fn(); injectable so tests need no GPU."""
@@ -128,7 +128,7 @@ def make_inputs(shape: BenchShape, device: torch.device, seed: int = 0) -> tuple
     """q, k, v of `shape` drawn from N(0, 1) with a fixed seed."""
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
-    return tuple(torch.randn(size, generator=gen, device=device, dtype=_TORCH_DTYPES[shape.dtype])
+    return tuple(torch.randn(size, generator=gen, device=device, dtype=TORCH_DTYPES[shape.dtype])
                  for _ in range(3))
 
 
