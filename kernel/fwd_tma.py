@@ -194,7 +194,11 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
     - warp specialisation (when Triton applies it, `ws_active`) adds a 128-row (at least BLOCK_M)
       staging box for the consumers and its barriers; in the persistent kernel it also buffers the
       Q box `num_stages` deep, since the next tile's Q load is issued early;
-    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 768 with warp specialisation.
+    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 768 with warp specialisation;
+    - with one stage, K and V take turns in one box; on the mma.sync path (BLOCK_M under 64 or fewer
+      than 4 warps) the Q box is reused by the K/V buffers (`num_stages - 1` deep) and P goes
+      through a scratch tile, as in the pointer kernel's model (db/smem.py);
+    - fp32 (no tensor-core path with IEEE dots) is bounded by the same formula, loosely.
     `arch` None plans for sm_90; the layout is the same on newer TMA archs as far as measured.
     """
     _, schedule = _config_knobs(config)
@@ -208,6 +212,14 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
         q_bufs = stages * q_box if persistent else q_box
         return q_bufs + ring + max(config.block_m, 128) * d * elt + 768
     staging = q_box if persistent else 0
+    wgmma = config.block_m % 64 == 0 and config.num_warps >= 4
+    if elt == 2 and not wgmma:
+        # mma.sync (small query tiles): Q goes to registers and its box is reused; K/V are buffered
+        # `num_stages - 1` deep (one box each without pipelining), P converts through a scratch tile.
+        ring = max(2 * (stages - 1) * kv_box, kv_box)
+        return max(q_box, ring) + config.block_m * config.block_n * elt + staging + 64
+    if stages == 1:
+        return q_box + kv_box + 64  # nothing in flight: K and V take turns in one box
     return q_box + ring + staging + (1024 if ring > 2 * q_box else 64)
 
 
@@ -431,11 +443,12 @@ def blocks_per_sm(compiled: Any, smem_per_sm: int, regs_per_sm: int = 65536, max
     return max(1, min(by_warps, by_regs, by_smem, 32))
 
 
-def _sm_resources(device: torch.device) -> tuple[int, int, int]:
+def _sm_resources(device: torch.device) -> tuple[int, int]:
+    """(shared memory, registers) of one SM of `device`."""
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_multiprocessor", 0) or _device.device_smem_limit(device) + 1024
     regs = getattr(props, "regs_per_multiprocessor", 0) or 65536
-    return int(props.multi_processor_count), int(smem), int(regs)
+    return int(smem), int(regs)
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
@@ -501,8 +514,7 @@ def launch_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *,
     ensure_allocator()
     compiled = attn_fwd_tma_kernel[grid](*args, **kwargs)
     if binary is not None and binary not in _BLOCKS_PER_SM and compiled is not None:
-        _, smem, regs = _sm_resources(q.device)
-        _BLOCKS_PER_SM[binary] = blocks_per_sm(compiled, smem, regs)
+        _BLOCKS_PER_SM[binary] = blocks_per_sm(compiled, *_sm_resources(q.device))
     return o, (lse if return_lse else None), compiled
 
 
@@ -510,7 +522,7 @@ def compile_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *
                 config: Config, return_lse: bool = False, fp32_precision: str = "ieee") -> Any:
     """Compile (or load from Triton's cache) the binary `launch_tma` would run, without running it.
 
-    Safe to call from many threads at once (nothing touches the GPU), so the tuner and the benchmark
+    Safe to call from many threads at once (nothing runs on the GPU), so the tuner and the benchmark
     can compile a batch in parallel and take first launches one at a time. Sizes are not specialised
     on, so small inputs of the same dtype, head dim and layout give the real shapes' binary.
     Returns Triton's compiled kernel (None under the interpreter, which compiles nothing).
