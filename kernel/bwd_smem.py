@@ -1,0 +1,204 @@
+"""The backward kernels' knobs, shared-memory model and default config. Pure Python, no torch.
+
+A backward config is a `flashtune.db.types.Config`: `block_m`/`block_n` are the dK/dV pass's query
+and key tiles (its program owns `block_n` keys and streams `block_m` queries at a time),
+`num_warps`/`num_stages` its warps and pipeline depth, and `extra` holds the rest:
+
+- `block_m_dq`, `block_n_dq`: the dQ pass's query and key tiles (default: `block_n`, `block_m`, the
+  FA2 mirror image: the dQ program owns the big query tile and streams small key tiles);
+- `num_warps_dq`, `num_stages_dq`: the dQ pass's warps and stages (default: the dK/dV pass's);
+- `deterministic` (default True): False lets the dK/dV kernel add dQ with fp32 atomics instead of
+  running the separate dQ pass (the dq knobs are then unused). A call made with
+  `deterministic=True` never uses atomics, whatever the config says.
+
+The database, the tuner's space and the dispatcher may import this module without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..db.arch import ARCH_SMEM, normalize_arch
+from ..db.types import DTYPE_BYTES, Config, normalize_dtype
+
+BWD_EXTRA_KEYS: tuple[str, ...] = ("block_m_dq", "block_n_dq", "num_warps_dq", "num_stages_dq", "deterministic")
+_FALLBACK_SMEM = 64 * 1024  # smallest opt-in limit of any supported arch (sm_75)
+
+
+@dataclass(frozen=True)
+class BwdKnobs:
+    """Every launch parameter of the backward, defaults filled in."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_m_dq: int
+    block_n_dq: int
+    num_warps_dq: int
+    num_stages_dq: int
+    deterministic: bool
+
+
+def _pow2_at_least(x: int) -> int:
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, pow2: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or (
+            pow2 and value & (value - 1)):
+        kind = "a power of two" if pow2 else "an int"
+        raise ValueError(f"backward config extra {name}={value!r}: must be {kind} from {lo} to {hi}")
+    return value
+
+
+def bwd_knobs(config: Config) -> BwdKnobs:
+    """The backward knobs of `config`; TypeError/ValueError naming unknown or malformed extras."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a flashtune.db.types.Config, got {type(config).__name__}")
+    extra = config.extra_dict
+    unknown = sorted(set(extra) - set(BWD_EXTRA_KEYS))
+    if unknown:
+        raise ValueError(f"config {config}: unknown backward knob(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(BWD_EXTRA_KEYS)}")
+    deterministic = extra.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"backward config extra deterministic={deterministic!r}: must be true or false")
+    return BwdKnobs(
+        config.block_m, config.block_n, config.num_warps, config.num_stages,
+        _check_int("block_m_dq", extra.get("block_m_dq", config.block_n), 16, 256, True),
+        _check_int("block_n_dq", extra.get("block_n_dq", config.block_m), 16, 256, True),
+        _check_int("num_warps_dq", extra.get("num_warps_dq", config.num_warps), 1, 32, True),
+        _check_int("num_stages_dq", extra.get("num_stages_dq", config.num_stages), 1, 8, False),
+        deterministic,
+    )
+
+
+def _uses_wgmma(rows: int, num_warps: int, dtype: str, arch: str) -> bool:
+    # Hopper's warpgroup MMA needs whole 64-row warpgroups; smaller tiles, other archs and IEEE fp32
+    # dots (no tensor cores) take the mma.sync / FMA path.
+    return arch == "sm_90" and rows % 64 == 0 and num_warps >= 4 and dtype != "float32"
+
+
+def estimate_dkdv_smem(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int, dtype: str,
+                       arch: str, atomic_dq: bool = False) -> int:
+    """Estimated shared memory (bytes) of the dK/dV kernel on `arch`.
+
+    K and V are staged once (two block_n x D tiles). On the wgmma path the Q and dO tiles are
+    buffered num_stages deep; on the mma.sync path one Q/dO pair plus a conversion scratch of one
+    more Q-sized tile, and one extra Q-sized buffer per stage past the second. The fp32 LSE and
+    delta rows are buffered num_stages - 1 deep. The atomic-dQ variant adds a K tile (the B operand
+    of dSᵀᵀ·K) and room for transposing dSᵀ.
+    """
+    dtype = normalize_dtype(dtype)
+    elt = DTYPE_BYTES[dtype]
+    d = _pow2_at_least(head_dim)
+    t_q, t_k = block_m * d * elt, block_n * d * elt
+    rows = -(-8 * block_m * max(0, num_stages - 1) // 1024) * 1024  # LSE + delta (fp32), 1 KB-aligned
+    if _uses_wgmma(block_n, num_warps, dtype, arch):
+        need = 2 * t_k + num_stages * 2 * t_q + rows
+        return need + (t_k + 2 * t_q if atomic_dq else 0)
+    need = 2 * t_k + 3 * t_q + max(0, num_stages - 2) * t_q + rows
+    return need + (t_q if atomic_dq else 0)
+
+
+def estimate_dq_smem(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int, dtype: str,
+                     arch: str) -> int:
+    """Estimated shared memory (bytes) of the dQ kernel on `arch`.
+
+    Q and dO are staged once; the streamed K and V tiles are buffered num_stages deep on the wgmma
+    path, and on the mma.sync path one K/V pair plus one K tile per further stage.
+    """
+    dtype = normalize_dtype(dtype)
+    elt = DTYPE_BYTES[dtype]
+    d = _pow2_at_least(head_dim)
+    t_q, t_k = block_m * d * elt, block_n * d * elt
+    if _uses_wgmma(block_m, num_warps, dtype, arch):
+        return 2 * t_q + num_stages * 2 * t_k
+    return 2 * t_q + 2 * t_k + max(0, num_stages - 1) * t_k
+
+
+def estimate_bwd_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
+    """Estimated shared memory (bytes) of the backward with `config`: the larger of its kernels' needs.
+
+    Each kernel is its own launch, so the per-block limit applies to each separately. With
+    `deterministic: false` the dK/dV kernel also forms dQ tiles and the dQ pass does not run.
+    `arch=None` gives the larger of the wgmma (sm_90) and mma.sync paths, a bound for any GPU.
+    """
+    knobs = bwd_knobs(config)
+    if arch is None:
+        return max(estimate_bwd_smem(config, head_dim, dtype, "sm_90"), estimate_bwd_smem(config, head_dim, dtype, "sm_80"))
+    dkdv = estimate_dkdv_smem(knobs.block_m, knobs.block_n, knobs.num_warps, knobs.num_stages, head_dim, dtype, arch,
+                              atomic_dq=not knobs.deterministic)
+    if not knobs.deterministic:
+        return dkdv
+    dq = estimate_dq_smem(knobs.block_m_dq, knobs.block_n_dq, knobs.num_warps_dq, knobs.num_stages_dq, head_dim,
+                          dtype, arch)
+    return max(dkdv, dq)
+
+
+def bwd_fits(config: Config, head_dim: int, dtype: str, limit_bytes: int, arch: str | None = None) -> bool:
+    """Whether the backward estimate fits a shared-memory limit."""
+    return estimate_bwd_smem(config, head_dim, dtype, arch) <= limit_bytes
+
+
+def _bwd(block_m: int, block_n: int, warps: int, stages: int, m_dq: int, n_dq: int, **extra: Any) -> Config:
+    return Config(block_m, block_n, warps, stages, {"block_m_dq": m_dq, "block_n_dq": n_dq, **extra})
+
+
+# Ordered from the best general-purpose choice to the smallest tiles; the first one that fits wins.
+# Chosen from compiled register and shared-memory figures (Triton 3.9, sm_90 and sm_80): the dK/dV
+# program keeps dK and dV (two block_n x D fp32 tiles) in registers, so 8 warps, and at D = 128 a
+# 64-key tile on the mma.sync archs, where the 128-key one spills heavily. Hopper (wgmma) keeps the
+# 128-key tile at D = 128 with a small spill (~80 bytes). Head dims above 128 use 64-key tiles.
+_PREFERENCE_SMALL_D: tuple[Config, ...] = (
+    _bwd(32, 128, 8, 3, 128, 32),
+    _bwd(32, 128, 8, 2, 128, 32),
+    _bwd(32, 64, 8, 2, 64, 32),
+    _bwd(16, 64, 4, 2, 64, 16),
+    _bwd(16, 32, 4, 1, 32, 16),
+    _bwd(16, 16, 2, 1, 16, 16),
+)
+_PREFERENCE_D128_HOPPER: tuple[Config, ...] = (
+    _bwd(32, 128, 8, 2, 128, 32),
+) + _PREFERENCE_SMALL_D[2:]
+_PREFERENCE_D128: tuple[Config, ...] = _PREFERENCE_SMALL_D[2:]
+_PREFERENCE_BIG_D: tuple[Config, ...] = (
+    _bwd(16, 64, 8, 2, 64, 16),
+    _bwd(16, 32, 4, 1, 32, 16),
+    _bwd(16, 16, 2, 1, 16, 16),
+)
+
+
+def _candidates(arch: str | None, head_dim: int) -> tuple[Config, ...]:
+    if head_dim <= 64:
+        return _PREFERENCE_SMALL_D
+    if head_dim <= 128:
+        return _PREFERENCE_D128_HOPPER if arch == "sm_90" else _PREFERENCE_D128
+    return _PREFERENCE_BIG_D
+
+
+def default_bwd_config(arch: str, head_dim: int, dtype: str, smem_limit: int | None = None) -> Config:
+    """The first preferred backward config whose estimated shared memory fits the arch (or the limit).
+
+    Always deterministic: the default never uses atomics. An unknown arch plans for the smallest
+    chip with the bound over both MMA paths. When nothing fits (IEEE fp32 at head dims of 160 and
+    more on a 64 KB sm_75) the smallest config is returned and the launch reports Triton's
+    OutOfResources.
+    """
+    dtype = normalize_dtype(dtype)
+    try:
+        arch = normalize_arch(arch)
+        known = True
+    except ValueError:
+        known = False
+    if smem_limit is None:
+        smem_limit = ARCH_SMEM[arch] if known else _FALLBACK_SMEM
+    candidates = _candidates(arch if known else None, head_dim)
+    for config in candidates:
+        if estimate_bwd_smem(config, head_dim, dtype, arch if known else None) <= smem_limit:
+            return config
+    return candidates[-1]
