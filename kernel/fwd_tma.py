@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..db.types import DTYPE_BYTES, Config, normalize_dtype
+from ..db.smem import estimate_tma_smem, tma_ws_active
+from ..db.types import Config
 
 from . import device as _device
 
@@ -162,65 +163,10 @@ def tma_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
     return None
 
 
-# --- the shared-memory model -------------------------------------------------------------------
-
-
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
 def ws_active(config: Config, arch: str | None) -> bool:
-    """Whether Triton really warp-specialises this config: its Hopper pass (Triton 3.6 and 3.9) takes
-    4-warp kernels only and makes them 1 producer + 2 consumer warpgroups (12 warps); with any other
-    count `ws` compiles to the plain single-loop kernel."""
-    ws, _ = _config_knobs(config)
-    return ws and config.num_warps == 4 and (arch is None or _arch_number(arch) == 90)
-
-
-def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
-    """Estimated shared memory (bytes) of the TMA forward kernel compiled with `config` for `arch`.
-
-    Pure Python (db-style; it can move to flashtune.db.smem as is). Fitted to the compiled kernels'
-    `metadata.shared` for sm_90 on Triton 3.6 and 3.9 (compiled offline, no GPU needed:
-    `bench/fwd_variants_bench.py --smem-offline`); it is never below them and at most 1 KB above:
-    - the Q box once, and K and V boxes `num_stages` deep (TMA writes them straight into shared
-      memory, so every stage is resident);
-    - the output leaves through a Q-sized staging box; in a grid kernel it reuses the K/V ring once
-      the loop is done, so it costs nothing unless the ring is more than twice the Q box (then the
-      packing adds 1 KB); in the persistent kernel it lives beside the ring (+ one Q box);
-    - warp specialisation (when Triton applies it, `ws_active`) adds a 128-row (at least BLOCK_M)
-      staging box for the consumers and its barriers; in the persistent kernel it also buffers the
-      Q box `num_stages` deep, since the next tile's Q load is issued early;
-    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 768 with warp specialisation;
-    - with one stage, K and V take turns in one box; on the mma.sync path (BLOCK_M under 64 or fewer
-      than 4 warps) the Q box is reused by the K/V buffers (`num_stages - 1` deep) and P goes
-      through a scratch tile, as in the pointer kernel's model (db/smem.py);
-    - fp32 (no tensor-core path with IEEE dots) is bounded by the same formula, loosely.
-    `arch` None plans for sm_90; the layout is the same on newer TMA archs as far as measured.
-    """
-    _, schedule = _config_knobs(config)
-    persistent = schedule == "persistent"
-    elt = DTYPE_BYTES[normalize_dtype(dtype)]
-    d = _pow2_at_least(head_dim)
-    q_box, kv_box = config.block_m * d * elt, config.block_n * d * elt
-    stages = max(1, config.num_stages)
-    ring = 2 * stages * kv_box
-    if ws_active(config, arch):
-        q_bufs = stages * q_box if persistent else q_box
-        return q_bufs + ring + max(config.block_m, 128) * d * elt + 768
-    staging = q_box if persistent else 0
-    wgmma = config.block_m % 64 == 0 and config.num_warps >= 4
-    if elt == 2 and not wgmma:
-        # mma.sync (small query tiles): Q goes to registers and its box is reused; K/V are buffered
-        # `num_stages - 1` deep (one box each without pipelining), P converts through a scratch tile.
-        ring = max(2 * (stages - 1) * kv_box, kv_box)
-        return max(q_box, ring) + config.block_m * config.block_n * elt + staging + 64
-    if stages == 1:
-        return q_box + kv_box + 64  # nothing in flight: K and V take turns in one box
-    return q_box + ring + staging + (1024 if ring > 2 * q_box else 64)
+    """Whether Triton really warp-specialises this config (see flashtune.db.smem.tma_ws_active)."""
+    _config_knobs(config)  # validates the knobs
+    return tma_ws_active(config, arch)
 
 
 # --- the kernel ----------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, 
     unchanged so the tuner can record them.
     """
     variant = fwd_variant(config) if config.extra else PLAIN_FWD
+    if variant.launch is not None:
+        return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
+                              fp32_precision=fp32_precision, out=out)
     o = torch.empty_like(q) if out is None else out
     lse = (torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
            if return_lse else o)

@@ -5,16 +5,16 @@ parameter it sets. `fwd_variant(config)` checks a config's knobs against the reg
 result is cached per config) and gives the kernel to launch with the constexprs to pass; a knob the
 kernel does not know, or a value it does not accept, is a ValueError naming it and what is known.
 
-Today's forward kernel has no variants, so `FWD_KNOBS` is empty and every `extra` is refused. A
-variant issue registers its knob here (e.g. `Knob("loads", ("ptr", "tma"), "LOADS")`, with the
-kernel branching on the constexpr, or selecting its own kernel file in `fwd_variant`), and the
-tuner's space lists its values.
+The pointer kernel (kernel/fwd.py) has no knobs of its own, so `FWD_KNOBS` is empty. The knob
+`loads` selects a kernel file: `loads="ptr"` (or no knob) is the pointer kernel, `loads="tma"` the
+tensor-descriptor kernel (kernel/fwd_tma.py), which reads its own knobs (`ws`, `schedule`) and has
+its own launch (the grid differs by schedule), so its Variant carries `launch` instead of a kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..db.types import Config, ExtraValue
 
@@ -36,6 +36,7 @@ class Variant:
 
     kernel: Any
     constexprs: Mapping[str, ExtraValue]
+    launch: Callable[..., Any] | None = None  # a variant with its own launch (kernel.launch.launch's contract)
 
 
 FWD_KNOBS: Mapping[str, Knob] = {}  # the forward kernel's knobs, by name
@@ -63,10 +64,24 @@ def resolve_variant(config: Config, knobs: Mapping[str, Knob], kernel: Any) -> V
     return Variant(kernel, constexprs)
 
 
+LOADS_KNOB = "loads"
+LOADS: tuple[str, ...] = ("ptr", "tma")
+
+
 @lru_cache(maxsize=1024)
 def fwd_variant(config: Config) -> Variant:
     """The forward kernel variant `config` selects (cached per config); ValueError for unknown knobs."""
-    return resolve_variant(config, FWD_KNOBS, attn_fwd_kernel)
+    loads = config.extra_dict.get(LOADS_KNOB, "ptr")
+    if loads == "tma":
+        from .fwd_tma import launch_tma, tma_knobs
+
+        tma_knobs(config.extra_dict)  # ValueError for a knob or value the TMA kernel does not take
+        return Variant(None, {}, launch_tma)
+    if loads != "ptr":
+        raise ValueError(f"config {config}: knob loads={loads!r} is not one of {', '.join(map(repr, LOADS))}")
+    plain = Config(config.block_m, config.block_n, config.num_warps, config.num_stages,
+                   tuple((k, v) for k, v in config.extra if k != LOADS_KNOB))
+    return resolve_variant(plain, FWD_KNOBS, attn_fwd_kernel)
 
 
 PLAIN_FWD = Variant(attn_fwd_kernel, {})  # a config without knobs: the hot path skips the lookup

@@ -75,3 +75,27 @@ def test_version_changes_with_any_jit_file_and_only_with_them(tmp_path: Path) ->
     (sub / "decode_new.py").write_text("import triton\n\n\n@triton.jit\ndef k(X):\n    pass\n")
     assert version.source_hash(tmp_path) != changed
     assert [p.name for p in version.jit_sources(tmp_path)] == ["fwd.py", "decode_new.py"]
+
+
+# --- the loads knob selects the kernel file ----------------------------------------------------------
+
+def test_loads_tma_routes_attention_fwd_to_the_tensor_descriptor_kernel() -> None:
+    import torch
+
+    from flashtune.db.smem import estimate_ptr_smem, estimate_smem
+    from flashtune.kernel.fwd_tma import launch_tma, tma_config
+    from flashtune.kernel.launch import attention_fwd
+    from flashtune.kernel.reference import attention_reference
+
+    config = tma_config(32, 16, 4, 2, schedule="heavy_first")
+    assert fwd_variant(config).launch is launch_tma
+    assert estimate_smem(config, 64, "float16", "sm_90") != estimate_ptr_smem(config, 64, "float16", "sm_90")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    q, k, v = (torch.randn(1, 2, 37, 16, generator=gen) for _ in range(3))
+    out = attention_fwd(q, k, v, causal=True, config=config)
+    ref = attention_reference(q, k, v, causal=True)
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-5
+    with pytest.raises(ValueError, match="schedule"):
+        fwd_variant(Config(32, 16, 4, 2, extra={"loads": "tma", "schedule": "spiral"}))
+    with pytest.raises(ValueError, match="loads='cp.async' is not one of 'ptr', 'tma'"):
+        fwd_variant(Config(32, 16, 4, 2, extra={"loads": "cp.async"}))
