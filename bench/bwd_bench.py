@@ -16,7 +16,8 @@ Timing is triton.testing.do_bench's median. TFLOP/s use the forward's 4·B·H·N
 the backward counts 2.5x that, forward + backward 3.5x. Peak memory is torch's max_memory_allocated
 over one forward + backward, less what the inputs already held. Compiles run first in a process pool
 (they fill Triton's cache), and any config or backend that fails is recorded and skipped.
-Writes <out>/bwd_bench.csv (every measurement) and <out>/bwd_bench.json, and prints a table last.
+Writes <out>/<name>.csv (every measurement) and <out>/<name>.json (default name bwd_bench), and prints
+a table last.
 
     python3 bench/bwd_bench.py --out bench/results                 # the H200 run
     TRITON_INTERPRET=1 python3 bench/bwd_bench.py --smoke --out /tmp/bwd_smoke   # CPU check
@@ -365,6 +366,7 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int, str, bool]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="bwd_bench", help="file stem of the CSV and JSON written under --out")
     ap.add_argument("--seq", default="4096,8192")
     ap.add_argument("--head-dim", default="64,128")
     ap.add_argument("--dtypes", default="fp16,bf16", help="bf16 runs only for --bf16-head-dims")
@@ -449,7 +451,7 @@ def main() -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    with open(out / "bwd_bench.csv", "w", newline="") as f:
+    with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
@@ -458,7 +460,7 @@ def main() -> None:
                 flops="forward 4·B·H·N²·D (half if causal); backward 2.5x forward; fwd+bwd 3.5x",
                 compile_failures={str(k): v for k, v in failed.items()},
                 compiled={str(k): v for k, v in facts.items()})
-    (out / "bwd_bench.json").write_text(json.dumps(dict(meta=meta, shapes=summary, rows=rows), indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, shapes=summary, rows=rows), indent=1))
 
     mb = lambda x: f"{x / 2**20:7.0f}" if x else "      -"  # noqa: E731
     f1 = lambda x: f"{x:6.1f}" if x else "     -"  # noqa: E731
@@ -475,7 +477,7 @@ def main() -> None:
               f"{f1(s.get('best_bwd_tflops'))} {f1(s.get('sdpa_flash_bwd_tflops'))} {f1(s.get('sdpa_cudnn_bwd_tflops'))} |"
               f"          {mb(s.get('best_peak_mem'))} {mb(s.get('sdpa_flash_peak_mem'))} {mb(s.get('sdpa_cudnn_peak_mem'))} | "
               f"{s.get('best', '-')}")
-    print(f"\nwrote {out / 'bwd_bench.csv'} and {out / 'bwd_bench.json'}")
+    print(f"\nwrote {out / (args.name + '.csv')} and {out / (args.name + '.json')}")
 
 
 if __name__ == "__main__":

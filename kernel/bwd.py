@@ -18,8 +18,8 @@ Masking follows the forward: causal is top-left aligned (query i sees keys j <= 
 is_causal), tiles wholly above the diagonal are never visited, tiles wholly inside the sequences and
 below the diagonal run without masks, and head dims that are not powers of two are padded to the
 next one with masked loads and stores. Plain pointers only: Triton 3.9 removed block pointers and
-the same source must compile on Triton 3.6. Any change to this file changes the kernel version of
-tuned backward configs (kernel/version.py should hash it beside fwd.py).
+the same source must compile on Triton 3.6. kernel/version.py hashes this file with the other
+@triton.jit sources, so any change here marks earlier tuning results as stale.
 """
 from __future__ import annotations
 
@@ -29,16 +29,27 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+def bwd_grid(batch: int, heads: int, seq: int, block: int) -> tuple[int]:
+    """The launch grid of every backward kernel: one program per `block` rows of every (batch, head).
+
+    One axis, as the forward: CUDA's y and z grid limits (65535) are smaller than B or H can be.
+    """
+    return (batch * heads * -(-seq // block),)
+
+
 @triton.jit
 def attn_bwd_preprocess_kernel(O, DO, DELTA,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
-                               seq_q,
+                               seq_q, heads_q,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid: (cdiv(seq_q, BLOCK_M), heads_q, batch). DELTA is contiguous (B, Hq, Nq) fp32."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M). DELTA is contiguous (B, Hq, Nq) fp32."""
+    n_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    bh = pid // n_blocks
+    batch = (bh // heads_q).to(tl.int64)
+    head = (bh % heads_q).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -47,7 +58,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA,
     do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    tl.store(DELTA + (batch * tl.num_programs(1) + head) * seq_q + offs_m, delta, mask=offs_m < seq_q)
+    tl.store(DELTA + bh.to(tl.int64) * seq_q + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -116,15 +127,21 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                          stride_lb, stride_lh, stride_lm,
                          stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                         seq_q, seq_k, group, qk_scale, sm_scale,
+                         seq_q, seq_k, heads_kv, group, qk_scale, sm_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """Grid: (cdiv(seq_k, BLOCK_N), heads_kv, batch). Query heads head_kv·group ... + group − 1."""
-    pid_n = tl.program_id(0)
-    head_kv = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
-    heads_q = tl.num_programs(1) * group
+    """Grid: bwd_grid(batch, heads_kv, seq_k, BLOCK_N). Its query heads: head_kv·group ... + group − 1."""
+    # Program p is KV block p % n_blocks of (batch, KV head) number p // n_blocks: the blocks of one
+    # head run next to each other and share its Q and dO in L2. Causal: block 0 has the most query
+    # tiles to visit and starts first.
+    n_blocks = tl.cdiv(seq_k, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_blocks
+    bh = pid // n_blocks
+    batch = (bh // heads_kv).to(tl.int64)
+    head_kv = (bh % heads_kv).to(tl.int64)
+    heads_q = heads_kv * group
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_n = pid_n * BLOCK_N
@@ -228,14 +245,20 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_lm,
-                       seq_q, seq_k, group, qk_scale, sm_scale,
+                       seq_q, seq_k, heads_q, group, qk_scale, sm_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(seq_q, BLOCK_M), heads_q, batch)."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M)."""
+    n_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    if CAUSAL:
+        # The last query block visits the most KV tiles: start the heavy blocks first.
+        pid_m = n_blocks - 1 - pid_m
+    bh = pid // n_blocks
+    batch = (bh // heads_q).to(tl.int64)
+    head = bh % heads_q
     head_kv = (head // group).to(tl.int64)
     head = head.to(tl.int64)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
@@ -253,7 +276,7 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                  mask=row_mask, other=0.0)
     # Padded rows: q = dO = 0 and LSE = delta = 0, so P = 1 and dS = 1·(0 − 0) = 0; never stored anyway.
     lse2 = tl.load(LSE + batch * stride_lb + head * stride_lh + offs_m * stride_lm, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + (batch * tl.num_programs(1) + head) * seq_q + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=m_ok, other=0.0)
     kT_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -280,12 +303,15 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 def attn_bwd_dq_convert_kernel(DQ_ACC, DQ,
                                stride_ab, stride_ah, stride_am, stride_ad,
                                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                               seq_q, sm_scale,
+                               seq_q, heads_q, sm_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid: (cdiv(seq_q, BLOCK_M), heads_q, batch). dQ = scale · the fp32 atomic accumulator."""
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M). dQ = scale · the fp32 atomic accumulator."""
+    n_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    bh = pid // n_blocks
+    batch = (bh // heads_q).to(tl.int64)
+    head = (bh % heads_q).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]

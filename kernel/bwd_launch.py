@@ -11,10 +11,10 @@ import torch
 import triton
 
 from . import device as _device
-from .bwd import (LOG2E, attn_bwd_dkdv_kernel, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
+from .bwd import (LOG2E, attn_bwd_dkdv_kernel, bwd_grid, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
                   attn_bwd_preprocess_kernel)
 from .bwd_smem import BWD_EXTRA_KEYS, bwd_knobs, default_bwd_config, estimate_bwd_smem
-from .launch import AttnShape, check_inputs, check_scale
+from .launch import AttnShape, check_causal, check_inputs, check_scale
 from ..db.types import Config
 
 __all__ = ["attention_bwd", "launch_bwd", "check_bwd_inputs", "check_bwd_config", "default_bwd_config",
@@ -53,31 +53,31 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     delta = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
     rows = _elementwise_block(block_d)
-    compiled["preprocess"] = attn_bwd_preprocess_kernel[(triton.cdiv(nq, rows), hq, b)](
-        o, do, delta, *o.stride(), *do.stride(), nq,
+    compiled["preprocess"] = attn_bwd_preprocess_kernel[bwd_grid(b, hq, nq, rows)](
+        o, do, delta, *o.stride(), *do.stride(), nq, hq,
         HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
 
     # With atomics the dQ shares land in a zeroed fp32 buffer; otherwise dk stands in (never read).
     dq_acc = torch.zeros((b, hq, nq, shape.head_dim), device=q.device, dtype=torch.float32) if atomic else dk
     dq_acc_strides = dq_acc.stride() if atomic else (0, 0, 0, 0)
-    compiled["dkdv"] = attn_bwd_dkdv_kernel[(triton.cdiv(nk, knobs.block_n), hkv, b)](
+    compiled["dkdv"] = attn_bwd_dkdv_kernel[bwd_grid(b, hkv, nk, knobs.block_n)](
         q, k, v, do, dk, dv, lse, delta, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         *dq_acc_strides,
-        nq, nk, shape.group, qk_scale, scale,
+        nq, nk, hkv, shape.group, qk_scale, scale,
         HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n,
         CAUSAL=causal, PRECISION=fp32_precision, ATOMIC_DQ=atomic,
         num_warps=knobs.num_warps, num_stages=knobs.num_stages)
 
     if atomic:
-        compiled["dq_convert"] = attn_bwd_dq_convert_kernel[(triton.cdiv(nq, rows), hq, b)](
-            dq_acc, dq, *dq_acc.stride(), *dq.stride(), nq, scale,
+        compiled["dq_convert"] = attn_bwd_dq_convert_kernel[bwd_grid(b, hq, nq, rows)](
+            dq_acc, dq, *dq_acc.stride(), *dq.stride(), nq, hq, scale,
             HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     else:
-        compiled["dq"] = attn_bwd_dq_kernel[(triton.cdiv(nq, knobs.block_m_dq), hq, b)](
+        compiled["dq"] = attn_bwd_dq_kernel[bwd_grid(b, hq, nq, knobs.block_m_dq)](
             q, k, v, do, dq, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *lse.stride(),
-            nq, nk, shape.group, qk_scale, scale,
+            nq, nk, hq, shape.group, qk_scale, scale,
             HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m_dq, BLOCK_N=knobs.block_n_dq,
             CAUSAL=causal, PRECISION=fp32_precision,
             num_warps=knobs.num_warps_dq, num_stages=knobs.num_stages_dq)
@@ -141,7 +141,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Gradients (dq, dk, dv) of O = softmax(scale·QKᵀ [+ causal mask])·V given dO.
 
     o and lse come from `attention_fwd(q, k, v, causal=..., scale=..., return_lse=True)` with the
-    same causal and scale (None = 1/sqrt(head_dim)). For GQA/MQA, dk and dv are summed over each
+    same causal (a bool) and scale (None = 1/sqrt(head_dim)). For GQA/MQA, dk and dv are summed over each
     KV head's query group. The gradients have the dtypes and strides of q, k, v. `config=None`
     takes the device's default backward config. `deterministic=True` (the default) never uses
     atomics, so two runs give bitwise-equal gradients; False lets a config with
@@ -149,6 +149,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     unless fp32_precision="tf32".
     """
     shape = check_bwd_inputs(do, q, k, v, o, lse)
+    causal = check_causal(causal)
     scale = check_scale(scale, shape.head_dim)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
@@ -160,6 +161,6 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if config is None:
         config = default_bwd_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_bwd_config(config, shape, smem_limit, arch)
-    dq, dk, dv, _ = launch_bwd(do, q, k, v, o, lse, shape, causal=bool(causal), scale=scale, config=config,
+    dq, dk, dv, _ = launch_bwd(do, q, k, v, o, lse, shape, causal=causal, scale=scale, config=config,
                                deterministic=deterministic, fp32_precision=fp32_precision)
     return dq, dk, dv

@@ -293,6 +293,7 @@ def test_bad_tensors_raise_named_errors(field, value, exc, words, kernel_device)
 
 @pytest.mark.parametrize("kwargs, exc, words", [
     (dict(scale=float("inf")), ValueError, "scale must be a finite number"),
+    (dict(causal="False"), TypeError, "causal must be a bool"),
     (dict(deterministic="yes"), TypeError, "deterministic must be a bool"),
     (dict(fp32_precision="fast"), ValueError, "fp32_precision must be one of"),
     (dict(config="m16-n16-w2-s1"), TypeError, "config must be a flashtune.db.types.Config"),
