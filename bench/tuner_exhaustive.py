@@ -15,20 +15,14 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-
-from flashtune.db.store import Store  # noqa: E402
-from flashtune.db.types import Key  # noqa: E402
-from flashtune.kernel.defaults import default_config  # noqa: E402
-from flashtune.kernel.version import KERNEL_VERSION  # noqa: E402
-from flashtune.tuner.bench import fill_batch_heads  # noqa: E402
-from flashtune.tuner.gpu import detect_gpu, run_info  # noqa: E402
-from flashtune.tuner.loop import Tuner, TuneSettings  # noqa: E402
-from flashtune.tuner.space import candidates  # noqa: E402
-from flashtune.tuner.worker import WorkerBench  # noqa: E402
+from flashtune.db.store import Store
+from flashtune.db.types import Key
+from flashtune.tuner.loop import TuneSettings
+from flashtune.tuner.session import session_gpu, tuning_session
+from flashtune.tuner.space import candidates
 
 # fp16 non-causal: bench/tuner_smem_report.py compiled these groups already, so Triton's cache has them.
 DEFAULT_KEYS = "512:64:fp16:full,2048:64:fp16:full,1024:128:fp16:full,4096:128:fp16:full"
@@ -54,7 +48,7 @@ def main() -> None:
     parser.add_argument("--careful-top", type=int, default=8)
     args = parser.parse_args()
 
-    gpu = detect_gpu()
+    gpu = session_gpu()
     keys = parse_keys(args.keys, gpu.arch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,27 +60,21 @@ def main() -> None:
 
     scratch_path = out / "tuner_exhaustive.db"
     scratch_path.unlink(missing_ok=True)
-    scratch = Store.open(f"sqlite:///{scratch_path}")
-    run_id = scratch.start_run(run_info(gpu, {"exhaustive": args.keys}))
-    bench = WorkerBench(gpu.index, compile_threads=args.threads)
     started = time.monotonic()
-    try:
+    with tuning_session(f"sqlite:///{scratch_path}", {"exhaustive": args.keys}, gpu=gpu,
+                        compile_threads=args.threads) as session:
         # No pruning (prune_ratio huge); the tuner's winner plays the "default" so it is timed carefully.
-        tuner = Tuner(scratch, run_id, bench, kernel_version=KERNEL_VERSION, gpu_name=gpu.name,
-                      space=lambda k: candidates(k.head_dim, k.dtype, gpu.smem_limit, arch=gpu.arch, cost_rules=False),
-                      default=lambda k: winners[k].config,
-                      batch_heads=lambda k: fill_batch_heads(k.seq_len, gpu.sm_count),
-                      settings=TuneSettings(prune_ratio=1e9, careful_top=args.careful_top))
-        results = tuner.run(keys)
-        scratch.finish_run(run_id)
-    finally:
-        bench.close()
+        results = session.tune(
+            keys, space=lambda k: candidates(k.head_dim, k.dtype, gpu.smem_limit, arch=gpu.arch, cost_rules=False),
+            default=lambda k: winners[k].config, settings=TuneSettings(prune_ratio=1e9, careful_top=args.careful_top))
+        trials = session.store.trials()
+        restarts = session.bench.restarts
     rows = []
     for r in results:
         best = r.winner
         tuned_ms = r.default_ms
         gap = tuned_ms / best.median_ms - 1 if best and tuned_ms else None
-        default = default_config(gpu.arch, r.key.head_dim, r.key.dtype, gpu.smem_limit)
+        default = session.default(r.key)
         rows.append({"key": str(r.key), "space": len(candidates(r.key.head_dim, r.key.dtype, gpu.smem_limit, arch=gpu.arch,
                                                                cost_rules=False)),
                      "tuned_space": len(candidates(r.key.head_dim, r.key.dtype, gpu.smem_limit, arch=gpu.arch)),
@@ -99,12 +87,11 @@ def main() -> None:
     with open(out / "tuner_exhaustive.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "config", "outcome", "median_ms", "tflops", "compile_s", "error"])
-        for t in scratch.trials():
+        for t in trials:
             writer.writerow([str(t.key), str(t.config), t.outcome, t.median_ms, t.tflops, t.compile_s,
                              (t.error or "")[:200]])
-    scratch.close()
     summary = {"gpu": gpu.name, "elapsed_s": round(time.monotonic() - started, 1),
-               "worker_restarts": bench.restarts, "keys": rows}
+               "worker_restarts": restarts, "keys": rows}
     (out / "tuner_exhaustive.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{gpu.name}: exhaustive sweep of {len(rows)} keys in {summary['elapsed_s']} s")
     print(f"{'key':<40} {'space':>5} {'best':<18} {'ms':>8} {'tuner':<18} {'ms now':>8} {'gap':>7}")

@@ -27,11 +27,16 @@ _START_TIMEOUT_S = 300.0  # importing torch and creating a CUDA context
 
 
 def cuda_bench(device_index: int, compile_threads: int) -> Bench:
-    """The production bench of a worker: LocalBench on CUDA device `device_index`."""
+    """The production bench of a worker: LocalBench on CUDA device `device_index`; on a machine without
+    CUDA under TRITON_INTERPRET=1, LocalBench on the CPU (the interpreter), so the whole worker runs
+    in CPU tests."""
     import torch
 
+    from ..kernel.device import INTERPRET
     from .bench import LocalBench
 
+    if INTERPRET and not torch.cuda.is_available():
+        return LocalBench(torch.device("cpu"), compile_threads=compile_threads)
     torch.cuda.set_device(device_index)
     return LocalBench(torch.device("cuda", device_index), compile_threads=compile_threads)
 

@@ -1,0 +1,124 @@
+"""One tuning session: GPU → store → run record → benchmark worker → tuner → the run's end mark.
+
+The `tune` command and `bench/tuner_exhaustive.py` both tune through `tuning_session`, so the run
+record, the worker's lifetime and the run's final status ('done', 'budget', 'interrupted',
+'failed') are handled in one place:
+
+    with tuning_session(db_url, {"seq": "128..4096"}, arch="sm_90") as session:
+        results = session.tune(keys_for(session.gpu.arch))
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from ..db.arch import normalize_arch
+from ..db.errors import StoreError, one_line
+from ..db.store import Store
+from ..db.types import Config, Key
+from ..kernel.defaults import default_config
+from ..kernel.version import KERNEL_VERSION
+
+from . import gpu as gpus, worker
+from .bench import fill_batch_heads
+from .loop import KeyResult, Progress, Tuner, TuneSettings
+from .measure import Bench
+from .space import candidates
+
+
+class SessionError(RuntimeError):
+    """The session cannot start: no GPU, a GPU of an unknown arch, or an `arch` other than the GPU's."""
+
+
+def session_gpu(arch: str | None = None) -> gpus.GpuInfo:
+    """The GPU to tune on (CUDA device 0). SessionError when there is none, its arch is unknown, or it
+    is not `arch`."""
+    try:
+        gpu = gpus.detect_gpu()
+    except gpus.NoGpuError as error:
+        raise SessionError(str(error)) from None
+    try:
+        normalize_arch(gpu.arch)
+    except ValueError as error:
+        raise SessionError(f"{gpu.name} is {gpu.arch}: {error}") from None
+    if arch is not None and normalize_arch(arch) != gpu.arch:
+        raise SessionError(f"--arch {arch} differs from the GPU present, {gpu.name} ({gpu.arch}); "
+                           "tune on that GPU, or plan with --dry-run")
+    return gpu
+
+
+@dataclass
+class TuningSession:
+    """An open session: its GPU, store, run id and benchmark worker. `tune` may be called more than once."""
+
+    gpu: gpus.GpuInfo
+    store: Store
+    run_id: int
+    bench: Bench
+    status: str = "failed"  # what the run is marked at the end unless a tune() finishes
+    finish_error: str | None = None  # why the run's end mark could not be written, if it could not
+    _spaces: dict[tuple[int, str], list[Config]] = field(default_factory=dict)
+
+    def space(self, key: Key) -> list[Config]:
+        """The tuner's candidates for `key` on this GPU (computed once per head dim and dtype)."""
+        group = (key.head_dim, key.dtype)
+        if group not in self._spaces:
+            self._spaces[group] = candidates(key.head_dim, key.dtype, self.gpu.smem_limit, arch=self.gpu.arch)
+        return self._spaces[group]
+
+    def default(self, key: Key) -> Config:
+        """The kernel's default config for `key` on this GPU."""
+        return default_config(key.arch, key.head_dim, key.dtype, self.gpu.smem_limit)
+
+    def batch_heads(self, key: Key) -> int:
+        """B·H of the benchmark inputs: enough work to fill this GPU."""
+        return fill_batch_heads(key.seq_len, self.gpu.sm_count)
+
+    def tune(self, keys: Sequence[Key], *, space: Callable[[Key], Sequence[Config]] | None = None,
+             default: Callable[[Key], Config] | None = None, batch_heads: Callable[[Key], int] | None = None,
+             settings: TuneSettings = TuneSettings(), progress: Progress | None = None,
+             should_stop: Callable[[], bool] = lambda: False) -> list[KeyResult]:
+        """Tune `keys`, by default over this GPU's space against the kernel's default config; the
+        session's status becomes 'done', or why the tuner stopped early ('budget', 'interrupted')."""
+        tuner = Tuner(self.store, self.run_id, self.bench, kernel_version=KERNEL_VERSION, gpu_name=self.gpu.name,
+                      space=space or self.space, default=default or self.default,
+                      batch_heads=batch_heads or self.batch_heads, settings=settings, progress=progress,
+                      should_stop=should_stop)
+        results = tuner.run(keys)
+        self.status = tuner.stop_reason or "done"
+        return results
+
+
+@contextmanager
+def tuning_session(db_url: str | None, args: Mapping[str, Any], *, arch: str | None = None,
+                   gpu: gpus.GpuInfo | None = None, compile_threads: int = 8,
+                   trial_timeout_s: float = worker.DEFAULT_TRIAL_TIMEOUT_S) -> Iterator[TuningSession]:
+    """Open a session on `gpu` (default: the GPU present, checked against `arch`), writing to the
+    database at `db_url` a run that records `args`; on exit mark the run with its status, stop the
+    worker and close the store.
+
+    Raises SessionError before anything is written for a missing or wrong GPU, and StoreError or
+    ValueError for an unusable database or URL. Ctrl-C inside marks the run 'interrupted'.
+    """
+    gpu = gpu if gpu is not None else session_gpu(arch)
+    store = Store.open(db_url)
+    try:
+        run_id = store.start_run(gpus.run_info(gpu, args))
+    except BaseException:
+        store.close()
+        raise
+    bench = worker.WorkerBench(gpu.index, compile_threads=compile_threads, trial_timeout_s=trial_timeout_s)
+    session = TuningSession(gpu, store, run_id, bench)
+    try:
+        yield session
+    except KeyboardInterrupt:
+        session.status = "interrupted"
+        raise
+    finally:
+        try:
+            store.finish_run(run_id, session.status)
+        except StoreError as error:  # the run's trials are committed; only its end mark is lost
+            session.finish_error = f"could not mark run {run_id} {session.status}: {one_line(error)}"
+        bench.close()
+        store.close()
