@@ -1,4 +1,5 @@
-"""`flashtune.tuner.benchmarking.run` and `flashtune bench`: shapes, row assembly with an injected timer, errors, the CSV schema.
+"""`flashtune.tuner.benchmarking.run` and `flashtune bench`: shapes, row assembly with an injected timer, errors,
+the CSV schema, one shape as a sweep of one, and `--db`.
 
 On a machine without CUDA the kernel runs under the Triton interpreter on tiny shapes (conftest sets
 TRITON_INTERPRET=1); the SDPA flash/efficient/cuDNN providers are then skipped rows.
@@ -7,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +20,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from flashtune.tuner.benchmarking.run import (BenchShape, bench_shape, bench_shape_for, fp32_reference, main, output_errors,
-                          with_speedups)
-from flashtune.tuner.benchmarking.results import BASELINES, COLUMNS, BenchRow, read_csv, write_csv
+from flashtune.db.store import Store
+from flashtune.db.types import Config, Key
+from flashtune.kernel.dispatch import INTERPRETER_ARCH
+from flashtune.kernel.reference import attention_reference, fp32_reference, output_errors
 from flashtune.tuner.benchmarking.providers import PROVIDERS, select_providers
-from flashtune.kernel.reference import attention_reference
+from flashtune.tuner.benchmarking.results import BASELINES, COLUMNS, BenchRow, BenchShape, read_csv, write_csv
+from flashtune.tuner.benchmarking.run import bench_shape, bench_shape_for, with_speedups
 from flashtune.tuner.cli import main as cli
+from db_fixtures import run_info
 from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,53 +256,90 @@ def test_bench_command_writes_table_and_csv(tmp_path, kernel_device):
     assert "[2/2]" in result.output  # the per-shape progress line (not a terminal here)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--seq", "64..16"], "--seq: reversed range"),
-    (["--head-dim", "48"], "--head-dim"),
-    (["--dtype", "int8"], "--dtype"),
-    (["--seq", "64", "--head-dim", "64", "--hidden", "100"], "not a multiple of head dim 64"),
-    (["--seq", "64", "--providers", "sdpa_fast"], "unknown provider"),
-    (["--seq", "64", "--rep-ms", "0"], "--rep-ms"),
+ONE_SHAPE = ["--seq", "32", "--head-dim", "16", "--dtype", "fp32", "--causal", "--batch", "1", "--heads", "2",
+             "--providers", "sdpa_math", "--rep-ms", "5", "--warmup-ms", "1"]
+
+
+def test_one_shape_is_a_sweep_of_one(kernel_device):
+    result = CliRunner().invoke(cli, ["bench", *ONE_SHAPE])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("on ") and "kernel version" in lines[0]
+    rows = [ln.split() for ln in lines if ln.startswith(("flashtune ", "sdpa_math ")) and "geomean" not in ln]
+    assert [r[:7] for r in rows] == [[p, "1", "2", "32", "16", "float32", "yes"] for p in ("flashtune", "sdpa_math")]
+    assert "flashtune vs sdpa_math: geomean speed-up" in result.stdout and "over 1 shape(s)" in result.stdout
+    as_json = CliRunner().invoke(cli, ["bench", *ONE_SHAPE, "--json"])
+    assert [(r["provider"], r["status"], r["causal"]) for r in json.loads(as_json.stdout)] == [
+        ("flashtune", "ok", True), ("sdpa_math", "ok", True)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq", "64..16"], "--seq: reversed range '64..16'"),
+    (["--seq", str(2**70)], f"--seq: sequence length '{2**70}' is above the limit of 2147483647 (2**31 - 1)"),
+    (["--head-dim", "48"], "--head-dim: unsupported head dim 48"),
+    (["--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+    (["--seq", "64", "--head-dim", "64", "--hidden", "100"], "hidden size 100 is not a multiple of head dim 64"),
+    (["--seq", "64", "--tokens", "0"], "--tokens: '0' is out of range: expected a whole number from 1"),
+    (["--seq", "64", "--heads", "99999999999"], "--heads: '99999999999' is out of range"),
+    (["--seq", "64", "--providers", "sdpa_fast"], "--providers: unknown provider(s) sdpa_fast"),
+    (["--seq", "64", "--rep-ms", "0"], "--rep-ms: '0' is out of range: expected a finite number above 0"),
+    (["--seq", "64", "--warmup-ms", "nan"], "--warmup-ms: 'nan' is out of range"),
 ])
-def test_bench_command_bad_input_exits_2(args, match):
+def test_bench_command_bad_input_is_one_line_naming_the_option(args, message):
     result = CliRunner().invoke(cli, ["bench", *args])
     assert result.exit_code == 2, result.output
-    assert match in result.output
+    [line] = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {message}"), line
 
 
 def test_bench_command_unwritable_csv_exits_2(tmp_path, kernel_device):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = CliRunner().invoke(cli, ["bench", "--seq", "16", "--head-dim", "16", "--dtype", "fp32", "--batch", "1",
-                                      "--heads", "1", "--csv", str(blocker / "r.csv")])
+    result = CliRunner().invoke(cli, ["bench", *ONE_SHAPE, "--csv", str(blocker / "r.csv")])
     assert result.exit_code == 2
-    assert "cannot write --csv" in result.output
+    assert result.output.strip() == f"Error: cannot write --csv {blocker / 'r.csv'}: Not a directory"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that a regression writes into it instead of hanging
+    try:
+        result = CliRunner().invoke(cli, ["bench", *ONE_SHAPE, "--csv", str(fifo)])
+    finally:
+        os.close(reader)
+    assert result.exit_code == 2 and "not a regular file" in result.output and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
-def test_kernel_bench_module_prints_one_shape(capsys, kernel_device):
-    args = ["--seq", "32", "--head-dim", "16", "--dtype", "fp32", "--batch", "1", "--heads", "2", "--causal",
-            "--providers", "sdpa_math", "--rep-ms", "5"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "B=1 H=2 N=32 D=16 float32 causal" in out
-    lines = [ln for ln in out.splitlines() if ln.startswith(("flashtune", "sdpa_math"))]
-    assert len(lines) == 2 and lines[1].split()[-1].endswith("x")  # the tuned speed-up over sdpa_math
+def test_bench_db_option_points_the_dispatcher_at_that_database(tmp_path, kernel_device):
+    # The flashtune rows run through the dispatcher: after `bench --db URL` it plans with URL's
+    # winners (CPU tensors themselves always take the interpreter's default, so ask lookup()).
+    from flashtune.kernel import dispatch
 
-
-def test_kernel_bench_module_bad_input_exits_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--head-dim", "48"])
-    assert exc.value.code == 2
-    assert "unsupported head dim 48" in capsys.readouterr().err
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    stored = Config(16, 16, 1, 1)
+    with Store.open(url) as store:
+        run = store.start_run(run_info(arch=INTERPRETER_ARCH))
+        store.offer_winner(store.record_trial(run, Key(INTERPRETER_ARCH, "fwd", 32, 16, "float32", True), stored,
+                                              "ok", median_ms=0.5))
+    assert dispatch.lookup(INTERPRETER_ARCH, 32, 16, "float32", True).source != "exact"
+    try:
+        result = CliRunner().invoke(cli, ["bench", *ONE_SHAPE, "--db", url])
+        assert result.exit_code == 0, result.output
+        choice = dispatch.lookup(INTERPRETER_ARCH, 32, 16, "float32", True)
+        assert (choice.config, choice.source) == (stored, "exact")
+    finally:
+        dispatch.reload()  # the rest of the session plans with the default database again
+    missing = CliRunner().invoke(cli, ["bench", *ONE_SHAPE, "--db", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert missing.exit_code == 2 and "no file at" in missing.output and len(missing.output.splitlines()) == 1
+    assert not (tmp_path / "none.db").exists()
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without CUDA")
-def test_kernel_bench_module_needs_a_gpu_without_the_interpreter():
+def test_bench_needs_a_gpu_without_the_interpreter():
     env = repo_env(drop=("TRITON_INTERPRET",))
-    done = subprocess.run([sys.executable, "-m", "flashtune.tuner.benchmarking.run", "--seq", "64"], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "flashtune.tuner.cli", "bench", "--seq", "64"], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
     assert done.returncode == 2
-    assert "needs a CUDA GPU" in done.stderr
+    assert done.stderr.strip() == ("Error: the benchmark needs a CUDA GPU (none is visible); on a CPU, "
+                                   "TRITON_INTERPRET=1 runs the kernel in the Triton interpreter for tiny shapes only")
 
 
 def test_baselines_are_the_sdpa_providers():

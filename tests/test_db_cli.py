@@ -1,8 +1,10 @@
 """`flashtune show|export|import|db ...` on real databases: output, exit codes, nothing written on errors."""
 from __future__ import annotations
 
-import json
 import importlib.util
+import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -183,9 +185,85 @@ def test_db_migrate_and_vacuum(db_url: str) -> None:
     assert snapshot(db_url) == before
 
 
+# --- where `export -o` writes -------------------------------------------------------------------
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_export_to_a_new_file_honours_the_umask(source: str, tmp_path: Path, umask_027: None) -> None:
+    out = tmp_path / "new.json"
+    result = run("export", "--db", source, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640  # 0666 & ~027, not mkstemp's 0600
+    assert len(json.loads(out.read_text())["winners"]) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "source.db"]  # no temporary file left
+
+
+def test_export_replaces_a_regular_file_keeping_its_mode(source: str, tmp_path: Path) -> None:
+    out = tmp_path / "w.json"
+    out.write_text("old")
+    out.chmod(0o644)
+    assert run("export", "--db", source, "-o", out, "--arch", "sm_80").exit_code == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and len(json.loads(out.read_text())["winners"]) == 12
+
+
+def test_export_through_a_symlink_replaces_the_file_it_points_to(source: str, tmp_path: Path) -> None:
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert run("export", "--db", source, "-o", link).exit_code == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(json.loads(target.read_text())["winners"]) == 24
+
+
+def test_export_dash_writes_stdout(source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run("export", "--db", source, "-o", "-")
+    assert len(json.loads(result.stdout)["winners"]) == 24 and not (tmp_path / "-").exists()
+
+
+def test_export_refuses_a_fifo_a_directory_and_a_link_to_a_device(source: str, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    # A link to /dev/null, not /dev/null itself: before the fix this replaced the target with a
+    # regular file, and the test must not be able to break the machine's /dev/null when it fails.
+    device_link = tmp_path / "null"
+    device_link.symlink_to("/dev/null")
+    for target, kind in ((fifo, "not a regular file"), (directory, "a directory"), (device_link, "not a regular file")):
+        assert_usage_error(run("export", "--db", source, "-o", target), f"-o {target}: it is {kind}",
+                           "refusing to replace it")
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and list(directory.iterdir()) == []
+    assert device_link.is_symlink() and os.readlink(device_link) == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo", "null", "source.db"]
+
+
+def test_writes_under_a_path_no_one_can_create_fail_cleanly(source: str, tmp_path: Path) -> None:
+    # Where the database or the export would go cannot exist, even for root (CI runs as root, so a
+    # read-only directory proves nothing there): its parent is a regular file, or it is under /proc.
+    good = tmp_path / "good.json"
+    good.write_text(run("export", "--db", source).stdout)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for url in (f"sqlite:///{blocker}/flashtune.db", "sqlite:////proc/flashtune-test/flashtune.db"):
+        for command in (["import", good], ["db", "migrate"]):
+            assert_usage_error(run(*command, "--db", url), "flashtune")
+    assert_usage_error(run("export", "--db", source, "-o", blocker / "w.json"),
+                       f"cannot write -o {blocker / 'w.json'}: Not a directory")
+    assert blocker.read_text() == "keep me"
+
+
 def test_real_entry_point_and_no_gpu_imports(tmp_path: Path) -> None:
     env = repo_env(FLASHTUNE_DB=f"sqlite:///{tmp_path}/none.db")
-    probe = ("import sys, db, db.exchange, flashtune.tuner.cli.db; "
+    probe = ("import sys, flashtune.db.exchange, flashtune.tuner.cli.db, flashtune.tuner.cli.common; "
              "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,7 +1,9 @@
 """`flashtune plot`: sweep figures from a fixture CSV, the heatmap from a real SQLite database, bad input."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,10 +12,11 @@ from click.testing import CliRunner
 
 from flashtune.db.store import Store
 from flashtune.db.types import Config, Key
-from flashtune.tuner.benchmarking.results import read_csv
+from flashtune.tuner.benchmarking.results import MAX_CSV_BYTES, read_csv
 from flashtune.kernel.version import KERNEL_VERSION
 from db_fixtures import run_info, sqlite_url  # noqa: F401  (sqlite_url is a fixture)
 from flashtune.tuner.cli import main as cli
+from subproc import repo_env
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_sample.csv"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -126,7 +129,12 @@ def test_heatmap_needs_a_readable_database_and_a_whole_key(tmp_path):
     assert result.exit_code == 2 and "--heatmap needs --seq, --head-dim, --dtype" in result.output
     result = runner.invoke(cli, ["plot", "--heatmap", "--arch", "sm_99", "--seq", "1", "--head-dim", "64",
                                  "--dtype", "fp16", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "unknown arch 'sm_99'" in result.output
+    assert one_line_error(result).startswith("Error: --arch: unknown arch 'sm_99'")
+    for args, message in ((["--seq", str(2**70)], f"--seq: sequence length '{2**70}' is above the limit"),
+                          (["--head-dim", str(10**30)], "--head-dim: unsupported head dim '1000"),
+                          (["--both"], "--both: this command is about one shape")):
+        result = runner.invoke(cli, ["plot", *HEATMAP_ARGS[:-1], *args, "--db", missing, "--out", str(tmp_path)])
+        assert one_line_error(result).startswith(f"Error: {message}")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -154,10 +162,81 @@ def test_bad_csv_exits_2(tmp_path, content, match):
     assert match in result.output
 
 
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def plot_in_a_subprocess(path: Path, out: Path) -> subprocess.CompletedProcess:
+    # A FIFO or a device must be refused before it is read: before the fix these hung or ran out of
+    # memory, so they run in a process with a deadline rather than inside the test process.
+    return subprocess.run([sys.executable, "-m", "flashtune.tuner.cli", "plot", str(path), "--out", str(out)],
+                          capture_output=True, text=True, env=repo_env(), timeout=60)
+
+
+def test_plot_refuses_a_fifo_and_a_device_without_reading_them(tmp_path):
+    fifo = tmp_path / "results.csv"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO (named pipe)"), (Path("/dev/zero"), "a character device")):
+        done = plot_in_a_subprocess(path, tmp_path / "o")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == f"Error: cannot read CSV {path}: it is {kind}, not a regular file"
+    assert not (tmp_path / "o").exists()
+
+
+def test_plot_refuses_a_directory_and_an_oversized_or_endless_line(tmp_path):
+    line = one_line_error(CliRunner().invoke(cli, ["plot", str(tmp_path), "--out", str(tmp_path / "o")]))
+    assert line == f"Error: cannot read CSV {tmp_path}: it is a directory, not a regular file"
+    no_newline = tmp_path / "one-line.csv"
+    no_newline.write_bytes(b"x" * 10_000_000)  # 10 MB, no newline: one field over csv's field limit
+    line = one_line_error(CliRunner().invoke(cli, ["plot", str(no_newline), "--out", str(tmp_path / "o")]))
+    assert line.startswith(f"Error: {no_newline} line ") and "malformed CSV: field larger than field limit" in line
+    big = tmp_path / "big.csv"
+    with open(big, "wb") as fh:
+        fh.truncate(MAX_CSV_BYTES + 1)  # sparse: nothing is written, the size is what counts
+    line = one_line_error(CliRunner().invoke(cli, ["plot", str(big), "--out", str(tmp_path / "o")]))
+    assert line == f"Error: CSV {big} is {MAX_CSV_BYTES + 1} bytes, larger than the {MAX_CSV_BYTES}-byte limit"
+
+
+def test_plotting_a_csv_imports_no_torch():
+    # `plot` of a CSV runs on machines that only want the figures (and torch takes seconds to import).
+    probe = ("import sys; import flashtune.tuner.cli.plot; from flashtune.tuner.benchmarking import plots, results; "
+             f"results.read_csv({str(FIXTURE)!r}); print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=repo_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_plot_names_a_csv_that_is_not_utf8(tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes(FIXTURE.read_bytes().replace(b"fixture", "fixture \u00e9".encode("latin-1")))
+    line = one_line_error(CliRunner().invoke(cli, ["plot", str(latin), "--out", str(tmp_path / "o")]))
+    assert line.startswith(f"Error: {latin} is not UTF-8 text (byte ")
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("seq_len", str(10**400), "column 'seq_len' holds '100000000000000000000000...', expected a whole number from 0 to 2147483647"),
+    ("seq_len", "9" * 5000, "column 'seq_len' holds '999999999999999999999999...', expected a whole number"),
+    ("seq_len", str(2**63), f"column 'seq_len' holds '{2**63}', expected a whole number from 0 to 2147483647"),
+    ("batch", str(2**40), f"column 'batch' holds '{2**40}', expected a whole number from 0 to 2147483647"),
+    ("median_ms", "1e999", "column 'median_ms' holds '1e999', expected a finite number"),
+])
+def test_plot_refuses_numbers_no_figure_can_hold(tmp_path, column, value, message):
+    header, first, *rest = FIXTURE.read_text().splitlines()
+    cells = first.split(",")
+    cells[header.split(",").index(column)] = value
+    path = tmp_path / "huge.csv"
+    path.write_text("\n".join([header, ",".join(cells), *rest]) + "\n")
+    line = one_line_error(CliRunner().invoke(cli, ["plot", str(path), "--out", str(tmp_path / "o")]))
+    assert line == f"Error: {path} line 2: {message}"
+
+
 def test_missing_csv_and_argument_mistakes_exit_2(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["plot", str(tmp_path / "nope.csv"), "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "cannot read" in result.output
+    assert one_line_error(result) == f"Error: cannot read CSV {tmp_path / 'nope.csv'}: No such file or directory"
     result = runner.invoke(cli, ["plot", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "give the CSV" in result.output
     result = runner.invoke(cli, ["plot", str(FIXTURE), *HEATMAP_ARGS, "--out", str(tmp_path)])

@@ -1,27 +1,43 @@
-"""The `tune` command: --dry-run, bad input, and a whole run on a stand-in GPU with a cost-model bench."""
+"""The `tune` command: --dry-run, bad input, and whole runs through the real spawned benchmark worker.
+
+This machine has no GPU: the tests that get past the GPU check answer the GPU detection with a
+stand-in (the only thing stubbed). The benchmark worker is the real one: a spawned process that runs
+LocalBench on the CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1; the child
+inherits it), on a tiny key whose space the stand-in's small shared memory keeps to a few configs.
+"""
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import sqlite3
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import flashtune.tuner.gpu
-import flashtune.tuner.worker
 from flashtune.db.store import Store
-from flashtune.db.types import Config
 from flashtune.tuner.cli import main
-from flashtune.tuner.gpu import GpuInfo
-from flashtune.tuner.measure import FunctionBench
+from flashtune.tuner.gpu import planned_gpu
 
-H200 = GpuInfo("NVIDIA H200 (stand-in)", "sm_90", 132, 232448, "570.0", "12.8", "3.6.0", "2.11", "host", True)
+# A GPU of a known arch whose 8 KB of shared memory leaves one config of the D=16 fp32 space, plus
+# the default: a tune of one key is two trials, about ten seconds in the interpreter.
+STAND_IN = dataclasses.replace(planned_gpu("sm_80"), name="CPU stand-in (interpreter)", sm_count=1,
+                               smem_limit=8192, present=True)
+TINY = ["--seq", "16", "--head-dim", "16", "--dtype", "fp32", "--no-causal", "--batch-heads", "1"]
 
 
 def run(*args: str):
     return CliRunner().invoke(main, ["tune", *args])
+
+
+def one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
 
 
 def dry(arch: str) -> dict:
@@ -48,84 +64,94 @@ def test_dry_run_table_for_people():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--seq", "0..8"], "at least 1"),
-    (["--seq", "4096..128"], "reversed range"),
-    (["--seq", "128..x"], "malformed"),
-    (["--head-dim", "65"], "unsupported head dim 65"),
-    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
-    (["--budget", "0"], "--budget"),
-    (["--budget", "-1m"], "above zero"),
-    (["--batch-heads", "0"], "--batch-heads"),
-    (["--arch", "sm_91"], "unknown arch"),
+    (["--seq", "0..8"], "--seq: bad sequence length '0' in '0..8': lengths must be at least 1"),
+    (["--seq", "4096..128"], "--seq: reversed range"),
+    (["--seq", "128..x"], "--seq: malformed"),
+    (["--seq", str(2**31)], f"--seq: sequence length '{2**31}' is above the limit of 2147483647"),
+    (["--seq", "128.." + "9" * 5000], "--seq: sequence length '999999999999999999999999...'"),
+    (["--head-dim", "65"], "--head-dim: unsupported head dim 65"),
+    (["--head-dim", str(10**30)], "--head-dim: unsupported head dim '1" + "0" * 23 + "...'"),
+    (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
+    (["--budget", "0"], "--budget: duration '0' must be above zero"),
+    (["--budget", "-1m"], "--budget: duration '-1m' must be above zero"),
+    (["--batch-heads", "0"], "--batch-heads: '0' is out of range: expected a whole number from 1 to 2147483647"),
+    (["--compile-threads", "x"], "--compile-threads: expected a whole number"),
+    (["--trial-timeout", "1e400s"], "--trial-timeout: malformed duration"),
+    (["--trial-timeout", "9" * 400 + "s"], "--trial-timeout: duration '999999999999999999999999...' is longer than a year"),
+    (["--arch", "sm_91"], "--arch: unknown arch 'sm_91'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, needle):
+def test_bad_input_is_one_line_naming_the_option(args, needle):
     result = run("--dry-run", "--arch", "sm_90", *args) if "--arch" not in args else run("--dry-run", *args)
-    assert result.exit_code == 2
-    assert needle in result.output and len(result.output.strip().splitlines()) == 1
+    assert needle in one_line_error(result)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_no_gpu_without_dry_run(tmp_path):
     result = run("--db", f"sqlite:///{tmp_path / 'x.db'}")
-    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    one_line_error(result, "no CUDA GPU")
     assert not (tmp_path / "x.db").exists()
 
 
 @pytest.fixture
 def stand_in_gpu(monkeypatch):
-    """The GPU detection answers for an H200 and the bench is a cost model: no GPU is needed."""
-    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: H200)
-    best = Config(128, 64, 4, 2)
-
-    def cost(key, config, careful):
-        return key.seq_len / 100 * (1 + abs(config.block_m - best.block_m) / 64 + abs(config.block_n - best.block_n) / 64
-                                    + abs(config.num_warps - best.num_warps) / 4 + abs(config.num_stages - 2) / 4)
-
-    monkeypatch.setattr(flashtune.tuner.worker, "WorkerBench", lambda *a, **kw: FunctionBench(cost))
-    return best
+    """The GPU detection answers for STAND_IN; everything else (worker, harness, store) is real."""
+    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: STAND_IN)
+    return STAND_IN
 
 
 def test_arch_other_than_the_gpu_is_an_error(stand_in_gpu, tmp_path):
-    result = run("--arch", "sm_86", "--db", f"sqlite:///{tmp_path / 'x.db'}")
-    assert result.exit_code == 2 and "sm_86" in result.output and "sm_90" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.db").exists()
+    result = run("--arch", "sm_90", "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    one_line_error(result, "--arch sm_90", "sm_80")
+    assert not (tmp_path / "x.db").exists()
 
 
-@pytest.mark.parametrize("where", ["postgresql", "sqlite", "mysql", "unknown-driver"])
-def test_unreachable_db_is_one_line_and_exit_2(stand_in_gpu, tmp_path, where):
+@pytest.mark.parametrize("where, message", [
+    ("postgresql", "database postgresql+psycopg://nobody@127.0.0.1:1/none is unreachable"),
+    ("sqlite", "database sqlite:///{tmp}/a-file/x.db: cannot create directory {tmp}/a-file"),
+    ("mysql", "unsupported database URL 'mysql://u@h/d'"),
+    ("unknown-driver", "unsupported database URL 'postgresql+nodriver://u@h/d'"),
+])
+def test_unusable_db_is_one_line_naming_it(stand_in_gpu, tmp_path, where, message):
     (tmp_path / "a-file").write_text("not a directory")
     url = {"postgresql": "postgresql+psycopg://nobody@127.0.0.1:1/none",
            "sqlite": f"sqlite:///{tmp_path / 'a-file' / 'x.db'}",
            "mysql": "mysql://u@h/d",
            "unknown-driver": "postgresql+nodriver://u@h/d"}[where]
-    result = run("--db", url, "--seq", "128")
-    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    line = one_line_error(run("--db", url, *TINY))
+    assert line.startswith("Error: " + message.format(tmp=tmp_path)), line
+    assert (tmp_path / "a-file").read_text() == "not a directory"
 
 
-def test_tune_stores_winners_and_resumes(stand_in_gpu, tmp_path):
+def test_gpu_of_an_unknown_arch_is_one_line_and_exit_2(monkeypatch, tmp_path):
+    future = dataclasses.replace(STAND_IN, name="Future GPU", arch="sm_103")
+    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: future)
+    one_line_error(run("--db", f"sqlite:///{tmp_path / 'x.db'}", *TINY), "Future GPU is sm_103")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_tune_through_the_real_worker_stores_the_winner_and_resumes(stand_in_gpu, tmp_path):
     url = f"sqlite:///{tmp_path / 'tune.db'}"
-    args = ["--arch", "sm_90", "--seq", "128..256", "--head-dim", "64", "--dtype", "fp16", "--no-causal",
-            "--db", url, "--json"]
-    first = run(*args)
+    first = CliRunner().invoke(main, ["tune", *TINY, "--db", url, "--json"])
     assert first.exit_code == 0, first.output
-    summary = json.loads(first.output[first.output.index("{"):])
-    assert summary["status"] == "done" and [k["seq_len"] for k in summary["keys"]] == [128, 256]
-    assert all(k["winner"] == str(stand_in_gpu) and k["complete"] and k["speedup"] >= 1 for k in summary["keys"])
-    with Store.open(url) as store:
-        assert {str(w.config) for w in store.winners("sm_90")} == {str(stand_in_gpu)}
-        count = len(store.trials())
-    second = run(*args)
-    again = json.loads(second.output[second.output.index("{"):])
-    assert all(k["new_trials"] == 0 and k["skipped"] > 0 for k in again["keys"])
-    with Store.open(url) as store:
-        assert len(store.trials()) == count
-    table = run(*args[:-1])
-    assert "geomean speed-up" in table.output and str(stand_in_gpu) in table.output
-
-
-def test_gpu_of_an_unknown_arch_is_one_line_and_exit_2(stand_in_gpu, monkeypatch, tmp_path):
-    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: dataclasses.replace(H200, name="Future GPU",
-                                                                                     arch="sm_103"))
-    result = run("--db", f"sqlite:///{tmp_path / 'x.db'}", "--seq", "128")
-    assert result.exit_code == 2 and "sm_103" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.db").exists()
+    summary = json.loads(first.stdout)
+    assert summary["status"] == "done" and summary["worker_restarts"] == 0
+    [key] = summary["keys"]
+    assert key["key"] == "sm_80/fwd/N=16/D=16/float32/full" and key["complete"] and key["winner_stored"]
+    assert key["new_trials"] >= 2 and key["outcomes"] == {"ok": key["new_trials"]}  # the interpreter's results are right
+    assert key["median_ms"] > 0 and key["speedup"] >= 1.0
+    assert "[1/1] sm_80/fwd/N=16/D=16/float32/full" in first.stderr and "ETA" in first.stderr  # log progress
+    with Store.open(url, create=False) as store:
+        [winner] = store.winners("sm_80")
+        assert str(winner.config) == key["winner"] and winner.gpu_name == STAND_IN.name
+        trials = store.trials()
+    assert len(trials) == key["new_trials"]
+    with sqlite3.connect(tmp_path / "tune.db") as raw:
+        assert raw.execute("SELECT status FROM flashtune_runs").fetchall() == [("done",)]
+    again = CliRunner().invoke(main, ["tune", *TINY, "--db", url, "--json"])
+    resumed = json.loads(again.stdout)["keys"][0]
+    assert resumed["new_trials"] == 0 and resumed["skipped"] == key["new_trials"] and resumed["complete"]
+    with Store.open(url, create=False) as store:
+        assert len(store.trials()) == len(trials)
+    table = run(*TINY, "--db", url)
+    assert table.exit_code == 0
+    assert "geomean speed-up over the default config: " in table.stdout and key["winner"] in table.stdout

@@ -13,13 +13,16 @@ was skipped or failed; the config the dispatcher chose for flashtune), gpu.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
+from ...db.files import read_regular_file
 from ...db.types import check_head_dim, normalize_dtype
-from ...kernel.reference import attention_flops, tflops
+
+from ..ranges import INT32_MAX, MAX_SEQ_LEN
 
 TUNED = "flashtune"
 BASELINES: tuple[str, ...] = ("sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
@@ -32,6 +35,10 @@ COLUMNS: tuple[str, ...] = (
     "note", "gpu",
 )
 _REQUIRED = tuple(c for c in COLUMNS if not c.startswith(SPEEDUP_PREFIX) and c not in ("note", "gpu"))
+MAX_CSV_BYTES = 64 * 1024 * 1024  # a sweep of every shape a GPU can hold is a few hundred kB
+# The largest value each whole-number column may hold: the plots take logs and products of them.
+_INT_LIMITS = {"batch": INT32_MAX, "heads": INT32_MAX, "seq_len": MAX_SEQ_LEN, "head_dim": INT32_MAX,
+               "peak_mem_bytes": 2**63 - 1}
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,14 @@ class BenchShape:
     @property
     def flops(self) -> float:
         """Forward FLOPs: 4·B·H·N²·D, half when causal."""
+        from ...kernel.reference import attention_flops  # imports torch: only the benchmark needs it
+
         return attention_flops(self.batch * self.heads, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
     def throughput(self, ms: float) -> float:
         """TFLOP/s of one call that took `ms` milliseconds."""
+        from ...kernel.reference import tflops
+
         return tflops(self.flops, ms)
 
     def __str__(self) -> str:
@@ -135,13 +146,17 @@ def _cell(record: Mapping[str, str], name: str, line: int, where: str, kind: typ
     text = (record.get(name) or "").strip()
     if not text:
         return None
+    shown = repr(text if len(text) <= 24 else text[:24] + "...")
     try:
         value = kind(text)
-    except ValueError:
-        raise ValueError(f"{where} line {line}: column {name!r} holds {text!r}, "
+    except ValueError:  # also int() of more than 4,300 digits
+        raise ValueError(f"{where} line {line}: column {name!r} holds {shown}, "
                          f"expected {'a whole number' if kind is int else 'a number'}") from None
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"{where} line {line}: column {name!r} holds {text!r}, expected a finite number")
+        raise ValueError(f"{where} line {line}: column {name!r} holds {shown}, expected a finite number")
+    if kind is int and not 0 <= value <= _INT_LIMITS.get(name, INT32_MAX):
+        raise ValueError(f"{where} line {line}: column {name!r} holds {shown}, expected a whole number "
+                         f"from 0 to {_INT_LIMITS.get(name, INT32_MAX)}")
     return value
 
 
@@ -185,12 +200,19 @@ def _row(record: Mapping[str, str], line: int, where: str) -> BenchRow:
     return row
 
 
-def read_csv(path: str | Path) -> list[BenchRow]:
-    """Read a benchmark CSV; ValueError naming the file, the line and the problem for bad content,
-    OSError when it cannot be read."""
+def read_csv(path: str | Path, *, max_bytes: int = MAX_CSV_BYTES) -> list[BenchRow]:
+    """Read a benchmark CSV; ValueError naming the file (and the line) for anything wrong with it:
+    missing or unreadable, not a regular file (a FIFO, device or directory is refused before it is
+    read), over `max_bytes`, not UTF-8, or bad content."""
     where = str(path)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    data = read_regular_file(path, max_bytes, what="CSV")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where} is not UTF-8 text (byte {exc.start}): expected a CSV written by "
+                         "`flashtune bench --csv`") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         header = reader.fieldnames
         if not header:
             raise ValueError(f"{where} is empty: expected a CSV written by `flashtune bench --csv`")
@@ -198,10 +220,9 @@ def read_csv(path: str | Path) -> list[BenchRow]:
         if missing:
             raise ValueError(f"{where} is not a flashtune bench CSV: missing column(s) {', '.join(missing)} "
                              f"(expected {', '.join(COLUMNS)})")
-        try:
-            rows = [_row(record, reader.line_num, where) for record in reader]
-        except csv.Error as exc:
-            raise ValueError(f"{where} line {reader.line_num}: malformed CSV: {exc}") from None
+        rows = [_row(record, reader.line_num, where) for record in reader]
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit(): a file without newlines
+        raise ValueError(f"{where} line {reader.line_num}: malformed CSV: {exc}") from None
     if not rows:
         raise ValueError(f"{where} has a header but no rows")
     return rows

@@ -1,36 +1,30 @@
-"""One-shape micro-benchmark: the tuned kernel against torch SDPA's backends, timed in one process.
+"""Measuring one shape: the tuned kernel against torch SDPA's backends, timed in one process.
 
-    python -m flashtune.tuner.benchmarking.run --seq 1024 --head-dim 64 --dtype fp16 --causal
-
-prints, per provider, the median time, TFLOP/s, max abs and relative error against an fp32 reference,
-peak memory, and the tuned kernel's speed-up over it. `bench_shape` is the same measurement as a
-function: `flashtune bench` calls it once per shape of a sweep. Shapes follow bench/kernel_fwd.py:
-16k tokens (B = 16384 // N) and H·D = 2048 unless given. On a machine without CUDA it runs only
-under TRITON_INTERPRET=1 (the Triton interpreter, slow: give a tiny shape, e.g.
-`--seq 64 --batch 1 --heads 2 --head-dim 16 --dtype fp32`).
+`bench_shape` gives, per provider, the median time, TFLOP/s, max abs and relative error against an
+fp32 reference, peak memory and the speed-ups over the baselines; `flashtune bench` calls it once per
+shape of a sweep (one shape is a sweep of one). Shapes follow bench/kernel_fwd.py: 16k tokens
+(B = 16384 // N) and H·D = 2048 unless given. On a machine without CUDA it runs only under
+TRITON_INTERPRET=1 (the Triton interpreter, slow: tiny shapes only).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import math
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from ...db.errors import first_line
 from ...db.types import check_head_dim, normalize_dtype
-
-from .results import BASELINES, TUNED, BenchRow, BenchShape
 from ...kernel.device import INTERPRET
 from ...kernel.dtypes import TORCH_DTYPES
 from ...kernel.reference import fp32_reference, output_errors
-from .providers import PROVIDERS, Provider, select_providers
+
+from .providers import PROVIDERS, Provider
+from .results import BASELINES, TUNED, BenchRow, BenchShape
 
 DEFAULT_TOKENS = 16384
 DEFAULT_HIDDEN = 2048
@@ -86,11 +80,6 @@ def default_timer(device: torch.device, *, warmup_ms: float = 25, rep_ms: float 
     return wall
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
 def _sdpa_refusal(caught: Sequence[warnings.WarningMessage]) -> str:
     # torch explains a refused backend in warnings ("... not used because:", then the reasons).
     reasons = [str(w.message).strip() for w in caught]
@@ -143,7 +132,7 @@ def bench_shape(shape: BenchShape, device: torch.device | str, *, providers: Seq
     """
     device = torch.device(device)
     timer = timer or default_timer(device)
-    gpu = _gpu_name(device)
+    gpu = gpu_name(device)
     q, k, v = make_inputs(shape, device, seed)
     ref = fp32_reference(q, k, v, shape.causal)
     elt = q.element_size()
@@ -180,13 +169,13 @@ def _run_provider(provider: Provider, shape: BenchShape, device: torch.device, q
         except torch.cuda.OutOfMemoryError as error:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            return BenchRow.of(shape, provider.name, "skipped", note=f"out of memory: {_first_line(error)}", gpu=gpu)
+            return BenchRow.of(shape, provider.name, "skipped", note=f"out of memory: {first_line(error)}", gpu=gpu)
         except RuntimeError as error:
             if "no available kernel" in str(error).lower():
                 return BenchRow.of(shape, provider.name, "skipped", note=_sdpa_refusal(caught), gpu=gpu)
-            return BenchRow.of(shape, provider.name, "error", note=_first_line(error), gpu=gpu)
+            return BenchRow.of(shape, provider.name, "error", note=first_line(error), gpu=gpu)
         except Exception as error:  # noqa: BLE001 - one provider failing must not lose the others' rows
-            return BenchRow.of(shape, provider.name, "error", note=_first_line(error), gpu=gpu)
+            return BenchRow.of(shape, provider.name, "error", note=first_line(error), gpu=gpu)
     note = _tuned_note(q, k, v, shape.causal) if provider.name == TUNED else ""
     return BenchRow.of(shape, provider.name, "ok", median_ms=ms, tflops=shape.throughput(ms), max_abs_err=max_abs,
                        rel_err=rel, peak_mem_bytes=peak, note=note, gpu=gpu)
@@ -205,7 +194,8 @@ def with_speedups(rows: Sequence[BenchRow]) -> list[BenchRow]:
     return out
 
 
-def _gpu_name(device: torch.device) -> str:
+def gpu_name(device: torch.device) -> str:
+    """The GPU's name, or what runs the kernel on the CPU."""
     if device.type == "cuda":
         from ...kernel.device import device_name
 
@@ -224,74 +214,3 @@ def bench_device() -> torch.device:
         return torch.device("cpu")
     raise RuntimeError("the benchmark needs a CUDA GPU (none is visible); on a CPU, TRITON_INTERPRET=1 "
                        "runs the kernel in the Triton interpreter for tiny shapes only")
-
-
-# --- the command line ---------------------------------------------------------------------------
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_rows(rows: Sequence[BenchRow]) -> list[str]:
-    """A plain-text table of one shape's rows: time, throughput, errors, memory, tuned speed-up."""
-    tuned = next((r for r in rows if r.provider == TUNED and r.status == "ok"), None)
-    headers = ["provider", "ms", "TFLOP/s", "max abs err", "rel err", "peak MiB", "tuned speed-up", "note"]
-    table = [headers]
-    for r in rows:
-        speedup = tuned.speedups.get(r.provider) if tuned is not None else None
-        mem = None if r.peak_mem_bytes is None else r.peak_mem_bytes / 2**20
-        note = r.note if r.status == "ok" else f"{r.status}: {r.note}"
-        table.append([r.provider, _fmt(r.median_ms, ".4f"), _fmt(r.tflops, ".1f"), _fmt(r.max_abs_err, ".2e"),
-                      _fmt(r.rel_err, ".2e"), _fmt(mem, ".0f"), "-" if speedup is None else f"{speedup:.2f}x",
-                      note])
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m flashtune.tuner.benchmarking.run",
-                                 description="Time flashtune's tuned kernel against torch SDPA's backends "
-                                             "on one shape.")
-    ap.add_argument("--seq", type=int, default=1024, help="sequence length N (default 1024)")
-    ap.add_argument("--head-dim", type=int, default=64, help="head dim D (default 64)")
-    ap.add_argument("--dtype", default="fp16", help="fp16, bf16 or fp32 (default fp16)")
-    ap.add_argument("--causal", action="store_true", help="causal attention (default: full)")
-    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="B·N; B = tokens // N (default 16384)")
-    ap.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="H·D; H = hidden // D (default 2048)")
-    ap.add_argument("--batch", type=int, default=None, help="batch size B (overrides --tokens)")
-    ap.add_argument("--heads", type=int, default=None, help="heads H (overrides --hidden)")
-    ap.add_argument("--providers", default=None,
-                    help="comma list of flashtune, sdpa_math, sdpa_flash, sdpa_efficient, sdpa_cudnn "
-                         "(default: all; flashtune always runs)")
-    ap.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up budget (default 25)")
-    ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition budget (default 100)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m flashtune.tuner.benchmarking.run`: print one shape's table; exit 2 on bad input or without a GPU."""
-    ap = _parser()
-    args = ap.parse_args(argv)
-    try:
-        shape = bench_shape_for(args.seq, args.head_dim, args.dtype, args.causal, tokens=args.tokens,
-                                hidden=args.hidden, batch=args.batch, heads=args.heads)
-        providers = select_providers(args.providers)
-        if not (args.warmup_ms >= 0 and args.rep_ms > 0):
-            raise ValueError(f"--warmup-ms must be >= 0 and --rep-ms > 0, got {args.warmup_ms}, {args.rep_ms}")
-        device = bench_device()
-    except (ValueError, RuntimeError) as error:
-        ap.exit(2, f"{ap.prog}: error: {error}\n")
-    from ...kernel.version import KERNEL_VERSION
-
-    timer = default_timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-    rows = bench_shape(shape, device, providers=providers, timer=timer, seed=args.seed)
-    print(f"{shape} on {_gpu_name(device)}; kernel version {KERNEL_VERSION}; "
-          f"{shape.flops / 1e9:.1f} GFLOP per call; errors vs an fp32 SDPA-math reference")
-    for line in format_rows(rows):
-        print(line)
-    return 0 if any(r.provider == TUNED and r.status == "ok" for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

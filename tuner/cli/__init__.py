@@ -1,4 +1,5 @@
-"""The `flashtune` command line. Each command group lives in its own module and registers here.
+"""The `flashtune` command line. Each command lives in its own module and registers here; what they
+share (the error, option types, causal options, table, progress bar) is in `common`.
 
 Commands import torch and triton lazily, inside their bodies, so that `flashtune show` or
 `flashtune export` on a machine that only holds the database stays quick.
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import click
 
-from . import bench as cli_bench, db as cli_db, tune as cli_tune
+from . import bench as cli_bench, db as cli_db, doctor as cli_doctor, plot as cli_plot, profile as cli_profile
+from . import tune as cli_tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,14 +18,14 @@ def main() -> None:
     """flashtune: a tuned FlashAttention kernel and its per-GPU config database."""
 
 
-cli_tune.register(main)
-cli_db.register(main)
-cli_bench.register(main)
+for _module in (cli_tune, cli_db, cli_bench, cli_plot, cli_profile, cli_doctor):
+    _module.register(main)
 
 
 def tune_main() -> None:
-    """Entry point of the short `tune` command (same as `flashtune tune`)."""
-    main.main(args=["tune", *__import__("sys").argv[1:]], prog_name="tune")
+    """Entry point of the short `tune` command: the `tune` command itself, so that its usage line
+    and `--version` read as `tune`'s (same as `flashtune tune`)."""
+    cli_tune.tune.main(prog_name="tune")
 
 
 if __name__ == "__main__":

@@ -6,50 +6,17 @@ another schema version) prints one line on stderr and exits with code 2, having 
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
 from ...db import exchange
 from ...db.paths import default_url, mask_url, sqlite_path
-from ...db.store import Store, StoreError, Winner, migrate_database
-from ...db.types import DTYPES
+from ...db.store import Store, Winner, migrate_database
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CliError(click.ClickException):
-    """Bad input or an unusable database: one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _handle_errors(func: F) -> F:
-    """Turn the store's and the exchange file's errors into CliError."""
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (StoreError, ValueError, TypeError) as error:
-            raise CliError(_one_line(error)) from error
-    return wrapper  # type: ignore[return-value]
-
-
-def _db_option(func: F) -> F:
-    return click.option(
-        "--db", "db_url", metavar="URL", default=None,
-        help="Database URL (default: $FLASHTUNE_DB, else the per-user SQLite file that "
-             "`flashtune db path` prints).")(func)
+from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo_json, echo_table, handle_errors,
+                     json_option)
+from .output import STDOUT, write_atomically
 
 
 def _url(db_url: str | None) -> str:
@@ -70,85 +37,51 @@ _HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "config", "ms", "TFLOP/s"
             "kernel", "measured (UTC)"]
 
 
-def _print_table(rows: Sequence[Sequence[str]], title: str) -> None:
-    if sys.stdout.isatty():
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            pass
-        else:
-            table = Table(title=title)
-            for header in _HEADERS:
-                table.add_column(header, no_wrap=True)
-            for row in rows:
-                table.add_row(*row)
-            Console().print(table)
-            return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEADERS)]
-    click.echo(title)
-    for row in [_HEADERS, ["-" * w for w in widths], *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
 @click.command("show")
-@_db_option
-@click.option("--arch", default=None, help="Only this arch, e.g. sm_90.")
-@click.option("--op", default=None, type=click.Choice(["fwd", "bwd"]), help="Only this op.")
-@click.option("--dtype", default=None, help=f"Only this dtype ({', '.join(DTYPES)}).")
-@click.option("--head-dim", type=int, default=None, help="Only this head dim.")
-@click.option("--causal/--no-causal", default=None, help="Only causal or only non-causal keys.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (the exchange file's winner shape).")
-@_handle_errors
+@db_option
+@click.option("--arch", type=ARCH, default=None, help="Only this arch, e.g. sm_90.")
+@click.option("--op", type=OP, default=None, help="Only this op (fwd or bwd).")
+@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
+@click.option("--head-dim", type=HEAD_DIM, default=None, help="Only this head dim.")
+@causal_option()
+@json_option
+@handle_errors
 def show(db_url: str | None, arch: str | None, op: str | None, dtype: str | None,
-         head_dim: int | None, causal: bool | None, as_json: bool) -> None:
+         head_dim: int | None, causal: tuple[bool, ...], as_json: bool) -> None:
     """List the stored winners."""
     with Store.open(_url(db_url), create=False) as store:
-        winners = store.winners(arch, op=op, dtype=dtype, head_dim=head_dim, causal=causal)
+        winners = store.winners(arch, op=op, dtype=dtype, head_dim=head_dim,
+                                causal=causal[0] if len(causal) == 1 else None)
         where = store.display_url
     if as_json:
-        click.echo(json.dumps([exchange.winner_to_dict(w) for w in winners], indent=1))
+        echo_json([exchange.winner_to_dict(w) for w in winners])
         return
     if not winners:
         click.echo(f"no winners in {where} match")
         return
-    _print_table([_row(w) for w in winners], f"{len(winners)} winner(s) in {where}")
+    echo_table(_HEADERS, [_row(w) for w in winners], right=["N", "D", "ms", "TFLOP/s"],
+               title=f"{len(winners)} winner(s) in {where}")
 
 
 # --- export / import ---------------------------------------------------------------------------
 
-def _write_atomically(path: Path, text: str) -> None:
-    # A half-written export must never replace a good one.
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @click.command("export")
-@_db_option
-@click.option("--arch", default=None, help="Only this arch, e.g. sm_90.")
-@click.option("--dtype", default=None, help=f"Only this dtype ({', '.join(DTYPES)}).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here (default: stdout).")
-@_handle_errors
-def export(db_url: str | None, arch: str | None, dtype: str | None, output: Path | None) -> None:
+@db_option
+@click.option("--arch", type=ARCH, default=None, help="Only this arch, e.g. sm_90.")
+@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
+@click.option("-o", "--output", default=STDOUT, metavar="FILE",
+              help="Write here, replacing a regular file through a temporary one (a symlink is followed); "
+                   "- or nothing: stdout.")
+@handle_errors
+def export(db_url: str | None, arch: str | None, dtype: str | None, output: str) -> None:
     """Write the winners as a versioned JSON exchange file."""
     with Store.open(_url(db_url), create=False) as store:
         document = exchange.export_winners(store, arch=arch, dtype=dtype)
     text = exchange.dump_document(document)
-    if output is None:
+    if output == STDOUT:
         click.echo(text, nl=False)
         return
-    try:
-        _write_atomically(output, text)
-    except OSError as error:
-        raise CliError(f"cannot write {output}: {error.strerror or error}") from None
+    write_atomically(output, text, "-o")
     click.echo(f"exported {len(document.winners)} winner(s) to {output}", err=True)
 
 
@@ -169,17 +102,17 @@ def _print_report(report: exchange.ImportReport, verbose: bool) -> None:
 
 
 @click.command("import")
-@_db_option
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@db_option
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--policy", type=click.Choice(list(exchange.POLICIES)), default="faster",
               show_default=True,
               help="faster: keep the faster time when both were measured on the same GPU model "
                    "(else keep the stored one and report a conflict); newer: keep the later "
                    "measurement; replace: take the file's; keep: only add new keys.")
 @click.option("--dry-run", is_flag=True, help="Print what would be added, replaced and kept; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option
 @click.option("-v", "--verbose", is_flag=True, help="List every winner, not only the conflicts.")
-@_handle_errors
+@handle_errors
 def import_(db_url: str | None, file: Path, policy: str, dry_run: bool, as_json: bool,
             verbose: bool) -> None:
     """Merge an exchange file into the database (validated as a whole first, one transaction)."""
@@ -193,7 +126,7 @@ def import_(db_url: str | None, file: Path, policy: str, dry_run: bool, as_json:
         with Store.open(url, create=not dry_run) as store:
             report = exchange.merge(store, winners, policy=policy, dry_run=dry_run, source=str(file))
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=1))
+        echo_json(report.to_dict())
     else:
         _print_report(report, verbose or dry_run)
 
@@ -206,8 +139,8 @@ def db_group() -> None:
 
 
 @db_group.command("path")
-@_db_option
-@_handle_errors
+@db_option
+@handle_errors
 def db_path(db_url: str | None) -> None:
     """Print the database file (SQLite) or URL (password masked) that commands use."""
     url = _url(db_url)
@@ -216,8 +149,8 @@ def db_path(db_url: str | None) -> None:
 
 
 @db_group.command("migrate")
-@_db_option
-@_handle_errors
+@db_option
+@handle_errors
 def db_migrate(db_url: str | None) -> None:
     """Create the tables, or bring an older schema up to this version's."""
     url = _url(db_url)
@@ -231,8 +164,8 @@ def db_migrate(db_url: str | None) -> None:
 
 
 @db_group.command("vacuum")
-@_db_option
-@_handle_errors
+@db_option
+@handle_errors
 def db_vacuum(db_url: str | None) -> None:
     """Reclaim free space and refresh the query planner's statistics."""
     url = _url(db_url)
