@@ -19,8 +19,10 @@ over one forward + backward, less what the inputs already held. Compiles run fir
 Writes <out>/<name>.csv (every measurement) and <out>/<name>.json (default name bwd_bench), and prints
 a table last.
 
-    python3 bench/bwd_bench.py --out bench/results                 # the H200 run
-    TRITON_INTERPRET=1 python3 bench/bwd_bench.py --smoke --out /tmp/bwd_smoke   # CPU check
+    python3 bench/bwd_bench.py --out bench/results                 # the H200 run, every shape
+    python3 bench/bwd_bench.py --head-dim 64 --name bwd_bench_d64     # or one head dim per run (each
+    python3 bench/bwd_bench.py --head-dim 128 --name bwd_bench_d128   # stays well inside 10 minutes)
+    TRITON_INTERPRET=1 python3 bench/bwd_bench.py --smoke --out /tmp/bwd_smoke   # CPU check (~1.5 min)
 """
 from __future__ import annotations
 
@@ -318,7 +320,7 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
                 bwd_only = lambda: torch.autograd.grad(out, (qs, ks, vs), do, retain_graph=True)  # noqa: E731
                 fwd_only = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 res = dict(fwd=timer(fwd_only), bwd=timer(bwd_only), total=timer(fwd_bwd))
-                del out
+                out = None  # frees the graph before the memory measurement
                 res["peak_mem"] = _peak_extra(fwd_bwd, cuda)
                 err = max(_rel(g, r) for g, r in zip(_sdpa_grads(backend, sl(q), sl(k), sl(v), sl(do), causal), ref))
                 res["rel_err"] = err
@@ -350,7 +352,6 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
                   f"{name}_total_tflops": tflops(3.5 * fwd_flops, res["total"]),
                   f"{name}_peak_mem": res["peak_mem"], f"{name}_rel_err": res["rel_err"]})
     summary.append(s)
-    del q, k, v, do, o, lse
 
 
 def _shapes(args: argparse.Namespace) -> list[tuple[int, int, str, bool]]:
