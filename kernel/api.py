@@ -1,9 +1,15 @@
-"""`attention`: the public entry point, a drop-in for torch SDPA on what the kernel supports.
+"""`attention`: the public entry point, a drop-in for torch SDPA on what the kernel supports, training included.
 
-Eager calls go straight from the dispatcher's memoised plan to `kernel.launch.launch` (the
+Eager inference calls go straight from the dispatcher's memoised plan to `kernel.launch.launch` (the
 torch.library op costs dispatcher time that matters on small shapes). Under torch.compile the
 same work runs inside the custom op `flashtune::attention_fwd`, whose fake implementation lets
 the compiler trace through it without a graph break; both paths run the same `_forward`.
+
+Calls whose inputs require grad go through `flashtune::attention_fwd_lse`, which also returns the
+row log-sum-exp the backward needs, and whose `register_autograd` backward is the custom op
+`flashtune::attention_bwd` (kernel/bwd.py: the FA2 backward). In the style of flash-attn's
+hopper/flash_attn_interface.py, so that a `torch.compile(fullgraph=True)` training step traces both
+without a graph break.
 """
 from __future__ import annotations
 
@@ -15,28 +21,32 @@ from torch import Tensor
 
 from . import dispatch
 from .errors import launch_failure
-from .launch import GRAD_UNSUPPORTED, check_causal, check_inputs, check_scale, launch, needs_grad
+from .bwd_launch import launch_bwd
+from .launch import check_causal, check_inputs, check_scale, launch, needs_grad
 
-__all__ = ["attention", "attention_fwd_op"]
+__all__ = ["attention", "attention_bwd_op", "attention_fwd_lse_op", "attention_fwd_op"]
 
 
 _STORED = (dispatch.EXACT, dispatch.NEAREST)
 _COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may work: fall back
 
 
-def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float) -> Tensor:
+def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float, *,
+                    return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
     try:
-        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config)[0]
+        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config,
+                      return_lse=return_lse)[:2]
     except Exception as error:
         if plan.choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
             raise
         plan = dispatch.config_failed(q, k, v, causal, plan.choice, error)
-        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config)[0]
+        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config,
+                      return_lse=return_lse)[:2]
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
     """Plan (memoised) and launch; the body of both the eager path and the custom op."""
-    return _launch_planned(q, k, v, dispatch.plan(q, k, v, causal), causal, scale)
+    return _launch_planned(q, k, v, dispatch.plan(q, k, v, causal), causal, scale)[0]
 
 
 @torch.library.custom_op("flashtune::attention_fwd", mutates_args=())
@@ -51,13 +61,74 @@ def _attention_fwd_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bo
     return torch.empty_like(query)  # exactly what launch() allocates for the output
 
 
-def _unsupported(attn_mask: Any, dropout_p: float, query: Any, key: Any, value: Any) -> str | None:
+# --- training: the forward that keeps its LSE, and the backward ------------------------------
+
+@torch.library.custom_op("flashtune::attention_fwd_lse", mutates_args=())
+def attention_fwd_lse_op(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                         scale: float) -> tuple[Tensor, Tensor]:
+    """The forward kernel returning (O, the fp32 natural-log row LSE (B, Hq, Nq)) for the backward."""
+    o, lse = _launch_planned(query, key, value, dispatch.plan(query, key, value, is_causal), is_causal, scale,
+                             return_lse=True)
+    return o, lse
+
+
+@attention_fwd_lse_op.register_fake
+def _attention_fwd_lse_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
+                            scale: float) -> tuple[Tensor, Tensor]:
+    shape = check_inputs(query, key, value)
+    lse = query.new_empty((shape.batch, shape.heads_q, shape.seq_q), dtype=torch.float32)
+    return torch.empty_like(query), lse
+
+
+@torch.library.custom_op("flashtune::attention_bwd", mutates_args=())
+def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                     is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV of the forward above (kernel/bwd.py); dK/dV summed over each GQA group."""
+    shape = dispatch.plan(query, key, value, is_causal).shape
+    dq, dk, dv, _ = launch_bwd(grad_out, query, key, value, out, lse, shape, causal=is_causal, scale=scale,
+                               config=dispatch.bwd_config(query, shape), deterministic=deterministic)
+    return dq, dk, dv
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                        is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)  # what launch_bwd allocates
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    query, key, value, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+    # The LSE is an internal output: nothing downstream differentiates through it.
+    query, key, value, out, lse = ctx.saved_tensors
+    # Atomics for dQ only where the tuned config allows them and the user has not asked for
+    # deterministic algorithms (torch.use_deterministic_algorithms).
+    dq, dk, dv = attention_bwd_op(grad_out, query, key, value, out, lse, ctx.is_causal, ctx.scale,
+                                  torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None
+
+
+attention_fwd_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
+               enable_gqa: bool) -> Tensor:
+    shape = check_inputs(query, key, value)
+    if shape.heads_q != shape.heads_kv and not enable_gqa:
+        raise _gqa_error(shape.heads_q, shape.heads_kv)
+    return attention_fwd_lse_op(query, key, value, causal, check_scale(scale, shape.head_dim))[0]
+
+
+def _unsupported(attn_mask: Any, dropout_p: float) -> str | None:
     if attn_mask is not None:
         return "attn_mask (an explicit mask tensor; use is_causal=True for a causal mask)"
     if dropout_p:
         return f"dropout_p={dropout_p!r} (the kernel has no dropout)"
-    if needs_grad(query, key, value):
-        return GRAD_UNSUPPORTED
     return None
 
 
@@ -84,7 +155,10 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs enable_gqa=True. Returns a new
     tensor laid out like `query`.
 
-    What the kernel does not run -- attn_mask, dropout_p > 0, inputs that require grad, CPU tensors
+    Inputs that require grad (with grad mode on) get a backward: the fused FA2 backward kernel, through
+    autograd (`register_autograd`), also under torch.compile.
+
+    What the kernel does not run -- attn_mask, dropout_p > 0, CPU tensors
     outside the Triton interpreter, bf16 under it, dtypes/head dims/layouts check_inputs rejects -- raises
     (NotImplementedError for the arguments, TypeError/ValueError for the tensors) naming the
     problem. `fallback=True` sends such calls to torch SDPA instead. The default is False because
@@ -92,13 +166,20 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     swapping SDPA for this function would want to hear about), and it cannot be undone afterwards.
     """
     causal = is_causal if type(is_causal) is bool else check_causal(is_causal, "is_causal")
-    # The common case decides in three cheap tests; _unsupported() repeats them to name the problem.
-    if attn_mask is not None or dropout_p or (torch.is_grad_enabled() and needs_grad(query, key, value)):
+    # The common case decides in two cheap tests; _unsupported() repeats them to name the problem.
+    if attn_mask is not None or dropout_p:
         if fallback:
             return _sdpa(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa)
         raise NotImplementedError(f"flashtune attention does not support "
-                                  f"{_unsupported(attn_mask, dropout_p, query, key, value)}; pass "
+                                  f"{_unsupported(attn_mask, dropout_p)}; pass "
                                   "fallback=True to run torch's scaled_dot_product_attention for such calls")
+    if needs_grad(query, key, value):
+        try:
+            return _trainable(query, key, value, causal, scale, enable_gqa)
+        except (TypeError, ValueError):
+            if fallback:
+                return _sdpa(query, key, value, None, 0.0, causal, scale, enable_gqa)
+            raise
     if torch.compiler.is_compiling():
         # Checked while tracing; at run time the op re-plans from the dispatcher's memo.
         try:
@@ -119,4 +200,4 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if plan.grouped and not enable_gqa:
         raise _gqa_error(plan.shape.heads_q, plan.shape.heads_kv)
     return _launch_planned(query, key, value, plan, causal,
-                           plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))
+                           plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))[0]

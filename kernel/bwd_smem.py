@@ -154,7 +154,11 @@ def _bwd(block_m: int, block_n: int, warps: int, stages: int, m_dq: int, n_dq: i
 # program keeps dK and dV (two block_n x D fp32 tiles) in registers, so 8 warps, and at D = 128 a
 # 64-key tile on the mma.sync archs, where the 128-key one spills heavily. Hopper (wgmma) keeps the
 # 128-key tile at D = 128 with a small spill (~80 bytes). Head dims above 128 use 64-key tiles.
+# The first entries are the best of bench/bwd_bench.py's grid on the H200 (geomean fwd+bwd TFLOP/s over
+# N 4096/8192, causal both ways: D=64 m64-n128-w8-s2 with 128x64 dQ tiles, 317; D=128 m32-n128-w8-s3
+# with 128x64 dQ tiles at 8 warps, 2 stages, 330, against 302 for the first, timing-blind default).
 _PREFERENCE_SMALL_D: tuple[Config, ...] = (
+    _bwd(64, 128, 8, 2, 128, 64),
     _bwd(32, 128, 8, 3, 128, 32),
     _bwd(32, 128, 8, 2, 128, 32),
     _bwd(32, 64, 8, 2, 64, 32),
@@ -163,9 +167,10 @@ _PREFERENCE_SMALL_D: tuple[Config, ...] = (
     _bwd(16, 16, 2, 1, 16, 16),
 )
 _PREFERENCE_D128_HOPPER: tuple[Config, ...] = (
+    _bwd(32, 128, 8, 3, 128, 64, num_warps_dq=8, num_stages_dq=2),
     _bwd(32, 128, 8, 2, 128, 32),
-) + _PREFERENCE_SMALL_D[2:]
-_PREFERENCE_D128: tuple[Config, ...] = _PREFERENCE_SMALL_D[2:]
+) + _PREFERENCE_SMALL_D[3:]
+_PREFERENCE_D128: tuple[Config, ...] = _PREFERENCE_SMALL_D[3:]
 _PREFERENCE_BIG_D: tuple[Config, ...] = (
     _bwd(16, 64, 8, 2, 64, 16),
     _bwd(16, 32, 4, 1, 32, 16),

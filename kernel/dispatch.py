@@ -406,6 +406,27 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Pla
     return hit if hit is not None else _plan_miss(q, k, v, causal)
 
 
+_BWD_CONFIGS: dict[tuple[str, int, int, str], Config] = {}
+
+
+def bwd_config(q: torch.Tensor, shape: AttnShape) -> Config:
+    """The backward config for a call of `shape` on q's device: the default measured best for its arch
+    and shared memory (kernel.bwd_smem.default_bwd_config), one dict lookup after the first call.
+    Backward keys are not tuned yet (`tune --op bwd` is future work), so nothing is read from the
+    database here."""
+    if q.device.type == "cuda":
+        arch, smem = device_arch(q.device), device_smem_limit(q.device)
+    else:
+        arch, smem = INTERPRETER_ARCH, 0
+    token = (arch, smem, shape.head_dim, shape.dtype)
+    config = _BWD_CONFIGS.get(token)
+    if config is None:
+        from .bwd_smem import default_bwd_config
+
+        config = _BWD_CONFIGS[token] = default_bwd_config(arch, shape.head_dim, shape.dtype, smem or None)
+    return config
+
+
 def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
                   error: BaseException) -> Plan:
     """Record that a stored config failed to compile here; the plan every call gets from now on."""

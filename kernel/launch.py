@@ -21,8 +21,8 @@ from .variants import PLAIN_FWD, fwd_variant
 _PRECISIONS = ("ieee", "tf32")
 _INT32_MAX = 2**31 - 1
 _MIN_BLOCK_M = 16  # the smallest query tile of any config (db.types.Config)
-GRAD_UNSUPPORTED = ("inputs that require grad (the kernel has no backward yet; call it under torch.no_grad() "
-                    "or torch.inference_mode())")
+GRAD_UNSUPPORTED = ("inputs that require grad (attention_fwd is the explicit-config inference launch: train "
+                    "through flashtune.kernel.attention, which has a backward, or call this under torch.no_grad())")
 
 
 @dataclass(frozen=True)

@@ -119,16 +119,15 @@ def test_unsupported_arguments_raise_or_fall_back(kwargs: dict, named: str) -> N
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=0, rtol=0)
 
 
-def test_inputs_that_require_grad() -> None:
+def test_inputs_that_require_grad_train_through_the_kernel() -> None:
     q, k, v = qkv()
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="require grad"):
-        attention(q, k, v)
-    out = attention(q, k, v, fallback=True)
-    out.sum().backward()  # SDPA has a backward
-    assert q.grad is not None
-    with torch.no_grad():
-        close(attention(q, k, v), attention_reference(q.detach(), k, v), torch.float32)
+    out = attention(q, k, v)
+    assert out.grad_fn is not None and "attention_fwd_lse" in type(out.grad_fn).__name__.lower() + str(out.grad_fn)
+    out.sum().backward()
+    qd = q.detach().double().requires_grad_(True)
+    attention_reference(qd, k, v).sum().backward()
+    close(q.grad, qd.grad, torch.float32)
 
 
 def test_tensors_the_kernel_rejects_fall_back_only_when_asked() -> None:

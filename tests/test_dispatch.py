@@ -222,12 +222,12 @@ def test_override_the_kernel_cannot_run_warns_and_is_ignored(tuned: str, monkeyp
 
 def test_stored_config_with_unknown_knobs_falls_back(tmp_path: Path, restore_table: None) -> None:  # noqa: F811
     # A winner tuned by a newer flashtune with a kernel variant this kernel does not have.
-    url = build_db(tmp_path / "knobs.db", [(key(512), Config(64, 32, 4, 2, extra={"loads": "tma"}), 0.05,
-                                            KERNEL_VERSION)])
+    url = build_db(tmp_path / "knobs.db", [(key(512), Config(64, 32, 4, 2, extra={"loads": "tma", "rings": 3}),
+                                            0.05, KERNEL_VERSION)])
     dispatch.reload(url, archs=["sm_90"])
     choice = look(512)
     assert choice.source == "default" and choice.config == default_config("sm_90", 64, "float16", 227 * 1024)
-    assert "does not know the knob 'loads'" in choice.reason
+    assert "unknown knob(s) for the TMA forward kernel: rings" in choice.reason
 
 
 def test_damaged_stored_time_does_not_break_lookup(tuned: str, restore_table: None) -> None:  # noqa: F811

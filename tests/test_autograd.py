@@ -1,0 +1,99 @@
+"""attention() in training: gradients through the fused backward, against float64 autograd.
+
+CPU tests run the kernels under the Triton interpreter (fp32 and fp16); the bounds are relative
+Frobenius-norm errors against float64 autograd of kernel.reference.attention_reference.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashtune.kernel import attention
+from flashtune.kernel.reference import attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    # Where the exact gradient is zero (one key: dQ and dK vanish) the floor, an RMS of 0.1, turns the
+    # relative bound into an absolute one.
+    assert torch.isfinite(a).all()
+    return float((a.double() - b).norm() / b.norm().clamp_min(0.1 * b.numel() ** 0.5))
+
+
+def _draw(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=DEVICE).manual_seed(int(torch.randint(0, 2**31, (1,))))
+    return tuple(torch.randn(b, h, n, d, generator=gen, device=DEVICE, dtype=dtype)
+                 for h, n in ((hq, nq), (hkv, nk), (hkv, nk)))
+
+
+@pytest.mark.parametrize("b, hq, hkv, nq, nk, d, causal", [
+    (1, 2, 2, 37, 37, 16, True),
+    (2, 4, 2, 23, 23, 32, False),   # GQA: dK/dV summed over the group
+    (1, 4, 1, 19, 41, 16, True),    # MQA, cross lengths, top-left causal
+    (1, 2, 2, 1, 1, 64, False),     # N of 1
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_match_float64_autograd(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, causal: bool,
+                                          dtype: torch.dtype) -> None:
+    q, k, v = (t.requires_grad_(True) for t in _draw(b, hq, hkv, nq, nk, d, dtype))
+    grad_out = torch.randn(b, hq, nq, d, device=DEVICE, dtype=dtype)
+    out = attention(q, k, v, is_causal=causal, enable_gqa=hq != hkv)
+    out.backward(grad_out)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = attention_reference(*ref_inputs, causal=causal)
+    ref.backward(grad_out.double())
+    assert _rel(out.detach(), ref.detach()) < BOUND[dtype]
+    for got, want in zip((q.grad, k.grad, v.grad), (t.grad for t in ref_inputs)):
+        assert got.shape == want.shape and got.dtype == dtype
+        assert _rel(got, want) < BOUND[dtype]
+
+
+def test_strided_views_and_scale() -> None:
+    base = [torch.randn(2, 29, 2, 16, device=DEVICE).requires_grad_(True) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)  # (B, N, H, D) storage seen as (B, H, N, D)
+    attention(q, k, v, is_causal=True, scale=0.7).square().sum().backward()
+    ref_base = [t.detach().double().requires_grad_(True) for t in base]
+    attention_reference(*(t.transpose(1, 2) for t in ref_base), causal=True, scale=0.7).square().sum().backward()
+    for got, want in zip(base, ref_base):
+        assert _rel(got.grad, want.grad) < BOUND[torch.float32]
+
+
+def test_deterministic_algorithms_give_bitwise_equal_gradients() -> None:
+    q, k, v = (t.requires_grad_(True) for t in _draw(1, 4, 2, 33, 33, 16, torch.float32))
+    grad_out = torch.randn_like(q)
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            for t in (q, k, v):
+                t.grad = None
+            attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad_out)
+            grads.append([t.grad.clone() for t in (q, k, v)])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_compiled_training_step_has_no_graph_break() -> None:
+    q, k, v = (t.requires_grad_(True) for t in _draw(1, 2, 2, 24, 24, 16, torch.float32))
+
+    def step(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return attention(a, b, c, is_causal=True).square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    compiled(q, k, v).backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    step(q, k, v).backward()
+    for a, b in zip(got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mask_and_dropout_still_refused_in_training() -> None:
+    q, k, v = (t.requires_grad_(True) for t in _draw(1, 1, 1, 8, 8, 16, torch.float32))
+    with pytest.raises(NotImplementedError, match="dropout_p=0.5"):
+        attention(q, k, v, dropout_p=0.5)
