@@ -2,11 +2,15 @@
 from .arch import ARCH_SMEM, normalize_arch, smem_limit
 from .smem import estimate_smem
 from .paths import default_url
-from .store import (DatabaseCorruptError, DatabaseUnavailableError, RunInfo, SchemaVersionError,
-                    Store, StoreError, TrialRecord, Winner, load_winners, migrate_database)
-from .types import DTYPES, HEAD_DIMS, OPS, OUTCOMES, Config, Key, normalize_dtype
+from .rows import DamagedRow, DamagedRowWarning
+from .store import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError, RunInfo,
+                    SchemaVersionError, StaleRun, Store, StoreError, TrialRecord, Winner, load_winners,
+                    migrate_database)
+from .errors import DatabaseURLError
+from .types import DTYPES, HEAD_DIMS, OPS, OUTCOMES, Config, InvalidField, Key, normalize_dtype
 
-__all__ = ["ARCH_SMEM", "DTYPES", "HEAD_DIMS", "OPS", "OUTCOMES", "Config", "DatabaseCorruptError",
-           "DatabaseUnavailableError", "Key", "RunInfo", "SchemaVersionError", "Store", "StoreError",
+__all__ = ["ARCH_SMEM", "DTYPES", "HEAD_DIMS", "OPS", "OUTCOMES", "Config", "DamagedRow", "DamagedRowWarning",
+           "DatabaseCorruptError", "DatabaseLockedError", "DatabaseURLError", "DatabaseUnavailableError",
+           "InvalidField", "Key", "RunInfo", "SchemaVersionError", "StaleRun", "Store", "StoreError",
            "TrialRecord", "Winner", "default_url", "estimate_smem", "load_winners", "migrate_database",
            "normalize_arch", "normalize_dtype", "smem_limit"]

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from sqlalchemy import exc as sa_exc
 
-from .paths import mask_url
+from .text import printable
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -34,6 +34,16 @@ class DatabaseUnavailableError(StoreError):
     """Unreachable server, missing file (with create=False), read-only path, locked database."""
 
 
+class DatabaseLockedError(DatabaseUnavailableError):
+    """Another writer holds the lock (SQLite busy or locked; a PostgreSQL deadlock, serialization
+    failure or lock timeout): the transaction was rolled back and may be retried."""
+
+
+class DatabaseURLError(StoreError, ValueError):
+    """A database URL flashtune cannot use: malformed, another backend or driver, in-memory, or a
+    path the OS cannot have. A ValueError too, since it is bad input."""
+
+
 class DatabaseCorruptError(StoreError):
     """Truncated file, not a SQLite file, or flashtune tables missing."""
 
@@ -54,15 +64,32 @@ _UNAVAILABLE_MARKERS = ("locked", "unable to open", "readonly", "read-only", "di
                         "permission denied", "database is full", "out of memory", "disk is full")
 
 
+# SQLite's result codes for "someone else holds the lock", and PostgreSQL's SQLSTATEs for deadlock,
+# serialization failure and lock timeout: the statement failed as a whole and can be run again.
+_SQLITE_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+_PG_RETRYABLE = ("40P01", "40001", "55P03")
+
+
+def _is_locked(orig: BaseException) -> bool:
+    name = getattr(orig, "sqlite_errorname", None) or ""
+    if name.startswith(_SQLITE_BUSY) or getattr(orig, "sqlstate", None) in _PG_RETRYABLE:
+        return True
+    return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
+
 def classify(error: BaseException, url: str, doing: str) -> StoreError:
     """The StoreError for a driver/SQLAlchemy error raised while `doing` something with `url`."""
+    from .paths import mask_url  # here, not at the top: paths raises DatabaseURLError from this module
+
     if isinstance(error, StoreError):
         return error
     orig = getattr(error, "orig", None) or error
     text = f"{type(orig).__name__}: {orig}".strip()
-    first_line = text.splitlines()[0] if text else type(error).__name__
+    first_line = printable(text.splitlines()[0] if text else type(error).__name__, 300)
     low = text.lower()
     where = mask_url(url)
+    if _is_locked(orig):
+        return DatabaseLockedError(f"database {where} is unavailable ({doing}: {first_line})")
     if any(m in low for m in _CONNECT_MARKERS):
         return DatabaseUnavailableError(f"database {where} is unreachable ({doing}: {first_line})")
     if any(m in low for m in _CORRUPT_MARKERS):

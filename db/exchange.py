@@ -1,28 +1,35 @@
 """The exchange file: winners moved between machines as a versioned JSON document.
 
-Reading is all-or-nothing: the size is checked before parsing, then the JSON, its format and
-version, every field's type (pydantic, strict), every key and config (the same checks the store
-uses) and whether each config fits the shared memory of its arch, and only then does anything
-touch the database. Nothing from a file is unpickled or evaluated; it is parsed as JSON.
+Reading is all-or-nothing: only a regular file is read (never a FIFO, device or directory), its
+size bounded on the open descriptor; then the JSON, its format and version, every field's type and
+range (pydantic, strict: integers within int32, finite times, labels per `db.text`), every key and
+config (the same checks the store uses) and whether each config fits the shared memory of its arch,
+and only then does anything touch the database. Nothing from a file is unpickled or evaluated; it
+is parsed as JSON. The merge is planned from a read and written in batches (`Store.merge_winners`).
 """
 from __future__ import annotations
 
-import json
 import platform
 import socket
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      with_config)
+from typing_extensions import NotRequired, TypedDict
 
 from .arch import ARCH_SMEM, normalize_arch
-from .smem import estimate_smem
-from .models import utcnow
+from .files import UnreadableFileError, read_regular_file
+from .models import WinnerRow, utcnow
+from .rows import DamagedRow
 from .schema import SCHEMA_VERSION
+from .smem import estimate_smem
 from .store import Store, Winner
-from .types import Config, Key, normalize_dtype
+from .text import label_problem, printable, shown
+from .types import INT32_MAX, MAX_SEQ_LEN, Config, InvalidField, Key, normalize_dtype
 
 FORMAT = "flashtune-winners"
 FORMAT_VERSION = 1
@@ -35,66 +42,122 @@ class ExchangeFileError(ValueError):
     """An exchange file that cannot be read or fails validation; names the file and the problem."""
 
 
+# --- the document's shape ----------------------------------------------------------------------
+# A winner is a TypedDict, not a model: a file holds tens of thousands, and validating into dicts
+# is three times faster and lighter than building four model objects per winner. Every text field
+# is a label (db.text: printable, at most its column's length), every integer fits int32, every
+# time is finite, so whatever validates can be stored on SQLite and PostgreSQL alike. Pydantic
+# checks the lengths; a winner's labels are checked for printability as it is built (below), in
+# one pass instead of a Python validator call per field.
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _label(max_length: int, *, required: bool = False) -> Any:
+    """A label field checked by a validator (for the few labels of the document's header)."""
+    def check(value: str) -> str:
+        problem = label_problem(value, max_length, required=required)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+    return Annotated[str, AfterValidator(check)]
+
+
+def _column_text(column: str, *, required: bool = False) -> Any:
+    """Text as long as the winners table's column of that name (checked as a label when built)."""
+    return Annotated[str, Field(min_length=int(required), max_length=WinnerRow.__table__.c[column].type.length)]
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC (years 1 to 9999)") from None
+
+
+UTCTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Length = Annotated[int, Field(gt=0, le=MAX_SEQ_LEN)]
+
+
+@with_config(_STRICT)
+class KeyFields(TypedDict):
+    arch: _column_text("arch")  # type: ignore[valid-type]
+    op: _column_text("op")  # type: ignore[valid-type]
+    seq_len: Length
+    seq_len_kv: Length
+    head_dim: Length
+    dtype: _column_text("dtype")  # type: ignore[valid-type]
+    causal: bool
+
+
+@with_config(_STRICT)
+class ConfigFields(TypedDict):
+    # Sizes are checked by Config (powers of two, ranges) with its own messages; here only that
+    # they are ints a database can hold.
+    block_m: Int32
+    block_n: Int32
+    num_warps: Int32
+    num_stages: Int32
+    # Knob values are typed here (left to right, so that a JSON integer stays an int) and checked
+    # by Config: an int32, a finite float, a short label.
+    extra: NotRequired[Annotated[dict[Annotated[str, Field(max_length=32)],
+                                      Annotated[Union[bool, int, float, str], Field(union_mode="left_to_right")]],
+                                 Field(max_length=64)]]
+
+
+@with_config(_STRICT)
+class ProvenanceFields(TypedDict):
+    kernel_version: _column_text("kernel_version", required=True)  # type: ignore[valid-type]
+    gpu_name: _column_text("gpu_name", required=True)  # type: ignore[valid-type]
+    sm_count: NotRequired[Optional[Count]]
+    driver: NotRequired[Optional[_column_text("driver")]]  # type: ignore[valid-type]
+    cuda: NotRequired[Optional[_column_text("cuda")]]  # type: ignore[valid-type]
+    triton_version: NotRequired[Optional[_column_text("triton_version")]]  # type: ignore[valid-type]
+    torch_version: NotRequired[Optional[_column_text("torch_version")]]  # type: ignore[valid-type]
+    host: NotRequired[Optional[_column_text("host")]]  # type: ignore[valid-type]
+    measured_at: UTCTime
+
+
+@with_config(_STRICT)
+class WinnerFields(TypedDict):
+    key: KeyFields
+    config: ConfigFields
+    median_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    tflops: NotRequired[Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]]]
+    provenance: ProvenanceFields
+
+
+_WINNER_ADAPTER = TypeAdapter(WinnerFields)
+# name -> column length, for the label check of a winner as it is built
+_PROVENANCE_LABELS = {name: WinnerRow.__table__.c[name].type.length for name in (
+    "kernel_version", "gpu_name", "driver", "cuda", "triton_version", "torch_version", "host")}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class KeyModel(_Strict):
-    arch: str = Field(max_length=16)
-    op: str = Field(max_length=8)
-    seq_len: int = Field(gt=0)
-    seq_len_kv: int = Field(gt=0)
-    head_dim: int
-    dtype: str = Field(max_length=16)
-    causal: bool
-
-
-class ConfigModel(_Strict):
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    extra: dict[str, Union[bool, int, float, str]] = Field(default_factory=dict)
-
-
-class ProvenanceModel(_Strict):
-    kernel_version: str = Field(min_length=1, max_length=64)
-    gpu_name: str = Field(min_length=1, max_length=128)
-    sm_count: Optional[int] = Field(default=None, ge=0)
-    driver: Optional[str] = Field(default=None, max_length=64)
-    cuda: Optional[str] = Field(default=None, max_length=64)
-    triton_version: Optional[str] = Field(default=None, max_length=64)
-    torch_version: Optional[str] = Field(default=None, max_length=64)
-    host: Optional[str] = Field(default=None, max_length=255)
-    measured_at: AwareDatetime
-
-
-class WinnerModel(_Strict):
-    key: KeyModel
-    config: ConfigModel
-    median_ms: float = Field(gt=0, allow_inf_nan=False)
-    tflops: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
-    provenance: ProvenanceModel
-
-
 class ProducerModel(_Strict):
-    flashtune: str
-    schema_version: int
-    python: str
-    sqlalchemy: str
-    pydantic: str
-    host: str
+    flashtune: _label(64)  # type: ignore[valid-type]
+    schema_version: Count
+    python: _label(64)  # type: ignore[valid-type]
+    sqlalchemy: _label(64)  # type: ignore[valid-type]
+    pydantic: _label(64)  # type: ignore[valid-type]
+    host: _label(255)  # type: ignore[valid-type]
 
 
 class ExportDocument(_Strict):
-    """The whole file. `format_version` changes only when a reader would misread the old one."""
+    """The whole file. `format_version` changes only when a reader would misread the old one.
+    `winners` holds one `WinnerFields` dict per winner."""
 
     format: Literal["flashtune-winners"]
-    format_version: int
-    exported_at: AwareDatetime
+    format_version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)]
+    exported_at: UTCTime
     producer: ProducerModel
-    filters: dict[str, Optional[str]] = Field(default_factory=dict)
-    winners: list[WinnerModel]
+    filters: dict[_label(16), Optional[_label(16)]] = Field(default_factory=dict)  # type: ignore[valid-type]
+    winners: list[WinnerFields]
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -106,28 +169,27 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def _winner_model(w: Winner) -> WinnerModel:
-    k = w.key
-    return WinnerModel(
-        key=KeyModel(arch=k.arch, op=k.op, seq_len=k.seq_len, seq_len_kv=k.seq_len_kv,
-                     head_dim=k.head_dim, dtype=k.dtype, causal=k.causal),
-        config=ConfigModel(block_m=w.config.block_m, block_n=w.config.block_n,
-                           num_warps=w.config.num_warps, num_stages=w.config.num_stages,
-                           extra=w.config.extra_dict),
-        median_ms=w.median_ms, tflops=w.tflops,
-        provenance=ProvenanceModel(kernel_version=w.kernel_version, gpu_name=w.gpu_name,
-                                   sm_count=w.sm_count, driver=w.driver, cuda=w.cuda,
-                                   triton_version=w.triton_version, torch_version=w.torch_version,
-                                   host=w.host, measured_at=w.measured_at))
+def _winner_dict(w: Winner) -> dict[str, Any]:
+    k, c = w.key, w.config
+    return {"key": {"arch": k.arch, "op": k.op, "seq_len": k.seq_len, "seq_len_kv": k.seq_len_kv,
+                    "head_dim": k.head_dim, "dtype": k.dtype, "causal": k.causal},
+            "config": {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps,
+                       "num_stages": c.num_stages, "extra": c.extra_dict},
+            "median_ms": w.median_ms, "tflops": w.tflops,
+            "provenance": {"kernel_version": w.kernel_version, "gpu_name": w.gpu_name,
+                           "sm_count": w.sm_count, "driver": w.driver, "cuda": w.cuda,
+                           "triton_version": w.triton_version, "torch_version": w.torch_version,
+                           "host": w.host, "measured_at": w.measured_at}}
 
 
 def winner_to_dict(winner: Winner) -> dict[str, Any]:
     """One winner in the exchange file's JSON shape (also `flashtune show --json`)."""
-    return _winner_model(winner).model_dump(mode="json")
+    return _WINNER_ADAPTER.dump_python(_winner_dict(winner), mode="json")
 
 
 def export_winners(store: Store, arch: str | None = None, dtype: str | None = None) -> ExportDocument:
-    """Every winner in `store` (optionally of one arch and/or dtype) as an exchange document."""
+    """Every winner in `store` (optionally of one arch and/or dtype) as an exchange document.
+    Damaged rows are left out, as every read of the store leaves them out (`Store.damaged_rows`)."""
     arch = normalize_arch(arch) if arch is not None else None
     dtype = normalize_dtype(dtype) if dtype is not None else None
     winners = store.winners(arch, dtype=dtype)
@@ -135,9 +197,9 @@ def export_winners(store: Store, arch: str | None = None, dtype: str | None = No
         format=FORMAT, format_version=FORMAT_VERSION, exported_at=utcnow(),
         producer=ProducerModel(flashtune=_version("flashtune"), schema_version=SCHEMA_VERSION,
                                python=platform.python_version(), sqlalchemy=_version("sqlalchemy"),
-                               pydantic=_version("pydantic"), host=socket.gethostname()),
+                               pydantic=_version("pydantic"), host=socket.gethostname()[:255]),
         filters={"arch": arch, "dtype": dtype},
-        winners=[_winner_model(w) for w in winners])
+        winners=[_winner_dict(w) for w in winners])
 
 
 def dump_document(document: ExportDocument) -> str:
@@ -147,37 +209,33 @@ def dump_document(document: ExportDocument) -> str:
 
 # --- reading and validation --------------------------------------------------------------------
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
+class _Header(BaseModel):
+    """The two fields that say what a file is, read on their own when the whole does not validate."""
+
+    model_config = ConfigDict(extra="ignore")
+    format: Any = None
+    format_version: Any = None
 
 
-def _read_bytes(path: Path, max_bytes: int) -> bytes:
+def _check_header(raw: bytes, where: str) -> None:
+    """ExchangeFileError for malformed JSON, another format or an unreadable format version."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise ExchangeFileError(f"{path}: {size} bytes is larger than the {max_bytes}-byte "
-                                    f"limit for an exchange file")
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as exc:
-        raise ExchangeFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > max_bytes:  # grew while reading, or a pipe
-        raise ExchangeFileError(f"{path}: larger than the {max_bytes}-byte limit for an exchange file")
-    return data
-
-
-def _check_header(data: Any, path: Path) -> None:
-    if not isinstance(data, dict):
-        raise ExchangeFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if data.get("format") != FORMAT:
-        raise ExchangeFileError(f"{path}: not a flashtune exchange file (format is "
-                                f"{data.get('format')!r}, expected {FORMAT!r})")
-    version = data.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ExchangeFileError(f"{path}: invalid format_version {version!r}: expected an integer "
-                                f"from 1 to {FORMAT_VERSION}")
+        header = _Header.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # the message names the line and column
+            raise ExchangeFileError(f"{where}: malformed JSON: "
+                                    f"{printable(first['msg'].removeprefix('Invalid JSON: '), 200)}") from None
+        raise ExchangeFileError(f"{where}: expected a JSON object at the top") from None
+    if header.format != FORMAT:
+        raise ExchangeFileError(f"{where}: not a flashtune exchange file (format is "
+                                f"{printable(shown(header.format))}, expected {FORMAT!r})")
+    version = header.format_version
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2**31:
+        raise ExchangeFileError(f"{where}: invalid format_version {printable(shown(version))}: expected "
+                                f"an integer from 1 to {FORMAT_VERSION}")
     if version > FORMAT_VERSION:
-        raise ExchangeFileError(f"{path}: format version {version} is newer than version "
+        raise ExchangeFileError(f"{where}: format version {version} is newer than version "
                                 f"{FORMAT_VERSION} that this flashtune reads: upgrade flashtune")
 
 
@@ -186,62 +244,108 @@ def _pydantic_problems(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
         value = item.get("input")
-        shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-        problems.append(f"{loc or 'document'}: {item['msg']}{shown}")
+        got = "" if isinstance(value, (dict, list)) else f" (got {printable(shown(value))})"
+        problems.append(f"{printable(loc, 120) or 'document'}: {printable(item['msg'], 200)}{got}")
     return problems
 
 
-def _winner_from_model(model: WinnerModel) -> Winner:
-    """A Winner from a validated model; ValueError/TypeError for a bad key, config or fit."""
-    k, c, p = model.key, model.config, model.provenance
-    key = Key(k.arch, k.op, k.seq_len, k.head_dim, k.dtype, k.causal, k.seq_len_kv)
-    config = Config(c.block_m, c.block_n, c.num_warps, c.num_stages, tuple(c.extra.items()))
-    need, limit = estimate_smem(config, key.head_dim, key.dtype, key.arch), ARCH_SMEM[key.arch]
-    if need > limit:
-        raise ValueError(f"config {config} needs about {need} bytes of shared memory for "
-                         f"D={key.head_dim} {key.dtype}, more than the {limit} bytes of any "
-                         f"{key.arch} GPU")
-    return Winner(key=key, config=config, median_ms=model.median_ms, tflops=model.tflops,
-                  kernel_version=p.kernel_version, gpu_name=p.gpu_name, sm_count=p.sm_count,
-                  driver=p.driver, cuda=p.cuda, triton_version=p.triton_version,
-                  torch_version=p.torch_version, host=p.host, measured_at=p.measured_at,
-                  trial_id=None)
+class _WinnerBuilder:
+    """Validated winner dicts to Winners, with the checks pydantic cannot make (the `Key` and
+    `Config` rules, whether a config fits its arch). Configs and fits repeat across thousands of
+    winners, so each distinct one is built and checked once."""
+
+    def __init__(self) -> None:
+        self._configs: dict[Any, Config] = {}
+        self._fits: dict[tuple[Config, int, str, str], str | None] = {}
+
+    def _config(self, c: Mapping[str, Any]) -> Config:
+        raw = (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"],
+               tuple(sorted(c.get("extra", {}).items())))
+        config = self._configs.get(raw)
+        if config is None:
+            config = self._configs[raw] = Config(*raw[:4], raw[4])
+        return config
+
+    def _fit_problem(self, config: Config, key: Key) -> str | None:
+        token = (config, key.head_dim, key.dtype, key.arch)
+        if token not in self._fits:
+            need, limit = estimate_smem(config, key.head_dim, key.dtype, key.arch), ARCH_SMEM[key.arch]
+            self._fits[token] = None if need <= limit else (
+                f"config {config} needs about {need} bytes of shared memory for D={key.head_dim} "
+                f"{key.dtype}, more than the {limit} bytes of any {key.arch} GPU")
+        return self._fits[token]
+
+    def __call__(self, data: Mapping[str, Any]) -> Winner:
+        """A Winner; InvalidField naming the field (`key.arch`, `provenance.host`, ...) for a bad
+        key, config or label, or a config that does not fit."""
+        k, p = data["key"], data["provenance"]
+        for name, length in _PROVENANCE_LABELS.items():
+            value = p.get(name)
+            if value is not None and not (value.isprintable() and value.strip()):  # fast path first
+                problem = label_problem(value, length, required=name in ("kernel_version", "gpu_name"))
+                if problem is not None:
+                    raise InvalidField(f"provenance.{name}", problem)
+        try:
+            key = Key(k["arch"], k["op"], k["seq_len"], k["head_dim"], k["dtype"], k["causal"], k["seq_len_kv"])
+        except InvalidField as exc:
+            raise InvalidField(f"key.{exc.field}", str(exc)) from None
+        try:
+            config = self._config(data["config"])
+        except InvalidField as exc:
+            raise InvalidField(f"config.{exc.field}", str(exc)) from None
+        problem = self._fit_problem(config, key)
+        if problem is not None:
+            raise InvalidField("config", problem)
+        return Winner(key=key, config=config, median_ms=data["median_ms"], tflops=data.get("tflops"),
+                      kernel_version=p["kernel_version"], gpu_name=p["gpu_name"],
+                      sm_count=p.get("sm_count"), driver=p.get("driver"), cuda=p.get("cuda"),
+                      triton_version=p.get("triton_version"), torch_version=p.get("torch_version"),
+                      host=p.get("host"), measured_at=p["measured_at"], trial_id=None)
 
 
-def _fail(path: Path, problems: Sequence[str]) -> ExchangeFileError:
-    shown = "; ".join(problems[:_MAX_LISTED_ERRORS])
+def _fail(where: str, problems: Sequence[str]) -> ExchangeFileError:
+    listed = "; ".join(problems[:_MAX_LISTED_ERRORS])
     more = f" (and {len(problems) - _MAX_LISTED_ERRORS} more)" if len(problems) > _MAX_LISTED_ERRORS else ""
-    return ExchangeFileError(f"{path}: {len(problems)} invalid value(s), nothing imported: {shown}{more}")
+    return ExchangeFileError(f"{where}: {len(problems)} invalid value(s), nothing imported: {listed}{more}")
+
+
+def _parse(raw: bytes, where: str) -> ExportDocument:
+    try:
+        raw.decode("utf-8")  # for the message: pydantic would only say 'expected value'
+    except UnicodeDecodeError as exc:
+        raise ExchangeFileError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        # NaN and Infinity parse here, then fail the finite-number checks of the fields.
+        return ExportDocument.model_validate_json(raw)
+    except ValidationError as exc:
+        # Only now the header, on its own (a second parse costs as much memory as the first): a
+        # file of another format or a newer version is named as such, not as a hundred fields.
+        _check_header(raw, where)
+        raise _fail(where, _pydantic_problems(exc)) from None
 
 
 def read_document(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> list[Winner]:
     """Read and validate a whole exchange file; its winners, or ExchangeFileError naming every
-    problem found (up to ten)."""
+    problem found (up to ten). Only a regular file is read (never a FIFO, device or directory),
+    and never more than `max_bytes` of it."""
     path = Path(path)
-    raw = _read_bytes(path, max_bytes)
+    where = printable(str(path), 200)
     try:
-        text = raw.decode("utf-8")
-        data = json.loads(text, parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise ExchangeFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise ExchangeFileError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} "
-                                f"column {exc.colno}") from None
-    except (ValueError, RecursionError) as exc:
-        raise ExchangeFileError(f"{path}: malformed JSON: {exc}") from None
-    _check_header(data, path)
-    try:
-        document = ExportDocument.model_validate_json(text)
-    except ValidationError as exc:
-        raise _fail(path, _pydantic_problems(exc)) from None
+        raw = read_regular_file(path, max_bytes, what="exchange file")
+    except UnreadableFileError as exc:
+        raise ExchangeFileError(str(exc)) from None
+    items = _parse(raw, where).winners
+    del raw
+    build = _WinnerBuilder()
     winners: list[Winner] = []
     problems: list[str] = []
     seen: dict[Key, int] = {}
-    for index, model in enumerate(document.winners):
+    for index in range(len(items)):
+        data, items[index] = items[index], None  # each dict freed once built: peak memory stays low
         try:
-            winner = _winner_from_model(model)
-        except (TypeError, ValueError) as exc:
-            problems.append(f"winners[{index}]: {exc}")
+            winner = build(data)
+        except InvalidField as exc:
+            problems.append(f"winners[{index}].{exc.field}: {printable(exc, 300)}")
             continue
         if winner.key in seen:
             problems.append(f"winners[{index}]: key {winner.key} repeats winners[{seen[winner.key]}]")
@@ -249,7 +353,7 @@ def read_document(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> list[
         seen[winner.key] = index
         winners.append(winner)
     if problems:
-        raise _fail(path, problems)
+        raise _fail(where, problems)
     return winners
 
 
@@ -268,7 +372,9 @@ class ImportItem:
 @dataclass
 class ImportReport:
     """The outcome of an import (or what it would be, with `dry_run`). Each winner of the file
-    lands in exactly one list; `conflicts` are kept because the two times are not comparable."""
+    lands in exactly one list; `conflicts` are kept because the two times are not comparable.
+    `damaged` lists the stored rows of the file's keys that could not be read: the file's winner
+    counts as added for such a key and replaces the damaged row."""
 
     path: str
     policy: str
@@ -277,6 +383,7 @@ class ImportReport:
     replaced: list[ImportItem] = field(default_factory=list)
     kept: list[ImportItem] = field(default_factory=list)
     conflicts: list[ImportItem] = field(default_factory=list)
+    damaged: list[DamagedRow] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
@@ -291,7 +398,8 @@ class ImportReport:
                      "reason": i.reason} for i in rows]
         return {"path": self.path, "policy": self.policy, "dry_run": self.dry_run,
                 "added": items(self.added), "replaced": items(self.replaced),
-                "kept": items(self.kept), "conflicts": items(self.conflicts)}
+                "kept": items(self.kept), "conflicts": items(self.conflicts),
+                "damaged": [str(d) for d in self.damaged]}
 
 
 def _same_measurement(a: Winner, b: Winner) -> bool:
@@ -315,11 +423,11 @@ def decide(policy: str, incoming: Winner, existing: Winner | None) -> tuple[str,
         return "kept", f"stored one measured later ({existing.measured_at:%Y-%m-%d %H:%M} UTC)"
     # faster: times compare only when measured on the same GPU model with the same kernel.
     if incoming.gpu_name != existing.gpu_name:
-        return "conflicts", (f"measured on {incoming.gpu_name!r}, stored one on "
-                             f"{existing.gpu_name!r}: kept the stored one")
+        return "conflicts", (f"measured on '{printable(incoming.gpu_name)}', stored one on "
+                             f"'{printable(existing.gpu_name)}': kept the stored one")
     if incoming.kernel_version != existing.kernel_version:
-        return "conflicts", (f"kernel version {incoming.kernel_version} vs stored "
-                             f"{existing.kernel_version}: kept the stored one")
+        return "conflicts", (f"kernel version {printable(incoming.kernel_version)} vs stored "
+                             f"{printable(existing.kernel_version)}: kept the stored one")
     if incoming.median_ms < existing.median_ms:
         return "replaced", f"faster ({incoming.median_ms:.4g} ms < {existing.median_ms:.4g} ms)"
     return "kept", f"stored one is as fast or faster ({existing.median_ms:.4g} ms)"
@@ -327,7 +435,8 @@ def decide(policy: str, incoming: Winner, existing: Winner | None) -> tuple[str,
 
 def _check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"unknown import policy {policy!r}: expected one of {', '.join(POLICIES)}")
+        raise ValueError(f"unknown import policy {printable(shown(policy))}: expected one of "
+                         f"{', '.join(POLICIES)}")
 
 
 def plan_import(winners: Sequence[Winner], existing: Mapping[Key, Winner],
@@ -348,16 +457,20 @@ def plan_import(winners: Sequence[Winner], existing: Mapping[Key, Winner],
 
 def merge(store: Store, winners: Sequence[Winner], *, policy: str = "faster",
           dry_run: bool = False, source: str = "") -> ImportReport:
-    """Merge validated winners into `store` in one transaction, following `policy`."""
-    report, _ = plan_import(winners, {}, policy, dry_run=dry_run, source=source)
+    """Merge validated winners into `store` in one transaction, following `policy` (see
+    `Store.merge_winners`: planned before the write lock is taken; `dry_run` takes none)."""
+    _check_policy(policy)
+    reports: list[ImportReport] = []
 
     def plan(existing: Mapping[Key, Winner]) -> list[Winner]:
-        nonlocal report
         report, chosen = plan_import(winners, existing, policy, dry_run=dry_run, source=source)
+        reports.append(report)  # the last plan is the one written
         return chosen
 
-    if winners:
-        store.merge_winners({w.key.arch for w in winners}, plan, dry_run=dry_run)
+    damaged_before = len(store.damaged_rows)
+    store.merge_winners([w.key for w in winners], plan, dry_run=dry_run)
+    report = reports[-1]
+    report.damaged = store.damaged_rows[damaged_before:]
     return report
 
 
@@ -369,13 +482,8 @@ def import_file(store: Store, path: str | Path, policy: str = "faster", dry_run:
     return merge(store, winners, policy=policy, dry_run=dry_run, source=str(path))
 
 
-def document_winners(document: ExportDocument) -> list[Winner]:
-    """The winners of an in-memory document (validated like a file's)."""
-    return [_winner_from_model(m) for m in document.winners]
-
-
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "POLICIES", "ExchangeFileError",
-           "ExportDocument", "ImportItem", "ImportReport", "decide", "document_winners",
+           "ExportDocument", "ImportItem", "ImportReport", "decide",
            "dump_document", "export_winners", "import_file", "merge", "plan_import", "read_document",
            "winner_to_dict"]
 

@@ -8,7 +8,7 @@ configs are equal rows and the columns stay queryable.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sqlalchemy import (JSON, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text,
                         TypeDecorator, UniqueConstraint)
@@ -32,11 +32,37 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
     def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
-        if value is None:
-            return None
+        if not isinstance(value, datetime):
+            return value  # None, or a damaged value for the row decoder to report
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Optional[Callable[[Any], Any]]:
+        # A stored text that is no date ('yesterday', a year past 9999) must not abort the whole
+        # query: the raw value comes back as it is, and the row decoder reports that one row.
+        process = super().result_processor(dialect, coltype)
+        if process is None:
+            return None
+
+        def tolerant(value: Any) -> Any:
+            try:
+                return process(value)
+            except (ValueError, TypeError, OverflowError):
+                return value
+        return tolerant
+
+
+class Flag(TypeDecorator[bool]):
+    """A Boolean that reads back only 0/1 (or true/false) as a bool: SQLite would turn any stored
+    text into True, and the row decoder must see a damaged value to report it."""
+
+    impl = Boolean
+    cache_ok = True
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Optional[Callable[[Any], Any]]:
+        # `in (0, 1)` compares by value, so True and False pass as well.
+        return lambda value: bool(value) if value in (0, 1) else value
 
 
 def utcnow() -> datetime:
@@ -57,7 +83,7 @@ class KeyConfigColumns:
     seq_len_kv: Mapped[int] = mapped_column(Integer)
     head_dim: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16))
-    causal: Mapped[bool] = mapped_column(Boolean)
+    causal: Mapped[bool] = mapped_column(Flag)
     block_m: Mapped[int] = mapped_column(Integer)
     block_n: Mapped[int] = mapped_column(Integer)
     num_warps: Mapped[int] = mapped_column(Integer)

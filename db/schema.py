@@ -13,6 +13,7 @@ The mechanism, kept small on purpose (no Alembic needed on GPU machines):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError
 from .models import FLASHTUNE_TABLES, Base, MetaRow
+from .text import printable, shown
 
 SCHEMA_VERSION = 1
 VERSION_KEY = "schema_version"
@@ -46,10 +48,12 @@ def _present_tables(conn: Connection) -> set[str]:
 
 
 def _parse_version(value: object, where: str) -> int:
-    if value is None or not str(value).isdigit():
+    # The column is text. ASCII digits only, and few of them: int() would take '²', or refuse
+    # 5,000 digits with an error of its own.
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,9}", value):
         raise DatabaseCorruptError(f"database {where} has no valid {VERSION_KEY} in "
-                                   f"{MetaRow.__tablename__} (found {value!r})")
-    return int(str(value))
+                                   f"{MetaRow.__tablename__} (found {printable(shown(value))})")
+    return int(value)
 
 
 def _select_version(conn: Connection) -> object:

@@ -3,46 +3,76 @@
 Every write is its own short transaction, so an interrupted tuning run loses at most the trial in
 flight. On SQLite the database runs in WAL mode (readers never wait for the writer) with a busy
 timeout, and write transactions begin IMMEDIATE so that two processes writing at once queue for
-the lock instead of failing on a stale snapshot. Values handed out are frozen dataclasses.
+the lock instead of failing on a stale snapshot; a write that still finds the database locked (or,
+on PostgreSQL, meets a deadlock or serialization failure) is retried with backoff until the
+store's timeout has passed. An import plans its merge from a read before it takes the write lock,
+then writes in batches, so it holds the lock for a fraction of a second per thousand winners.
+Values handed out are frozen dataclasses; a stored row that fails their checks is skipped and
+reported (`db.rows`), never handed out and never raised.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
+import random
+import time
+import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import cached_property
+from operator import itemgetter
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import StaticPool
 
 from .arch import normalize_arch
-from .errors import (DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError,
-                     StoreError, translated)
-from .models import CONFIG_COLUMNS, KEY_COLUMNS, RunRow, TrialRow, WinnerRow, utcnow
-from .paths import default_url, mask_url, parse_url, sqlite_path
+from .bulk import BulkStatement
+from .engines import WRITE_OPTIONS, make_engine, use_wal
+from .errors import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError,
+                     SchemaVersionError, StoreError, translated)
+from .models import KEY_COLUMNS, RunRow, TrialRow, WinnerRow, utcnow
+from .paths import default_url, mask_url
+from .rows import (DamagedRow, DamagedRowWarning, Decoder, RowSpec, damage_summary, int32, key_values,
+                   label, number, outcome, text, when)
 from .schema import ensure, migrate
-from .types import OUTCOMES, Config, Key, normalize_dtype, normalize_op
+from .text import label_problem, shown
+from .types import INT32_MAX, OUTCOMES, Config, Key, check_head_dim, normalize_dtype, normalize_op
 
-__all__ = ["DatabaseCorruptError", "DatabaseUnavailableError", "RunInfo", "SchemaVersionError",
-           "Store", "StoreError", "TrialRecord", "Winner", "load_winners", "migrate_database"]
+__all__ = ["DamagedRow", "DamagedRowWarning", "DatabaseCorruptError", "DatabaseLockedError",
+           "DatabaseUnavailableError", "RunInfo", "SchemaVersionError", "StaleRun", "Store",
+           "StoreError", "TrialRecord", "Winner", "load_winners", "migrate_database"]
 
-# Writers wait this long for the SQLite lock; readers (the dispatcher at import) give up sooner.
+# Writers wait this long for the SQLite lock (in SQLite's busy handler, then in retries with
+# backoff); readers (the dispatcher at import) give up sooner.
 WRITE_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 2.0
-PG_CONNECT_TIMEOUT_S = 5
-_WRITE = {"flashtune_write": True}
-_SQLITE_HEADER = b"SQLite format 3\x00"
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.02, 1.0
+# A run still 'running' with nothing recorded for this long was most likely killed.
+STALE_RUN_AFTER = timedelta(hours=1)
+_MAX_ARGS_CHARS = 1 << 20
+
+# Core tables, not the ORM classes: a read then skips the mapper set-up (about 15 ms at the
+# first query of a process, paid at every app import).
+_RUNS, _TRIALS, _WINNERS = RunRow.__table__, TrialRow.__table__, WinnerRow.__table__
+T = TypeVar("T")
+
+
+def _label(table: Any, column: str, *, required: bool = False, nullable: bool = False) -> Callable[[Any], Any]:
+    """The label check of a String column, at the column's own length."""
+    return label(table.c[column].type.length, required=required, nullable=nullable)
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Provenance of one tuning run: the GPU, the software stack, the host and the arguments."""
+    """Provenance of one tuning run: the GPU, the software stack, the host and the arguments.
+
+    Checked when built: every text field follows the label rule of `db.text` within its column's
+    length (ValueError naming the field; TypeError for a non-str), counts and sizes are ints
+    within int32, and `args` is JSON (finite numbers, at most 1 MiB).
+    """
 
     gpu_name: str
     arch: str
@@ -56,8 +86,29 @@ class RunInfo:
     host: str
     args: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("gpu_name", "arch", "driver", "cuda", "triton_version", "torch_version",
+                     "kernel_version", "host"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"RunInfo.{name} must be a str, got {shown(value)}")
+            problem = label_problem(value, _RUNS.c[name].type.length,
+                                    required=name in ("gpu_name", "arch", "kernel_version"))
+            if problem is not None:
+                raise ValueError(f"RunInfo.{name} {problem}")
+        for name in ("sm_count", "smem_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT32_MAX:
+                raise ValueError(f"RunInfo.{name} must be an int from 0 to {INT32_MAX}, got {shown(value)}")
+        try:
+            size = len(json.dumps(self.args, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"RunInfo.args must be JSON-able: {exc}") from None
+        if size > _MAX_ARGS_CHARS:
+            raise ValueError(f"RunInfo.args is {size} characters of JSON, more than {_MAX_ARGS_CHARS}")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class TrialRecord:
     """One config tried for one key, as stored."""
 
@@ -75,7 +126,7 @@ class TrialRecord:
     created_at: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Winner:
     """The best measured config of a key, with where and when it was measured."""
 
@@ -95,11 +146,21 @@ class Winner:
     trial_id: int | None
 
 
+@dataclass(frozen=True)
+class StaleRun:
+    """A run still marked 'running' with nothing recorded since `last_activity`: probably killed."""
+
+    run_id: int
+    gpu_name: str
+    host: str
+    started_at: datetime
+    last_activity: datetime
+
+
 # --- conversions between values and rows -------------------------------------------------------
 
 def _key_values(key: Key) -> dict[str, Any]:
-    return {"arch": key.arch, "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv,
-            "head_dim": key.head_dim, "dtype": key.dtype, "causal": key.causal}
+    return dict(zip(KEY_COLUMNS, key_values(key)))
 
 
 def _config_values(config: Config) -> dict[str, Any]:
@@ -108,70 +169,50 @@ def _config_values(config: Config) -> dict[str, Any]:
             "num_stages": config.num_stages, "config_extra": extra}
 
 
-# Core tables, not the ORM classes: a read then skips the mapper set-up (about 15 ms at the
-# first query of a process, paid at every app import).
-_RUNS, _TRIALS, _WINNERS = RunRow.__table__, TrialRow.__table__, WinnerRow.__table__
+# What a winner or trial row decodes to, column by column (db.rows): the order of the selects.
+WINNER_SPEC = RowSpec(_WINNERS.name, key=True, config=True, columns=(
+    ("median_ms", number(positive=True)), ("tflops", number(positive=False, nullable=True)),
+    ("kernel_version", _label(_WINNERS, "kernel_version", required=True)),
+    ("gpu_name", _label(_WINNERS, "gpu_name", required=True)), ("sm_count", int32(nullable=True)),
+    *((name, _label(_WINNERS, name, nullable=True))
+      for name in ("driver", "cuda", "triton_version", "torch_version", "host")),
+    ("measured_at", when()), ("trial_id", int32(nullable=True))))
+
+
+def _ok_has_time(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    if values["outcome"] == "ok" and values["median_ms"] is None:
+        return "median_ms", "an 'ok' trial without its median_ms"
+    return None
+
+
+TRIAL_SPEC = RowSpec(_TRIALS.name, key=True, config=True, columns=(
+    ("run_id", int32(nullable=True)), ("outcome", outcome), ("median_ms", number(positive=True, nullable=True)),
+    ("tflops", number(positive=False, nullable=True)), ("compile_s", number(positive=False, nullable=True)),
+    ("error", text(nullable=True)), ("kernel_version", _label(_TRIALS, "kernel_version", required=True)),
+    ("gpu_name", _label(_TRIALS, "gpu_name", required=True)), ("created_at", when())),
+    rule=_ok_has_time)
+
+_RUN_ACTIVITY_SPEC = RowSpec(_RUNS.name, key=False, config=False, columns=(
+    ("gpu_name", _label(_RUNS, "gpu_name", required=True)), ("host", _label(_RUNS, "host")),
+    ("started_at", when()), ("created_at of its last trial", when(nullable=True))))
+
+
+def _columns(table: Any, spec: RowSpec) -> list[Any]:
+    return [table.c[name] for name in spec.names]
+
+
+_WINNER_COLUMNS = _columns(_WINNERS, WINNER_SPEC)
+_TRIAL_COLUMNS = _columns(_TRIALS, TRIAL_SPEC)
+_N_KEY = len(KEY_COLUMNS)
 
 # Built once: building `.values(...)` per call would cost more than the SQLite commit.
 _INSERT_TRIAL = _TRIALS.insert().returning(_TRIALS.c.id)
-
-_WINNER_COLUMNS = [_WINNERS.c.id, *(getattr(_WINNERS.c, c) for c in KEY_COLUMNS + CONFIG_COLUMNS),
-                   _WINNERS.c.median_ms, _WINNERS.c.tflops, _WINNERS.c.kernel_version,
-                   _WINNERS.c.gpu_name, _WINNERS.c.sm_count, _WINNERS.c.driver, _WINNERS.c.cuda,
-                   _WINNERS.c.triton_version, _WINNERS.c.torch_version, _WINNERS.c.host,
-                   _WINNERS.c.measured_at, _WINNERS.c.trial_id]
-_TRIAL_COLUMNS = [_TRIALS.c.id, *(getattr(_TRIALS.c, c) for c in KEY_COLUMNS + CONFIG_COLUMNS),
-                  _TRIALS.c.run_id, _TRIALS.c.outcome, _TRIALS.c.median_ms, _TRIALS.c.tflops,
-                  _TRIALS.c.compile_s, _TRIALS.c.error, _TRIALS.c.kernel_version, _TRIALS.c.gpu_name,
-                  _TRIALS.c.created_at]
-
-
-class _Decoder:
-    """Rows (in the column order above) to values, validated as they are built.
-
-    Many rows share a config, so each distinct one is parsed and validated once: the dispatcher
-    decodes every winner of an arch at app import.
-    """
-
-    def __init__(self, table: str, where: str) -> None:
-        self._table = table
-        self._where = where
-        self._configs: dict[tuple[Any, ...], Config] = {}
-
-    def _config(self, raw: tuple[Any, ...]) -> Config:
-        config = self._configs.get(raw)
-        if config is None:
-            block_m, block_n, num_warps, num_stages, extra = raw
-            items = () if extra in ("", "{}") else tuple(json.loads(extra).items())
-            config = self._configs[raw] = Config(block_m, block_n, num_warps, num_stages, items)
-        return config
-
-    def _split(self, row: Any) -> tuple[int, Key, Config, tuple[Any, ...]]:
-        row_id, arch, op, n, n_kv, d, dtype, causal = row[:8]
-        key = Key(arch, op, n, d, dtype, bool(causal), n_kv)
-        return row_id, key, self._config(tuple(row[8:13])), tuple(row[13:])
-
-    def _bad(self, row: Any, exc: Exception) -> DatabaseCorruptError:
-        return DatabaseCorruptError(f"database {self._where}: row {row[0]} of {self._table} holds "
-                                    f"an invalid value: {exc}")
-
-    def _decode(self, rows: Iterable[Any],
-                build: Callable[[int, Key, Config, tuple[Any, ...]], Any]) -> list[Any]:
-        out = []
-        for row in rows:
-            try:
-                row_id, key, config, rest = self._split(row)
-            except (TypeError, ValueError) as exc:
-                raise self._bad(row, exc) from None
-            out.append(build(row_id, key, config, rest))
-        return out
-
-    def winners(self, rows: Iterable[Any]) -> list[Winner]:
-        return self._decode(rows, lambda _id, key, config, rest: Winner(key, config, *rest))
-
-    def trials(self, rows: Iterable[Any]) -> list[TrialRecord]:
-        return self._decode(rows, lambda row_id, key, config, rest:
-                            TrialRecord(row_id, rest[0], key, config, *rest[1:]))
+# An import's two statements, each run once with many parameter sets (db.bulk).
+_WINNER_VALUE_COLUMNS = [c.name for c in _WINNERS.columns if c.name != "id" and c.name not in KEY_COLUMNS]
+_INSERT_WINNER = _WINNERS.insert().values(
+    {name: bindparam(name) for name in (*KEY_COLUMNS, *_WINNER_VALUE_COLUMNS)})
+_UPDATE_WINNER = (_WINNERS.update().where(_WINNERS.c.id == bindparam("row_id"))
+                  .values({name: bindparam(name) for name in _WINNER_VALUE_COLUMNS}))
 
 
 def winner_values(winner: Winner) -> dict[str, Any]:
@@ -187,130 +228,47 @@ def winner_values(winner: Winner) -> dict[str, Any]:
 def _finite(name: str, value: float | None, *, positive: bool = False) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number or None, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number or None, got {shown(value)}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'positive' if positive else 'non-negative'}, got {value!r}")
     return float(value)
 
 
-def _check_run_info(info: RunInfo) -> None:
-    if not isinstance(info, RunInfo):
-        raise TypeError(f"start_run needs a RunInfo, got {type(info).__name__}")
-    for name in ("gpu_name", "arch", "driver", "cuda", "triton_version", "torch_version",
-                 "kernel_version", "host"):
-        if not isinstance(getattr(info, name), str):
-            raise TypeError(f"RunInfo.{name} must be a str, got {getattr(info, name)!r}")
-    for name in ("gpu_name", "arch", "kernel_version"):
-        if not getattr(info, name).strip():
-            raise ValueError(f"RunInfo.{name} must not be empty")
-    for name in ("sm_count", "smem_limit"):
-        value = getattr(info, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"RunInfo.{name} must be a non-negative int, got {value!r}")
-    try:
-        json.dumps(info.args, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"RunInfo.args must be JSON-able: {exc}") from None
-
-
-# --- engines -----------------------------------------------------------------------------------
-
-def _sqlite_engine(url: str, create: bool, timeout_s: float) -> Engine:
-    path = sqlite_path(url)
-    if path is not None:
-        if not create and not path.exists():
-            raise DatabaseUnavailableError(f"database {mask_url(url)}: no file at {path} "
-                                           f"(nothing is tuned yet, or FLASHTUNE_DB points elsewhere)")
-        if path.exists():
-            _check_sqlite_header(path, url)
-        elif create:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DatabaseUnavailableError(f"database {mask_url(url)}: cannot create directory "
-                                               f"{path.parent}: {exc.strerror or exc}") from None
-    if path is None:  # in-memory: one connection holds the whole database
-        engine = create_engine(url, poolclass=StaticPool,
-                               connect_args={"timeout": timeout_s, "check_same_thread": False})
-    else:
-        # A pooled connection stays open between writes: closing the last connection of a WAL
-        # database checkpoints and deletes the WAL, which would make every commit cost an fsync.
-        parsed = parse_url(url)
-        if parsed.database and parsed.database.startswith("~"):
-            parsed = parsed.set(database=str(path))  # open the file the checks above looked at
-        engine = create_engine(parsed, connect_args={"timeout": timeout_s})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # transactions are begun below, not by the driver
-        cursor = dbapi_conn.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        # WAL with NORMAL sync: a commit survives the process being killed (not a power cut),
-        # and costs no fsync, which keeps one-commit-per-trial fast.
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        options = conn.get_execution_options()
-        if options.get("isolation_level") == "AUTOCOMMIT":
-            return  # VACUUM and friends must run outside a transaction
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("flashtune_write") else "BEGIN")
-
-    return engine
-
-
-def _use_wal(engine: Engine) -> None:
-    # Persistent in the file, so only writers set it, and only once the file is known to be
-    # a flashtune database: readers and refused files are left as they were.
-    if engine.dialect.name == "sqlite":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
-
-
-def _check_sqlite_header(path: os.PathLike[str], url: str) -> None:
-    # SQLite would happily treat a 0-byte file as empty, and reports other junk only at the
-    # first query; checking the header up front gives one clear message and writes nothing.
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(_SQLITE_HEADER))
-    except OSError as exc:
-        raise DatabaseUnavailableError(f"database {mask_url(url)}: cannot read {path}: "
-                                       f"{exc.strerror or exc}") from None
-    if head and head != _SQLITE_HEADER:
-        raise DatabaseCorruptError(f"database {mask_url(url)}: {path} is not a SQLite file "
-                                   f"(its first bytes are {head[:8]!r})")
-
-
-def _pg_engine(url: str, timeout_s: float) -> Engine:
-    connect_args: dict[str, Any] = {}
-    if "connect_timeout" not in parse_url(url).query:
-        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-    try:
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    except ImportError as exc:  # the DBAPI driver is loaded here, not at import of db
-        raise DatabaseUnavailableError(
-            f"database {mask_url(url)}: its driver is not installed ({exc.name or exc}); "
-            "install PostgreSQL support with: pip install 'flashtune[postgres]'") from None
-
-
-def _make_engine(url: str, create: bool, timeout_s: float) -> Engine:
-    expected = "expected sqlite:///PATH or postgresql+psycopg://USER@HOST[:PORT]/DBNAME"
-    try:
-        backend = parse_url(url).get_backend_name()
-        if backend == "sqlite":
-            return _sqlite_engine(url, create, timeout_s)
-        if backend == "postgresql":
-            return _pg_engine(url, timeout_s)
-    except ArgumentError as exc:  # an unknown driver name, e.g. postgresql+foo://
-        raise ValueError(f"unsupported database URL {mask_url(url)!r} ({exc}); {expected}") from None
-    raise ValueError(f"unsupported database URL {mask_url(url)!r}: {expected}")
-
-
 def _upsert(dialect: str) -> Callable[..., Any]:
     return pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
+
+
+class _KeyRows:
+    """The stored winner rows of a set of keys, matched on their raw key columns (stored keys are
+    canonical): read whole to plan a merge, then compared with that read inside the write lock."""
+
+    def __init__(self, keys: Iterable[Key]) -> None:
+        self.wanted = {key_values(key) for key in keys}
+        archs = sorted({raw[0] for raw in self.wanted})
+        self._query = select(*_WINNER_COLUMNS).where(_WINNERS.c.arch.in_(archs))
+
+    def read(self, conn: Connection) -> dict[tuple[Any, ...], Any]:
+        """The rows of the wanted keys, by raw key."""
+        return {raw: row for row in conn.execute(self._query).all()
+                if (raw := tuple(row[1:1 + _N_KEY])) in self.wanted}
+
+    def unchanged(self, conn: Connection, before: Mapping[tuple[Any, ...], Any]) -> bool:
+        """Whether the rows are exactly those of `before`; streamed, so that the rows are not held
+        in memory twice."""
+        count = 0
+        for part in conn.execute(self._query).partitions(2000):
+            for row in part:
+                raw = tuple(row[1:1 + _N_KEY])
+                if raw in self.wanted:
+                    if before.get(raw) != row:
+                        return False
+                    count += 1
+        return count == len(before)
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -318,12 +276,14 @@ def _upsert(dialect: str) -> Callable[..., Any]:
 class Store:
     """A flashtune database. Open with `Store.open(url)`; close it, or use it as a context manager."""
 
-    def __init__(self, engine: Engine, url: str, schema_version: int) -> None:
+    def __init__(self, engine: Engine, url: str, schema_version: int, timeout_s: float) -> None:
         self._engine = engine
         self._url = url
         self._where = mask_url(url)
         self._schema_version = schema_version
+        self._timeout_s = timeout_s
         self._runs: dict[int, tuple[str, str, str]] = {}  # run id -> (arch, kernel_version, gpu_name)
+        self._damaged: dict[tuple[str, Any, str], DamagedRow] = {}
 
     @classmethod
     def open(cls, url: str | None = None, *, create: bool = True,
@@ -332,21 +292,23 @@ class Store:
 
         With `create`, a missing SQLite file and a database without flashtune tables get the
         current schema. Without it nothing is ever created or written: a missing file or empty
-        database is DatabaseUnavailableError. An older or newer schema is SchemaVersionError.
+        database is DatabaseUnavailableError. An older or newer schema is SchemaVersionError; a URL
+        that names no usable persistent database (in-memory SQLite included) is DatabaseURLError.
+        `timeout_s` bounds how long a write waits for another writer's lock (default 30 s with
+        `create`, else 2 s).
         """
         url = default_url() if url is None else str(url)
         timeout = timeout_s if timeout_s is not None else (WRITE_TIMEOUT_S if create else READ_TIMEOUT_S)
-        where = mask_url(url)
-        engine = _make_engine(url, create, timeout)
+        engine = make_engine(url, create, timeout)
         try:
             with translated(url, "opening"):
-                version = ensure(engine, where, create=create, write_options=_WRITE)
+                version = ensure(engine, mask_url(url), create=create, write_options=WRITE_OPTIONS)
                 if create:
-                    _use_wal(engine)
+                    use_wal(engine)
         except BaseException:
             engine.dispose()
             raise
-        return cls(engine, url, version)
+        return cls(engine, url, version, timeout)
 
     @property
     def url(self) -> str:
@@ -368,6 +330,11 @@ class Store:
         """The schema version of the open database."""
         return self._schema_version
 
+    @property
+    def damaged_rows(self) -> list[DamagedRow]:
+        """Every damaged row the reads of this store skipped so far, each once (see `db.rows`)."""
+        return list(self._damaged.values())
+
     def close(self) -> None:
         """Release the connections."""
         self._engine.dispose()
@@ -386,35 +353,76 @@ class Store:
         return self._engine.connect()
 
     def _write(self) -> Connection:
-        return self._engine.connect().execution_options(**_WRITE)
+        return self._engine.connect().execution_options(**WRITE_OPTIONS)
+
+    def _writing(self, doing: str, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in one write transaction. A locked database (another writer; on PostgreSQL
+        a deadlock or serialization failure) rolls the attempt back; it is retried with growing,
+        jittered pauses until the store's timeout has passed, then the one-line error is raised."""
+        started = time.monotonic()
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                with translated(self._url, doing), self._write() as conn, conn.begin():
+                    return work(conn)
+            except DatabaseLockedError as exc:
+                waited = time.monotonic() - started
+                if waited + pause > self._timeout_s:
+                    raise DatabaseLockedError(f"{exc}; gave up after {waited:.1f} s") from exc
+            time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: writers that collided spread out
+            pause = min(2 * pause, _MAX_PAUSE_S)
+
+    def _decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
+        """Rows to values; damaged rows are skipped, kept in `damaged_rows`, and the new ones of
+        this read reported in one DamagedRowWarning."""
+        decoder = Decoder(spec)
+        values = decoder.decode(rows, build)
+        new = [d for d in decoder.damaged if (d.table, d.row_id, d.column) not in self._damaged]
+        for d in new:
+            self._damaged[(d.table, d.row_id, d.column)] = d
+        if new:
+            warnings.warn(damage_summary(new, self._where), DamagedRowWarning, stacklevel=4)
+        return values
+
+    @cached_property
+    def _bulk(self) -> dict[str, BulkStatement]:
+        # Compiled at the first import, not at every open: the dispatcher opens a store per app import.
+        return {name: BulkStatement(statement, self._engine.dialect)
+                for name, statement in (("insert", _INSERT_WINNER), ("update", _UPDATE_WINNER))}
+
+    def _winners(self, rows: Iterable[Any]) -> list[Winner]:
+        return self._decode(WINNER_SPEC, rows, lambda _id, key, config, *rest: Winner(key, config, *rest))
 
     # --- runs and trials -------------------------------------------------------------------
 
     def start_run(self, info: RunInfo) -> int:
         """Record the start of a tuning run; its id."""
-        _check_run_info(info)
+        if not isinstance(info, RunInfo):
+            raise TypeError(f"start_run needs a RunInfo, got {type(info).__name__}")
         values = {name: getattr(info, name) for name in (
             "gpu_name", "arch", "sm_count", "smem_limit", "driver", "cuda", "triton_version",
             "torch_version", "kernel_version", "host")}
-        with translated(self._url, "starting a run"), self._write() as conn, conn.begin():
-            run_id = conn.execute(_RUNS.insert().values(
-                **values, args=dict(info.args), status="running", started_at=utcnow())
-                .returning(_RUNS.c.id)).scalar_one()
+        statement = _RUNS.insert().values(**values, args=dict(info.args), status="running",
+                                          started_at=utcnow()).returning(_RUNS.c.id)
+        run_id = self._writing("starting a run", lambda conn: conn.execute(statement).scalar_one())
         self._runs[run_id] = (info.arch.strip(), info.kernel_version, info.gpu_name)
         return run_id
 
     def finish_run(self, run_id: int, status: str = "done") -> None:
         """Mark a run finished ('done', 'interrupted', 'failed', ...) now."""
-        if not isinstance(status, str) or not status.strip() or len(status) > 32:
-            raise ValueError(f"run status must be a short non-empty str, got {status!r}")
-        with translated(self._url, "finishing a run"), self._write() as conn, conn.begin():
-            count = conn.execute(update(_RUNS).where(_RUNS.c.id == run_id)
-                                 .values(status=status, finished_at=utcnow())).rowcount
+        problem = label_problem(status, _RUNS.c.status.type.length, required=True)
+        if problem is not None:
+            raise ValueError(f"run status {problem}")
+        _check_id(run_id)
+        statement = (update(_RUNS).where(_RUNS.c.id == run_id)
+                     .values(status=status, finished_at=utcnow()))
+        count = self._writing("finishing a run", lambda conn: conn.execute(statement).rowcount)
         if not count:
             raise ValueError(f"no run with id {run_id!r} in {self._where}")
 
     def _run(self, run_id: int) -> tuple[str, str, str]:
         if run_id not in self._runs:
+            _check_id(run_id)
             with translated(self._url, "reading a run"), self._read() as conn:
                 row = conn.execute(select(_RUNS.c.arch, _RUNS.c.kernel_version, _RUNS.c.gpu_name)
                                    .where(_RUNS.c.id == run_id)).first()
@@ -431,7 +439,7 @@ class Store:
             raise TypeError(f"record_trial needs a Key and a Config, got {type(key).__name__} "
                             f"and {type(config).__name__}")
         if outcome not in OUTCOMES:
-            raise ValueError(f"unknown trial outcome {outcome!r}: expected one of {', '.join(OUTCOMES)}")
+            raise ValueError(f"unknown trial outcome {shown(outcome)}: expected one of {', '.join(OUTCOMES)}")
         median_ms = _finite("median_ms", median_ms, positive=True)
         tflops = _finite("tflops", tflops)
         compile_s = _finite("compile_s", compile_s)
@@ -443,19 +451,19 @@ class Store:
         if arch != key.arch:
             raise ValueError(f"trial key {key} is for {key.arch} but run {run_id} ran on {arch}")
         created = utcnow()
-        with translated(self._url, "recording a trial"), self._write() as conn, conn.begin():
-            trial_id = conn.execute(_INSERT_TRIAL, {
-                "run_id": run_id, **_key_values(key), **_config_values(config), "outcome": outcome,
-                "median_ms": median_ms, "tflops": tflops, "compile_s": compile_s, "error": error,
-                "kernel_version": kernel_version, "gpu_name": gpu_name, "created_at": created}
-                ).scalar_one()
+        params = {"run_id": run_id, **_key_values(key), **_config_values(config), "outcome": outcome,
+                  "median_ms": median_ms, "tflops": tflops, "compile_s": compile_s, "error": error,
+                  "kernel_version": kernel_version, "gpu_name": gpu_name, "created_at": created}
+        trial_id = self._writing("recording a trial",
+                                 lambda conn: conn.execute(_INSERT_TRIAL, params).scalar_one())
         return TrialRecord(trial_id, run_id, key, config, outcome, median_ms, tflops, compile_s,
                            error, kernel_version, gpu_name, created)
 
     def trials(self, key: Key | None = None, *, arch: str | None = None,
                kernel_version: str | None = None, gpu_name: str | None = None,
                outcome: str | None = None) -> list[TrialRecord]:
-        """Trials matching every filter given, oldest first."""
+        """Trials matching every filter given, oldest first; damaged rows are skipped (see
+        `damaged_rows`)."""
         query = select(*_TRIAL_COLUMNS)
         if key is not None:
             query = query.where(*(getattr(_TRIALS.c, c) == v for c, v in _key_values(key).items()))
@@ -467,11 +475,27 @@ class Store:
             query = query.where(_TRIALS.c.gpu_name == gpu_name)
         if outcome is not None:
             if outcome not in OUTCOMES:
-                raise ValueError(f"unknown trial outcome {outcome!r}: expected one of {', '.join(OUTCOMES)}")
+                raise ValueError(f"unknown trial outcome {shown(outcome)}: expected one of {', '.join(OUTCOMES)}")
             query = query.where(_TRIALS.c.outcome == outcome)
         with translated(self._url, "reading trials"), self._read() as conn:
             rows = conn.execute(query.order_by(_TRIALS.c.id)).all()
-        return _Decoder(_TRIALS.name, self._where).trials(rows)
+        return self._decode(TRIAL_SPEC, rows, lambda row_id, key, config, run_id, *rest:
+                            TrialRecord(row_id, run_id, key, config, *rest))
+
+    def stale_runs(self, older_than: timedelta = STALE_RUN_AFTER, *,
+                   now: datetime | None = None) -> list[StaleRun]:
+        """Runs still marked 'running' whose last trial (or start, if none) is older than
+        `older_than`: most likely killed, since a live run records a trial every few seconds."""
+        now = now or utcnow()
+        last_trial = func.max(_TRIALS.c.created_at)
+        query = (select(_RUNS.c.id, _RUNS.c.gpu_name, _RUNS.c.host, _RUNS.c.started_at, last_trial)
+                 .select_from(_RUNS.outerjoin(_TRIALS, _TRIALS.c.run_id == _RUNS.c.id))
+                 .where(_RUNS.c.status == "running").group_by(_RUNS.c.id).order_by(_RUNS.c.id))
+        with translated(self._url, "reading runs"), self._read() as conn:
+            rows = conn.execute(query).all()
+        runs = self._decode(_RUN_ACTIVITY_SPEC, rows, lambda run_id, gpu, host, started, last:
+                            StaleRun(run_id, gpu, host, started, max(started, last or started)))
+        return [run for run in runs if now - run.last_activity > older_than]
 
     # --- winners ---------------------------------------------------------------------------
 
@@ -482,9 +506,10 @@ class Store:
             raise TypeError(f"offer_winner needs a TrialRecord, got {type(trial).__name__}")
         if trial.outcome != "ok" or trial.median_ms is None:
             return False
-        provenance: dict[str, Any] = dict.fromkeys(
-            ("sm_count", "driver", "cuda", "triton_version", "torch_version", "host"))
-        with translated(self._url, "setting a winner"), self._write() as conn, conn.begin():
+
+        def offer(conn: Connection) -> bool:
+            provenance: dict[str, Any] = dict.fromkeys(
+                ("sm_count", "driver", "cuda", "triton_version", "torch_version", "host"))
             if trial.run_id is not None:
                 row = conn.execute(select(_RUNS).where(_RUNS.c.id == trial.run_id)).first()
                 if row is not None:
@@ -503,9 +528,12 @@ class Store:
                 where=better).returning(_WINNERS.c.id)
             return conn.execute(statement).first() is not None
 
+        return self._writing("setting a winner", offer)
+
     def winners(self, arch: str | None = None, *, op: str | None = None, dtype: str | None = None,
                 head_dim: int | None = None, causal: bool | None = None) -> list[Winner]:
-        """Winners matching every filter given, ordered by key."""
+        """Winners matching every filter given, ordered by key; damaged rows are skipped (see
+        `damaged_rows`)."""
         query = select(*_WINNER_COLUMNS)
         if arch is not None:
             query = query.where(_WINNERS.c.arch == normalize_arch(arch))
@@ -514,8 +542,10 @@ class Store:
         if dtype is not None:
             query = query.where(_WINNERS.c.dtype == normalize_dtype(dtype))
         if head_dim is not None:
-            query = query.where(_WINNERS.c.head_dim == head_dim)
+            query = query.where(_WINNERS.c.head_dim == check_head_dim(head_dim))
         if causal is not None:
+            if causal not in (True, False):
+                raise ValueError(f"causal must be a bool, got {shown(causal)}")
             query = query.where(_WINNERS.c.causal == bool(causal))
         return self._select_winners(query)
 
@@ -533,43 +563,78 @@ class Store:
         order = [getattr(_WINNERS.c, c) for c in KEY_COLUMNS]
         with translated(self._url, "reading winners"), self._read() as conn:
             rows = conn.execute(query.order_by(*order)).all()
-        return _Decoder(_WINNERS.name, self._where).winners(rows)
+        return self._winners(rows)
 
-    def merge_winners(self, archs: Iterable[str],
+    def merge_winners(self, keys: Iterable[Key],
                       plan: Callable[[Mapping[Key, Winner]], Sequence[Winner]], *,
                       dry_run: bool = False) -> None:
-        """In one write transaction: read the winners of `archs`, ask `plan` which winners to write
-        given them, and write those (each replacing its key's row). `dry_run` writes nothing."""
-        names = sorted({normalize_arch(a) for a in archs})
-        with translated(self._url, "merging winners"), self._write() as conn, conn.begin() as tx:
-            rows = conn.execute(select(*_WINNER_COLUMNS).where(_WINNERS.c.arch.in_(names))).all()
-            existing = {w.key: w for w in _Decoder(_WINNERS.name, self._where).winners(rows)}
-            chosen = plan(existing)
-            if dry_run or not chosen:
-                tx.rollback()
-                return
-            upsert = _upsert(conn.dialect.name)
-            for winner in chosen:
+        """Write the winners `plan` chooses, given the stored winners of `keys`, in one transaction
+        (each replacing its key's row). `dry_run` only reads: it takes no write lock.
+
+        `plan` runs first on a read, outside the write transaction, and the rows to write are
+        prepared there too. The transaction then reads the rows of `keys` once more: if any
+        changed meanwhile (a tuner offered a winner), `plan` runs again on what is stored now, so
+        the merge is exactly as if it ran alone. The writes are one INSERT and one UPDATE
+        statement, each executed with many parameter sets, so the write lock is held for the
+        re-read and the batch only.
+        """
+        rows = _KeyRows(keys)
+        if not rows.wanted:
+            plan({})
+            return
+
+        def existing(stored: Mapping[tuple[Any, ...], Any]) -> dict[Key, Winner]:
+            return {w.key: w for w in self._winners(stored.values())}
+
+        def prepare(chosen: Sequence[Winner], stored: Mapping[tuple[Any, ...], Any]) -> tuple[list[Any], list[Any]]:
+            inserts, updates = [], []
+            # Key order: two imports at once on PostgreSQL lock rows in the same order, never a cycle.
+            for raw, winner in sorted(((key_values(w.key), w) for w in chosen), key=itemgetter(0)):
                 values = winner_values(winner)
-                insert = upsert(_WINNERS).values(**values)
-                conn.execute(insert.on_conflict_do_update(
-                    index_elements=list(KEY_COLUMNS),
-                    set_={name: insert.excluded[name] for name in values if name not in KEY_COLUMNS}))
+                row = stored.get(raw)  # a damaged row of the key is replaced, too
+                if row is None:
+                    inserts.append(values)
+                else:
+                    values["row_id"] = row.id
+                    updates.append(values)
+            return self._bulk["insert"].parameters(inserts), self._bulk["update"].parameters(updates)
+
+        with translated(self._url, "reading winners"), self._read() as conn:
+            before = rows.read(conn)
+        chosen = plan(existing(before))
+        if dry_run or not chosen:
+            return
+        prepared = prepare(chosen, before)
+
+        def write(conn: Connection) -> None:
+            if rows.unchanged(conn, before):
+                inserts, updates = prepared
+            else:
+                now = rows.read(conn)
+                inserts, updates = prepare(plan(existing(now)), now)
+            self._bulk["insert"].execute(conn, inserts)
+            self._bulk["update"].execute(conn, updates)
+
+        self._writing("merging winners", write)
 
     # --- maintenance -----------------------------------------------------------------------
 
     def prune(self, keep_kernel_version: str) -> tuple[int, int]:
         """Delete the trials, winners and runs of every other kernel version; (trials, winners) deleted."""
         if not isinstance(keep_kernel_version, str) or not keep_kernel_version.strip():
-            raise ValueError(f"prune needs the kernel version to keep, got {keep_kernel_version!r}")
-        with translated(self._url, "pruning"), self._write() as conn, conn.begin():
+            raise ValueError(f"prune needs the kernel version to keep, got {shown(keep_kernel_version)}")
+
+        def prune(conn: Connection) -> tuple[int, int]:
             winners = conn.execute(delete(_WINNERS).where(
                 _WINNERS.c.kernel_version != keep_kernel_version)).rowcount
             trials = conn.execute(delete(_TRIALS).where(
                 _TRIALS.c.kernel_version != keep_kernel_version)).rowcount
             conn.execute(delete(_RUNS).where(_RUNS.c.kernel_version != keep_kernel_version))
+            return trials, winners
+
+        counts = self._writing("pruning", prune)
         self._runs = {k: v for k, v in self._runs.items() if v[1] == keep_kernel_version}
-        return trials, winners
+        return counts
 
     def counts(self) -> dict[str, int]:
         """Row counts of runs, trials and winners."""
@@ -590,14 +655,20 @@ class Store:
                         conn.exec_driver_sql(f"VACUUM ANALYZE {table.name}")
 
 
+def _check_id(run_id: Any) -> None:
+    # A row id the database can hold: anything else is no run, not an OverflowError.
+    if isinstance(run_id, bool) or not isinstance(run_id, int) or not 0 <= run_id <= INT32_MAX:
+        raise ValueError(f"no run with id {shown(run_id)}: run ids are ints from 0 to {INT32_MAX}")
+
+
 def migrate_database(url: str | None = None) -> tuple[int | None, int]:
     """Create or migrate the schema at `url` to the current version; (old version or None, new)."""
     url = default_url() if url is None else str(url)
-    engine = _make_engine(url, True, WRITE_TIMEOUT_S)
+    engine = make_engine(url, True, WRITE_TIMEOUT_S)
     try:
         with translated(url, "migrating"):
-            versions = migrate(engine, mask_url(url), write_options=_WRITE)
-            _use_wal(engine)
+            versions = migrate(engine, mask_url(url), write_options=WRITE_OPTIONS)
+            use_wal(engine)
             return versions
     finally:
         engine.dispose()
@@ -606,10 +677,10 @@ def migrate_database(url: str | None = None) -> tuple[int | None, int]:
 def load_winners(archs: Iterable[str], url: str | None = None) -> list[Winner]:
     """The dispatcher's import-time read: the winners of `archs` in one query, creating nothing.
 
-    Raises DatabaseUnavailableError (missing, locked, unreachable), DatabaseCorruptError or
-    SchemaVersionError; the caller falls back to defaults with a warning.
+    Raises DatabaseUnavailableError (missing, locked, unreachable, not a regular file),
+    DatabaseCorruptError, SchemaVersionError or DatabaseURLError; the caller falls back to
+    defaults with a warning. Damaged rows are skipped with one DamagedRowWarning, never raised.
     """
     archs = list(archs)
     with Store.open(url, create=False) as store:
         return store.winners_for_archs(archs)
-

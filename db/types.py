@@ -6,11 +6,13 @@ must not import torch or triton.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
-from .arch import normalize_arch
+from .arch import ARCH_SMEM, normalize_arch
+from .text import label_problem, shown
 
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -25,6 +27,45 @@ HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 80, 96, 112, 128, 160, 192, 256)
 
 ExtraValue = Union[bool, int, float, str]
 
+# Every integer the store keeps fits a 32-bit signed column on every backend (PostgreSQL's INTEGER),
+# so a value SQLite alone would take cannot make an export that PostgreSQL refuses.
+INT32_MAX = 2**31 - 1
+MAX_SEQ_LEN = INT32_MAX
+MAX_EXTRA_TEXT = 64
+MAX_CONFIG_TEXT = 4096  # the canonical text of any valid config is far shorter
+
+
+class InvalidField(ValueError):
+    """A field of a Key or Config that fails its check. `field` names it, so that a stored row can
+    be reported by its column."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidFieldType(InvalidField, TypeError):
+    """An InvalidField whose value has the wrong type (still a TypeError, as it always was)."""
+
+
+def _field(name: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)`, its ValueError or TypeError re-raised as an InvalidField naming `name`."""
+    try:
+        return check(value)
+    except InvalidField:
+        raise
+    except TypeError as exc:
+        raise InvalidFieldType(name, str(exc)) from None
+    except ValueError as exc:
+        raise InvalidField(name, str(exc)) from None
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int = INT32_MAX) -> int:
+    """`value` when it is an int (not a bool) from `low` to `high`; ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int from {low} to {high}, got {shown(value)}")
+    return value
+
 
 def normalize_dtype(name: str) -> str:
     """Map 'fp16', 'torch.float16', 'half', ... to the canonical dtype name; ValueError if unknown."""
@@ -32,21 +73,21 @@ def normalize_dtype(name: str) -> str:
     try:
         return _DTYPE_ALIASES[text]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)} "
+        raise ValueError(f"unknown dtype {shown(name)}: expected one of {', '.join(DTYPES)} "
                          f"(or fp16, bf16, fp32)") from None
 
 
 def normalize_op(op: str) -> str:
     """Check an op name ('fwd' or 'bwd')."""
     if op not in OPS:
-        raise ValueError(f"unknown op {op!r}: expected one of {', '.join(OPS)}")
+        raise ValueError(f"unknown op {shown(op)}: expected one of {', '.join(OPS)}")
     return op
 
 
 def check_head_dim(head_dim: int) -> int:
     """Check a head dim against the sizes the kernel supports."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
-        raise ValueError(f"unsupported head dim {head_dim!r}: expected one of "
+        raise ValueError(f"unsupported head dim {shown(head_dim)}: expected one of "
                          f"{', '.join(map(str, HEAD_DIMS))}")
     return head_dim
 
@@ -55,7 +96,30 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-@dataclass(frozen=True)
+def _check_extra_item(item: Any) -> tuple[str, ExtraValue]:
+    """One (name, value) knob of a config: a short identifier and a bool, int32, finite float or
+    short printable str (the values a kernel launch takes)."""
+    k, v = item
+    if not isinstance(k, str) or len(k) > 32 or not re.fullmatch(r"[a-z_][a-z0-9_]*", k):
+        raise ValueError(f"config extra key {shown(k)}: must be a lower-case identifier of at most 32 "
+                         "characters")
+    if isinstance(v, bool):
+        return k, v
+    if isinstance(v, int):
+        check_int(f"config extra {k}", v, -INT32_MAX - 1, INT32_MAX)
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"config extra {k}={v!r}: must be a finite number")
+    elif isinstance(v, str):
+        problem = label_problem(v, MAX_EXTRA_TEXT)
+        if problem is not None:
+            raise ValueError(f"config extra {k}: {problem}")
+    else:
+        raise TypeError(f"config extra {k}={shown(v)}: values must be bool, int, float or str")
+    return k, v
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """One launch config: tile sizes, warps, pipeline depth, plus kernel-variant knobs in `extra`.
 
@@ -74,25 +138,20 @@ class Config:
         for name in ("block_m", "block_n", "num_warps", "num_stages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"config {name} must be an int, got {value!r}")
+                raise InvalidFieldType(name, f"config {name} must be an int, got {shown(value)}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if not _is_pow2(value) or not 16 <= value <= 256:
-                raise ValueError(f"config {name}={value}: must be a power of two from 16 to 256")
+                raise InvalidField(name, f"config {name}={value}: must be a power of two from 16 to 256")
         if not _is_pow2(self.num_warps) or not 1 <= self.num_warps <= 32:
-            raise ValueError(f"config num_warps={self.num_warps}: must be a power of two from 1 to 32")
+            raise InvalidField("num_warps", f"config num_warps={self.num_warps}: must be a power of two "
+                               "from 1 to 32")
         if not 1 <= self.num_stages <= 8:
-            raise ValueError(f"config num_stages={self.num_stages}: must be from 1 to 8")
+            raise InvalidField("num_stages", f"config num_stages={self.num_stages}: must be from 1 to 8")
         extra = self.extra
         if isinstance(extra, Mapping):
             extra = tuple(extra.items())
-        items = []
-        for k, v in extra:
-            if not isinstance(k, str) or not re.fullmatch(r"[a-z_][a-z0-9_]*", k):
-                raise ValueError(f"config extra key {k!r}: must be a lower-case identifier")
-            if not isinstance(v, (bool, int, float, str)):
-                raise TypeError(f"config extra {k}={v!r}: values must be bool, int, float or str")
-            items.append((k, v))
+        items = [_field("extra", _check_extra_item, item) for item in extra]
         object.__setattr__(self, "extra", tuple(sorted(items)))
 
     @property
@@ -112,8 +171,11 @@ class Config:
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
-        return cls(int(data["block_m"]), int(data["block_n"]), int(data["num_warps"]),
-                   int(data["num_stages"]), tuple((data.get("extra") or {}).items()))
+        try:
+            sizes = [int(data[name]) for name in ("block_m", "block_n", "num_warps", "num_stages")]
+        except OverflowError as exc:  # int(float('inf'))
+            raise ValueError(f"config sizes must be finite: {exc}") from None
+        return cls(*sizes, tuple((data.get("extra") or {}).items()))
 
     def __str__(self) -> str:
         text = f"m{self.block_m}-n{self.block_n}-w{self.num_warps}-s{self.num_stages}"
@@ -124,17 +186,23 @@ class Config:
     @classmethod
     def parse(cls, text: str) -> "Config":
         """Read the canonical text form, e.g. 'm128-n64-w8-s3' or 'm128-n64-w8-s3+{"tma":true}'."""
-        m = re.fullmatch(r"\s*m(\d+)-n(\d+)-w(\d+)-s(\d+)(?:\+(\{.*\}))?\s*", text)
+        if not isinstance(text, str) or len(text) > MAX_CONFIG_TEXT:
+            raise ValueError(f"malformed config {shown(text)}: expected text of at most {MAX_CONFIG_TEXT} "
+                             "characters, the form m128-n64-w8-s3[+{json}]")
+        m = re.fullmatch(r"\s*m(\d{1,4})-n(\d{1,4})-w(\d{1,4})-s(\d{1,4})(?:\+(\{.*\}))?\s*", text)
         if not m:
-            raise ValueError(f"malformed config {text!r}: expected the form m128-n64-w8-s3[+{{json}}]")
-        extra = json.loads(m.group(5)) if m.group(5) else {}
+            raise ValueError(f"malformed config {shown(text)}: expected the form m128-n64-w8-s3[+{{json}}]")
+        try:
+            extra = json.loads(m.group(5)) if m.group(5) else {}
+        except RecursionError:  # a deeply nested object: not a knob anyway
+            raise ValueError(f"malformed config {shown(text)}: extra is nested too deeply") from None
         if not isinstance(extra, dict):
-            raise ValueError(f"malformed config {text!r}: extra must be a JSON object")
+            raise ValueError(f"malformed config {shown(text)}: extra must be a JSON object")
         return cls(int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)),
                    tuple(extra.items()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Key:
     """What a winner is stored for: GPU arch, op, sequence lengths, head dim, dtype, causal.
 
@@ -151,16 +219,28 @@ class Key:
     seq_len_kv: int = 0  # 0 means "same as seq_len"; normalised in __post_init__
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arch", normalize_arch(self.arch))
-        object.__setattr__(self, "op", normalize_op(self.op))
-        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
-        check_head_dim(self.head_dim)
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
-        kv = self.seq_len_kv or self.seq_len
-        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1:
-            raise ValueError(f"seq_len_kv must be a positive int, got {self.seq_len_kv!r}")
+        kv = self.seq_len_kv if self.seq_len_kv != 0 else self.seq_len
+        # Fast path: canonical values, as the store and the exchange file hold them (a key is built
+        # per stored winner at app import). Anything else takes the checks below, which normalise
+        # aliases and name the field that fails.
+        if (type(self.arch) is str and self.arch in ARCH_SMEM and self.op in OPS
+                and type(self.dtype) is str and self.dtype in DTYPE_BYTES
+                and type(self.head_dim) is int and self.head_dim in HEAD_DIMS
+                and type(self.seq_len) is int and 0 < self.seq_len <= MAX_SEQ_LEN
+                and type(kv) is int and 0 < kv <= MAX_SEQ_LEN and type(self.causal) is bool):
+            object.__setattr__(self, "seq_len_kv", kv)
+            return
+        object.__setattr__(self, "arch", _field("arch", normalize_arch, self.arch))
+        object.__setattr__(self, "op", _field("op", normalize_op, self.op))
+        object.__setattr__(self, "dtype", _field("dtype", normalize_dtype, self.dtype))
+        _field("head_dim", check_head_dim, self.head_dim)
+        _field("seq_len", lambda n: check_int("seq_len", n, 1, MAX_SEQ_LEN), self.seq_len)
+        _field("seq_len_kv", lambda n: check_int("seq_len_kv", n, 1, MAX_SEQ_LEN), kv)
         object.__setattr__(self, "seq_len_kv", kv)
+        # `in (True, False)` compares by value: bools, 0/1 and numpy bools pass; "False", 2 or
+        # None do not, where bool() would have turned them into a silent True or False.
+        if self.causal not in (True, False):
+            raise InvalidField("causal", f"causal must be a bool, got {shown(self.causal)}")
         object.__setattr__(self, "causal", bool(self.causal))
 
     def __str__(self) -> str:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -118,3 +120,90 @@ def snapshot(url: str) -> tuple[list, list, dict]:
 
 def aware(year: int = 2025, month: int = 1, day: int = 1, hours: int = 0) -> datetime:
     return datetime(year, month, day, tzinfo=timezone.utc) + timedelta(hours=hours)
+
+
+def execute_raw(url: str, statement: str, params: dict | None = None) -> None:
+    """Run SQL on the database behind `url` without the store (to damage rows as another program
+    would): sqlite3 itself for SQLite, so that no column type converts the value written."""
+    if url.startswith("sqlite"):
+        raw = sqlite3.connect(make_url(url).database)
+        try:
+            raw.execute(statement, params or {})
+            raw.commit()
+        finally:
+            raw.close()
+        return
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement), params or {})
+    finally:
+        engine.dispose()
+
+
+def finishes_within(seconds: float, work: Callable[[], Any], *, unblock: Path | None = None) -> Any:
+    """`work()`'s result (or exception) when it returns within `seconds`; else the test fails, and
+    the FIFO `unblock` is opened for writing so that a reader stuck on it can end."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if unblock is not None:
+            fd = os.open(unblock, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        pytest.fail(f"still running after {seconds} s (it hangs)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    """A named pipe with no writer: opening it for reading the ordinary way blocks forever."""
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def raw_snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every row of every flashtune table, as stored (no decoding): for 'row-for-row unchanged'
+    when some rows are damaged and the store would skip them."""
+    tables = ("flashtune_meta", "flashtune_runs", "flashtune_trials", "flashtune_winners")
+    if url.startswith("sqlite"):
+        raw = sqlite3.connect(make_url(url).database)
+        try:
+            return {t: raw.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+        finally:
+            raw.close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            # Each row as PostgreSQL's own text: no driver conversion can fail on a damaged value.
+            return {t: [tuple(r) for r in conn.execute(text(f"SELECT {t}::text FROM {t} ORDER BY 1"))]
+                    for t in tables}
+    finally:
+        engine.dispose()
+
+
+def winners_document(count: int, *, arch: str = "sm_90", ms: float = 1.0, first: int = 1) -> dict[str, Any]:
+    """An exchange document of `count` winners of distinct keys (N = 16·i for i from `first`)."""
+    from flashtune.db import exchange
+    from flashtune.db.store import Winner
+
+    winners = [exchange.winner_to_dict(Winner(
+        key=key(16 * i, 64, causal=bool(i % 2), arch=arch), config=CFG_A, median_ms=ms, tflops=1.0,
+        kernel_version="k1", gpu_name="NVIDIA H200", sm_count=132, driver="560.35", cuda="12.6",
+        triton_version="3.6.0", torch_version="2.11.0", host="node-1", measured_at=aware(), trial_id=None))
+        for i in range(first, first + count)]
+    return {"format": "flashtune-winners", "format_version": 1, "exported_at": "2025-02-01T00:00:00Z",
+            "producer": {"flashtune": "0.1.0", "schema_version": 1, "python": "3.11", "sqlalchemy": "2.0",
+                         "pydantic": "2.5", "host": "node-1"},
+            "filters": {}, "winners": winners}

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from flashtune.db.exchange import ExchangeFileError, import_file, read_document
 from flashtune.db.store import Store, Winner
 from flashtune.db.types import Config
 
-from db_fixtures import (CFG_A, CFG_B, CFG_C, aware, db_url, key, pg_url,  # noqa: F401
+from db_fixtures import (CFG_A, CFG_B, CFG_C, aware, db_url, fifo, finishes_within, key, pg_url,  # noqa: F401
                          populate, run_info, snapshot)
 
 
@@ -188,6 +189,33 @@ BAD_DOCUMENTS: dict[str, tuple[Callable[[dict], Any], str]] = {
         key(1024, 256, "float32", arch="sm_75"), Config(256, 256, 8, 4))))(d),
         "more than the 65536 bytes of any sm_75 GPU"),
     "duplicate key": (lambda d: {**d, "winners": d["winners"] + d["winners"][:1]}, "repeats winners[0]"),
+    # Integers a database cannot hold, and the same limit on both backends (2**31 - 1).
+    "seq_len 2**63": (_set(f"{W0}.key.seq_len", 2**63), "winners[0].key.seq_len: Input should be less than or equal to 2147483647"),
+    "seq_len 10**400": (_set(f"{W0}.key.seq_len", 10**400), "winners[0].key.seq_len"),
+    "seq_len 2**31": (_set(f"{W0}.key.seq_len", 2**31), "winners[0].key.seq_len"),
+    "seq_len_kv 2**31": (_set(f"{W0}.key.seq_len_kv", 2**31), "winners[0].key.seq_len_kv"),
+    "head dim 10**400": (_set(f"{W0}.key.head_dim", 10**400), "winners[0].key.head_dim"),
+    "block 2**63": (_set(f"{W0}.config.block_m", 2**63), "winners[0].config.block_m"),
+    "extra int 2**63": (_set(f"{W0}.config.extra", {"num_splits": 2**63}), "winners[0].config.extra: config extra num_splits must be an int"),
+    "sm_count 2**63": (_set(f"{W0}.provenance.sm_count", 2**63), "winners[0].provenance.sm_count"),
+    "sm_count 10**400": (_set(f"{W0}.provenance.sm_count", 10**400), "winners[0].provenance.sm_count"),
+    "infinite tflops": (_set(f"{W0}.tflops", float("inf")), "winners[0].tflops"),
+    "NaN time": (_set(f"{W0}.median_ms", float("nan")), "winners[0].median_ms"),
+    "time past year 9999 in UTC": (_set(f"{W0}.provenance.measured_at", "9999-12-31T23:59:59-14:00"),
+                                   "winners[0].provenance.measured_at: Value error, is out of range once converted to UTC"),
+    "time before year 1 in UTC": (_set(f"{W0}.provenance.measured_at", "0001-01-01T00:00:00+14:00"),
+                                  "winners[0].provenance.measured_at"),
+    # Text that would reach a terminal: printable only (no control, bidi or line-break characters).
+    "NUL in gpu name": (_set(f"{W0}.provenance.gpu_name", "H200\x00"), "winners[0].provenance.gpu_name: holds the non-printable character U+0000"),
+    "newline in host": (_set(f"{W0}.provenance.host", "node-1\nFAKE LINE"), "winners[0].provenance.host"),
+    "ANSI escape in kernel version": (_set(f"{W0}.provenance.kernel_version", "\x1b[2Jk1"), "winners[0].provenance.kernel_version"),
+    "right-to-left override in driver": (_set(f"{W0}.provenance.driver", "560\u202e"), "U+202E"),
+    "bidi mark in cuda": (_set(f"{W0}.provenance.cuda", "\u200f12.6"), "winners[0].provenance.cuda"),
+    "escape in triton version": (_set(f"{W0}.provenance.triton_version", "3.6\x1b]0;x\x07"), "winners[0].provenance.triton_version"),
+    "escape in extra": (_set(f"{W0}.config.extra", {"loads": "tma\x1b[0m"}), "winners[0].config.extra"),
+    "blank gpu name": (_set(f"{W0}.provenance.gpu_name", "   "), "winners[0].provenance.gpu_name: must not be empty"),
+    "escape in producer host": (_set("producer.host", "a\x1bb"), "producer.host"),
+    "gpu name too long": (_set(f"{W0}.provenance.gpu_name", "G" * 129), "winners[0].provenance.gpu_name"),
 }
 
 
@@ -225,7 +253,10 @@ def test_bad_documents_change_nothing(tmp_path: Path, stored_db: str, case: str)
 @pytest.mark.parametrize("content, message", [
     ('{"format": "flashtune-winners", "winners": [', "malformed JSON"),
     ("", "malformed JSON"),
-    ('{"format": "flashtune-winners", "format_version": 1, "median_ms": NaN}', "NaN is not a number"),
+    ('{"format": "flashtune-winners", "format_version": 1, "median_ms": NaN}', "median_ms: Extra inputs"),
+    ('{"format": "flashtune-winners", "format_version": 1, "winners": [{"median_ms": NaN}]}', "winners[0].median_ms"),
+    ('[{"format": "flashtune-winners"}]', "expected a JSON object"),
+    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "malformed JSON"),
     (pickle.dumps({"winners": []}), "not UTF-8"),
     (b"\xff\xfe\x00garbage", "not UTF-8"),
 ])
@@ -237,7 +268,7 @@ def test_unparseable_files(tmp_path: Path, stored_db: str, content: Any, message
         path.write_text(content)
     before = snapshot(stored_db)
     with Store.open(stored_db) as store:
-        with pytest.raises(ExchangeFileError, match=message):
+        with pytest.raises(ExchangeFileError, match=re.escape(message)):
             import_file(store, path)
     assert snapshot(stored_db) == before
 
@@ -260,6 +291,19 @@ def test_oversized_and_missing_files(tmp_path: Path, stored_db: str) -> None:
     assert snapshot(stored_db) == before
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_import_of_what_is_not_a_regular_file_is_refused_at_once(kind: str, tmp_path: Path, stored_db: str,
+                                                                  fifo: Path) -> None:
+    path = {"fifo": fifo, "device": Path("/dev/zero"), "directory": tmp_path}[kind]
+    before = snapshot(stored_db)
+    with Store.open(stored_db) as store:
+        for dry_run in (True, False):
+            with pytest.raises(ExchangeFileError, match="not a regular file") as info:
+                finishes_within(10, lambda: import_file(store, path, dry_run=dry_run), unblock=fifo)
+            assert str(path) in str(info.value)
+    assert snapshot(stored_db) == before
+
+
 def test_many_problems_are_counted(tmp_path: Path) -> None:
     bad = [_winner(key(64 * (i + 1)), ms=1.0) for i in range(30)]
     document = _document(bad)
@@ -267,3 +311,22 @@ def test_many_problems_are_counted(tmp_path: Path) -> None:
         item["key"]["arch"] = "sm_1"
     with pytest.raises(ExchangeFileError, match=r"30 invalid value\(s\).*\(and 20 more\)"):
         read_document(_write(tmp_path / "w.json", document))
+
+
+def test_a_winner_stored_while_an_import_plans_is_not_overwritten(db_url: str) -> None:
+    # The merge is planned outside the write lock; a tuner may store a faster winner meanwhile.
+    # The write then re-plans on what is stored, as if the import had run alone after the tuner.
+    slow, other = _winner(key(), CFG_A, ms=2.0), _winner(key(256), CFG_A, ms=3.0)
+    calls = []
+    with Store.open(db_url) as store, Store.open(db_url) as tuner:
+        def plan(existing):
+            calls.append(dict(existing))
+            if len(calls) == 1:
+                exchange.merge(tuner, [_winner(key(), CFG_B, ms=1.0)], policy="replace")
+            report, chosen = exchange.plan_import([slow, other], existing, "faster")
+            return chosen
+
+        store.merge_winners([slow.key, other.key], plan)
+        winners = {w.key: w for w in store.winners()}
+    assert len(calls) == 2 and calls[0] == {} and calls[1][key()].config == CFG_B
+    assert winners[key()].config == CFG_B and winners[key(256)] == other

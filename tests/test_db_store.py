@@ -5,9 +5,11 @@ import dataclasses
 import math
 import os
 import sqlite3
-from pathlib import Path
-
 import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -17,8 +19,8 @@ from flashtune.db.errors import DatabaseCorruptError, DatabaseUnavailableError, 
 from flashtune.db.store import RunInfo, Store, TrialRecord, Winner, load_winners, migrate_database
 from flashtune.db.types import Config
 
-from db_fixtures import (CFG_A, CFG_B, CFG_C, db_url, file_digest, key, pg_url,  # noqa: F401
-                         populate, run_info, snapshot, sqlite_url)
+from db_fixtures import (CFG_A, CFG_B, CFG_C, db_url, execute_raw, fifo, file_digest, finishes_within,  # noqa: F401
+                         key, pg_url, populate, run_info, snapshot, sqlite_url)
 
 
 def test_trials_round_trip_exactly(db_url: str) -> None:
@@ -142,15 +144,77 @@ def test_record_trial_rejects_bad_values(db_url: str, kwargs: dict, message: str
         assert store.trials() == []
 
 
-def test_run_info_is_checked(sqlite_url: str) -> None:
-    with Store.open(sqlite_url) as store:
-        with pytest.raises(ValueError, match="JSON-able"):
-            store.start_run(dataclasses.replace(run_info(), args={"f": object()}))
-        with pytest.raises(ValueError, match="sm_count must be a non-negative int"):
-            store.start_run(dataclasses.replace(run_info(), sm_count=-1))
-        with pytest.raises(ValueError, match="no run with id 5"):
-            store.finish_run(5)
-        assert store.counts()["runs"] == 0
+@pytest.mark.parametrize("changes, error, message", [
+    ({"args": {"f": object()}}, ValueError, "JSON-able"),
+    ({"args": {"x": float("nan")}}, ValueError, "JSON-able"),
+    ({"sm_count": -1}, ValueError, "RunInfo.sm_count must be an int from 0 to 2147483647"),
+    ({"sm_count": 2**63}, ValueError, "RunInfo.sm_count"),
+    ({"smem_limit": 10**400}, ValueError, "RunInfo.smem_limit must be an int .* got an int of 1329 bits"),
+    ({"gpu_name": "H200\x1b[2J"}, ValueError, "RunInfo.gpu_name holds the non-printable character U\\+001B"),
+    ({"host": "node-1\nFAKE"}, ValueError, "RunInfo.host holds the non-printable character U\\+000A"),
+    ({"driver": "560\u202e"}, ValueError, "RunInfo.driver .*U\\+202E"),
+    ({"kernel_version": "k1\x00"}, ValueError, "RunInfo.kernel_version"),
+    ({"kernel_version": " "}, ValueError, "RunInfo.kernel_version must not be empty"),
+    ({"host": "h" * 256}, ValueError, "RunInfo.host is 256 characters long, more than 255"),
+    ({"cuda": None}, TypeError, "RunInfo.cuda must be a str"),
+])
+def test_run_info_is_checked_when_built(changes: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        dataclasses.replace(run_info(), **changes)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, run: s.finish_run(5), "no run with id 5"),
+    (lambda s, run: s.finish_run(2**70), "no run with id"),
+    (lambda s, run: s.finish_run(run, "done\x1b[2J"), "run status holds the non-printable"),
+    (lambda s, run: s.record_trial(2**63, key(), CFG_A, "ok", median_ms=1.0), "no run with id"),
+    (lambda s, run: s.record_trial(run, key(), CFG_A, "ok", median_ms=10**400), "median_ms must be a finite number"),
+    (lambda s, run: s.winners(head_dim=10**30), "unsupported head dim"),
+    (lambda s, run: s.winners(causal="no"), "causal must be a bool"),
+    (lambda s, run: s.trials(key(2**31)), "seq_len must be an int from 1 to 2147483647"),
+])
+def test_values_the_database_cannot_hold_are_value_errors(db_url: str, call, message: str) -> None:
+    with Store.open(db_url) as store:
+        run = store.start_run(run_info())
+        before = store.counts()
+        with pytest.raises(ValueError, match=message):
+            call(store, run)
+        assert store.counts() == before
+
+
+@pytest.mark.parametrize("fields, column", [
+    ({"seq_len": 2**31}, "seq_len"), ({"seq_len": 2**63}, "seq_len"), ({"seq_len_kv": 10**400}, "seq_len_kv"),
+    ({"head_dim": 10**400}, "head_dim"), ({"causal": "False"}, "causal"), ({"causal": None}, "causal"),
+    ({"arch": "sm_99"}, "arch"), ({"dtype": 5}, "dtype"),
+])
+def test_key_fields_are_checked_and_named(fields: dict, column: str) -> None:
+    from flashtune.db.types import InvalidField, Key
+
+    args = {"arch": "sm_90", "op": "fwd", "seq_len": 128, "head_dim": 64, "dtype": "fp16", "causal": True, **fields}
+    with pytest.raises(InvalidField) as info:
+        Key(**args)
+    assert info.value.field == column and len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"num_splits": 2**63}, "must be an int from"), ({"scale": float("inf")}, "must be a finite number"),
+    ({"loads": "tma\x1b"}, "non-printable"), ({"loads": "x" * 65}, "more than 64"), ({"Bad": 1}, "identifier"),
+])
+def test_config_extra_is_bounded(extra: dict, message: str) -> None:
+    from flashtune.db.types import InvalidField
+
+    with pytest.raises(InvalidField, match=message) as info:
+        Config(64, 64, 4, 2, extra)
+    assert info.value.field == "extra"
+
+
+def test_config_parse_is_bounded() -> None:
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Config.parse('m64-n64-w4-s2+{"x": ' + "[" * 2000 + "]" * 2000 + "}")
+    with pytest.raises(ValueError, match="at most 4096 characters"):
+        Config.parse("m64-n64-w4-s2+{" + " " * 5000 + "}")
+    with pytest.raises(ValueError, match="must be finite"):
+        Config.from_dict({"block_m": float("inf"), "block_n": 64, "num_warps": 4, "num_stages": 2})
 
 
 # --- SQLite specifics --------------------------------------------------------------------------
@@ -398,18 +462,89 @@ def test_locked_database_is_unavailable_not_lost(sqlite_url: str, tmp_path: Path
     assert snapshot(sqlite_url) == before
 
 
-def test_invalid_stored_values_are_reported_as_corrupt(db_url: str) -> None:
-    with Store.open(db_url) as store:
-        populate(store)
-        with store._engine.begin() as conn:
-            conn.execute(text("UPDATE flashtune_winners SET block_m = 48 WHERE seq_len = 512"))
-    with pytest.raises(DatabaseCorruptError, match=r"row \d+ of flashtune_winners .*block_m=48"):
-        load_winners(["sm_90"], db_url)
-
-
 def test_tilde_in_a_sqlite_url_is_the_home_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     with Store.open("sqlite:///~/sub/ft.db") as store:
         store.start_run(RunInfo("GPU", "sm_90", 1, 1, "", "", "", "", "k", "h", {}))
     assert (tmp_path / "sub" / "ft.db").exists() and not (tmp_path / "~").exists()
+
+
+# --- paths that are not regular files, and runs that were killed -------------------------------
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_database_path_that_is_not_a_regular_file(kind: str, tmp_path: Path, fifo: Path) -> None:
+    path = {"fifo": fifo, "device": Path("/dev/zero"), "directory": tmp_path}[kind]
+    url = f"sqlite:///{path}"
+    calls = [lambda: Store.open(url), lambda: Store.open(url, create=False), lambda: migrate_database(url),
+             lambda: load_winners(["sm_90"], url)]
+    for call in calls:
+        with pytest.raises(DatabaseUnavailableError, match="not a regular file") as info:
+            finishes_within(10, call, unblock=fifo)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def _age(url: str, table: str, column: str, where: str, hours: float) -> None:
+    when = datetime.now(timezone.utc) - timedelta(hours=hours)
+    stamp = when.strftime("%Y-%m-%d %H:%M:%S.%f") + ("" if url.startswith("sqlite") else "+00:00")
+    execute_raw(url, f"UPDATE {table} SET {column} = :t WHERE {where}", {"t": stamp})
+
+
+def test_stale_runs_are_listed(db_url: str) -> None:
+    with Store.open(db_url) as store:
+        dead = store.start_run(run_info(host="dead"))
+        store.record_trial(dead, key(), CFG_A, "ok", median_ms=1.0)
+        idle = store.start_run(run_info(host="idle"))  # killed before its first trial
+        done = store.start_run(run_info(host="done"))
+        store.finish_run(done)
+        live = store.start_run(run_info(host="live"))
+        store.record_trial(live, key(), CFG_B, "ok", median_ms=1.0)
+    for run, hours in ((dead, 5), (idle, 3), (done, 9), (live, 4)):
+        _age(db_url, "flashtune_runs", "started_at", f"id = {run}", hours)
+    _age(db_url, "flashtune_trials", "created_at", f"run_id = {dead}", 2)  # live's trial is recent
+    with Store.open(db_url, create=False) as store:
+        stale = store.stale_runs()
+        assert [(r.run_id, r.host) for r in stale] == [(dead, "dead"), (idle, "idle")]
+        assert 1.9 < (datetime.now(timezone.utc) - stale[0].last_activity).total_seconds() / 3600 < 2.1
+        assert [r.run_id for r in store.stale_runs(timedelta(hours=2.5))] == [idle]
+        assert store.stale_runs(timedelta(days=1)) == []
+
+
+def test_doctor_warns_about_stale_runs(sqlite_url: str) -> None:
+    from flashtune.tuner.doctor import check_database
+
+    with Store.open(sqlite_url) as store:
+        run = store.start_run(run_info(gpu_name="NVIDIA H200", host="node-7"))
+    _age(sqlite_url, "flashtune_runs", "started_at", f"id = {run}", 3)
+    (finding,) = [f for f in check_database(sqlite_url, []) if f.topic == "stale run"]
+    assert finding.level == "warn"
+    assert f"run {run} (NVIDIA H200 on node-7" in finding.message and "probably killed" in finding.message
+
+
+def test_doctor_reports_unusable_urls_as_one_fail_line(tmp_path: Path, fifo: Path) -> None:
+    from flashtune.tuner.doctor import check_database
+
+    for url in ("mysql://u:s3cret@h/d", "not a url", "sqlite://", f"sqlite:///{fifo}", "sqlite:///~nobody-ft/x.db",
+                f"sqlite:////tmp/{'a' * 5000}.db"):
+        findings = finishes_within(10, lambda: list(check_database(url, [])), unblock=fifo)
+        assert [(f.level, f.topic) for f in findings] == [("fail", "database")], url
+        assert "\n" not in findings[0].message and "s3cret" not in findings[0].message
+
+
+# --- locks -------------------------------------------------------------------------------------
+
+def test_a_writer_waits_for_a_lock_held_briefly(sqlite_url: str, tmp_path: Path) -> None:
+    with Store.open(sqlite_url, timeout_s=10) as store:
+        holder = sqlite3.connect(tmp_path / "flashtune.db", isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(1.0, lambda: holder.execute("COMMIT"))
+        release.start()
+        try:
+            started = time.monotonic()
+            run = store.start_run(run_info())
+            assert time.monotonic() - started >= 0.8
+        finally:
+            release.join()
+            holder.close()
+        assert store.counts()["runs"] == 1 and run >= 1

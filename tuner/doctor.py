@@ -6,6 +6,7 @@ fresh machine with nothing tuned yet works, on default configs).
 from __future__ import annotations
 
 import platform
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -14,8 +15,11 @@ import torch
 import triton
 
 from ..db.arch import ARCH_SMEM
+from ..db.errors import one_line
 from ..db.paths import default_url, mask_url, sqlite_path
+from ..db.rows import DamagedRowWarning, damage_summary
 from ..db.store import Store, StoreError
+from ..db.text import printable
 from ..kernel.device import INTERPRET
 from ..kernel.version import KERNEL_VERSION
 
@@ -73,27 +77,43 @@ def check_gpus() -> tuple[list[GpuInfo], list[Finding]]:
 
 
 def check_database(url: str, archs: list[str]) -> Iterator[Finding]:
-    """Whether the database opens, its schema and counts, winners per arch and how many are stale."""
+    """Whether the database opens, its schema and counts, winners per arch and how many are stale,
+    damaged rows (fail: they are skipped wherever they are read), and runs that were killed."""
+    try:
+        path = sqlite_path(url)  # an unusable URL (one line naming it and what is accepted) fails here
+        missing = path is not None and not path.exists()
+    except (StoreError, OSError) as error:
+        yield Finding("fail", "database", one_line(error))
+        return
     where = mask_url(url)
-    path = sqlite_path(url)
-    if path is not None and not path.exists():
-        yield Finding("warn", "database", f"no database at {path} yet: nothing is tuned, every call uses "
+    if missing:
+        yield Finding("warn", "database", f"no database at {printable(path)} yet: nothing is tuned, every call uses "
                       "the default config (run `tune` to tune this GPU)")
         return
     try:
-        with Store.open(url, create=False) as store:
-            version, counts, winners = store.schema_version, store.counts(), store.winners()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DamagedRowWarning)  # reported below, as a finding
+            with Store.open(url, create=False) as store:
+                version, counts, winners = store.schema_version, store.counts(), store.winners()
+                stale_runs, damaged = store.stale_runs(), store.damaged_rows
     except StoreError as error:
-        yield Finding("fail", "database", " ".join(str(error).split()))
+        yield Finding("fail", "database", one_line(error))
         return
     yield Finding("ok", "database", f"{where}: schema version {version}, {counts['runs']} runs, "
                   f"{counts['trials']} trials, {counts['winners']} winners")
+    if damaged:
+        yield Finding("fail", "damaged rows", damage_summary(damaged, where))
+    for run in stale_runs:
+        yield Finding("warn", "stale run", f"run {run.run_id} ({printable(run.gpu_name)} on {printable(run.host)}, "
+                      f"started {run.started_at:%Y-%m-%d %H:%M} UTC) is still marked running but has recorded "
+                      f"nothing since {run.last_activity:%Y-%m-%d %H:%M} UTC: it was probably killed; its trials "
+                      "are kept and a new `tune` resumes them")
     per_arch = Counter(w.key.arch for w in winners)
     if per_arch:
         yield Finding("info", "winners", ", ".join(f"{a}: {n}" for a, n in sorted(per_arch.items())))
     stale = [w for w in winners if w.kernel_version != KERNEL_VERSION]
     if stale:
-        versions = ", ".join(sorted({w.kernel_version for w in stale}))
+        versions = ", ".join(sorted({printable(w.kernel_version) for w in stale}))
         yield Finding("warn", "stale winners", f"{len(stale)} of {len(winners)} winners were tuned with another "
                       f"kernel version ({versions}; now {KERNEL_VERSION}): they are still used if they fit; "
                       "re-tune to refresh them")
