@@ -1,15 +1,22 @@
 #!/usr/bin/env python
-"""Benchmark of the config database: the dispatcher's import-time read, and trial inserts.
+"""Benchmark of the config database: the dispatcher's import-time read, trial inserts, and imports.
 
     python bench/db_bench.py [--out bench/results] [--winners 10000] [--trials 1000000]
+                             [--import-winners 60000]
 
 Builds a SQLite database with 10,000 winners (spread over the 8 known archs) and 1,000,000
 trials with bulk inserts, then measures
 - `load_winners([arch])` for one arch, each time in a fresh Python process (what an app import
   pays; the process's import of `db.store` is reported apart), and in-process with a fresh Store;
-- `Store.record_trial` with one commit per trial, on that full database.
-Targets: load <= 50 ms, inserts >= 1,000 per second. Needs no GPU. Writes db_bench.json to --out
-and prints a table last.
+- `Store.record_trial` with one commit per trial, on that full database;
+- `flashtune import` of an exchange file of 60,000 winners (about 40 MB) into a fresh SQLite file,
+  each time in a fresh process timed from start to exit, with its peak resident memory (the
+  child's own high-water mark): into the empty database (every winner added), the same file again (every winner kept),
+  and a file of faster times (every winner replaced). During the first, a tuner stand-in in
+  another process records trials, one commit each: it must never be refused, and its slowest
+  commit shows how long the import held the write lock.
+Targets: load <= 50 ms, inserts >= 1,000 per second, the 60k import <= 10 s and < 500 MB with the
+tuner never refused. Needs no GPU. Writes db_bench.json to --out and prints a table last.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ from flashtune.db.types import DTYPES, HEAD_DIMS, OPS, Config, Key  # noqa: E402
 
 LOAD_TARGET_MS = 50.0
 INSERT_TARGET_PER_S = 1000.0
+IMPORT_TARGET_S = 10.0
+IMPORT_TARGET_MB = 500.0
 TRIAL_OUTCOMES = ("ok",) * 8 + ("out_of_resources", "compile_error")
 CANDIDATES = [Config(m, n, w, s) for m, n, w, s in
               ((128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 2, 1), (16, 16, 1, 1))]
@@ -53,6 +62,58 @@ t1 = time.perf_counter()
 winners = load_winners([sys.argv[2]], sys.argv[1])
 t2 = time.perf_counter()
 print(f"{(t1 - t0) * 1e3:.3f} {(t2 - t1) * 1e3:.3f} {len(winners)}")
+"""
+
+
+# `flashtune import` in a fresh process: the wall time from start to exit is what a user waits. Its
+# peak memory is the kernel's high-water mark of the process (VmHWM): on Linux, `ru_maxrss` of a
+# child also counts the parent's resident set at the moment it was spawned (the high-water mark of
+# the address space exec replaced), which here is the whole benchmark's.
+IMPORT_CHILD = r"""
+import json, resource, sys, time
+def peak_mb():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t0 = time.perf_counter()
+from flashtune.db import exchange
+from flashtune.db.store import Store
+t1 = time.perf_counter()
+winners = exchange.read_document(sys.argv[2])
+t2 = time.perf_counter()
+with Store.open(sys.argv[1]) as store:
+    report = exchange.merge(store, winners, policy=sys.argv[3])
+t3 = time.perf_counter()
+print(json.dumps({"import_modules_s": t1 - t0, "read_validate_s": t2 - t1, "merge_s": t3 - t2,
+                  "added": len(report.added), "replaced": len(report.replaced), "kept": len(report.kept),
+                  "peak_rss_mb": peak_mb()}))
+"""
+
+# A tuner stand-in: one trial per commit until the stop file appears; its slowest commit and count.
+WRITER_CHILD = r"""
+import json, os, sys, time
+from flashtune.db.store import RunInfo, Store, StoreError
+from flashtune.db.types import Config, Key
+url, stop = sys.argv[1], sys.argv[2]
+worst, count, error = 0.0, 0, None
+with Store.open(url) as store:
+    run = store.start_run(RunInfo("GPU sm_90", "sm_90", 132, 232448, "560", "12.6", "3.6.0", "2.11.0",
+                                  "bench-writer", "bench", {}))
+    key = Key("sm_90", "fwd", 999_424, 64, "float16", True)
+    print("ready", flush=True)
+    while not os.path.exists(stop):
+        t = time.perf_counter()
+        try:
+            store.record_trial(run, key, Config(64, 64, 4, 2), "ok", median_ms=1.0)
+        except StoreError as exc:
+            error = str(exc)
+            break
+        worst = max(worst, time.perf_counter() - t)
+        count += 1
+        time.sleep(0.005)
+print(json.dumps({"trials": count, "slowest_commit_s": worst, "refused": error}))
 """
 
 
@@ -127,6 +188,62 @@ def build(url: str, n_winners: int, n_trials: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, **counts}
 
 
+def import_document(n_winners: int, scale: float = 1.0) -> dict[str, Any]:
+    """An exchange document of `n_winners` distinct keys over the 8 archs (N in steps of 64, every
+    head dim, dtype, op and causal), each with the largest candidate config that fits."""
+    from flashtune.db import exchange
+    from flashtune.db.store import Winner
+
+    archs = list(ARCH_SMEM)
+    per_arch = -(-n_winners // len(archs))
+    measured = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    winners = []
+    for arch in archs:
+        combos = ((64 * (j + 1), op, d, dt, c) for j in itertools.count() for op in OPS for d in HEAD_DIMS
+                  for dt in DTYPES for c in (False, True))
+        for i, (n, op, d, dt, c) in enumerate(itertools.islice(combos, per_arch)):
+            key = Key(arch, op, n, d, dt, c)
+            winners.append(exchange.winner_to_dict(Winner(
+                key, config_for(key), scale * (0.01 + 1e-5 * i), 123.4, "bench-kernel", f"GPU {arch}", 132,
+                "560.35", "12.6", "3.6.0", "2.11.0", "bench-host", measured + timedelta(seconds=i), None)))
+    return {"format": "flashtune-winners", "format_version": 1, "exported_at": measured.isoformat(),
+            "producer": {"flashtune": "bench", "schema_version": 1, "python": platform.python_version(),
+                         "sqlalchemy": sqlalchemy.__version__, "pydantic": "2", "host": "bench"},
+            "filters": {}, "winners": winners[:n_winners]}
+
+
+def _run_import(url: str, path: Path, policy: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", IMPORT_CHILD, url, str(path), policy], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return {"seconds": time.perf_counter() - t0, **json.loads(out)}
+
+
+def time_import(directory: Path, n_winners: int) -> dict[str, Any]:
+    """The three imports of the docstring into a fresh SQLite file, the first with a writer alongside."""
+    url = f"sqlite:///{directory / 'import.db'}"
+    Store.open(url).close()
+    files = {}
+    for name, scale in (("first", 1.0), ("faster", 0.5)):
+        files[name] = directory / f"{name}.json"
+        files[name].write_text(json.dumps(import_document(n_winners, scale), indent=1))  # as `export` writes it
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    stop = directory / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_CHILD, url, str(stop)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    writer.stdout.readline()  # "ready": the writer holds its run and commits in a loop
+    first = _run_import(url, files["first"], "faster")
+    stop.touch()
+    concurrent = json.loads(writer.communicate(timeout=60)[0])
+    again = _run_import(url, files["first"], "faster")
+    faster = _run_import(url, files["faster"], "faster")
+    return {"winners": n_winners, "file_mb": files["first"].stat().st_size / 2**20,
+            "into_empty": first, "same_file_again": again, "all_faster": faster,
+            "writer_during_first": concurrent}
+
+
 def time_load_fresh_process(url: str, arch: str, repeat: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     imports, loads, count = [], [], 0
@@ -173,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="sm_90", help="the arch whose winners are loaded")
     parser.add_argument("--repeat", type=int, default=15, help="fresh processes for the load timing")
     parser.add_argument("--inserts", type=int, default=3000, help="single-commit trial inserts to time")
+    parser.add_argument("--import-winners", type=int, default=60_000, help="winners in the import benchmark's file")
     parser.add_argument("--db", type=Path, default=None, help="where to build the database (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -187,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = time_load_in_process(url, [args.arch], args.repeat * 2)
         every = time_load_in_process(url, list(ARCH_SMEM), max(3, args.repeat // 3))
         inserts = time_inserts(url, args.inserts)
+        imports = time_import(Path(tmp), args.import_winners)
 
     result = {
         "benchmark": "db", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -198,9 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_one_arch_in_process": {"arch": args.arch, **warm},
         "load_all_archs_in_process": every,
         "trial_inserts_single_commit": inserts,
-        "targets": {"load_ms": LOAD_TARGET_MS, "inserts_per_s": INSERT_TARGET_PER_S},
+        "import": imports,
+        "targets": {"load_ms": LOAD_TARGET_MS, "inserts_per_s": INSERT_TARGET_PER_S,
+                    "import_s": IMPORT_TARGET_S, "import_peak_mb": IMPORT_TARGET_MB},
         "pass": {"load": fresh["median_ms"] <= LOAD_TARGET_MS,
-                 "inserts": inserts["per_second"] >= INSERT_TARGET_PER_S},
+                 "inserts": inserts["per_second"] >= INSERT_TARGET_PER_S,
+                 "import": all(imports[k]["seconds"] <= IMPORT_TARGET_S and imports[k]["peak_rss_mb"] < IMPORT_TARGET_MB
+                               for k in ("into_empty", "same_file_again", "all_faster"))
+                 and imports["writer_during_first"]["refused"] is None},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out_file = args.out / "db_bench.json"
@@ -219,6 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         ("record_trial, one commit each", f"{inserts['per_second']:.0f} trials/s "
                                           f"({inserts['ms_per_trial']:.2f} ms each)",
          f"target >= {INSERT_TARGET_PER_S:.0f}/s: {'PASS' if result['pass']['inserts'] else 'FAIL'}"),
+        *((f"import {imports['winners']:,} winners ({name})",
+           f"{imports[part]['seconds']:.1f} s, peak {imports[part]['peak_rss_mb']:.0f} MB "
+           f"(read+validate {imports[part]['read_validate_s']:.1f} s, merge {imports[part]['merge_s']:.1f} s)",
+           f"target <= {IMPORT_TARGET_S:.0f} s, < {IMPORT_TARGET_MB:.0f} MB")
+          for part, name in (("into_empty", "all added"), ("same_file_again", "all kept"),
+                             ("all_faster", "all replaced"))),
+        ("tuner writing during the first import",
+         f"{imports['writer_during_first']['trials']} trials, slowest commit "
+         f"{imports['writer_during_first']['slowest_commit_s'] * 1e3:.0f} ms, "
+         f"refused: {imports['writer_during_first']['refused'] or 'never'}",
+         f"import: {'PASS' if result['pass']['import'] else 'FAIL'}"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"results: {out_file}")
