@@ -62,11 +62,13 @@ def main() -> None:
     scratch_path.unlink(missing_ok=True)
     started = time.monotonic()
     with tuning_session(f"sqlite:///{scratch_path}", {"exhaustive": args.keys}, gpu=gpu,
-                        compile_threads=args.threads) as session:
-        # No pruning (prune_ratio huge); the tuner's winner plays the "default" so it is timed carefully.
+                        compile_threads=args.threads, kernel_only=True) as session:
+        # No pruning (prune_ratio huge); the tuner's kernel config plays the "default" so it is timed
+        # carefully; the exhaustive best must beat it by more than the pass's noise to count.
         results = session.tune(
             keys, space=lambda k: candidates(k.head_dim, k.dtype, gpu.smem_limit, arch=gpu.arch, cost_rules=False),
-            default=lambda k: winners[k].config, settings=TuneSettings(prune_ratio=1e9, careful_top=args.careful_top))
+            default=lambda k: winners[k].kernel_config or winners[k].config,
+            settings=TuneSettings(prune_ratio=1e9, careful_top=args.careful_top))
         trials = session.store.trials()
         restarts = session.bench.restarts
     rows = []

@@ -112,3 +112,37 @@ def test_careful_timing_interleaves_the_candidates():
     assert len(times) == 3 and all(t >= 0 for t in times)
     assert order[:3] == ["a", "b", "c"]  # warm-ups
     assert order[3:] == ["a", "b", "c"] * 3  # repetitions round-robin, so clock drift hits all alike
+
+
+def test_gqa_key_validates_and_times_a_kernel_config_at_its_bucket(kernel_device):
+    from flashtune.tuner.bench import KeyInputs, split_heads
+
+    key = Key("sm_90", "fwd", 16, 16, "float16", True, batch_heads=8, group=2)
+    inputs = KeyInputs.build(key, 8, kernel_device)
+    assert inputs.q.shape[:2] == (1, 8) and inputs.k.shape[:2] == (1, 4) == inputs.v.shape[:2]  # real GQA
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2))
+    [m] = list(bench.measure(key, 8, SMALL[:1], careful=False))
+    assert m.outcome == "ok" and m.median_ms > 0
+    # The careful pass times its first config twice, interleaved: the noise of that pass.
+    first, second = bench.measure(key, 8, SMALL, careful=True)
+    assert first.outcome == second.outcome == "ok" and first.noise is not None and second.noise is None
+    # B·Hq split: Hq a multiple of the group, 16 when the bucket allows (one compile for all buckets).
+    assert split_heads(256, 1) == (16, 16) and split_heads(256, 4) == (16, 16) and split_heads(4, 1) == (1, 4)
+    assert split_heads(64, 3) == (7, 9) and split_heads(2, 8) == (1, 8)
+
+
+def test_sdpa_provider_configs_run_on_the_cpu_or_are_refused_trials(kernel_device):
+    from flashtune.kernel.sdpa import provider_config
+
+    if kernel_device != "cpu":
+        pytest.skip("checks torch SDPA's CPU backends")
+    key = Key("sm_90", "fwd", 16, 16, "float16", False, batch_heads=4, group=2)
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2))
+    configs = [provider_config(p) for p in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")]
+    got = {m.config.extra_dict["provider"]: m for m in bench.measure(key, 4, configs, careful=True)}
+    # torch's CPU build has a flash implementation (GQA through enable_gqa), validated like any config;
+    # cuDNN and efficient refuse on the CPU: compile_error trials naming the backend.
+    assert got["sdpa_flash"].outcome == "ok" and got["sdpa_flash"].median_ms > 0
+    for name in ("sdpa_cudnn", "sdpa_efficient"):
+        assert got[name].outcome == "compile_error" and got[name].median_ms is None
+        assert f"torch SDPA {name}" in got[name].error or f"torch refused the {name} backend" in got[name].error

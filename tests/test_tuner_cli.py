@@ -16,7 +16,10 @@ import torch
 from click.testing import CliRunner
 
 import flashtune.tuner.gpu
+from db_fixtures import pg_url  # noqa: F401  (a fixture: PostgreSQL when FLASHTUNE_TEST_PG_URL is set)
+
 from flashtune.db.store import Store
+from flashtune.db.types import Key
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
 
@@ -49,7 +52,10 @@ def dry(arch: str) -> dict:
 def test_dry_run_lists_only_configs_that_fit_and_sm90_keeps_more():
     sm86, sm90 = dry("sm_86"), dry("sm_90")
     assert sm86["smem_limit"] == 99 * 1024 and sm90["smem_limit"] == 227 * 1024
-    assert sm86["keys"] == 6 * 2 * 2 * 2
+    assert sm86["keys"] == 6 * 2 * 2 * 2 * 3  # N × D × dtype × causal × the default buckets 16, 64, 256
+    assert sm86["providers"] == ["m16-n16-w1-s1+{\"provider\":\"sdpa_cudnn\"}",
+                                 "m16-n16-w1-s1+{\"provider\":\"sdpa_flash\"}",
+                                 "m16-n16-w1-s1+{\"provider\":\"sdpa_efficient\"}"]
     for small, big in zip(sm86["groups"], sm90["groups"]):
         assert small["configs"] and all(c["smem"] <= 99 * 1024 for c in small["configs"])
         assert any(c["smem"] > 99 * 1024 for c in big["configs"])
@@ -74,7 +80,12 @@ def test_dry_run_table_for_people():
     (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
     (["--budget", "0"], "--budget: duration '0' must be above zero"),
     (["--budget", "-1m"], "--budget: duration '-1m' must be above zero"),
-    (["--batch-heads", "0"], "--batch-heads: '0' is out of range: expected a whole number from 1 to 2147483647"),
+    (["--batch-heads", "0"], "--batch-heads: bad B·Hq bucket '0': buckets must be at least 1"),
+    (["--batch-heads", "16..256:16"], "--batch-heads: 48 is not a bucket: B·Hq buckets are powers of two"),
+    (["--batch-heads", "x"], "--batch-heads: malformed B·Hq buckets 'x'"),
+    (["--group", "0"], "--group: '0' is out of range: expected a whole number from 1 to 65536"),
+    (["--group", "2,x"], "--group: expected a whole number from 1 to 65536, got 'x'"),
+    (["--group", "32", "--batch-heads", "16"], "--group: every group (32) is larger than every B·Hq bucket (16)"),
     (["--compile-threads", "x"], "--compile-threads: expected a whole number"),
     (["--trial-timeout", "1e400s"], "--trial-timeout: malformed duration"),
     (["--trial-timeout", "9" * 400 + "s"], "--trial-timeout: duration '999999999999999999999999...' is longer than a year"),
@@ -136,10 +147,14 @@ def test_tune_through_the_real_worker_stores_the_winner_and_resumes(stand_in_gpu
     summary = json.loads(first.stdout)
     assert summary["status"] == "done" and summary["worker_restarts"] == 0
     [key] = summary["keys"]
-    assert key["key"] == "sm_80/fwd/N=16/D=16/float32/full" and key["complete"] and key["winner_stored"]
-    assert key["new_trials"] >= 2 and key["outcomes"] == {"ok": key["new_trials"]}  # the interpreter's results are right
+    assert key["key"] == "sm_80/fwd/N=16/D=16/float32/full/BH=1" and key["complete"] and key["winner_stored"]
+    assert key["batch_heads"] == 1 and key["group"] == 1
+    # The kernel configs and torch SDPA's backends: on the CPU only the flash backend runs (cuDNN and
+    # efficient refuse: compile_error trials); the interpreter's results are right.
+    assert key["new_trials"] >= 5 and key["outcomes"] == {"ok": key["new_trials"] - 2, "compile_error": 2}
     assert key["median_ms"] > 0 and key["speedup"] >= 1.0
-    assert "[1/1] sm_80/fwd/N=16/D=16/float32/full" in first.stderr and "ETA" in first.stderr  # log progress
+    assert key["provider"] in ("kernel", "sdpa_flash") and key["kernel_config"] is not None
+    assert "[1/1] sm_80/fwd/N=16/D=16/float32/full/BH=1" in first.stderr and "ETA" in first.stderr  # log progress
     with Store.open(url, create=False) as store:
         [winner] = store.winners("sm_80")
         assert str(winner.config) == key["winner"] and winner.gpu_name == STAND_IN.name
@@ -154,4 +169,57 @@ def test_tune_through_the_real_worker_stores_the_winner_and_resumes(stand_in_gpu
         assert len(store.trials()) == len(trials)
     table = run(*TINY, "--db", url)
     assert table.exit_code == 0
-    assert "geomean speed-up over the default config: " in table.stdout and key["winner"] in table.stdout
+    shown = "default" if key["default_won"] else key["winner"] if key["provider"] == "kernel" else key["provider"]
+    assert "geomean speed-up over the default config: " in table.stdout and shown in table.stdout
+
+
+def test_kernel_only_times_no_sdpa_backend(stand_in_gpu, tmp_path):
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    result = CliRunner().invoke(main, ["tune", *TINY, "--kernel-only", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    [key] = json.loads(result.stdout)["keys"]
+    assert key["provider"] == "kernel" and key["outcomes"] == {"ok": key["new_trials"]}
+    with Store.open(url, create=False) as store:
+        assert all("provider" not in t.config.extra_dict for t in store.trials())
+
+
+def record(url: str, counts: dict) -> None:
+    with Store.open(url) as store:
+        store.add_recorded(counts)
+
+
+def tiny_key(arch: str = "sm_80", bh: int = 1, n: int = 16) -> Key:
+    return Key(arch, "fwd", n, 16, "float32", False, batch_heads=bh)
+
+
+def test_recorded_dry_run_plans_the_recorded_keys_without_a_gpu(tmp_path):
+    url = f"sqlite:///{tmp_path / 'rec.db'}"
+    gqa = Key("sm_90", "fwd", 4096, 128, "bfloat16", True, batch_heads=32, group=4)
+    record(url, {gqa: 5, Key("sm_90", "fwd", 1024, 64, "float16", False, batch_heads=256): 40,
+                 tiny_key("sm_80"): 100})
+    result = run("--recorded", "--dry-run", "--arch", "sm_90", "--db", url, "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert [r["key"] for r in plan["recorded"]] == ["sm_90/fwd/N=1024/D=64/float16/full/BH=256", str(gqa)]
+    assert plan["recorded"][1]["batch_heads"] == 32 and plan["recorded"][1]["group"] == 4
+    assert all(r["kernel_configs"] > 0 and r["providers"] == 3 for r in plan["recorded"])
+    assert "skipping 1 recorded key(s) not for sm_90 fwd: sm_80/" in result.stderr
+    one_line_error(run("--recorded", "--dry-run", "--db", url), "--recorded --dry-run: give --arch")
+    one_line_error(run("--recorded", "--dry-run", "--arch", "sm_86", "--db", url),
+                   "--recorded: no recorded sm_86 fwd keys")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_tune_recorded_tunes_exactly_the_recorded_keys_most_called_first(stand_in_gpu, tmp_path, request, backend):
+    url = f"sqlite:///{tmp_path / 'rec.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    record(url, {tiny_key(bh=1): 3, tiny_key(bh=2): 9, tiny_key("sm_90", bh=2): 50})
+    result = CliRunner().invoke(main, ["tune", "--recorded", "--kernel-only", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # The most-called first; the sm_90 key is not for this GPU: skipped with a note.
+    assert [k["key"] for k in summary["keys"]] == [str(tiny_key(bh=2)), str(tiny_key(bh=1))]
+    assert [k["bench_batch_heads"] for k in summary["keys"]] == [2, 1]
+    assert summary["keys"][1]["narrowed"]  # the sibling bucket timed the first one's top configs
+    assert "skipping 1 recorded key(s) not for sm_80 fwd" in result.stderr
+    with Store.open(url, create=False) as store:
+        assert {w.key for w in store.winners("sm_80")} == {tiny_key(bh=1), tiny_key(bh=2)}

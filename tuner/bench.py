@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..db.types import Config, Key
+from ..kernel.sdpa import KERNEL, is_refusal, provider_of, run_sdpa
 from ..kernel.reference import attention_flops as shape_flops, fp32_reference, output_errors, tflops as rate
 from ..kernel.dtypes import TORCH_DTYPES
 from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
@@ -61,14 +62,34 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return output_errors(out, ref)[1]
 
 
-def _split(batch_heads: int) -> tuple[int, int]:
-    heads = math.gcd(batch_heads, 16)
-    return batch_heads // heads, heads
+HEADS = 16  # query heads of the benchmark inputs when B·Hq allows: one Hq for every bucket shares compiles
+
+
+def split_heads(batch_heads: int, group: int = 1) -> tuple[int, int]:
+    """(B, Hq) for benchmark inputs of `batch_heads` = B·Hq with Hq a multiple of `group`.
+
+    B·Hq is exact whenever Hq can divide it, else as near as possible in log2 (a group of 3 and a
+    bucket of 64: 7 × 9 = 63). Among equally near splits the one with Hq nearest HEADS wins, so
+    that buckets share one Hq and hence one compiled kernel (Triton specialises on head counts).
+    """
+    if batch_heads < 1 or group < 1:
+        raise ValueError(f"batch_heads and group must be positive, got {batch_heads} and {group}")
+    target = group * max(1, round(HEADS / group))
+    best: tuple[float, int, int, int] | None = None
+    for heads in range(group, max(target, group) + 1, group):
+        batch = max(1, round(batch_heads / heads))
+        score = (abs(math.log2(batch * heads / batch_heads)), abs(heads - target), batch, heads)
+        best = score if best is None or score[:2] < best[:2] else best
+    assert best is not None
+    return best[2], best[3]
 
 
 @dataclass
 class KeyInputs:
-    """Random inputs of a key's shape on the bench device, and the torch SDPA (math, fp32) reference."""
+    """Random inputs of a key's shape on the bench device, and the torch SDPA (math, fp32) reference.
+
+    B·Hq is `batch_heads`, split by `split_heads`; k and v have Hq / key.group heads (real GQA inputs).
+    """
 
     key: Key
     batch_heads: int
@@ -82,20 +103,29 @@ class KeyInputs:
     @classmethod
     def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KeyInputs":
         """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key."""
-        batch, heads = _split(batch_heads)
+        batch, heads = split_heads(batch_heads, key.group)
         gen = torch.Generator(device=device).manual_seed(seed)
         dtype = TORCH_DTYPES[key.dtype]
 
-        def draw(n: int) -> torch.Tensor:
-            return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+        def draw(h: int, n: int) -> torch.Tensor:
+            return torch.randn(batch, h, n, key.head_dim, generator=gen, device=device, dtype=dtype)
 
-        q, k, v = draw(key.seq_len), draw(key.seq_len_kv), draw(key.seq_len_kv)
+        kv_heads = heads // key.group
+        q, k, v = draw(heads, key.seq_len), draw(kv_heads, key.seq_len_kv), draw(kv_heads, key.seq_len_kv)
         scale = 1.0 / math.sqrt(key.head_dim)  # fp32_reference uses SDPA's default, the same
-        ref = fp32_reference(q, k, v, key.causal)
+        # The reference has no GQA: each K/V head serves `group` consecutive query heads (the kernel's
+        # and SDPA's enable_gqa mapping), so repeat them up to Hq for it.
+        rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
+        ref = fp32_reference(q, rk, rv, key.causal)
+        del rk, rv
         return cls(key, batch_heads, q, k, v, check_inputs(q, k, v), scale, ref)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """One launch with `config`; returns (output, Triton's compiled kernel or None)."""
+        """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
+        SDPA `provider` runs torch SDPA pinned to that backend (it allocates its own output)."""
+        provider = provider_of(config)
+        if provider != KERNEL:
+            return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
         o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
                                 config=config, out=out)
         return o, compiled
@@ -137,7 +167,8 @@ class LocalBench:
     def measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
                 careful: bool) -> Iterator[Measurement]:
         """Compile, validate and time `configs`. The first pass times each config as it comes; the
-        careful pass times all valid configs together, repetitions interleaved (see median_ms_each)."""
+        careful pass times all valid configs together, repetitions interleaved (see median_ms_each),
+        the first one twice: its Measurement carries the pass's `noise`."""
         inputs = self._inputs_for(key, batch_heads)
         warmup, reps = self.careful if careful else self.quick
         ready: list[tuple[Config, float]] = []
@@ -151,9 +182,13 @@ class LocalBench:
                 [ms] = self._time(inputs, [config], warmup, reps)
                 yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
         if ready:
-            times = self._time(inputs, [c for c, _ in ready], warmup, reps)
-            for (config, compile_s), ms in zip(ready, times):
-                yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
+            # The first config (the loop puts the default there) is timed twice, as two interleaved
+            # entries: how far apart its two medians land is the noise of this very pass.
+            configs = [c for c, _ in ready]
+            times = self._time(inputs, [*configs, configs[0]], warmup, reps)
+            noise = abs(times[0] - times[-1]) / min(times[0], times[-1]) if min(times[0], times[-1]) > 0 else None
+            for i, ((config, compile_s), ms) in enumerate(zip(ready, times)):
+                yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s, noise=noise if i == 0 else None)
 
     def _first_launches(self, inputs: KeyInputs, configs: Sequence[Config]
                         ) -> Iterator[tuple[Config, torch.Tensor | None, float, BaseException | None]]:
@@ -187,6 +222,11 @@ class LocalBench:
                error: BaseException | None) -> Measurement | None:
         """The failed measurement of a config whose first launch failed or was wrong; None if it is good."""
         text = trial_error_text(error) if error is not None else None
+        provider = provider_of(config)
+        if error is not None and provider != KERNEL:
+            # An SDPA backend that declines these inputs (head dim, dtype, device) is no candidate here.
+            why = f"torch refused the {provider} backend" if is_refusal(error) else f"torch SDPA {provider} failed"
+            text = f"{why}: {text}"
         if error is not None or out is None:
             outcome = classify_compile_error(error) if error is not None else "compile_error"
             if outcome == "crashed" and error is not None:

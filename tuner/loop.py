@@ -1,12 +1,22 @@
-"""The tuning loop: for each key, find the fastest correct config and store every trial and the winner.
+"""The tuning loop: for each key, find the fastest correct candidate and store every trial and the winner.
 
 Modelled on Triton's runtime/autotuner.py (prune, bench each config, keep the fastest), with what a
 persistent, resumable tuner adds:
 
-- candidates come from tuner.space (pruned before anything compiles) plus the key's default config,
-  ordered so that the winner of the neighbouring N (and then the default) is timed first;
-- a short first pass times every candidate with a few repetitions and drops each config slower than
-  `prune_ratio` times the best so far; the fastest survivors are then timed carefully;
+- candidates are the key's kernel configs from tuner.space (pruned before anything compiles: the
+  pointer kernel's space and the other variants' configs) plus the key's default config, ordered so
+  that the winner of the neighbouring N (and then the default) is timed first; plus one config per
+  torch SDPA backend (`providers`), which skips the first pass: it has no tiles to prune;
+- a key whose sibling (the same key but for its B·Hq bucket) was tuned earlier in the run times
+  only that sibling's fastest few kernel configs (`TuneSettings.sibling_top`), the default and the
+  providers: buckets move the best tile a little, not across the whole space;
+- a short first pass times every kernel candidate with a few repetitions and drops each config
+  slower than `prune_ratio` times the best so far; the fastest survivors, the default and the
+  providers are then timed carefully, together, the default first and twice (its two medians give
+  the pass's noise);
+- never slower than the default: a candidate wins only if it beats the default by more than the
+  noise (at least `noise_floor`); otherwise the default is the stored winner. The stored kernel
+  config (the dispatcher's fallback when an SDPA backend won) follows the same rule;
 - every trial is stored (one commit each) as soon as its final measurement is known, so an
   interrupted run loses at most the survivors of the key in flight; a second run skips every
   config already stored for the same key, kernel version and GPU;
@@ -14,6 +24,7 @@ persistent, resumable tuner adds:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +32,8 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from ..db.store import Store, TrialRecord, Winner
 from ..db.types import Config, Key
+
+from ..kernel.sdpa import provider_of
 
 from .bench import tflops
 from .measure import Bench, Measurement
@@ -34,6 +47,10 @@ class TuneSettings:
     prune_ratio: float = 1.3  # first pass: drop configs slower than this times the best so far
     careful_top: int = 6  # how many of the fastest survivors get the careful timing
     budget_s: float | None = None  # stop after the trial in flight once this much time has passed
+    # The least relative margin by which a candidate must beat the default (and the floor under the
+    # measured noise): two careful medians of one config on an H200 differ by up to ~1 %.
+    noise_floor: float = 0.01
+    sibling_top: int = 8  # kernel configs of an earlier sibling bucket's ranking a key times
 
     def __post_init__(self) -> None:
         if not self.prune_ratio > 1.0:
@@ -42,6 +59,10 @@ class TuneSettings:
             raise ValueError(f"careful_top must be at least 1, got {self.careful_top!r}")
         if self.budget_s is not None and not self.budget_s > 0:
             raise ValueError(f"budget must be above zero seconds, got {self.budget_s!r}")
+        if not 0 <= self.noise_floor < 1:
+            raise ValueError(f"noise_floor must be from 0 to below 1, got {self.noise_floor!r}")
+        if self.sibling_top < 1:
+            raise ValueError(f"sibling_top must be at least 1, got {self.sibling_top!r}")
 
 
 @dataclass
@@ -53,6 +74,9 @@ class KeyResult:
     default_config: Config
     winner: TrialRecord | None = None
     default_ms: float | None = None
+    kernel_config: Config | None = None  # the best kernel config (the winner's, unless a provider won)
+    noise: float | None = None  # the relative noise the winner had to beat the default by
+    narrowed: bool = False  # timed a sibling bucket's top kernel configs only
     new_trials: int = 0
     skipped: int = 0  # configs already stored by an earlier run
     complete: bool = False
@@ -65,6 +89,11 @@ class KeyResult:
         if self.winner is None or self.winner.median_ms is None or self.default_ms is None:
             return None
         return self.default_ms / self.winner.median_ms
+
+    @property
+    def provider(self) -> str | None:
+        """Which implementation won: "kernel" or an SDPA provider; None without a winner."""
+        return None if self.winner is None else provider_of(self.winner.config)
 
 
 class Progress(Protocol):
@@ -91,31 +120,45 @@ class _NoProgress:
 
 
 def tuning_order(keys: Iterable[Key]) -> list[Key]:
-    """Keys grouped by everything but N, N ascending: neighbours seed each other and share compiles."""
-    return sorted(dict.fromkeys(keys), key=lambda k: (k.arch, k.op, k.head_dim, k.dtype, k.causal,
-                                                       k.seq_len, k.seq_len_kv))
+    """Keys grouped by everything but N and the bucket, N ascending, then the buckets of one N
+    ascending: neighbours seed each other, siblings share a ranking, compiles are shared."""
+    return sorted(dict.fromkeys(keys), key=lambda k: (k.arch, k.op, k.head_dim, k.dtype, k.causal, k.group,
+                                                       k.seq_len, k.seq_len_kv, k.batch_heads))
 
 
 def _same_group(a: Key, b: Key) -> bool:
-    return (a.arch, a.op, a.head_dim, a.dtype, a.causal) == (b.arch, b.op, b.head_dim, b.dtype, b.causal)
+    return (a.arch, a.op, a.head_dim, a.dtype, a.causal, a.group) == (b.arch, b.op, b.head_dim, b.dtype, b.causal,
+                                                                      b.group)
+
+
+def sibling_class(key: Key) -> Key:
+    """What keys that differ only in their B·Hq bucket have in common (the key with bucket 0)."""
+    return dataclasses.replace(key, batch_heads=0)
 
 
 class Tuner:
-    """Runs the loop for a list of keys against a Bench and a Store."""
+    """Runs the loop for a list of keys against a Bench and a Store.
+
+    `space(key)`: the kernel configs; `default(key)`: the default config; `providers(key)`: the SDPA
+    provider configs (none with --kernel-only); `batch_heads(key)`: B·Hq of the benchmark inputs.
+    """
 
     def __init__(self, store: Store, run_id: int, bench: Bench, *, kernel_version: str, gpu_name: str,
                  space: Callable[[Key], Sequence[Config]], default: Callable[[Key], Config],
-                 batch_heads: Callable[[Key], int], settings: TuneSettings = TuneSettings(),
-                 progress: Progress | None = None, should_stop: Callable[[], bool] = lambda: False,
+                 batch_heads: Callable[[Key], int], providers: Callable[[Key], Sequence[Config]] = lambda k: (),
+                 settings: TuneSettings = TuneSettings(), progress: Progress | None = None,
+                 should_stop: Callable[[], bool] = lambda: False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.run_id, self.bench = store, run_id, bench
         self.kernel_version, self.gpu_name = kernel_version, gpu_name
         self.space, self.default, self.batch_heads = space, default, batch_heads
+        self.providers = providers
         self.settings = settings
         self.progress = progress or _NoProgress()
         self._should_stop = should_stop
         self._clock = clock
         self._started = clock()
+        self._rankings: dict[Key, list[Config]] = {}  # sibling class -> ok kernel configs, fastest first
         self.stop_reason: str | None = None  # 'interrupted' | 'budget' once the loop stopped early
 
     def _stop(self) -> bool:
@@ -130,21 +173,40 @@ class Tuner:
         rows = self.store.trials(key, kernel_version=self.kernel_version, gpu_name=self.gpu_name)
         return {t.config: t for t in rows}
 
-    def _candidates(self, key: Key, seeds: Sequence[Config]) -> list[Config]:
-        configs = list(dict.fromkeys([*self.space(key), self.default(key)]))
-        return seeded_order(configs, [*seeds, self.default(key)])
+    def _candidates(self, key: Key, seeds: Sequence[Config],
+                    ranking: Sequence[Config] | None) -> tuple[list[Config], list[Config]]:
+        """(kernel configs in timing order, provider configs). With a sibling's `ranking`, only its
+        fastest `sibling_top` kernel configs and the default."""
+        default = self.default(key)
+        if ranking is not None:
+            kernel = list(dict.fromkeys([*ranking[:self.settings.sibling_top], default]))
+        else:
+            kernel = list(dict.fromkeys([*self.space(key), default]))
+        taken = set(kernel)
+        providers = [p for p in dict.fromkeys(self.providers(key)) if p not in taken]
+        return seeded_order(kernel, [*seeds, default]), providers
 
     def plan_counts(self, keys: Sequence[Key]) -> int:
         """Trials the run expects to measure (first pass plus careful), for the progress bar."""
         total = 0
+        seen: set[Key] = set(self._rankings)
         for key in keys:
-            todo = len(set(self._candidates(key, [])) - set(self._stored(key)))
+            sibling = sibling_class(key)
+            ranking = [self.default(key)] * self.settings.sibling_top if sibling in seen else None
+            seen.add(sibling)
+            kernel, providers = self._candidates(key, [], None)
+            stored = set(self._stored(key))
+            todo = len(set(kernel) - stored)
+            if ranking is not None:
+                todo = min(todo, self.settings.sibling_top + 1)
             total += todo + (min(self.settings.careful_top + 1, todo) if todo else 0)
+            total += len(set(providers) - stored)
         return total
 
-    def run(self, keys: Iterable[Key]) -> list[KeyResult]:
-        """Tune `keys` in tuning order; returns one result per key reached (all of them unless stopped)."""
-        ordered = tuning_order(keys)
+    def run(self, keys: Iterable[Key], *, keep_order: bool = False) -> list[KeyResult]:
+        """Tune `keys` in tuning order (or in the order given, with `keep_order`: `tune --recorded`
+        tunes the most-called first); returns one result per key reached (all of them unless stopped)."""
+        ordered = list(dict.fromkeys(keys)) if keep_order else tuning_order(keys)
         self.progress.start(self.plan_counts(ordered))
         results: list[KeyResult] = []
         previous: KeyResult | None = None
@@ -153,8 +215,10 @@ class Tuner:
                 if self._stop():
                     break
                 seeds = []
-                if previous is not None and previous.winner is not None and _same_group(previous.key, key):
-                    seeds.append(previous.winner.config)
+                if previous is not None and _same_group(previous.key, key):
+                    best = previous.kernel_config or (previous.winner.config if previous.winner else None)
+                    if best is not None:
+                        seeds.append(best)
                 result = self._tune_key(key, seeds)
                 results.append(result)
                 self.progress.key_done(result)
@@ -177,18 +241,23 @@ class Tuner:
         bh = self.batch_heads(key)
         result = KeyResult(key, bh, self.default(key))
         stored = self._stored(key)
-        candidates = self._candidates(key, seeds)
-        todo = [c for c in candidates if c not in stored]
-        result.skipped = len(candidates) - len(todo)
-        if not todo and self._winner(key) is not None:
+        ranking = self._rankings.get(sibling_class(key))
+        result.narrowed = ranking is not None
+        kernel, providers = self._candidates(key, seeds, ranking)
+        todo = [c for c in kernel if c not in stored]
+        todo_providers = [p for p in providers if p not in stored]
+        result.skipped = len(kernel) + len(providers) - len(todo) - len(todo_providers)
+        if not todo and not todo_providers and self._winner(key) is not None:
             return self._finish_key(result, stored, timed=None, finished=True)  # an earlier run did it all
         # First-pass times of an earlier, interrupted run of this key compete with this run's.
-        quick = {c: t.median_ms for c, t in stored.items() if t.outcome == "ok" and t.median_ms}
+        provider_set = set(providers)
+        quick = {c: t.median_ms for c, t in stored.items()
+                 if t.outcome == "ok" and t.median_ms and c not in provider_set}
         best = min(quick.values(), default=math.inf)
         cutoff = self.settings.prune_ratio
         survivors: dict[Config, Measurement] = {}
 
-        # First pass: a few repetitions each; far slower than the best so far is final.
+        # First pass (kernel configs only): a few repetitions each; far slower than the best so far is final.
         for m in self.bench.measure(key, bh, todo, careful=False):
             self.progress.advance(key)
             ok = m.outcome == "ok" and m.median_ms is not None
@@ -202,19 +271,25 @@ class Tuner:
             if self._stop():
                 return self._finish_key(result, stored, timed=None, finished=False)
 
-        # The fastest few get a careful timing, all together, and so does the default so that the
-        # speed-up compares like with like; the other survivors keep their first-pass time.
+        # The fastest few get a careful timing, all together, with the default (first: the bench
+        # times the first config twice for the noise) and the SDPA providers (not yet failed), so
+        # that every comparison is between times taken side by side; the other survivors keep
+        # their first-pass time.
         ranked = sorted(quick, key=lambda c: (quick[c], str(c)))
         careful = [c for c in ranked if quick[c] <= cutoff * best][:self.settings.careful_top]
-        if result.default_config in quick and result.default_config not in careful:
-            careful.append(result.default_config)
+        if result.default_config in quick:
+            careful = [result.default_config, *(c for c in careful if c != result.default_config)]
+        careful += [p for p in providers if p not in stored or stored[p].outcome == "ok"]
         for config, m in survivors.items():
             if config not in careful:
                 self._record(key, bh, m, result, stored)
         timed: list[TrialRecord] = []
+        noise: float | None = None
         for m in self.bench.measure(key, bh, careful, careful=True):
             self.progress.advance(key)
             timed.append(self._record(key, bh, m, result, stored))
+            noise = m.noise if m.noise is not None else noise
+        result.noise = max(self.settings.noise_floor, noise or 0.0)
         if self._stop() and len(timed) < len(careful):
             return self._finish_key(result, stored, timed=None, finished=False)
         return self._finish_key(result, stored, timed=timed, finished=True)
@@ -227,6 +302,16 @@ class Tuner:
                                                    causal=key.causal)
                      if w.key == key and w.kernel_version == self.kernel_version), None)
 
+    def _remember_ranking(self, result: KeyResult, stored: dict[Config, TrialRecord]) -> None:
+        """The key's ok kernel configs, fastest first, for its later sibling buckets (from a full
+        candidate list only: a narrowed key's ranking is a subset of its sibling's)."""
+        sibling = sibling_class(result.key)
+        if result.narrowed or sibling in self._rankings:
+            return
+        ok = [t for c, t in stored.items() if t.outcome == "ok" and t.median_ms and provider_of(c) == "kernel"]
+        if ok:
+            self._rankings[sibling] = [t.config for t in sorted(ok, key=lambda t: (t.median_ms, str(t.config)))]
+
     def _finish_key(self, result: KeyResult, stored: dict[Config, TrialRecord], *,
                     timed: list[TrialRecord] | None, finished: bool) -> KeyResult:
         """Close a key. `timed`: this run's careful trials, from which alone a winner is named (their
@@ -235,15 +320,36 @@ class Tuner:
         default = stored.get(result.default_config)
         if default is not None and default.outcome == "ok":
             result.default_ms = default.median_ms
+        if finished:
+            self._remember_ranking(result, stored)
         if timed is not None:
             ok = [t for t in timed if t.outcome == "ok" and t.median_ms is not None]
             result.complete = True
-            if ok:
-                result.winner = min(ok, key=lambda t: (t.median_ms, t.id))
-                result.winner_stored = self.store.offer_winner(result.winner)
+            noise = result.noise if result.noise is not None else self.settings.noise_floor
+            base = next((t for t in ok if t.config == result.default_config), None)
+            winner = beats_default(ok, base, noise)
+            kernel = beats_default([t for t in ok if provider_of(t.config) == "kernel"], base, noise)
+            result.kernel_config = kernel.config if kernel is not None else None
+            if winner is not None:
+                result.winner = winner
+                result.winner_stored = self.store.offer_winner(winner, kernel_config=result.kernel_config)
             return result
         winner = self._winner(result.key)
         result.complete = finished and winner is not None
-        if winner is not None and winner.trial_id is not None:
-            result.winner = next((t for t in self.store.trials(result.key) if t.id == winner.trial_id), None)
+        if winner is not None:
+            result.kernel_config = winner.kernel_config
+            if winner.trial_id is not None:
+                result.winner = next((t for t in self.store.trials(result.key) if t.id == winner.trial_id), None)
         return result
+
+
+def beats_default(trials: Sequence[TrialRecord], default: TrialRecord | None, noise: float) -> TrialRecord | None:
+    """The fastest of `trials` if it beats `default` by more than `noise` (relative), else `default`:
+    a difference within the noise of the pass that measured both is no reason to leave the default.
+    Without a default time, simply the fastest (None when there is none)."""
+    best = min(trials, key=lambda t: (t.median_ms, t.id), default=None)
+    if default is None or default.median_ms is None:
+        return best
+    if best is not None and best.median_ms is not None and best.median_ms * (1 + noise) < default.median_ms:
+        return best
+    return default

@@ -21,6 +21,9 @@ class Measurement:
     median_ms: float | None = None
     compile_s: float | None = None
     error: str | None = None
+    # Careful pass only, on the config timed twice as two interleaved entries (the first of the
+    # batch: the loop puts the default there): |t1 − t2| / min(t1, t2), the pass's relative noise.
+    noise: float | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -60,7 +63,9 @@ class FunctionBench:
     """A Bench whose results come from `cost(key, config, careful)`.
 
     The function returns a time in ms (an `ok` trial), an outcome name (a failed trial), or a full
-    Measurement. Tests use it as a deterministic cost model; nothing is compiled or launched.
+    Measurement. Tests use it as a deterministic cost model; nothing is compiled or launched. Like
+    LocalBench, the careful pass asks for the first config's time twice (not logged in `calls` twice)
+    and reports their relative difference as its `noise`.
     """
 
     def __init__(self, cost: CostFn) -> None:
@@ -69,7 +74,7 @@ class FunctionBench:
 
     def measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
                 careful: bool) -> Iterator[Measurement]:
-        for config in configs:
+        for i, config in enumerate(configs):
             self.calls.append((key, config, careful))
             result = self._cost(key, config, careful)
             if isinstance(result, Measurement):
@@ -77,7 +82,12 @@ class FunctionBench:
             elif isinstance(result, str):
                 yield Measurement(config, result, error=f"{result} (cost model)")
             else:
-                yield Measurement(config, "ok", median_ms=float(result), compile_s=0.0)
+                ms, noise = float(result), None
+                if careful and i == 0:
+                    again = self._cost(key, config, careful)
+                    if isinstance(again, (int, float)) and min(ms, again) > 0:
+                        noise = abs(ms - again) / min(ms, again)
+                yield Measurement(config, "ok", median_ms=ms, compile_s=0.0, noise=noise)
 
     def close(self) -> None:
         pass

@@ -18,13 +18,14 @@ from ..db.errors import StoreError, one_line
 from ..db.store import Store
 from ..db.types import Config, Key
 from ..kernel.defaults import default_config
+from ..kernel.sdpa import available_providers, provider_config
 from ..kernel.version import KERNEL_VERSION
 
 from . import gpu as gpus, worker
 from .bench import fill_batch_heads
 from .loop import KeyResult, Progress, Tuner, TuneSettings
 from .measure import Bench
-from .space import candidates
+from .space import candidates, variant_candidates
 
 
 class SessionError(RuntimeError):
@@ -58,42 +59,67 @@ class TuningSession:
     bench: Bench
     status: str = "failed"  # what the run is marked at the end unless a tune() finishes
     finish_error: str | None = None  # why the run's end mark could not be written, if it could not
-    _spaces: dict[tuple[int, str], list[Config]] = field(default_factory=dict)
+    kernel_only: bool = False  # no SDPA provider candidates (`tune --kernel-only`)
+    _spaces: dict[tuple[int, str, bool], list[Config]] = field(default_factory=dict)
 
     def space(self, key: Key) -> list[Config]:
-        """The tuner's candidates for `key` on this GPU (computed once per head dim and dtype)."""
-        group = (key.head_dim, key.dtype)
-        if group not in self._spaces:
-            self._spaces[group] = candidates(key.head_dim, key.dtype, self.gpu.smem_limit, arch=self.gpu.arch)
-        return self._spaces[group]
+        """The kernel configs the tuner times for `key` on this GPU: the pointer kernel's space and the
+        other variants' configs (computed once per head dim, dtype and causal)."""
+        return session_space(key, self.gpu.smem_limit, self.gpu.arch, self._spaces)
 
     def default(self, key: Key) -> Config:
         """The kernel's default config for `key` on this GPU."""
         return default_config(key.arch, key.head_dim, key.dtype, self.gpu.smem_limit)
 
+    def providers(self, key: Key) -> list[Config]:
+        """One config per SDPA backend this torch has, unless the session is kernel-only."""
+        return [] if self.kernel_only else provider_configs()
+
     def batch_heads(self, key: Key) -> int:
-        """B·H of the benchmark inputs: enough work to fill this GPU."""
-        return fill_batch_heads(key.seq_len, self.gpu.sm_count)
+        """B·Hq of the benchmark inputs: the key's bucket; for a key without one, enough work to fill this GPU."""
+        return key.batch_heads or fill_batch_heads(key.seq_len, self.gpu.sm_count)
 
     def tune(self, keys: Sequence[Key], *, space: Callable[[Key], Sequence[Config]] | None = None,
              default: Callable[[Key], Config] | None = None, batch_heads: Callable[[Key], int] | None = None,
              settings: TuneSettings = TuneSettings(), progress: Progress | None = None,
-             should_stop: Callable[[], bool] = lambda: False) -> list[KeyResult]:
-        """Tune `keys`, by default over this GPU's space against the kernel's default config; the
-        session's status becomes 'done', or why the tuner stopped early ('budget', 'interrupted')."""
+             should_stop: Callable[[], bool] = lambda: False, keep_order: bool = False) -> list[KeyResult]:
+        """Tune `keys`, by default over this GPU's space and the SDPA providers against the kernel's
+        default config; the session's status becomes 'done', or why the tuner stopped early
+        ('budget', 'interrupted'). `keep_order`: in the order given, not tuning order."""
         tuner = Tuner(self.store, self.run_id, self.bench, kernel_version=KERNEL_VERSION, gpu_name=self.gpu.name,
                       space=space or self.space, default=default or self.default,
-                      batch_heads=batch_heads or self.batch_heads, settings=settings, progress=progress,
-                      should_stop=should_stop)
-        results = tuner.run(keys)
+                      batch_heads=batch_heads or self.batch_heads, providers=self.providers, settings=settings,
+                      progress=progress, should_stop=should_stop)
+        results = tuner.run(keys, keep_order=keep_order)
         self.status = tuner.stop_reason or "done"
         return results
+
+
+def session_space(key: Key, smem_limit: int, arch: str,
+                  cache: dict[tuple[int, str, bool], list[Config]] | None = None) -> list[Config]:
+    """A key's kernel candidates on a GPU of `arch` with `smem_limit`: tuner.space's configs and
+    `variant_candidates` (the TMA kernel's on sm_90). Also what `tune --dry-run` counts."""
+    group = (key.head_dim, key.dtype, key.causal)
+    if cache is None or group not in cache:
+        configs = [*candidates(key.head_dim, key.dtype, smem_limit, arch=arch),
+                   *variant_candidates(key.head_dim, key.dtype, key.causal, smem_limit, arch=arch)]
+        configs = list(dict.fromkeys(configs))
+        if cache is None:
+            return configs
+        cache[group] = configs
+    return cache[group]
+
+
+def provider_configs() -> list[Config]:
+    """One candidate config per SDPA backend this torch has."""
+    return [provider_config(p) for p in available_providers()]
 
 
 @contextmanager
 def tuning_session(db_url: str | None, args: Mapping[str, Any], *, arch: str | None = None,
                    gpu: gpus.GpuInfo | None = None, compile_threads: int = 8,
-                   trial_timeout_s: float = worker.DEFAULT_TRIAL_TIMEOUT_S) -> Iterator[TuningSession]:
+                   trial_timeout_s: float = worker.DEFAULT_TRIAL_TIMEOUT_S,
+                   kernel_only: bool = False) -> Iterator[TuningSession]:
     """Open a session on `gpu` (default: the GPU present, checked against `arch`), writing to the
     database at `db_url` a run that records `args`; on exit mark the run with its status, stop the
     worker and close the store.
@@ -109,7 +135,7 @@ def tuning_session(db_url: str | None, args: Mapping[str, Any], *, arch: str | N
         store.close()
         raise
     bench = worker.WorkerBench(gpu.index, compile_threads=compile_threads, trial_timeout_s=trial_timeout_s)
-    session = TuningSession(gpu, store, run_id, bench)
+    session = TuningSession(gpu, store, run_id, bench, kernel_only=kernel_only)
     try:
         yield session
     except KeyboardInterrupt:

@@ -127,3 +127,12 @@ def seeded_order(configs: Sequence[Config], seeds: Sequence[Config]) -> list[Con
 
     rest = sorted((c for c in configs if c not in set(head)), key=lambda c: (distance(c), str(c)))
     return head + rest
+
+
+def variant_candidates(head_dim: int, dtype: str, causal: bool, smem_limit: int, *, arch: str) -> list[Config]:
+    """The other kernel variants' configs for a key: the tensor-descriptor (TMA) kernel's tiles, warp
+    specialisation and causal schedules on archs with TMA (none elsewhere: `--dry-run --arch sm_86`
+    lists none), each fitting `smem_limit` by its own shared-memory model."""
+    from ..kernel.fwd_tma import tma_candidates
+
+    return tma_candidates(arch, head_dim, normalize_dtype(dtype), causal, smem_limit)

@@ -16,15 +16,81 @@ from typing import Any, Sequence
 
 import click
 
-from ...db.types import Key
+from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key
+from ..ranges import parse_int, parse_seq_lens
 
-from .common import (ARCH, DURATION, CliError, Progress, count, db_option, echo_json, echo_table, fmt_num, geomean,
-                     json_option, key_options)
+from .common import (ARCH, DURATION, CliError, Parsed, Progress, count, db_option, echo_json, echo_table, fmt_num,
+                     geomean, json_option, key_options)
+
+DEFAULT_BATCH_HEADS = "16,64,256"  # one sequence of 16 heads, a small batch, a full training batch
 
 
-def _dry_run(arch: str | None, head_dims: Sequence[int], dtypes: Sequence[str], keys_count: int,
-             as_json: bool) -> None:
+def parse_batch_heads(text: str) -> list[int]:
+    """B·Hq buckets written like --seq ('16..256' doubles, comma lists); each a power of two."""
+    try:
+        values = parse_seq_lens(text)
+    except ValueError as error:  # the same forms as --seq: its messages, about buckets
+        message = str(error)
+        for was, now in (("sequence-length list", "B·Hq list"), ("sequence lengths", "B·Hq buckets"),
+                         ("sequence length", "B·Hq bucket"), ("lengths", "buckets")):
+            message = message.replace(was, now)
+        raise ValueError(message) from None
+    for value in values:
+        if value & (value - 1) or value > MAX_BATCH_HEADS:
+            raise ValueError(f"{value} is not a bucket: B·Hq buckets are powers of two from 1 to {MAX_BATCH_HEADS}")
+    return values
+
+
+def parse_groups(text: str) -> list[int]:
+    """A comma list of GQA groups (Hq / Hkv), each from 1 to MAX_GROUP; repeats dropped."""
+    return list(dict.fromkeys(parse_int(item, 1, MAX_GROUP) for item in str(text).split(",")))
+
+
+BATCH_HEADS = Parsed(parse_batch_heads, "RANGE")
+GROUPS = Parsed(parse_groups, "G[,G...]")
+
+
+def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
+              causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int]) -> list[Key]:
+    """The forward keys of the grid; a bucket smaller than its group (B·Hq below Hq) is no workload
+    and is left out (CliError naming --group when that leaves nothing)."""
+    keys = [Key(arch, "fwd", n, d, dt, c, batch_heads=bh, group=g) for d in head_dims for dt in dtypes
+            for c in causals for g in groups for n in seqs for bh in batch_heads if bh >= g]
+    if not keys:
+        raise CliError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
+                       f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq")
+    return keys
+
+
+def recorded_keys(db_url: str | None, arch: str) -> list[Key]:
+    """The keys the database has recorded for `arch`, most-called first (Store.recorded). Keys of other
+    archs, and ops the tuner does not time, are skipped with a note on stderr; none left is a CliError."""
+    from ...db.errors import StoreError
+    from ...db.store import Store
+
+    try:
+        with Store.open(db_url, create=False) as store:
+            recorded = store.recorded()
+    except (StoreError, ValueError) as error:
+        raise CliError(error) from None
+    keys, other = [], []
+    for entry in recorded:
+        (keys if entry.key.arch == arch and entry.key.op == "fwd" else other).append(entry.key)
+    if not keys:
+        raise CliError(f"--recorded: no recorded {arch} fwd keys in the database ({len(other)} of other archs "
+                       "or ops); run the app with FLASHTUNE_RECORD=1 on this GPU first")
+    if other:
+        shown = ", ".join(map(str, other[:3])) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        click.echo(f"note: skipping {len(other)} recorded key(s) not for {arch} fwd: {shown}", err=True)
+    return list(dict.fromkeys(keys))
+
+
+def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[int], dtypes: Sequence[str],
+             keys_count: int, kernel_only: bool, db_url: str | None, as_json: bool) -> None:
+    """Plan without a GPU. `keys` None: the grid's space per head dim and dtype; else (--recorded,
+    read from the database for the planned arch) each key and the size of its candidate list."""
     from ..gpu import NoGpuError, detect_gpu, planned_gpu
+    from ..session import provider_configs, session_space
     from ..space import plan
 
     try:
@@ -37,25 +103,45 @@ def _dry_run(arch: str | None, head_dims: Sequence[int], dtypes: Sequence[str], 
         gpu = here
     else:
         gpu = here if here is not None and here.arch == arch else planned_gpu(arch)
-    groups = []
-    for head_dim in head_dims:
-        for dtype in dtypes:
-            entries = plan(head_dim, dtype, gpu.smem_limit, arch=gpu.arch)
-            over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
-            kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
-            groups.append({"head_dim": head_dim, "dtype": dtype, "configs": kept, "space": len(entries),
-                           "dropped_smem": over, "dropped_other": len(entries) - len(kept) - over})
-    if as_json:
-        echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
-                   "groups": groups})
+    providers = [] if kernel_only else [str(c) for c in provider_configs()]
+    if keys is None:
+        groups = []
+        for head_dim in head_dims:
+            for dtype in dtypes:
+                entries = plan(head_dim, dtype, gpu.smem_limit, arch=gpu.arch)
+                over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
+                kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
+                groups.append({"head_dim": head_dim, "dtype": dtype, "configs": kept, "space": len(entries),
+                               "dropped_smem": over, "dropped_other": len(entries) - len(kept) - over})
+        if as_json:
+            echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
+                       "providers": providers, "groups": groups})
+            return
+        click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
+                   f"{keys_count} keys; SDPA providers: {', '.join(providers) or 'none'}")
+        for g in groups:
+            click.echo(f"\nD={g['head_dim']} {g['dtype']}: {len(g['configs'])} of {g['space']} configs kept "
+                       f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)")
+            echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
+                       right=["smem KB"])
         return
-    click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
-               f"{keys_count} keys")
-    for g in groups:
-        click.echo(f"\nD={g['head_dim']} {g['dtype']}: {len(g['configs'])} of {g['space']} configs kept "
-                   f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)")
-        echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
-                   right=["smem KB"])
+    cache: dict[Any, Any] = {}
+    rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu.smem_limit, gpu.arch, cache)),
+             "providers": len(providers)} for k in keys]
+    if as_json:
+        echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": len(rows),
+                   "providers": providers, "recorded": rows})
+        return
+    click.echo(f"{gpu.arch} ({gpu.name}): {len(rows)} recorded keys, most-called first; "
+               f"SDPA providers: {', '.join(providers) or 'none'}")
+    echo_table(["key", "kernel configs", "providers"],
+               [[r["key"], str(r["kernel_configs"]), str(r["providers"])] for r in rows],
+               right=["kernel configs", "providers"])
+
+
+def _key_fields(key: Key) -> dict[str, Any]:
+    return {"key": str(key), "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv, "head_dim": key.head_dim,
+            "dtype": key.dtype, "causal": key.causal, "batch_heads": key.batch_heads, "group": key.group}
 
 
 class _TuneProgress:
@@ -88,18 +174,24 @@ def _summary(results: Sequence[Any]) -> dict[str, Any]:
     rows = []
     for r in results:
         w = r.winner
-        rows.append({"key": str(r.key), "seq_len": r.key.seq_len, "head_dim": r.key.head_dim,
-                     "dtype": r.key.dtype, "causal": r.key.causal, "batch_heads": r.batch_heads,
-                     "winner": str(w.config) if w else None, "median_ms": w.median_ms if w else None,
-                     "tflops": w.tflops if w else None, "default": str(r.default_config),
-                     "default_ms": r.default_ms, "speedup": r.speedup, "new_trials": r.new_trials,
-                     "skipped": r.skipped, "complete": r.complete, "winner_stored": r.winner_stored,
-                     "outcomes": r.outcomes})
+        rows.append({**_key_fields(r.key), "bench_batch_heads": r.batch_heads,
+                     "winner": str(w.config) if w else None, "provider": r.provider,
+                     "default_won": w is not None and w.config == r.default_config,
+                     "kernel_config": str(r.kernel_config) if r.kernel_config else None,
+                     "median_ms": w.median_ms if w else None, "tflops": w.tflops if w else None,
+                     "default": str(r.default_config), "default_ms": r.default_ms, "speedup": r.speedup,
+                     "noise": r.noise, "narrowed": r.narrowed, "new_trials": r.new_trials, "skipped": r.skipped,
+                     "complete": r.complete, "winner_stored": r.winner_stored, "outcomes": r.outcomes})
     return {"keys": rows, "geomean_speedup": geomean(r["speedup"] for r in rows)}
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    rows = [[r["key"] + ("" if r["complete"] else " (partial)"), r["winner"] or "-", fmt_num(r["median_ms"], ".4f"),
+    def winner(r: dict[str, Any]) -> str:
+        if r["winner"] is None:
+            return "-"
+        return "default" if r["default_won"] else r["winner"] if r["provider"] == "kernel" else r["provider"]
+
+    rows = [[r["key"] + ("" if r["complete"] else " (partial)"), winner(r), fmt_num(r["median_ms"], ".4f"),
              fmt_num(r["tflops"], ".1f"), r["default"], fmt_num(r["speedup"], ".2f")]
             for r in summary["keys"]]
     echo_table(["key", "winner", "ms", "TFLOP/s", "default", "speed-up"], rows, right=["ms", "TFLOP/s", "speed-up"])
@@ -111,7 +203,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.version_option(package_name="flashtune")
 @click.option("--arch", type=ARCH, default=None, help="GPU arch (sm_86, sm_90, ...); must be the GPU's unless --dry-run.")
 @key_options(many=True, seq_default="128..4096", head_dim_default="64,128", dtype_default="fp16,bf16")
-@click.option("--batch-heads", type=count(), default=None, help="B·H of the benchmark inputs (default: enough to fill the GPU).")
+@click.option("--batch-heads", type=BATCH_HEADS, default=DEFAULT_BATCH_HEADS, show_default=True,
+              help="B·Hq buckets, powers of two, written like --seq: each key is timed at its own.")
+@click.option("--group", "groups", type=GROUPS, default="1", show_default=True,
+              help="GQA groups Hq/Hkv, a comma list: each key is timed with real GQA inputs.")
+@click.option("--kernel-only", is_flag=True, help="Time the kernel's configs only, not torch SDPA's backends.")
+@click.option("--recorded", is_flag=True,
+              help="Tune the keys the app recorded (FLASHTUNE_RECORD=1), most-called first, instead of a grid.")
 @db_option
 @click.option("--budget", type=DURATION, default=None, help="Stop cleanly after this long (90s, 10m, 1h); run again to resume.")
 @click.option("--dry-run", is_flag=True, help="List the space and the estimated shared memory; no GPU needed.")
@@ -121,20 +219,32 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--trial-timeout", type=DURATION, default="180s", show_default=True,
               help="A trial silent for this long is recorded as timeout.")
 def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[bool, ...],
-         batch_heads: int | None, db_url: str | None, budget: float | None, dry_run: bool, as_json: bool,
-         compile_threads: int | None, trial_timeout: float) -> None:
-    """Find the fastest correct launch config per key on this GPU and store it."""
+         batch_heads: list[int], groups: list[int], kernel_only: bool, recorded: bool, db_url: str | None,
+         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, trial_timeout: float) -> None:
+    """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
+    a candidate must beat the default config by more than the measured noise, else the default is stored."""
     if dry_run:
-        _dry_run(arch, head_dim, dtype, len(seq) * len(head_dim) * len(dtype) * len(causal), as_json)
+        if recorded:
+            if arch is None:
+                raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
+            _dry_run(arch, recorded_keys(db_url, arch), head_dim, dtype, 0, kernel_only, db_url, as_json)
+            return
+        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups))
+        _dry_run(arch, None, head_dim, dtype, count_keys, kernel_only, db_url, as_json)
         return
     args = {"seq": seq, "head_dim": head_dim, "dtype": dtype, "causal": list(causal), "batch_heads": batch_heads,
-            "budget_s": budget}
-    _tune(arch, seq, head_dim, dtype, causal, batch_heads, db_url, budget, trial_timeout,
+            "group": groups, "kernel_only": kernel_only, "recorded": recorded, "budget_s": budget}
+
+    def keys_for(gpu_arch: str) -> tuple[list[Key], bool]:
+        if recorded:
+            return recorded_keys(db_url, gpu_arch), True
+        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups), False
+
+    _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout,
           compile_threads or min(16, os.cpu_count() or 1), as_json, args)
 
 
-def _tune(arch: str | None, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
-          causals: Sequence[bool], batch_heads: int | None, db_url: str | None, budget: float | None,
+def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None, budget: float | None,
           trial_timeout: float, threads: int, as_json: bool, args: dict[str, Any]) -> None:
     from ...db.errors import StoreError
 
@@ -154,11 +264,11 @@ def _tune(arch: str | None, seqs: Sequence[int], head_dims: Sequence[int], dtype
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         gpu = session_gpu(arch)
-        keys = [Key(gpu.arch, "fwd", n, d, dt, c) for d in head_dims for dt in dtypes for c in causals for n in seqs]
-        with tuning_session(db_url, args, gpu=gpu, compile_threads=threads, trial_timeout_s=trial_timeout) as session:
-            results = session.tune(keys, batch_heads=(lambda k: batch_heads) if batch_heads else None,
-                                   settings=TuneSettings(budget_s=budget), progress=_TuneProgress(len(keys)),
-                                   should_stop=lambda: stop["requested"])
+        keys, keep_order = keys_for(gpu.arch)
+        with tuning_session(db_url, args, gpu=gpu, compile_threads=threads, trial_timeout_s=trial_timeout,
+                            kernel_only=kernel_only) as session:
+            results = session.tune(keys, settings=TuneSettings(budget_s=budget), progress=_TuneProgress(len(keys)),
+                                   should_stop=lambda: stop["requested"], keep_order=keep_order)
     except (SessionError, WorkerError, StoreError, ValueError) as error:
         raise CliError(error) from None
     except KeyboardInterrupt:
