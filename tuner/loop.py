@@ -192,12 +192,12 @@ class Tuner:
         seen: set[Key] = set(self._rankings)
         for key in keys:
             sibling = sibling_class(key)
-            ranking = [self.default(key)] * self.settings.sibling_top if sibling in seen else None
+            narrowed = sibling in seen  # an earlier sibling's top configs and the default
             seen.add(sibling)
             kernel, providers = self._candidates(key, [], None)
             stored = set(self._stored(key))
             todo = len(set(kernel) - stored)
-            if ranking is not None:
+            if narrowed:
                 todo = min(todo, self.settings.sibling_top + 1)
             total += todo + (min(self.settings.careful_top + 1, todo) if todo else 0)
             total += len(set(providers) - stored)
