@@ -29,10 +29,14 @@ from .schema import SCHEMA_VERSION
 from .smem import estimate_smem
 from .store import Store, Winner
 from .text import label_problem, printable, shown
-from .types import INT32_MAX, MAX_SEQ_LEN, Config, InvalidField, Key, normalize_dtype
+from .errors import one_line
+from .types import (INT32_MAX, MAX_BATCH_HEADS, MAX_CONFIG_TEXT, MAX_GROUP, MAX_SEQ_LEN, Config, InvalidField, Key,
+                    normalize_dtype)
 
 FORMAT = "flashtune-winners"
-FORMAT_VERSION = 1
+# 2: keys carry batch_heads and group, winners kernel_config (version 1 files still import: the
+# fields are optional, their defaults the schema-1 meaning).
+FORMAT_VERSION = 2
 MAX_FILE_BYTES = 64 * 1024 * 1024
 POLICIES: tuple[str, ...] = ("faster", "newer", "replace", "keep")
 _MAX_LISTED_ERRORS = 10
@@ -90,6 +94,8 @@ class KeyFields(TypedDict):
     head_dim: Length
     dtype: _column_text("dtype")  # type: ignore[valid-type]
     causal: bool
+    batch_heads: NotRequired[Annotated[int, Field(ge=0, le=MAX_BATCH_HEADS)]]
+    group: NotRequired[Annotated[int, Field(ge=1, le=MAX_GROUP)]]
 
 
 @with_config(_STRICT)
@@ -127,6 +133,7 @@ class WinnerFields(TypedDict):
     median_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     tflops: NotRequired[Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]]]
     provenance: ProvenanceFields
+    kernel_config: NotRequired[Optional[Annotated[str, Field(max_length=MAX_CONFIG_TEXT)]]]
 
 
 _WINNER_ADAPTER = TypeAdapter(WinnerFields)
@@ -172,14 +179,16 @@ def _version(package: str) -> str:
 def _winner_dict(w: Winner) -> dict[str, Any]:
     k, c = w.key, w.config
     return {"key": {"arch": k.arch, "op": k.op, "seq_len": k.seq_len, "seq_len_kv": k.seq_len_kv,
-                    "head_dim": k.head_dim, "dtype": k.dtype, "causal": k.causal},
+                    "head_dim": k.head_dim, "dtype": k.dtype, "causal": k.causal,
+                    "batch_heads": k.batch_heads, "group": k.group},
             "config": {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps,
                        "num_stages": c.num_stages, "extra": c.extra_dict},
             "median_ms": w.median_ms, "tflops": w.tflops,
             "provenance": {"kernel_version": w.kernel_version, "gpu_name": w.gpu_name,
                            "sm_count": w.sm_count, "driver": w.driver, "cuda": w.cuda,
                            "triton_version": w.triton_version, "torch_version": w.torch_version,
-                           "host": w.host, "measured_at": w.measured_at}}
+                           "host": w.host, "measured_at": w.measured_at},
+            "kernel_config": None if w.kernel_config is None else str(w.kernel_config)}
 
 
 def winner_to_dict(winner: Winner) -> dict[str, Any]:
@@ -286,9 +295,17 @@ class _WinnerBuilder:
                 if problem is not None:
                     raise InvalidField(f"provenance.{name}", problem)
         try:
-            key = Key(k["arch"], k["op"], k["seq_len"], k["head_dim"], k["dtype"], k["causal"], k["seq_len_kv"])
+            key = Key(k["arch"], k["op"], k["seq_len"], k["head_dim"], k["dtype"], k["causal"], k["seq_len_kv"],
+                      k.get("batch_heads", 0), k.get("group", 1))
         except InvalidField as exc:
             raise InvalidField(f"key.{exc.field}", str(exc)) from None
+        kernel_text = data.get("kernel_config")
+        kernel_config = None
+        if kernel_text is not None:
+            try:
+                kernel_config = Config.parse(kernel_text)
+            except (TypeError, ValueError) as exc:
+                raise InvalidField("kernel_config", one_line(exc)) from None
         try:
             config = self._config(data["config"])
         except InvalidField as exc:
@@ -300,7 +317,7 @@ class _WinnerBuilder:
                       kernel_version=p["kernel_version"], gpu_name=p["gpu_name"],
                       sm_count=p.get("sm_count"), driver=p.get("driver"), cuda=p.get("cuda"),
                       triton_version=p.get("triton_version"), torch_version=p.get("torch_version"),
-                      host=p.get("host"), measured_at=p["measured_at"], trial_id=None)
+                      host=p.get("host"), measured_at=p["measured_at"], trial_id=None, kernel_config=kernel_config)
 
 
 def _fail(where: str, problems: Sequence[str]) -> ExchangeFileError:

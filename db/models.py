@@ -10,11 +10,13 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from sqlalchemy import (JSON, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text,
                         TypeDecorator, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-KEY_COLUMNS: tuple[str, ...] = ("arch", "op", "seq_len", "seq_len_kv", "head_dim", "dtype", "causal")
+# `batch_heads` (the B·Hq bucket) and `group` (Hq/Hkv) joined the key in schema version 2.
+KEY_COLUMNS: tuple[str, ...] = ("arch", "op", "seq_len", "seq_len_kv", "head_dim", "dtype", "causal",
+                                "batch_heads", "group")
 CONFIG_COLUMNS: tuple[str, ...] = ("block_m", "block_n", "num_warps", "num_stages", "config_extra")
 
 
@@ -84,6 +86,8 @@ class KeyConfigColumns:
     head_dim: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16))
     causal: Mapped[bool] = mapped_column(Flag)
+    batch_heads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    group: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # quoted in SQL: a keyword
     block_m: Mapped[int] = mapped_column(Integer)
     block_n: Mapped[int] = mapped_column(Integer)
     num_warps: Mapped[int] = mapped_column(Integer)
@@ -166,9 +170,33 @@ class WinnerRow(KeyConfigColumns, Base):
     torch_version: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
     measured_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The best kernel config of the key, canonical text; NULL when the kernel itself won (the config
+    # columns hold it). Set when an SDPA backend won: what a call runs when the backend refuses it.
+    kernel_config: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     # Indexed so that deleting trials (prune) need not scan the winners for each one.
     trial_id: Mapped[Optional[int]] = mapped_column(
         ForeignKey("flashtune_trials.id", ondelete="SET NULL"), nullable=True, index=True)
+
+
+class RecordedRow(Base):
+    """A key that an app's calls resolved to under FLASHTUNE_RECORD=1, and how often."""
+
+    __tablename__ = "flashtune_recorded"
+    __table_args__ = (UniqueConstraint(*KEY_COLUMNS, name="uq_flashtune_recorded_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    arch: Mapped[str] = mapped_column(String(16))
+    op: Mapped[str] = mapped_column(String(8))
+    seq_len: Mapped[int] = mapped_column(Integer)
+    seq_len_kv: Mapped[int] = mapped_column(Integer)
+    head_dim: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    causal: Mapped[bool] = mapped_column(Flag)
+    batch_heads: Mapped[int] = mapped_column(Integer)
+    group: Mapped[int] = mapped_column(Integer)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 FLASHTUNE_TABLES: tuple[str, ...] = tuple(Base.metadata.tables)

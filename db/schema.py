@@ -24,7 +24,7 @@ from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersio
 from .models import FLASHTUNE_TABLES, Base, MetaRow
 from .text import printable, shown
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERSION_KEY = "schema_version"
 MIGRATE_COMMAND = "flashtune db migrate"
 # Any constant: serialises schema creation between processes on one PostgreSQL server.
@@ -40,7 +40,41 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
-MIGRATIONS: list[Migration] = []
+def _to_v2(conn: Connection) -> None:
+    """Schema 2: the workload joins the key (`batch_heads`, 0 for the old rows: not recorded; `group`,
+    1: the old tuner timed plain multi-head inputs), winners carry `kernel_config`, and the
+    `recorded` table holds the keys apps ran under FLASHTUNE_RECORD=1."""
+    from .models import KEY_COLUMNS, RecordedRow, TrialRow, WinnerRow
+
+    trials, winners = TrialRow.__table__.name, WinnerRow.__table__.name
+    conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_flashtune_trials_key")
+    for column in ('batch_heads INTEGER NOT NULL DEFAULT 0', '"group" INTEGER NOT NULL DEFAULT 1'):
+        conn.exec_driver_sql(f"ALTER TABLE {trials} ADD COLUMN {column}")
+    next(i for i in TrialRow.__table__.indexes if i.name == "ix_flashtune_trials_key").create(conn)
+    if conn.dialect.name == "postgresql":
+        for column in ('batch_heads INTEGER NOT NULL DEFAULT 0', '"group" INTEGER NOT NULL DEFAULT 1',
+                       "kernel_config TEXT"):
+            conn.exec_driver_sql(f"ALTER TABLE {winners} ADD COLUMN {column}")
+        conn.exec_driver_sql(f"ALTER TABLE {winners} DROP CONSTRAINT uq_flashtune_winners_key")
+        quoted = ", ".join(f'"{c}"' for c in KEY_COLUMNS)
+        conn.exec_driver_sql(f"ALTER TABLE {winners} ADD CONSTRAINT uq_flashtune_winners_key UNIQUE ({quoted})")
+    else:
+        # SQLite cannot drop a table constraint: rebuild the table (inside this transaction).
+        old = [c.name for c in WinnerRow.__table__.columns
+               if c.name not in ("batch_heads", "group", "kernel_config")]
+        conn.exec_driver_sql(f"ALTER TABLE {winners} RENAME TO {winners}_v1")
+        for index in WinnerRow.__table__.indexes:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+        WinnerRow.__table__.create(conn)
+        names = ", ".join(f'"{c}"' for c in old)
+        conn.exec_driver_sql(f"INSERT INTO {winners} ({names}) SELECT {names} FROM {winners}_v1")
+        conn.exec_driver_sql(f"DROP TABLE {winners}_v1")
+    RecordedRow.__table__.create(conn)
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(2, "workload keys (batch_heads, group), winners' kernel_config, the recorded table", _to_v2),
+]
 
 
 def _present_tables(conn: Connection) -> set[str]:

@@ -33,7 +33,7 @@ from .bulk import BulkStatement
 from .engines import WRITE_OPTIONS, make_engine, use_wal
 from .errors import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError,
                      SchemaVersionError, StoreError, translated)
-from .models import KEY_COLUMNS, RunRow, TrialRow, WinnerRow, utcnow
+from .models import KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
 from .paths import default_url, mask_url
 from .rows import (DamagedRow, DamagedRowWarning, Decoder, RowSpec, damage_summary, int32, key_values,
                    label, number, outcome, text, when)
@@ -57,6 +57,7 @@ _MAX_ARGS_CHARS = 1 << 20
 # Core tables, not the ORM classes: a read then skips the mapper set-up (about 15 ms at the
 # first query of a process, paid at every app import).
 _RUNS, _TRIALS, _WINNERS = RunRow.__table__, TrialRow.__table__, WinnerRow.__table__
+_RECORDED = RecordedRow.__table__
 T = TypeVar("T")
 
 
@@ -144,6 +145,17 @@ class Winner:
     host: str | None
     measured_at: datetime
     trial_id: int | None
+    kernel_config: Config | None = None  # the key's best kernel config, set when an SDPA backend won
+
+
+@dataclass(frozen=True)
+class RecordedKey:
+    """A key apps ran under FLASHTUNE_RECORD=1: how often, first and last seen."""
+
+    key: Key
+    calls: int
+    first_seen: datetime
+    last_seen: datetime
 
 
 @dataclass(frozen=True)
@@ -176,7 +188,8 @@ WINNER_SPEC = RowSpec(_WINNERS.name, key=True, config=True, columns=(
     ("gpu_name", _label(_WINNERS, "gpu_name", required=True)), ("sm_count", int32(nullable=True)),
     *((name, _label(_WINNERS, name, nullable=True))
       for name in ("driver", "cuda", "triton_version", "torch_version", "host")),
-    ("measured_at", when()), ("trial_id", int32(nullable=True))))
+    ("measured_at", when()), ("trial_id", int32(nullable=True)),
+    ("kernel_config", lambda text: None if text is None else Config.parse(text))))
 
 
 def _ok_has_time(values: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -191,6 +204,10 @@ TRIAL_SPEC = RowSpec(_TRIALS.name, key=True, config=True, columns=(
     ("error", text(nullable=True)), ("kernel_version", _label(_TRIALS, "kernel_version", required=True)),
     ("gpu_name", _label(_TRIALS, "gpu_name", required=True)), ("created_at", when())),
     rule=_ok_has_time)
+
+_RECORDED_SPEC = RowSpec(_RECORDED.name, key=True, config=False, columns=(
+    ("calls", lambda n: n if type(n) is int and n > 0 else int32()(None)), ("first_seen", when()),
+    ("last_seen", when())))
 
 _RUN_ACTIVITY_SPEC = RowSpec(_RUNS.name, key=False, config=False, columns=(
     ("gpu_name", _label(_RUNS, "gpu_name", required=True)), ("host", _label(_RUNS, "host")),
@@ -222,7 +239,8 @@ def winner_values(winner: Winner) -> dict[str, Any]:
             "kernel_version": winner.kernel_version, "gpu_name": winner.gpu_name,
             "sm_count": winner.sm_count, "driver": winner.driver, "cuda": winner.cuda,
             "triton_version": winner.triton_version, "torch_version": winner.torch_version,
-            "host": winner.host, "measured_at": winner.measured_at, "trial_id": winner.trial_id}
+            "host": winner.host, "measured_at": winner.measured_at, "trial_id": winner.trial_id,
+            "kernel_config": None if winner.kernel_config is None else str(winner.kernel_config)}
 
 
 def _finite(name: str, value: float | None, *, positive: bool = False) -> float | None:
@@ -499,11 +517,15 @@ class Store:
 
     # --- winners ---------------------------------------------------------------------------
 
-    def offer_winner(self, trial: TrialRecord, *, replace: bool = False) -> bool:
+    def offer_winner(self, trial: TrialRecord, *, replace: bool = False, kernel_config: Config | None = None) -> bool:
         """Make an `ok` trial its key's winner if there is none, it is faster, the current one is
-        from another kernel version, or `replace`; whether the winner changed. Non-ok: False."""
+        from another kernel version, or `replace`; whether the winner changed. Non-ok: False.
+        `kernel_config` is the key's best kernel config, stored when the trial is an SDPA backend's
+        (None when the kernel itself won)."""
         if not isinstance(trial, TrialRecord):
             raise TypeError(f"offer_winner needs a TrialRecord, got {type(trial).__name__}")
+        if kernel_config is not None and not isinstance(kernel_config, Config):
+            raise TypeError(f"kernel_config must be a Config or None, got {type(kernel_config).__name__}")
         if trial.outcome != "ok" or trial.median_ms is None:
             return False
 
@@ -517,7 +539,8 @@ class Store:
             values = {**_key_values(trial.key), **_config_values(trial.config),
                       "median_ms": trial.median_ms, "tflops": trial.tflops,
                       "kernel_version": trial.kernel_version, "gpu_name": trial.gpu_name,
-                      **provenance, "measured_at": trial.created_at, "trial_id": trial.id}
+                      **provenance, "measured_at": trial.created_at, "trial_id": trial.id,
+                      "kernel_config": None if kernel_config is None else str(kernel_config)}
             insert = _upsert(conn.dialect.name)(_WINNERS).values(**values)
             better = None if replace else or_(
                 _WINNERS.c.median_ms > insert.excluded.median_ms,
@@ -616,6 +639,41 @@ class Store:
             self._bulk["update"].execute(conn, updates)
 
         self._writing("merging winners", write)
+
+    # --- recorded shapes ---------------------------------------------------------------------
+
+    def add_recorded(self, counts: Mapping[Key, int]) -> None:
+        """Add calls to the recorded keys (FLASHTUNE_RECORD=1), in one transaction."""
+        items = []
+        for key, calls in counts.items():
+            if not isinstance(key, Key):
+                raise TypeError(f"recorded keys must be Keys, got {type(key).__name__}")
+            if isinstance(calls, bool) or not isinstance(calls, int) or not 0 < calls < 2**62:
+                raise ValueError(f"calls of {key} must be a positive int, got {shown(calls)}")
+            items.append((key_values(key), key, calls))
+        now = utcnow()
+
+        def add(conn: Connection) -> None:
+            upsert = _upsert(conn.dialect.name)
+            for _, key, calls in sorted(items, key=itemgetter(0)):  # one lock order for every writer
+                insert = upsert(_RECORDED).values(**_key_values(key), calls=calls, first_seen=now, last_seen=now)
+                conn.execute(insert.on_conflict_do_update(
+                    index_elements=list(KEY_COLUMNS),
+                    set_={"calls": _RECORDED.c.calls + insert.excluded.calls, "last_seen": insert.excluded.last_seen}))
+
+        if items:
+            self._writing("recording shapes", add)
+
+    def recorded(self, arch: str | None = None) -> list[RecordedKey]:
+        """The recorded keys (of `arch`, when given), the most-called first; damaged rows skipped."""
+        query = select(_RECORDED.c.id, *(_RECORDED.c[c] for c in KEY_COLUMNS), _RECORDED.c.calls,
+                       _RECORDED.c.first_seen, _RECORDED.c.last_seen)
+        if arch is not None:
+            query = query.where(_RECORDED.c.arch == normalize_arch(arch))
+        with translated(self._url, "reading recorded shapes"), self._read() as conn:
+            rows = conn.execute(query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id)).all()
+        return self._decode(_RECORDED_SPEC, rows,
+                            lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
 
     # --- maintenance -----------------------------------------------------------------------
 

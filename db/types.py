@@ -31,6 +31,8 @@ ExtraValue = Union[bool, int, float, str]
 # so a value SQLite alone would take cannot make an export that PostgreSQL refuses.
 INT32_MAX = 2**31 - 1
 MAX_SEQ_LEN = INT32_MAX
+MAX_BATCH_HEADS = 2**30  # the largest power of two a 32-bit signed column holds
+MAX_GROUP = 2**16
 MAX_EXTRA_TEXT = 64
 MAX_CONFIG_TEXT = 4096  # the canonical text of any valid config is far shorter
 
@@ -204,10 +206,14 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """What a winner is stored for: GPU arch, op, sequence lengths, head dim, dtype, causal.
+    """What a winner is stored for: GPU arch, op, sequence lengths, head dim, dtype, causal, and the
+    workload: the B·Hq bucket and the GQA group.
 
     `seq_len` is the query length N; `seq_len_kv` the key/value length, equal to N unless the
-    key is for cross attention.
+    key is for cross attention. `batch_heads` is B·Hq rounded to a power of two (`bucket`), the
+    amount of parallel work that decides wave quantisation; 0 means "not recorded" (winners of
+    schema 1 and exchange format 1, timed at one synthetic size). `group` is Hq / Hkv (1 for
+    plain multi-head attention).
     """
 
     arch: str
@@ -217,9 +223,17 @@ class Key:
     dtype: str
     causal: bool
     seq_len_kv: int = 0  # 0 means "same as seq_len"; normalised in __post_init__
+    batch_heads: int = 0  # B·Hq bucket, a power of two; 0: not recorded (schema 1)
+    group: int = 1  # Hq / Hkv
 
     def __post_init__(self) -> None:
         kv = self.seq_len_kv if self.seq_len_kv != 0 else self.seq_len
+        bh, group = self.batch_heads, self.group
+        if (type(bh) is not int or not (bh == 0 or (0 < bh <= MAX_BATCH_HEADS and bh & (bh - 1) == 0))):
+            raise InvalidField("batch_heads", f"batch_heads must be 0 or a power of two from 1 to "
+                                              f"{MAX_BATCH_HEADS}, got {shown(bh)}")
+        if type(group) is not int or not 1 <= group <= MAX_GROUP:
+            raise InvalidField("group", f"group must be an int from 1 to {MAX_GROUP}, got {shown(group)}")
         # Fast path: canonical values, as the store and the exchange file hold them (a key is built
         # per stored winner at app import). Anything else takes the checks below, which normalise
         # aliases and name the field that fails.
@@ -245,5 +259,17 @@ class Key:
 
     def __str__(self) -> str:
         n = str(self.seq_len) if self.seq_len_kv == self.seq_len else f"{self.seq_len}x{self.seq_len_kv}"
-        return (f"{self.arch}/{self.op}/N={n}/D={self.head_dim}/{self.dtype}/"
+        text = (f"{self.arch}/{self.op}/N={n}/D={self.head_dim}/{self.dtype}/"
                 f"{'causal' if self.causal else 'full'}")
+        if self.batch_heads:
+            text += f"/BH={self.batch_heads}"
+        return text + (f"/G={self.group}" if self.group != 1 else "")
+
+
+def bucket(batch_heads: int) -> int:
+    """B·Hq rounded to the nearest power of two in log2 (halfway rounds up): the key's workload bucket."""
+    if isinstance(batch_heads, bool) or not isinstance(batch_heads, int) or batch_heads < 1:
+        raise ValueError(f"batch·heads must be a positive int, got {shown(batch_heads)}")
+    low = 1 << (batch_heads.bit_length() - 1)
+    # Nearest in log space: compare batch_heads² with low·2low, exact in integers.
+    return min(low * 2 if batch_heads * batch_heads >= 2 * low * low else low, MAX_BATCH_HEADS)

@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import text
 
 from flashtune.db import exchange
+from flashtune.db.schema import SCHEMA_VERSION
 from flashtune.db.store import Store
 from flashtune.tuner.cli import db as cli_db
 
@@ -160,7 +161,7 @@ def test_newer_schema_is_refused(source: str) -> None:
         with store._engine.begin() as conn:
             conn.execute(text("UPDATE flashtune_meta SET value = '5' WHERE name = 'schema_version'"))
     for command in (["show"], ["export"], ["db", "migrate"]):
-        assert_usage_error(run(*command, "--db", source), "schema version 5", "version 1")
+        assert_usage_error(run(*command, "--db", source), "schema version 5", f"version {SCHEMA_VERSION}")
 
 
 def test_db_path(tmp_path: Path) -> None:
@@ -174,8 +175,8 @@ def test_db_path(tmp_path: Path) -> None:
 
 def test_db_migrate_and_vacuum(db_url: str) -> None:
     created = run("db", "migrate", "--db", db_url)
-    assert created.exit_code == 0 and "created schema version 1" in created.stdout
-    assert "already at schema version 1" in run("db", "migrate", "--db", db_url).stdout
+    assert created.exit_code == 0 and f"created schema version {SCHEMA_VERSION}" in created.stdout
+    assert f"already at schema version {SCHEMA_VERSION}" in run("db", "migrate", "--db", db_url).stdout
     with Store.open(db_url) as store:
         populate(store)
         store.prune("other")

@@ -162,7 +162,7 @@ W0 = "winners.0"
 BAD_DOCUMENTS: dict[str, tuple[Callable[[dict], Any], str]] = {
     "not an object": (lambda d: [d], "expected a JSON object"),
     "wrong format": (_set("format", "something-else"), "not a flashtune exchange file"),
-    "future version": (_set("format_version", 2), "format version 2 is newer than version 1"),
+    "future version": (_set("format_version", 3), "format version 3 is newer than version 2"),
     "version zero": (_set("format_version", 0), "invalid format_version 0"),
     "version as text": (_set("format_version", "1"), "invalid format_version '1'"),
     "unknown arch": (_set(f"{W0}.key.arch", "sm_99"), "unknown arch 'sm_99'"),

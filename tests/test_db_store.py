@@ -356,7 +356,7 @@ def test_newer_schema_is_refused_naming_both_versions(db_url: str) -> None:
         populate(store)
     _set_version(db_url, 7)
     for create in (True, False):
-        with pytest.raises(SchemaVersionError, match=r"schema version 7, newer than version 1"):
+        with pytest.raises(SchemaVersionError, match=rf"schema version 7, newer than version {schema.SCHEMA_VERSION}"):
             Store.open(db_url, create=create)
     with pytest.raises(SchemaVersionError):
         migrate_database(db_url)
@@ -373,16 +373,17 @@ def test_older_schema_is_refused_then_migrated(db_url: str, monkeypatch: pytest.
     def add_notes_column(conn) -> None:
         conn.execute(text("ALTER TABLE flashtune_winners ADD COLUMN notes TEXT"))
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
+    now, ahead = schema.SCHEMA_VERSION, schema.SCHEMA_VERSION + 1
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", ahead)
     monkeypatch.setattr(schema, "MIGRATIONS",
-                        [schema.Migration(2, "add winners.notes", add_notes_column)])
+                        [*schema.MIGRATIONS, schema.Migration(ahead, "add winners.notes", add_notes_column)])
     for create in (True, False):
-        with pytest.raises(SchemaVersionError, match=r"version 1, older .*flashtune db migrate"):
+        with pytest.raises(SchemaVersionError, match=rf"version {now}, older .*flashtune db migrate"):
             Store.open(db_url, create=create)
-    assert migrate_database(db_url) == (1, 2)
-    assert migrate_database(db_url) == (2, 2)
+    assert migrate_database(db_url) == (now, ahead)
+    assert migrate_database(db_url) == (ahead, ahead)
     with Store.open(db_url, create=False) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == ahead
         assert store.winners() == before
         with store._engine.connect() as conn:
             conn.execute(text("SELECT notes FROM flashtune_winners"))
@@ -397,11 +398,12 @@ def test_failed_migration_leaves_old_version(db_url: str, monkeypatch: pytest.Mo
         conn.execute(text("ALTER TABLE flashtune_winners ADD COLUMN notes TEXT"))
         conn.execute(text("SELECT no_such_column FROM flashtune_winners"))
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(schema, "MIGRATIONS", [schema.Migration(2, "broken", broken)])
+    now = schema.SCHEMA_VERSION
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", now + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, schema.Migration(now + 1, "broken", broken)])
     with pytest.raises(StoreError):
         migrate_database(db_url)
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", now)
     assert snapshot(db_url) == before
     with Store.open(db_url) as store:
         with store._engine.connect() as conn:
@@ -431,7 +433,7 @@ def test_postgres_url_without_its_driver_names_the_extra(monkeypatch: pytest.Mon
 def test_postgres_empty_schema_without_create(pg_url: str) -> None:
     with pytest.raises(DatabaseUnavailableError, match="holds no flashtune tables"):
         Store.open(pg_url, create=False)
-    assert migrate_database(pg_url) == (None, 1)
+    assert migrate_database(pg_url) == (None, schema.SCHEMA_VERSION)
     with Store.open(pg_url, create=False) as store:
         assert store.backend == "postgresql" and store.winners() == []
 
