@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, record
 from .errors import launch_failure
 from .bwd_launch import launch_bwd
 from .launch import check_causal, check_inputs, check_scale, launch, needs_grad
+from .sdpa import is_refusal, run_sdpa
 
 __all__ = ["attention", "attention_bwd_op", "attention_fwd_lse_op", "attention_fwd_op"]
 
@@ -34,19 +35,35 @@ _COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may 
 def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float, *,
                     return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
     try:
-        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config,
+        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
                       return_lse=return_lse)[:2]
     except Exception as error:
         if plan.choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
             raise
         plan = dispatch.config_failed(q, k, v, causal, plan.choice, error)
-        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.choice.config,
+        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
                       return_lse=return_lse)[:2]
 
 
+def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float) -> Tensor:
+    """The call's output from whatever won its key: an SDPA backend, or the kernel."""
+    if plan.sdpa is not None:
+        try:
+            return run_sdpa(plan.sdpa, q, k, v, causal=causal, scale=scale)
+        except RuntimeError as error:
+            if not is_refusal(error):
+                raise
+            # The backend declines these inputs (a layout or size it does not take): run the
+            # kernel config stored beside it for this call.
+    return _launch_planned(q, k, v, plan, causal, scale)[0]
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    """Plan (memoised) and launch; the body of both the eager path and the custom op."""
-    return _launch_planned(q, k, v, dispatch.plan(q, k, v, causal), causal, scale)[0]
+    """Plan (memoised) and run; the body of the custom op that torch.compile sees."""
+    plan = dispatch.plan(q, k, v, causal)
+    if record.ENABLED:
+        record.hit(plan.choice.key)
+    return _run_planned(q, k, v, plan, causal, scale)
 
 
 @torch.library.custom_op("flashtune::attention_fwd", mutates_args=())
@@ -118,10 +135,23 @@ attention_fwd_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
                enable_gqa: bool) -> Tensor:
-    shape = check_inputs(query, key, value)
+    if torch.compiler.is_compiling():
+        shape, sdpa = check_inputs(query, key, value), None
+    else:
+        plan = dispatch.plan(query, key, value, causal)
+        if record.ENABLED:
+            record.hit(plan.choice.key)
+        shape, sdpa = plan.shape, plan.sdpa
     if shape.heads_q != shape.heads_kv and not enable_gqa:
         raise _gqa_error(shape.heads_q, shape.heads_kv)
-    return attention_fwd_lse_op(query, key, value, causal, check_scale(scale, shape.head_dim))[0]
+    scale = check_scale(scale, shape.head_dim)
+    if sdpa is not None:
+        try:
+            return run_sdpa(sdpa, query, key, value, causal=causal, scale=scale)  # torch's own backward
+        except RuntimeError as error:
+            if not is_refusal(error):
+                raise
+    return attention_fwd_lse_op(query, key, value, causal, scale)[0]
 
 
 def _unsupported(attn_mask: Any, dropout_p: float) -> str | None:
@@ -199,5 +229,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         raise
     if plan.grouped and not enable_gqa:
         raise _gqa_error(plan.shape.heads_q, plan.shape.heads_kv)
-    return _launch_planned(query, key, value, plan, causal,
-                           plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))[0]
+    if record.ENABLED:
+        record.hit(plan.choice.key)
+    return _run_planned(query, key, value, plan, causal,
+                        plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))

@@ -5,12 +5,20 @@ query (`db.store.load_winners`) and keeps them in an immutable in-memory table. 
 touches the database or the filesystem: it is resolved once per distinct input signature
 (shapes, strides, dtypes, devices, causal) and memoised, so the steady state is one dict lookup.
 
-Rules, in order, for a call on a CUDA tensor of arch A with shape (Nq, Nk, D, dtype, causal):
+Rules, in order, for a call on a CUDA tensor of arch A with shape (B, Hq, Hkv, Nq, Nk, D, dtype, causal),
+whose key carries the workload: BH = B·Hq rounded to a power of two (db.types.bucket) and G = Hq/Hkv:
 1. `FLASHTUNE_CONFIG` (e.g. `m64-n32-w4-s2`) forces that config for every call (debugging).
-2. The winner stored for exactly (A, "fwd", Nq, Nk, D, dtype, causal).
-3. Else the nearest tuned length with the same (A, "fwd", D, dtype, causal): the entry (n, n_kv)
-   minimising |log2(Nq/n)| + |log2(Nk/n_kv)|; a tie goes to the larger n, then the larger n_kv.
+2. The winner stored for exactly (A, "fwd", Nq, Nk, D, dtype, causal, BH, G).
+3. Else the nearest tuned entry with the same (A, "fwd", D, dtype, causal) and group class (G = 1, or
+   G > 1): the entry minimising |log2(Nq/n)| + |log2(Nk/n_kv)| + |log2(BH/bh)| (+1 where the entry
+   has no bucket, schema 1; +0.5 for another G of the class); a tie goes to the larger n, n_kv, bh.
+   Only entries within NEAREST_LIMIT (2: e.g. twice the length and twice the bucket) count: the
+   rule interpolates between tuned keys and never extrapolates far past them into losses.
 4. Else `kernel.defaults.default_config` for A and the device's shared-memory limit.
+A winner is a config of the kernel or an SDPA backend (`provider` knob, kernel.sdpa): a call whose
+choice is a backend runs torch SDPA pinned to it, and falls back to the winner's kernel config
+(`kernel_config`) if the backend refuses the inputs. `explain(..., kernel_only=True)` gives the
+kernel config alone (what `flashtune bench` times as the kernel).
 A stored config (2 or 3) is used only if its estimated shared memory fits the device and the kernel
 knows its extra knobs (kernel.variants). One from an older kernel version is used with one warning;
 if it then fails to compile, the call and every later one with that config fall back to the default
@@ -27,6 +35,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -35,10 +44,11 @@ from ..db.arch import ARCH_SMEM, normalize_arch
 from ..db.errors import first_line, one_line
 from ..db.smem import estimate_smem
 from ..db.text import printable, shown
-from ..db.types import Config, Key
+from ..db.types import Config, Key, bucket
 
 from .defaults import default_config
 from .device import device_arch, device_smem_limit
+from .sdpa import KERNEL, provider_of
 from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors
 from .variants import fwd_variant
 from .version import KERNEL_VERSION
@@ -55,6 +65,9 @@ CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
 DB_ENV_VAR = "FLASHTUNE_DB"  # db.paths.ENV_VAR; repeated so that a missing sqlalchemy cannot break import
 INTERPRETER_ARCH = "sm_80"
 OP = "fwd"
+NEAREST_LIMIT = 2.0  # log2 units: how far from a tuned key the nearest rule still reaches
+_UNBUCKETED = 1.0  # distance charged for a winner without a bucket (schema 1)
+_OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
 _MEMO_LIMIT = 4096  # distinct call signatures kept; apps with ever-changing lengths just re-resolve
 # FLASHTUNE_CONFIG is read at import, which must never fail: longer or more bracketed text is refused
 # before parsing (a deeply nested JSON extra would raise RecursionError in the parser). A real
@@ -81,6 +94,8 @@ class Choice:
     key: Key | None = None  # the call's key; None where no key can be formed (an unlisted arch)
     winner: "Winner | None" = None  # the stored winner behind an exact/nearest choice
     stale: bool = False  # the winner was tuned with another kernel version
+    provider: str = KERNEL  # "kernel", or the SDPA backend that won (kernel.sdpa)
+    kernel_config: Config | None = None  # the kernel config to run when the provider cannot (None: `config`)
 
     def __str__(self) -> str:
         return f"{self.config} ({self.source}): {self.reason}"
@@ -94,6 +109,8 @@ class Plan:
     choice: Choice
     default_scale: float  # 1/sqrt(D), used when the call passes scale=None
     grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
+    kernel: Config  # the kernel config to launch: the choice's, or its fallback when a backend won
+    sdpa: str | None = None  # the SDPA backend to run instead of the kernel (CUDA calls only)
 
 
 @dataclass(frozen=True)
@@ -108,16 +125,16 @@ class LoadInfo:
     override: Config | None = None
 
 
-_GroupKey = tuple[str, str, int, str, bool]  # (arch, op, head_dim, dtype, causal)
-_ExactKey = tuple[str, str, int, int, int, str, bool]  # (arch, op, n, n_kv, head_dim, dtype, causal)
+_GroupKey = tuple[str, str, int, str, bool, bool]  # (arch, op, head_dim, dtype, causal, grouped)
+_Entry = tuple[int, int, int, int, "Winner"]  # (n, n_kv, batch_heads, group, winner)
 
 
 @dataclass
 class _Table:
     """One loaded snapshot. Replaced whole by reload(), so a reader never sees half a table."""
 
-    exact: dict[_ExactKey, "Winner"]
-    groups: dict[_GroupKey, tuple[tuple[int, int, "Winner"], ...]]
+    exact: dict[Key, "Winner"]
+    groups: dict[_GroupKey, tuple[_Entry, ...]]
     override: Config | None
     info: LoadInfo
     url: str | None = None  # what reload() was given (None: FLASHTUNE_DB or the default file)
@@ -125,15 +142,14 @@ class _Table:
 
 
 def _build_table(winners: Iterable["Winner"], override: Config | None, info: LoadInfo) -> _Table:
-    exact: dict[_ExactKey, Winner] = {}
-    groups: dict[_GroupKey, list[tuple[int, int, Winner]]] = {}
+    exact: dict[Key, Winner] = {}
+    groups: dict[_GroupKey, list[_Entry]] = {}
     for w in winners:
         k = w.key
-        exact[(k.arch, k.op, k.seq_len, k.seq_len_kv, k.head_dim, k.dtype, k.causal)] = w
-        groups.setdefault((k.arch, k.op, k.head_dim, k.dtype, k.causal), []).append(
-            (k.seq_len, k.seq_len_kv, w))
-    return _Table(exact, {g: tuple(sorted(v, key=lambda e: (e[0], e[1]))) for g, v in groups.items()},
-                  override, info)
+        exact[k] = w
+        groups.setdefault((k.arch, k.op, k.head_dim, k.dtype, k.causal, k.group > 1), []).append(
+            (k.seq_len, k.seq_len_kv, k.batch_heads, k.group, w))
+    return _Table(exact, {g: tuple(sorted(v, key=lambda e: e[:4])) for g, v in groups.items()}, override, info)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -258,14 +274,18 @@ def _table_for(arch: str) -> _Table:
 
 # --- resolution -----------------------------------------------------------------------------
 
-def _nearest(entries: tuple[tuple[int, int, "Winner"], ...], nq: int, nk: int) -> "Winner":
-    lq, lk = math.log2(nq), math.log2(nk)
-    best: tuple[float, int, int] | None = None
-    chosen = entries[0][2]
-    for n, n_kv, w in entries:
+def _nearest(entries: tuple[_Entry, ...], key: Key) -> "Winner | None":
+    """The entry nearest to `key` in (log N, log N_kv, log BH), within NEAREST_LIMIT; None if none is."""
+    lq, lk, lb = math.log2(key.seq_len), math.log2(key.seq_len_kv), math.log2(key.batch_heads or 1)
+    best: tuple[float, int, int, int] | None = None
+    chosen = None
+    for n, n_kv, bh, group, w in entries:
+        distance = abs(lq - math.log2(n)) + abs(lk - math.log2(n_kv))
+        distance += abs(lb - math.log2(bh)) if bh and key.batch_heads else _UNBUCKETED
+        distance += 0.0 if group == key.group else _OTHER_GROUP
         # Round so that exact ties in log space (e.g. 256 for 128 and 512) compare equal.
-        score = (round(abs(lq - math.log2(n)) + abs(lk - math.log2(n_kv)), 9), -n, -n_kv)
-        if best is None or score < best:
+        score = (round(distance, 9), -n, -n_kv, -bh)
+        if score[0] <= NEAREST_LIMIT and (best is None or score < best):
             best, chosen = score, w
     return chosen
 
@@ -287,25 +307,54 @@ def _unknown_knobs(config: Config) -> str | None:
     return None
 
 
-def _key_or_none(arch: str, nq: int, nk: int, head_dim: int, dtype: str, causal: bool) -> Key | None:
+def _key_or_none(arch: str, shape: AttnShape, causal: bool) -> Key | None:
     try:
-        return Key(arch, OP, nq, head_dim, dtype, causal, seq_len_kv=nk)
+        return Key(arch, OP, shape.seq_q, shape.head_dim, shape.dtype, causal, seq_len_kv=shape.seq_k,
+                   batch_heads=bucket(shape.batch * shape.heads_q), group=shape.group)
     except ValueError:
         return None
 
 
-def _resolve(table: _Table, arch: str, smem_limit: int, nq: int, nk: int, head_dim: int, dtype: str,
-             causal: bool) -> Choice:
-    key = _key_or_none(arch, nq, nk, head_dim, dtype, causal)
+def _kernel_fallback(winner: "Winner", provider: str) -> Config | None:
+    """The kernel config a provider winner falls back to (None: none stored, use the default)."""
+    if provider == KERNEL:
+        return None
+    return getattr(winner, "kernel_config", None)
+
+
+def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
+             kernel_only: bool = False) -> Choice:
+    key = _key_or_none(arch, shape, causal)
+    head_dim, dtype = shape.head_dim, shape.dtype
     if table.override is not None:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key)
-    winner = table.exact.get((arch, OP, nq, nk, head_dim, dtype, causal))
+    winner = table.exact.get(key) if key is not None else None
     source = EXACT
-    if winner is None:
-        entries = table.groups.get((arch, OP, head_dim, dtype, causal))
+    if winner is None and key is not None:
+        entries = table.groups.get((arch, OP, head_dim, dtype, causal, key.group > 1))
         if entries:
-            winner, source = _nearest(entries, nq, nk), NEAREST
-    fallback_why = "nothing tuned for this arch, head dim, dtype and causal"
+            winner, source = _nearest(entries, key), NEAREST
+    fallback_why = ("nothing tuned near this key (same arch, head dim, dtype, causal and group class, "
+                    f"within {NEAREST_LIMIT:g} in log2 of N, N_kv and batch·heads)")
+    provider = provider_of(winner.config) if winner is not None else KERNEL
+    if winner is not None and provider != KERNEL:
+        fallback = _kernel_fallback(winner, provider)
+        if kernel_only or provider not in _sdpa_providers():
+            # Run the kernel: its stored best (or the default), checked like any stored config below.
+            if fallback is None:
+                winner = None
+                fallback_why = f"the winner is {provider} and no kernel config is stored beside it"
+            else:
+                import dataclasses
+
+                winner = dataclasses.replace(winner, config=fallback)
+                provider = KERNEL
+        else:
+            stale = winner.kernel_version != KERNEL_VERSION
+            what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {winner.key}"
+            return Choice(winner.config, source, f"{what}: torch SDPA's {provider} backend, {_timing(winner)}",
+                          arch, key, winner, stale, provider,
+                          fallback or default_config(arch, head_dim, dtype, smem_limit))
     if winner is not None:
         config, wk = winner.config, winner.key
         need = estimate_smem(config, head_dim, dtype, arch)
@@ -320,7 +369,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, nq: int, nk: int, head_d
             fallback_why = (f"stored config {config} for {wk} needs about {need // 1024} KB of shared "
                             f"memory; this GPU allows {smem_limit // 1024} KB")
         else:
-            what = "stored winner" if source == EXACT else f"nearest tuned length, the winner for {wk}"
+            what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {wk}"
             reason = f"{what}, {_timing(winner)}"
             if stale:
                 reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
@@ -338,24 +387,37 @@ def _arch_limit(arch: str) -> tuple[str, int]:
     return name, ARCH_SMEM[name]
 
 
+@lru_cache(maxsize=1)
+def _sdpa_providers() -> frozenset[str]:
+    from .sdpa import available_providers
+
+    return frozenset(available_providers())
+
+
 def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
-           seq_len_kv: int | None = None, smem_limit: int | None = None) -> Choice:
+           seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
+           smem_limit: int | None = None, kernel_only: bool = False) -> Choice:
     """The config the rules give a forward call on `arch` (no tensors, no memo, no warnings).
 
-    `smem_limit` defaults to the arch table's planning figure (db.arch.ARCH_SMEM).
+    `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
+    the arch table's planning figure (db.arch.ARCH_SMEM).
     """
-    key = Key(arch, OP, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len)
+    key = Key(arch, OP, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
+              batch_heads=bucket(batch_heads), group=group)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
-    return _resolve(_table_for(key.arch), key.arch, limit, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
-                    key.causal)
+    # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
+    heads_kv = max(1, key.batch_heads // key.group)
+    shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
+    return _resolve(_table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only)
 
 
-def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool) -> Choice:
+def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool, *,
+            kernel_only: bool = False) -> Choice:
     if device.type == "cuda":
-        return _resolve(table, device_arch(device), device_smem_limit(device), shape.seq_q, shape.seq_k,
-                        shape.head_dim, shape.dtype, causal)
+        return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
+                        kernel_only=kernel_only)
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
-    key = _key_or_none(INTERPRETER_ARCH, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype, causal)
+    key = _key_or_none(INTERPRETER_ARCH, shape, causal)
     if table.override is not None:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key)
     config = default_config(INTERPRETER_ARCH, shape.head_dim, shape.dtype)
@@ -386,7 +448,9 @@ def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
         _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
                    f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
                    "re-tune to refresh it")
-    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv)
+    sdpa = choice.provider if choice.provider != KERNEL and q.device.type == "cuda" else None
+    kernel = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
+    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa)
     with _lock:
         if len(table.memo) >= _MEMO_LIMIT:
             table.memo.clear()
@@ -444,17 +508,18 @@ def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-            arch: str | None = None) -> Choice:
+            arch: str | None = None, kernel_only: bool = False) -> Choice:
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it.
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
     runs. By default the tensors' own device decides, and it must be one the kernel runs on.
+    `kernel_only` gives the flashtune kernel's config even where an SDPA backend won the key (what
+    `flashtune bench` times as the kernel).
     """
     causal = check_causal(is_causal, "is_causal")
     if arch is not None:
         shape = check_tensors(q, k, v)
         name, limit = _arch_limit(arch)
-        return _resolve(_table_for(name), name, limit, shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
-                        causal)
-    return _choose(_table, q.device, check_inputs(q, k, v), causal)
+        return _resolve(_table_for(name), name, limit, shape, causal, kernel_only=kernel_only)
+    return _choose(_table, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only)

@@ -36,8 +36,10 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def test_exports() -> None:
-    assert set(kernel.__all__) == {"attention", "dispatch"}
+    assert set(kernel.__all__) == {"attention", "attention_kvcache", "dispatch", "record"}
     assert kernel.attention is api.attention and kernel.dispatch is sys.modules["flashtune.kernel.dispatch"]
+    assert kernel.attention_kvcache is sys.modules["flashtune.kernel.kvcache"].attention_kvcache
+    assert kernel.record is sys.modules["flashtune.kernel.record"]
     q, k, v = qkv(hq=4, hkv=2, nq=24, nk=40)
     plan = kernel.dispatch.plan(q, k, v, True)
     assert (plan.shape.batch, plan.shape.heads_q, plan.shape.heads_kv, plan.shape.seq_q, plan.shape.seq_k,

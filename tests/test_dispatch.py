@@ -38,7 +38,7 @@ def tuned(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
 
 
 def look(n: int, nk: int | None = None, **kw: object) -> dispatch.Choice:
-    args = {"head_dim": 64, "dtype": "float16", "causal": False, **kw}
+    args = {"head_dim": 64, "dtype": "float16", "causal": False, "batch_heads": 1, **kw}
     return dispatch.lookup("sm_90", n, seq_len_kv=nk, **args)  # type: ignore[arg-type]
 
 
@@ -57,19 +57,27 @@ def test_exact_key_wins(tuned: str) -> None:
     (384, C512),
     (1024, C2048),     # tie again (1 and 1): the larger N
     (1000, C512),      # log2(1000/512)=0.97 < log2(2048/1000)=1.03
-    (100_000, C2048),  # above the grid: the largest
+    (4096, C2048),     # twice the largest tuned N: still within the limit (distance 1 + 1)
 ])
 def test_nearest_square_length_in_log_space(tuned: str, n: int, expected: Config) -> None:
     choice = look(n)
     assert (choice.config, choice.source) == (expected, "nearest")
-    assert "nearest tuned length" in choice.reason
+    assert "nearest tuned key" in choice.reason
+
+
+def test_no_extrapolation_past_the_limit(tuned: str) -> None:
+    # Far above the tuned lengths (2048 is the largest): the default, not the largest key's config.
+    for n in (100_000, 8192):
+        choice = look(n)
+        assert choice.source == "default" and "within 2 in log2" in choice.reason
+        assert choice.config == default_config("sm_90", 64, "float16", 227 * 1024)
 
 
 def test_nearest_uses_both_lengths(tuned: str) -> None:
     # (128, 2048): distance to (128, 4096) is 1, to (2048, 2048) is 4, to (128, 128) is 4.
     assert look(128, 2048).config == CROSS
-    # (2048, 128): (128,128) costs 4 + 0 = 4, (2048,2048) costs 0 + 4 = 4: tie, the larger N.
-    assert look(2048, 128).config == C2048
+    # (2048, 128): (128,128) costs 4 + 0 = 4, (2048,2048) costs 0 + 4 = 4: both past the limit.
+    assert look(2048, 128).source == "default"
 
 
 def test_other_groups_do_not_leak(tuned: str) -> None:
@@ -137,8 +145,8 @@ def test_malformed_override_warns_once_and_is_ignored(tuned: str, monkeypatch: p
 
 
 def test_explain_own_device_and_another_arch(tuned: str) -> None:
-    q = torch.randn(2, 4, 512, 64, dtype=torch.float16, device=DEVICE)
-    k = torch.randn(2, 2, 512, 64, dtype=torch.float16, device=DEVICE)
+    q = torch.randn(1, 1, 512, 64, dtype=torch.float16, device=DEVICE)  # B·Hq = 1, group 1: the tuned key's
+    k = torch.randn(1, 1, 512, 64, dtype=torch.float16, device=DEVICE)
     own = dispatch.explain(q, k, k)
     if DEVICE == "cpu":  # CPU tensors never consult the table: the interpreter's nominal-arch default
         assert own.source == "default" and own.arch == dispatch.INTERPRETER_ARCH
@@ -265,3 +273,77 @@ def test_explain_for_an_arch_needs_no_runnable_device(tuned: str, monkeypatch: p
     assert planned.arch == "sm_90" and planned.key is not None and planned.key.dtype == "bfloat16"
     assert planned.source == "default"  # nothing tuned for bf16 in the fixture
     assert planned.config == default_config("sm_90", 64, "bfloat16", 227 * 1024)
+
+
+# --- workload keys: the bucket and the GQA group ------------------------------------------------
+
+@pytest.fixture
+def workload(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
+    a, b, c, g, old = Config(64, 64, 4, 2), Config(128, 64, 8, 3), Config(64, 32, 4, 2), Config(128, 32, 8, 2), \
+        Config(32, 32, 4, 1)
+    url = build_db(tmp_path / "w.db", [
+        (key(1024, bh=16), a, 0.1, KERNEL_VERSION),
+        (key(1024, bh=256), b, 0.9, KERNEL_VERSION),
+        (key(1024, bh=256, group=4), g, 0.9, KERNEL_VERSION),
+        (key(1024, bh=0, d=128), old, 0.9, KERNEL_VERSION),  # a schema-1 winner: no bucket
+    ])
+    dispatch.reload(url, archs=["sm_90"])
+    return url
+
+
+def test_exact_bucket_and_group(workload: str) -> None:
+    assert look(1024, batch_heads=16).config == Config(64, 64, 4, 2)
+    assert look(1024, batch_heads=200).config == Config(128, 64, 8, 3)  # bucket(200) = 256
+    choice = look(1024, batch_heads=256, group=4)
+    assert choice.source == "exact" and choice.config == Config(128, 32, 8, 2)
+    assert choice.key is not None and (choice.key.batch_heads, choice.key.group) == (256, 4)
+
+
+def test_nearest_bucket_and_group_class(workload: str) -> None:
+    assert look(1024, batch_heads=32).config == Config(64, 64, 4, 2)   # 1 from 16, 3 from 256
+    assert look(1024, batch_heads=128).config == Config(128, 64, 8, 3)  # 1 from 256, 3 from 16
+    # GQA calls look among GQA winners only (group class), another group at a small cost.
+    assert look(1024, batch_heads=256, group=8).config == Config(128, 32, 8, 2)
+    assert look(1024, batch_heads=16, group=2).source == "default"  # 4 buckets away: past the limit
+    # A schema-1 winner (no bucket) costs 1 for the unknown bucket, and still serves its neighbours.
+    choice = look(1024, batch_heads=64, head_dim=128)
+    assert choice.source == "nearest" and choice.config == Config(32, 32, 4, 1)
+    assert look(4096, batch_heads=64, head_dim=128).source == "default"  # 2 + 1: past the limit
+
+
+def test_call_key_carries_bucket_and_group() -> None:
+    q = torch.randn(3, 8, 16, 16, device=DEVICE)
+    kv = torch.randn(3, 2, 16, 16, device=DEVICE)
+    choice = dispatch.explain(q, kv, kv, False)
+    assert choice.key is not None and (choice.key.batch_heads, choice.key.group) == (32, 4)  # bucket(24) = 32
+
+
+# --- SDPA backends as winners ----------------------------------------------------------------------
+
+def test_sdpa_winner_routes_to_the_backend_and_kernel_only_gives_the_fallback(tmp_path: Path,
+                                                                             restore_table: None) -> None:  # noqa: F811
+    from flashtune.db.store import Store
+    from flashtune.kernel.sdpa import provider_config
+    from test_dispatch_db import run_info
+
+    url = f"sqlite:///{tmp_path / 'sdpa.db'}"
+    fallback = Config(128, 64, 8, 3)
+    with Store.open(url) as store:
+        run = store.start_run(run_info(arch="sm_90", kernel_version=KERNEL_VERSION))
+        trial = store.record_trial(run, key(4096, d=128, causal=True), provider_config("sdpa_cudnn"), "ok",
+                                   median_ms=1.0)
+        store.offer_winner(trial, kernel_config=fallback)
+        bare = store.record_trial(run, key(1024, d=128, causal=True), provider_config("sdpa_flash"), "ok",
+                                  median_ms=1.0)
+        store.offer_winner(bare)  # no kernel config stored beside it
+    dispatch.reload(url, archs=["sm_90"])
+    choice = look(4096, head_dim=128, causal=True)
+    assert (choice.provider, choice.source, choice.kernel_config) == ("sdpa_cudnn", "exact", fallback)
+    assert "sdpa_cudnn" in choice.reason
+    kernel = look(4096, head_dim=128, causal=True, kernel_only=True)
+    assert (kernel.provider, kernel.config) == ("kernel", fallback)
+    assert look(1024, head_dim=128, causal=True, kernel_only=True).config == default_config(
+        "sm_90", 128, "float16", 227 * 1024)
+    # A CPU call never routes to a backend: the interpreter runs the kernel.
+    q = torch.randn(1, 16, 4096 // 256, 128, device=DEVICE)
+    assert dispatch.plan(q, q, q, True).sdpa is None

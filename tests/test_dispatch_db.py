@@ -40,8 +40,8 @@ def build_db(target: Path | str, entries: Iterable[Entry]) -> str:
 
 
 def key(n: int, *, nk: int | None = None, d: int = 64, dtype: str = "float16", causal: bool = False,
-        arch: str = "sm_90") -> Key:
-    return Key(arch, "fwd", n, d, dtype, causal, seq_len_kv=nk or n)
+        arch: str = "sm_90", bh: int = 1, group: int = 1) -> Key:
+    return Key(arch, "fwd", n, d, dtype, causal, seq_len_kv=nk or n, batch_heads=bh, group=group)
 
 
 @pytest.fixture

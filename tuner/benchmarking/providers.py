@@ -68,9 +68,13 @@ class Provider:
     def build(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Fn:
         """A no-argument callable running this provider on q, k, v (call it inside `context()`)."""
         if self.name == TUNED:
-            from ...kernel.api import attention
+            # The kernel alone, with the config the dispatcher gives it (kernel_only: also where an
+            # SDPA backend won the key), so the kernel's own gap to each backend stays visible.
+            from ...kernel.dispatch import explain
+            from ...kernel.launch import attention_fwd
 
-            return lambda: attention(q, k, v, is_causal=causal)
+            config = explain(q, k, v, causal, kernel_only=True).config
+            return lambda: attention_fwd(q, k, v, causal=causal, config=config)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 

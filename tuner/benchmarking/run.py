@@ -109,8 +109,11 @@ def _free_bytes(device: torch.device) -> int | None:
 def _tuned_note(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str:
     from ...kernel.dispatch import explain
 
-    choice = explain(q, k, v, is_causal=causal)
-    return f"{choice.config} ({choice.source})"
+    choice = explain(q, k, v, is_causal=causal, kernel_only=True)
+    routed = explain(q, k, v, is_causal=causal)
+    # attention() may run an SDPA backend that won this key; the row times the kernel alone.
+    return f"{choice.config} ({choice.source})" + (f"; attention() runs {routed.provider}"
+                                                   if routed.provider != "kernel" else "")
 
 
 def make_inputs(shape: BenchShape, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
