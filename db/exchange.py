@@ -178,9 +178,7 @@ def _version(package: str) -> str:
 
 def _winner_dict(w: Winner) -> dict[str, Any]:
     k, c = w.key, w.config
-    return {"key": {"arch": k.arch, "op": k.op, "seq_len": k.seq_len, "seq_len_kv": k.seq_len_kv,
-                    "head_dim": k.head_dim, "dtype": k.dtype, "causal": k.causal,
-                    "batch_heads": k.batch_heads, "group": k.group},
+    return {"key": key_to_dict(k),
             "config": {"block_m": c.block_m, "block_n": c.block_n, "num_warps": c.num_warps,
                        "num_stages": c.num_stages, "extra": c.extra_dict},
             "median_ms": w.median_ms, "tflops": w.tflops,
@@ -189,6 +187,13 @@ def _winner_dict(w: Winner) -> dict[str, Any]:
                            "triton_version": w.triton_version, "torch_version": w.torch_version,
                            "host": w.host, "measured_at": w.measured_at},
             "kernel_config": None if w.kernel_config is None else str(w.kernel_config)}
+
+
+def key_to_dict(key: Key) -> dict[str, Any]:
+    """A key in the exchange file's JSON shape (also `flashtune show --recorded --json`)."""
+    return {"arch": key.arch, "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv,
+            "head_dim": key.head_dim, "dtype": key.dtype, "causal": key.causal,
+            "batch_heads": key.batch_heads, "group": key.group}
 
 
 def winner_to_dict(winner: Winner) -> dict[str, Any]:
@@ -499,7 +504,7 @@ def import_file(store: Store, path: str | Path, policy: str = "faster", dry_run:
     return merge(store, winners, policy=policy, dry_run=dry_run, source=str(path))
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "POLICIES", "ExchangeFileError",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "POLICIES", "ExchangeFileError", "key_to_dict",
            "ExportDocument", "ImportItem", "ImportReport", "decide",
            "dump_document", "export_winners", "import_file", "merge", "plan_import", "read_document",
            "winner_to_dict"]

@@ -72,4 +72,5 @@ def run_sdpa(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
 def is_refusal(error: BaseException) -> bool:
     """Whether `error` is an SDPA backend declining these inputs (not a failure of the inputs)."""
-    return isinstance(error, RuntimeError) and "no available kernel" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("no available kernel" in text or "no viable backend" in text)

@@ -13,6 +13,7 @@ import click
 from ...db import exchange
 from ...db.paths import default_url, mask_url, sqlite_path
 from ...db.store import Store, Winner, migrate_database
+from ...db.types import Config, Key
 
 from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo_json, echo_table, handle_errors,
                      json_option)
@@ -25,16 +26,44 @@ def _url(db_url: str | None) -> str:
 
 # --- show --------------------------------------------------------------------------------------
 
-def _row(w: Winner) -> list[str]:
-    k = w.key
+def _key_cells(k: Key) -> list[str]:
     n = str(k.seq_len) if k.seq_len == k.seq_len_kv else f"{k.seq_len}x{k.seq_len_kv}"
-    return [k.arch, k.op, n, str(k.head_dim), k.dtype, "yes" if k.causal else "no", str(w.config),
-            f"{w.median_ms:.4f}", "" if w.tflops is None else f"{w.tflops:.1f}", w.gpu_name,
-            w.kernel_version[:12], w.measured_at.strftime("%Y-%m-%d %H:%M")]
+    return [k.arch, k.op, n, str(k.head_dim), k.dtype, "yes" if k.causal else "no",
+            str(k.batch_heads) if k.batch_heads else "-", str(k.group)]
 
 
-_HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "config", "ms", "TFLOP/s", "GPU",
-            "kernel", "measured (UTC)"]
+_KEY_HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "B·H", "group"]
+
+
+def _row(w: Winner) -> list[str]:
+    provider = provider_name(w.config)
+    config = str(w.kernel_config or "") if provider != "kernel" else str(w.config)
+    return [*_key_cells(w.key), provider, config, f"{w.median_ms:.4f}", "" if w.tflops is None else f"{w.tflops:.1f}",
+            w.gpu_name, w.kernel_version[:12], w.measured_at.strftime("%Y-%m-%d %H:%M")]
+
+
+_HEADERS = [*_KEY_HEADERS, "provider", "config (kernel)", "ms", "TFLOP/s", "GPU", "kernel", "measured (UTC)"]
+
+
+def provider_name(config: Config) -> str:
+    """Which implementation a stored config stands for: "kernel" or an SDPA backend (its `provider` knob)."""
+    return str(config.extra_dict.get("provider", "kernel"))
+
+
+def _show_recorded(db_url: str | None, arch: str | None, as_json: bool) -> None:
+    with Store.open(_url(db_url), create=False) as store:
+        recorded = store.recorded(arch)
+        where = store.display_url
+    if as_json:
+        echo_json([{**exchange.key_to_dict(r.key), "calls": r.calls, "first_seen": r.first_seen.isoformat(),
+                    "last_seen": r.last_seen.isoformat()} for r in recorded])
+        return
+    if not recorded:
+        click.echo(f"no recorded shapes in {where} (run the app with FLASHTUNE_RECORD=1)")
+        return
+    echo_table([*_KEY_HEADERS, "calls", "last seen (UTC)"],
+               [[*_key_cells(r.key), str(r.calls), r.last_seen.strftime("%Y-%m-%d %H:%M")] for r in recorded],
+               right=["N", "D", "B·H", "group", "calls"], title=f"{len(recorded)} recorded key(s) in {where}")
 
 
 @click.command("show")
@@ -44,11 +73,15 @@ _HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "config", "ms", "TFLOP/s"
 @click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
 @click.option("--head-dim", type=HEAD_DIM, default=None, help="Only this head dim.")
 @causal_option()
+@click.option("--recorded", is_flag=True, help="List the keys apps ran under FLASHTUNE_RECORD=1 instead, most-called first.")
 @json_option
 @handle_errors
 def show(db_url: str | None, arch: str | None, op: str | None, dtype: str | None,
-         head_dim: int | None, causal: tuple[bool, ...], as_json: bool) -> None:
-    """List the stored winners."""
+         head_dim: int | None, causal: tuple[bool, ...], recorded: bool, as_json: bool) -> None:
+    """List the stored winners (which provider won each key), or with --recorded the recorded shapes."""
+    if recorded:
+        _show_recorded(db_url, arch, as_json)
+        return
     with Store.open(_url(db_url), create=False) as store:
         winners = store.winners(arch, op=op, dtype=dtype, head_dim=head_dim,
                                 causal=causal[0] if len(causal) == 1 else None)
@@ -59,7 +92,7 @@ def show(db_url: str | None, arch: str | None, op: str | None, dtype: str | None
     if not winners:
         click.echo(f"no winners in {where} match")
         return
-    echo_table(_HEADERS, [_row(w) for w in winners], right=["N", "D", "ms", "TFLOP/s"],
+    echo_table(_HEADERS, [_row(w) for w in winners], right=["N", "D", "B·H", "group", "ms", "TFLOP/s"],
                title=f"{len(winners)} winner(s) in {where}")
 
 
