@@ -1,0 +1,232 @@
+"""Issue 11's hold-out: realistic shapes outside the card's grid, recorded and tuned the way a user would.
+
+    FLASHTUNE_DB=sqlite:///h.db python bench/holdout.py record          # FLASHTUNE_RECORD=1 set inside
+    FLASHTUNE_DB=sqlite:///h.db tune --recorded                         # tunes exactly those keys
+    FLASHTUNE_DB=sqlite:///h.db python bench/holdout.py report --out bench/results
+
+`report` times, per shape and in one process: `attention()` (the dispatcher's choice: the tuned kernel
+config or an SDPA backend), the kernel with its default config, the kernel with the tuned kernel
+config (the winner's kernel fallback when an SDPA backend won), and torch SDPA's flash, cuDNN and
+efficient backends. It prints tuned/default and attention()/best-SDPA per shape and writes JSON.
+`--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One hold-out call: q (B, Hq, N, D), k/v (B, Hkv, N, D)."""
+
+    name: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_len: int
+    head_dim: int
+    dtype: str
+    causal: bool
+
+    @property
+    def flops(self) -> float:
+        flops = 4.0 * self.batch * self.heads_q * self.seq_len * self.seq_len * self.head_dim
+        return flops / 2 if self.causal else flops
+
+
+def _s(name: str, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool) -> Shape:
+    return Shape(name, b, hq, hkv, n, d, dtype, causal)
+
+
+# Realistic shapes, none of them a key of the card's grid at its default buckets.
+SHAPES: tuple[Shape, ...] = (
+    _s("train 16k tok", 4, 16, 16, 4096, 128, "float16", True),
+    _s("train 16k tok", 4, 16, 16, 4096, 128, "bfloat16", True),
+    _s("train 16k tok", 8, 32, 32, 2048, 64, "bfloat16", True),
+    _s("train 16k tok", 2, 32, 32, 8192, 128, "bfloat16", True),
+    _s("train 16k tok D64", 4, 32, 32, 4096, 64, "float16", True),
+    _s("prefill GQA", 1, 32, 8, 1024, 128, "bfloat16", True),
+    _s("prefill GQA", 1, 32, 8, 2048, 128, "bfloat16", True),
+    _s("prefill GQA", 1, 32, 8, 4096, 128, "bfloat16", True),
+    _s("prefill GQA", 1, 32, 8, 8192, 128, "bfloat16", True),
+    _s("prefill GQA", 1, 32, 8, 16384, 128, "bfloat16", True),
+    _s("prefill GQA", 1, 32, 8, 32768, 128, "bfloat16", True),
+    _s("prefill GQA odd N", 1, 32, 8, 3000, 128, "bfloat16", True),
+    _s("prefill GQA odd N", 1, 32, 8, 1500, 128, "float16", True),
+    _s("prefill GQA 64:8", 1, 64, 8, 8192, 128, "float16", True),
+    _s("batch prefill GQA", 4, 32, 8, 2048, 128, "bfloat16", True),
+    _s("batch prefill GQA", 16, 32, 8, 512, 128, "bfloat16", True),
+    _s("encoder", 16, 16, 16, 512, 64, "float16", False),
+    _s("BERT batch", 64, 12, 12, 256, 64, "float16", False),
+    _s("encoder long", 32, 16, 16, 1024, 64, "float16", False),
+    _s("one seq D64", 1, 16, 16, 4096, 64, "float16", False),
+    _s("ViT", 8, 12, 12, 197, 64, "float16", False),
+    _s("ViT-L", 32, 16, 16, 257, 64, "bfloat16", False),
+    _s("full D128", 2, 16, 16, 4096, 128, "float16", False),
+    _s("full D128", 8, 8, 8, 1024, 128, "bfloat16", False),
+    _s("one seq D64 causal", 1, 32, 32, 8192, 64, "bfloat16", True),
+    _s("small batch causal", 2, 16, 16, 1024, 64, "float16", True),
+)
+SMOKE: tuple[Shape, ...] = (
+    _s("smoke", 1, 2, 2, 48, 16, "float32", True),
+    _s("smoke GQA", 2, 4, 2, 40, 16, "float32", False),
+)
+
+
+def _inputs(shape: Shape, device: str, seed: int):
+    import torch
+
+    dtype = getattr(torch, shape.dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(h: int):
+        return torch.randn(shape.batch, h, shape.seq_len, shape.head_dim, generator=gen, device=device,
+                           dtype=dtype)
+
+    return draw(shape.heads_q), draw(shape.heads_kv), draw(shape.heads_kv)
+
+
+def record(shapes: tuple[Shape, ...], device: str) -> None:
+    """Run each shape through attention() a few times with recording on, then flush."""
+    os.environ["FLASHTUNE_RECORD"] = "1"
+    import torch
+
+    from flashtune.kernel import attention, record as rec
+
+    for i, shape in enumerate(shapes):
+        q, k, v = _inputs(shape, device, i)
+        with torch.no_grad():
+            for _ in range(3 if device == "cuda" else 1):
+                attention(q, k, v, is_causal=shape.causal, enable_gqa=shape.heads_q != shape.heads_kv)
+    written = rec.flush()
+    print(f"recorded {written} key(s) from {len(shapes)} shape(s)")
+
+
+def _timer(device: str):
+    import torch
+
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def wall(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    del torch
+    return wall
+
+
+def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
+    """Time attention(), the default and tuned kernel configs and SDPA's backends per shape."""
+    import torch
+
+    from flashtune.kernel import attention, dispatch
+    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.device import device_arch, device_smem_limit
+    from flashtune.kernel.launch import attention_fwd
+    from flashtune.kernel.reference import fp32_reference, output_errors
+    from flashtune.kernel.sdpa import available_providers, is_refusal, run_sdpa
+
+    timer = _timer(device)
+    rows = []
+    for i, shape in enumerate(shapes):
+        q, k, v = _inputs(shape, device, 1000 + i)
+        gqa = shape.heads_q != shape.heads_kv
+        choice = dispatch.explain(q, k, v, is_causal=shape.causal)
+        kernel_choice = dispatch.explain(q, k, v, is_causal=shape.causal, kernel_only=True)
+        if device == "cuda":
+            default = default_config(device_arch(q.device), shape.head_dim, shape.dtype, device_smem_limit(q.device))
+        else:
+            default = default_config("sm_80", shape.head_dim, shape.dtype)
+        ref = fp32_reference(q, k.repeat_interleave(shape.heads_q // shape.heads_kv, 1),
+                             v.repeat_interleave(shape.heads_q // shape.heads_kv, 1), shape.causal)
+        fns = {
+            "attention": lambda: attention(q, k, v, is_causal=shape.causal, enable_gqa=gqa),
+            "kernel_default": lambda: attention_fwd(q, k, v, causal=shape.causal, config=default),
+            "kernel_tuned": lambda: attention_fwd(q, k, v, causal=shape.causal, config=kernel_choice.config),
+        }
+        if device == "cuda":
+            for provider in available_providers():
+                fns[provider] = lambda p=provider: run_sdpa(p, q, k, v, causal=shape.causal, scale=None)
+        times: dict[str, float | None] = {}
+        errors: dict[str, float] = {}
+        with torch.no_grad():
+            for name, fn in fns.items():
+                try:
+                    errors[name] = output_errors(fn(), ref)[1]
+                    times[name] = timer(fn)
+                except Exception as exc:  # noqa: BLE001 - a refused backend is a row, not the end
+                    times[name] = None
+                    if not is_refusal(exc):
+                        print(f"  {shape.name}: {name} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        sdpa = [t for p, t in times.items() if p.startswith("sdpa_") and t]
+        best_sdpa = min(sdpa) if sdpa else None
+        row = {**asdict(shape), "choice": str(choice.config), "source": choice.source,
+               "kernel_config": str(kernel_choice.config), "default": str(default), "times_ms": times,
+               "rel_err": errors,
+               "tflops_attention": shape.flops / (times["attention"] * 1e-3) / 1e12 if times["attention"] else None,
+               "tuned_over_default": (times["kernel_default"] / times["kernel_tuned"]
+                                      if times["kernel_default"] and times["kernel_tuned"] else None),
+               "attention_over_default": (times["kernel_default"] / times["attention"]
+                                          if times["kernel_default"] and times["attention"] else None),
+               "attention_over_best_sdpa": (best_sdpa / times["attention"]
+                                            if best_sdpa and times["attention"] else None)}
+        rows.append(row)
+        print(f"[{i + 1}/{len(shapes)}] {shape.name} B={shape.batch} H={shape.heads_q}/{shape.heads_kv} "
+              f"N={shape.seq_len} D={shape.head_dim} {shape.dtype} {'causal' if shape.causal else 'full'}: "
+              f"{choice.config} ({choice.source})", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "holdout_report.json").write_text(json.dumps(rows, indent=1))
+    _table(rows)
+    return rows
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(rows: list[dict]) -> None:
+    print(f"\n{'shape':<22} {'B':>3} {'Hq/Hkv':>6} {'N':>6} {'D':>4} {'dtype':<8} {'c':<1} "
+          f"{'choice':<34} {'TFLOP/s':>7} {'tuned/def':>9} {'attn/def':>8} {'attn/SDPA':>9}")
+    for r in rows:
+        print(f"{r['name']:<22} {r['batch']:>3} {r['heads_q']:>3}/{r['heads_kv']:<2} {r['seq_len']:>6} "
+              f"{r['head_dim']:>4} {r['dtype']:<8} {'y' if r['causal'] else 'n'} {r['choice'][:34]:<34} "
+              f"{_fmt(r['tflops_attention'], '.0f'):>7} {_fmt(r['tuned_over_default']):>9} "
+              f"{_fmt(r['attention_over_default']):>8} {_fmt(r['attention_over_best_sdpa']):>9}")
+    for field in ("tuned_over_default", "attention_over_default", "attention_over_best_sdpa"):
+        values = [r[field] for r in rows if r[field]]
+        if values:
+            geo = math.exp(sum(map(math.log, values)) / len(values))
+            print(f"{field}: min {min(values):.3f}, geomean {geo:.3f}, max {max(values):.3f} over {len(values)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=("record", "report"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    shapes = SMOKE if args.smoke else SHAPES
+    device = "cpu" if args.smoke else "cuda"
+    if args.step == "record":
+        record(shapes, device)
+    else:
+        report(shapes, device, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
