@@ -317,7 +317,7 @@ def test_bench_db_option_points_the_dispatcher_at_that_database(tmp_path, kernel
     stored = Config(16, 16, 1, 1)
     with Store.open(url) as store:
         run = store.start_run(run_info(arch=INTERPRETER_ARCH))
-        store.offer_winner(store.record_trial(run, Key(INTERPRETER_ARCH, "fwd", 32, 16, "float32", True), stored,
+        store.offer_winner(store.record_trial(run, Key(INTERPRETER_ARCH, "fwd", 32, 16, "float32", True, batch_heads=1), stored,
                                               "ok", median_ms=0.5))
     assert dispatch.lookup(INTERPRETER_ARCH, 32, 16, "float32", True).source != "exact"
     try:
