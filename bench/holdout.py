@@ -37,8 +37,9 @@ class Shape:
 
     @property
     def flops(self) -> float:
-        flops = 4.0 * self.batch * self.heads_q * self.seq_len * self.seq_len * self.head_dim
-        return flops / 2 if self.causal else flops
+        from flashtune.kernel.reference import attention_flops
+
+        return attention_flops(self.batch * self.heads_q, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
 
 def _s(name: str, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal: bool) -> Shape:
@@ -135,7 +136,7 @@ def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
     from flashtune.kernel.defaults import default_config
     from flashtune.kernel.device import device_arch, device_smem_limit
     from flashtune.kernel.launch import attention_fwd
-    from flashtune.kernel.reference import fp32_reference, output_errors
+    from flashtune.kernel.reference import fp32_reference, output_errors, tflops
     from flashtune.kernel.sdpa import available_providers, is_refusal, run_sdpa
 
     timer = _timer(device)
@@ -175,7 +176,7 @@ def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
         row = {**asdict(shape), "choice": str(choice.config), "source": choice.source,
                "kernel_config": str(kernel_choice.config), "default": str(default), "times_ms": times,
                "rel_err": errors,
-               "tflops_attention": shape.flops / (times["attention"] * 1e-3) / 1e12 if times["attention"] else None,
+               "tflops_attention": tflops(shape.flops, times["attention"]) if times["attention"] else None,
                "tuned_over_default": (times["kernel_default"] / times["kernel_tuned"]
                                       if times["kernel_default"] and times["kernel_tuned"] else None),
                "attention_over_default": (times["kernel_default"] / times["attention"]

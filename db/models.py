@@ -76,8 +76,8 @@ class Base(DeclarativeBase):
     pass
 
 
-class KeyConfigColumns:
-    """The key (KEY_COLUMNS) and the config (CONFIG_COLUMNS) that trials and winners both carry."""
+class KeyColumns:
+    """The key (KEY_COLUMNS): trials, winners and recorded shapes all carry it."""
 
     arch: Mapped[str] = mapped_column(String(16))
     op: Mapped[str] = mapped_column(String(8))
@@ -88,6 +88,11 @@ class KeyConfigColumns:
     causal: Mapped[bool] = mapped_column(Flag)
     batch_heads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     group: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # quoted in SQL: a keyword
+
+
+class KeyConfigColumns(KeyColumns):
+    """The key (KEY_COLUMNS) and the config (CONFIG_COLUMNS) that trials and winners both carry."""
+
     block_m: Mapped[int] = mapped_column(Integer)
     block_n: Mapped[int] = mapped_column(Integer)
     num_warps: Mapped[int] = mapped_column(Integer)
@@ -178,22 +183,13 @@ class WinnerRow(KeyConfigColumns, Base):
         ForeignKey("flashtune_trials.id", ondelete="SET NULL"), nullable=True, index=True)
 
 
-class RecordedRow(Base):
+class RecordedRow(KeyColumns, Base):
     """A key that an app's calls resolved to under FLASHTUNE_RECORD=1, and how often."""
 
     __tablename__ = "flashtune_recorded"
     __table_args__ = (UniqueConstraint(*KEY_COLUMNS, name="uq_flashtune_recorded_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    arch: Mapped[str] = mapped_column(String(16))
-    op: Mapped[str] = mapped_column(String(8))
-    seq_len: Mapped[int] = mapped_column(Integer)
-    seq_len_kv: Mapped[int] = mapped_column(Integer)
-    head_dim: Mapped[int] = mapped_column(Integer)
-    dtype: Mapped[str] = mapped_column(String(16))
-    causal: Mapped[bool] = mapped_column(Flag)
-    batch_heads: Mapped[int] = mapped_column(Integer)
-    group: Mapped[int] = mapped_column(Integer)
     calls: Mapped[int] = mapped_column(BigInteger)
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -16,8 +16,7 @@ from ..db.types import Config
 from . import device as _device
 from .decode import (SPLITS_KNOB, DecodePlan, combine_block_s, combine_warps, decode_combine_kernel,
                      decode_split_kernel, default_decode_config, estimate_decode_smem, plan_decode)
-from .dtypes import DTYPE_NAMES
-from .launch import AttnShape, check_scale
+from .launch import AttnShape, check_qkv, check_runnable, check_scale, needs_grad
 
 __all__ = ["KVCACHE_HEAD_DIMS", "attention_kvcache", "check_cache_seqlens", "check_decode_config",
            "check_kvcache_inputs", "decode_config_for", "decode_partials", "launch_decode"]
@@ -37,56 +36,15 @@ def check_kvcache_inputs(q: Any, k_cache: Any, v_cache: Any) -> AttnShape:
     AttnShape.seq_k is Nmax. Raises TypeError for non-tensors, layouts and dtypes, ValueError for
     devices, ranks, sizes and head dims; the message names the argument, the value and what is accepted.
     """
-    tensors = (q, k_cache, v_cache)
-    for name, t in zip(_NAMES, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
-        if t.is_nested or t.layout is not torch.strided:
-            raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs "
-                            "dense (strided) tensors")
-        if t.dim() != 4:
-            layout = "(batch, heads, seq_len, head_dim)" if name == "q" else "(batch, heads_kv, max_seq_len, head_dim)"
-            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPE_NAMES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if not (q.device == k_cache.device == v_cache.device):
-        raise ValueError(f"q, k_cache, v_cache must be on one device, got {q.device}, {k_cache.device}, "
-                         f"{v_cache.device}")
-    if q.device.type != "cuda":
-        if not (q.device.type == "cpu" and _device.INTERPRET):
-            raise ValueError(f"q, k_cache, v_cache are on {q.device}: the kernel needs CUDA tensors "
-                             "(CPU tensors run only under TRITON_INTERPRET=1)")
-        if q.dtype == torch.bfloat16:
-            raise TypeError("bfloat16 on CPU is not supported: the Triton interpreter computes bf16 dots wrongly "
-                            "(numpy has no bfloat16); use float16 or float32 on CPU, bfloat16 on CUDA")
-    b, hq, nq, d = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    bk, hkv, nmax, dk = k_cache.shape
-    if bk != b:
-        raise ValueError(f"batch size differs: q has {b}, k_cache and v_cache have {bk}")
-    if dk != d:
-        raise ValueError(f"head dim differs: q has {d}, k_cache and v_cache have {dk}")
-    if d not in KVCACHE_HEAD_DIMS:
-        raise ValueError(f"unsupported head dim {d}: supported are the multiples of 8 from 8 to 256")
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        # Offsets inside one (batch, head) slice are 32-bit in the kernel's inner loop.
-        if (t.shape[2] - 1) * t.stride(2) + (d - 1) * t.stride(3) > _INT32_MAX:
-            raise ValueError(f"{name} spans more than 2**31 elements within one head "
-                             f"(shape {tuple(t.shape)}, strides {t.stride()}): split the cache")
+    shape = check_qkv(q, k_cache, v_cache, names=_NAMES, head_dims=KVCACHE_HEAD_DIMS,
+                      head_dims_text="the multiples of 8 from 8 to 256")
+    check_runnable(q, ", ".join(_NAMES))
+    b, hq, nq = shape.batch, shape.heads_q, shape.seq_q
     if b * hq * nq > _INT32_MAX:
         # Only broadcast (stride-0) inputs get here: real memory runs out long before.
         raise ValueError(f"q of shape {tuple(q.shape)} has more than 2**31-1 rows (batch x heads x queries), "
                          "CUDA's grid limit for the combine pass: split the batch")
-    return AttnShape(b, hq, hkv, nq, nmax, d, DTYPE_NAMES[q.dtype])
+    return shape
 
 
 def _lengths_checkable(t: torch.Tensor) -> bool:
@@ -242,10 +200,6 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return o, (first, second)
 
 
-def _needs_grad(*tensors: Any) -> bool:
-    return any(getattr(t, "requires_grad", False) for t in tensors)
-
-
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                       cache_seqlens: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
                       config: Config | None = None) -> torch.Tensor:
@@ -262,7 +216,7 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     torch.compile tracing; the kernel clamps lengths to [0, Nmax] either way, so no value reads
     outside the cache. Inputs that require grad under grad mode raise NotImplementedError.
     """
-    if torch.is_grad_enabled() and _needs_grad(q, k_cache, v_cache):
+    if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
                                   "(call it under torch.no_grad() or torch.inference_mode())")
     shape = check_kvcache_inputs(q, k_cache, v_cache)

@@ -43,15 +43,16 @@ class AttnShape:
         return self.heads_q // self.heads_kv
 
 
-def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
-    """Validate q, k, v of layout (batch, heads, seq, head_dim), any strides; return their sizes.
+def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v"),
+              head_dims: tuple[int, ...] = HEAD_DIMS, head_dims_text: str | None = None) -> AttnShape:
+    """Validate q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D), any strides, named `names` in messages; their sizes.
 
-    What planning needs (dispatch.explain for another arch): it does not ask whether this machine
-    can run them; check_inputs does. Raises TypeError for non-tensors, layouts and unsupported or
-    mismatched dtypes, ValueError for devices, ranks, sizes and head dims; the message names the
-    argument, the value and what is accepted.
+    The checks every entry point shares (the forward, the KV-cache path): tensors, dense layouts,
+    rank, dtype, non-empty, one dtype and device, matching batch/head dim/K-V shapes, a head dim in
+    `head_dims`, Hq a multiple of Hkv, and 32-bit offsets inside one (batch, head) slice. TypeError
+    for types, layouts and dtypes, ValueError for the rest; the message names the argument.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
@@ -64,32 +65,46 @@ def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
+    listed = ", ".join(names)
+    nq_, nk_, nv_ = names
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{listed} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{listed} must be on one device, got {q.device}, {k.device}, {v.device}")
     b, hq, nq, d = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{nk_} and {nv_} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     bk, hkv, nk, dk = k.shape
     if bk != b:
-        raise ValueError(f"batch size differs: q has {b}, k and v have {bk}")
+        raise ValueError(f"batch size differs: {nq_} has {b}, {nk_} and {nv_} have {bk}")
     if dk != d:
-        raise ValueError(f"head dim differs: q has {d}, k and v have {dk}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"unsupported head dim {d}: supported {', '.join(map(str, HEAD_DIMS))}")
+        raise ValueError(f"head dim differs: {nq_} has {d}, {nk_} and {nv_} have {dk}")
+    if d not in head_dims:
+        raise ValueError(f"unsupported head dim {d}: supported {head_dims_text or ', '.join(map(str, head_dims))}")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        # Offsets inside one (batch, head) slice are 32-bit in the kernel.
+    for name, t in zip(names, (q, k, v)):
+        # Offsets inside one (batch, head) slice are 32-bit in the kernels.
         if (t.shape[2] - 1) * t.stride(2) + (d - 1) * t.stride(3) > _INT32_MAX:
             raise ValueError(f"{name} spans more than 2**31 elements within one head "
                              f"(shape {tuple(t.shape)}, strides {t.stride()}): split the sequence")
-    if fwd_grid(b, hq, nq, _MIN_BLOCK_M)[0] > GRID_X_MAX:
+    return AttnShape(b, hq, hkv, nq, nk, d, DTYPE_NAMES[q.dtype])
+
+
+def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
+    """Validate q, k, v of layout (batch, heads, seq, head_dim), any strides; return their sizes.
+
+    What planning needs (dispatch.explain for another arch): it does not ask whether this machine
+    can run them; check_inputs does. Raises TypeError for non-tensors, layouts and unsupported or
+    mismatched dtypes, ValueError for devices, ranks, sizes and head dims; the message names the
+    argument, the value and what is accepted.
+    """
+    shape = check_qkv(q, k, v)
+    if fwd_grid(shape.batch, shape.heads_q, shape.seq_q, _MIN_BLOCK_M)[0] > GRID_X_MAX:
         # Only broadcast (stride-0) inputs get here: real memory runs out long before.
         raise ValueError(f"q of shape {tuple(q.shape)} needs more than 2**31-1 programs (batch x heads x "
                          f"query blocks of {_MIN_BLOCK_M} rows), CUDA's grid limit: split the batch")
-    return AttnShape(b, hq, hkv, nq, nk, d, DTYPE_NAMES[q.dtype])
+    return shape
 
 
 def check_runnable(t: torch.Tensor, names: str = "q, k, v") -> None:
