@@ -146,3 +146,29 @@ def test_sdpa_provider_configs_run_on_the_cpu_or_are_refused_trials(kernel_devic
     for name in ("sdpa_cudnn", "sdpa_efficient"):
         assert got[name].outcome == "compile_error" and got[name].median_ms is None
         assert f"torch SDPA {name}" in got[name].error or f"torch refused the {name} backend" in got[name].error
+
+
+def test_careful_candidates_are_validated_again_on_a_second_input(kernel_device):
+    """The careful pass checks every candidate again on a second input, drawn with the next seed, before
+    it is timed: a config right on one input only never becomes a winner. (The check itself is the
+    same `_check` the first input gets; what this test pins is that the second, different draw happens.)"""
+    from flashtune.tuner.bench import KeyInputs
+
+    key = Key("sm_90", "fwd", 24, 16, "float32", False, batch_heads=2)
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2), seed=5)
+    first = KeyInputs.build(key, 2, kernel_device, 5)
+    drawn = []
+    original = KeyInputs.build
+
+    def spy(k, bh, device, seed=0):  # records which seeds the bench draws; the inputs are real
+        drawn.append(seed)
+        return original(k, bh, device, seed)
+
+    KeyInputs.build = staticmethod(spy)  # type: ignore[method-assign]
+    try:
+        results = list(bench.measure(key, 2, SMALL[:2], careful=True))
+    finally:
+        KeyInputs.build = original  # type: ignore[method-assign]
+    assert drawn == [5, 6] and all(m.outcome == "ok" for m in results)
+    second = KeyInputs.build(key, 2, kernel_device, 6)
+    assert not torch.equal(first.q, second.q)  # a different draw, so the second check can fail alone

@@ -182,6 +182,10 @@ class LocalBench:
                 [ms] = self._time(inputs, [config], warmup, reps)
                 yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s)
         if ready:
+            ready = list(self._revalidated(key, batch_heads, ready))
+            yield from (m for m in ready if isinstance(m, Measurement))
+            ready = [r for r in ready if not isinstance(r, Measurement)]
+        if ready:
             # The first config (the loop puts the default there) is timed twice, as two interleaved
             # entries: how far apart its two medians land is the noise of this very pass.
             configs = [c for c, _ in ready]
@@ -189,6 +193,33 @@ class LocalBench:
             noise = abs(times[0] - times[-1]) / min(times[0], times[-1]) if min(times[0], times[-1]) > 0 else None
             for i, ((config, compile_s), ms) in enumerate(zip(ready, times)):
                 yield Measurement(config, "ok", median_ms=ms, compile_s=compile_s, noise=noise if i == 0 else None)
+
+    def _revalidated(self, key: Key, batch_heads: int, ready: Sequence[tuple[Config, float]]
+                     ) -> Iterator[tuple[Config, float] | Measurement]:
+        """The careful pass's candidates checked once more on a second random input (another seed)
+        before any of them can be timed, stored or win: a miscompile that happens to pass on one
+        input (a race, a wrong mask on some rows) is caught here. Each comes back as it was, or as a
+        `wrong_result` Measurement."""
+        second = KeyInputs.build(key, batch_heads, self.device, self.seed + 1)
+        try:
+            for config, compile_s in ready:
+                try:
+                    out, _ = second.run(config)
+                    self._sync([config])
+                except Exception as error:  # noqa: BLE001 - it ran on the first input: any failure now is wrong
+                    if is_sticky_cuda_error(error):
+                        raise CudaContextLost([config], error) from error
+                    yield Measurement(config, "wrong_result", compile_s=compile_s,
+                                      error=f"second input: {trial_error_text(error)}")
+                    continue
+                failed = self._check(second, config, out, compile_s, None)
+                if failed is not None:
+                    yield Measurement(config, "wrong_result", compile_s=compile_s,
+                                      error=f"second input (seed {self.seed + 1}): {failed.error}")
+                else:
+                    yield config, compile_s
+        finally:
+            del second
 
     def _first_launches(self, inputs: KeyInputs, configs: Sequence[Config]
                         ) -> Iterator[tuple[Config, torch.Tensor | None, float, BaseException | None]]:
