@@ -223,3 +223,19 @@ def test_tune_recorded_tunes_exactly_the_recorded_keys_most_called_first(stand_i
     assert "skipping 1 recorded key(s) not for sm_80 fwd" in result.stderr
     with Store.open(url, create=False) as store:
         assert {w.key for w in store.winners("sm_80")} == {tiny_key(bh=1), tiny_key(bh=2)}
+
+
+def test_dry_run_lists_the_tma_variants_on_sm90_only() -> None:
+    from click.testing import CliRunner
+
+    from flashtune.tuner.cli import main as cli_main
+
+    hopper = CliRunner().invoke(cli_main, ["tune", "--dry-run", "--arch", "sm_90", "--seq", "1024", "--head-dim",
+                                           "128", "--dtype", "fp16", "--json"])
+    assert hopper.exit_code == 0, hopper.output
+    [group] = json.loads(hopper.stdout)["groups"]
+    assert group["variants"] and all('"loads":"tma"' in v["config"] for v in group["variants"])
+    assert all(v["smem"] <= 227 * 1024 for v in group["variants"])
+    ampere = CliRunner().invoke(cli_main, ["tune", "--dry-run", "--arch", "sm_86", "--seq", "1024", "--head-dim",
+                                           "128", "--dtype", "fp16", "--json"])
+    assert ampere.exit_code == 0 and json.loads(ampere.stdout)["groups"][0]["variants"] == []

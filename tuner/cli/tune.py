@@ -91,7 +91,8 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
     read from the database for the planned arch) each key and the size of its candidate list."""
     from ..gpu import NoGpuError, detect_gpu, planned_gpu
     from ..session import provider_configs, session_space
-    from ..space import plan
+    from ..space import plan, variant_candidates
+    from ...db.smem import estimate_smem
 
     try:
         here = detect_gpu()
@@ -111,8 +112,12 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
                 entries = plan(head_dim, dtype, gpu.smem_limit, arch=gpu.arch)
                 over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
                 kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
+                # The other kernel variants (TMA, sm_90 on): causal keys' list, the superset.
+                variants = [{"config": str(c), "smem": estimate_smem(c, head_dim, dtype, gpu.arch)}
+                            for c in variant_candidates(head_dim, dtype, True, gpu.smem_limit, arch=gpu.arch)]
                 groups.append({"head_dim": head_dim, "dtype": dtype, "configs": kept, "space": len(entries),
-                               "dropped_smem": over, "dropped_other": len(entries) - len(kept) - over})
+                               "dropped_smem": over, "dropped_other": len(entries) - len(kept) - over,
+                               "variants": variants})
         if as_json:
             echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
                        "providers": providers, "groups": groups})
@@ -124,6 +129,11 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
                        f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)")
             echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
                        right=["smem KB"])
+            click.echo(f"D={g['head_dim']} {g['dtype']}: {len(g['variants'])} tensor-descriptor (TMA) variant configs"
+                       + ("" if g["variants"] else f" ({gpu.arch} has no TMA)"))
+            if g["variants"]:
+                echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["variants"]],
+                           right=["smem KB"])
         return
     cache: dict[Any, Any] = {}
     rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu.smem_limit, gpu.arch, cache)),
