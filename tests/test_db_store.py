@@ -316,25 +316,6 @@ def test_read_only_locations(tmp_path: Path) -> None:
     assert file_digest(path) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_directory(tmp_path: Path) -> None:
-    path = tmp_path / "ro" / "flashtune.db"
-    path.parent.mkdir()
-    with Store.open(f"sqlite:///{path}") as store:
-        populate(store)
-    before = file_digest(path)
-    path.chmod(0o444)
-    path.parent.chmod(0o555)
-    try:
-        with pytest.raises(DatabaseUnavailableError):
-            with Store.open(f"sqlite:///{path}") as store:
-                store.start_run(run_info())
-    finally:
-        path.parent.chmod(0o755)
-        path.chmod(0o644)
-    assert file_digest(path) == before
-
-
 def test_bad_urls(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsupported database URL"):
         Store.open("mysql://user@host/db")
