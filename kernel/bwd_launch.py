@@ -10,17 +10,15 @@ from typing import Any
 import torch
 import triton
 
-from . import device as _device
 from .bwd import (LOG2E, attn_bwd_dkdv_kernel, bwd_grid, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
                   attn_bwd_preprocess_kernel)
 from .bwd_smem import BWD_EXTRA_KEYS, bwd_knobs, default_bwd_config, estimate_bwd_smem
-from .launch import AttnShape, check_causal, check_inputs, check_scale
+from .launch import AttnShape, check_causal, check_inputs, check_precision, check_scale, device_limits
 from ..db.types import Config
 
 __all__ = ["attention_bwd", "launch_bwd", "check_bwd_inputs", "check_bwd_config", "default_bwd_config",
            "estimate_bwd_smem", "BWD_EXTRA_KEYS"]
 
-_PRECISIONS = ("ieee", "tf32")
 _INT32_MAX = 2**31 - 1
 
 
@@ -153,11 +151,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scale = check_scale(scale, shape.head_dim)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
-    if fp32_precision not in _PRECISIONS:
-        raise ValueError(f"fp32_precision must be one of {', '.join(_PRECISIONS)}, got {fp32_precision!r}")
-    on_gpu = q.device.type == "cuda"
-    smem_limit = _device.device_smem_limit(q.device) if on_gpu else None
-    arch = _device.device_arch(q.device) if on_gpu else None
+    fp32_precision = check_precision(fp32_precision)
+    arch, smem_limit = device_limits(q)
     if config is None:
         config = default_bwd_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_bwd_config(config, shape, smem_limit, arch)

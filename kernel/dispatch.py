@@ -29,6 +29,7 @@ nominal arch `INTERPRETER_ARCH` (the interpreter has no shared-memory limit or t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -345,8 +346,6 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
                 winner = None
                 fallback_why = f"the winner is {provider} and no kernel config is stored beside it"
             else:
-                import dataclasses
-
                 winner = dataclasses.replace(winner, config=fallback)
                 provider = KERNEL
         else:

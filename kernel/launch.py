@@ -159,6 +159,14 @@ def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: st
                              f"{shape.head_dim} {shape.dtype}; this GPU allows {smem_limit // 1024} KB per block")
 
 
+def device_limits(t: torch.Tensor) -> tuple[str | None, int | None]:
+    """(arch, per-block shared memory) of `t`'s CUDA device; (None, None) for the interpreter's CPU tensors,
+    which have no limit to check against."""
+    if t.device.type != "cuda":
+        return None, None
+    return _device.device_arch(t.device), _device.device_smem_limit(t.device)
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """The softmax scale to use: 1/sqrt(head_dim) for None, else `scale` if it is a finite number."""
     if scale is None:
@@ -168,7 +176,8 @@ def check_scale(scale: Any, head_dim: int) -> float:
     return float(scale)
 
 
-def _check_precision(fp32_precision: Any) -> str:
+def check_precision(fp32_precision: Any) -> str:
+    """`fp32_precision` if it is one the kernels take ("ieee" or "tf32"); ValueError naming it otherwise."""
     if fp32_precision not in _PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {', '.join(_PRECISIONS)}, got {fp32_precision!r}")
     return fp32_precision
@@ -214,17 +223,16 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     is top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
     float32 inputs use IEEE fp32 dots unless fp32_precision="tf32". With return_lse, also returns
     the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq). Inputs that require grad while
-    grad mode is on raise NotImplementedError: the kernel has no backward yet.
+    grad mode is on raise NotImplementedError: this explicit-config launch is for inference; train
+    through `flashtune.kernel.attention`, which has a backward.
     """
     shape = check_inputs(q, k, v)
     causal = check_causal(causal)
     if needs_grad(q, k, v):
         raise NotImplementedError(f"attention_fwd does not support {GRAD_UNSUPPORTED}")
     scale = check_scale(scale, shape.head_dim)
-    precision = _check_precision(fp32_precision)
-    on_gpu = q.device.type == "cuda"
-    smem_limit = _device.device_smem_limit(q.device) if on_gpu else None
-    arch = _device.device_arch(q.device) if on_gpu else None
+    precision = check_precision(fp32_precision)
+    arch, smem_limit = device_limits(q)
     if config is None:
         config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_config(config, shape, smem_limit, arch)
