@@ -1,4 +1,5 @@
-"""The tables: schema meta, tuning runs, trials (every config tried) and winners (best per key).
+"""The tables: schema meta, tuning runs, trials (every config tried), winners (best per key), recorded
+shapes, and fleet jobs (a job, its claim units and its keys).
 
 One set of models serves SQLite and PostgreSQL. Table names carry a `flashtune_` prefix so that
 a fleet can share a PostgreSQL database with other applications. A config is stored as its four
@@ -195,4 +196,66 @@ class RecordedRow(KeyColumns, Base):
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# --- fleet jobs (schema version 3): a job's keys as a queue that workers on many hosts claim ----------
+
+class JobRow(Base):
+    """A fleet tuning job: one arch's keys, tuned by whichever workers join it (`tune --job/--join`)."""
+
+    __tablename__ = "flashtune_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    arch: Mapped[str] = mapped_column(String(16))
+    # Workers of another kernel version would store winners of another kernel: they are refused.
+    kernel_version: Mapped[str] = mapped_column(String(64))
+    lease_s: Mapped[float] = mapped_column(Double)
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)  # what every worker must tune alike (kernel_only, ...)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # 'open' | 'done'
+    host: Mapped[str] = mapped_column(String(255))  # where it was created
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+
+
+class JobUnitRow(Base):
+    """What one claim takes: a job's keys that share a sibling ranking (they differ only in their B·Hq
+    bucket), with the claim's holder and lease. `family` numbers the keys that share compiled kernels
+    (all but N and the bucket): a worker keeps to its family, so its compiled kernels are reused."""
+
+    __tablename__ = "flashtune_job_units"
+    __table_args__ = (Index("ix_flashtune_job_units_queue", "job_id", "state", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("flashtune_jobs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    family: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # 'pending' | 'claimed' | 'done'
+    claim_token: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gpu: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gpu_name: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    claims: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+
+
+class JobKeyRow(KeyColumns, Base):
+    """One key of a job, done or not, and who finished it."""
+
+    __tablename__ = "flashtune_job_keys"
+    __table_args__ = (UniqueConstraint("job_id", *KEY_COLUMNS, name="uq_flashtune_job_keys_key"),
+                      Index("ix_flashtune_job_keys_unit", "unit_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("flashtune_jobs.id", ondelete="CASCADE"))
+    unit_id: Mapped[int] = mapped_column(ForeignKey("flashtune_job_units.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # 'pending' | 'done'
+    host: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
+    pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    gpu: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    done_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+
+
+JOB_TABLES: tuple[str, ...] = (JobRow.__tablename__, JobUnitRow.__tablename__, JobKeyRow.__tablename__)
 FLASHTUNE_TABLES: tuple[str, ...] = tuple(Base.metadata.tables)

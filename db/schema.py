@@ -24,7 +24,7 @@ from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersio
 from .models import FLASHTUNE_TABLES, Base, MetaRow
 from .text import printable, shown
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = "schema_version"
 MIGRATE_COMMAND = "flashtune db migrate"
 # Any constant: serialises schema creation between processes on one PostgreSQL server.
@@ -72,8 +72,18 @@ def _to_v2(conn: Connection) -> None:
     RecordedRow.__table__.create(conn)
 
 
+def _to_v3(conn: Connection) -> None:
+    """Schema 3: fleet jobs, new tables only (`flashtune_jobs`, `_job_units`, `_job_keys`); nothing
+    stored changes."""
+    from .models import JobKeyRow, JobRow, JobUnitRow
+
+    for model in (JobRow, JobUnitRow, JobKeyRow):  # in foreign-key order
+        model.__table__.create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(2, "workload keys (batch_heads, group), winners' kernel_config, the recorded table", _to_v2),
+    Migration(3, "fleet jobs: the jobs, job_units and job_keys tables", _to_v3),
 ]
 
 

@@ -390,6 +390,15 @@ class Store:
             time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: writers that collided spread out
             pause = min(2 * pause, _MAX_PAUSE_S)
 
+    def transaction(self, doing: str, work: Callable[[Connection], T], *, write: bool = True) -> T:
+        """`work(conn)` in one transaction of this store, for the db package's other tables (the
+        fleet queue, `db.jobs`): a write retries a locked database like every write here; errors are
+        StoreErrors naming `doing`."""
+        if write:
+            return self._writing(doing, work)
+        with translated(self._url, doing), self._read() as conn, conn.begin():
+            return work(conn)
+
     def _decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
         """Rows to values; damaged rows are skipped, kept in `damaged_rows`, and the new ones of
         this read reported in one DamagedRowWarning."""
