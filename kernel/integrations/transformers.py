@@ -19,8 +19,8 @@ containing "flash" as a request for its flash-attn kernels, so such names are re
   | right padding / a static cache's unfilled slots | | the same, on the first `end` keys (a view), or `cache_seqlens` for one query |
   | left padding, sliding windows, custom masks, dropout, softcap, sinks | | transformers' own SDPA function, counted and warned once |
 
-  A mask of "no mask" means every key is valid and the queries are the last Nq positions (the flash-attn
-  convention), which is what this module's mask function guarantees before it returns None.
+  No mask means: causal over every key, the queries being the last Nq positions (the flash-attn
+  convention); this module's mask function returns None only where that is right for every real token.
 
 Right-padded prefill runs the causal kernel on the whole padded block: every real token sees exactly
 the keys SDPA's mask lets it see (the padding comes after it), while the padding rows' own outputs
@@ -126,7 +126,8 @@ def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | T
                allow_is_causal_skip: bool = True, **kwargs: Any) -> Tensor | None:
     """transformers' mask function for flashtune: SDPA's boolean mask, tagged with its MaskForm.
 
-    Returns None for a plain causal mask over every key (as SDPA's does, and only then); otherwise
+    Returns None where causal attention over every key gives every real token its keys: no padding, or
+    right padding in a prefill (the attention function then runs the causal kernel); otherwise
     SDPA's (B, 1, Nq, Nk) boolean mask, carrying the MaskForm the attention function runs instead,
     when there is one. Any other mask function (sliding windows, bidirectional, overlays) gets SDPA's
     mask unchanged.
@@ -143,6 +144,9 @@ def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | T
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, **kwargs)
     if form is not None and isinstance(mask, Tensor):
+        # generate() makes a static cache's mask contiguous; a copy would lose the tag, so tag a
+        # contiguous mask (then .contiguous() returns it as it is).
+        mask = mask.contiguous()
         setattr(mask, _FORM_ATTR, form)
     return mask
 
