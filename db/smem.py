@@ -8,9 +8,18 @@ from __future__ import annotations
 from .types import DTYPE_BYTES, Config, normalize_dtype
 
 
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
+MIN_BLOCK_D = 16  # tl.dot's smallest K: the QK^T product runs over the head-dim tile
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head-dim tile every kernel runs `head_dim` through: the next power of two, at least 16.
+
+    Triton tiles are powers of two and a dot needs K >= 16, so D=8 runs in a 16-column tile and
+    D=24, 48, 72, 200 in 32, 64, 128, 256; the extra columns are masked (pointer kernels) or
+    zero-filled by the descriptor bounds (TMA). Shared-memory estimates use this width.
+    """
+    p = MIN_BLOCK_D
+    while p < head_dim:
         p *= 2
     return p
 
@@ -34,7 +43,7 @@ def estimate_ptr_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
         return max(estimate_ptr_smem(config, head_dim, dtype, "sm_90"),
                    estimate_ptr_smem(config, head_dim, dtype, "sm_80"))
     elt = DTYPE_BYTES[normalize_dtype(dtype)]
-    d = _pow2_at_least(head_dim)
+    d = padded_head_dim(head_dim)
     q_tile, kv_tile = config.block_m * d * elt, config.block_n * d * elt
     wgmma = _uses_wgmma(config, arch)
     if config.num_stages == 1:
@@ -83,7 +92,7 @@ def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | Non
     """
     persistent = config.extra_dict.get("schedule") == "persistent"
     elt = DTYPE_BYTES[normalize_dtype(dtype)]
-    d = _pow2_at_least(head_dim)
+    d = padded_head_dim(head_dim)
     q_box, kv_box = config.block_m * d * elt, config.block_n * d * elt
     stages = max(1, config.num_stages)
     ring = 2 * stages * kv_box

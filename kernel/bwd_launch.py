@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 
 from .bwd import (LOG2E, attn_bwd_dkdv_kernel, bwd_grid, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
                   attn_bwd_preprocess_kernel)
 from .bwd_smem import BWD_EXTRA_KEYS, bwd_knobs, default_bwd_config, estimate_bwd_smem
 from .launch import AttnShape, check_causal, check_inputs, check_precision, check_scale, device_limits
+from ..db.smem import padded_head_dim
 from ..db.types import Config
 
 __all__ = ["attention_bwd", "launch_bwd", "check_bwd_inputs", "check_bwd_config", "default_bwd_config",
@@ -44,7 +44,7 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     atomic = not deterministic and not knobs.deterministic
     dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if out is None else out
     b, hq, nq, hkv, nk = shape.batch, shape.heads_q, shape.seq_q, shape.heads_kv, shape.seq_k
-    block_d = triton.next_power_of_2(shape.head_dim)
+    block_d = padded_head_dim(shape.head_dim)
     causal = bool(causal)
     qk_scale = scale * LOG2E  # exp2 in-kernel
     compiled: dict[str, Any] = {}

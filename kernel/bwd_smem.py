@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..db.arch import ARCH_SMEM, normalize_arch
+from ..db.smem import padded_head_dim
 from ..db.types import DTYPE_BYTES, Config, normalize_dtype
 
 BWD_EXTRA_KEYS: tuple[str, ...] = ("block_m_dq", "block_n_dq", "num_warps_dq", "num_stages_dq", "deterministic")
@@ -38,13 +39,6 @@ class BwdKnobs:
     num_warps_dq: int
     num_stages_dq: int
     deterministic: bool
-
-
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
-        p *= 2
-    return p
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, pow2: bool) -> int:
@@ -95,7 +89,7 @@ def estimate_dkdv_smem(block_m: int, block_n: int, num_warps: int, num_stages: i
     """
     dtype = normalize_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
-    d = _pow2_at_least(head_dim)
+    d = padded_head_dim(head_dim)
     t_q, t_k = block_m * d * elt, block_n * d * elt
     rows = -(-8 * block_m * max(0, num_stages - 1) // 1024) * 1024  # LSE + delta (fp32), 1 KB-aligned
     if _uses_wgmma(block_n, num_warps, dtype, arch):
@@ -114,7 +108,7 @@ def estimate_dq_smem(block_m: int, block_n: int, num_warps: int, num_stages: int
     """
     dtype = normalize_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
-    d = _pow2_at_least(head_dim)
+    d = padded_head_dim(head_dim)
     t_q, t_k = block_m * d * elt, block_n * d * elt
     if _uses_wgmma(block_m, num_warps, dtype, arch):
         return 2 * t_q + num_stages * 2 * t_k
@@ -190,8 +184,8 @@ def default_bwd_config(arch: str, head_dim: int, dtype: str, smem_limit: int | N
     """The first preferred backward config whose estimated shared memory fits the arch (or the limit).
 
     Always deterministic: the default never uses atomics. An unknown arch plans for the smallest
-    chip with the bound over both MMA paths. When nothing fits (IEEE fp32 at head dims of 160 and
-    more on a 64 KB sm_75) the smallest config is returned and the launch reports Triton's
+    chip with the bound over both MMA paths. When nothing fits (IEEE fp32 at head dims over 128,
+    a 256-column tile, on a 64 KB sm_75) the smallest config is returned and the launch reports Triton's
     OutOfResources.
     """
     dtype = normalize_dtype(dtype)

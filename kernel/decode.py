@@ -18,9 +18,9 @@ A split past a sequence's length exits before touching anything; pass 2 never re
 
 The split size is one number for the whole batch, a multiple of BLOCK_N computed from Nmax and
 num_splits; programs whose split starts past their sequence's length exit at once. A ragged batch
-thus runs about (total live keys)/split_size programs, and `default_decode_config` caps the split
-size (`MAX_SPLIT_KEYS`) so that a ragged batch and a uniform one of the same total length launch the
-same work.
+thus runs about (total live keys)/split_size programs, and `default_decode_config` gives long
+caches splits of `MAX_SPLIT_KEYS` keys whatever Nmax is, so that a ragged batch and a uniform one of
+the same total length launch the same work (`default_num_splits` says when that holds).
 
 Causal is bottom-right aligned (flash_attn's cache convention): query i of Nq sees keys
 j <= len - Nq + i. Keys below len - Nq + 1 are visible to every query, so only the last tile(s) of a
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..db.arch import ARCH_SMEM, normalize_arch
-from ..db.smem import estimate_smem
+from ..db.smem import estimate_smem, padded_head_dim
 from ..db.types import Config, normalize_dtype
 
 __all__ = ["DEFAULT_SM_COUNT", "MAX_SPLIT_KEYS", "SPLITS_KNOB", "DecodePlan", "combine_block_s", "combine_warps",
@@ -45,9 +45,10 @@ __all__ = ["DEFAULT_SM_COUNT", "MAX_SPLIT_KEYS", "SPLITS_KNOB", "DecodePlan", "c
            "default_num_splits", "estimate_decode_smem", "num_splits_of", "plan_decode"]
 
 SPLITS_KNOB = "num_splits"
-# Split sizing for the default config (the tuner searches num_splits itself):
-TARGET_PROGRAMS_PER_SM = 4  # live programs per SM: several resident CTAs keep enough loads in flight
-MAX_SPLIT_KEYS = 1024  # cap: a ragged batch then launches as many live programs as a uniform one
+# Split sizing for the default config (the tuner searches num_splits itself); the H200 measurements
+# behind these numbers are in `default_num_splits`.
+TARGET_PROGRAMS_PER_SM = 2  # occupancy floor: programs per SM, rounded down (see default_num_splits)
+MAX_SPLIT_KEYS = 2048  # the split length for long caches; a ragged batch then launches as a uniform one
 MIN_SPLIT_TILES = 4  # a split shorter than this many BLOCK_N tiles is mostly prologue and epilogue
 DEFAULT_SM_COUNT = 132  # H100/H200; used when no device is known (planning, the interpreter)
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid.x
@@ -241,8 +242,8 @@ def decode_combine_kernel(ACC, LSE, O, SEQLENS, stride_s,
 # --- planning -------------------------------------------------------------------------------
 
 def decode_block_d(head_dim: int) -> int:
-    """The padded head-dim tile: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """The padded head-dim tile: the next power of two, at least 16 (db.smem.padded_head_dim)."""
+    return padded_head_dim(head_dim)
 
 
 def num_splits_of(config: Config) -> int:
@@ -294,7 +295,9 @@ def estimate_decode_smem(config: Config, head_dim: int, dtype: str, arch: str | 
 
 _DECODE_PREFERENCE: tuple[tuple[int, int, int], ...] = (
     # (block_n, num_warps, num_stages), best first; the first that fits the arch's shared memory wins.
-    (64, 4, 3), (64, 4, 2), (32, 4, 2), (32, 4, 1), (16, 2, 1),
+    # n64-w4-s2 won 6 of the 11 H200 decode cases (bench/results/decode_bench.csv) and was within 5 %
+    # of the best in 4 more; 3 stages won 2 and lost up to 10 % elsewhere.
+    (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 4, 1), (16, 2, 1),
 )
 
 
@@ -304,10 +307,8 @@ def default_decode_config(seq_q: int, seq_kv: int, head_dim: int, dtype: str, *,
     """The decode config a call gets when nothing was tuned for it.
 
     batch_heads is B·Hq and group Hq/Hkv, as in the tuning key. M tile: the packed rows G·Nq
-    rounded up to a power of two, 16 to 64 (128 for D <= 64). Splits: enough programs for
-    `TARGET_PROGRAMS_PER_SM` per SM over B·Hkv heads, at least cdiv(Nmax, MAX_SPLIT_KEYS) for up
-    to 16 packed rows (so that a ragged batch launches as many live programs as a uniform one of
-    the same total length), and no split shorter than MIN_SPLIT_TILES tiles.
+    rounded up to a power of two, 16 to 64 (128 for D <= 64). Tile, warps and stages: the first of
+    `_DECODE_PREFERENCE` that fits the shared memory. Splits: `default_num_splits`.
     """
     dtype = normalize_dtype(dtype)
     rows = group * seq_q
@@ -332,17 +333,39 @@ def default_decode_config(seq_q: int, seq_kv: int, head_dim: int, dtype: str, *,
 
 def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, rows: int = 1, block_m: int = 16,
                        sm_count: int | None = None) -> int:
-    """The split count rule of `default_decode_config` (see there). `rows` = G·Nq per KV head.
+    """The split count of `default_decode_config`. `rows` = G·Nq per KV head, `seq_kv` = Nmax.
 
-    The split-size cap grows with the rows per KV head: each split writes rows·D fp32 partials
+    splits = max(cdiv(Nmax, MAX_SPLIT_KEYS · max(1, rows // 16)),
+                 TARGET_PROGRAMS_PER_SM · SMs // (B·Hkv · row blocks)),
+    then no split shorter than MIN_SPLIT_TILES tiles and at most the grid limit.
+
+    Derived from the H200 sweep (bench/results/decode_bench.csv: bf16, D=128, Hq=32, Hkv=8, 132
+    SMs; num_splits timed at the old rule's choice, its half and its double):
+    - Long caches want splits of about 2048 keys: B=8 Nk=32k won with 16 splits (4.13 TB/s; 32
+      splits of 1024 keys 4.07, 64 splits 3.96), B=8 Nk=16k with 8, the ragged and uniform B=32
+      batches with 8-16. Shorter splits add partials traffic and per-program prologues for nothing.
+    - A batch with few KV heads needs the splits for occupancy, but about 2 programs per SM are
+      enough, rounded down: B=8 (64 KV heads) Nk=4k ran at 2.46-2.60 TB/s with 4 splits (256
+      programs) and 1.07-1.35 with 9 or 18 (the old rule, 4 per SM rounded up, picked 9: 1.15).
+    - A batch with many KV heads needs no split: B=64 Nk=2k (512 KV heads) 3.94 TB/s with 1 split,
+      3.77 with 2, 3.63 with 4; B=64 Nq=8 the same (3.86 with 1, 3.16 with 2).
+    The split-length cap grows with the rows per KV head: each split writes rows·D fp32 partials
     (and pass 2 reads them back) against split·D·2 elements of K and V, so the cap keeps that
-    traffic near 2·rows/MAX_SPLIT_KEYS of the cache's (under 2% for 8 rows), never the bulk.
+    traffic near 2·rows/MAX_SPLIT_KEYS of the cache's (under 1 % for 8 rows), never the bulk.
+
+    Ragged batches: the split size is one number for the batch, chosen from Nmax, and splits past
+    a sequence's length exit at once, so a batch runs about Σ cdiv(len_b, split_size)·Hkv live
+    programs. Whenever the length term decides (B·Hkv·Nmax/MAX_SPLIT_KEYS ≥ 2 programs per SM, e.g.
+    any B=8 Hkv=8 batch of 8k keys or more) the split size is MAX_SPLIT_KEYS·max(1, rows // 16)
+    for the ragged batch and for the uniform batch of the same total length alike, so both launch
+    the same number of live programs. Where the occupancy term decides (short caches, few heads)
+    a ragged batch, whose Nmax exceeds its mean length, gets longer splits than the uniform one.
     """
     sms = sm_count or DEFAULT_SM_COUNT
     tiles = triton.cdiv(seq_kv, block_n)
-    programs = batch_heads_kv * triton.cdiv(rows, block_m)
-    splits = triton.cdiv(TARGET_PROGRAMS_PER_SM * sms, programs)
-    splits = max(splits, triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16)))
+    programs = batch_heads_kv * triton.cdiv(rows, block_m)  # per split
+    splits = max(triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16)),
+                 TARGET_PROGRAMS_PER_SM * sms // programs)
     splits = min(splits, max(1, tiles // MIN_SPLIT_TILES))
     splits = min(splits, max(1, MAX_PROGRAMS // programs))
     return max(1, splits)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..db.arch import ARCH_SMEM, normalize_arch
-from ..db.smem import estimate_smem
+from ..db.smem import estimate_smem, padded_head_dim
 from ..db.types import Config, normalize_dtype
 
 # Ordered from the best general-purpose choice to the smallest tile; the first one whose estimated
@@ -32,7 +32,8 @@ def default_config(arch: str, head_dim: int, dtype: str, smem_limit: int | None 
         known = False  # a real but unlisted GPU: plan for the smallest chip and any MMA path
     if smem_limit is None:
         smem_limit = ARCH_SMEM[arch] if known else _FALLBACK_SMEM
-    candidates = _PREFERENCE if head_dim <= 128 else _PREFERENCE[2:]
+    # The tiles hold the padded head dim: 72 runs in 128 columns, 136 and up in 256.
+    candidates = _PREFERENCE if padded_head_dim(head_dim) <= 128 else _PREFERENCE[2:]
     for config in candidates:
         if estimate_smem(config, head_dim, dtype, arch if known else None) <= smem_limit:
             return config

@@ -4,8 +4,9 @@ Same math and semantics as kernel/fwd.py: online softmax in base 2 with the scal
 multiply, fp32 accumulation, causal top-left aligned like torch SDPA, GQA by `head // group`, any
 sequence length, output in q's layout, optional natural-log LSE. What differs is how tiles move:
 each program builds 2-D descriptors (rows × head dim) over its own (batch, head) slices, so the
-descriptor bounds zero-fill rows past the sequence end and columns past the head dim (80, 96, 112,
-160 and 192 load a power-of-two box whose tail columns read as zeros) and clip the output store.
+descriptor bounds zero-fill rows past the sequence end and columns past the head dim (a head dim
+that is not a power of two of at least 16, e.g. 8, 24, 80 or 200, loads a power-of-two box of at
+least 16 columns whose tail columns read as zeros) and clip the output store.
 On Hopper the loads become TMA copies (`cp.async.bulk.tensor`) that feed `wgmma` from shared memory.
 
 Knobs, carried in `Config.extra` (see `TMA_KNOBS`):
@@ -43,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..db.smem import estimate_tma_smem, tma_ws_active
-from ..db.types import Config
+from ..db.smem import estimate_tma_smem, padded_head_dim, tma_ws_active
+from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, Config
 
 from . import device as _device
 
@@ -102,8 +103,13 @@ def tma_supported(arch: str | None, head_dim: int, q: Any = None, k: Any = None,
 
     `arch` None means the Triton interpreter (CPU tensors). Tensors may be left out to ask about
     the arch, head dim and knobs only (the tuner's space); with tensors, their layout is checked
-    too (see `tma_refusal`). Every head dim of flashtune runs, the padded ones (80, 96, 112, 160,
-    192) through a power-of-two box whose extra columns the descriptor bounds zero-fill.
+    too (see `tma_refusal`). Every head dim of flashtune (db.types.HEAD_DIMS, multiples of 8 up to
+    256) runs; one that is not a power of two of at least 16 loads a power-of-two box of at least 16
+    columns (db.smem.padded_head_dim) whose extra columns the descriptor bounds zero-fill. TMA's own rules hold for all of them: the
+    box's dims are powers of two with at least 16 bytes in the last, and a contiguous row of D
+    elements, D a multiple of 8, spans a multiple of 16 bytes in every supported dtype, as the row
+    stride must. Strided inputs whose row, batch or head stride breaks that are refused per
+    call (`tma_refusal`), and the dispatcher then runs the pointer kernel.
     """
     if not HAS_TENSOR_DESCRIPTORS:
         return f"Triton {triton.__version__} has no tensor descriptors (tl.make_tensor_descriptor, set_allocator)"
@@ -111,8 +117,8 @@ def tma_supported(arch: str | None, head_dim: int, q: Any = None, k: Any = None,
         number = _arch_number(arch)
         if number is None or number < TMA_ARCHS_MIN:
             return f"{arch} has no TMA: the tensor-descriptor kernel needs sm_90 or newer"
-    if head_dim < 16 or head_dim > 256 or head_dim % 16:
-        return f"head dim {head_dim}: the tensor-descriptor kernel takes multiples of 16 up to 256"
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim!r}: the tensor-descriptor kernel takes {HEAD_DIMS_TEXT}"
     if extra is not None:
         try:
             ws, _ = tma_knobs(extra)
@@ -434,7 +440,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
             *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * _LOG2E, num_m, num_units,
             int(schedule == "heavy_first"))
-    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
+    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   CAUSAL=bool(causal), STORE_LSE=bool(return_lse), PRECISION=fp32_precision,
                   WS=ws, PERSISTENT=persistent, NEG_SCALE=scale < 0,

@@ -18,11 +18,9 @@ from .decode import (SPLITS_KNOB, DecodePlan, combine_block_s, combine_warps, de
                      decode_split_kernel, default_decode_config, estimate_decode_smem, plan_decode)
 from .launch import AttnShape, check_qkv, check_runnable, check_scale, needs_grad
 
-__all__ = ["KVCACHE_HEAD_DIMS", "attention_kvcache", "check_cache_seqlens", "check_decode_config",
+__all__ = ["attention_kvcache", "check_cache_seqlens", "check_decode_config",
            "check_kvcache_inputs", "decode_config_for", "decode_partials", "launch_decode"]
 
-# flash_attn's rule: every multiple of 8 up to 256 (the kernel pads to a power of two with masks).
-KVCACHE_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
 _INT32_MAX = 2**31 - 1
 _NAMES = ("q", "k_cache", "v_cache")
 _KNOWN_KNOBS = {SPLITS_KNOB}
@@ -36,8 +34,7 @@ def check_kvcache_inputs(q: Any, k_cache: Any, v_cache: Any) -> AttnShape:
     AttnShape.seq_k is Nmax. Raises TypeError for non-tensors, layouts and dtypes, ValueError for
     devices, ranks, sizes and head dims; the message names the argument, the value and what is accepted.
     """
-    shape = check_qkv(q, k_cache, v_cache, names=_NAMES, head_dims=KVCACHE_HEAD_DIMS,
-                      head_dims_text="the multiples of 8 from 8 to 256")
+    shape = check_qkv(q, k_cache, v_cache, names=_NAMES)
     check_runnable(q, ", ".join(_NAMES))
     b, hq, nq = shape.batch, shape.heads_q, shape.seq_q
     if b * hq * nq > _INT32_MAX:

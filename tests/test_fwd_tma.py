@@ -230,7 +230,8 @@ def test_tma_supported_by_arch_head_dim_and_knobs(kernel_device):
     assert tma_supported(None, 80) is None  # the interpreter; padded head dims run
     assert "sm_90 or newer" in tma_supported("sm_86", 128)
     assert "sm_90 or newer" in tma_supported("sm_80", 64)
-    assert "multiples of 16" in tma_supported("sm_90", 8)
+    assert tma_supported("sm_90", 8) is None  # a 16-column box, the 8 tail columns zero-filled
+    assert "multiple of 8 from 8 to 256" in tma_supported("sm_90", 12)
     assert "unknown knob" in tma_supported("sm_90", 64, extra={"split": 2})
     q, k, v = _contiguous(kernel_device)
     assert tma_supported(None, 64, q, k, v) is None

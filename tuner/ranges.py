@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..db.types import HEAD_DIMS, check_head_dim, normalize_dtype
+from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, check_head_dim, normalize_dtype
 
 SEQ_FORMS = "A..B (doubling from A to B), A..B:S (steps of S), or a comma list such as 128,512,1000"
 # The database stores lengths as 32-bit integers (PostgreSQL INTEGER), so a longer one could be
@@ -89,10 +89,10 @@ def parse_head_dims(text: str) -> list[int]:
 def parse_head_dim(text: str) -> int:
     """One head dim the kernel supports."""
     if not re.fullmatch(_INT, str(text)):
-        raise ValueError(f"malformed head dim {_quote(str(text))}: expected one of {', '.join(map(str, HEAD_DIMS))}")
+        raise ValueError(f"malformed head dim {_quote(str(text))}: expected {HEAD_DIMS_TEXT}")
     value = _whole(text)
-    if value > max(HEAD_DIMS):
-        raise ValueError(f"unsupported head dim {_quote(text)}: expected one of {', '.join(map(str, HEAD_DIMS))}")
+    if value > max(HEAD_DIMS):  # before check_head_dim: a huge value is quoted as typed, not as an int
+        raise ValueError(f"unsupported head dim {_quote(text)}: expected {HEAD_DIMS_TEXT}")
     return check_head_dim(value)
 
 

@@ -17,7 +17,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from ..db.smem import estimate_smem
+from ..db.smem import estimate_smem, padded_head_dim
 from ..db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -53,10 +53,6 @@ def full_space(extra: Mapping[str, Sequence[ExtraValue]] | None = None) -> list[
             for m, n, w, s, values in itertools.product(BLOCK_SIZES, BLOCK_SIZES, NUM_WARPS, NUM_STAGES, extras)]
 
 
-def _padded(head_dim: int) -> int:
-    return 1 << (head_dim - 1).bit_length()
-
-
 def legal_reason(config: Config, head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> str | None:
     """Why `config` cannot be a sensible launch for (head_dim, dtype) on `arch` with `smem_limit`; None if it can."""
     smem = estimate_smem(config, head_dim, dtype, arch)
@@ -65,7 +61,7 @@ def legal_reason(config: Config, head_dim: int, dtype: str, smem_limit: int, arc
     if config.block_m < MMA_ROWS * config.num_warps:
         return f"block_m {config.block_m} < {MMA_ROWS} rows x {config.num_warps} warps"
     threads = 32 * config.num_warps
-    per_thread = config.block_m * (_padded(head_dim) + config.block_n) // threads
+    per_thread = config.block_m * (padded_head_dim(head_dim) + config.block_n) // threads
     if per_thread > THREAD_FP32_MAX:
         return f"{per_thread} fp32 acc+score values per thread > {THREAD_FP32_MAX}"
     return None
@@ -79,7 +75,7 @@ def cost_reason(config: Config, head_dim: int, dtype: str) -> str | None:
         return f"{scores} score values per thread < {THREAD_SCORES_MIN}"
     if config.num_stages < 2:
         return "1 stage: no software pipeline"
-    kv_stage = 2 * config.block_n * _padded(head_dim) * DTYPE_BYTES[normalize_dtype(dtype)]
+    kv_stage = 2 * config.block_n * padded_head_dim(head_dim) * DTYPE_BYTES[normalize_dtype(dtype)]
     max_stages = max(2, 1 + KV_IN_FLIGHT_MAX // kv_stage)
     if config.num_stages > max_stages:
         return f"{config.num_stages} stages > {max_stages} for a {kv_stage // 1024} KB K/V stage"

@@ -19,7 +19,7 @@ import click
 
 from ...db.arch import normalize_arch
 from ...db.errors import StoreError, one_line
-from ...db.types import DTYPES, HEAD_DIMS, normalize_dtype, normalize_op
+from ...db.types import DTYPES, HEAD_DIMS_TEXT, normalize_dtype, normalize_op
 
 from ..ranges import (INT32_MAX, MAX_SEQ_LEN, SEQ_FORMS, parse_dtypes, parse_duration, parse_float, parse_head_dim,
                       parse_head_dims, parse_int, parse_seq_len, parse_seq_lens)
@@ -102,7 +102,7 @@ OP = Parsed(normalize_op, "fwd|bwd")
 DURATION = Parsed(parse_duration, "TIME")
 
 SEQ_HELP = f"Sequence lengths: {SEQ_FORMS}; each at most {MAX_SEQ_LEN}."
-HEAD_DIM_HELP = f"Head dims, a comma list of {', '.join(map(str, HEAD_DIMS))}."
+HEAD_DIM_HELP = f"Head dims, a comma list, each {HEAD_DIMS_TEXT} (e.g. 64,128)."
 DTYPE_HELP = f"Dtypes, a comma list of {', '.join(DTYPES)} (or fp16, bf16, fp32)."
 
 
