@@ -102,9 +102,21 @@ def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
                      is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of the forward above (kernel/bwd.py); dK/dV summed over each GQA group."""
     shape = dispatch.plan(query, key, value, is_causal).shape
-    dq, dk, dv, _ = launch_bwd(grad_out, query, key, value, out, lse, shape, causal=is_causal, scale=scale,
-                               config=dispatch.bwd_config(query, shape), deterministic=deterministic)
-    return dq, dk, dv
+    choice = dispatch.bwd_choice(query, shape, is_causal)  # the op="bwd" table, memoised
+    if record.ENABLED and choice.key is not None:
+        record.hit(choice.key)  # the backward's own key, beside the forward's: `tune --recorded --op bwd`
+
+    def run(config: Any) -> tuple[Tensor, Tensor, Tensor]:
+        return launch_bwd(grad_out, query, key, value, out, lse, shape, causal=is_causal, scale=scale,
+                          config=config, deterministic=deterministic)[:3]
+
+    try:
+        return run(choice.config)
+    except Exception as error:
+        if choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
+            raise
+        # A stored backward winner that does not compile here: the default, with one warning.
+        return run(dispatch.bwd_config_failed(query, shape, is_causal, choice, error).config)
 
 
 @attention_bwd_op.register_fake

@@ -5,22 +5,25 @@ query (`db.store.load_winners`) and keeps them in an immutable in-memory table. 
 touches the database or the filesystem: it is resolved once per distinct input signature
 (shapes, strides, dtypes, devices, causal) and memoised, so the steady state is one dict lookup.
 
-Rules, in order, for a call on a CUDA tensor of arch A with shape (B, Hq, Hkv, Nq, Nk, D, dtype, causal),
-whose key carries the workload: BH = B·Hq rounded to a power of two (db.types.bucket) and G = Hq/Hkv:
-1. `FLASHTUNE_CONFIG` (e.g. `m64-n32-w4-s2`) forces that config for every call (debugging).
-2. The winner stored for exactly (A, "fwd", Nq, Nk, D, dtype, causal, BH, G).
-3. Else the nearest tuned entry with the same (A, "fwd", D, dtype, causal) and group class (G = 1, or
+Rules, in order, for a call of op P ("fwd": the forward, "bwd": its backward) on a CUDA tensor of arch A
+with shape (B, Hq, Hkv, Nq, Nk, D, dtype, causal), whose key carries the workload: BH = B·Hq rounded to
+a power of two (db.types.bucket) and G = Hq/Hkv:
+1. `FLASHTUNE_CONFIG` (e.g. `m64-n32-w4-s2`) forces that config for every forward call (debugging).
+2. The winner stored for exactly (A, P, Nq, Nk, D, dtype, causal, BH, G).
+3. Else the nearest tuned entry with the same (A, P, D, dtype, causal) and group class (G = 1, or
    G > 1): the entry minimising |log2(Nq/n)| + |log2(Nk/n_kv)| + |log2(BH/bh)| (+1 where the entry
    has no bucket, schema 1; +0.5 for another G of the class); a tie goes to the larger n, n_kv, bh.
    Only entries within NEAREST_LIMIT (2: e.g. twice the length and twice the bucket) count: the
    rule interpolates between tuned keys and never extrapolates far past them into losses.
-4. Else `kernel.defaults.default_config` for A and the device's shared-memory limit.
+4. Else the op's default for A and the device's shared-memory limit (`kernel.defaults.default_config`,
+   `kernel.bwd_smem.default_bwd_config`).
+Each op's default, shared-memory estimate and knob check are one entry of `_OPS`.
 A winner is a config of the kernel or an SDPA backend (`provider` knob, kernel.sdpa): a call whose
 choice is a backend runs torch SDPA pinned to it, and falls back to the winner's kernel config
 (`kernel_config`) if the backend refuses the inputs. `explain(..., kernel_only=True)` gives the
 kernel config alone (what `flashtune bench` times as the kernel).
-A stored config (2 or 3) is used only if its estimated shared memory fits the device and the kernel
-knows its extra knobs (kernel.variants). One from an older kernel version is used with one warning;
+A stored config (2 or 3) is used only if its op's estimated shared memory fits the device and the
+op's kernel knows its extra knobs (kernel.variants, kernel.bwd_smem.bwd_knobs). One from an older kernel version is used with one warning;
 if it then fails to compile, the call and every later one with that config fall back to the default
 (also with one warning). An override the kernel cannot run is ignored with one warning at load.
 
@@ -37,7 +40,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -47,6 +50,7 @@ from ..db.smem import estimate_smem
 from ..db.text import printable, shown
 from ..db.types import Config, Key, bucket
 
+from .bwd_smem import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from .defaults import default_config
 from .device import device_arch, device_smem_limit
 from .sdpa import KERNEL, provider_of
@@ -65,7 +69,7 @@ log = logging.getLogger("flashtune.dispatch")
 CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
 DB_ENV_VAR = "FLASHTUNE_DB"  # db.paths.ENV_VAR; repeated so that a missing sqlalchemy cannot break import
 INTERPRETER_ARCH = "sm_80"
-OP = "fwd"
+OP = "fwd"  # the op of `attention()`'s forward calls, and of lookup/explain unless told otherwise
 NEAREST_LIMIT = 2.0  # log2 units: how far from a tuned key the nearest rule still reaches
 _UNBUCKETED = 1.0  # distance charged for a winner without a bucket (schema 1)
 _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
@@ -97,6 +101,7 @@ class Choice:
     stale: bool = False  # the winner was tuned with another kernel version
     provider: str = KERNEL  # "kernel", or the SDPA backend that won (kernel.sdpa)
     kernel_config: Config | None = None  # the kernel config to run when the provider cannot (None: `config`)
+    op: str = OP  # which op's table and rules gave it: "fwd" or "bwd"
 
     def __str__(self) -> str:
         return f"{self.config} ({self.source}): {self.reason}"
@@ -140,6 +145,33 @@ class _Table:
     info: LoadInfo
     url: str | None = None  # what reload() was given (None: FLASHTUNE_DB or the default file)
     memo: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+    choices: dict[tuple[Any, ...], Choice] = field(default_factory=dict)  # other ops' memo (bwd_choice)
+
+
+@dataclass(frozen=True)
+class _OpRules:
+    """What the dispatcher needs to know about one op's kernel: its default config for (arch, D, dtype,
+    shared-memory limit or None), its shared-memory estimate for (config, D, dtype, arch), its knob
+    check (raises ValueError/TypeError for a config the kernel cannot run), and whether
+    FLASHTUNE_CONFIG applies to it."""
+
+    default: Callable[[str, int, str, "int | None"], Config]
+    smem: Callable[[Config, int, str, "str | None"], int]
+    knobs: Callable[[Config], Any]
+    overridable: bool = False
+
+
+_OPS: dict[str, _OpRules] = {
+    "fwd": _OpRules(default_config, estimate_smem, fwd_variant, overridable=True),
+    "bwd": _OpRules(default_bwd_config, estimate_bwd_smem, bwd_knobs),
+}
+
+
+def _rules(op: str) -> _OpRules:
+    try:
+        return _OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}: the dispatcher resolves {', '.join(_OPS)}") from None
 
 
 def _build_table(winners: Iterable["Winner"], override: Config | None, info: LoadInfo) -> _Table:
@@ -241,7 +273,8 @@ def _load(url: str | None, archs: Iterable[str] | None, previous: _Table | None)
 
 _lock = threading.Lock()
 _warned: set[Any] = set()
-_failed: dict[tuple[str, int, Config, int, str, bool], str] = {}  # (arch, smem, config, D, dtype, causal) -> error
+# (op, arch, smem, config, D, dtype, causal) -> error
+_failed: dict[tuple[str, str, int, Config, int, str, bool], str] = {}
 _table: _Table = _load(None, None, None)
 
 
@@ -299,18 +332,18 @@ def _timing(winner: "Winner") -> str:
     return f"{when} on {printable(winner.gpu_name, 100)}"
 
 
-def _unknown_knobs(config: Config) -> str | None:
-    """Why the kernel cannot run `config`'s extra knobs (kernel.variants), or None if it can."""
+def _unknown_knobs(config: Config, op: str = OP) -> str | None:
+    """Why `op`'s kernel cannot run `config`'s extra knobs (kernel.variants, bwd_knobs), or None if it can."""
     try:
-        fwd_variant(config)
-    except ValueError as exc:
+        _rules(op).knobs(config)
+    except (ValueError, TypeError) as exc:
         return str(exc)
     return None
 
 
-def _key_or_none(arch: str, shape: AttnShape, causal: bool) -> Key | None:
+def _key_or_none(arch: str, shape: AttnShape, causal: bool, op: str = OP) -> Key | None:
     try:
-        return Key(arch, OP, shape.seq_q, shape.head_dim, shape.dtype, causal, seq_len_kv=shape.seq_k,
+        return Key(arch, op, shape.seq_q, shape.head_dim, shape.dtype, causal, seq_len_kv=shape.seq_k,
                    batch_heads=bucket(shape.batch * shape.heads_q), group=shape.group)
     except ValueError:
         return None
@@ -324,15 +357,16 @@ def _kernel_fallback(winner: "Winner", provider: str) -> Config | None:
 
 
 def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
-             kernel_only: bool = False) -> Choice:
-    key = _key_or_none(arch, shape, causal)
+             kernel_only: bool = False, op: str = OP) -> Choice:
+    rules = _rules(op)
+    key = _key_or_none(arch, shape, causal, op)
     head_dim, dtype = shape.head_dim, shape.dtype
-    if table.override is not None:
-        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key)
+    if table.override is not None and rules.overridable:
+        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key, op=op)
     winner = table.exact.get(key) if key is not None else None
     source = EXACT
     if winner is None and key is not None:
-        entries = table.groups.get((arch, OP, head_dim, dtype, causal, key.group > 1))
+        entries = table.groups.get((arch, op, head_dim, dtype, causal, key.group > 1))
         if entries:
             winner, source = _nearest(entries, key), NEAREST
     fallback_why = ("nothing tuned near this key (same arch, head dim, dtype, causal and group class, "
@@ -353,13 +387,13 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
             what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {winner.key}"
             return Choice(winner.config, source, f"{what}: torch SDPA's {provider} backend, {_timing(winner)}",
                           arch, key, winner, stale, provider,
-                          fallback or default_config(arch, head_dim, dtype, smem_limit))
+                          fallback or rules.default(arch, head_dim, dtype, smem_limit), op=op)
     if winner is not None:
         config, wk = winner.config, winner.key
-        need = estimate_smem(config, head_dim, dtype, arch)
-        failed = _failed.get((arch, smem_limit, config, head_dim, dtype, causal))
+        failed = _failed.get((op, arch, smem_limit, config, head_dim, dtype, causal))
         stale = winner.kernel_version != KERNEL_VERSION
-        unknown = _unknown_knobs(config) if config.extra else None
+        unknown = _unknown_knobs(config, op)
+        need = rules.smem(config, head_dim, dtype, arch) if unknown is None else 0
         if failed is not None:
             fallback_why = f"stored config {config} for {wk} failed to compile here ({failed})"
         elif unknown is not None:
@@ -372,9 +406,9 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
             reason = f"{what}, {_timing(winner)}"
             if stale:
                 reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
-            return Choice(config, source, reason, arch, key, winner, stale)
-    config = default_config(arch, head_dim, dtype, smem_limit)
-    return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key)
+            return Choice(config, source, reason, arch, key, winner, stale, op=op)
+    config = rules.default(arch, head_dim, dtype, smem_limit)
+    return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key, op=op)
 
 
 def _arch_limit(arch: str) -> tuple[str, int]:
@@ -395,33 +429,36 @@ def _sdpa_providers() -> frozenset[str]:
 
 def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
            seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
-           smem_limit: int | None = None, kernel_only: bool = False) -> Choice:
-    """The config the rules give a forward call on `arch` (no tensors, no memo, no warnings).
+           smem_limit: int | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
+    """The config the rules give a call of `op` ("fwd", or "bwd": the backward of such a forward) on
+    `arch` (no tensors, no memo, no warnings).
 
     `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
     the arch table's planning figure (db.arch.ARCH_SMEM).
     """
-    key = Key(arch, OP, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
+    _rules(op)
+    key = Key(arch, op, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
               batch_heads=bucket(batch_heads), group=group)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
     # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
     heads_kv = max(1, key.batch_heads // key.group)
     shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
-    return _resolve(_table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only)
+    return _resolve(_table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op)
 
 
 def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool, *,
-            kernel_only: bool = False) -> Choice:
+            kernel_only: bool = False, op: str = OP) -> Choice:
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
-                        kernel_only=kernel_only)
+                        kernel_only=kernel_only, op=op)
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
-    key = _key_or_none(INTERPRETER_ARCH, shape, causal)
-    if table.override is not None:
-        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key)
-    config = default_config(INTERPRETER_ARCH, shape.head_dim, shape.dtype)
+    rules = _rules(op)
+    key = _key_or_none(INTERPRETER_ARCH, shape, causal, op)
+    if table.override is not None and rules.overridable:
+        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key, op=op)
+    config = rules.default(INTERPRETER_ARCH, shape.head_dim, shape.dtype, None)
     return Choice(config, DEFAULT, f"CPU tensors run under the Triton interpreter: the {INTERPRETER_ARCH} "
-                  "default, tuned configs are not consulted", INTERPRETER_ARCH, key)
+                  "default, tuned configs are not consulted", INTERPRETER_ARCH, key, op=op)
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[Any, ...]:
@@ -469,46 +506,67 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Pla
     return hit if hit is not None else _plan_miss(q, k, v, causal)
 
 
-_BWD_CONFIGS: dict[tuple[str, int, int, str], Config] = {}
+def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
+    """The backward's config for a call of `shape` on q's device, by the same rules as the forward
+    from the op="bwd" entries of the table (exact, nearest within NEAREST_LIMIT, else
+    kernel.bwd_smem.default_bwd_config); memoised: one dict lookup after the first call."""
+    token = (q.device, shape, causal)
+    hit = _table.choices.get(token)
+    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal)
 
 
-def bwd_config(q: torch.Tensor, shape: AttnShape) -> Config:
-    """The backward config for a call of `shape` on q's device: the default measured best for its arch
-    and shared memory (kernel.bwd_smem.default_bwd_config), one dict lookup after the first call.
-    Backward keys are not tuned yet (`tune --op bwd` is future work), so nothing is read from the
-    database here."""
-    if q.device.type == "cuda":
-        arch, smem = device_arch(q.device), device_smem_limit(q.device)
-    else:
-        arch, smem = INTERPRETER_ARCH, 0
-    token = (arch, smem, shape.head_dim, shape.dtype)
-    config = _BWD_CONFIGS.get(token)
-    if config is None:
-        from .bwd_smem import default_bwd_config
+def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool) -> Choice:
+    table = _table
+    choice = _choose(table, device, shape, causal, op="bwd")
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
+                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
+                   "re-tune to refresh it")
+    with _lock:
+        if len(table.choices) >= _MEMO_LIMIT:
+            table.choices.clear()
+        table.choices[token] = choice
+    return choice
 
-        config = _BWD_CONFIGS[token] = default_bwd_config(arch, shape.head_dim, shape.dtype, smem or None)
-    return config
+
+def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool) -> Config:
+    """The backward config for a call of `shape` on q's device (`bwd_choice`'s config)."""
+    return bwd_choice(q, shape, causal).config
+
+
+def bwd_config_failed(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice,
+                      error: BaseException) -> Choice:
+    """Record that a stored backward config failed to compile here (one warning); the choice every
+    backward of this shape gets from now on (the default)."""
+    _record_failure(q, shape, causal, choice, error)
+    return bwd_choice(q, shape, causal)
+
+
+def _record_failure(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice, error: BaseException) -> None:
+    smem = device_smem_limit(q.device) if q.device.type == "cuda" else 0
+    text = first_line(error)
+    token = (choice.op, choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)
+    with _lock:
+        _failed[token] = text
+        _table.memo.clear()
+        _table.choices.clear()
+    what = choice.winner.key if choice.winner is not None else choice.key
+    _warn_once(("failed", *token), f"flashtune: stored config {choice.config} for {what} failed to compile "
+               f"({text}); using the default config instead")
 
 
 def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
                   error: BaseException) -> Plan:
     """Record that a stored config failed to compile here; the plan every call gets from now on."""
-    shape = check_inputs(q, k, v)
-    smem = device_smem_limit(q.device) if q.device.type == "cuda" else 0
-    text = first_line(error)
-    with _lock:
-        _failed[(choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)] = text
-        _table.memo.clear()
-    what = choice.winner.key if choice.winner is not None else choice.key
-    _warn_once(("failed", choice.arch, choice.config, shape.head_dim, shape.dtype, causal),
-               f"flashtune: stored config {choice.config} for {what} failed to compile ({text}); "
-               "using the default config instead")
+    _record_failure(q, check_inputs(q, k, v), causal, choice, error)
     return _plan_miss(q, k, v, causal)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-            arch: str | None = None, kernel_only: bool = False) -> Choice:
-    """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it.
+            arch: str | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
+    """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
+    `op="bwd"`, which config its backward uses.
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
@@ -517,8 +575,9 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     `flashtune bench` times as the kernel).
     """
     causal = check_causal(is_causal, "is_causal")
+    _rules(op)
     if arch is not None:
         shape = check_tensors(q, k, v)
         name, limit = _arch_limit(arch)
-        return _resolve(_table_for(name), name, limit, shape, causal, kernel_only=kernel_only)
-    return _choose(_table, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only)
+        return _resolve(_table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op)
+    return _choose(_table, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op)

@@ -1,4 +1,7 @@
-"""The benchmark harness for one key: inputs, the fp32 reference, compile, validate and time configs.
+"""The benchmark harness for one key: compile, validate and time configs on the key's op workload.
+
+The workload (inputs, launch, reference check) comes from the key's op (tuner.ops): the forward's
+KeyInputs, the backward's gradients, ...; the harness itself names no op.
 
 `LocalBench` runs in the process that owns the GPU: the worker process in production
 (tuner.worker), or the test process itself under the Triton interpreter. A config's first launch
@@ -16,18 +19,16 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..db.types import Config, Key
-from ..kernel.sdpa import KERNEL, is_refusal, provider_of, run_sdpa
-from ..kernel.reference import attention_flops as shape_flops, fp32_reference, output_errors, tflops as rate
-from ..kernel.dtypes import TORCH_DTYPES
+from ..kernel.sdpa import KERNEL, is_refusal, provider_of
+from ..kernel.reference import tflops as rate
 from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
-from ..kernel.launch import AttnShape, check_inputs, launch
 
 from .measure import Measurement
+from .ops import spec_of
+from .op_fwd import TOLERANCE, KeyInputs, attention_flops  # noqa: F401  (the forward's, named here too)
 from .timing import l2_flush_buffer, median_ms_each
+from .workload import HEADS, Workload, relative_error, split_heads  # noqa: F401
 
-# Relative Frobenius-norm error allowed against the fp32 reference. A correct kernel sits near
-# 1e-3 (fp16) and 8e-3 (bf16); a wrong tile schedule is off by tens of percent.
-TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
 FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for several waves
 FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)
 QUICK = (2, 5)  # (warm-up, repetitions) of the first pass
@@ -41,94 +42,15 @@ def fill_batch_heads(seq_len: int, sm_count: int) -> int:
     return max(1, by_tokens, by_waves)
 
 
-def attention_flops(key: Key, batch_heads: int) -> float:
-    """Forward FLOPs: 4·B·H·Nq·Nk·D, half when causal."""
-    return shape_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
-
-
 def tflops(key: Key, batch_heads: int, ms: float) -> float:
-    """TFLOP/s of one forward call on (key, batch_heads) that took `ms`."""
-    return rate(attention_flops(key, batch_heads), ms)
+    """TFLOP/s of one call of the key's op on (key, batch_heads) that took `ms` (its OpSpec's FLOPs)."""
+    return rate(spec_of(key).flops(key, batch_heads), ms)
 
 
 def classify_compile_error(error: BaseException) -> str:
     """The trial outcome for an exception raised by a config's first launch: kernel.errors'
     classification, and `compile_error` for anything else (the config did not produce a result)."""
     return launch_failure(error) or "compile_error"
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in fp32; inf when `out` has a NaN or inf."""
-    return output_errors(out, ref)[1]
-
-
-HEADS = 16  # query heads of the benchmark inputs when B·Hq allows: one Hq for every bucket shares compiles
-
-
-def split_heads(batch_heads: int, group: int = 1) -> tuple[int, int]:
-    """(B, Hq) for benchmark inputs of `batch_heads` = B·Hq with Hq a multiple of `group`.
-
-    B·Hq is exact whenever Hq can divide it, else as near as possible in log2 (a group of 3 and a
-    bucket of 64: 7 × 9 = 63). Among equally near splits the one with Hq nearest HEADS wins, so
-    that buckets share one Hq and hence one compiled kernel (Triton specialises on head counts).
-    """
-    if batch_heads < 1 or group < 1:
-        raise ValueError(f"batch_heads and group must be positive, got {batch_heads} and {group}")
-    target = group * max(1, round(HEADS / group))
-    best: tuple[float, int, int, int] | None = None
-    for heads in range(group, max(target, group) + 1, group):
-        batch = max(1, round(batch_heads / heads))
-        score = (abs(math.log2(batch * heads / batch_heads)), abs(heads - target), batch, heads)
-        best = score if best is None or score[:2] < best[:2] else best
-    assert best is not None
-    return best[2], best[3]
-
-
-@dataclass
-class KeyInputs:
-    """Random inputs of a key's shape on the bench device, and the torch SDPA (math, fp32) reference.
-
-    B·Hq is `batch_heads`, split by `split_heads`; k and v have Hq / key.group heads (real GQA inputs).
-    """
-
-    key: Key
-    batch_heads: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    shape: AttnShape
-    scale: float
-    reference: torch.Tensor
-
-    @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KeyInputs":
-        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key."""
-        batch, heads = split_heads(batch_heads, key.group)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        dtype = TORCH_DTYPES[key.dtype]
-
-        def draw(h: int, n: int) -> torch.Tensor:
-            return torch.randn(batch, h, n, key.head_dim, generator=gen, device=device, dtype=dtype)
-
-        kv_heads = heads // key.group
-        q, k, v = draw(heads, key.seq_len), draw(kv_heads, key.seq_len_kv), draw(kv_heads, key.seq_len_kv)
-        scale = 1.0 / math.sqrt(key.head_dim)  # fp32_reference uses SDPA's default, the same
-        # The reference has no GQA: each K/V head serves `group` consecutive query heads (the kernel's
-        # and SDPA's enable_gqa mapping), so repeat them up to Hq for it.
-        rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
-        ref = fp32_reference(q, rk, rv, key.causal)
-        del rk, rv
-        return cls(key, batch_heads, q, k, v, check_inputs(q, k, v), scale, ref)
-
-    def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
-        SDPA `provider` runs torch SDPA pinned to that backend (it allocates its own output)."""
-        provider = provider_of(config)
-        if provider != KERNEL:
-            return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
-        o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                config=config, out=out)
-        return o, compiled
 
 
 class LocalBench:
@@ -144,19 +66,22 @@ class LocalBench:
         self.compile_threads = max(1, compile_threads)
         self.seed = seed
         self.quick, self.careful = quick, careful
-        self._inputs: KeyInputs | None = None
+        self._inputs: Workload | None = None
         self._flush = l2_flush_buffer(self.device) if self.device.type == "cuda" else None
 
-    def _inputs_for(self, key: Key, batch_heads: int) -> KeyInputs:
+    def _workload(self, key: Key, batch_heads: int, seed: int) -> Workload:
+        return spec_of(key).workload(key, batch_heads, self.device, seed)
+
+    def _inputs_for(self, key: Key, batch_heads: int) -> Workload:
         current = self._inputs
         if current is None or current.key != key or current.batch_heads != batch_heads:
             self._inputs = None  # free the previous key's tensors before allocating the next
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._inputs = KeyInputs.build(key, batch_heads, self.device, self.seed)
+            self._inputs = self._workload(key, batch_heads, self.seed)
         return self._inputs
 
-    def _first_launch(self, inputs: KeyInputs, config: Config) -> tuple[torch.Tensor | None, float, BaseException | None]:
+    def _first_launch(self, inputs: Workload, config: Config) -> tuple[Any, float, BaseException | None]:
         start = time.perf_counter()
         try:
             out, _ = inputs.run(config)
@@ -200,7 +125,7 @@ class LocalBench:
         before any of them can be timed, stored or win: a miscompile that happens to pass on one
         input (a race, a wrong mask on some rows) is caught here. Each comes back as it was, or as a
         `wrong_result` Measurement."""
-        second = KeyInputs.build(key, batch_heads, self.device, self.seed + 1)
+        second = self._workload(key, batch_heads, self.seed + 1)
         try:
             for config, compile_s in ready:
                 try:
@@ -221,8 +146,8 @@ class LocalBench:
         finally:
             del second
 
-    def _first_launches(self, inputs: KeyInputs, configs: Sequence[Config]
-                        ) -> Iterator[tuple[Config, torch.Tensor | None, float, BaseException | None]]:
+    def _first_launches(self, inputs: Workload, configs: Sequence[Config]
+                        ) -> Iterator[tuple[Config, Any, float, BaseException | None]]:
         step = self.compile_threads
         for lo in range(0, len(configs), step):
             chunk = list(configs[lo:lo + step])
@@ -249,7 +174,7 @@ class LocalBench:
                 raise CudaContextLost(chunk, error) from error
             raise
 
-    def _check(self, inputs: KeyInputs, config: Config, out: torch.Tensor | None, compile_s: float,
+    def _check(self, inputs: Workload, config: Config, out: Any, compile_s: float,
                error: BaseException | None) -> Measurement | None:
         """The failed measurement of a config whose first launch failed or was wrong; None if it is good."""
         text = trial_error_text(error) if error is not None else None
@@ -263,15 +188,13 @@ class LocalBench:
             if outcome == "crashed" and error is not None:
                 raise CudaContextLost([config], error)
             return Measurement(config, outcome, compile_s=compile_s, error=text)
-        err = relative_error(out, inputs.reference)
-        tol = TOLERANCE[inputs.key.dtype]
-        if not err <= tol:
-            return Measurement(config, "wrong_result", compile_s=compile_s,
-                               error=f"relative error {err:.3g} > {tol:g} against torch SDPA (fp32)")
+        problem = inputs.check(out)
+        if problem is not None:
+            return Measurement(config, "wrong_result", compile_s=compile_s, error=problem)
         return None
 
-    def _time(self, inputs: KeyInputs, configs: Sequence[Config], warmup: int, reps: int) -> list[float]:
-        buffer = torch.empty_like(inputs.q)
+    def _time(self, inputs: Workload, configs: Sequence[Config], warmup: int, reps: int) -> list[float]:
+        buffer = inputs.buffers()
         fns = [lambda c=c: inputs.run(c, out=buffer) for c in configs]
         try:
             return median_ms_each(fns, warmup=warmup, reps=reps, flush=self._flush)

@@ -10,14 +10,13 @@ record, the worker's lifetime and the run's final status ('done', 'budget', 'int
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..db.arch import normalize_arch
 from ..db.errors import StoreError, one_line
 from ..db.store import Store
 from ..db.types import Config, Key
-from ..kernel.defaults import default_config
 from ..kernel.sdpa import available_providers, provider_config
 from ..kernel.version import KERNEL_VERSION
 
@@ -25,7 +24,7 @@ from . import gpu as gpus, worker
 from .bench import fill_batch_heads
 from .loop import KeyResult, Progress, Tuner, TuneSettings
 from .measure import Bench
-from .space import candidates, variant_candidates
+from .ops import spec_of
 
 
 class SessionError(RuntimeError):
@@ -60,20 +59,19 @@ class TuningSession:
     status: str = "failed"  # what the run is marked at the end unless a tune() finishes
     finish_error: str | None = None  # why the run's end mark could not be written, if it could not
     kernel_only: bool = False  # no SDPA provider candidates (`tune --kernel-only`)
-    _spaces: dict[tuple[int, str, bool], list[Config]] = field(default_factory=dict)
 
     def space(self, key: Key) -> list[Config]:
-        """The kernel configs the tuner times for `key` on this GPU: the pointer kernel's space and the
-        other variants' configs (computed once per head dim, dtype and causal)."""
-        return session_space(key, self.gpu.smem_limit, self.gpu.arch, self._spaces)
+        """The kernel configs the tuner times for `key` on this GPU: its op's space (tuner.ops)."""
+        return session_space(key, self.gpu)
 
     def default(self, key: Key) -> Config:
-        """The kernel's default config for `key` on this GPU."""
-        return default_config(key.arch, key.head_dim, key.dtype, self.gpu.smem_limit)
+        """The default config of `key`'s op on this GPU."""
+        return spec_of(key).default(key, self.gpu)
 
     def providers(self, key: Key) -> list[Config]:
-        """One config per SDPA backend this torch has, unless the session is kernel-only."""
-        return [] if self.kernel_only else provider_configs()
+        """One config per SDPA backend this torch has, for ops whose SDPA backends compete, unless the
+        session is kernel-only."""
+        return key_providers(key, self.kernel_only)
 
     def batch_heads(self, key: Key) -> int:
         """B·Hq of the benchmark inputs: the key's bucket; for a key without one, enough work to fill this GPU."""
@@ -95,24 +93,21 @@ class TuningSession:
         return results
 
 
-def session_space(key: Key, smem_limit: int, arch: str,
-                  cache: dict[tuple[int, str, bool], list[Config]] | None = None) -> list[Config]:
-    """A key's kernel candidates on a GPU of `arch` with `smem_limit`: tuner.space's configs and
-    `variant_candidates` (the TMA kernel's on sm_90). Also what `tune --dry-run` counts."""
-    group = (key.head_dim, key.dtype, key.causal)
-    if cache is None or group not in cache:
-        configs = [*candidates(key.head_dim, key.dtype, smem_limit, arch=arch),
-                   *variant_candidates(key.head_dim, key.dtype, key.causal, smem_limit, arch=arch)]
-        configs = list(dict.fromkeys(configs))
-        if cache is None:
-            return configs
-        cache[group] = configs
-    return cache[group]
+def session_space(key: Key, gpu: gpus.GpuInfo) -> list[Config]:
+    """A key's kernel candidates on `gpu` (a planned one for --dry-run): its op's space, e.g. for the
+    forward tuner.space's configs and the TMA kernel's on sm_90. Also what `tune --dry-run` counts."""
+    return spec_of(key).space(key, gpu)
 
 
 def provider_configs() -> list[Config]:
     """One candidate config per SDPA backend this torch has."""
     return [provider_config(p) for p in available_providers()]
+
+
+def key_providers(key: Key, kernel_only: bool = False) -> list[Config]:
+    """The SDPA backend configs that compete for `key`: none for kernel-only runs or for ops whose
+    spec says SDPA's backends are no candidate (the backward: see tuner.op_bwd)."""
+    return [] if kernel_only or not spec_of(key).sdpa_providers else provider_configs()
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import click
 
-from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key
+from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
 from ..ranges import parse_int, parse_seq_lens
 
 from .common import (ARCH, DURATION, CliError, Parsed, Progress, count, db_option, echo_json, echo_table, fmt_num,
@@ -46,15 +46,32 @@ def parse_groups(text: str) -> list[int]:
     return list(dict.fromkeys(parse_int(item, 1, MAX_GROUP) for item in str(text).split(",")))
 
 
+def parse_ops(text: str) -> list[str]:
+    """A comma list of ops ('fwd', 'bwd', 'fwd,bwd'); repeats dropped."""
+    return list(dict.fromkeys(normalize_op(item.strip()) for item in str(text).split(",")))
+
+
 BATCH_HEADS = Parsed(parse_batch_heads, "RANGE")
 GROUPS = Parsed(parse_groups, "G[,G...]")
+OPS_LIST = Parsed(parse_ops, "OP[,OP...]")
+
+
+def tunable_ops(ops: Sequence[str]) -> list[str]:
+    """`ops` when the tuner has a spec for each (tuner.ops), else a CliError naming the ones it has."""
+    from ..ops import OPS
+
+    missing = [op for op in ops if op not in OPS]
+    if missing:
+        raise CliError(f"--op: the tuner cannot time {', '.join(missing)} yet; it times {', '.join(OPS)}")
+    return list(ops)
 
 
 def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
-              causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int]) -> list[Key]:
-    """The forward keys of the grid; a bucket smaller than its group (B·Hq below Hq) is no workload
-    and is left out (CliError naming --group when that leaves nothing)."""
-    keys = [Key(arch, "fwd", n, d, dt, c, batch_heads=bh, group=g) for d in head_dims for dt in dtypes
+              causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
+              ops: Sequence[str] = ("fwd",)) -> list[Key]:
+    """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
+    workload and is left out (CliError naming --group when that leaves nothing)."""
+    keys = [Key(arch, op, n, d, dt, c, batch_heads=bh, group=g) for op in ops for d in head_dims for dt in dtypes
             for c in causals for g in groups for n in seqs for bh in batch_heads if bh >= g]
     if not keys:
         raise CliError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
@@ -62,9 +79,9 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
     return keys
 
 
-def recorded_keys(db_url: str | None, arch: str) -> list[Key]:
-    """The keys the database has recorded for `arch`, most-called first (Store.recorded). Keys of other
-    archs, and ops the tuner does not time, are skipped with a note on stderr; none left is a CliError."""
+def recorded_keys(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",)) -> list[Key]:
+    """The keys of `ops` the database has recorded for `arch`, most-called first (Store.recorded). Keys
+    of other archs and other ops are skipped with a note on stderr; none left is a CliError."""
     from ...db.errors import StoreError
     from ...db.store import Store
 
@@ -75,24 +92,27 @@ def recorded_keys(db_url: str | None, arch: str) -> list[Key]:
         raise CliError(error) from None
     keys, other = [], []
     for entry in recorded:
-        (keys if entry.key.arch == arch and entry.key.op == "fwd" else other).append(entry.key)
+        (keys if entry.key.arch == arch and entry.key.op in ops else other).append(entry.key)
+    what = f"{arch} {','.join(ops)}"
     if not keys:
-        raise CliError(f"--recorded: no recorded {arch} fwd keys in the database ({len(other)} of other archs "
+        raise CliError(f"--recorded: no recorded {what} keys in the database ({len(other)} of other archs "
                        "or ops); run the app with FLASHTUNE_RECORD=1 on this GPU first")
     if other:
         shown = ", ".join(map(str, other[:3])) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-        click.echo(f"note: skipping {len(other)} recorded key(s) not for {arch} fwd: {shown}", err=True)
+        unselected = sorted({k.op for k in other if k.arch == arch})
+        hint = f" (--op {','.join([*ops, *unselected])} tunes those of {arch} too)" if unselected else ""
+        click.echo(f"note: skipping {len(other)} recorded key(s) not for {what}: {shown}{hint}", err=True)
     return list(dict.fromkeys(keys))
 
 
 def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[int], dtypes: Sequence[str],
-             keys_count: int, kernel_only: bool, db_url: str | None, as_json: bool) -> None:
-    """Plan without a GPU. `keys` None: the grid's space per head dim and dtype; else (--recorded,
+             keys_count: int, kernel_only: bool, db_url: str | None, as_json: bool,
+             ops: Sequence[str] = ("fwd",), seq: int = 1024) -> None:
+    """Plan without a GPU. `keys` None: the grid's space per op, head dim and dtype; else (--recorded,
     read from the database for the planned arch) each key and the size of its candidate list."""
     from ..gpu import NoGpuError, detect_gpu, planned_gpu
-    from ..session import provider_configs, session_space
-    from ..space import plan, variant_candidates
-    from ...db.smem import estimate_smem
+    from ..ops import op_spec
+    from ..session import key_providers, provider_configs, session_space
 
     try:
         here = detect_gpu()
@@ -104,20 +124,27 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
         gpu = here
     else:
         gpu = here if here is not None and here.arch == arch else planned_gpu(arch)
-    providers = [] if kernel_only else [str(c) for c in provider_configs()]
+    with_sdpa = not kernel_only and any(op_spec(op).sdpa_providers for op in ops)
+    providers = [str(c) for c in provider_configs()] if with_sdpa else []
     if keys is None:
         groups = []
-        for head_dim in head_dims:
-            for dtype in dtypes:
-                entries = plan(head_dim, dtype, gpu.smem_limit, arch=gpu.arch)
-                over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
-                kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
-                # The other kernel variants (TMA, sm_90 on): causal keys' list, the superset.
-                variants = [{"config": str(c), "smem": estimate_smem(c, head_dim, dtype, gpu.arch)}
-                            for c in variant_candidates(head_dim, dtype, True, gpu.smem_limit, arch=gpu.arch)]
-                groups.append({"head_dim": head_dim, "dtype": dtype, "configs": kept, "space": len(entries),
-                               "dropped_smem": over, "dropped_other": len(entries) - len(kept) - over,
-                               "variants": variants})
+        for op in ops:
+            spec = op_spec(op)
+            for head_dim in head_dims:
+                for dtype in dtypes:
+                    entries = spec.plan(head_dim, dtype, gpu)
+                    over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
+                    kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
+                    # The op's other kernel variants (the forward's TMA kernel, sm_90 on): causal keys'
+                    # list, the superset: what the op's space adds to its base plan.
+                    base = {c.config for c in entries if c.kept}
+                    causal_key = Key(gpu.arch, op, seq, head_dim, dtype, True)
+                    variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
+                                for c in spec.space(causal_key, gpu) if c not in base]
+                    groups.append({"op": op, "head_dim": head_dim, "dtype": dtype, "configs": kept,
+                                   "space": len(entries), "dropped_smem": over,
+                                   "dropped_other": len(entries) - len(kept) - over, "variants": variants,
+                                   "sdpa_providers": with_sdpa and spec.sdpa_providers})
         if as_json:
             echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
                        "providers": providers, "groups": groups})
@@ -125,19 +152,20 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
         click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
                    f"{keys_count} keys; SDPA providers: {', '.join(providers) or 'none'}")
         for g in groups:
-            click.echo(f"\nD={g['head_dim']} {g['dtype']}: {len(g['configs'])} of {g['space']} configs kept "
-                       f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)")
+            what = f"{g['op']} D={g['head_dim']} {g['dtype']}"
+            click.echo(f"\n{what}: {len(g['configs'])} of {g['space']} configs kept "
+                       f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)"
+                       + ("" if g["sdpa_providers"] or not providers else "; no SDPA providers for this op"))
             echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
                        right=["smem KB"])
-            click.echo(f"D={g['head_dim']} {g['dtype']}: {len(g['variants'])} tensor-descriptor (TMA) variant configs"
-                       + ("" if g["variants"] else f" ({gpu.arch} has no TMA)"))
+            click.echo(f"{what}: {len(g['variants'])} other kernel-variant configs (the forward's "
+                       f"tensor-descriptor (TMA) kernel on archs with TMA)")
             if g["variants"]:
                 echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["variants"]],
                            right=["smem KB"])
         return
-    cache: dict[Any, Any] = {}
-    rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu.smem_limit, gpu.arch, cache)),
-             "providers": len(providers)} for k in keys]
+    rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu)),
+             "providers": len(key_providers(k, kernel_only))} for k in keys]
     if as_json:
         echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": len(rows),
                    "providers": providers, "recorded": rows})
@@ -150,7 +178,7 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
 
 
 def _key_fields(key: Key) -> dict[str, Any]:
-    return {"key": str(key), "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv, "head_dim": key.head_dim,
+    return {"key": str(key), "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv, "head_dim": key.head_dim,
             "dtype": key.dtype, "causal": key.causal, "batch_heads": key.batch_heads, "group": key.group}
 
 
@@ -217,6 +245,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="B·Hq buckets, powers of two, written like --seq: each key is timed at its own.")
 @click.option("--group", "groups", type=GROUPS, default="1", show_default=True,
               help="GQA groups Hq/Hkv, a comma list: each key is timed with real GQA inputs.")
+@click.option("--op", "ops", type=OPS_LIST, default="fwd", show_default=True,
+              help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), fwd,bwd. "
+                   "With --recorded: which recorded ops to tune.")
 @click.option("--kernel-only", is_flag=True, help="Time the kernel's configs only, not torch SDPA's backends.")
 @click.option("--recorded", is_flag=True,
               help="Tune the keys the app recorded (FLASHTUNE_RECORD=1), most-called first, instead of a grid.")
@@ -229,26 +260,29 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--trial-timeout", type=DURATION, default="180s", show_default=True,
               help="A trial silent for this long is recorded as timeout.")
 def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[bool, ...],
-         batch_heads: list[int], groups: list[int], kernel_only: bool, recorded: bool, db_url: str | None,
-         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, trial_timeout: float) -> None:
+         batch_heads: list[int], groups: list[int], ops: list[str], kernel_only: bool, recorded: bool,
+         db_url: str | None,
+         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None,
+         trial_timeout: float) -> None:
     """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
     a candidate must beat the default config by more than the measured noise, else the default is stored."""
+    ops = tunable_ops(ops)
     if dry_run:
         if recorded:
             if arch is None:
                 raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
-            _dry_run(arch, recorded_keys(db_url, arch), head_dim, dtype, 0, kernel_only, db_url, as_json)
+            _dry_run(arch, recorded_keys(db_url, arch, ops), head_dim, dtype, 0, kernel_only, db_url, as_json, ops)
             return
-        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups))
-        _dry_run(arch, None, head_dim, dtype, count_keys, kernel_only, db_url, as_json)
+        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups, ops))
+        _dry_run(arch, None, head_dim, dtype, count_keys, kernel_only, db_url, as_json, ops, seq[0])
         return
     args = {"seq": seq, "head_dim": head_dim, "dtype": dtype, "causal": list(causal), "batch_heads": batch_heads,
-            "group": groups, "kernel_only": kernel_only, "recorded": recorded, "budget_s": budget}
+            "group": groups, "op": ops, "kernel_only": kernel_only, "recorded": recorded, "budget_s": budget}
 
     def keys_for(gpu_arch: str) -> tuple[list[Key], bool]:
         if recorded:
-            return recorded_keys(db_url, gpu_arch), True
-        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups), False
+            return recorded_keys(db_url, gpu_arch, ops), True
+        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups, ops), False
 
     _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout,
           compile_threads or min(16, os.cpu_count() or 1), as_json, args)

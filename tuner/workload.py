@@ -1,0 +1,94 @@
+"""What the tuner needs to know about one op: the `OpSpec` each op module fills in, and the `Workload`
+its benchmark runs.
+
+The loop, the session, the benchmark harness and `tune` never name an op: they ask `tuner.ops` for
+the key's `OpSpec` and use what it gives -- the candidate configs, the default, the FLOP count of
+the rate column, whether torch SDPA's backends compete, and the benchmark inputs with their
+reference check. An op lives in its own module (`op_fwd`, `op_bwd`, ...) and is one entry of
+`tuner.ops.OPS`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from ..db.types import Config, Key
+
+if TYPE_CHECKING:
+    import torch
+
+    from .gpu import GpuInfo
+    from .space import Candidate
+
+HEADS = 16  # query heads of the benchmark inputs when B·Hq allows: one Hq for every bucket shares compiles
+
+
+def split_heads(batch_heads: int, group: int = 1) -> tuple[int, int]:
+    """(B, Hq) for benchmark inputs of `batch_heads` = B·Hq with Hq a multiple of `group`.
+
+    B·Hq is exact whenever Hq can divide it, else as near as possible in log2 (a group of 3 and a
+    bucket of 64: 7 × 9 = 63). Among equally near splits the one with Hq nearest HEADS wins, so
+    that buckets share one Hq and hence one compiled kernel (Triton specialises on head counts).
+    """
+    if batch_heads < 1 or group < 1:
+        raise ValueError(f"batch_heads and group must be positive, got {batch_heads} and {group}")
+    target = group * max(1, round(HEADS / group))
+    best: tuple[float, int, int, int] | None = None
+    for heads in range(group, max(target, group) + 1, group):
+        batch = max(1, round(batch_heads / heads))
+        score = (abs(math.log2(batch * heads / batch_heads)), abs(heads - target), batch, heads)
+        best = score if best is None or score[:2] < best[:2] else best
+    assert best is not None
+    return best[2], best[3]
+
+
+def relative_error(out: "torch.Tensor", ref: "torch.Tensor") -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32; inf when `out` has a NaN or inf."""
+    from ..kernel.reference import output_errors
+
+    return output_errors(out, ref)[1]
+
+
+class Workload(Protocol):
+    """One key's benchmark inputs on the bench device, built once per key (and once more, with the
+    next seed, for the careful pass's second validation)."""
+
+    key: Key
+    batch_heads: int
+
+    def run(self, config: Config, out: Any = None) -> tuple[Any, Any]:
+        """One launch with `config`: (its output, Triton's compiled kernel(s) or None). `out`: buffers
+        from `buffers()` to write into (timing), or None to allocate."""
+        ...
+
+    def check(self, output: Any) -> str | None:
+        """Why `output` of `run` is wrong against the op's reference (one line), or None if it is right."""
+        ...
+
+    def buffers(self) -> Any:
+        """Output buffers the timed launches write into, allocated once per timing pass."""
+        ...
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything op-specific the tuner uses; one per op, registered in `tuner.ops.OPS`.
+
+    `space(key, gpu)`: the kernel configs to time for `key` on `gpu` (pruned: every one fits its
+    shared memory); `smem(config, head_dim, dtype, arch)`: a config's estimated shared memory;
+    `plan(head_dim, dtype, gpu)`: the op's base space with each config's estimated
+    shared memory and why it was dropped, for `tune --dry-run`; `default(key, gpu)`: the config the
+    dispatcher uses untuned, always timed; `flops(key, batch_heads)`: the work of one call, for the
+    TFLOP/s column; `sdpa_providers`: whether torch SDPA's backends compete for the key;
+    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference.
+    """
+
+    name: str
+    space: Callable[[Key, "GpuInfo"], list[Config]]
+    smem: Callable[[Config, int, str, str], int]
+    plan: Callable[[int, str, "GpuInfo"], list["Candidate"]]
+    default: Callable[[Key, "GpuInfo"], Config]
+    flops: Callable[[Key, int], float]
+    sdpa_providers: bool
+    workload: Callable[[Key, int, "torch.device", int], Workload]
