@@ -90,7 +90,7 @@ def test_shape_follows_tokens_and_hidden_unless_overridden():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(seq_len=0), "seq_len"),
-    (dict(head_dim=48), "head dim 48"),
+    (dict(head_dim=20), "head dim 20"),
     (dict(dtype="int8"), "unknown dtype"),
     (dict(hidden=100), "not a multiple of head dim 64"),
     (dict(batch=0), "batch"),
@@ -228,7 +228,7 @@ def test_csv_schema_and_round_trip(tmp_path):
     ("provider,batch\nflashtune,1\n", "missing column"),
     (",".join(COLUMNS) + "\nflashtune,1,2,128,64,float16,0,abc,,,,,,,,,ok,,\n", "line 2.*median_ms.*'abc'"),
     (",".join(COLUMNS) + "\nflashtune,1,2,128,64,float16,0,1.0,,,,,,,,,done,,\n", "line 2.*status 'done'"),
-    (",".join(COLUMNS) + "\nflashtune,1,2,128,48,float16,0,1.0,,,,,,,,,ok,,\n", "line 2.*head dim 48"),
+    (",".join(COLUMNS) + "\nflashtune,1,2,128,20,float16,0,1.0,,,,,,,,,ok,,\n", "line 2.*head dim 20"),
     (",".join(COLUMNS) + "\nflashtune,1,2,128,64,float16,0,,,,,,,,,,ok,,\n", "line 2.*positive median_ms"),
     (",".join(COLUMNS) + "\nflashtune,1,2,128,64,float16,2,1.0,,,,,,,,,ok,,\n", "line 2.*causal"),
 ])
@@ -276,7 +276,7 @@ def test_one_shape_is_a_sweep_of_one(kernel_device):
 @pytest.mark.parametrize("args, message", [
     (["--seq", "64..16"], "--seq: reversed range '64..16'"),
     (["--seq", str(2**70)], f"--seq: sequence length '{2**70}' is above the limit of 2147483647 (2**31 - 1)"),
-    (["--head-dim", "48"], "--head-dim: unsupported head dim 48"),
+    (["--head-dim", "20"], "--head-dim: unsupported head dim 20"),
     (["--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
     (["--seq", "64", "--head-dim", "64", "--hidden", "100"], "hidden size 100 is not a multiple of head dim 64"),
     (["--seq", "64", "--tokens", "0"], "--tokens: '0' is out of range: expected a whole number from 1"),

@@ -121,7 +121,7 @@ def test_ncu_command_reruns_profile_without_run_ncu():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--head-dim", "48"], "--head-dim: unsupported head dim 48"),
+    (["--head-dim", "20"], "--head-dim: unsupported head dim 20"),
     (["--dtype", "int4"], "--dtype: unknown dtype 'int4'"),
     (["--seq", "64,128"], "--seq: malformed sequence length '64,128': expected one whole number"),
     (["--warmup-ms", "-1"], "--warmup-ms: '-1' is out of range: expected a finite number at least 0"),
