@@ -22,7 +22,7 @@ from torch import Tensor
 from . import dispatch, record
 from .errors import launch_failure
 from .bwd_launch import launch_bwd
-from .launch import check_causal, check_inputs, check_scale, launch, needs_grad
+from .launch import check_causal, check_inputs, check_scale, launch, launch_cached, needs_grad
 from .sdpa import is_refusal, run_sdpa
 
 __all__ = ["attention", "attention_bwd_op", "attention_fwd_lse_op", "attention_fwd_op"]
@@ -35,8 +35,9 @@ _COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may 
 def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float, *,
                     return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
     try:
-        return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
-                      return_lse=return_lse)[:2]
+        # The plan keeps the compiled kernel: after its first launch it is relaunched directly.
+        return launch_cached(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
+                             return_lse=return_lse, cache=plan.launchers)
     except Exception as error:
         if plan.choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
             raise

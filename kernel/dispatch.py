@@ -117,6 +117,9 @@ class Plan:
     grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
     kernel: Config  # the kernel config to launch: the choice's, or its fallback when a backend won
     sdpa: str | None = None  # the SDPA backend to run instead of the kernel (CUDA calls only)
+    # The compiled kernel kept for direct relaunch (kernel.launch.launch_cached), per return_lse;
+    # filled on the plan's first launch. Not part of the plan's identity.
+    launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -197,20 +197,70 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, 
         return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
                               fp32_precision=fp32_precision, out=out)
     o = torch.empty_like(q) if out is None else out
-    lse = (torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
-           if return_lse else o)
-    grid = fwd_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
-    compiled = variant.kernel[grid](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        shape.seq_q, shape.seq_k, shape.heads_q, shape.group,
-        scale * 1.4426950408889634,  # log2(e): exp2 in-kernel
-        HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
-        num_warps=config.num_warps, num_stages=config.num_stages, **variant.constexprs,
-    )
+    lse = _lse_buffer(q, shape) if return_lse else o
+    grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse, fp32_precision,
+                                        variant.constexprs)
+    compiled = variant.kernel[grid](*args, **kwargs)
     return o, (lse if return_lse else None), compiled
+
+
+_LOG2E = 1.4426950408889634  # log2(e): exp2 in-kernel
+_TENSORS = 5  # q, k, v, o, lse lead the pointer kernel's arguments
+_SCALE_AT = 20  # qk_scale's place among the arguments after them: 16 strides, seq_q, seq_k, heads_q, group
+
+
+def _lse_buffer(q: torch.Tensor, shape: AttnShape) -> torch.Tensor:
+    return torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
+
+
+def _fwd_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                   shape: AttnShape, causal: bool, scale: float, config: Config, return_lse: bool,
+                   fp32_precision: str, constexprs: Any) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+    """The pointer kernel's (grid, positional arguments, keyword arguments) for one call."""
+    grid = fwd_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
+    args = (q, k, v, o, lse,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * _LOG2E)
+    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
+                  BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                  CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
+                  num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
+    return grid, args, kwargs
+
+
+def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
+                  scale: float, config: Config, return_lse: bool, cache: dict[Any, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """launch() for a caller that keeps `cache` per input signature (the dispatcher's Plan): (o, lse or None).
+
+    The first call goes through Triton's JIT and keeps its compiled kernel in `cache`; later calls
+    relaunch it directly (kernel.fastlaunch), allocating only the output (and the LSE when asked), as
+    long as the pointers keep the 16-byte alignment the kernel was specialised for (else the JIT
+    decides, as before). Only the pointer kernel: the TMA variant has its own launch, with tensor
+    descriptors, and always takes it. Never under the interpreter.
+    """
+    fast = cache.get(return_lse)
+    if fast is None and not _device.INTERPRET and q.device.type == "cuda":
+        variant = fwd_variant(config) if config.extra else PLAIN_FWD
+        if variant.launch is not None:
+            cache[return_lse] = False  # the TMA kernel: never fast, do not ask again
+        else:
+            from . import fastlaunch
+
+            o = torch.empty_like(q)
+            lse = _lse_buffer(q, shape) if return_lse else o
+            grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse,
+                                                "ieee", variant.constexprs)
+            compiled = variant.kernel[grid](*args, **kwargs)
+            cache[return_lse] = fastlaunch.build(variant.kernel, compiled, grid, args, kwargs, _TENSORS) or False
+            return o, (lse if return_lse else None)
+    out = None
+    if fast:
+        out = torch.empty_like(q)
+        lse = _lse_buffer(q, shape) if return_lse else out
+        if fast.call((q, k, v, out, lse), {_SCALE_AT: scale * _LOG2E}):
+            return out, (lse if return_lse else None)
+    return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse, out=out)[:2]
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
