@@ -78,7 +78,7 @@ def _to_v3(conn: Connection) -> None:
     from .models import JobKeyRow, JobRow, JobUnitRow
 
     for model in (JobRow, JobUnitRow, JobKeyRow):  # in foreign-key order
-        model.__table__.create(conn)
+        model.__table__.create(conn, checkfirst=True)  # a database taken back by hand may still have them
 
 
 MIGRATIONS: list[Migration] = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from . import bench as cli_bench, db as cli_db, doctor as cli_doctor, plot as cli_plot, profile as cli_profile
-from . import tune as cli_tune
+from . import jobs as cli_jobs, tune as cli_tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,7 +18,7 @@ def main() -> None:
     """flashtune: a tuned FlashAttention kernel and its per-GPU config database."""
 
 
-for _module in (cli_tune, cli_db, cli_bench, cli_plot, cli_profile, cli_doctor):
+for _module in (cli_tune, cli_db, cli_jobs, cli_bench, cli_plot, cli_profile, cli_doctor):
     _module.register(main)
 
 

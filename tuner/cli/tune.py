@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import click
 
 from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
+from ..fleet.options import fleet_options, fleet_requested, refuse_dry_run
 from ..ranges import parse_int, parse_seq_lens
 
 from .common import (ARCH, DURATION, CliError, Parsed, Progress, count, db_option, echo_json, echo_table, fmt_num,
@@ -259,15 +260,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="Configs compiled at once (default: CPU cores, at most 16).")
 @click.option("--trial-timeout", type=DURATION, default="180s", show_default=True,
               help="A trial silent for this long is recorded as timeout.")
+@fleet_options
 def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[bool, ...],
          batch_heads: list[int], groups: list[int], ops: list[str], kernel_only: bool, recorded: bool,
          db_url: str | None,
-         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None,
-         trial_timeout: float) -> None:
+         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, trial_timeout: float,
+         **fleet: Any) -> None:
     """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
     a candidate must beat the default config by more than the measured noise, else the default is stored."""
     ops = tunable_ops(ops)
     if dry_run:
+        refuse_dry_run(fleet)
         if recorded:
             if arch is None:
                 raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
@@ -284,6 +287,11 @@ def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str]
             return recorded_keys(db_url, gpu_arch, ops), True
         return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups, ops), False
 
+    if fleet_requested(fleet):  # several GPUs or hosts: one claim queue (tuner.fleet)
+        from ..fleet.command import tune_fleet
+        tune_fleet(**fleet, arch=arch, keys_for=keys_for, kernel_only=kernel_only, db_url=db_url, budget=budget,
+                   trial_timeout=trial_timeout, compile_threads=compile_threads, as_json=as_json, args=args)
+        return
     _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout,
           compile_threads or min(16, os.cpu_count() or 1), as_json, args)
 

@@ -6,12 +6,12 @@ import re
 _INDEX = re.compile(r"[0-9]{1,4}")
 
 
-def parse_gpus(text: str) -> list[int] | None:
-    """`all` → None (every GPU present); else the distinct indices in the order given. ValueError for
-    an empty value, a token that is no index, or an index given twice."""
+def parse_gpus(text: str) -> list[int] | str:
+    """'all' (every GPU present) or the distinct indices in the order given. ValueError for an empty
+    value, a token that is no index, or an index given twice."""
     value = str(text).strip()
     if value.lower() == "all":
-        return None
+        return "all"
     if not value:
         raise ValueError("empty: give 'all' or a comma list of GPU indices such as 0,1")
     indices: list[int] = []
@@ -26,7 +26,8 @@ def parse_gpus(text: str) -> list[int] | None:
 
 
 def select_gpus(wanted: list[int] | None, count: int) -> list[int]:
-    """The GPU indices to tune on, given how many this host has; ValueError for an index it lacks."""
+    """The GPU indices to tune on (`wanted` None: all), given how many this host has; ValueError for an
+    index it lacks."""
     if count <= 0:
         raise ValueError("no CUDA GPU is visible on this host")
     if wanted is None:
