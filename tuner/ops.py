@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from ..db.types import Key
 
+from .op_bwd import BWD
 from .op_fwd import FWD
+from .op_kvcache import KVCACHE
 from .workload import OpSpec
 
-OPS: dict[str, OpSpec] = {spec.name: spec for spec in (FWD,)}
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (FWD, BWD, KVCACHE)}
 
 
 def op_spec(op: str) -> OpSpec:
