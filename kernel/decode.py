@@ -40,9 +40,10 @@ from ..db.arch import ARCH_SMEM, normalize_arch
 from ..db.smem import estimate_smem, padded_head_dim
 from ..db.types import Config, normalize_dtype
 
-__all__ = ["DEFAULT_SM_COUNT", "MAX_SPLIT_KEYS", "SPLITS_KNOB", "DecodePlan", "combine_block_s", "combine_warps",
-           "decode_block_d", "decode_bytes", "decode_combine_kernel", "decode_split_kernel", "default_decode_config",
-           "default_num_splits", "estimate_decode_smem", "num_splits_of", "plan_decode"]
+__all__ = ["DEFAULT_SM_COUNT", "MAX_PROGRAMS", "MAX_SPLIT_KEYS", "SPLITS_KNOB", "DecodePlan", "combine_block_s",
+           "combine_warps", "decode_block_d", "decode_bytes", "decode_combine_kernel", "decode_knobs",
+           "decode_split_kernel", "default_decode_config", "default_num_splits", "estimate_decode_smem",
+           "num_splits_of", "plan_decode"]
 
 SPLITS_KNOB = "num_splits"
 # Split sizing for the default config (the tuner searches num_splits itself); the H200 measurements
@@ -244,6 +245,19 @@ def decode_combine_kernel(ACC, LSE, O, SEQLENS, stride_s,
 def decode_block_d(head_dim: int) -> int:
     """The padded head-dim tile: the next power of two, at least 16 (db.smem.padded_head_dim)."""
     return padded_head_dim(head_dim)
+
+
+def decode_knobs(config: Config) -> int:
+    """The config's num_splits after checking its knobs: ValueError naming a knob the decode kernel
+    does not know (it takes `num_splits`, a positive int) or a bad value."""
+    for name, value in config.extra:
+        if name == SPLITS_KNOB:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config {config}: {SPLITS_KNOB} must be a positive int, got {value!r}")
+        elif not (name == "provider" and value == "kernel"):
+            raise ValueError(f"config {config}: the decode kernel does not know the knob {name!r} "
+                             f"(it takes {SPLITS_KNOB})")
+    return int(config.extra_dict.get(SPLITS_KNOB, 1))
 
 
 def num_splits_of(config: Config) -> int:

@@ -5,7 +5,8 @@ query (`db.store.load_winners`) and keeps them in an immutable in-memory table. 
 touches the database or the filesystem: it is resolved once per distinct input signature
 (shapes, strides, dtypes, devices, causal) and memoised, so the steady state is one dict lookup.
 
-Rules, in order, for a call of op P ("fwd": the forward, "bwd": its backward) on a CUDA tensor of arch A
+Rules, in order, for a call of op P ("fwd": the forward, "bwd": its backward, "kvcache":
+attention_kvcache, with Nk the cache length Nmax and causal bottom-right) on a CUDA tensor of arch A
 with shape (B, Hq, Hkv, Nq, Nk, D, dtype, causal), whose key carries the workload: BH = B·Hq rounded to
 a power of two (db.types.bucket) and G = Hq/Hkv:
 1. `FLASHTUNE_CONFIG` (e.g. `m64-n32-w4-s2`) forces that config for every forward call (debugging).
@@ -16,7 +17,7 @@ a power of two (db.types.bucket) and G = Hq/Hkv:
    Only entries within NEAREST_LIMIT (2: e.g. twice the length and twice the bucket) count: the
    rule interpolates between tuned keys and never extrapolates far past them into losses.
 4. Else the op's default for A and the device's shared-memory limit (`kernel.defaults.default_config`,
-   `kernel.bwd_smem.default_bwd_config`).
+   `kernel.bwd_smem.default_bwd_config`, `kernel.decode.default_decode_config` with the SM count).
 Each op's default, shared-memory estimate and knob check are one entry of `_OPS`.
 A winner is a config of the kernel or an SDPA backend (`provider` knob, kernel.sdpa): a call whose
 choice is a backend runs torch SDPA pinned to it, and falls back to the winner's kernel config
@@ -51,8 +52,9 @@ from ..db.text import printable, shown
 from ..db.types import Config, Key, bucket
 
 from .bwd_smem import bwd_knobs, default_bwd_config, estimate_bwd_smem
+from .decode import decode_knobs, default_decode_config, estimate_decode_smem
 from .defaults import default_config
-from .device import device_arch, device_smem_limit
+from .device import device_arch, device_sm_count, device_smem_limit
 from .sdpa import KERNEL, provider_of
 from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors
 from .variants import fwd_variant
@@ -62,7 +64,7 @@ if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the da
     from ..db.store import Winner
 
 __all__ = ["CONFIG_ENV_VAR", "Choice", "DispatchWarning", "INTERPRETER_ARCH", "LoadInfo", "Plan", "explain",
-           "info", "lookup", "plan", "reload", "visible_archs"]
+           "info", "kvcache_plan", "lookup", "plan", "reload", "visible_archs"]
 
 log = logging.getLogger("flashtune.dispatch")
 
@@ -153,20 +155,36 @@ class _Table:
 
 @dataclass(frozen=True)
 class _OpRules:
-    """What the dispatcher needs to know about one op's kernel: its default config for (arch, D, dtype,
-    shared-memory limit or None), its shared-memory estimate for (config, D, dtype, arch), its knob
-    check (raises ValueError/TypeError for a config the kernel cannot run), and whether
-    FLASHTUNE_CONFIG applies to it."""
+    """What the dispatcher needs to know about one op's kernel: its default config for (arch, the
+    call's shape, shared-memory limit or None, SM count or None), its shared-memory estimate for
+    (config, D, dtype, arch), its knob check (raises ValueError/TypeError for a config the kernel
+    cannot run), and whether FLASHTUNE_CONFIG applies to it."""
 
-    default: Callable[[str, int, str, "int | None"], Config]
+    default: Callable[[str, AttnShape, "int | None", "int | None"], Config]
     smem: Callable[[Config, int, str, "str | None"], int]
     knobs: Callable[[Config], Any]
     overridable: bool = False
 
 
+def _fwd_default(arch: str, shape: AttnShape, smem_limit: int | None, sm_count: int | None) -> Config:
+    return default_config(arch, shape.head_dim, shape.dtype, smem_limit)
+
+
+def _bwd_default(arch: str, shape: AttnShape, smem_limit: int | None, sm_count: int | None) -> Config:
+    return default_bwd_config(arch, shape.head_dim, shape.dtype, smem_limit)
+
+
+def _kvcache_default(arch: str, shape: AttnShape, smem_limit: int | None, sm_count: int | None) -> Config:
+    # The split count depends on the call's sizes and the GPU's SM count (DEFAULT_SM_COUNT when planning).
+    return default_decode_config(shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
+                                 batch_heads=shape.batch * shape.heads_q, group=shape.group, sm_count=sm_count,
+                                 arch=arch, smem_limit=smem_limit)
+
+
 _OPS: dict[str, _OpRules] = {
-    "fwd": _OpRules(default_config, estimate_smem, fwd_variant, overridable=True),
-    "bwd": _OpRules(default_bwd_config, estimate_bwd_smem, bwd_knobs),
+    "fwd": _OpRules(_fwd_default, estimate_smem, fwd_variant, overridable=True),
+    "bwd": _OpRules(_bwd_default, estimate_bwd_smem, bwd_knobs),
+    "kvcache": _OpRules(_kvcache_default, estimate_decode_smem, decode_knobs),
 }
 
 
@@ -360,7 +378,7 @@ def _kernel_fallback(winner: "Winner", provider: str) -> Config | None:
 
 
 def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
-             kernel_only: bool = False, op: str = OP) -> Choice:
+             kernel_only: bool = False, op: str = OP, sm_count: int | None = None) -> Choice:
     rules = _rules(op)
     key = _key_or_none(arch, shape, causal, op)
     head_dim, dtype = shape.head_dim, shape.dtype
@@ -390,7 +408,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
             what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {winner.key}"
             return Choice(winner.config, source, f"{what}: torch SDPA's {provider} backend, {_timing(winner)}",
                           arch, key, winner, stale, provider,
-                          fallback or rules.default(arch, head_dim, dtype, smem_limit), op=op)
+                          fallback or rules.default(arch, shape, smem_limit, sm_count), op=op)
     if winner is not None:
         config, wk = winner.config, winner.key
         failed = _failed.get((op, arch, smem_limit, config, head_dim, dtype, causal))
@@ -410,7 +428,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
             if stale:
                 reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
             return Choice(config, source, reason, arch, key, winner, stale, op=op)
-    config = rules.default(arch, head_dim, dtype, smem_limit)
+    config = rules.default(arch, shape, smem_limit, sm_count)
     return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key, op=op)
 
 
@@ -432,12 +450,15 @@ def _sdpa_providers() -> frozenset[str]:
 
 def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
            seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
-           smem_limit: int | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
-    """The config the rules give a call of `op` ("fwd", or "bwd": the backward of such a forward) on
-    `arch` (no tensors, no memo, no warnings).
+           smem_limit: int | None = None, kernel_only: bool = False, op: str = OP,
+           sm_count: int | None = None) -> Choice:
+    """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, or
+    "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache length) on `arch` (no
+    tensors, no memo, no warnings).
 
     `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
-    the arch table's planning figure (db.arch.ARCH_SMEM).
+    the arch table's planning figure (db.arch.ARCH_SMEM); `sm_count` (the kvcache default's split
+    count depends on it) to kernel.decode.DEFAULT_SM_COUNT.
     """
     _rules(op)
     key = Key(arch, op, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
@@ -446,20 +467,21 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
     heads_kv = max(1, key.batch_heads // key.group)
     shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
-    return _resolve(_table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op)
+    return _resolve(_table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op,
+                    sm_count=sm_count)
 
 
 def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool, *,
             kernel_only: bool = False, op: str = OP) -> Choice:
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
-                        kernel_only=kernel_only, op=op)
+                        kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
     rules = _rules(op)
     key = _key_or_none(INTERPRETER_ARCH, shape, causal, op)
     if table.override is not None and rules.overridable:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key, op=op)
-    config = rules.default(INTERPRETER_ARCH, shape.head_dim, shape.dtype, None)
+    config = rules.default(INTERPRETER_ARCH, shape, None, None)
     return Choice(config, DEFAULT, f"CPU tensors run under the Triton interpreter: the {INTERPRETER_ARCH} "
                   "default, tuned configs are not consulted", INTERPRETER_ARCH, key, op=op)
 
@@ -566,10 +588,54 @@ def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return _plan_miss(q, k, v, causal)
 
 
+def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+                 has_seqlens: bool) -> Plan:
+    """Validate q and the caches and pick attention_kvcache's config: the rules above with op="kvcache"
+    (key: Nq, the cache length Nmax as N_kv, D, dtype, bottom-right causal, B·Hq bucket, Hq/Hkv; the
+    default is kernel.decode.default_decode_config for the device's SM count). Memoised per input
+    signature (shapes, strides, dtypes, devices, causal, whether lengths are given): the steady state
+    is one dict lookup. Raises what kernel.kvcache.check_kvcache_inputs raises for bad inputs."""
+    try:
+        token = ("kvcache", has_seqlens, *_signature(q, k_cache, v_cache, causal))
+        hit = _table.memo.get(token)
+    except (AttributeError, RuntimeError, TypeError):  # not tensors: the check names the problem
+        token, hit = None, None
+    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal)
+
+
+def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool) -> Plan:
+    from .kvcache import check_kvcache_inputs  # kernel.kvcache imports this module
+
+    shape = check_kvcache_inputs(q, k_cache, v_cache)
+    table = _table
+    choice = _choose(table, q.device, shape, causal, op="kvcache")
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
+                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
+                   "re-tune to refresh it")
+    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, choice.config)
+    if token is not None:
+        with _lock:
+            if len(table.memo) >= _MEMO_LIMIT:
+                table.memo.clear()
+            table.memo[token] = entry
+    return entry
+
+
+def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+                          has_seqlens: bool, choice: Choice, error: BaseException) -> Plan:
+    """Record that a stored kvcache config failed to compile here (one warning); the plan every such
+    call gets from now on (the default)."""
+    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens).shape, causal, choice, error)
+    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens)
+
+
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
             arch: str | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
-    `op="bwd"`, which config its backward uses.
+    `op="bwd"`, which config its backward uses; with `op="kvcache"`, which config
+    `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing

@@ -14,8 +14,9 @@ import torch
 from ..db.types import Config
 
 from . import device as _device
-from .decode import (SPLITS_KNOB, DecodePlan, combine_block_s, combine_warps, decode_combine_kernel,
+from .decode import (DecodePlan, combine_block_s, combine_warps, decode_combine_kernel, decode_knobs,
                      decode_split_kernel, default_decode_config, estimate_decode_smem, plan_decode)
+from .errors import launch_failure
 from .launch import AttnShape, check_qkv, check_runnable, check_scale, needs_grad
 
 __all__ = ["attention_kvcache", "check_cache_seqlens", "check_decode_config",
@@ -23,7 +24,8 @@ __all__ = ["attention_kvcache", "check_cache_seqlens", "check_decode_config",
 
 _INT32_MAX = 2**31 - 1
 _NAMES = ("q", "k_cache", "v_cache")
-_KNOWN_KNOBS = {SPLITS_KNOB}
+_STORED = ("exact", "nearest")  # kernel.dispatch's sources of a stored config (EXACT, NEAREST)
+_COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may work: fall back
 
 
 # --- validation -----------------------------------------------------------------------------
@@ -96,24 +98,12 @@ def check_cache_seqlens(cache_seqlens: Any, shape: AttnShape, device: torch.devi
     return cache_seqlens
 
 
-def _check_knobs(config: Config) -> int:
-    """The config's num_splits; ValueError for knobs the decode kernel does not know."""
-    for name, value in config.extra:
-        if name == SPLITS_KNOB:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"config {config}: {SPLITS_KNOB} must be a positive int, got {value!r}")
-        elif not (name == "provider" and value == "kernel"):
-            raise ValueError(f"config {config}: the decode kernel does not know the knob {name!r} "
-                             f"(it takes {', '.join(sorted(_KNOWN_KNOBS))})")
-    return int(config.extra_dict.get(SPLITS_KNOB, 1))
-
-
 def check_decode_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: str | None = None) -> None:
     """Raise if `config` is not a Config, has unknown knobs, exceeds the grid limit for `shape`, or needs
     more shared memory than `smem_limit`."""
     if not isinstance(config, Config):
         raise TypeError(f"config must be a flashtune.db.types.Config, got {type(config).__name__}")
-    _check_knobs(config)
+    decode_knobs(config)
     plan = plan_decode(config, batch=shape.batch, heads_kv=shape.heads_kv, group=shape.group, seq_q=shape.seq_q,
                        seq_kv=shape.seq_k, head_dim=shape.head_dim)
     programs = plan.num_m_blocks * plan.num_splits * shape.batch * shape.heads_kv
@@ -166,7 +156,7 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     preallocated; the compiled-kernel tuple holds pass 1, then pass 2 when it ran (entries are None
     under the interpreter).
     """
-    _check_knobs(config)
+    decode_knobs(config)
     plan = plan_decode(config, batch=shape.batch, heads_kv=shape.heads_kv, group=shape.group, seq_q=shape.seq_q,
                        seq_kv=shape.seq_k, head_dim=shape.head_dim)
     o = torch.empty_like(q) if out is None else out
@@ -207,7 +197,13 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cache_seqlens: int32 (B,) valid lengths on q's device, 0..Nmax (0: the rows are zeros), or
     None for Nmax everywhere. causal=True aligns bottom-right as flash_attn does for a cache:
     query i sees keys j <= len − Nq + i (then each non-empty length must be >= Nq). scale defaults
-    to 1/sqrt(D). config=None takes the default decode config for this GPU and these sizes.
+    to 1/sqrt(D).
+
+    config=None asks the dispatcher (kernel.dispatch.kvcache_plan: the tuned winner of the key
+    (arch, "kvcache", Nq, Nmax, D, dtype, causal, B·Hq bucket, Hq/Hkv), else the nearest tuned key,
+    else the default decode config for this GPU), memoised per input signature; a stored config
+    that fails to compile here falls back to the default with one warning. Under FLASHTUNE_RECORD=1
+    the call counts its key for `tune --recorded --op kvcache`.
 
     Validating cache_seqlens reads it on the host (a sync), except during CUDA-graph capture or
     torch.compile tracing; the kernel clamps lengths to [0, Nmax] either way, so no value reads
@@ -216,17 +212,32 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
                                   "(call it under torch.no_grad() or torch.inference_mode())")
-    shape = check_kvcache_inputs(q, k_cache, v_cache)
     causal = bool(causal)
-    lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal)
-    scale = check_scale(scale, shape.head_dim)
-    on_gpu = q.device.type == "cuda"
-    if config is None:
-        config = decode_config_for(shape, q.device)
-    if on_gpu:
-        check_decode_config(config, shape, _device.device_smem_limit(q.device), _device.device_arch(q.device))
-    else:
-        check_decode_config(config, shape, None)
-    return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal, scale=scale,
-                         config=config)[0]
+    if config is not None:
+        shape = check_kvcache_inputs(q, k_cache, v_cache)
+        lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal)
+        if q.device.type == "cuda":
+            check_decode_config(config, shape, _device.device_smem_limit(q.device), _device.device_arch(q.device))
+        else:
+            check_decode_config(config, shape, None)
+        return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal,
+                             scale=check_scale(scale, shape.head_dim), config=config)[0]
+    # Imported here, not at the top: the tuner imports this module and must not load the database.
+    from . import dispatch, record
 
+    has_lens = cache_seqlens is not None
+    plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, has_lens)
+    shape, choice = plan.shape, plan.choice
+    if record.ENABLED and choice.key is not None:
+        record.hit(choice.key)
+    lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal)
+    scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
+    try:
+        return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal, scale=scale,
+                             config=choice.config)[0]
+    except Exception as error:
+        if choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
+            raise
+        plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, has_lens, choice, error)
+        return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal, scale=scale,
+                             config=plan.choice.config)[0]

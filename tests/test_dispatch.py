@@ -162,7 +162,7 @@ def test_explain_rejects_bad_inputs(tuned: str) -> None:
     with pytest.raises(ValueError, match="unknown arch 'sm_7'"):
         dispatch.explain(q, q, q, arch="sm_7")
     with pytest.raises(ValueError, match="head dim"):
-        odd = torch.randn(1, 1, 16, 48, device=DEVICE)
+        odd = torch.randn(1, 1, 16, 20, device=DEVICE)
         dispatch.explain(odd, odd, odd)
     with pytest.raises(TypeError, match="dtype"):
         dispatch.explain(q.double(), q.double(), q.double())

@@ -81,7 +81,9 @@ class OpSpec:
     shared memory and why it was dropped, for `tune --dry-run`; `default(key, gpu)`: the config the
     dispatcher uses untuned, always timed; `flops(key, batch_heads)`: the work of one call, for the
     TFLOP/s column; `sdpa_providers`: whether torch SDPA's backends compete for the key;
-    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference.
+    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference; `bytes(key,
+    batch_heads)`: for a memory-bound op, the bytes one call must move, so that `tune` prints TB/s
+    beside the TFLOP/s column (None: compute-bound, no TB/s).
     """
 
     name: str
@@ -92,3 +94,4 @@ class OpSpec:
     flops: Callable[[Key, int], float]
     sdpa_providers: bool
     workload: Callable[[Key, int, "torch.device", int], Workload]
+    bytes: Callable[[Key, int], int] | None = None

@@ -20,8 +20,8 @@ from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
 from ..fleet.options import fleet_options, fleet_requested, refuse_dry_run
 from ..ranges import parse_int, parse_seq_lens
 
-from .common import (ARCH, DURATION, CliError, Parsed, Progress, count, db_option, echo_json, echo_table, fmt_num,
-                     geomean, json_option, key_options)
+from .common import (ARCH, DURATION, SEQ_LENS, CliError, Parsed, Progress, count, db_option, echo_json, echo_table,
+                     fmt_num, geomean, json_option, key_options)
 
 DEFAULT_BATCH_HEADS = "16,64,256"  # one sequence of 16 heads, a small batch, a full training batch
 
@@ -69,11 +69,21 @@ def tunable_ops(ops: Sequence[str]) -> list[str]:
 
 def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
               causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
-              ops: Sequence[str] = ("fwd",)) -> list[Key]:
+              ops: Sequence[str] = ("fwd",), *, q_lens: Sequence[int] = (1,),
+              kv_lens: Sequence[int] | None = None) -> list[Key]:
     """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
-    workload and is left out (CliError naming --group when that leaves nothing)."""
-    keys = [Key(arch, op, n, d, dt, c, batch_heads=bh, group=g) for op in ops for d in head_dims for dt in dtypes
-            for c in causals for g in groups for n in seqs for bh in batch_heads if bh >= g]
+    workload and is left out (CliError naming --group when that leaves nothing). kvcache keys take
+    Nq from `q_lens` and the cache length from `kv_lens` (default: `seqs`); a causal one with more
+    queries than cached keys is left out (bottom-right causal would give query 0 no key)."""
+    def lengths(op: str) -> list[tuple[int, int]]:
+        if op != "kvcache":
+            return [(n, n) for n in seqs]
+        return [(nq, nk) for nq in q_lens for nk in (kv_lens or seqs)]
+
+    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g)
+            for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
+            for n, n_kv in lengths(op) for bh in batch_heads
+            if bh >= g and not (op == "kvcache" and c and n > n_kv)]
     if not keys:
         raise CliError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
                        f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq")
@@ -140,6 +150,9 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
                     # list, the superset: what the op's space adds to its base plan.
                     base = {c.config for c in entries if c.kept}
                     causal_key = Key(gpu.arch, op, seq, head_dim, dtype, True)
+                    if op == "kvcache":  # its plan is the nominal decode key's space: the same key, causal
+                        from ..op_kvcache import NOMINAL
+                        causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL)
                     variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
                                 for c in spec.space(causal_key, gpu) if c not in base]
                     groups.append({"op": op, "head_dim": head_dim, "dtype": dtype, "configs": kept,
@@ -209,6 +222,14 @@ class _TuneProgress:
             self._bar.close()
 
 
+def _tbps(key: Key, batch_heads: int, ms: float | None) -> float | None:
+    """TB/s of a memory-bound op's call (its OpSpec's bytes) that took `ms`; None for other ops."""
+    from ..ops import op_spec
+
+    moved = op_spec(key.op).bytes
+    return moved(key, batch_heads) / (ms * 1e-3) / 1e12 if moved is not None and ms else None
+
+
 def _summary(results: Sequence[Any]) -> dict[str, Any]:
     rows = []
     for r in results:
@@ -218,6 +239,7 @@ def _summary(results: Sequence[Any]) -> dict[str, Any]:
                      "default_won": w is not None and w.config == r.default_config,
                      "kernel_config": str(r.kernel_config) if r.kernel_config else None,
                      "median_ms": w.median_ms if w else None, "tflops": w.tflops if w else None,
+                     "tbps": _tbps(r.key, r.batch_heads, w.median_ms) if w else None,
                      "default": str(r.default_config), "default_ms": r.default_ms, "speedup": r.speedup,
                      "noise": r.noise, "narrowed": r.narrowed, "new_trials": r.new_trials, "skipped": r.skipped,
                      "complete": r.complete, "winner_stored": r.winner_stored, "outcomes": r.outcomes})
@@ -233,7 +255,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
     rows = [[r["key"] + ("" if r["complete"] else " (partial)"), winner(r), fmt_num(r["median_ms"], ".4f"),
              fmt_num(r["tflops"], ".1f"), r["default"], fmt_num(r["speedup"], ".2f")]
             for r in summary["keys"]]
-    echo_table(["key", "winner", "ms", "TFLOP/s", "default", "speed-up"], rows, right=["ms", "TFLOP/s", "speed-up"])
+    headers, right = ["key", "winner", "ms", "TFLOP/s", "default", "speed-up"], ["ms", "TFLOP/s", "speed-up"]
+    if any(r.get("tbps") for r in summary["keys"]):  # memory-bound ops (decode): bandwidth is the figure
+        headers.insert(4, "TB/s")
+        right.append("TB/s")
+        for row, r in zip(rows, summary["keys"]):
+            row.insert(4, fmt_num(r.get("tbps"), ".2f"))
+    echo_table(headers, rows, right=right)
     if summary["geomean_speedup"]:
         click.echo(f"geomean speed-up over the default config: {summary['geomean_speedup']:.2f}x")
 
@@ -247,8 +275,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--group", "groups", type=GROUPS, default="1", show_default=True,
               help="GQA groups Hq/Hkv, a comma list: each key is timed with real GQA inputs.")
 @click.option("--op", "ops", type=OPS_LIST, default="fwd", show_default=True,
-              help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), fwd,bwd. "
+              help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), kvcache "
+                   "(attention_kvcache's split-KV decode; see --decode), fwd,bwd. "
                    "With --recorded: which recorded ops to tune.")
+@click.option("--decode", is_flag=True,
+              help="Tune decode keys (--op kvcache, attention_kvcache): --q-len queries against a cache of "
+                   "--kv-len keys; added to an explicit --op.")
+@click.option("--kv-len", "kv_lens", type=SEQ_LENS, default=None,
+              help="Cache lengths of kvcache keys, written like --seq (default: the --seq lengths).")
+@click.option("--q-len", "q_lens", type=SEQ_LENS, default=None,
+              help="Queries per sequence of kvcache keys, written like --seq (default: 1).")
 @click.option("--kernel-only", is_flag=True, help="Time the kernel's configs only, not torch SDPA's backends.")
 @click.option("--recorded", is_flag=True,
               help="Tune the keys the app recorded (FLASHTUNE_RECORD=1), most-called first, instead of a grid.")
@@ -262,13 +298,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="A trial silent for this long is recorded as timeout.")
 @fleet_options
 def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[bool, ...],
-         batch_heads: list[int], groups: list[int], ops: list[str], kernel_only: bool, recorded: bool,
+         batch_heads: list[int], groups: list[int], ops: list[str], decode: bool, kv_lens: list[int] | None,
+         q_lens: list[int] | None, kernel_only: bool, recorded: bool,
          db_url: str | None,
          budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, trial_timeout: float,
          **fleet: Any) -> None:
     """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
     a candidate must beat the default config by more than the measured noise, else the default is stored."""
-    ops = tunable_ops(ops)
+    ops = tunable_ops(_with_decode(ops, decode, kv_lens, q_lens))
+    q_lens = q_lens or [1]
     if dry_run:
         refuse_dry_run(fleet)
         if recorded:
@@ -276,16 +314,19 @@ def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str]
                 raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
             _dry_run(arch, recorded_keys(db_url, arch, ops), head_dim, dtype, 0, kernel_only, db_url, as_json, ops)
             return
-        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups, ops))
+        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups, ops,
+                                   q_lens=q_lens, kv_lens=kv_lens))
         _dry_run(arch, None, head_dim, dtype, count_keys, kernel_only, db_url, as_json, ops, seq[0])
         return
     args = {"seq": seq, "head_dim": head_dim, "dtype": dtype, "causal": list(causal), "batch_heads": batch_heads,
-            "group": groups, "op": ops, "kernel_only": kernel_only, "recorded": recorded, "budget_s": budget}
+            "group": groups, "op": ops, "q_len": q_lens, "kv_len": kv_lens, "kernel_only": kernel_only,
+            "recorded": recorded, "budget_s": budget}
 
     def keys_for(gpu_arch: str) -> tuple[list[Key], bool]:
         if recorded:
             return recorded_keys(db_url, gpu_arch, ops), True
-        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups, ops), False
+        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups, ops, q_lens=q_lens,
+                         kv_lens=kv_lens), False
 
     if fleet_requested(fleet):  # several GPUs or hosts: one claim queue (tuner.fleet)
         from ..fleet.command import tune_fleet
@@ -294,6 +335,18 @@ def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str]
         return
     _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout,
           compile_threads or min(16, os.cpu_count() or 1), as_json, args)
+
+
+def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:
+    """The ops to tune once --decode is applied: kvcache alone when --op was left at its default,
+    else added to the --op list. CliError for --kv-len/--q-len without kvcache keys to shape."""
+    if decode:
+        explicit = click.get_current_context().get_parameter_source("ops") is not click.core.ParameterSource.DEFAULT
+        ops = [*ops, "kvcache"] if explicit else ["kvcache"]
+        ops = list(dict.fromkeys(ops))
+    if "kvcache" not in ops and (kv_lens is not None or q_lens is not None):
+        raise CliError("--kv-len and --q-len shape decode keys: add --decode (or --op kvcache)")
+    return ops
 
 
 def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None, budget: float | None,

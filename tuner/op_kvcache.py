@@ -1,0 +1,193 @@
+"""Split-KV decode (`attention_kvcache`) as a tuner op: its space, default, FLOPs, bytes and benchmark inputs.
+
+A "kvcache" key is Key(arch, "kvcache", seq_len=Nq, seq_len_kv=the cache length Nmax, head_dim, dtype,
+causal=bottom-right causal, batch_heads=bucket(B·Hq), group=Hq/Hkv). Its workload is random q and
+caches with real GQA (Hkv = Hq / group KV heads) and every sequence Nmax long; each candidate's output
+is checked against kernel/reference_kvcache.py in fp32 on the bench device, with the forward's
+tolerance.
+
+The space: num_splits x block_n x (warps, stages), and the half-size query tile where the packed rows
+G·Nq fill more than 16 rows, around the key's default (kernel.decode.default_decode_config with the
+GPU's SM count). Split counts that give the same effective split (kernel.decode.plan_decode rounds a
+split to whole tiles) are one config. Pruned by the shared-memory estimate and CUDA's grid limit.
+
+No torch SDPA providers: SDPA has no per-sequence lengths and its is_causal is top-left, so a stored
+SDPA winner could not serve the ragged or causal calls that resolve to the same key.
+
+Decode is memory-bound: the trials table's rate column holds the FLOP rate (`kvcache_flops`) like every
+op's, and `kvcache_bytes` (K + V + Q + O, kernel.decode.decode_bytes) gives the TB/s that `tune` prints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..db.types import DTYPE_BYTES, Config, Key
+from ..kernel.decode import (MAX_PROGRAMS, SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem,
+                             plan_decode)
+from ..kernel.dtypes import TORCH_DTYPES
+from ..kernel.kvcache import check_kvcache_inputs, launch_decode
+from ..kernel.launch import AttnShape
+from ..kernel.reference_kvcache import attention_kvcache_reference
+
+from .op_fwd import TOLERANCE
+from .space import Candidate
+from .workload import OpSpec, relative_error, split_heads
+
+if TYPE_CHECKING:
+    from .gpu import GpuInfo
+
+OP = "kvcache"
+SPLIT_STEPS = (-3, -2, -1, 0, 1, 2)  # num_splits = the default's times 2**step (and 1)
+BLOCK_NS = (64, 128)  # the H200 sweep's winners all used 64 or 128 (bench/results/decode_bench.csv)
+WARPS_STAGES = ((4, 2), (4, 3), (8, 3))
+HALF_TILE_WARPS_STAGES = ((4, 2),)  # the half-size query tile: its best pipeline only
+REFERENCE_CHUNK_BYTES = 1 << 30  # fp32 K and V copies the reference holds at once
+# The nominal key `tune --dry-run` lists the space of (the space scales with each key's default).
+NOMINAL = dict(seq_len=1, seq_len_kv=32768, batch_heads=256, group=4)
+
+
+def _sizes(key: Key, batch_heads: int) -> tuple[int, int, int]:
+    """(B, Hq, Hkv) of the benchmark inputs for `key` at `batch_heads` = B·Hq."""
+    batch, heads = split_heads(max(1, batch_heads), key.group)
+    return batch, heads, heads // key.group
+
+
+def visible_pairs(seq_q: int, seq_kv: int, causal: bool) -> int:
+    """(query, key) pairs one head computes: Nq·Nkv, less the bottom-right causal triangle."""
+    if not causal:
+        return seq_q * seq_kv
+    return sum(max(0, min(seq_kv, seq_kv - seq_q + 1 + i)) for i in range(seq_q))
+
+
+def kvcache_flops(key: Key, batch_heads: int) -> float:
+    """FLOPs of one call: 4·B·Hq·D per visible (query, key) pair (QKᵀ and PV, a multiply-add each)."""
+    return 4.0 * batch_heads * key.head_dim * visible_pairs(key.seq_len, key.seq_len_kv, key.causal)
+
+
+def kvcache_bytes(key: Key, batch_heads: int) -> int:
+    """Bytes one call must move on the benchmark inputs: K and V of every cached token, Q and O."""
+    batch, heads_q, heads_kv = _sizes(key, batch_heads)
+    return decode_bytes(batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=key.seq_len,
+                        kv_tokens=batch * key.seq_len_kv, head_dim=key.head_dim, elt=DTYPE_BYTES[key.dtype])
+
+
+def kvcache_default(key: Key, gpu: "GpuInfo") -> Config:
+    """kernel.decode.default_decode_config for the key on this GPU (its SM count and shared memory):
+    what attention_kvcache runs untuned."""
+    return default_decode_config(key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
+                                 batch_heads=max(1, key.batch_heads), group=key.group, sm_count=gpu.sm_count,
+                                 arch=gpu.arch, smem_limit=gpu.smem_limit)
+
+
+def _effective(config: Config, key: Key) -> tuple[Config, int]:
+    """`config` with num_splits replaced by the count plan_decode really launches, and its program count."""
+    batch, _, heads_kv = _sizes(key, key.batch_heads)
+    plan = plan_decode(config, batch=batch, heads_kv=heads_kv, group=key.group, seq_q=key.seq_len,
+                       seq_kv=key.seq_len_kv, head_dim=key.head_dim)
+    programs = plan.num_m_blocks * plan.num_splits * batch * heads_kv
+    return Config(config.block_m, config.block_n, config.num_warps, config.num_stages,
+                  ((SPLITS_KNOB, plan.num_splits),)), programs
+
+
+def _candidates(key: Key, gpu: "GpuInfo") -> list[Candidate]:
+    """Every config of the key's space with its estimated shared memory and, if dropped, why."""
+    default = kvcache_default(key, gpu)
+    base = int(default.extra_dict.get(SPLITS_KNOB, 1))
+    splits = sorted({1, *(max(1, round(base * 2.0 ** step)) for step in SPLIT_STEPS)})
+    tiles = [(default.block_m, WARPS_STAGES)]
+    if default.block_m > 16:  # more packed rows than one 16-row tile: try two half tiles
+        tiles.append((default.block_m // 2, HALF_TILE_WARPS_STAGES))
+    seen: dict[Config, Candidate] = {}
+    raw = [default] + [Config(bm, bn, w, st, ((SPLITS_KNOB, n),))
+                       for bm, pipelines in tiles for bn in BLOCK_NS for w, st in pipelines for n in splits]
+    for config in raw:
+        config, programs = _effective(config, key)
+        if config in seen:
+            continue
+        smem = estimate_decode_smem(config, key.head_dim, key.dtype, gpu.arch)
+        dropped = None
+        if smem > gpu.smem_limit:
+            dropped = f"smem {smem // 1024} KB > {gpu.smem_limit // 1024} KB"
+        elif programs > MAX_PROGRAMS:
+            dropped = f"{programs} programs > CUDA's grid limit"
+        seen[config] = Candidate(config, smem, dropped)
+    return list(seen.values())
+
+
+def kvcache_space(key: Key, gpu: "GpuInfo") -> list[Config]:
+    """The configs to time for a kvcache key on `gpu` (the default first), about 20-50 of them."""
+    return [c.config for c in _candidates(key, gpu) if c.kept]
+
+
+def kvcache_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
+    """The space of the nominal decode key (Nq=1, Nkv=32768, B·Hq=256, G=4) with estimates and drop
+    reasons, for `tune --dry-run`; each real key's split counts centre on its own default."""
+    return _candidates(Key(gpu.arch, OP, head_dim=head_dim, dtype=dtype, causal=False, **NOMINAL), gpu)
+
+
+@dataclass
+class KVCacheInputs:
+    """Random q (B, Hq, Nq, D) and caches (B, Hkv, Nmax, D) on the bench device, every sequence Nmax
+    long, and the fp32 reference (kernel/reference_kvcache.py), computed once per key."""
+
+    key: Key
+    batch_heads: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    shape: AttnShape
+    scale: float
+    reference: torch.Tensor
+
+    @classmethod
+    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KVCacheInputs":
+        """Inputs drawn from N(0, 1) with a fixed seed. ValueError for a causal key with more queries
+        than cached keys (bottom-right causal would leave query 0 no key)."""
+        if key.causal and key.seq_len > key.seq_len_kv:
+            raise ValueError(f"{key}: causal decode needs at least as many cached keys as queries "
+                             f"(Nq={key.seq_len} > Nkv={key.seq_len_kv})")
+        batch, heads_q, heads_kv = _sizes(key, batch_heads)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        dtype = TORCH_DTYPES[key.dtype]
+
+        def draw(h: int, n: int) -> torch.Tensor:
+            return torch.randn(batch, h, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+
+        q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
+        scale = 1.0 / math.sqrt(key.head_dim)
+        # A few sequences at a time: the reference holds fp32 copies of their K and V.
+        per_seq = 2 * 4 * heads_kv * key.seq_len_kv * key.head_dim
+        step = max(1, REFERENCE_CHUNK_BYTES // per_seq)
+        ref = torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
+                                                     scale=scale, dtype=torch.float32)
+                         for i in range(0, batch, step)])
+        return cls(key, batch_heads, q, k, v, check_kvcache_inputs(q, k, v), scale, ref)
+
+    def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """One attention_kvcache launch with `config` (scratch allocated per call, as the API does);
+        returns (output, the compiled kernels of the passes run)."""
+        return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
+                             scale=self.scale, config=config, out=out)
+
+    def check(self, output: torch.Tensor) -> str | None:
+        """Why `output` is wrong against the fp32 reference, or None."""
+        err = relative_error(output, self.reference)
+        tol = TOLERANCE[self.key.dtype]
+        return None if err <= tol else f"relative error {err:.3g} > {tol:g} against the KV-cache reference (fp32)"
+
+    def buffers(self) -> torch.Tensor:
+        """One output tensor the timed launches share."""
+        return torch.empty_like(self.q)
+
+
+def build_kvcache(key: Key, batch_heads: int, device: torch.device, seed: int) -> KVCacheInputs:
+    """KVCacheInputs.build, looked up at call time."""
+    return KVCacheInputs.build(key, batch_heads, device, seed)
+
+
+KVCACHE = OpSpec(OP, space=kvcache_space, smem=estimate_decode_smem, plan=kvcache_plan, default=kvcache_default,
+                 flops=kvcache_flops, sdpa_providers=False, workload=build_kvcache, bytes=kvcache_bytes)
