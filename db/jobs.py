@@ -28,9 +28,10 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import aliased
 
-from .errors import DatabaseCorruptError
+from .errors import DatabaseCorruptError, SchemaVersionError
 from .models import KEY_COLUMNS, JobKeyRow, JobRow, JobUnitRow, utcnow
 from .rows import key_values
+from .schema import MIGRATE_COMMAND
 from .store import Store
 from .text import printable, shown
 from .types import InvalidField, Key
@@ -149,11 +150,18 @@ def _insert(dialect: str) -> Any:
     return pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
 
 
+JOBS_SINCE = 3  # the schema version that added the job tables
+
+
 class JobQueue:
     """The jobs of one store: create them, claim their units, renew and release claims, mark keys done,
     and report where each job stands."""
 
     def __init__(self, store: Store) -> None:
+        if store.schema_version < JOBS_SINCE:  # a read-only open of a schema-2 database gets here
+            raise SchemaVersionError(f"database {store.display_url} has schema version {store.schema_version}, "
+                                     f"which has no job tables (they came with version {JOBS_SINCE}): run "
+                                     f"`{MIGRATE_COMMAND} --db URL` to migrate it")
         self.store = store
 
     # --- jobs ------------------------------------------------------------------------------

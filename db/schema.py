@@ -9,7 +9,8 @@ The mechanism, kept small on purpose (no Alembic needed on GPU machines):
   database at its old version.
 - Opening a database refuses a newer version (naming both) and an older one (naming the command,
   `flashtune db migrate`): readers such as the dispatcher must never write, and a fleet's shared
-  database is migrated once, on purpose.
+  database is migrated once, on purpose. A read-only open also takes versions from `READABLE_SINCE`
+  on, whose tables it reads are unchanged (what needs a newer table checks `Store.schema_version`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from .models import FLASHTUNE_TABLES, Base, MetaRow
 from .text import printable, shown
 
 SCHEMA_VERSION = 3
+# The oldest version a read-only open accepts as it is: version 3 only added the fleet's job tables,
+# so an app whose database is still at 2 keeps its tuned winners until someone migrates it.
+READABLE_SINCE = 2
 VERSION_KEY = "schema_version"
 MIGRATE_COMMAND = "flashtune db migrate"
 # Any constant: serialises schema creation between processes on one PostgreSQL server.
@@ -134,7 +138,8 @@ def read_version(conn: Connection, where: str) -> int | None:
 
 
 def check_version(version: int | None, where: str, create: bool) -> None:
-    """Raise unless a database at `version` can be used as it is."""
+    """Raise unless a database at `version` can be used as it is: for writing (`create`) only at
+    SCHEMA_VERSION, for reading from READABLE_SINCE on."""
     if version is None:
         if not create:
             raise DatabaseUnavailableError(f"database {where} holds no flashtune tables yet "
@@ -144,7 +149,7 @@ def check_version(version: int | None, where: str, create: bool) -> None:
         raise SchemaVersionError(f"database {where} has schema version {version}, newer than "
                                  f"version {SCHEMA_VERSION} that this flashtune understands: "
                                  f"upgrade flashtune")
-    if version < SCHEMA_VERSION:
+    if version < SCHEMA_VERSION and (create or version < READABLE_SINCE):
         raise SchemaVersionError(f"database {where} has schema version {version}, older than "
                                  f"version {SCHEMA_VERSION} that this flashtune needs: run "
                                  f"`{MIGRATE_COMMAND} --db URL` to migrate it")

@@ -14,7 +14,7 @@ from flashtune.db import schema
 from flashtune.db.errors import SchemaVersionError
 from flashtune.db.jobs import JobQueue, Worker
 from flashtune.db.models import JOB_TABLES
-from flashtune.db.store import Store, migrate_database
+from flashtune.db.store import Store, load_winners, migrate_database
 from flashtune.tuner.fleet.units import claim_units
 
 V2 = Path(__file__).resolve().parents[1] / "bench" / "results" / "holdout.db"
@@ -30,6 +30,21 @@ def _works_as_a_queue(url: str) -> None:
         assert created and queue.finish_key(claim, claim.keys[0])
 
 
+def _readable_but_not_writable_at_2(url: str) -> None:
+    """Before migrating: apps still read the winners (schema 3 only added tables), the dispatcher's
+    import-time read included; a writer and the job queue name the migrate command."""
+    with Store.open(url, create=False) as store:
+        assert store.schema_version == 2
+        winners = store.winners()
+        assert winners
+        with pytest.raises(SchemaVersionError, match="schema version 2, which has no job tables.*flashtune db migrate"):
+            JobQueue(store)
+    arch = winners[0].key.arch
+    assert {w.key for w in load_winners([arch], url)} == {w.key for w in winners if w.key.arch == arch}
+    with pytest.raises(SchemaVersionError, match="schema version 2, older .*flashtune db migrate"):
+        Store.open(url)
+
+
 def test_schema_2_sqlite_database_migrates_keeping_every_row(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     shutil.copy(V2, path)
@@ -39,8 +54,7 @@ def test_schema_2_sqlite_database_migrates_keeping_every_row(tmp_path: Path) -> 
         assert raw.execute("SELECT value FROM flashtune_meta").fetchone() == ("2",)
         before = {t: raw.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
     assert before["flashtune_winners"]
-    with pytest.raises(SchemaVersionError, match="schema version 2, older .*flashtune db migrate"):
-        Store.open(url, create=False)
+    _readable_but_not_writable_at_2(url)
     assert migrate_database(url) == (2, schema.SCHEMA_VERSION) == (2, 3)
     with sqlite3.connect(path) as raw:
         after = {t: raw.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
@@ -62,8 +76,7 @@ def test_postgres_schema_2_database_migrates(pg_url: str) -> None:  # noqa: F811
             conn.execute(text(f"DROP TABLE {table}"))
         conn.execute(text("UPDATE flashtune_meta SET value = '2' WHERE name = 'schema_version'"))
     engine.dispose()
-    with pytest.raises(SchemaVersionError, match="schema version 2, older"):
-        Store.open(pg_url, create=False)
+    _readable_but_not_writable_at_2(pg_url)
     assert migrate_database(pg_url) == (2, 3)
     with Store.open(pg_url, create=False) as store:
         assert (store.winners(), store.trials()) == before
