@@ -192,3 +192,20 @@ def test_training_records_the_bwd_key_and_tune_recorded_tunes_it(tmp_path, monke
     assert "skipping 1 recorded key(s) not for sm_80 bwd" in result.stderr
     with Store.open(url, create=False) as store:
         assert [w.key.op for w in store.winners("sm_80")] == ["bwd"]
+
+
+def test_show_export_and_import_carry_every_op(tmp_path):
+    src, dst, file = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "w.json"
+    configs = {"fwd": Config(128, 64, 8, 3), "bwd": Config(32, 128, 8, 3, {"block_m_dq": 128, "block_n_dq": 64}),
+               "kvcache": Config(16, 64, 4, 2)}
+    with Store.open(src) as store:
+        run = _run(store)
+        for op, config in configs.items():
+            store.offer_winner(store.record_trial(run, Key("sm_90", op, 1024, 64, "float16", True, batch_heads=32),
+                                                  config, "ok", median_ms=0.1))
+    shown = CliRunner().invoke(main, ["show", "--db", src, "--op", "bwd"])
+    assert shown.exit_code == 0 and str(configs["bwd"]) in shown.output and str(configs["fwd"]) not in shown.output
+    assert CliRunner().invoke(main, ["export", "--db", src, "-o", str(file)]).exit_code == 0
+    assert CliRunner().invoke(main, ["import", "--db", dst, str(file)]).exit_code == 0
+    with Store.open(dst) as store:
+        assert {w.key.op: w.config for w in store.winners("sm_90")} == configs
