@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The wave-2 GPU runs (issues 12, 14, 15, 16), in the parts that fit the device tool's 10-minute calls on
+# an nvidia-h200-x2 machine. Each part writes its output under OUT and prints a short summary last.
+#   bash bench/h200_wave2.sh a OUT   # GPU 0: the single-GPU fleet baseline (cores 0-23);
+#                                    # GPU 1 meanwhile (cores 24-31): host path, decode tuning, GPU tests
+#   bash bench/h200_wave2.sh b OUT   # both GPUs: tune --gpus all on the same grid, then the comparison;
+#                                    # then backward tuning (GPU 0) beside the transformers 1B run (GPU 1)
+#   bash bench/h200_wave2.sh c OUT   # the README's model-level example (GPU 0) beside the remaining GPU tests (GPU 1)
+set -uo pipefail
+part=${1:?usage: bench/h200_wave2.sh a|b|c OUT}
+out=${2:?usage: bench/h200_wave2.sh a|b|c OUT}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name --format=csv,noheader > "$out/gpus_$part.txt"
+case "$part" in
+  a)
+    # The baseline gets 24 cores (its worker compiles with 16 threads), the other work 8: the compiles
+    # of the two sides do not compete for cores.
+    CUDA_VISIBLE_DEVICES=0 BUDGET=${BUDGET:-500s} taskset -c 0-23 bash bench/fleet_bench.sh "$out/fleet" single \
+      > "$out/fleet_single.txt" 2>&1 &
+    fleet=$!
+    export CUDA_VISIBLE_DEVICES=1
+    taskset -c 24-31 timeout 90 python3 bench/host_bench.py --out "$out/host" > "$out/host.txt" 2>&1
+    taskset -c 24-31 timeout 330 python3 bench/decode_tune_bench.py "$out/decode_tune" > "$out/decode.txt" 2>&1
+    taskset -c 24-31 timeout 100 python3 -m pytest -q -x tests/test_host_path.py tests/test_integration_torch.py \
+      tests/test_integration_transformers.py > "$out/pytest_a.txt" 2>&1
+    wait $fleet
+    for f in host decode pytest_a fleet_single; do echo "== $f"; tail -n 25 "$out/$f.txt"; done
+    ;;
+  b)
+    BUDGET=${BUDGET:-360s} bash bench/fleet_bench.sh "$out/fleet" multi > "$out/fleet_multi.txt" 2>&1
+    python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
+    CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout ${BWD_S:-200} python3 bench/bwd_tune_bench.py "$out/bwd_tune" \
+      --budget ${BWD_BUDGET:-120s} > "$out/bwd.txt" 2>&1 &
+    bwd=$!
+    CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout ${HF_S:-200} python3 bench/transformers_bench.py \
+      --out "$out/transformers" > "$out/transformers.txt" 2>&1
+    wait $bwd
+    for f in fleet_multi fleet_compare bwd transformers; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
+    ;;
+  c)
+    CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 280 python3 bench/model_example.py --db "sqlite:///$out/example.db" \
+      --out "$out/model_example" > "$out/model_example.txt" 2>&1 &
+    example=$!
+    CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 270 python3 -m pytest -q tests/test_dispatch_bwd.py \
+      tests/test_tuner_bwd.py tests/test_autograd.py tests/test_fwd_tma.py tests/test_dispatch_gpu.py \
+      > "$out/pytest_c.txt" 2>&1
+    wait $example
+    for f in model_example pytest_c; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
+    ;;
+  *) echo "h200_wave2.sh: part must be a, b or c, got '$part'" >&2; exit 2 ;;
+esac
