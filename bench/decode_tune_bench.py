@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         row["rel_err"] = err
         row["correct"] = err < 2e-2
         runs = {
-            "api": lambda: attention_kvcache(q, k, v, cache_seqlens=lens),
+            # The serving path (lengths maintained by the caller, not read back), and the default one that
+            # checks the lengths' values on the host (a copy and a sync per call).
+            "api": lambda: attention_kvcache(q, k, v, cache_seqlens=lens, check_lengths=False),
+            "api_checked": lambda: attention_kvcache(q, k, v, cache_seqlens=lens),
             "tuned": lambda: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=False, scale=D ** -0.5,
                                            config=plan.choice.config)[0],
             "default": lambda: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=False, scale=D ** -0.5,
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results.items():
         other = results.get("uniform_b8") if name == "ragged_b8" else None
         if other:
-            for what in ("tuned", "default", "api"):
+            for what in ("tuned", "default", "api", "api_checked"):
                 if row.get(f"{what}_ms") and other.get(f"{what}_ms"):
                     row[f"ragged_over_uniform_{what}"] = row[f"{what}_ms"] / other[f"{what}_ms"]
 
@@ -177,16 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['key']}: winner {r['winner']} ({r.get('tbps') or 0:.2f} TB/s), default {r['default']}, "
               f"speed-up {r['speedup'] or 0:.2f}, {r['new_trials']} trials{'' if r['complete'] else ' (partial)'}")
     print(f"\nDecode with the tuned database, bf16 D={D} Hq={HQ} Hkv={HKV} Nq=1, TB/s (K+V+Q+O bytes / median time)")
-    print(f"{'case':11s} {'B':>3s} {'Nmax':>6s} | {'tuned':>5s} {'api':>5s} {'dflt':>5s} | {'flash':>5s} {'cuDNN':>5s} | "
+    print("api: attention_kvcache(config=None, check_lengths=False); chk: the same checking the lengths' values")
+    print(f"{'case':11s} {'B':>3s} {'Nmax':>6s} | {'tuned':>5s} {'api':>5s} {'chk':>5s} {'dflt':>5s} | {'flash':>5s} {'cuDNN':>5s} | "
           f"{'target':>6s} | source config / ragged÷uniform time")
     for name, r in results.items():
         tail = f"{r['source']} {r['choice']}"
         if "ragged_over_uniform_tuned" in r:
             tail += f"  ragged/uniform: tuned {r['ragged_over_uniform_tuned']:.2f}, " \
-                    f"default {r.get('ragged_over_uniform_default', float('nan')):.2f}"
+                    f"default {r.get('ragged_over_uniform_default', float('nan')):.2f}, " \
+                    f"api {r.get('ragged_over_uniform_api', float('nan')):.2f}"
         if not r["correct"]:
             tail += f"  WRONG (rel err {r['rel_err']:.2e})"
         print(f"{name:11s} {r['batch']:3d} {r['n_max']:6d} | {f2(r.get('tuned_tbps'))} {f2(r.get('api_tbps'))} "
+              f"{f2(r.get('api_checked_tbps'))} "
               f"{f2(r.get('default_tbps'))} | {f2(r.get('sdpa_flash_tbps'))} {f2(r.get('sdpa_cudnn_tbps'))} | "
               f"{f2(r.get('target_tbps')):>6s} | {tail}")
     print(f"\ncorrectness grid (pytest on CUDA): {tests}")

@@ -29,14 +29,16 @@ case "$part" in
     ;;
   b)
     BUDGET=${BUDGET:-360s} bash bench/fleet_bench.sh "$out/fleet" multi > "$out/fleet_multi.txt" 2>&1
-    python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
+    # The comparison needs the single run's database in the same folder (the device tool brings back at
+    # most 8 files, so part a's did not come back): only where both are present.
+    [ -f "$out/fleet/single.json" ] && python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
     CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout ${BWD_S:-200} python3 bench/bwd_tune_bench.py "$out/bwd_tune" \
       --budget ${BWD_BUDGET:-120s} > "$out/bwd.txt" 2>&1 &
     bwd=$!
     CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout ${HF_S:-200} python3 bench/transformers_bench.py \
       --out "$out/transformers" > "$out/transformers.txt" 2>&1
     wait $bwd
-    for f in fleet_multi fleet_compare bwd transformers; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
+    for f in fleet_multi fleet_compare bwd transformers; do [ -f "$out/$f.txt" ] || continue; echo "== $f"; tail -n 30 "$out/$f.txt"; done
     ;;
   c)
     CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 280 python3 bench/model_example.py --db "sqlite:///$out/example.db" \
@@ -50,3 +52,5 @@ case "$part" in
     ;;
   *) echo "h200_wave2.sh: part must be a, b or c, got '$part'" >&2; exit 2 ;;
 esac
+# One archive of everything the part wrote (databases included): the device tool returns few files.
+tar czf "/tmp/wave2_$part.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "/tmp/wave2_$part.tgz" "$out/"

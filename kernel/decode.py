@@ -281,19 +281,33 @@ class DecodePlan:
 
 
 def plan_decode(config: Config, *, batch: int, heads_kv: int, group: int, seq_q: int, seq_kv: int,
-                head_dim: int) -> DecodePlan:
+                head_dim: int, ragged: bool = False) -> DecodePlan:
     """Split size and grid counts for `config` on these sizes.
 
     split_size = BLOCK_N · cdiv(cdiv(Nmax, num_splits), BLOCK_N); the effective split count is then
     cdiv(Nmax, split_size), so no split is empty for a full-length sequence (e.g. Nmax=100,
     num_splits=3, BLOCK_N=64 runs 2 splits of 64 keys).
+
+    `ragged` (the call passes cache_seqlens): the split count is at least the one that keeps splits
+    to the default's long-cache length (`ragged_min_splits`). A ragged batch's time is that of its
+    longest sequences' splits; a config tuned on full caches may ask for a few long splits (2 of
+    16k keys won B=8 Nk=32k on the H200), which the long sequences of a ragged batch then run alone
+    while most programs exit at once (1.30x the time of the uniform batch of the same total).
     """
     requested = max(1, num_splits_of(config))
+    if ragged:
+        requested = max(requested, ragged_min_splits(seq_kv, group * seq_q))
     tiles = triton.cdiv(seq_kv, config.block_n)
     split_size = triton.cdiv(tiles, min(requested, tiles)) * config.block_n
     num_splits = triton.cdiv(seq_kv, split_size)
     num_m_blocks = triton.cdiv(group * seq_q, config.block_m)
     return DecodePlan(split_size, num_splits, num_m_blocks, decode_block_d(head_dim))
+
+
+def ragged_min_splits(seq_kv: int, rows: int) -> int:
+    """The fewest splits a call with cache_seqlens runs: splits of at most the default's long-cache
+    length, MAX_SPLIT_KEYS · max(1, rows // 16) keys (`default_num_splits`)."""
+    return triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16))
 
 
 def estimate_decode_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
@@ -378,8 +392,7 @@ def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, rows: 
     sms = sm_count or DEFAULT_SM_COUNT
     tiles = triton.cdiv(seq_kv, block_n)
     programs = batch_heads_kv * triton.cdiv(rows, block_m)  # per split
-    splits = max(triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16)),
-                 TARGET_PROGRAMS_PER_SM * sms // programs)
+    splits = max(ragged_min_splits(seq_kv, rows), TARGET_PROGRAMS_PER_SM * sms // programs)
     splits = min(splits, max(1, tiles // MIN_SPLIT_TILES))
     splits = min(splits, max(1, MAX_PROGRAMS // programs))
     return max(1, splits)

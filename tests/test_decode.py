@@ -336,3 +336,33 @@ def test_unchecked_lengths_are_clamped_in_kernel(kernel_device):
         ref = attention_kvcache_reference(q3, k, v, cache_seqlens=short, causal=True, scale=0.25)
         assert torch.isfinite(o).all() and (o[0, :, :2] == 0).all() and (o[1, :, :1] == 0).all()
         assert _rel(o, ref) < BOUNDS[torch.float32]
+
+
+def test_ragged_calls_cap_the_split_length():
+    """With cache_seqlens a tuned config's few long splits are cut to the default's long-cache length;
+    without lengths the config's own split count stands."""
+    c = cfg(16, 128, 2)  # what won B=8 Nk=32k on the H200 (2 splits of 16k keys)
+    full = plan_decode(c, batch=8, heads_kv=8, group=4, seq_q=1, seq_kv=32768, head_dim=128)
+    ragged = plan_decode(c, batch=8, heads_kv=8, group=4, seq_q=1, seq_kv=32768, head_dim=128, ragged=True)
+    assert (full.num_splits, full.split_size) == (2, 16384)
+    assert (ragged.num_splits, ragged.split_size) == (32768 // MAX_SPLIT_KEYS, MAX_SPLIT_KEYS)
+    many = cfg(16, 128, 64)  # more splits than the cap asks for are kept
+    assert plan_decode(many, batch=8, heads_kv=8, group=4, seq_q=1, seq_kv=32768, head_dim=128,
+                       ragged=True).num_splits == 64
+
+
+def test_check_lengths_false_skips_only_the_value_check(kernel_device):
+    """check_lengths=False reads no value back: an out-of-range length is clamped to Nmax by the kernel
+    (the result is the full cache's), while type, dtype, shape and device are still checked."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen).to(kernel_device) for n in (1, 40, 40))
+    bad = torch.tensor([40, 1000], dtype=torch.int32, device=kernel_device)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 1000 is out of range"):
+        attention_kvcache(q, k, v, cache_seqlens=bad)
+    out = attention_kvcache(q, k, v, cache_seqlens=bad, check_lengths=False)
+    ref = attention_kvcache_reference(q, k, v, cache_seqlens=None)
+    assert _rel(out, ref) < BOUNDS[torch.float32]
+    with pytest.raises(TypeError, match="int32"):
+        attention_kvcache(q, k, v, cache_seqlens=bad.long(), check_lengths=False)
+    with pytest.raises(TypeError, match="check_lengths must be a bool"):
+        attention_kvcache(q, k, v, cache_seqlens=bad, check_lengths="no")
