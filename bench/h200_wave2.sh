@@ -5,10 +5,12 @@
 #                                    # GPU 1 meanwhile (cores 24-31): host path, decode tuning, GPU tests
 #   bash bench/h200_wave2.sh b OUT   # both GPUs: tune --gpus all on the same grid, then the comparison;
 #                                    # then backward tuning (GPU 0) beside the transformers 1B run (GPU 1)
-#   bash bench/h200_wave2.sh c OUT   # the README's model-level example (GPU 0) beside the remaining GPU tests (GPU 1)
+#   bash bench/h200_wave2.sh c OUT   # the README's model-level example (GPU 0) beside decode and backward timing
+#                                    # and the decode/head-dim GPU tests (GPU 1)
+#   bash bench/h200_wave2.sh d OUT   # the fleet pair in one call (single beside host/transformers, then multi)
 set -uo pipefail
-part=${1:?usage: bench/h200_wave2.sh a|b|c OUT}
-out=${2:?usage: bench/h200_wave2.sh a|b|c OUT}
+part=${1:?usage: bench/h200_wave2.sh a|b|c|d OUT}
+out=${2:?usage: bench/h200_wave2.sh a|b|c|d OUT}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=index,name --format=csv,noheader > "$out/gpus_$part.txt"
@@ -42,15 +44,34 @@ case "$part" in
     ;;
   c)
     CUDA_VISIBLE_DEVICES=0 taskset -c 0-15 timeout 280 python3 bench/model_example.py --db "sqlite:///$out/example.db" \
-      --out "$out/model_example" > "$out/model_example.txt" 2>&1 &
+      --budget ${EXAMPLE_BUDGET:-90s} --out "$out/model_example" > "$out/model_example.txt" 2>&1 &
     example=$!
-    CUDA_VISIBLE_DEVICES=1 taskset -c 16-31 timeout 270 python3 -m pytest -q tests/test_dispatch_bwd.py \
-      tests/test_tuner_bwd.py tests/test_autograd.py tests/test_fwd_tma.py tests/test_dispatch_gpu.py \
-      > "$out/pytest_c.txt" 2>&1
+    export CUDA_VISIBLE_DEVICES=1
+    taskset -c 16-31 timeout 120 python3 bench/decode_tune_bench.py "$out/decode_tune" --no-tests > "$out/decode.txt" 2>&1
+    # The backward timing again on part b's tuned database (one row's autograd time disagreed with its
+    # hand launch there).
+    mkdir -p "$out/bwd_tune" && cp bench/results/wave2/bwd_tune_h200.db "$out/bwd_tune/bwd_tune.db"
+    taskset -c 16-31 timeout 100 python3 bench/bwd_tune_bench.py "$out/bwd_tune" --skip-tune > "$out/bwd.txt" 2>&1
+    taskset -c 16-31 timeout 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_decode.py \
+      tests/test_head_dims.py > "$out/pytest_c.txt" 2>&1
     wait $example
-    for f in model_example pytest_c; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
+    for f in model_example decode bwd pytest_c; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
     ;;
-  *) echo "h200_wave2.sh: part must be a, b or c, got '$part'" >&2; exit 2 ;;
+  d)
+    # The fleet pair again, on one machine in one call: single (GPU 0, 24 cores) while GPU 1 (8 other
+    # cores) times the host path and the transformers model; then both GPUs.
+    CUDA_VISIBLE_DEVICES=0 BUDGET=${BUDGET:-330s} taskset -c 0-23 bash bench/fleet_bench.sh "$out/fleet" single \
+      > "$out/fleet_single.txt" 2>&1 &
+    fleet=$!
+    CUDA_VISIBLE_DEVICES=1 taskset -c 24-31 timeout 90 python3 bench/host_bench.py --out "$out/host" > "$out/host.txt" 2>&1
+    CUDA_VISIBLE_DEVICES=1 taskset -c 24-31 timeout 200 python3 bench/transformers_bench.py --out "$out/transformers" \
+      > "$out/transformers.txt" 2>&1
+    wait $fleet
+    BUDGET=${BUDGET:-330s} bash bench/fleet_bench.sh "$out/fleet" multi > "$out/fleet_multi.txt" 2>&1
+    python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
+    for f in host transformers fleet_single fleet_multi fleet_compare; do echo "== $f"; tail -n 25 "$out/$f.txt"; done
+    ;;
+  *) echo "h200_wave2.sh: part must be a, b, c or d, got '$part'" >&2; exit 2 ;;
 esac
 # One archive of everything the part wrote (databases included): the device tool returns few files.
 tar czf "/tmp/wave2_$part.tgz" -C "$out" . && rm -rf "${out:?}"/* && mv "/tmp/wave2_$part.tgz" "$out/"
