@@ -34,7 +34,7 @@ from ..kernel.reference import attention_flops as shape_flops
 
 from .bwd_space import bwd_candidates, bwd_plan
 from .space import Candidate
-from .workload import OpSpec, split_heads
+from .workload import OpSpec, compile_batch, split_heads
 
 if TYPE_CHECKING:
     from .gpu import GpuInfo
@@ -122,7 +122,7 @@ def gradient_errors(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]
 @dataclass
 class BwdInputs:
     """A bwd key's inputs on the bench device: q, k, v, dO, the forward kernel's O and LSE, and the
-    fp32 autograd reference gradients (dQ, dK, dV)."""
+    fp32 autograd reference gradients (dQ, dK, dV); None for the compile pool's inputs (`warm`)."""
 
     key: Key
     batch_heads: int
@@ -134,13 +134,16 @@ class BwdInputs:
     lse: torch.Tensor
     shape: AttnShape
     scale: float
-    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
     @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "BwdInputs":
+    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
+              warm: bool = False) -> "BwdInputs":
         """Inputs drawn from N(0, 1) with a fixed seed; O and LSE from the forward kernel's default
-        config; the reference gradients computed once per key."""
+        config; the reference gradients computed once per key. `warm`: the compile pool's inputs:
+        compile_batch(B) sequences and no reference."""
         batch, heads = split_heads(batch_heads, key.group)
+        batch = compile_batch(batch) if warm else batch
         gen = torch.Generator(device=device).manual_seed(seed)
         dtype = TORCH_DTYPES[key.dtype]
 
@@ -154,7 +157,7 @@ class BwdInputs:
         shape = check_inputs(q, k, v)
         o, lse, _ = launch(q, k, v, shape, causal=key.causal, scale=scale, return_lse=True,
                            config=default_config(key.arch, key.head_dim, key.dtype))
-        reference = fp32_gradients(q, k, v, do, key.causal, scale)
+        reference = None if warm else fp32_gradients(q, k, v, do, key.causal, scale)
         return cls(key, batch_heads, q, k, v, do, o, lse, shape, scale, reference)  # type: ignore[arg-type]
 
     def run(self, config: Config, out: tuple[torch.Tensor, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], Any]:
@@ -169,6 +172,8 @@ class BwdInputs:
 
     def check(self, output: tuple[torch.Tensor, ...]) -> str | None:
         """Why the gradients are wrong against fp32 autograd (the worst of dQ, dK, dV), or None."""
+        if self.reference is None:
+            raise RuntimeError("the compile pool's inputs have no reference to check against")
         errors = gradient_errors(output, self.reference)
         worst = max(range(3), key=lambda i: errors[i])
         tol = TOLERANCE[self.key.dtype]
@@ -187,5 +192,10 @@ def build_bwd(key: Key, batch_heads: int, device: torch.device, seed: int) -> Bw
     return BwdInputs.build(key, batch_heads, device, seed)
 
 
+def warm_bwd(key: Key, batch_heads: int, device: torch.device) -> BwdInputs:
+    """The compile pool's inputs for a bwd key (BwdInputs.build with warm=True)."""
+    return BwdInputs.build(key, batch_heads, device, warm=True)
+
+
 BWD = OpSpec("bwd", space=bwd_space, smem=estimate_bwd_smem, plan=bwd_gpu_plan, default=bwd_default, flops=bwd_flops,
-             sdpa_providers=False, workload=build_bwd)
+             sdpa_providers=False, workload=build_bwd, warm_workload=warm_bwd)

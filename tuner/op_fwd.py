@@ -21,7 +21,7 @@ from ..kernel.reference import attention_flops as shape_flops, fp32_reference
 from ..kernel.sdpa import KERNEL, provider_of, run_sdpa
 
 from .space import Candidate, candidates, plan, variant_candidates
-from .workload import OpSpec, relative_error, split_heads
+from .workload import OpSpec, compile_batch, relative_error, split_heads
 
 if TYPE_CHECKING:
     from .gpu import GpuInfo
@@ -64,6 +64,7 @@ class KeyInputs:
     """Random inputs of a key's shape on the bench device, and the torch SDPA (math, fp32) reference.
 
     B·Hq is `batch_heads`, split by `split_heads`; k and v have Hq / key.group heads (real GQA inputs).
+    `reference` is None for the compile pool's inputs (`warm=True`), which are never checked.
     """
 
     key: Key
@@ -73,12 +74,15 @@ class KeyInputs:
     v: torch.Tensor
     shape: AttnShape
     scale: float
-    reference: torch.Tensor
+    reference: torch.Tensor | None
 
     @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KeyInputs":
-        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key."""
+    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
+              warm: bool = False) -> "KeyInputs":
+        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key.
+        `warm`: the compile pool's inputs: compile_batch(B) sequences and no reference."""
         batch, heads = split_heads(batch_heads, key.group)
+        batch = compile_batch(batch) if warm else batch
         gen = torch.Generator(device=device).manual_seed(seed)
         dtype = TORCH_DTYPES[key.dtype]
 
@@ -88,6 +92,8 @@ class KeyInputs:
         kv_heads = heads // key.group
         q, k, v = draw(heads, key.seq_len), draw(kv_heads, key.seq_len_kv), draw(kv_heads, key.seq_len_kv)
         scale = 1.0 / math.sqrt(key.head_dim)  # fp32_reference uses SDPA's default, the same
+        if warm:
+            return cls(key, batch_heads, q, k, v, check_inputs(q, k, v), scale, None)
         # The reference has no GQA: each K/V head serves `group` consecutive query heads (the kernel's
         # and SDPA's enable_gqa mapping), so repeat them up to Hq for it.
         rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
@@ -107,6 +113,8 @@ class KeyInputs:
 
     def check(self, output: torch.Tensor) -> str | None:
         """Why `output` is wrong against the fp32 SDPA reference, or None."""
+        if self.reference is None:
+            raise RuntimeError("the compile pool's inputs have no reference to check against")
         err = relative_error(output, self.reference)
         tol = TOLERANCE[self.key.dtype]
         return None if err <= tol else f"relative error {err:.3g} > {tol:g} against torch SDPA (fp32)"
@@ -121,5 +129,10 @@ def build_fwd(key: Key, batch_heads: int, device: torch.device, seed: int) -> Ke
     return KeyInputs.build(key, batch_heads, device, seed)
 
 
+def warm_fwd(key: Key, batch_heads: int, device: torch.device) -> KeyInputs:
+    """The compile pool's inputs for a forward key (KeyInputs.build with warm=True)."""
+    return KeyInputs.build(key, batch_heads, device, warm=True)
+
+
 FWD = OpSpec("fwd", space=fwd_space, smem=estimate_smem, plan=fwd_plan, default=fwd_default, flops=attention_flops,
-             sdpa_providers=True, workload=build_fwd)
+             sdpa_providers=True, workload=build_fwd, warm_workload=warm_fwd)

@@ -35,7 +35,7 @@ from ..kernel.reference_kvcache import attention_kvcache_reference
 
 from .op_fwd import TOLERANCE
 from .space import Candidate
-from .workload import OpSpec, relative_error, split_heads
+from .workload import OpSpec, compile_batch, relative_error, split_heads
 
 if TYPE_CHECKING:
     from .gpu import GpuInfo
@@ -132,7 +132,8 @@ def kvcache_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 @dataclass
 class KVCacheInputs:
     """Random q (B, Hq, Nq, D) and caches (B, Hkv, Nmax, D) on the bench device, every sequence Nmax
-    long, and the fp32 reference (kernel/reference_kvcache.py), computed once per key."""
+    long, and the fp32 reference (kernel/reference_kvcache.py), computed once per key; None for the
+    compile pool's inputs (`warm`)."""
 
     key: Key
     batch_heads: int
@@ -141,16 +142,19 @@ class KVCacheInputs:
     v: torch.Tensor
     shape: AttnShape
     scale: float
-    reference: torch.Tensor
+    reference: torch.Tensor | None
 
     @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0) -> "KVCacheInputs":
+    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
+              warm: bool = False) -> "KVCacheInputs":
         """Inputs drawn from N(0, 1) with a fixed seed. ValueError for a causal key with more queries
-        than cached keys (bottom-right causal would leave query 0 no key)."""
+        than cached keys (bottom-right causal would leave query 0 no key). `warm`: the compile pool's
+        inputs: compile_batch(B) sequences and no reference."""
         if key.causal and key.seq_len > key.seq_len_kv:
             raise ValueError(f"{key}: causal decode needs at least as many cached keys as queries "
                              f"(Nq={key.seq_len} > Nkv={key.seq_len_kv})")
         batch, heads_q, heads_kv = _sizes(key, batch_heads)
+        batch = compile_batch(batch) if warm else batch
         gen = torch.Generator(device=device).manual_seed(seed)
         dtype = TORCH_DTYPES[key.dtype]
 
@@ -159,6 +163,8 @@ class KVCacheInputs:
 
         q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
         scale = 1.0 / math.sqrt(key.head_dim)
+        if warm:
+            return cls(key, batch_heads, q, k, v, check_kvcache_inputs(q, k, v), scale, None)
         # A few sequences at a time: the reference holds fp32 copies of their K and V.
         per_seq = 2 * 4 * heads_kv * key.seq_len_kv * key.head_dim
         step = max(1, REFERENCE_CHUNK_BYTES // per_seq)
@@ -175,6 +181,8 @@ class KVCacheInputs:
 
     def check(self, output: torch.Tensor) -> str | None:
         """Why `output` is wrong against the fp32 reference, or None."""
+        if self.reference is None:
+            raise RuntimeError("the compile pool's inputs have no reference to check against")
         err = relative_error(output, self.reference)
         tol = TOLERANCE[self.key.dtype]
         return None if err <= tol else f"relative error {err:.3g} > {tol:g} against the KV-cache reference (fp32)"
@@ -189,5 +197,11 @@ def build_kvcache(key: Key, batch_heads: int, device: torch.device, seed: int) -
     return KVCacheInputs.build(key, batch_heads, device, seed)
 
 
+def warm_kvcache(key: Key, batch_heads: int, device: torch.device) -> KVCacheInputs:
+    """The compile pool's inputs for a kvcache key (KVCacheInputs.build with warm=True)."""
+    return KVCacheInputs.build(key, batch_heads, device, warm=True)
+
+
 KVCACHE = OpSpec(OP, space=kvcache_space, smem=estimate_decode_smem, plan=kvcache_plan, default=kvcache_default,
-                 flops=kvcache_flops, sdpa_providers=False, workload=build_kvcache, bytes=kvcache_bytes)
+                 flops=kvcache_flops, sdpa_providers=False, workload=build_kvcache, bytes=kvcache_bytes,
+                 warm_workload=warm_kvcache)

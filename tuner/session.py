@@ -22,6 +22,7 @@ from ..kernel.version import KERNEL_VERSION
 
 from . import gpu as gpus, worker
 from .bench import fill_batch_heads
+from .compile_pool import pool_for_gpu
 from .loop import KeyResult, Progress, Tuner, TuneSettings
 from .measure import Bench
 from .ops import spec_of
@@ -112,12 +113,13 @@ def key_providers(key: Key, kernel_only: bool = False) -> list[Config]:
 
 @contextmanager
 def tuning_session(db_url: str | None, args: Mapping[str, Any], *, arch: str | None = None,
-                   gpu: gpus.GpuInfo | None = None, compile_threads: int = 8,
+                   gpu: gpus.GpuInfo | None = None, compile_threads: int = 8, compile_procs: int = 0,
                    trial_timeout_s: float = worker.DEFAULT_TRIAL_TIMEOUT_S,
                    kernel_only: bool = False) -> Iterator[TuningSession]:
     """Open a session on `gpu` (default: the GPU present, checked against `arch`), writing to the
     database at `db_url` a run that records `args`; on exit mark the run with its status, stop the
-    worker and close the store.
+    worker and close the store. `compile_procs`: the size of the worker's compile pool
+    (tuner.compile_pool; 0, or no CUDA: none, the worker compiles in its `compile_threads` alone).
 
     Raises SessionError before anything is written for a missing or wrong GPU, and StoreError or
     ValueError for an unusable database or URL. Ctrl-C inside marks the run 'interrupted'.
@@ -129,7 +131,9 @@ def tuning_session(db_url: str | None, args: Mapping[str, Any], *, arch: str | N
     except BaseException:
         store.close()
         raise
-    bench = worker.WorkerBench(gpu.index, compile_threads=compile_threads, trial_timeout_s=trial_timeout_s)
+    pool = pool_for_gpu(gpu.index, compile_procs, timeout_s=trial_timeout_s)
+    bench = worker.WorkerBench(gpu.index, compile_threads=compile_threads, trial_timeout_s=trial_timeout_s,
+                               pool=pool)
     session = TuningSession(gpu, store, run_id, bench, kernel_only=kernel_only)
     try:
         yield session

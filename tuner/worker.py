@@ -5,6 +5,9 @@ benchmarks never run in the tuner's own process. The child imports torch once an
 over a pipe; the parent (`WorkerBench`) restarts it when it dies, reports a sticky CUDA error or
 goes silent for longer than the per-trial timeout. A batch that fails as a whole is retried one
 config at a time, so that the crash or hang is pinned on the config that caused it.
+
+With a compile pool (tuner.compile_pool) the batch's kernel configs are first compiled in the
+pool's processes, so that the worker's own first launches only load them from Triton's cache.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 
 from ..db.errors import first_line
 from ..db.types import Config, Key
+from ..kernel.sdpa import KERNEL, provider_of
 
+from .compile_pool import CompilePool
 from .measure import Bench, Measurement
 
 DEFAULT_TRIAL_TIMEOUT_S = 180.0  # the longest a compile or a timing may stay silent
@@ -88,13 +93,19 @@ class WorkerBench:
     """A Bench that runs every measurement in a restartable child process on GPU `device_index`.
 
     `factory(*factory_args)` builds the bench inside the child; it must be importable by name
-    (spawn pickles it by reference). The default is LocalBench on the CUDA device.
+    (spawn pickles it by reference). The default is LocalBench on the CUDA device. `pool`: a
+    compile pool on the same device that warms each batch of two or more kernel configs before
+    the worker gets it (owned: `close` stops it); None compiles in the worker's threads alone.
     """
 
     def __init__(self, device_index: int = 0, *, compile_threads: int = 8,
                  trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S,
-                 factory: Callable[..., Bench] = cuda_bench, factory_args: tuple[Any, ...] | None = None) -> None:
+                 factory: Callable[..., Bench] = cuda_bench, factory_args: tuple[Any, ...] | None = None,
+                 pool: CompilePool | None = None) -> None:
         self.trial_timeout_s = trial_timeout_s
+        self.pool = pool
+        self.warm_s = 0.0  # wall time spent waiting for the pool
+        self._warmed: tuple[Key, int, set[Config]] | None = None  # the configs of the last key warmed
         self._factory = factory
         self._factory_args = (device_index, compile_threads) if factory_args is None else factory_args
         self.restarts = 0
@@ -148,6 +159,7 @@ class WorkerBench:
             while pending:
                 suspects = [c for c in suspects if c in pending]
                 batch = suspects[:1] if suspects else list(pending)
+                self._warm(key, batch_heads, batch)
                 failure = yield from self._run_batch(key, batch_heads, batch, careful, pending)
                 if failure is None:
                     for config in batch:
@@ -165,6 +177,24 @@ class WorkerBench:
         finally:
             if pending and self._conn is not None:
                 self._restart()  # abandoned mid-batch (stop requested): drop the stale replies
+
+    def _warm(self, key: Key, batch_heads: int, batch: Sequence[Config]) -> None:
+        """Have the pool compile the batch's kernel configs not yet warmed for this key. One config
+        alone is left to the worker (a pool process would only add its round trip); so are torch
+        SDPA's backends, which compile nothing. What the pool reports is not used: the worker's own
+        first launch decides each trial, as without a pool."""
+        if self.pool is None:
+            return
+        if self._warmed is None or self._warmed[:2] != (key, batch_heads):
+            self._warmed = (key, batch_heads, set())
+        done = self._warmed[2]
+        todo = [c for c in batch if provider_of(c) == KERNEL and c not in done]
+        if len(todo) < 2:
+            return
+        start = time.monotonic()
+        self.pool.warm(key, batch_heads, todo)
+        self.warm_s += time.monotonic() - start
+        done.update(todo)
 
     def _run_batch(self, key: Key, batch_heads: int, batch: list[Config], careful: bool,
                    pending: dict[Config, None]) -> Generator[Measurement, None, tuple[str, str, list[Config] | None] | None]:
@@ -213,3 +243,5 @@ class WorkerBench:
             while self._proc is not None and self._proc.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
         self._kill()
+        if self.pool is not None:
+            self.pool.close()

@@ -43,6 +43,25 @@ def split_heads(batch_heads: int, group: int = 1) -> tuple[int, int]:
     return best[2], best[3]
 
 
+def compile_batch(batch: int) -> int:
+    """The smallest batch B' that every kernel launched on a workload of `batch` sequences compiles
+    the same for: the compile pool's inputs (tuner.compile_pool) use it to save GPU memory.
+
+    Triton specialises an integer argument on whether it equals 1 and whether it is divisible by 16
+    (and on its width, which no benchmark size here reaches). The kernels get B only through the
+    grid and through products B·x (the TMA kernel's persistent work count B·H·blocks), and a size-1
+    batch changes the strides some launches pass (the TMA launch zeroes a size-1 dim's stride); so
+    B' keeps B's gcd with 16 (then B'·x is divisible by 16 exactly when B·x is) and B' = 1 only
+    when B = 1: 48 → 16, 12 → 4, 6 → 2, an odd B > 1 → 3.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be positive, got {batch}")
+    if batch == 1:
+        return 1
+    common = math.gcd(batch, 16)
+    return common if common > 1 else min(batch, 3)
+
+
 def relative_error(out: "torch.Tensor", ref: "torch.Tensor") -> float:
     """‖out − ref‖ / ‖ref‖ in fp32; inf when `out` has a NaN or inf."""
     from ..kernel.reference import output_errors
@@ -81,7 +100,8 @@ class OpSpec:
     shared memory and why it was dropped, for `tune --dry-run`; `default(key, gpu)`: the config the
     dispatcher uses untuned, always timed; `flops(key, batch_heads)`: the work of one call, for the
     TFLOP/s column; `sdpa_providers`: whether torch SDPA's backends compete for the key;
-    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference; `bytes(key,
+    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference;
+    `warm_workload(key, batch_heads, device)`: inputs only, for the compile pool; `bytes(key,
     batch_heads)`: for a memory-bound op, the bytes one call must move, so that `tune` prints TB/s
     beside the TFLOP/s column (None: compute-bound, no TB/s).
     """
@@ -95,3 +115,7 @@ class OpSpec:
     sdpa_providers: bool
     workload: Callable[[Key, int, "torch.device", int], Workload]
     bytes: Callable[[Key, int], int] | None = None
+    # `warm_workload(key, batch_heads, device)`: the same inputs without the reference and with the
+    # batch cut to compile_batch(B): every launch compiles exactly as on `workload`'s inputs, for the
+    # compile pool, which only fills Triton's cache (its `check` is never called). None: not warmed.
+    warm_workload: Callable[[Key, int, "torch.device"], Workload] | None = None

@@ -7,7 +7,6 @@ same command again resumes.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 import click
 
 from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
+from ..fleet.gpus import compile_share
 from ..fleet.options import fleet_options, fleet_requested, refuse_dry_run
 from ..ranges import parse_int, parse_seq_lens
 
@@ -293,7 +293,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--dry-run", is_flag=True, help="List the space and the estimated shared memory; no GPU needed.")
 @json_option
 @click.option("--compile-threads", type=count(1, 256), default=None,
-              help="Configs compiled at once (default: CPU cores, at most 16).")
+              help="Configs the benchmark worker first-launches at once (default: CPU cores, at most 16; "
+                   "with --gpus, divided between the GPUs).")
+@click.option("--compile-procs", type=count(0, 256), default=None,
+              help="Processes of the compile pool that compiles each batch before the worker runs it "
+                   "(default: CPU cores, at most 16; with --gpus, divided between the GPUs; 0: no pool, the "
+                   "worker compiles in its threads).")
 @click.option("--trial-timeout", type=DURATION, default="180s", show_default=True,
               help="A trial silent for this long is recorded as timeout.")
 @fleet_options
@@ -301,8 +306,8 @@ def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str]
          batch_heads: list[int], groups: list[int], ops: list[str], decode: bool, kv_lens: list[int] | None,
          q_lens: list[int] | None, kernel_only: bool, recorded: bool,
          db_url: str | None,
-         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, trial_timeout: float,
-         **fleet: Any) -> None:
+         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, compile_procs: int | None,
+         trial_timeout: float, **fleet: Any) -> None:
     """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
     a candidate must beat the default config by more than the measured noise, else the default is stored."""
     ops = tunable_ops(_with_decode(ops, decode, kv_lens, q_lens))
@@ -331,10 +336,11 @@ def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str]
     if fleet_requested(fleet):  # several GPUs or hosts: one claim queue (tuner.fleet)
         from ..fleet.command import tune_fleet
         tune_fleet(**fleet, arch=arch, keys_for=keys_for, kernel_only=kernel_only, db_url=db_url, budget=budget,
-                   trial_timeout=trial_timeout, compile_threads=compile_threads, as_json=as_json, args=args)
+                   trial_timeout=trial_timeout, compile_threads=compile_threads, compile_procs=compile_procs,
+                   as_json=as_json, args=args)
         return
-    _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout,
-          compile_threads or min(16, os.cpu_count() or 1), as_json, args)
+    _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout, compile_threads or compile_share(),
+          compile_share() if compile_procs is None else compile_procs, as_json, args)
 
 
 def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:
@@ -350,7 +356,7 @@ def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens
 
 
 def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None, budget: float | None,
-          trial_timeout: float, threads: int, as_json: bool, args: dict[str, Any]) -> None:
+          trial_timeout: float, threads: int, procs: int, as_json: bool, args: dict[str, Any]) -> None:
     from ...db.errors import StoreError
 
     from ..loop import TuneSettings
@@ -370,8 +376,8 @@ def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None
     try:
         gpu = session_gpu(arch)
         keys, keep_order = keys_for(gpu.arch)
-        with tuning_session(db_url, args, gpu=gpu, compile_threads=threads, trial_timeout_s=trial_timeout,
-                            kernel_only=kernel_only) as session:
+        with tuning_session(db_url, args, gpu=gpu, compile_threads=threads, compile_procs=procs,
+                            trial_timeout_s=trial_timeout, kernel_only=kernel_only) as session:
             results = session.tune(keys, settings=TuneSettings(budget_s=budget), progress=_TuneProgress(len(keys)),
                                    should_stop=lambda: stop["requested"], keep_order=keep_order)
     except (SessionError, WorkerError, StoreError, ValueError) as error:

@@ -28,7 +28,7 @@ from ...db.paths import default_url, mask_url, sqlite_path
 from ...db.store import Store
 from ...db.types import Key
 from ..cli.common import CliError
-from .gpus import select_gpus
+from .gpus import compile_share, select_gpus
 from .units import claim_units
 from .worker import WorkResult, work
 
@@ -107,7 +107,7 @@ def _was_given(name: str) -> bool:
 def tune_fleet(*, gpus: list[int] | str | None, job: str | None, join: str | None, lease_s: float | None,
                arch: str | None, keys_for: Callable[[str], tuple[list[Key], bool]], kernel_only: bool,
                db_url: str | None, budget: float | None, trial_timeout: float, compile_threads: int | None,
-               as_json: bool, args: dict[str, Any]) -> None:
+               as_json: bool, args: dict[str, Any], compile_procs: int | None = None) -> None:
     """Run `tune` as a fleet worker set on this host's GPUs; see the module docstring."""
     from ...kernel.version import KERNEL_VERSION
 
@@ -169,7 +169,7 @@ def tune_fleet(*, gpus: list[int] | str | None, job: str | None, join: str | Non
                     plan.append((created, [g for g in infos if g.arch == a]))
     except (StoreError, ValueError) as error:
         raise CliError(error) from None
-    _run(plan, url, budget, trial_timeout, compile_threads, as_json, args, started)
+    _run(plan, url, budget, trial_timeout, compile_threads, compile_procs, as_json, args, started)
 
 
 def _finished(job: Job, as_json: bool) -> None:
@@ -182,14 +182,17 @@ def _finished(job: Job, as_json: bool) -> None:
 
 
 def _run(plan: Sequence[tuple[Job, list[Any]]], url: str, budget: float | None, trial_timeout: float,
-         compile_threads: int | None, as_json: bool, args: dict[str, Any], started: float) -> None:
+         compile_threads: int | None, compile_procs: int | None, as_json: bool, args: dict[str, Any],
+         started: float) -> None:
     """One thread per GPU on its job until every job is done, Ctrl-C or the budget; then the summary."""
     from ..cli.tune import _print_summary, _summary
     from ..loop import TuneSettings
     from ..session import tuning_session
 
     gpus = [gpu for _, group in plan for gpu in group]
-    threads = compile_threads or max(1, min(16, (os.cpu_count() or 1) // len(gpus)))
+    # The GPUs' workers compile at the same time: each gets its share of the host's cores.
+    threads = compile_threads or compile_share(len(gpus))
+    procs = compile_share(len(gpus)) if compile_procs is None else compile_procs
     stop = {"requested": False}
     with Store.open(url, create=False) as store:
         total = sum(len(s.keys) - s.counts["done"] for job, _ in plan for s in JobQueue(store).status(job.name))
@@ -200,7 +203,7 @@ def _run(plan: Sequence[tuple[Job, list[Any]]], url: str, budget: float | None, 
         run_id = None
         try:
             with tuning_session(url, {**args, "job": job.name, "gpu": gpu.index}, gpu=gpu, compile_threads=threads,
-                                trial_timeout_s=trial_timeout, kernel_only=bool(job.args.get("kernel_only"))) as session:
+                                compile_procs=procs, trial_timeout_s=trial_timeout, kernel_only=bool(job.args.get("kernel_only"))) as session:
                 run_id = session.run_id
                 progress = log.for_gpu(gpu.index)
 

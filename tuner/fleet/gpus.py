@@ -1,6 +1,7 @@
-"""The `--gpus` value: `all`, or a comma list of CUDA device indices."""
+"""The `--gpus` value (`all`, or a comma list of CUDA device indices) and each GPU worker's share of the CPU cores."""
 from __future__ import annotations
 
+import os
 import re
 
 _INDEX = re.compile(r"[0-9]{1,4}")
@@ -37,3 +38,20 @@ def select_gpus(wanted: list[int] | None, count: int) -> list[int]:
         raise ValueError(f"GPU {missing[0]} does not exist: this host has {count} CUDA GPU(s), "
                          f"indices 0 to {count - 1}")
     return wanted
+
+
+COMPILE_CAP = 16  # per GPU: each compile-pool process holds a CUDA context (about 0.5 GB) of the GPU
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which taskset and cgroup cpusets narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS has no affinity mask
+        return max(1, os.cpu_count() or 1)
+
+
+def compile_share(gpus: int = 1) -> int:
+    """Compile threads, and compile-pool processes, for each of `gpus` GPU workers on this host: the
+    usable cores divided between them (the workers compile at the same time), at most COMPILE_CAP."""
+    return max(1, min(COMPILE_CAP, usable_cores() // max(1, gpus)))
