@@ -59,7 +59,7 @@ case "$part" in
     ;;
   d)
     # The fleet pair again, on one machine in one call: single (GPU 0, 24 cores) while GPU 1 (8 other
-    # cores) runs the decode checks, the host path, the transformers model and decode timing; then both GPUs.
+    # cores) runs the decode checks, the host path, the transformers model and the head-dim GPU tests; then both GPUs.
     CUDA_VISIBLE_DEVICES=0 BUDGET=${BUDGET:-330s} taskset -c 0-23 bash bench/fleet_bench.sh "$out/fleet" single \
       > "$out/fleet_single.txt" 2>&1 &
     fleet=$!
@@ -68,12 +68,13 @@ case "$part" in
       -k "bad_input or lengths or ragged" > "$out/pytest_d.txt" 2>&1
     taskset -c 24-31 timeout 90 python3 bench/host_bench.py --out "$out/host" > "$out/host.txt" 2>&1
     taskset -c 24-31 timeout 170 python3 bench/transformers_bench.py --out "$out/transformers" > "$out/transformers.txt" 2>&1
-    taskset -c 24-31 timeout 110 python3 bench/decode_tune_bench.py "$out/decode_tune" --no-tests > "$out/decode.txt" 2>&1
+    taskset -c 24-31 timeout 110 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_head_dims.py \
+      tests/test_host_path.py > "$out/pytest_d2.txt" 2>&1
     unset CUDA_VISIBLE_DEVICES
     wait $fleet
     BUDGET=${BUDGET:-330s} bash bench/fleet_bench.sh "$out/fleet" multi > "$out/fleet_multi.txt" 2>&1
     python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
-    for f in pytest_d host transformers decode fleet_single fleet_multi fleet_compare; do echo "== $f"; tail -n 22 "$out/$f.txt"; done
+    for f in pytest_d host transformers pytest_d2 fleet_single fleet_multi fleet_compare; do echo "== $f"; tail -n 22 "$out/$f.txt"; done
     ;;
   *) echo "h200_wave2.sh: part must be a, b, c or d, got '$part'" >&2; exit 2 ;;
 esac
