@@ -19,6 +19,14 @@ a power of two (db.types.bucket) and G = Hq/Hkv:
 4. Else the op's default for A and the device's shared-memory limit (`kernel.defaults.default_config`,
    `kernel.bwd_smem.default_bwd_config`, `kernel.decode.default_decode_config` with the SM count).
 Each op's default, shared-memory estimate and knob check are one entry of `_OPS`.
+
+"kvcache" buckets the cache length: a decode loop's Nk grows by one every token, so per-Nk plans would
+re-resolve on every step. Unless a winner is stored for exactly the call's key, rules 2-4 apply to the
+key with Nk replaced by `kv_bucket(Nk)` (the nearest power of two in log2, halfway up: 1449..2896 ->
+2048), and `kvcache_plan` memoises per signature with Nk bucketed the same way. The chosen config's
+num_splits is a count, so the split size still follows the exact Nk (kernel.kvcache.split_geometry).
+Every call is still validated for what the bucketed signature does not fix (v's exact shape, each
+cache's 32-bit head span, which grows with Nk and the strides), and records its own key (exact Nk).
 A winner is a config of the kernel or an SDPA backend (`provider` knob, kernel.sdpa): a call whose
 choice is a backend runs torch SDPA pinned to it, and falls back to the winner's kernel config
 (`kernel_config`) if the backend refuses the inputs. `explain(..., kernel_only=True)` gives the
@@ -56,15 +64,15 @@ from .decode import decode_knobs, default_decode_config, estimate_decode_smem
 from .defaults import default_config
 from .device import device_arch, device_sm_count, device_smem_limit
 from .sdpa import KERNEL, provider_of
-from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors
+from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors, head_span_fits
 from .variants import fwd_variant
 from .version import KERNEL_VERSION
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
     from ..db.store import Winner
 
-__all__ = ["CONFIG_ENV_VAR", "Choice", "DispatchWarning", "INTERPRETER_ARCH", "LoadInfo", "Plan", "explain",
-           "info", "kvcache_plan", "lookup", "plan", "reload", "visible_archs"]
+__all__ = ["CONFIG_ENV_VAR", "Choice", "DispatchWarning", "INTERPRETER_ARCH", "KVCachePlan", "LoadInfo", "Plan",
+           "explain", "info", "kv_bucket", "kvcache_key", "kvcache_plan", "lookup", "plan", "reload", "visible_archs"]
 
 log = logging.getLogger("flashtune.dispatch")
 
@@ -72,6 +80,7 @@ CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
 DB_ENV_VAR = "FLASHTUNE_DB"  # db.paths.ENV_VAR; repeated so that a missing sqlalchemy cannot break import
 INTERPRETER_ARCH = "sm_80"
 OP = "fwd"  # the op of `attention()`'s forward calls, and of lookup/explain unless told otherwise
+KV_OP = "kvcache"  # attention_kvcache's op
 NEAREST_LIMIT = 2.0  # log2 units: how far from a tuned key the nearest rule still reaches
 _UNBUCKETED = 1.0  # distance charged for a winner without a bucket (schema 1)
 _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
@@ -122,6 +131,24 @@ class Plan:
     # The compiled kernel kept for direct relaunch (kernel.launch.launch_cached), per return_lse;
     # filled on the plan's first launch. Not part of the plan's identity.
     launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCachePlan:
+    """attention_kvcache's plan, memoised per signature with the cache length Nk bucketed (`kv_bucket`).
+
+    `shape` holds the sizes of the signature, with seq_k the bucket's power of two (a call's own Nk
+    is its caches'); `choice` the config and why, resolved for that bucketed key; `launch` the
+    kernel.kvcache.DecodeLaunch that runs `choice.config` (it keeps the compiled passes for direct
+    relaunch). `exact` maps the lengths inside the bucket that have a winner stored for exactly
+    their key to their own plans (on CUDA; usually empty): such a call gets its tuned winner.
+    """
+
+    shape: AttnShape
+    choice: Choice
+    default_scale: float  # 1/sqrt(D), used when the call passes scale=None
+    launch: Any = field(compare=False, repr=False)
+    exact: dict[int, "KVCachePlan"] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -377,9 +404,31 @@ def _kernel_fallback(winner: "Winner", provider: str) -> Config | None:
     return getattr(winner, "kernel_config", None)
 
 
+def kv_bucket(seq_kv: int) -> int:
+    """The cache length a kvcache plan is resolved and memoised for: Nk rounded to the nearest power
+    of two in log2, halfway rounding up (as db.types.bucket rounds B·Hq). ValueError below 1."""
+    low = 1 << (seq_kv.bit_length() - 1)
+    return low << 1 if seq_kv * seq_kv >= 2 * low * low else low
+
+
+def _kv_shape(table: _Table | None, arch: str, shape: AttnShape, causal: bool) -> AttnShape:
+    """The shape a kvcache call's rules apply to: its own where a winner is stored for exactly its
+    key (in `table`; None: the interpreter, which consults none), else Nk replaced by kv_bucket(Nk)."""
+    seq_kv = kv_bucket(shape.seq_k)
+    if seq_kv == shape.seq_k:
+        return shape
+    if table is not None:
+        key = _key_or_none(arch, shape, causal, KV_OP)
+        if key is not None and key in table.exact:
+            return shape
+    return dataclasses.replace(shape, seq_k=seq_kv)
+
+
 def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
              kernel_only: bool = False, op: str = OP, sm_count: int | None = None) -> Choice:
     rules = _rules(op)
+    if op == KV_OP:
+        shape = _kv_shape(table, arch, shape, causal)
     key = _key_or_none(arch, shape, causal, op)
     head_dim, dtype = shape.head_dim, shape.dtype
     if table.override is not None and rules.overridable:
@@ -478,6 +527,8 @@ def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool,
                         kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
     rules = _rules(op)
+    if op == KV_OP:
+        shape = _kv_shape(None, INTERPRETER_ARCH, shape, causal)
     key = _key_or_none(INTERPRETER_ARCH, shape, causal, op)
     if table.override is not None and rules.overridable:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key, op=op)
@@ -589,42 +640,101 @@ def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-                 has_seqlens: bool) -> Plan:
+                 has_seqlens: bool) -> KVCachePlan:
     """Validate q and the caches and pick attention_kvcache's config: the rules above with op="kvcache"
     (key: Nq, the cache length Nmax as N_kv, D, dtype, bottom-right causal, B·Hq bucket, Hq/Hkv; the
-    default is kernel.decode.default_decode_config for the device's SM count). Memoised per input
-    signature (shapes, strides, dtypes, devices, causal, whether lengths are given): the steady state
-    is one dict lookup. Raises what kernel.kvcache.check_kvcache_inputs raises for bad inputs."""
+    default is kernel.decode.default_decode_config for the device's SM count), for Nmax bucketed
+    (`kv_bucket`) unless a winner is stored for exactly the call's key.
+
+    Memoised per signature with Nmax bucketed: q's shape, strides, dtype and device, the caches' B,
+    Hkv, D, dtypes and devices, causal and whether lengths are given. A growing cache (Nmax + 1
+    every decode step, strides changing with it) therefore hits the same plan until it enters the
+    next bucket. Each hit still checks what that signature leaves open and check_kvcache_inputs
+    checks: v's exact shape equals k's, and each cache's head slice spans at most 2**31 elements
+    (it grows with Nmax and the strides); anything else goes through the full check. Raises what
+    kernel.kvcache.check_kvcache_inputs raises for bad inputs. The checks that involve the exact
+    Nmax and the lengths (causal with fewer keys than queries, cache_seqlens) are the caller's.
+    """
     try:
-        token = ("kvcache", has_seqlens, *_signature(q, k_cache, v_cache, causal))
+        kshape = k_cache.shape
+        seq_kv = kshape[2]
+        token = (KV_OP, has_seqlens, causal, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
+                 kshape[3:], kv_bucket(seq_kv), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype,
+                 v_cache.device)
         hit = _table.memo.get(token)
-    except (AttributeError, RuntimeError, TypeError):  # not tensors: the check names the problem
+        if hit is not None:
+            head_dim = kshape[3]
+            if (v_cache.shape != kshape or not head_span_fits(seq_kv, k_cache.stride(), head_dim)
+                    or not head_span_fits(seq_kv, v_cache.stride(), head_dim)):
+                hit = None  # the full check below names the problem
+            elif hit.exact:
+                hit = hit.exact.get(seq_kv, hit)
+    except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):  # not dense tensors, Nmax = 0
         token, hit = None, None
-    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal)
+    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens)
 
 
-def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool) -> Plan:
+def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool,
+                  has_seqlens: bool) -> KVCachePlan:
     from .kvcache import check_kvcache_inputs  # kernel.kvcache imports this module
 
     shape = check_kvcache_inputs(q, k_cache, v_cache)
     table = _table
-    choice = _choose(table, q.device, shape, causal, op="kvcache")
-    if choice.stale and choice.winner is not None:
-        wk = choice.winner.key
-        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
-                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
-                   "re-tune to refresh it")
-    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, choice.config)
+    bucketed = dataclasses.replace(shape, seq_k=kv_bucket(shape.seq_k))
+    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens)
+             for n in _kv_exact_lengths(table, q.device, bucketed, causal)}
+    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact)
     if token is not None:
         with _lock:
             if len(table.memo) >= _MEMO_LIMIT:
                 table.memo.clear()
             table.memo[token] = entry
-    return entry
+    return entry.exact.get(shape.seq_k, entry)
+
+
+def _kv_plan(table: _Table, device: torch.device, shape: AttnShape, causal: bool, has_seqlens: bool,
+             exact: dict[int, KVCachePlan] | None = None) -> KVCachePlan:
+    from .kvcache import DecodeLaunch
+
+    choice = _choose(table, device, shape, causal, op=KV_OP)
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
+                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
+                   "re-tune to refresh it")
+    launch = DecodeLaunch(shape, choice.config, causal=causal, ragged=has_seqlens)
+    return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {})
+
+
+def _kv_exact_lengths(table: _Table, device: torch.device, bucketed: AttnShape, causal: bool) -> list[int]:
+    """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored for
+    exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
+    if device.type != "cuda":
+        return []
+    arch = device_arch(device)
+    key = _key_or_none(arch, bucketed, causal, KV_OP)
+    if key is None:
+        return []
+    entries = table.groups.get((arch, KV_OP, key.head_dim, key.dtype, causal, key.group > 1), ())
+    return [n_kv for n, n_kv, bh, group, _ in entries
+            if (n, bh, group) == (key.seq_len, key.batch_heads, key.group) and n_kv != key.seq_len_kv
+            and kv_bucket(n_kv) == key.seq_len_kv]
+
+
+def kvcache_key(plan: KVCachePlan, seq_kv: int) -> Key | None:
+    """The key a call of `plan` with a cache of `seq_kv` keys counts under FLASHTUNE_RECORD: the
+    plan's key with the call's own Nmax (None where no key can be formed)."""
+    key = plan.choice.key
+    if key is None or key.seq_len_kv == seq_kv:
+        return key
+    try:
+        return dataclasses.replace(key, seq_len_kv=seq_kv)
+    except ValueError:
+        return None
 
 
 def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-                          has_seqlens: bool, choice: Choice, error: BaseException) -> Plan:
+                          has_seqlens: bool, choice: Choice, error: BaseException) -> KVCachePlan:
     """Record that a stored kvcache config failed to compile here (one warning); the plan every such
     call gets from now on (the default)."""
     _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens).shape, causal, choice, error)

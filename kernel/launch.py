@@ -83,11 +83,16 @@ def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k"
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA/MQA")
     for name, t in zip(names, (q, k, v)):
-        # Offsets inside one (batch, head) slice are 32-bit in the kernels.
-        if (t.shape[2] - 1) * t.stride(2) + (d - 1) * t.stride(3) > _INT32_MAX:
+        if not head_span_fits(t.shape[2], t.stride(), d):
             raise ValueError(f"{name} spans more than 2**31 elements within one head "
                              f"(shape {tuple(t.shape)}, strides {t.stride()}): split the sequence")
     return AttnShape(b, hq, hkv, nq, nk, d, DTYPE_NAMES[q.dtype])
+
+
+def head_span_fits(seq: int, strides: tuple[int, ...], head_dim: int) -> bool:
+    """Whether one (batch, head) slice of `seq` rows of a (B, H, seq, head_dim) tensor with `strides`
+    spans at most 2**31 elements: offsets inside a slice are 32-bit in the kernels."""
+    return (seq - 1) * strides[2] + (head_dim - 1) * strides[3] <= _INT32_MAX
 
 
 def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:

@@ -52,17 +52,14 @@ except ImportError as _error:  # pragma: no cover - exercised only where transfo
                       "pip install 'flashtune[transformers]'") from _error
 
 from ..api import attention
-from ..kvcache import (check_cache_seqlens, check_decode_config, check_kvcache_inputs, decode_config_for,
-                       launch_decode)
-from ..launch import AttnShape, check_scale, needs_grad
-from .. import device as _device
+from ..kvcache import run_planned
+from ..launch import needs_grad
 
 __all__ = ["NAME", "SDPAFallbackWarning", "fallback_counts", "kernel_counts", "register", "reset_counts",
            "tuned_attention_forward", "tuned_mask"]
 
 NAME = "tuned_attention"
 _FORM_ATTR = "_flashtune_form"  # set on the mask tensors this module's mask function builds
-_MEMO_LIMIT = 1024
 
 
 class SDPAFallbackWarning(UserWarning):
@@ -189,35 +186,18 @@ def _fall_back(reason: str, detail: str) -> None:
                   SDPAFallbackWarning, stacklevel=4)
 
 
-# --- the KV-cache path, planned once per signature --------------------------------------------
-
-_kv_plans: dict[tuple[Any, ...], tuple[AttnShape, Any]] = {}
-
+# --- the KV-cache path ------------------------------------------------------------------------
 
 def _kvcache(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: float | None) -> Tensor:
-    """attention_kvcache(q, k, v, causal=True, cache_seqlens=lengths), with its checks and config memoised.
+    """attention_kvcache(q, k, v, causal=True, cache_seqlens=lengths, check_lengths=False).
 
-    A decode step calls this once per layer with the same sizes, so the checks run once per step.
-    The lengths' values were checked by causal_form; reading them again would cost a sync per layer.
+    Straight to its planned path (kernel.kvcache.run_planned): the dispatcher's plan, memoised with
+    the cache length bucketed, so a growing cache keeps its plan from token to token, and the
+    compiled passes relaunched directly. _route has made attention_kvcache's own argument checks
+    (grad, causal). The lengths' values were checked by causal_form once per forward; reading them
+    again would cost a device-to-host sync in every layer.
     """
-    token = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-             k.device, v.device)
-    hit = _kv_plans.get(token)
-    if hit is None:
-        shape = check_kvcache_inputs(q, k, v)
-        config = decode_config_for(shape, q.device)
-        if q.device.type == "cuda":
-            check_decode_config(config, shape, _device.device_smem_limit(q.device), _device.device_arch(q.device))
-        else:
-            check_decode_config(config, shape, None)
-        if len(_kv_plans) >= _MEMO_LIMIT:
-            _kv_plans.clear()
-        hit = _kv_plans[token] = (shape, config)
-    shape, config = hit
-    if lengths is not None:
-        check_cache_seqlens(lengths, shape, q.device, True, check_values=False)
-    return launch_decode(q, k, v, shape, cache_seqlens=lengths, causal=True,
-                         scale=check_scale(scale, shape.head_dim), config=config)[0]
+    return run_planned(q, k, v, lengths, True, scale, False)
 
 
 # --- the attention function -------------------------------------------------------------------
@@ -227,6 +207,7 @@ _UNSUPPORTED_KWARGS = {  # kwargs transformers may pass that change the result; 
     "position_bias": "an additive position bias",
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
+    "output_attentions": "output_attentions=True (the fused kernels never form the weights)",
 }
 
 
@@ -235,11 +216,11 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
     """The kernel's (B, Hq, Nq, D) output, or (reason, detail) for a call that must run SDPA."""
     if dropout:
         return "dropout", f"dropout={dropout} (the kernels have no dropout; call model.eval() for inference)"
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            return name, what
-    if kwargs.get("output_attentions"):
-        return "output_attentions", "output_attentions=True (the fused kernels never form the weights)"
+    if not _UNSUPPORTED_KWARGS.keys().isdisjoint(kwargs):  # the common case, none passed, in one set operation
+        for name, what in _UNSUPPORTED_KWARGS.items():
+            # output_attentions=False is passed by some models and changes nothing
+            if kwargs.get(name) is not None and (name != "output_attentions" or kwargs[name]):
+                return name, what
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     form: MaskForm | None = None
     if attention_mask is not None:
