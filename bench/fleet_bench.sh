@@ -7,6 +7,8 @@
 # invocation), and prints the wall time. Each invocation stops cleanly after BUDGET (default 510s,
 # so that one call fits a 9-minute command); if it stopped, run the same command again: it resumes
 # on the same database and the wall times add up. Then: python3 bench/fleet_compare.py OUTDIR.
+# TUNE_ARGS adds tune options to both modes, e.g. TUNE_ARGS="--compile-procs 0" to compile in the
+# worker's threads alone (no compile pool) for an A/B run.
 set -uo pipefail
 out=${1:?usage: bench/fleet_bench.sh OUTDIR single|multi}
 mode=${2:?usage: bench/fleet_bench.sh OUTDIR single|multi}
@@ -16,13 +18,14 @@ case "$mode" in
   *) echo "fleet_bench.sh: MODE must be single or multi, got '$mode'" >&2; exit 2 ;;
 esac
 budget=${BUDGET:-510s}
+read -r -a tune_args <<< "${TUNE_ARGS:-}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 part=$(( $(cat "$out/$mode.wall" 2>/dev/null | wc -l) + 1 ))
-echo "== $mode, invocation $part, $(date -u +%FT%TZ), budget $budget" >> "$out/$mode.log"
+echo "== $mode, invocation $part, $(date -u +%FT%TZ), budget $budget, TUNE_ARGS '${TUNE_ARGS:-}'" >> "$out/$mode.log"
 start=$(date +%s.%N)
 tune --seq 128..4096 --head-dim 64,128 --dtype fp16,bf16 --both --db "sqlite:///$out/$mode.db" \
-  --budget "$budget" --json "${extra[@]}" > "$out/$mode.part$part.json" 2>> "$out/$mode.log"
+  --budget "$budget" --json "${extra[@]}" "${tune_args[@]}" > "$out/$mode.part$part.json" 2>> "$out/$mode.log"
 rc=$?
 end=$(date +%s.%N)
 python3 - "$out" "$mode" "$part" "$rc" "$start" "$end" <<'PY'

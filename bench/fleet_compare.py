@@ -6,18 +6,78 @@ timing noise), and the wall-time ratio multi / single (issue 16's target: at mos
 A key whose two runs picked different winners counts as "within noise" when the two winner times
 differ by no more than the larger of the runs' measured noise and `--tolerance` (the two runs time on
 different GPUs and at different moments, so their clocks differ by more than one pass's noise).
+
+It also shows where each run's time went, from its log (MODE.log): per GPU and group (op, D, dtype,
+mask, GQA group), the seconds of the group's first key, which compiles the group's whole space,
+beside the seconds of its other keys, which only load the compiled kernels and time them. A key's
+seconds are the difference of the log's whole-second "elapsed" stamps on its GPU; each invocation
+starts its clock again.
+
 Writes OUTDIR/fleet_compare.json; exit 1 when a key is missing or differs beyond the noise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+
+# `tune`'s log line per finished key: "[3/144] KEY: ...; elapsed 1m05s, ETA ..." on one GPU,
+# "[gpu1] [3/144] KEY: ...; elapsed 65s" with --gpus; fleet_bench.sh's "== MODE, invocation N"
+# line starts an invocation.
+_LINE = re.compile(r"^(?:\[gpu(?P<gpu>\d+)\] )?\[\d+(?:/\d+)?\] (?P<key>\S+): .*; elapsed "
+                   r"(?:(?P<min>\d+)m)?(?P<sec>\d+)s")
 
 
 def _keys(path: Path) -> dict[str, dict]:
     return {k["key"]: k for k in json.loads(path.read_text())["keys"]}
+
+
+def key_group(key: str) -> str:
+    """A key's compile group: the key without its N and B·Hq bucket (arch/op/D=../dtype/mask[/G=..])."""
+    return "/".join(part for part in key.split("/") if not part.startswith(("N=", "BH=")))
+
+
+def key_seconds(log: str) -> list[dict]:
+    """Per finished key of a log: its GPU, key, group and seconds (since the GPU's previous key, or
+    since its invocation started)."""
+    rows: list[dict] = []
+    last: dict[int, int] = {}
+    for line in log.splitlines():
+        if line.startswith("== "):
+            last = {}
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        gpu = int(m["gpu"] or 0)
+        elapsed = int(m["min"] or 0) * 60 + int(m["sec"])
+        rows.append({"gpu": gpu, "key": m["key"], "group": key_group(m["key"]), "seconds": elapsed - last.get(gpu, 0)})
+        last[gpu] = elapsed
+    return rows
+
+
+def first_keys(log: str) -> list[dict]:
+    """Per (GPU, group), in order of appearance: the first key's seconds (it compiles the group) and
+    the count and total seconds of the group's other keys on that GPU."""
+    groups: dict[tuple[int, str], dict] = {}
+    for row in key_seconds(log):
+        entry = groups.get((row["gpu"], row["group"]))
+        if entry is None:
+            groups[(row["gpu"], row["group"])] = {"gpu": row["gpu"], "group": row["group"], "first_key": row["key"],
+                                                  "first_s": row["seconds"], "other_keys": 0, "other_s": 0}
+        else:
+            entry["other_keys"] += 1
+            entry["other_s"] += row["seconds"]
+    return list(groups.values())
+
+
+def _print_first_keys(mode: str, rows: list[dict]) -> None:
+    print(f"{mode}: the first key of each group (compiles it) against the group's other keys")
+    for r in rows:
+        print(f"  gpu{r['gpu']} {r['group']}: first key {r['first_s']} s; {r['other_keys']} others {r['other_s']} s")
+    print(f"  {mode} total: first keys {sum(r['first_s'] for r in rows)} s, others {sum(r['other_s'] for r in rows)} s")
 
 
 def main() -> int:
@@ -25,6 +85,15 @@ def main() -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.03)
     args = parser.parse_args()
+    timings = {}
+    for mode in ("single", "multi"):
+        log = args.outdir / f"{mode}.log"
+        if log.exists():
+            timings[mode] = first_keys(log.read_text())
+            _print_first_keys(mode, timings[mode])
+    if not all((args.outdir / f"{mode}.json").exists() for mode in ("single", "multi")):
+        print("single.json or multi.json is missing (a mode not run, or not finished): nothing to compare")
+        return 1
     single, multi = _keys(args.outdir / "single.json"), _keys(args.outdir / "multi.json")
     walls = {mode: sum(float(x) for x in (args.outdir / f"{mode}.wall").read_text().split())
              for mode in ("single", "multi")}
@@ -41,7 +110,8 @@ def main() -> int:
                                                      "difference": round(diff, 4), "limit": round(limit, 4)})
     ratio = walls["multi"] / walls["single"]
     report = {"keys": len(single), "same_winner": len(same), "within_noise": within, "beyond_noise": beyond,
-              "missing": missing, "wall_s": walls, "wall_ratio": round(ratio, 3)}
+              "missing": missing, "wall_s": walls, "wall_ratio": round(ratio, 3),
+              "first_keys": timings}
     (args.outdir / "fleet_compare.json").write_text(json.dumps(report, indent=1))
     print(f"keys: {len(single)} single, {len(multi)} multi; same winner {len(same)}, different but within noise "
           f"{len(within)}, beyond noise {len(beyond)}, missing {len(missing)}")
