@@ -3,8 +3,8 @@
 Shapes: 16k tokens (B·N = 16384), H·D = 2048, N in --seq, D in --head-dim, causal both ways, fp16 and
 bf16. For each shape every config of the hand grid is timed (triton.testing.do_bench, median, L2
 flushed between repetitions), beside torch SDPA's flash and cuDNN backends timed in the same run.
-Compiles run first in a process pool (they fill Triton's on-disk cache, so the timing process only
-loads them). Writes <out>/kernel_fwd.csv (every timing), <out>/kernel_fwd_summary.json, and prints
+Compiles run first in the tuner's compile pool (flashtune.tuner.compile_pool: they fill Triton's
+on-disk cache, so the timing process only loads them). Writes <out>/kernel_fwd.csv (every timing), <out>/kernel_fwd_summary.json, and prints
 a per-shape table: best, median, worst, default config, baselines.
 
     python3 bench/kernel_fwd.py --out bench/results
@@ -19,17 +19,17 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
 import torch  # noqa: E402
 
 from flashtune.db.smem import estimate_smem  # noqa: E402
-from flashtune.db.types import Config  # noqa: E402
+from flashtune.db.types import Config, Key  # noqa: E402
 from flashtune.kernel.reference import attention_flops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES_NAMES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def hand_grid() -> list[Config]:
@@ -39,22 +39,6 @@ def hand_grid() -> list[Config]:
              Config(256, 128, 8, 2), Config(256, 64, 16, 2), Config(256, 128, 16, 2), Config(128, 128, 16, 2),
              Config(32, 32, 4, 2), Config(32, 64, 4, 3), Config(64, 64, 2, 2), Config(128, 32, 8, 5)]
     return grid
-
-
-def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, float]:
-    """Compile (and run once on a tiny input) one config; returns (config text, error, seconds)."""
-    from flashtune.kernel.launch import check_inputs, launch
-
-    text, d, dtype, causal = job
-    config = Config.parse(text)
-    q, k, v = (torch.randn(1, 1, 256, d, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
-    t0 = time.perf_counter()
-    try:
-        launch(q, k, v, check_inputs(q, k, v), causal=causal, scale=d ** -0.5, config=config)
-        torch.cuda.synchronize()
-        return text, None, time.perf_counter() - t0
-    except Exception as exc:  # noqa: BLE001 - any compile failure is a data point here
-        return text, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.perf_counter() - t0
 
 
 def main() -> None:
@@ -86,18 +70,26 @@ def main() -> None:
     arch, limit = device_arch(0), device_smem_limit(0)
     grid = hand_grid()[: args.configs or None]
 
-    # 1. compile everything in parallel
-    jobs = []
-    for d, dt, causal in itertools.product(dims, dtypes, causals):
-        configs = set(grid) | {default_config(arch, d, dt, limit)}
-        jobs += [(str(c), d, dt, causal) for c in sorted(configs, key=str) if estimate_smem(c, d, dt, arch) <= limit]
+    # 1. compile everything in parallel. The compile pool's inputs have 16 heads (B·H = 16), which
+    # Triton specialises on like the timed shapes' 16 or 32 heads (divisible by 16); N 256 like any
+    # multiple of 16.
+    from flashtune.tuner.compile_pool import CompilePool
+
+    jobs, failed = [], {}
     t0 = time.perf_counter()
-    ctx = torch.multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        compiled = list(pool.map(_compile_one, jobs, chunksize=1))
-    failed = {(j[0], j[1], j[2], j[3]): r[1] for j, r in zip(jobs, compiled) if r[1]}
+    pool = CompilePool("cuda:0", args.workers, timeout_s=600)
+    try:
+        for d, dt, causal in itertools.product(dims, dtypes, causals):
+            configs = sorted(set(grid) | {default_config(arch, d, dt, limit)}, key=str)
+            configs = [c for c in configs if estimate_smem(c, d, dt, arch) <= limit]
+            jobs += [(str(c), d, dt, causal) for c in configs]
+            warmed = pool.warm(Key(arch, "fwd", 256, d, DTYPES_NAMES[dt], causal), 16, configs)
+            failed.update({(str(c), d, dt, causal): f"{w.outcome}: {w.error}" for c, w in warmed.items()
+                           if w.outcome != "ok"})
+    finally:
+        pool.close()
     compile_wall = time.perf_counter() - t0
-    print(f"compiled {len(jobs)} kernels in {compile_wall:.1f} s wall on {args.workers} workers, "
+    print(f"compiled {len(jobs)} kernels in {compile_wall:.1f} s wall on {args.workers} processes, "
           f"{len(failed)} failed", flush=True)
 
     # 2. time every shape

@@ -5,8 +5,10 @@ KeyInputs, the backward's gradients, ...; the harness itself names no op.
 
 `LocalBench` runs in the process that owns the GPU: the worker process in production
 (tuner.worker), or the test process itself under the Triton interpreter. A config's first launch
-compiles it; first launches of a batch run in threads because Triton's LLVM and ptxas steps release
-the GIL, so compiles overlap on the CPU cores.
+compiles it, or, when the worker's compile pool (tuner.compile_pool) compiled it just before, loads
+it from Triton's cache; first launches of a batch run in threads, which overlap the LLVM and ptxas
+steps (they release the GIL) but not Triton's Python and MLIR stages: hence the pool's processes.
+Either way the first launch here decides the trial's outcome.
 """
 from __future__ import annotations
 
