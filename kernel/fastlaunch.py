@@ -38,7 +38,7 @@ __all__ = ["FastLaunch", "build", "current_stream", "disabled", "int_spec", "spe
 _ALIGN = 16  # Triton specialises pointer arguments on 16-byte alignment
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _INT64_MAX = 2**63 - 1
-_state: dict[str, Any] = {"disabled": _device.INTERPRET, "driver": None}
+_state: dict[str, Any] = {"disabled": _device.INTERPRET, "driver": None, "knobs": None}
 
 
 def disabled() -> bool:
@@ -66,6 +66,10 @@ def specialization(ints: Sequence[int], tensors: Sequence[torch.Tensor]) -> tupl
     """The part of Triton's specialisation that `ints` and `tensors` decide: `int_spec` of each int
     and the 16-byte alignment of each tensor. Equal results mean the same compiled variant (for the
     same dtypes and the same other arguments), so a caller keys its launchers by it."""
+    if _INT32_MIN <= min(ints) and max(ints) <= _INT32_MAX:
+        # int_spec inlined for the usual all-32-bit case (a decode step pays this every call)
+        return tuple([1 if x == 1 else 0 if x & 15 else 16 for x in ints]
+                     + [t.data_ptr() % _ALIGN == 0 for t in tensors])
     return (*map(int_spec, ints), *map(_aligned, tensors))
 
 
@@ -82,9 +86,13 @@ def _driver() -> tuple[Callable[[], int], Callable[[int], int]]:
 
 def _hooks_idle() -> bool:
     """True when no launch hook (a profiler's, e.g. proton) is installed: the launch needs no metadata."""
-    from triton import knobs
+    knobs = _state["knobs"]
+    if knobs is None:  # imported once: an import statement costs a decode step most of a microsecond
+        from triton import knobs
 
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        _state["knobs"] = knobs
+    runtime = knobs.runtime  # read each call, as JITFunction.run does
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is not None and (getattr(hook, "calls", None) or not hasattr(hook, "calls")):
             return False
     return True

@@ -70,6 +70,7 @@ def test_int_spec_partitions_ints_as_tritons_jit_does() -> None:
         triton_class = tuple(native(BaseBackend, value, False, True, True))
         # Equal int_spec <=> the same (type, specialisation) in Triton: one compiled variant.
         assert classes.setdefault(fastlaunch.int_spec(value), triton_class) == triton_class, value
+        assert fastlaunch.specialization([value, 16], ()) == (fastlaunch.int_spec(value), 16)  # its inlined form
     assert len(set(classes.values())) == len(classes)
 
 

@@ -100,6 +100,8 @@ def causal_form(attention_mask: Tensor | None, q_length: int, kv_length: int, q_
     if attention_mask is None:
         return MaskForm(end)
     valid = attention_mask[:, :end].to("cpu", torch.bool)
+    if valid.shape[-1] == end and bool(valid.all()):
+        return MaskForm(end)  # no padding (every decode step of an unpadded batch): one check
     if valid.shape[-1] < end:  # columns past the 2D mask are unfilled cache slots
         valid = F.pad(valid, (0, end - valid.shape[-1]), value=False)
     lengths = valid.sum(-1)
