@@ -27,7 +27,8 @@ from flashtune.tuner.bench import LocalBench
 from flashtune.tuner.worker import WorkerBench
 from flashtune.tuner.workload import compile_batch
 
-pytestmark = pytest.mark.skipif(not INTERPRET, reason="the pool's plumbing is tested under the interpreter")
+# The CPU tests' pools launch on CPU tensors, which only the interpreter runs.
+interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU pools need the Triton interpreter")
 
 # Keys without a bucket, timed at B·Hq = BH = 6 sequences of 16 heads: the compile-pool inputs have
 # compile_batch(6) = 2 (a bucketed key's B·Hq is a power of two: its B shrinks only above 16).
@@ -98,6 +99,7 @@ WARM_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("key, config", WARM_CASES, ids=lambda v: str(v))
 def test_compile_pool_inputs_compile_like_the_workload(key, config):
     spec = spec_of(key)
@@ -109,6 +111,7 @@ def test_compile_pool_inputs_compile_like_the_workload(key, config):
     assert specs and _launch_specs(warm, config) == specs
 
 
+@interpreted
 def test_the_specialisation_check_sees_what_a_naive_cut_would_change():
     # 16 sequences of 15 heads (G=5): the persistent TMA kernel's work count B·15·blocks is divisible
     # by 16; cut to one sequence it is not, and Triton would compile another binary. compile_batch
@@ -122,6 +125,7 @@ def test_the_specialisation_check_sees_what_a_naive_cut_would_change():
     assert spec_of(key).warm_workload(key, 240, torch.device("cpu")).q.shape[0] == 16
 
 
+@interpreted
 def test_pool_runs_each_config_and_reports_its_outcome():
     pool = CompilePool("cpu", 2, timeout_s=120)
     try:
@@ -138,6 +142,7 @@ def test_pool_runs_each_config_and_reports_its_outcome():
     assert pool.pids() == []
 
 
+@interpreted
 def test_a_killed_process_is_replaced_and_the_batch_still_warms():
     pool = CompilePool("cpu", 2, timeout_s=120)
     try:
@@ -152,6 +157,7 @@ def test_a_killed_process_is_replaced_and_the_batch_still_warms():
         pool.close()
 
 
+@interpreted
 def test_a_hung_warm_up_is_killed_and_replaced():
     # A timeout far below one interpreted launch (building inputs and running a kernel): every
     # config times out, its process is killed and replaced, and the pool goes on.
@@ -167,6 +173,7 @@ def test_a_hung_warm_up_is_killed_and_replaced():
         pool.close()
 
 
+@interpreted
 def test_a_pool_that_cannot_start_turns_itself_off():
     pool = CompilePool("no-such-device", 2)
     results = pool.warm(FWD, BH, GOOD)
@@ -180,11 +187,15 @@ def quick_bench() -> LocalBench:
     return LocalBench(torch.device("cpu"), compile_threads=1, quick=(0, 1), careful=(0, 1))
 
 
+@interpreted
 def test_worker_with_a_pool_still_decides_every_trial():
     pool = CompilePool("cpu", 2, timeout_s=120)
     bench = WorkerBench(trial_timeout_s=120, factory=quick_bench, factory_args=(), pool=pool)
     try:
-        results = {m.config: m for m in bench.measure(FWD, BH, [*GOOD, BAD], careful=False)}
+        measured = list(bench.measure(FWD, BH, [GOOD[0], BAD, GOOD[1]], careful=False))
+        # The config the pool could not compile goes last in the first pass (the worker compiles it itself).
+        assert [m.config for m in measured] == [*GOOD, BAD]
+        results = {m.config: m for m in measured}
         assert results[GOOD[0]].outcome == results[GOOD[1]].outcome == "ok"
         assert results[BAD].outcome == "compile_error" and "bogus" in results[BAD].error
         assert bench.warm_s > 0
@@ -198,6 +209,7 @@ def test_worker_with_a_pool_still_decides_every_trial():
     assert pids and pool.pids() == []  # closing the worker stops its pool
 
 
+@interpreted
 def test_no_pool_where_nothing_compiles():
     assert pool_for_gpu(0, 8, timeout_s=60) is None  # the interpreter
     assert pool_for_gpu(0, 0, timeout_s=60) is None
@@ -208,3 +220,30 @@ def test_cores_are_divided_between_gpu_workers():
     assert compile_share() == max(1, min(16, cores))
     assert compile_share(2) == max(1, min(16, cores // 2))
     assert compile_share(10 * cores) == 1
+
+
+def _first_launch_seconds(tmp_path, name: str, procs: int) -> list[float]:
+    """compile_s of a CUDA worker's first pass over a few configs with an empty Triton cache, with a
+    compile pool of `procs` processes (0: none)."""
+    from flashtune.kernel.device import device_arch
+
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path / name)  # the spawned processes inherit it
+    key = Key(device_arch(0), "fwd", seq_len=512, head_dim=64, dtype="float16", causal=True, batch_heads=16)
+    configs = [Config(64, 32, 4, 2), Config(64, 32, 4, 3), Config(128, 32, 4, 2), Config(64, 64, 4, 2)]
+    bench = WorkerBench(compile_threads=4, pool=pool_for_gpu(0, procs, timeout_s=300))
+    try:
+        measured = list(bench.measure(key, 16, configs, careful=False))
+    finally:
+        bench.close()
+    assert [m.outcome for m in measured] == ["ok"] * len(configs)
+    return sorted(m.compile_s for m in measured)
+
+
+@pytest.mark.gpu
+def test_cuda_pool_leaves_the_worker_only_loading_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "unused"))  # restored afterwards
+    threads = _first_launch_seconds(tmp_path, "threads", 0)
+    pooled = _first_launch_seconds(tmp_path, "pooled", 2)
+    # A compile takes seconds; loading a cached kernel, a few milliseconds (the first launch in the
+    # worker also builds Triton's launcher, found in the same cache).
+    assert pooled[len(pooled) // 2] < 0.5 * threads[len(threads) // 2], (pooled, threads)

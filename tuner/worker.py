@@ -112,32 +112,50 @@ class WorkerBench:
         self._ctx = mp.get_context("spawn")  # fork would copy the parent's CUDA state
         self._proc: Any = None
         self._conn: Connection | None = None
+        self._starting: Connection | None = None  # the pipe of a worker spawned but not yet ready
         self._batch = 0
 
-    def _start(self) -> Connection:
-        if self._conn is not None and self._proc is not None and self._proc.is_alive():
-            return self._conn
+    def _spawn(self) -> None:
+        """Start a worker process unless one is running or starting, without waiting for it: it
+        imports torch and makes its CUDA context while the compile pool compiles the first batch."""
+        alive = self._conn is not None and self._proc is not None and self._proc.is_alive()
+        if alive or self._starting is not None:
+            return
         self._kill()
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=_serve, args=(child, self._factory, self._factory_args),
                                        name="flashtune-bench", daemon=True)
         self._proc.start()
         child.close()
+        self._starting = parent
+
+    def _start(self) -> Connection:
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            return self._conn
+        self._spawn()
+        parent, self._starting = self._starting, None
+        assert parent is not None
         if not parent.poll(_START_TIMEOUT_S):
+            parent.close()
             self._kill()
             raise WorkerError(f"the benchmark worker did not start within {_START_TIMEOUT_S:.0f} s")
         try:
             message = parent.recv()
         except EOFError:
+            parent.close()
             self._kill()
             raise WorkerError("the benchmark worker exited while starting") from None
         if message[0] != "ready":
+            parent.close()
             self._kill()
             raise WorkerError(f"the benchmark worker could not start: {message[1]}")
         self._conn = parent
         return parent
 
     def _kill(self) -> None:
+        if self._starting is not None:
+            self._starting.close()
+            self._starting = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -159,7 +177,7 @@ class WorkerBench:
             while pending:
                 suspects = [c for c in suspects if c in pending]
                 batch = suspects[:1] if suspects else list(pending)
-                self._warm(key, batch_heads, batch)
+                batch = self._warm(key, batch_heads, batch, reorder=not careful)
                 failure = yield from self._run_batch(key, batch_heads, batch, careful, pending)
                 if failure is None:
                     for config in batch:
@@ -178,23 +196,33 @@ class WorkerBench:
             if pending and self._conn is not None:
                 self._restart()  # abandoned mid-batch (stop requested): drop the stale replies
 
-    def _warm(self, key: Key, batch_heads: int, batch: Sequence[Config]) -> None:
-        """Have the pool compile the batch's kernel configs not yet warmed for this key. One config
-        alone is left to the worker (a pool process would only add its round trip); so are torch
-        SDPA's backends, which compile nothing. What the pool reports is not used: the worker's own
-        first launch decides each trial, as without a pool."""
+    def _warm(self, key: Key, batch_heads: int, batch: list[Config], *, reorder: bool) -> list[Config]:
+        """Have the pool compile the batch's kernel configs not yet warmed for this key. With
+        `reorder` (the first pass, whose outcome does not depend on the order: its pruning keeps
+        what is within the ratio of the final best) the batch comes back with the configs the pool
+        could not compile last, so that the worker's own compiles of them (compile errors, mostly)
+        share its last thread chunks rather than stall every chunk; the careful pass keeps its order
+        (the default first: it is timed twice for the noise). One config alone is left to the
+        worker (a pool process would only add its round trip); so are torch SDPA's backends, which
+        compile nothing. Nothing else the pool reports is used: the worker's own first launch
+        decides each trial, as without a pool."""
         if self.pool is None:
-            return
+            return batch
         if self._warmed is None or self._warmed[:2] != (key, batch_heads):
             self._warmed = (key, batch_heads, set())
         done = self._warmed[2]
         todo = [c for c in batch if provider_of(c) == KERNEL and c not in done]
         if len(todo) < 2:
-            return
+            return batch
+        self._spawn()  # the worker starts meanwhile (only the first time, or after a restart)
         start = time.monotonic()
-        self.pool.warm(key, batch_heads, todo)
+        warmed = self.pool.warm(key, batch_heads, todo)
         self.warm_s += time.monotonic() - start
         done.update(todo)
+        if not reorder:
+            return batch
+        failed = {c for c, w in warmed.items() if w.outcome != "ok"}
+        return [c for c in batch if c not in failed] + [c for c in batch if c in failed]
 
     def _run_batch(self, key: Key, batch_heads: int, batch: list[Config], careful: bool,
                    pending: dict[Config, None]) -> Generator[Measurement, None, tuple[str, str, list[Config] | None] | None]:
