@@ -176,7 +176,8 @@ def test_a_hung_warm_up_is_killed_and_replaced():
 @interpreted
 def test_a_pool_that_cannot_start_turns_itself_off():
     pool = CompilePool("no-such-device", 2)
-    results = pool.warm(FWD, BH, GOOD)
+    with pytest.warns(RuntimeWarning, match="compile pool off"):
+        results = pool.warm(FWD, BH, GOOD)
     assert [r.outcome for r in results.values()] == ["skipped", "skipped"]
     assert "could not start" in pool.broken and pool.pids() == []
     assert pool.warm(FWD, BH, GOOD)[GOOD[0]].error == pool.broken

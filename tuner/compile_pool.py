@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
@@ -256,6 +257,9 @@ class CompilePool:
     def _break(self, why: str) -> None:
         self.broken = why
         self.close()
+        # On stderr (tune's log): a run without its pool is slower for a reason worth seeing.
+        warnings.warn(f"compile pool off: {why}; the benchmark worker compiles on its own", RuntimeWarning,
+                      stacklevel=2)
 
     def _release(self) -> None:
         """Ask every process to drop its inputs: the worker needs the GPU's memory next."""
