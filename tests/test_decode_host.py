@@ -199,17 +199,20 @@ def test_a_head_span_past_32_bits_in_the_same_bucket_is_refused(tmp_path: Path) 
             attention_kvcache(q, wide, k)
 
 
-def test_recording_counts_each_calls_own_length(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recording_counts_each_calls_own_length(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(record, "ENABLED", True)
     b, hq, hkv, d = 1, 2, 1, 16
     q = _query(b, hq, 1, d)
     k, v = (torch.randn(b, hkv, 5, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
     before = record.pending()
-    with torch.no_grad():
-        for _ in range(3):  # 5, 6, 7 keys: buckets 4, 8, 8
-            attention_kvcache(q, k, v)
-            k, v = _grow(k), _grow(v)
-    after = record.pending()
+    try:
+        with torch.no_grad():
+            for _ in range(3):  # 5, 6, 7 keys: buckets 4, 8, 8
+                attention_kvcache(q, k, v)
+                k, v = _grow(k), _grow(v)
+        after = record.pending()
+    finally:
+        record.flush(f"sqlite:///{tmp_path / 'recorded.db'}")  # leave nothing pending for other tests
     arch = dispatch.INTERPRETER_ARCH if not HAS_CUDA else dispatch.explain(q, k, v, op="kvcache").arch
     dtype = "float32" if not HAS_CUDA else "float16"
     for seq_kv in (5, 6, 7):
