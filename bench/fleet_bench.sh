@@ -21,8 +21,13 @@ budget=${BUDGET:-510s}
 read -r -a tune_args <<< "${TUNE_ARGS:-}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# Each mode compiles into its own Triton cache (unless TRITON_CACHE_DIR is given): tuning is
+# compile-bound, and a mode run after the other must not load the other's kernels. A resumed
+# invocation keeps its mode's cache, as a resumed tune run would.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$out/triton_cache_$mode}
 part=$(( $(cat "$out/$mode.wall" 2>/dev/null | wc -l) + 1 ))
-echo "== $mode, invocation $part, $(date -u +%FT%TZ), budget $budget, TUNE_ARGS '${TUNE_ARGS:-}'" >> "$out/$mode.log"
+echo "== $mode, invocation $part, $(date -u +%FT%TZ), budget $budget, TUNE_ARGS '${TUNE_ARGS:-}'," \
+  "TRITON_CACHE_DIR $TRITON_CACHE_DIR" >> "$out/$mode.log"
 start=$(date +%s.%N)
 tune --seq 128..4096 --head-dim 64,128 --dtype fp16,bf16 --both --db "sqlite:///$out/$mode.db" \
   --budget "$budget" --json "${extra[@]}" "${tune_args[@]}" > "$out/$mode.part$part.json" 2>> "$out/$mode.log"
