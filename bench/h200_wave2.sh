@@ -74,6 +74,7 @@ case "$part" in
     wait $fleet
     BUDGET=${BUDGET:-330s} bash bench/fleet_bench.sh "$out/fleet" multi > "$out/fleet_multi.txt" 2>&1
     python3 bench/fleet_compare.py "$out/fleet" > "$out/fleet_compare.txt" 2>&1
+    rm -rf "$out"/fleet/triton_cache_*  # each mode's own Triton cache: large, and not a result
     for f in pytest_d host transformers pytest_d2 fleet_single fleet_multi fleet_compare; do echo "== $f"; tail -n 22 "$out/$f.txt"; done
     ;;
   *) echo "h200_wave2.sh: part must be a, b, c or d, got '$part'" >&2; exit 2 ;;
