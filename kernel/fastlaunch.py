@@ -47,9 +47,10 @@ def disabled() -> bool:
 
 
 def int_spec(value: int) -> int:
-    """The class Triton's JIT specialises an int argument into (Triton 3.4 to 3.9, `specialize_impl`):
-    1: the value 1 (compiled in as a constant); else the type (0: i32, 64: i64, 128: u64) plus 16
-    where the value is divisible by 16. Two ints of one class run the same compiled kernel."""
+    """The class Triton's JIT specialises an int argument into (`specialize_impl`; tests/test_decode_host.py
+    compares it with the installed Triton's): 1: the value 1 (compiled in as a constant); else the type
+    (0: i32, 64: i64, 128: u64) plus 16 where the value is divisible by 16. Two ints of one class run
+    the same compiled kernel."""
     if value == 1:
         return 1
     divisible = 0 if value & 15 else 16  # & on Python ints is two's complement, as Triton's val & 15
