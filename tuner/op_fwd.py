@@ -21,7 +21,7 @@ from ..kernel.reference import attention_flops as shape_flops, fp32_reference
 from ..kernel.sdpa import KERNEL, provider_of, run_sdpa
 
 from .space import Candidate, candidates, plan, variant_candidates
-from .workload import OpSpec, compile_batch, relative_error, split_heads
+from .workload import OpSpec, compile_batch, output_problem, split_heads
 
 if TYPE_CHECKING:
     from .gpu import GpuInfo
@@ -113,11 +113,7 @@ class KeyInputs:
 
     def check(self, output: torch.Tensor) -> str | None:
         """Why `output` is wrong against the fp32 SDPA reference, or None."""
-        if self.reference is None:
-            raise RuntimeError("the compile pool's inputs have no reference to check against")
-        err = relative_error(output, self.reference)
-        tol = TOLERANCE[self.key.dtype]
-        return None if err <= tol else f"relative error {err:.3g} > {tol:g} against torch SDPA (fp32)"
+        return output_problem(output, self.reference, TOLERANCE[self.key.dtype], "torch SDPA (fp32)")
 
     def buffers(self) -> torch.Tensor:
         """One output tensor the timed launches share."""

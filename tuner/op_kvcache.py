@@ -35,7 +35,7 @@ from ..kernel.reference_kvcache import attention_kvcache_reference
 
 from .op_fwd import TOLERANCE
 from .space import Candidate
-from .workload import OpSpec, compile_batch, relative_error, split_heads
+from .workload import OpSpec, compile_batch, output_problem, split_heads
 
 if TYPE_CHECKING:
     from .gpu import GpuInfo
@@ -181,11 +181,7 @@ class KVCacheInputs:
 
     def check(self, output: torch.Tensor) -> str | None:
         """Why `output` is wrong against the fp32 reference, or None."""
-        if self.reference is None:
-            raise RuntimeError("the compile pool's inputs have no reference to check against")
-        err = relative_error(output, self.reference)
-        tol = TOLERANCE[self.key.dtype]
-        return None if err <= tol else f"relative error {err:.3g} > {tol:g} against the KV-cache reference (fp32)"
+        return output_problem(output, self.reference, TOLERANCE[self.key.dtype], "the KV-cache reference (fp32)")
 
     def buffers(self) -> torch.Tensor:
         """One output tensor the timed launches share."""

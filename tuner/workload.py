@@ -69,6 +69,16 @@ def relative_error(out: "torch.Tensor", ref: "torch.Tensor") -> float:
     return output_errors(out, ref)[1]
 
 
+def output_problem(output: "torch.Tensor", reference: "torch.Tensor | None", tolerance: float,
+                   against: str) -> str | None:
+    """Why `output` is wrong: its relative error against `reference` above `tolerance` (the text names
+    the reference, `against`), or None. A workload built for the compile pool has no reference."""
+    if reference is None:
+        raise RuntimeError("the compile pool's inputs have no reference to check against")
+    err = relative_error(output, reference)
+    return None if err <= tolerance else f"relative error {err:.3g} > {tolerance:g} against {against}"
+
+
 class Workload(Protocol):
     """One key's benchmark inputs on the bench device, built once per key (and once more, with the
     next seed, for the careful pass's second validation)."""
