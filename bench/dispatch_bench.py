@@ -23,29 +23,17 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 
 import torch  # noqa: E402
+from hosttime import loop_times  # noqa: E402
 
 from flashtune.db.types import Key  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGET_US = 5.0
-
-
-def _loop_times(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
-    """(host µs/call, wall µs/call) of `calls` back-to-back calls."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    return host / calls * 1e6, wall / calls * 1e6
 
 
 def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
@@ -72,10 +60,10 @@ def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
     equal = torch.equal(attention(q, k, v), launch(q, k, v, shape, causal=False, scale=scale, config=config)[0])
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for fn in ways.values():  # warm-up: compile, plan, allocator
-        _loop_times(fn, 200)
+        loop_times(fn, 200)
     for _ in range(repeats):
         for name, fn in ways.items():
-            samples[name].append(_loop_times(fn, calls))
+            samples[name].append(loop_times(fn, calls))
     rows = []
     for name, values in samples.items():
         rows.append({"way": name, "config": str(config), "calls": calls, "repeats": repeats, "bitwise_equal": equal,

@@ -44,26 +44,14 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from hosttime import loop_times
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _loop(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
-    """(host µs/call, wall µs/call) of `calls` back-to-back calls."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    return host / calls * 1e6, wall / calls * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +169,7 @@ def forward_section(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(args.repeats):
         for name, fn in ways.items():
-            samples[name].append(_loop(fn, args.calls))
+            samples[name].append(loop_times(fn, args.calls))
     rows = _rows(samples)
     by = {r["way"]: r for r in rows}
     sdpa_best = min(by["torch SDPA (auto)"]["host_us"], by["torch SDPA (flash)"]["host_us"])
@@ -294,7 +282,7 @@ def decode_section(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(args.repeats):
         for name, fn in ways.items():
-            samples[name].append(_loop(walk(fn), 1))
+            samples[name].append(loop_times(walk(fn), 1))
     rows = _rows(samples)
     for r in rows:  # per step, not per walk
         for field in ("host_us", "wall_us", "host_us_min"):
