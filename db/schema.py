@@ -51,7 +51,7 @@ def _to_v2(conn: Connection) -> None:
     from .models import KEY_COLUMNS, RecordedRow, TrialRow, WinnerRow
 
     trials, winners = TrialRow.__table__.name, WinnerRow.__table__.name
-    conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_flashtune_trials_key")
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_flashtune_trials_key")
     for column in ('batch_heads INTEGER NOT NULL DEFAULT 0', '"group" INTEGER NOT NULL DEFAULT 1'):
         conn.exec_driver_sql(f"ALTER TABLE {trials} ADD COLUMN {column}")
     next(i for i in TrialRow.__table__.indexes if i.name == "ix_flashtune_trials_key").create(conn)
