@@ -99,10 +99,7 @@ def _serve(conn: Connection, device: str) -> None:
             key = Key(**key_fields)
             if current != (key, batch_heads):
                 inputs, current = None, None  # free the last key's tensors before the next ones
-                build = spec_of(key).warm_workload
-                if build is None:
-                    raise ValueError(f"op {key.op} has no compile-pool inputs")
-                inputs, current = build(key, batch_heads, where), (key, batch_heads)
+                inputs, current = spec_of(key).warm_workload(key, batch_heads, where), (key, batch_heads)
             inputs.run(Config.parse(text))
             if where.type == "cuda":
                 torch.cuda.synchronize(where)

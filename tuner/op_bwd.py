@@ -187,15 +187,5 @@ class BwdInputs:
         return torch.empty_like(self.q), torch.empty_like(self.k), torch.empty_like(self.v)
 
 
-def build_bwd(key: Key, batch_heads: int, device: torch.device, seed: int) -> BwdInputs:
-    """BwdInputs.build, looked up at call time."""
-    return BwdInputs.build(key, batch_heads, device, seed)
-
-
-def warm_bwd(key: Key, batch_heads: int, device: torch.device) -> BwdInputs:
-    """The compile pool's inputs for a bwd key (BwdInputs.build with warm=True)."""
-    return BwdInputs.build(key, batch_heads, device, warm=True)
-
-
 BWD = OpSpec("bwd", space=bwd_space, smem=estimate_bwd_smem, plan=bwd_gpu_plan, default=bwd_default, flops=bwd_flops,
-             sdpa_providers=False, workload=build_bwd, warm_workload=warm_bwd)
+             sdpa_providers=False, inputs=BwdInputs)

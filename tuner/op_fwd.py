@@ -120,15 +120,5 @@ class KeyInputs:
         return torch.empty_like(self.q)
 
 
-def build_fwd(key: Key, batch_heads: int, device: torch.device, seed: int) -> KeyInputs:
-    """KeyInputs.build, looked up at call time (tests observe the draws through it)."""
-    return KeyInputs.build(key, batch_heads, device, seed)
-
-
-def warm_fwd(key: Key, batch_heads: int, device: torch.device) -> KeyInputs:
-    """The compile pool's inputs for a forward key (KeyInputs.build with warm=True)."""
-    return KeyInputs.build(key, batch_heads, device, warm=True)
-
-
 FWD = OpSpec("fwd", space=fwd_space, smem=estimate_smem, plan=fwd_plan, default=fwd_default, flops=attention_flops,
-             sdpa_providers=True, workload=build_fwd, warm_workload=warm_fwd)
+             sdpa_providers=True, inputs=KeyInputs)

@@ -188,16 +188,5 @@ class KVCacheInputs:
         return torch.empty_like(self.q)
 
 
-def build_kvcache(key: Key, batch_heads: int, device: torch.device, seed: int) -> KVCacheInputs:
-    """KVCacheInputs.build, looked up at call time."""
-    return KVCacheInputs.build(key, batch_heads, device, seed)
-
-
-def warm_kvcache(key: Key, batch_heads: int, device: torch.device) -> KVCacheInputs:
-    """The compile pool's inputs for a kvcache key (KVCacheInputs.build with warm=True)."""
-    return KVCacheInputs.build(key, batch_heads, device, warm=True)
-
-
 KVCACHE = OpSpec(OP, space=kvcache_space, smem=estimate_decode_smem, plan=kvcache_plan, default=kvcache_default,
-                 flops=kvcache_flops, sdpa_providers=False, workload=build_kvcache, bytes=kvcache_bytes,
-                 warm_workload=warm_kvcache)
+                 flops=kvcache_flops, sdpa_providers=False, inputs=KVCacheInputs, bytes=kvcache_bytes)

@@ -110,10 +110,10 @@ class OpSpec:
     shared memory and why it was dropped, for `tune --dry-run`; `default(key, gpu)`: the config the
     dispatcher uses untuned, always timed; `flops(key, batch_heads)`: the work of one call, for the
     TFLOP/s column; `sdpa_providers`: whether torch SDPA's backends compete for the key;
-    `workload(key, batch_heads, device, seed)`: the benchmark inputs and reference;
-    `warm_workload(key, batch_heads, device)`: inputs only, for the compile pool; `bytes(key,
-    batch_heads)`: for a memory-bound op, the bytes one call must move, so that `tune` prints TB/s
-    beside the TFLOP/s column (None: compute-bound, no TB/s).
+    `inputs`: the op's workload class, whose `build(key, batch_heads, device, seed, warm=False)` draws
+    the benchmark inputs and reference (`workload`) or, with `warm`, the compile pool's inputs
+    (`warm_workload`); `bytes(key, batch_heads)`: for a memory-bound op, the bytes one call must
+    move, so that `tune` prints TB/s beside the TFLOP/s column (None: compute-bound, no TB/s).
     """
 
     name: str
@@ -123,9 +123,15 @@ class OpSpec:
     default: Callable[[Key, "GpuInfo"], Config]
     flops: Callable[[Key, int], float]
     sdpa_providers: bool
-    workload: Callable[[Key, int, "torch.device", int], Workload]
+    inputs: Any
     bytes: Callable[[Key, int], int] | None = None
-    # `warm_workload(key, batch_heads, device)`: the same inputs without the reference and with the
-    # batch cut to compile_batch(B): every launch compiles exactly as on `workload`'s inputs, for the
-    # compile pool, which only fills Triton's cache (its `check` is never called). None: not warmed.
-    warm_workload: Callable[[Key, int, "torch.device"], Workload] | None = None
+
+    def workload(self, key: Key, batch_heads: int, device: "torch.device", seed: int) -> Workload:
+        """The benchmark inputs of `key` at `batch_heads`, drawn with `seed`, and their reference."""
+        return self.inputs.build(key, batch_heads, device, seed)
+
+    def warm_workload(self, key: Key, batch_heads: int, device: "torch.device") -> Workload:
+        """The same inputs without the reference and with the batch cut to compile_batch(B): every
+        launch compiles exactly as on `workload`'s, for the compile pool, which only fills Triton's
+        cache (its `check` is never called)."""
+        return self.inputs.build(key, batch_heads, device, warm=True)
