@@ -460,8 +460,10 @@ class Store:
 
     def record_trial(self, run_id: int, key: Key, config: Config, outcome: str, *,
                      median_ms: float | None = None, tflops: float | None = None,
-                     compile_s: float | None = None, error: str | None = None) -> TrialRecord:
-        """Store one trial in its own transaction; kernel version and GPU name come from the run."""
+                     compile_s: float | None = None, error: str | None = None,
+                     kernel_version: str | None = None) -> TrialRecord:
+        """Store one trial in its own transaction. The GPU name comes from the run; the kernel version
+        is `kernel_version` (the version of the key's op) or, without one, the run's."""
         if not isinstance(key, Key) or not isinstance(config, Config):
             raise TypeError(f"record_trial needs a Key and a Config, got {type(key).__name__} "
                             f"and {type(config).__name__}")
@@ -474,7 +476,13 @@ class Store:
             raise ValueError("an 'ok' trial needs its median_ms")
         if error is not None and not isinstance(error, str):
             raise TypeError(f"error must be a str or None, got {type(error).__name__}")
-        arch, kernel_version, gpu_name = self._run(run_id)
+        arch, run_version, gpu_name = self._run(run_id)
+        if kernel_version is None:
+            kernel_version = run_version
+        else:
+            problem = label_problem(kernel_version, _TRIALS.c.kernel_version.type.length, required=True)
+            if problem is not None:
+                raise ValueError(f"trial kernel_version {problem}")
         if arch != key.arch:
             raise ValueError(f"trial key {key} is for {key.arch} but run {run_id} ran on {arch}")
         created = utcnow()

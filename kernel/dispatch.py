@@ -38,6 +38,9 @@ if it then fails to compile, the call and every later one with that config fall 
 
 CPU tensors (only under TRITON_INTERPRET=1) never consult the table: they get the default for the
 nominal arch `INTERPRETER_ARCH` (the interpreter has no shared-memory limit or timing to tune).
+A table loaded with `reload(..., interpreter=True)` (tests, or checking a tuned table without a GPU)
+is the exception: CPU tensors then take the rules above from its `INTERPRETER_ARCH` entries, with
+that arch's planning shared-memory limit, an SDPA backend winner included.
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ from .device import device_arch, device_sm_count, device_smem_limit
 from .sdpa import KERNEL, provider_of
 from .launch import AttnShape, check_causal, check_inputs, check_scale, check_tensors, head_span_fits
 from .variants import fwd_variant
-from .version import KERNEL_VERSION
+from .version import op_version
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
     from ..db.store import Winner
@@ -127,7 +130,7 @@ class Plan:
     default_scale: float  # 1/sqrt(D), used when the call passes scale=None
     grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
     kernel: Config  # the kernel config to launch: the choice's, or its fallback when a backend won
-    sdpa: str | None = None  # the SDPA backend to run instead of the kernel (CUDA calls only)
+    sdpa: str | None = None  # the SDPA backend to run instead of the kernel
     # The compiled kernel kept for direct relaunch (kernel.launch.launch_cached), per return_lse;
     # filled on the plan's first launch. Not part of the plan's identity.
     launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -178,6 +181,7 @@ class _Table:
     url: str | None = None  # what reload() was given (None: FLASHTUNE_DB or the default file)
     memo: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     choices: dict[tuple[Any, ...], Choice] = field(default_factory=dict)  # other ops' memo (bwd_choice)
+    interpreter: bool = False  # CPU tensors take the rules from INTERPRETER_ARCH's entries (reload)
 
 
 @dataclass(frozen=True)
@@ -326,14 +330,17 @@ _failed: dict[tuple[str, str, int, Config, int, str, bool], str] = {}
 _table: _Table = _load(None, None, None)
 
 
-def reload(url: str | None = None, archs: Iterable[str] | None = None) -> LoadInfo:
+def reload(url: str | None = None, archs: Iterable[str] | None = None, *, interpreter: bool = False) -> LoadInfo:
     """Re-read the database (default: `db.paths.default_url()` now) and FLASHTUNE_CONFIG.
 
     `archs` defaults to the visible GPUs' archs; pass some to load others (planning, tests). An
     unreadable database warns and keeps the configs loaded before; this never raises for it.
+    `interpreter=True`: CPU tensors (the Triton interpreter) are resolved from the loaded
+    `INTERPRETER_ARCH` entries by the same rules as a GPU's calls, instead of getting the default.
     """
     global _table
     new = _load(url, archs, _table)
+    new.interpreter = bool(interpreter)
     with _lock:
         _table = new
     return new.info
@@ -453,7 +460,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
                 winner = dataclasses.replace(winner, config=fallback)
                 provider = KERNEL
         else:
-            stale = winner.kernel_version != KERNEL_VERSION
+            stale = winner.kernel_version != op_version(winner.key.op)
             what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {winner.key}"
             return Choice(winner.config, source, f"{what}: torch SDPA's {provider} backend, {_timing(winner)}",
                           arch, key, winner, stale, provider,
@@ -461,7 +468,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
     if winner is not None:
         config, wk = winner.config, winner.key
         failed = _failed.get((op, arch, smem_limit, config, head_dim, dtype, causal))
-        stale = winner.kernel_version != KERNEL_VERSION
+        stale = winner.kernel_version != op_version(winner.key.op)
         unknown = _unknown_knobs(config, op)
         need = rules.smem(config, head_dim, dtype, arch) if unknown is None else 0
         if failed is not None:
@@ -475,7 +482,7 @@ def _resolve(table: _Table, arch: str, smem_limit: int, shape: AttnShape, causal
             what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {wk}"
             reason = f"{what}, {_timing(winner)}"
             if stale:
-                reason += f" (tuned with kernel version {winner.kernel_version}, now {KERNEL_VERSION})"
+                reason += f" (tuned with kernel version {winner.kernel_version}, now {op_version(winner.key.op)})"
             return Choice(config, source, reason, arch, key, winner, stale, op=op)
     config = rules.default(arch, shape, smem_limit, sm_count)
     return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key, op=op)
@@ -526,6 +533,9 @@ def _choose(table: _Table, device: torch.device, shape: AttnShape, causal: bool,
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
                         kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
+    if table.interpreter:
+        return _resolve(table, INTERPRETER_ARCH, ARCH_SMEM[INTERPRETER_ARCH], shape, causal,
+                        kernel_only=kernel_only, op=op)
     rules = _rules(op)
     if op == KV_OP:
         shape = _kv_shape(None, INTERPRETER_ARCH, shape, causal)
@@ -551,16 +561,21 @@ def _warn_once(token: Any, message: str) -> None:
     warnings.warn(message, DispatchWarning, stacklevel=5)  # the caller of attention()
 
 
+def _warn_stale(choice: Choice) -> None:
+    """One warning per key whose stored winner was tuned with another version of its op's kernels."""
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with {wk.op} kernel version "
+                   f"{choice.winner.kernel_version} (current {op_version(wk.op)}); it fits this GPU, "
+                   "re-tune to refresh it")
+
+
 def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
     shape = check_inputs(q, k, v)
     table = _table
     choice = _choose(table, q.device, shape, causal)
-    if choice.stale and choice.winner is not None:
-        wk = choice.winner.key
-        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
-                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
-                   "re-tune to refresh it")
-    sdpa = choice.provider if choice.provider != KERNEL and q.device.type == "cuda" else None
+    _warn_stale(choice)
+    sdpa = choice.provider if choice.provider != KERNEL else None
     kernel = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
     entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa)
     with _lock:
@@ -582,6 +597,16 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Pla
     return hit if hit is not None else _plan_miss(q, k, v, causal)
 
 
+def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """The SDPA backend of this call's plan refused its inputs: later calls of the same signature run the
+    kernel config stored beside the backend's win straight away, and `plan(...).sdpa` says so (what ran)."""
+    token = _signature(q, k, v, causal)
+    with _lock:
+        entry = _table.memo.get(token)
+        if entry is not None and entry.sdpa is not None:
+            _table.memo[token] = dataclasses.replace(entry, sdpa=None)
+
+
 def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
     """The backward's config for a call of `shape` on q's device, by the same rules as the forward
     from the op="bwd" entries of the table (exact, nearest within NEAREST_LIMIT, else
@@ -594,11 +619,7 @@ def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
 def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool) -> Choice:
     table = _table
     choice = _choose(table, device, shape, causal, op="bwd")
-    if choice.stale and choice.winner is not None:
-        wk = choice.winner.key
-        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
-                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
-                   "re-tune to refresh it")
+    _warn_stale(choice)
     with _lock:
         if len(table.choices) >= _MEMO_LIMIT:
             table.choices.clear()
@@ -620,7 +641,7 @@ def bwd_config_failed(q: torch.Tensor, shape: AttnShape, causal: bool, choice: C
 
 
 def _record_failure(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice, error: BaseException) -> None:
-    smem = device_smem_limit(q.device) if q.device.type == "cuda" else 0
+    smem = device_smem_limit(q.device) if q.device.type == "cuda" else ARCH_SMEM[INTERPRETER_ARCH]
     text = first_line(error)
     token = (choice.op, choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)
     with _lock:
@@ -697,11 +718,7 @@ def _kv_plan(table: _Table, device: torch.device, shape: AttnShape, causal: bool
     from .kvcache import DecodeLaunch
 
     choice = _choose(table, device, shape, causal, op=KV_OP)
-    if choice.stale and choice.winner is not None:
-        wk = choice.winner.key
-        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with kernel version "
-                   f"{choice.winner.kernel_version} (current {KERNEL_VERSION}); it fits this GPU, "
-                   "re-tune to refresh it")
+    _warn_stale(choice)
     launch = DecodeLaunch(shape, choice.config, causal=causal, ragged=has_seqlens)
     return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {})
 

@@ -12,11 +12,13 @@ from click.testing import CliRunner
 
 from db_fixtures import populate, sqlite_url  # noqa: F401  (sqlite_url is a fixture)
 from flashtune.db.store import Store
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main as cli
 from flashtune.tuner.benchmarking.ncu import KERNEL_NAME, find_ncu, ncu_command, parse_raw_csv, summarize
 from flashtune.tuner.cli.profile import NO_GPU
 from subproc import repo_env
+
+FWD_VERSION = op_version("fwd")
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -30,7 +32,7 @@ def doctor(*args: str):
 def test_doctor_reports_database_counts_and_stale_winners(sqlite_url):
     with Store.open(sqlite_url) as store:
         populate(store, kernel_version="0123456789ab")  # 12 winners of sm_90, another kernel version
-        populate(store, arch="sm_86", gpu_name="NVIDIA A10", kernel_version=KERNEL_VERSION)
+        populate(store, arch="sm_86", gpu_name="NVIDIA A10", kernel_version=FWD_VERSION)
     result = doctor("--db", sqlite_url, "--json")
     report = json.loads(result.output)
     by_topic = {}
@@ -42,8 +44,8 @@ def test_doctor_reports_database_counts_and_stale_winners(sqlite_url):
     assert by_topic["winners"][0]["message"] == "sm_86: 12, sm_90: 12"
     stale = by_topic["stale winners"][0]
     assert stale["level"] == "warn" and stale["message"].startswith("12 of 24 winners")
-    assert "0123456789ab" in stale["message"] and KERNEL_VERSION in stale["message"]
-    assert any(KERNEL_VERSION in f["message"] for f in by_topic["software"])
+    assert "0123456789ab" in stale["message"] and FWD_VERSION in stale["message"]
+    assert any(FWD_VERSION in f["message"] for f in by_topic["software"])
     # Stale winners and (here) no GPU under the interpreter are warnings: a working setup exits 0.
     assert not [f for f in report["findings"] if f["level"] == "fail"], report
     assert result.exit_code == 0 and report["healthy"] is True
@@ -53,7 +55,7 @@ def test_doctor_reports_database_counts_and_stale_winners(sqlite_url):
 def test_doctor_without_a_gpu_says_so_and_runs_the_interpreter(sqlite_url):
     # conftest set TRITON_INTERPRET=1: no GPU is then a warning, and the kernel runs on the CPU.
     with Store.open(sqlite_url) as store:
-        populate(store, kernel_version=KERNEL_VERSION)
+        populate(store, kernel_version=FWD_VERSION)
     result = doctor("--db", sqlite_url)
     assert result.exit_code == 0, result.output
     assert "[WARN] GPU: no CUDA GPU visible" in result.output

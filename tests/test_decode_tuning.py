@@ -24,7 +24,7 @@ from flashtune.db.types import Config, Key
 from flashtune.kernel import attention_kvcache, dispatch, record
 from flashtune.kernel.decode import SPLITS_KNOB, default_decode_config, plan_decode
 from flashtune.kernel.reference_kvcache import attention_kvcache_reference
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.op_kvcache import KVCacheInputs, kvcache_bytes, kvcache_flops, kvcache_space, visible_pairs
@@ -133,7 +133,7 @@ def test_dispatcher_uses_the_stored_kvcache_winner_exact_and_nearest(tmp_path, r
     url = f"sqlite:///{tmp_path / 'w.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     tuned = Config(16, 32, 4, 2, ((SPLITS_KNOB, 3),))
     key = Key("sm_90", "kvcache", 2, 16, "float32", True, seq_len_kv=96, batch_heads=8, group=2)
-    build_db(url, [(key, tuned, 0.1, KERNEL_VERSION)])  # a real store, the winner written through db.store
+    build_db(url, [(key, tuned, 0.1, op_version("kvcache"))])  # a real store, the winner written through db.store
     try:
         dispatch.reload(url, archs=["sm_90"])
         q, k, v = _cache()

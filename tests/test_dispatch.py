@@ -13,8 +13,10 @@ from flashtune.db.smem import estimate_smem
 from flashtune.db.types import Config
 from flashtune.kernel import dispatch
 from flashtune.kernel.defaults import default_config
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import op_version
 from test_dispatch_db import build_db, key, restore_table  # noqa: F401  (restore_table is a fixture)
+
+FWD_VERSION = op_version("fwd")
 
 C128, C512, C2048 = Config(32, 32, 4, 1), Config(64, 32, 4, 2), Config(128, 64, 8, 3)
 CROSS = Config(64, 64, 4, 3)
@@ -25,13 +27,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs under the in
 @pytest.fixture
 def tuned(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
     url = build_db(tmp_path / "t.db", [
-        (key(128), C128, 0.01, KERNEL_VERSION),
-        (key(512), C512, 0.05, KERNEL_VERSION),
-        (key(2048), C2048, 0.5, KERNEL_VERSION),
-        (key(128, nk=4096), CROSS, 0.2, KERNEL_VERSION),
+        (key(128), C128, 0.01, FWD_VERSION),
+        (key(512), C512, 0.05, FWD_VERSION),
+        (key(2048), C2048, 0.5, FWD_VERSION),
+        (key(128, nk=4096), CROSS, 0.2, FWD_VERSION),
         (key(1024, d=128, causal=True), Config(128, 32, 8, 2), 0.3, OLD),  # stale, fits
         (key(1024, d=128, dtype="bfloat16"), Config(256, 128, 8, 4), 0.3, OLD),  # stale, too big
-        (key(256, arch="sm_80"), Config(16, 16, 2, 1), 0.01, KERNEL_VERSION),
+        (key(256, arch="sm_80"), Config(16, 16, 2, 1), 0.01, FWD_VERSION),
     ])
     assert dispatch.reload(url, archs=["sm_90", "sm_80"]).winners == 7
     return url
@@ -94,7 +96,7 @@ def test_other_groups_do_not_leak(tuned: str) -> None:
 def test_stale_winner_that_fits_is_used_and_flagged(tuned: str) -> None:
     choice = look(1024, head_dim=128, causal=True)
     assert choice.source == "exact" and choice.stale and choice.config == Config(128, 32, 8, 2)
-    assert OLD in choice.reason and KERNEL_VERSION in choice.reason
+    assert OLD in choice.reason and FWD_VERSION in choice.reason
 
 
 def test_stored_config_that_does_not_fit_falls_back_to_default(tuned: str) -> None:
@@ -118,7 +120,7 @@ def test_nothing_loaded_means_defaults(restore_table: None) -> None:  # noqa: F8
 
 def test_reload_rereads_the_database(tmp_path: Path, tuned: str) -> None:
     assert look(4096).config == C2048
-    build_db(Path(tuned.removeprefix("sqlite:///")), [(key(4096), Config(128, 128, 8, 2), 0.9, KERNEL_VERSION)])
+    build_db(Path(tuned.removeprefix("sqlite:///")), [(key(4096), Config(128, 128, 8, 2), 0.9, FWD_VERSION)])
     assert look(4096).config == C2048  # memory only until reload
     info = dispatch.reload(tuned, archs=["sm_90"])
     assert info.winners == 7 and look(4096).config == Config(128, 128, 8, 2)
@@ -231,7 +233,7 @@ def test_override_the_kernel_cannot_run_warns_and_is_ignored(tuned: str, monkeyp
 def test_stored_config_with_unknown_knobs_falls_back(tmp_path: Path, restore_table: None) -> None:  # noqa: F811
     # A winner tuned by a newer flashtune with a kernel variant this kernel does not have.
     url = build_db(tmp_path / "knobs.db", [(key(512), Config(64, 32, 4, 2, extra={"loads": "tma", "rings": 3}),
-                                            0.05, KERNEL_VERSION)])
+                                            0.05, FWD_VERSION)])
     dispatch.reload(url, archs=["sm_90"])
     choice = look(512)
     assert choice.source == "default" and choice.config == default_config("sm_90", 64, "float16", 227 * 1024)
@@ -282,10 +284,10 @@ def workload(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
     a, b, c, g, old = Config(64, 64, 4, 2), Config(128, 64, 8, 3), Config(64, 32, 4, 2), Config(128, 32, 8, 2), \
         Config(32, 32, 4, 1)
     url = build_db(tmp_path / "w.db", [
-        (key(1024, bh=16), a, 0.1, KERNEL_VERSION),
-        (key(1024, bh=256), b, 0.9, KERNEL_VERSION),
-        (key(1024, bh=256, group=4), g, 0.9, KERNEL_VERSION),
-        (key(1024, bh=0, d=128), old, 0.9, KERNEL_VERSION),  # a schema-1 winner: no bucket
+        (key(1024, bh=16), a, 0.1, FWD_VERSION),
+        (key(1024, bh=256), b, 0.9, FWD_VERSION),
+        (key(1024, bh=256, group=4), g, 0.9, FWD_VERSION),
+        (key(1024, bh=0, d=128), old, 0.9, FWD_VERSION),  # a schema-1 winner: no bucket
     ])
     dispatch.reload(url, archs=["sm_90"])
     return url
@@ -329,7 +331,7 @@ def test_sdpa_winner_routes_to_the_backend_and_kernel_only_gives_the_fallback(tm
     url = f"sqlite:///{tmp_path / 'sdpa.db'}"
     fallback = Config(128, 64, 8, 3)
     with Store.open(url) as store:
-        run = store.start_run(run_info(arch="sm_90", kernel_version=KERNEL_VERSION))
+        run = store.start_run(run_info(arch="sm_90", kernel_version=FWD_VERSION))
         trial = store.record_trial(run, key(4096, d=128, causal=True), provider_config("sdpa_cudnn"), "ok",
                                    median_ms=1.0)
         store.offer_winner(trial, kernel_config=fallback)

@@ -16,7 +16,7 @@ from flashtune.kernel.bwd_launch import attention_bwd
 from flashtune.kernel.bwd_smem import default_bwd_config
 from flashtune.kernel.launch import attention_fwd, check_inputs
 from flashtune.kernel.reference import attention_reference
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import OP_VERSIONS
 from test_dispatch_db import build_db, restore_table  # noqa: F401  (restore_table is a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,9 +32,9 @@ def bkey(n: int, *, op: str = "bwd", d: int = 32, causal: bool = True, bh: int =
 
 @pytest.fixture
 def tuned(db_url: str, restore_table: None) -> str:  # noqa: F811
-    build_db(db_url, [(bkey(512), B512, 0.02, KERNEL_VERSION), (bkey(2048), B2048, 0.3, KERNEL_VERSION),
-                      (bkey(512, op="fwd"), FWD512, 0.01, KERNEL_VERSION),
-                      (bkey(1024, d=64), Config(16, 64, 4, 2, {"warp_shuffle": True}), 0.1, KERNEL_VERSION)])
+    build_db(db_url, [(bkey(512), B512, 0.02, OP_VERSIONS["bwd"]), (bkey(2048), B2048, 0.3, OP_VERSIONS["bwd"]),
+                      (bkey(512, op="fwd"), FWD512, 0.01, OP_VERSIONS["fwd"]),
+                      (bkey(1024, d=64), Config(16, 64, 4, 2, {"warp_shuffle": True}), 0.1, OP_VERSIONS["bwd"])])
     assert dispatch.reload(db_url, archs=["sm_90"]).winners == 4
     return db_url
 
@@ -103,7 +103,7 @@ def test_attention_backward_runs_the_stored_bwd_winner(tmp_path: Path, restore_t
     arch = device_arch(0)
     stored = Config(32, 64, 4, 2, {"block_m_dq": 64, "block_n_dq": 32})
     key = Key(arch, "bwd", 1024, 64, "float16", True, batch_heads=4, group=2)
-    dispatch.reload(build_db(tmp_path / "bwd.db", [(key, stored, 0.1, KERNEL_VERSION)]))
+    dispatch.reload(build_db(tmp_path / "bwd.db", [(key, stored, 0.1, OP_VERSIONS["bwd"])]))
     q = torch.randn(2, 2, 1024, 64, device="cuda", dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(2, 1, 1024, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
     assert dispatch.explain(q, k, v, True, op="bwd").config == stored

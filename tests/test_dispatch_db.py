@@ -17,8 +17,10 @@ from db_fixtures import db_url, pg_url, run_info  # noqa: F401  (fixtures)
 from flashtune.db.store import Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel import dispatch
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import op_version
 from subproc import repo_env
+
+FWD_VERSION = op_version("fwd")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,8 @@ def restore_table() -> Iterator[None]:
 
 @pytest.fixture
 def good_db(tmp_path: Path) -> str:
-    return build_db(tmp_path / "good.db", [(key(1024), Config(128, 64, 8, 3), 0.5, KERNEL_VERSION),
-                                           (key(512, arch="sm_80"), Config(64, 64, 4, 2), 0.3, KERNEL_VERSION)])
+    return build_db(tmp_path / "good.db", [(key(1024), Config(128, 64, 8, 3), 0.5, FWD_VERSION),
+                                           (key(512, arch="sm_80"), Config(64, 64, 4, 2), 0.3, FWD_VERSION)])
 
 
 def _reload_warnings(url: str) -> tuple[dispatch.LoadInfo, list[str]]:
@@ -80,7 +82,7 @@ def test_reload_loads_only_the_requested_archs(good_db: str, restore_table: None
 
 
 def test_reload_reads_each_backend(db_url: str, restore_table: None) -> None:  # noqa: F811
-    build_db(db_url, [(key(1024), Config(128, 64, 8, 3), 0.5, KERNEL_VERSION),
+    build_db(db_url, [(key(1024), Config(128, 64, 8, 3), 0.5, FWD_VERSION),
                       (key(128, nk=4096, causal=True), Config(64, 32, 4, 2), 0.2, "0123456789ab")])
     info = dispatch.reload(db_url, archs=["sm_90"])
     assert info.ok and info.winners == 2

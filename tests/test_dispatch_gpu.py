@@ -20,9 +20,11 @@ from flashtune.kernel import attention, dispatch
 from flashtune.kernel.device import device_arch, device_smem_limit
 from flashtune.kernel.launch import check_inputs, launch
 from flashtune.kernel.reference import attention_reference
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import op_version
 from test_dispatch_db import REPO, build_db, restore_table  # noqa: F401  (restore_table is a fixture)
 from subproc import repo_env
+
+FWD_VERSION = op_version("fwd")
 
 pytestmark = pytest.mark.gpu
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 2e-5}  # relative norm vs fp64
@@ -50,9 +52,9 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def tuned(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
     url = build_db(tmp_path / "gpu.db", [
-        (k(256), Config(64, 32, 4, 2), 0.01, KERNEL_VERSION),
-        (k(1024, causal=True), Config(128, 64, 8, 3), 0.05, KERNEL_VERSION),
-        (k(512, d=128, dtype="bfloat16"), Config(64, 64, 4, 3), 0.05, KERNEL_VERSION),
+        (k(256), Config(64, 32, 4, 2), 0.01, FWD_VERSION),
+        (k(1024, causal=True), Config(128, 64, 8, 3), 0.05, FWD_VERSION),
+        (k(512, d=128, dtype="bfloat16"), Config(64, 64, 4, 3), 0.05, FWD_VERSION),
     ])
     info = dispatch.reload(url)  # the visible GPUs' archs
     assert info.ok and info.winners == 3 and arch() in info.archs
@@ -225,7 +227,7 @@ def _child(db: Path, code: str) -> subprocess.CompletedProcess[str]:
 
 def test_import_loads_the_visible_archs_once(tmp_path: Path) -> None:
     db = tmp_path / "import.db"
-    build_db(db, [(k(256), Config(64, 32, 4, 2), 0.01, KERNEL_VERSION)])
+    build_db(db, [(k(256), Config(64, 32, 4, 2), 0.01, FWD_VERSION)])
     result = _child(db, """
         import sys
         events = []

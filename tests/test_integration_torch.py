@@ -19,7 +19,7 @@ from flashtune.kernel.fwd import attn_fwd_kernel
 from flashtune.kernel.integrations import torch as ft_torch
 from flashtune.kernel.reference import attention_reference
 from flashtune.kernel.sdpa import provider_config
-from flashtune.kernel.version import KERNEL_VERSION
+from flashtune.kernel.version import OP_VERSIONS
 from test_dispatch_db import build_db, key, restore_table  # noqa: F401  (restore_table is a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,8 +29,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def tuned(tmp_path: Path, restore_table: None) -> Iterator[None]:  # noqa: F811
     """sm_90, fp32, D=16, B·H=2: N=64 causal won by the kernel, N=32 causal won by SDPA flash."""
     url = build_db(tmp_path / "tuned.db", [
-        (key(64, d=16, dtype="float32", causal=True, bh=2), Config(32, 32, 4, 2), 0.01, KERNEL_VERSION),
-        (key(32, d=16, dtype="float32", causal=True, bh=2), provider_config("sdpa_flash"), 0.005, KERNEL_VERSION),
+        (key(64, d=16, dtype="float32", causal=True, bh=2), Config(32, 32, 4, 2), 0.01, OP_VERSIONS["fwd"]),
+        (key(32, d=16, dtype="float32", causal=True, bh=2), provider_config("sdpa_flash"), 0.005, OP_VERSIONS["fwd"]),
     ])
     dispatch.reload(url, archs=["sm_90"])
     ft_torch.reset_route_counts()

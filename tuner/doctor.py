@@ -21,7 +21,7 @@ from ..db.rows import DamagedRowWarning, damage_summary
 from ..db.store import Store, StoreError
 from ..db.text import printable
 from ..kernel.device import INTERPRET
-from ..kernel.version import KERNEL_VERSION
+from ..kernel.version import OP_VERSIONS
 
 from .gpu import GpuInfo, NoGpuError, detect_gpu
 
@@ -43,7 +43,7 @@ def check_software() -> Iterator[Finding]:
     """Versions, and whether the Triton interpreter is on."""
     yield Finding("info", "software", f"python {platform.python_version()}, torch {torch.__version__} "
                   f"(CUDA {torch.version.cuda or 'none'}), triton {triton.__version__}, "
-                  f"kernel version {KERNEL_VERSION}")
+                  f"kernel versions {', '.join(f'{op} {v}' for op, v in OP_VERSIONS.items())}")
     if INTERPRET:
         level = "warn" if torch.cuda.is_available() else "info"
         yield Finding(level, "TRITON_INTERPRET", "set: kernels run in the Triton interpreter on the CPU "
@@ -111,11 +111,12 @@ def check_database(url: str, archs: list[str]) -> Iterator[Finding]:
     per_arch = Counter(w.key.arch for w in winners)
     if per_arch:
         yield Finding("info", "winners", ", ".join(f"{a}: {n}" for a, n in sorted(per_arch.items())))
-    stale = [w for w in winners if w.kernel_version != KERNEL_VERSION]
+    stale = [w for w in winners if w.kernel_version != OP_VERSIONS.get(w.key.op)]
     if stale:
         versions = ", ".join(sorted({printable(w.kernel_version) for w in stale}))
+        now = ", ".join(f"{op} {v}" for op, v in OP_VERSIONS.items())
         yield Finding("warn", "stale winners", f"{len(stale)} of {len(winners)} winners were tuned with another "
-                      f"kernel version ({versions}; now {KERNEL_VERSION}): they are still used if they fit; "
+                      f"version of their op's kernels ({versions}; now {now}): they are still used if they fit; "
                       "re-tune to refresh them")
     for arch in archs:
         if not per_arch.get(arch):

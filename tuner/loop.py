@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from ..db.store import Store, TrialRecord, Winner
 from ..db.types import Config, Key
@@ -144,13 +144,15 @@ class Tuner:
     provider configs (none with --kernel-only); `batch_heads(key)`: B·Hq of the benchmark inputs.
     """
 
-    def __init__(self, store: Store, run_id: int, bench: Bench, *, kernel_version: str, gpu_name: str,
+    def __init__(self, store: Store, run_id: int, bench: Bench, *, kernel_version: str | Mapping[str, str],
+                 gpu_name: str,
                  space: Callable[[Key], Sequence[Config]], default: Callable[[Key], Config],
                  batch_heads: Callable[[Key], int], providers: Callable[[Key], Sequence[Config]] = lambda k: (),
                  settings: TuneSettings = TuneSettings(), progress: Progress | None = None,
                  should_stop: Callable[[], bool] = lambda: False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.run_id, self.bench = store, run_id, bench
+        # One version for every op, or op -> the version of that op's compiled code.
         self.kernel_version, self.gpu_name = kernel_version, gpu_name
         self.space, self.default, self.batch_heads = space, default, batch_heads
         self.providers = providers
@@ -170,8 +172,12 @@ class Tuner:
                 self.stop_reason = "budget"
         return self.stop_reason is not None
 
+    def _version(self, key: Key) -> str:
+        """The kernel version that `key`'s trials and winner are stored under."""
+        return self.kernel_version if isinstance(self.kernel_version, str) else self.kernel_version[key.op]
+
     def _stored(self, key: Key) -> dict[Config, TrialRecord]:
-        rows = self.store.trials(key, kernel_version=self.kernel_version, gpu_name=self.gpu_name)
+        rows = self.store.trials(key, kernel_version=self._version(key), gpu_name=self.gpu_name)
         return {t.config: t for t in rows}
 
     def _candidates(self, key: Key, seeds: Sequence[Config],
@@ -232,7 +238,8 @@ class Tuner:
                 stored: dict[Config, TrialRecord]) -> TrialRecord:
         rate = tflops(key, bh, m.median_ms) if m.outcome == "ok" and m.median_ms else None
         trial = self.store.record_trial(self.run_id, key, m.config, m.outcome, median_ms=m.median_ms,
-                                        tflops=rate, compile_s=m.compile_s, error=m.error)
+                                        tflops=rate, compile_s=m.compile_s, error=m.error,
+                                        kernel_version=self._version(key))
         stored[m.config] = trial
         result.new_trials += 1
         result.outcomes[m.outcome] = result.outcomes.get(m.outcome, 0) + 1
@@ -301,7 +308,7 @@ class Tuner:
         is not re-timed here just because another GPU's winner stands."""
         return next((w for w in self.store.winners(key.arch, op=key.op, dtype=key.dtype, head_dim=key.head_dim,
                                                    causal=key.causal)
-                     if w.key == key and w.kernel_version == self.kernel_version), None)
+                     if w.key == key and w.kernel_version == self._version(key)), None)
 
     def _remember_ranking(self, result: KeyResult, stored: dict[Config, TrialRecord]) -> None:
         """The key's ok kernel configs, fastest first, for its later sibling buckets (from a full

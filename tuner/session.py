@@ -18,7 +18,7 @@ from ..db.errors import StoreError, one_line
 from ..db.store import Store
 from ..db.types import Config, Key
 from ..kernel.sdpa import available_providers, provider_config
-from ..kernel.version import KERNEL_VERSION
+from ..kernel.version import OP_VERSIONS
 
 from . import gpu as gpus, worker
 from .bench import fill_batch_heads
@@ -85,7 +85,8 @@ class TuningSession:
         """Tune `keys`, by default over this GPU's space and the SDPA providers against the kernel's
         default config; the session's status becomes 'done', or why the tuner stopped early
         ('budget', 'interrupted'). `keep_order`: in the order given, not tuning order."""
-        tuner = Tuner(self.store, self.run_id, self.bench, kernel_version=KERNEL_VERSION, gpu_name=self.gpu.name,
+        tuner = Tuner(self.store, self.run_id, self.bench, kernel_version=OP_VERSIONS,
+                      gpu_name=self.gpu.name,
                       space=space or self.space, default=default or self.default,
                       batch_heads=batch_heads or self.batch_heads, providers=self.providers, settings=settings,
                       progress=progress, should_stop=should_stop)

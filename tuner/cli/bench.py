@@ -152,9 +152,9 @@ def bench(seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[b
     if as_json:
         echo_json([asdict(r) for r in rows])
     else:
-        from ...kernel.version import KERNEL_VERSION
+        from ...kernel.version import op_version
 
-        click.echo(f"on {gpu_name(device)}, kernel version {KERNEL_VERSION}; errors against an fp32 reference")
+        click.echo(f"on {gpu_name(device)}, fwd kernel version {op_version('fwd')}; errors against an fp32 reference")
         _table(rows)
     if csv_path is not None:
         click.echo(f"wrote {len(rows)} rows to {csv_path}", err=True)

@@ -50,9 +50,9 @@ def _heatmap(out: Path, db_url: str | None, arch: str | None, seq: int | None, h
     if missing:
         raise CliError(f"--heatmap needs {', '.join(missing)} (the key whose trials to draw)")
     key = Key(arch, "fwd", seq, head_dim, dtype, causal)  # type: ignore[arg-type]
-    from ...kernel.version import KERNEL_VERSION
+    from ...kernel.version import op_version
 
-    version = KERNEL_VERSION if kernel_version == "current" else kernel_version
+    version = op_version(key.op) if kernel_version == "current" else kernel_version
     try:
         with Store.open(db_url, create=False) as store:
             where = store.display_url

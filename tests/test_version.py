@@ -1,0 +1,151 @@
+"""Kernel versions per op, from the compiled (@triton.jit) code only.
+
+Each test edits a copy of the installed kernel package and recomputes the versions from that copy.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flashtune.kernel import version
+from flashtune.kernel.version import OP_KERNELS, OP_VERSIONS, closure, jit_functions, op_versions
+
+KERNEL = Path(version.__file__).resolve().parent
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Path:
+    root = tmp_path / "kernel"
+    shutil.copytree(KERNEL, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} is not once in {path.name}"
+    path.write_text(text.replace(old, new))
+
+
+def test_the_copy_has_the_installed_versions(copy: Path) -> None:
+    assert op_versions(copy) == OP_VERSIONS
+    assert set(OP_VERSIONS) == {"fwd", "bwd", "kvcache"}
+    assert len(set(OP_VERSIONS.values())) == 3
+
+
+def test_host_only_edits_keep_every_version(copy: Path) -> None:
+    # Host code beside the kernels: the grid helper in bwd.py, the launch arithmetic in fwd_tma.py and
+    # decode.py, a host constant, and the launch module, which holds no jit code at all.
+    _edit(copy / "bwd.py", "def bwd_grid(", "def bwd_grid_renamed(")
+    _edit(copy / "fwd_tma.py", "_TMA_ALIGN = 16", "_TMA_ALIGN = 32")
+    _edit(copy / "decode.py", "MIN_SPLIT_TILES = 4", "MIN_SPLIT_TILES = 8")
+    (copy / "launch.py").write_text((copy / "launch.py").read_text() + "\n\ndef added_host_helper():\n    return 1\n")
+    assert op_versions(copy) == OP_VERSIONS
+
+
+def test_a_comment_inside_a_kernel_keeps_its_version(copy: Path) -> None:
+    _edit(copy / "bwd.py", "def attn_bwd_dq_convert_kernel(", "# a reworded note\ndef attn_bwd_dq_convert_kernel(")
+    assert op_versions(copy) == OP_VERSIONS
+
+
+def _insert_in_body(path: Path, function: str, statement: str) -> None:
+    """Insert `statement` as the first statement of `function`'s body (after its docstring)."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"def {function}("))
+    body = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":")
+                and not lines[i].lstrip().startswith("#")) + 1
+    while not lines[body].strip() or lines[body].lstrip().startswith(("#", '"""')):
+        body += 1
+    indent = lines[body][:len(lines[body]) - len(lines[body].lstrip())]
+    lines.insert(body, indent + statement)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("op, module, function", [
+    ("bwd", "bwd.py", "attn_bwd_dq_kernel"),  # an entry kernel
+    ("bwd", "bwd.py", "_dkdv_tiles"),  # a helper only the backward's kernels call
+    ("fwd", "fwd.py", "_fwd_tiles"),
+    ("fwd", "fwd_tma.py", "_tma_step"),
+    ("kvcache", "decode.py", "_decode_tiles"),
+])
+def test_a_jit_body_edit_changes_its_op_only(copy: Path, op: str, module: str, function: str) -> None:
+    _insert_in_body(copy / module, function, "_unused_edit = 1")
+    after = op_versions(copy)
+    assert after[op] != OP_VERSIONS[op]
+    assert {o: v for o, v in after.items() if o != op} == {o: v for o, v in OP_VERSIONS.items() if o != op}
+
+
+def test_every_jit_function_belongs_to_an_op() -> None:
+    reached = set().union(*(closure(entries) for entries in OP_KERNELS.values()))
+    assert jit_functions(KERNEL) - reached == set()
+
+
+def _package(root: Path, common: str, kernel: str) -> Path:
+    root.mkdir()
+    (root / "jit").mkdir()
+    (root / "jit" / "common.py").write_text(common)
+    (root / "jit" / "fwd.py").write_text(kernel)
+    return root
+
+
+COMMON = '''import triton
+import triton.language as tl
+
+SCALE = 1.5
+HOST_ONLY = 3
+
+
+@triton.jit
+def helper(x):
+    return x * SCALE
+
+
+@triton.jit
+def unused(x):
+    return x
+'''
+KERNEL_SRC = '''import triton
+from . import common
+from .common import helper
+
+
+@triton.jit
+def entry(X):
+    return helper(X) + common.unused(X)
+'''
+
+
+def test_helpers_and_constants_across_modules(tmp_path: Path) -> None:
+    ops = {"fwd": ("jit/fwd:entry",)}
+    base = op_versions(_package(tmp_path / "a", COMMON, KERNEL_SRC), ops)
+    assert set(closure(ops["fwd"], tmp_path / "a")) == {"jit/fwd:entry", "jit/common:helper",
+                                                         "jit/common:unused", "jit/common:SCALE"}
+    # A constant the helper reads is compiled in; one it does not read is not.
+    assert op_versions(_package(tmp_path / "b", COMMON.replace("SCALE = 1.5", "SCALE = 2.5"), KERNEL_SRC),
+                       ops) != base
+    assert op_versions(_package(tmp_path / "c", COMMON.replace("HOST_ONLY = 3", "HOST_ONLY = 4"), KERNEL_SRC),
+                       ops) == base
+    # The helper reached through the module alias counts too.
+    assert op_versions(_package(tmp_path / "d", COMMON.replace("return x\n", "return x + 1\n"), KERNEL_SRC),
+                       ops) != base
+
+
+def test_an_entry_that_is_not_a_kernel_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LookupError, match="not a @triton.jit function"):
+        op_versions(_package(tmp_path / "a", COMMON, KERNEL_SRC), {"fwd": ("jit/fwd:missing",)})
+
+
+def test_moving_a_helper_to_another_module_keeps_the_version(tmp_path: Path) -> None:
+    ops = {"fwd": ("jit/fwd:entry",)}
+    base = op_versions(_package(tmp_path / "a", COMMON, KERNEL_SRC), ops)
+    helper = '''
+
+@triton.jit
+def helper(x):
+    return x * SCALE
+'''
+    common = COMMON.replace(helper, "\n")
+    assert common != COMMON
+    moved = KERNEL_SRC.replace("from .common import helper\n", "from .common import SCALE\n") + helper
+    assert op_versions(_package(tmp_path / "b", common, moved), ops) == base
