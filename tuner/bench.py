@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -29,7 +28,7 @@ from .measure import Measurement
 from .ops import spec_of
 from .op_fwd import TOLERANCE, KeyInputs, attention_flops  # noqa: F401  (the forward's, named here too)
 from .timing import l2_flush_buffer, median_ms_each
-from .workload import HEADS, Workload, relative_error, split_heads  # noqa: F401
+from .workload import HEADS, Workload, poisoned, relative_error, split_heads  # noqa: F401
 
 FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for several waves
 FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)
@@ -59,19 +58,25 @@ class LocalBench:
     """A Bench running in this process on `device` (a CUDA GPU, or the CPU under TRITON_INTERPRET=1).
 
     A sticky CUDA error is reported as a `crashed` measurement and then re-raised as CudaContextLost
-    so that the owner (the worker) can replace the process.
+    so that the owner (the worker) can replace the process. `workload(key, batch_heads, device, seed)`
+    draws a key's inputs and reference (default: the key's op spec, tuner.ops); tests pass one that
+    wraps the op's, e.g. to give a config's launches a fault.
     """
 
     def __init__(self, device: torch.device | str, *, compile_threads: int = 1, seed: int = 0,
-                 quick: tuple[int, int] = QUICK, careful: tuple[int, int] = CAREFUL) -> None:
+                 quick: tuple[int, int] = QUICK, careful: tuple[int, int] = CAREFUL,
+                 workload: Callable[[Key, int, torch.device, int], Workload] | None = None) -> None:
         self.device = torch.device(device)
         self.compile_threads = max(1, compile_threads)
         self.seed = seed
         self.quick, self.careful = quick, careful
         self._inputs: Workload | None = None
+        self._make_workload = workload
         self._flush = l2_flush_buffer(self.device) if self.device.type == "cuda" else None
 
     def _workload(self, key: Key, batch_heads: int, seed: int) -> Workload:
+        if self._make_workload is not None:
+            return self._make_workload(key, batch_heads, self.device, seed)
         return spec_of(key).workload(key, batch_heads, self.device, seed)
 
     def _inputs_for(self, key: Key, batch_heads: int) -> Workload:
@@ -86,7 +91,7 @@ class LocalBench:
     def _first_launch(self, inputs: Workload, config: Config) -> tuple[Any, float, BaseException | None]:
         start = time.perf_counter()
         try:
-            out, _ = inputs.run(config)
+            out, _ = inputs.run(config, out=poisoned(inputs.buffers()))
             return out, time.perf_counter() - start, None
         except Exception as error:  # noqa: BLE001 - ptxas, LLVM and launch failures are all trial outcomes
             return None, time.perf_counter() - start, error
@@ -131,7 +136,7 @@ class LocalBench:
         try:
             for config, compile_s in ready:
                 try:
-                    out, _ = second.run(config)
+                    out, _ = second.run(config, out=poisoned(second.buffers()))
                     self._sync([config])
                 except Exception as error:  # noqa: BLE001 - it ran on the first input: any failure now is wrong
                     if is_sticky_cuda_error(error):

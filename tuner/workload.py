@@ -79,6 +79,14 @@ def output_problem(output: "torch.Tensor", reference: "torch.Tensor | None", tol
     return None if err <= tolerance else f"relative error {err:.3g} > {tolerance:g} against {against}"
 
 
+def poisoned(buffers: Any) -> Any:
+    """`buffers` (a tensor or a tuple of them, as `Workload.buffers` gives) NaN-filled, so that an element a
+    candidate leaves unwritten fails the check instead of passing on what an earlier candidate wrote there."""
+    for tensor in buffers if isinstance(buffers, tuple) else (buffers,):
+        tensor.fill_(math.nan)
+    return buffers
+
+
 class Workload(Protocol):
     """One key's benchmark inputs on the bench device, built once per key (and once more, with the
     next seed, for the careful pass's second validation)."""
