@@ -55,7 +55,8 @@ def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: b
             if not is_refusal(error):
                 raise
             # The backend declines these inputs (a layout or size it does not take): run the
-            # kernel config stored beside it for this call.
+            # kernel config stored beside it, for this call and the later ones of its signature.
+            dispatch.backend_refused(q, k, v, causal)
     return _launch_planned(q, k, v, plan, causal, scale)[0]
 
 
@@ -164,6 +165,7 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: f
         except RuntimeError as error:
             if not is_refusal(error):
                 raise
+            dispatch.backend_refused(query, key, value, causal)
     return attention_fwd_lse_op(query, key, value, causal, scale)[0]
 
 

@@ -2,7 +2,7 @@
 
 - `flashtune.kernel.integrations.transformers`: `register()` adds flashtune to Hugging Face
   transformers' attention registry (`model.set_attn_implementation(register())`); needs the
-  optional extra `pip install flashtune[transformers]`.
+  optional extra (from a checkout: `pip install ".[transformers]"`).
 - `flashtune.kernel.integrations.torch`: `route_sdpa()` sends `F.scaled_dot_product_attention`
   calls whose key the database says the tuned kernel wins to flashtune, and leaves the rest to torch.
 

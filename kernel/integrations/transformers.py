@@ -27,7 +27,9 @@ the keys SDPA's mask lets it see (the padding comes after it), while the padding
 differ from SDPA's (they see padding keys). Those rows feed nothing real: later real tokens never
 attend to them and losses ignore them (flash-attn's varlen path returns zeros there).
 
-`fallback_counts()` tells how many calls went to SDPA and why; `kernel_counts()` which kernel path ran.
+`fallback_counts()` tells how many calls went to transformers' SDPA function and why; `kernel_counts()` which
+flashtune kernel path ran; `backend_counts()` the calls whose tuned winner is a torch SDPA backend, which
+`attention()` runs for them (per path and backend, e.g. "causal/sdpa_cudnn"): what ran, not what was asked.
 Under torch.compile the mask function builds SDPA's mask without inspecting it (reading the padding
 would break the graph), so compiled models run transformers' SDPA function in every layer.
 """
@@ -49,13 +51,15 @@ try:
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 except ImportError as _error:  # pragma: no cover - exercised only where transformers is missing
     raise ImportError("flashtune.kernel.integrations.transformers needs Hugging Face transformers 5.x: "
-                      "pip install 'flashtune[transformers]'") from _error
+                      "pip install transformers (from a flashtune checkout: pip install '.[transformers]')") from _error
 
+from .. import dispatch
 from ..api import attention
 from ..kvcache import run_planned
 from ..launch import needs_grad
 
-__all__ = ["NAME", "SDPAFallbackWarning", "fallback_counts", "kernel_counts", "register", "reset_counts",
+__all__ = ["NAME", "SDPAFallbackWarning", "backend_counts", "fallback_counts", "kernel_counts", "register",
+           "reset_counts",
            "tuned_attention_forward", "tuned_mask"]
 
 NAME = "tuned_attention"
@@ -155,6 +159,7 @@ def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | T
 _lock = threading.Lock()
 _fallbacks: Counter[str] = Counter()
 _kernels: Counter[str] = Counter()
+_backends: Counter[str] = Counter()
 _warned: set[str] = set()
 
 
@@ -168,11 +173,32 @@ def kernel_counts() -> dict[str, int]:
     return dict(_kernels)
 
 
+def backend_counts() -> dict[str, int]:
+    """Calls that `attention()` ran on a torch SDPA backend because that backend won their key, per path and
+    backend ("causal/sdpa_cudnn", "full/sdpa_flash")."""
+    return dict(_backends)
+
+
 def reset_counts() -> None:
-    """Zero both counters (warnings already given stay given)."""
+    """Zero the counters (warnings already given stay given)."""
     with _lock:
         _fallbacks.clear()
         _kernels.clear()
+        _backends.clear()
+
+
+def _attention(path: str, query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None) -> Tensor:
+    """attention() on the call, counted under what ran: the kernel, or the SDPA backend that won its key.
+
+    Read from the dispatcher's memoised plan after the call: a backend that refused the call's inputs has
+    handed that signature to the kernel config stored beside it (dispatch.backend_refused)."""
+    out = attention(query, key, value, is_causal=causal, scale=scale, enable_gqa=True)
+    backend = dispatch.plan(query, key, value, causal).sdpa
+    if backend is None:
+        _kernels[path] += 1
+    else:
+        _backends[f"{path}/{backend}"] += 1
+    return out
 
 
 def _fall_back(reason: str, detail: str) -> None:
@@ -231,7 +257,7 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             return "mask", ("a mask without a length form (left padding, a sliding window, packed sequences or a "
                             "custom pattern; only right padding and cache slots run the kernel)")
     if not causal:
-        return attention(query, key, value, is_causal=False, scale=scaling, enable_gqa=True)
+        return _attention("full", query, key, value, False, scaling)
     if form is not None:
         if form.keys != key.shape[2]:
             key, value = key[:, :, :form.keys], value[:, :, :form.keys]
@@ -242,8 +268,7 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             return _kvcache(query, key, value, form.lengths, scaling)
     nq, nk = query.shape[2], key.shape[2]
     if nq == nk:
-        _kernels["causal"] += 1
-        return attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return _attention("causal", query, key, value, True, scaling)
     if nq > nk:
         return "queries", f"more queries ({nq}) than keys ({nk}) with a causal mask"
     if needs_grad(query, key, value):
