@@ -121,15 +121,30 @@ def test_unsupported_arguments_raise_or_fall_back(kwargs: dict, named: str) -> N
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=0, rtol=0)
 
 
-def test_inputs_that_require_grad_train_through_the_kernel() -> None:
-    q, k, v = qkv()
-    q.requires_grad_(True)
-    out = attention(q, k, v)
-    assert out.grad_fn is not None and "attention_fwd_lse" in type(out.grad_fn).__name__.lower() + str(out.grad_fn)
-    out.sum().backward()
-    qd = q.detach().double().requires_grad_(True)
-    attention_reference(qd, k, v).sum().backward()
-    close(q.grad, qd.grad, torch.float32)
+def _float64_grads(inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:
+    """Gradients of float64 attention (kernel.reference) at `inputs`, by autograd."""
+    ref = [t.detach().double().requires_grad_(True) for t in inputs]
+    attention_reference(*ref, **kwargs).backward(grad_out.double())
+    return [t.grad for t in ref]
+
+
+@pytest.mark.parametrize("needs", ["qkv", "q", "kv"])
+def test_inputs_that_require_grad_train_through_the_kernel(needs: str, launches) -> None:
+    q, k, v = qkv(hq=4, hkv=2, nq=24, nk=40, seed=int(torch.randint(0, 2**31, (1,))))
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(name in needs)
+    out = attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), device=DEVICE)
+    out.backward(grad_out)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), _float64_grads((q, k, v), grad_out, causal=True)):
+        if name in needs:
+            close(got, want, torch.float32)
+        else:
+            assert got is None  # no gradient for an input that does not require one
+    names = [launch.name for launch in launches]
+    # The kernels, not a fallback: the forward that keeps the LSE, then the fused backward.
+    assert names[0] == "attn_fwd_kernel" and launches[0].kwargs["STORE_LSE"] is True
+    assert {"attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel"} <= set(names[1:])
 
 
 def test_tensors_the_kernel_rejects_fall_back_only_when_asked() -> None:
@@ -212,6 +227,10 @@ def test_torch_compile_reports_and_falls_back_for_unsupported_inputs() -> None:
         strict(q, q, q)
     lenient = torch.compile(lambda a, b, c: attention(a, b, c, fallback=True), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(lenient(q, q, q), F.scaled_dot_product_attention(q, q, q))
-    g = torch.randn(1, 1, 16, 16, device=DEVICE, requires_grad=True)
-    lenient(g, g, g).sum().backward()  # SDPA's backward
-    assert g.grad is not None and torch.isfinite(g.grad).all()
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    g = torch.randn(1, 1, 16, 20, generator=gen).to(DEVICE).requires_grad_(True)
+    weights = torch.randn(1, 1, 16, 20, generator=gen).to(DEVICE)
+    (lenient(g, g, g) * weights).sum().backward()  # SDPA's backward, through q, k and v alike
+    gd = g.detach().double().requires_grad_(True)
+    (attention_reference(gd, gd, gd) * weights.double()).sum().backward()
+    close(g.grad, gd.grad, torch.float32)

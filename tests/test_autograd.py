@@ -8,8 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashtune.kernel import attention
+from flashtune.db.types import Config, Key, bucket
+from flashtune.kernel import attention, dispatch
+from flashtune.kernel.device import device_arch
 from flashtune.kernel.reference import attention_reference
+from test_sdpa_routing import tuned_table  # noqa: F401  (a fixture: winners in a real SQLite file)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -60,21 +63,38 @@ def test_strided_views_and_scale() -> None:
         assert _rel(got.grad, want.grad) < BOUND[torch.float32]
 
 
-def test_deterministic_algorithms_give_bitwise_equal_gradients() -> None:
-    q, k, v = (t.requires_grad_(True) for t in _draw(1, 4, 2, 33, 33, 16, torch.float32))
-    grad_out = torch.randn_like(q)
-    grads = []
-    torch.use_deterministic_algorithms(True)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
+def test_deterministic_algorithms_keep_an_atomic_dq_winner_off_atomics(tuned_table, launches,  # noqa: F811
+                                                                       deterministic: bool) -> None:
+    # The stored backward winner allows atomic dQ ({"deterministic": false}). Under
+    # torch.use_deterministic_algorithms(True) its dK/dV pass must run without atomics and the separate dQ
+    # pass must compute dQ; otherwise the atomic variant runs (the fp32 buffer and its conversion kernel).
+    b, hq, hkv, n, d = 1, 4, 2, 33, 16
+    arch = dispatch.INTERPRETER_ARCH if DEVICE == "cpu" else device_arch(0)
+    atomic = Config(16, 16, 2, 1, {"deterministic": False})
+    tuned_table([(Key(arch, "bwd", n, d, "float32", True, batch_heads=bucket(b * hq), group=hq // hkv), atomic,
+                  None)])
+    q, k, v = (t.requires_grad_(True) for t in _draw(b, hq, hkv, n, n, d, torch.float32))
+    assert dispatch.explain(q, k, v, True, op="bwd").config == atomic
+    grad_out = torch.randn(q.shape, generator=torch.Generator(device=DEVICE).manual_seed(7), device=DEVICE)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
     try:
-        for _ in range(2):
-            for t in (q, k, v):
-                t.grad = None
-            attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad_out)
-            grads.append([t.grad.clone() for t in (q, k, v)])
+        attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad_out)
     finally:
-        torch.use_deterministic_algorithms(False)
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        torch.use_deterministic_algorithms(was)
+    names = [launch.name for launch in launches]
+    [dkdv] = [launch for launch in launches if launch.name == "attn_bwd_dkdv_kernel"]
+    assert (dkdv.kwargs["BLOCK_M"], dkdv.kwargs["BLOCK_N"]) == (16, 16)  # the stored winner's tiles
+    assert dkdv.kwargs["ATOMIC_DQ"] is not deterministic
+    if deterministic:
+        assert "attn_bwd_dq_kernel" in names and "attn_bwd_dq_convert_kernel" not in names
+    else:
+        assert "attn_bwd_dq_convert_kernel" in names and "attn_bwd_dq_kernel" not in names
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    attention_reference(*ref_inputs, causal=True).backward(grad_out.double())
+    for got, want in zip((q.grad, k.grad, v.grad), ref_inputs):
+        assert _rel(got, want.grad) < BOUND[torch.float32]
 
 
 def test_compiled_training_step_has_no_graph_break() -> None:

@@ -162,13 +162,30 @@ def test_expanded_grad_output(kernel_device):
         assert _err(g, ref) < BOUNDS[torch.float32]
 
 
-@pytest.mark.parametrize("config", [Config(16, 16, 2, 1), Config(32, 16, 4, 1, {"block_m_dq": 16})], ids=str)
-def test_deterministic_is_bitwise_reproducible(config, kernel_device):
-    q, k, v, do = _inputs((1, 4, 2, 37, 37, 80, True), torch.float16, kernel_device, seed=14)
-    first = _run(q, k, v, do, True, config)
-    second = _run(q, k, v, do, True, config)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+ATOMIC = Config(16, 32, 2, 1, {"deterministic": False, "block_m_dq": 32, "block_n_dq": 16})
+
+
+@pytest.mark.parametrize("config, deterministic, atomic", [
+    (ATOMIC, False, True),                       # the only combination that may use atomics
+    (ATOMIC, True, False),                       # a deterministic call overrides the config
+    (Config(16, 32, 2, 1, {"block_m_dq": 32, "block_n_dq": 16}), False, False),  # the config forbids them
+], ids=["atomic-config-nondeterministic-call", "atomic-config-deterministic-call", "plain-config"])
+def test_atomic_dq_only_when_both_call_and_config_allow_it(config, deterministic, atomic, kernel_device, launches):
+    # Which dQ path ran, seen where Triton launched it: the atomic variant adds dQ inside the dK/dV
+    # kernel (ATOMIC_DQ) and converts the fp32 buffer; otherwise the separate dQ pass runs with its own
+    # tiles. Either way the gradients (written over NaN poison) match float64 autograd.
+    case = (1, 4, 2, 37, 37, 32, True)
+    _check(case, torch.float16, config, kernel_device, seed=14, deterministic=deterministic)
+    names = [launch.name for launch in launches if launch.name.startswith("attn_bwd")]
+    [dkdv] = [launch for launch in launches if launch.name == "attn_bwd_dkdv_kernel"]
+    assert dkdv.kwargs["ATOMIC_DQ"] is atomic
+    assert (dkdv.kwargs["BLOCK_M"], dkdv.kwargs["BLOCK_N"]) == (16, 32)
+    if atomic:
+        assert names == ["attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_convert_kernel"]
+    else:
+        assert names == ["attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"]
+        [dq] = [launch for launch in launches if launch.name == "attn_bwd_dq_kernel"]
+        assert (dq.kwargs["BLOCK_M"], dq.kwargs["BLOCK_N"]) == (32, 16)  # block_m_dq, block_n_dq
 
 
 def test_deterministic_call_ignores_atomic_config(kernel_device):

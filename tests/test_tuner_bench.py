@@ -29,7 +29,19 @@ def test_interpreter_tunes_a_tiny_key_end_to_end(tmp_path, kernel_device):
     trials = store.trials(key)
     assert sorted(str(t.config) for t in trials) == sorted(map(str, SMALL))
     assert all(t.outcome == "ok" and t.median_ms > 0 and t.compile_s is not None for t in trials)
-    assert result.winner_stored and result.winner.config in SMALL and result.speedup >= 1.0
+    assert result.winner_stored and result.winner.config in SMALL
+    # The reported speed-up is the stored default trial's time over the stored winner's, and the
+    # winner is the default unless it beat the default by more than the pass's noise.
+    by_config = {t.config: t for t in trials}
+    default_ms, winner_ms = by_config[SMALL[0]].median_ms, by_config[result.winner.config].median_ms
+    assert result.default_ms == default_ms and result.winner.median_ms == winner_ms
+    assert result.speedup == pytest.approx(default_ms / winner_ms, rel=1e-12)
+    if result.winner.config == SMALL[0]:
+        assert result.speedup == 1.0
+    else:
+        assert winner_ms * (1 + result.noise) < default_ms
+    [stored] = store.winners("sm_90")
+    assert stored.config == result.winner.config and stored.median_ms == winner_ms
     # The same inputs with a reference that is off: the harness calls it a wrong result.
     inputs = bench._inputs_for(key, 2)
     inputs.reference = inputs.reference * 1.5
@@ -148,27 +160,102 @@ def test_sdpa_provider_configs_run_on_the_cpu_or_are_refused_trials(kernel_devic
         assert f"torch SDPA {name}" in got[name].error or f"torch refused the {name} backend" in got[name].error
 
 
-def test_careful_candidates_are_validated_again_on_a_second_input(kernel_device):
-    """The careful pass checks every candidate again on a second input, drawn with the next seed, before
-    it is timed: a config right on one input only never becomes a winner. (The check itself is the
-    same `_check` the first input gets; what this test pins is that the second, different draw happens.)"""
-    from flashtune.tuner.bench import KeyInputs
+def _cost_model_tuner(tmp_path, cost, default):
+    from flashtune.tuner.measure import FunctionBench
+
+    store = Store.open(f"sqlite:///{tmp_path / 'model.db'}")
+    run = store.start_run(RunInfo("model", "sm_90", 1, 232448, "", "", "", "", "m" * 12, "h", {}))
+    tuner = Tuner(store, run, FunctionBench(cost), kernel_version="m" * 12, gpu_name="model",
+                  space=lambda k: MODEL_SPACE, default=lambda k: default, batch_heads=lambda k: 4)
+    return store, tuner
+
+
+MODEL_SPACE = [Config(m, n, w, 2) for m in (32, 64, 128) for n in (32, 64) for w in (2, 4, 8)]
+MODEL_KEY = Key("sm_90", "fwd", 1024, 64, "float16", True, batch_heads=4)
+
+
+def _model_ms(config: Config) -> float:
+    """A deterministic cost: a bowl around m64-n64-w4 (1.0 ms there), each step away costing more."""
+    steps = (abs(math.log2(config.block_m / 64)) + abs(math.log2(config.block_n / 64))
+             + abs(math.log2(config.num_warps / 4)))
+    return 1.0 + 0.2 * steps + 0.01 * math.log2(config.block_m)
+
+
+def test_with_a_cost_model_the_winner_is_its_fastest_config_and_the_speedup_its_ratio(tmp_path):
+    default = Config(128, 32, 8, 2)
+    store, tuner = _cost_model_tuner(tmp_path, lambda key, config, careful: _model_ms(config), default)
+    [result] = tuner.run([MODEL_KEY])
+    fastest = min(MODEL_SPACE, key=_model_ms)
+    assert fastest == Config(64, 64, 4, 2) and fastest != default
+    assert result.winner_stored and result.winner.config == fastest
+    assert result.speedup == pytest.approx(_model_ms(default) / _model_ms(fastest), rel=1e-12)
+    assert result.speedup == pytest.approx(1.67 / 1.06, rel=1e-12)  # the bowl's numbers, worked out by hand
+    [stored] = store.winners("sm_90")
+    assert stored.config == fastest and stored.median_ms == pytest.approx(_model_ms(fastest))
+    store.close()
+
+
+def test_with_a_cost_model_a_win_within_the_noise_floor_keeps_the_default(tmp_path):
+    # The model's fastest config is 0.5 % faster than the default: less than the 1 % noise floor.
+    default = Config(64, 64, 4, 2)
+    near = Config(64, 64, 8, 2)
+
+    def cost(key, config, careful):
+        return {default: 1.0, near: 0.995}.get(config, _model_ms(config) + 0.5)
+
+    store, tuner = _cost_model_tuner(tmp_path, cost, default)
+    [result] = tuner.run([MODEL_KEY])
+    assert min(MODEL_SPACE, key=lambda c: cost(MODEL_KEY, c, True)) == near  # the premise
+    assert result.winner.config == default and result.speedup == 1.0
+    [stored] = store.winners("sm_90")
+    assert stored.config == default
+    store.close()
+
+
+def test_a_config_right_on_the_first_input_only_is_a_wrong_result_and_never_wins(tmp_path, kernel_device):
+    """The careful pass validates every candidate again on a second input (the next seed) before it is
+    timed. A config whose launches hand back the output of its first launch without computing (a stale
+    result: right on the input it was computed for, and much faster than any real kernel) must end
+    `wrong_result` there, and never be the winner."""
+    from flashtune.tuner.ops import spec_of
 
     key = Key("sm_90", "fwd", 24, 16, "float32", False, batch_heads=2)
-    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2), seed=5)
-    first = KeyInputs.build(key, 2, kernel_device, 5)
-    drawn = []
-    original = KeyInputs.build
+    stale = SMALL[1]
+    kept: dict[str, tuple] = {}
 
-    def spy(k, bh, device, seed=0):  # records which seeds the bench draws; the inputs are real
-        drawn.append(seed)
-        return original(k, bh, device, seed)
+    def workload(k, batch_heads, device, seed):
+        real = spec_of(k).workload(k, batch_heads, device, seed)
+        launch = real.run
 
-    KeyInputs.build = staticmethod(spy)  # type: ignore[method-assign]
-    try:
-        results = list(bench.measure(key, 2, SMALL[:2], careful=True))
-    finally:
-        KeyInputs.build = original  # type: ignore[method-assign]
-    assert drawn == [5, 6] and all(m.outcome == "ok" for m in results)
-    second = KeyInputs.build(key, 2, kernel_device, 6)
-    assert not torch.equal(first.q, second.q)  # a different draw, so the second check can fail alone
+        def run(config, out=None):
+            if config != stale:
+                return launch(config, out)
+            if "result" not in kept:
+                o, compiled = launch(config, out)
+                kept["result"] = (o.clone(), compiled)
+            return kept["result"]
+
+        real.run = run
+        return real
+
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2), seed=5, workload=workload)
+    quick = {m.config: m for m in bench.measure(key, 2, SMALL, careful=False)}
+    assert all(m.outcome == "ok" for m in quick.values())  # the first input cannot tell it apart ...
+    assert quick[stale].median_ms < quick[SMALL[0]].median_ms  # ... and it is the fastest there
+    careful = {m.config: m for m in bench.measure(key, 2, SMALL, careful=True)}
+    assert careful[SMALL[0]].outcome == "ok"
+    assert careful[stale].outcome == "wrong_result" and careful[stale].median_ms is None
+    assert careful[stale].error.startswith("second input (seed 6): relative error")
+
+    # The whole loop: stored as a wrong result, and the real config wins.
+    kept.clear()
+    store = Store.open(f"sqlite:///{tmp_path / 'stale.db'}")
+    run = store.start_run(RunInfo("cpu-interpreter", "sm_90", 1, 232448, "", "", "", "", "v" * 12, "h", {}))
+    bench = LocalBench(kernel_device, quick=(0, 1), careful=(0, 2), seed=5, workload=workload)
+    tuner = Tuner(store, run, bench, kernel_version="v" * 12, gpu_name="cpu-interpreter",
+                  space=lambda k: SMALL, default=lambda k: SMALL[0], batch_heads=lambda k: 2)
+    [result] = tuner.run([key])
+    outcomes = {t.config: t.outcome for t in store.trials(key)}
+    assert outcomes == {SMALL[0]: "ok", stale: "wrong_result"}
+    assert result.winner.config == SMALL[0] and [w.config for w in store.winners("sm_90")] == [SMALL[0]]
+    store.close()
