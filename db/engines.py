@@ -104,7 +104,8 @@ def _pg_engine(url: str, parsed: URL) -> Engine:
     except ImportError as exc:  # the DBAPI driver is loaded here, not at import of db
         raise DatabaseUnavailableError(
             f"database {mask_url(url)}: its driver is not installed ({exc.name or exc}); "
-            "install PostgreSQL support with: pip install 'flashtune[postgres]'") from None
+            "install PostgreSQL support with: pip install 'psycopg[binary]' (from a flashtune checkout: "
+            "pip install '.[postgres]')") from None
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -406,7 +406,7 @@ def test_unreachable_postgres_masks_password() -> None:
 
 def test_postgres_url_without_its_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as on a machine without the postgres extra
-    with pytest.raises(DatabaseUnavailableError, match=r"pip install 'flashtune\[postgres\]'") as info:
+    with pytest.raises(DatabaseUnavailableError, match=r"pip install '\.\[postgres\]'") as info:
         Store.open("postgresql+psycopg://flashtune:s3cret@127.0.0.1:5432/test")
     assert "s3cret" not in str(info.value)
 

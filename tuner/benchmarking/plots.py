@@ -15,7 +15,7 @@ from ...db.store import TrialRecord
 from ...db.types import Key
 from .results import BASELINES, TUNED, BenchRow
 
-INSTALL_HINT = "pip install 'flashtune[plot]' (or: pip install matplotlib)"
+INSTALL_HINT = "pip install matplotlib (from a flashtune checkout: pip install '.[plot]')"
 METRICS: dict[str, str] = {
     "latency": "median time per call (ms)",
     "speedup": "flashtune speed-up (baseline time / flashtune time)",

@@ -69,7 +69,7 @@ def _show_recorded(db_url: str | None, arch: str | None, as_json: bool) -> None:
 @click.command("show")
 @db_option
 @click.option("--arch", type=ARCH, default=None, help="Only this arch, e.g. sm_90.")
-@click.option("--op", type=OP, default=None, help="Only this op (fwd or bwd).")
+@click.option("--op", type=OP, default=None, help="Only this op (fwd, bwd or kvcache).")
 @click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
 @click.option("--head-dim", type=HEAD_DIM, default=None, help="Only this head dim.")
 @causal_option()
