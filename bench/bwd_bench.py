@@ -1,4 +1,4 @@
-"""Backward benchmark (issue 14): flashtune's fused FA2 backward vs torch SDPA flash and cuDNN, fwd+bwd and bwd alone.
+"""Backward benchmark: flashtune's fused FA2 backward vs torch SDPA flash and cuDNN, fwd+bwd and bwd alone.
 
 Shapes: 16k tokens (B = 16384 / N), H·D = 2048, N in --seq, D in --head-dim, causal both ways; fp16 for
 every D and bf16 for D=128 (--dtypes). For each shape:
@@ -19,7 +19,7 @@ over one forward + backward, less what the inputs already held. Compiles run fir
 Writes <out>/<name>.csv (every measurement) and <out>/<name>.json (default name bwd_bench), and prints
 a table last.
 
-    python3 bench/bwd_bench.py --out bench/results                 # the H200 run, every shape
+    python3 bench/bwd_bench.py --out bench/results/h200            # the H200 run, every shape
     python3 bench/bwd_bench.py --head-dim 64 --name bwd_bench_d64     # or one head dim per run (each
     python3 bench/bwd_bench.py --head-dim 128 --name bwd_bench_d128   # stays well inside 10 minutes)
     TRITON_INTERPRET=1 python3 bench/bwd_bench.py --smoke --out /tmp/bwd_smoke   # CPU check (~1.5 min)
@@ -366,7 +366,7 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int, str, bool]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     ap.add_argument("--name", default="bwd_bench", help="file stem of the CSV and JSON written under --out")
     ap.add_argument("--seq", default="4096,8192")
     ap.add_argument("--head-dim", default="64,128")

@@ -1,4 +1,4 @@
-"""Tune the backward, then time training attention with the tuned database (issue 14, H200).
+"""Tune the backward, then time training attention with the tuned database (H200).
 
     python3 bench/bwd_tune_bench.py OUTDIR [--budget 270s] [--rep 100]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the config database: the dispatcher's import-time read, trial inserts, and imports.
 
-    python bench/db_bench.py [--out bench/results] [--winners 10000] [--trials 1000000]
+    python bench/db_bench.py [--out bench/results/cpu] [--winners 10000] [--trials 1000000]
                              [--import-winners 60000]
 
 Builds a SQLite database with 10,000 winners (spread over the 8 known archs) and 1,000,000
@@ -284,7 +284,7 @@ def time_inserts(url: str, n: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu", help="results directory")
     parser.add_argument("--winners", type=int, default=10_000)
     parser.add_argument("--trials", type=int, default=1_000_000)
     parser.add_argument("--arch", default="sm_90", help="the arch whose winners are loaded")

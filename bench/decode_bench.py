@@ -1,4 +1,4 @@
-"""Decode / KV-cache benchmark (issue 12): the split-KV kernel vs torch SDPA flash and cuDNN, in TB/s.
+"""Decode / KV-cache benchmark: the split-KV kernel vs torch SDPA flash and cuDNN, in TB/s.
 
 Cases (bf16, D=128, Hq=32, Hkv=8 unless --smoke): B=8 Nk=32768, B=8 Nk=4096, B=64 Nk=2048 with Nq=1;
 a few Nq=4/8 rows (one bottom-right causal); ragged batches (lengths from 1 to 32k in one static
@@ -15,7 +15,7 @@ Effective bandwidth = (K and V bytes of the live tokens + Q + O bytes) / median 
 each case, so an interrupted run keeps what it measured); a table is printed last. The exit status is
 1 when any config gave a wrong result.
 
-    python3 bench/decode_bench.py --out bench/results                # on the GPU machine
+    python3 bench/decode_bench.py --out bench/results/h200           # on the GPU machine
     TRITON_INTERPRET=1 python3 bench/decode_bench.py --smoke --out /tmp/decode_smoke   # CPU check
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-# Targets from issue 12, TB/s effective (the card's copy bandwidth is about 4.3 TB/s).
+# Targets, TB/s effective (the H200's copy bandwidth is about 4.3 TB/s).
 TARGETS = {"b8_n32k": 3.6, "b8_n4k": 2.4, "b64_n2k": 3.5}
 BOUND = {"bfloat16": 2e-2, "float16": 4e-3, "float32": 1e-4}  # ‖o − ref‖/‖ref‖ against the fp32 reference
 
@@ -113,7 +113,7 @@ def _short(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results", help="directory for decode_bench.csv/.json")
+    ap.add_argument("--out", required=True, help="directory for decode_bench.csv/.json, e.g. bench/results/h200")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp16 on CPU, SDPA's math backend instead "
                     "of flash/cuDNN (runs on CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--grid", choices=("small", "full"), default="small", help="configs tried per case")

@@ -1,4 +1,4 @@
-"""Decode tuning on the GPU (issue 12): tune the target decode keys, then time attention_kvcache with the tuned
+"""Decode tuning on the GPU: tune the target decode keys, then time attention_kvcache with the tuned
 database against the default config and torch SDPA (flash, cuDNN) in TB/s; ragged vs padded; correctness grid.
 
 Steps (under 5 minutes on an H200: two tune calls of at most --budget 50 s each, the timings, pytest capped at 110 s):

@@ -1,4 +1,4 @@
-"""Dispatcher benchmark on a CUDA GPU (issue 5): what `kernel.attention` costs over a hand launch.
+"""Dispatcher benchmark on a CUDA GPU: what `kernel.attention` costs over a hand launch.
 
 (a) Host overhead: on a tiny shape (B=1, H=1, N=128, D=64, fp16) where the host dominates, N calls
     of `attention()` against N calls of `kernel.launch.launch` with the same config, plus the pieces
@@ -10,7 +10,7 @@
     interleaved A/B/A/B; the two hand-launch runs give the noise. Also checks that explain() picks
     the stored winner and that both outputs are bitwise equal.
 
-    python3 bench/dispatch_bench.py --db sqlite:///PATH/TO/flashtune.db --out bench/results
+    python3 bench/dispatch_bench.py --db sqlite:///PATH/TO/flashtune.db --out bench/results/h200
 
 Writes <out>/dispatch_overhead.csv, <out>/dispatch_grid.csv and <out>/dispatch_bench.json.
 """
@@ -139,7 +139,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results", help="directory for the CSV/JSON results")
+    ap.add_argument("--out", required=True, help="directory for the CSV/JSON results, e.g. bench/results/h200")
     ap.add_argument("--db", default=None, help="database URL with the tuned winners (default: FLASHTUNE_DB or "
                                                "the per-user file)")
     ap.add_argument("--calls", type=int, default=10_000, help="calls per timed loop in part (a)")

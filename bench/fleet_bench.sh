@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU target: the card's grid with workload buckets (tune --seq 128..4096 --head-dim 64,128
+# The fleet's GPU target: the main tuning grid with workload buckets (tune --seq 128..4096 --head-dim 64,128
 # --dtype fp16,bf16 --both, default buckets: 144 keys) on one GPU (single) or every GPU of the host
 # (multi: tune --gpus all), each on a fresh SQLite database under OUTDIR.
 #   bash bench/fleet_bench.sh OUTDIR single|multi

@@ -1,5 +1,5 @@
 """Compare a single-GPU and a multi-GPU run of bench/fleet_bench.sh: the same winners (or within the
-timing noise), and the wall-time ratio multi / single (issue 16's target: at most 0.55 on 2 GPUs).
+timing noise), and the wall-time ratio multi / single (the target: at most 0.55 on 2 GPUs).
 
     python3 bench/fleet_compare.py OUTDIR [--tolerance 0.03]
 

@@ -1,4 +1,4 @@
-"""Forward kernel variants on one GPU (issue 13): the pointer kernel, the TMA kernel (ws off/on × configs ×
+"""Forward kernel variants on one GPU: the pointer kernel, the TMA kernel (ws off/on × configs ×
 schedules), torch SDPA's cuDNN and flash backends, all in one process.
 
 Shapes: 16k tokens (B = 16384 / N), H·D = 2048, D in --head-dim (64, 128), N in --seq (4096, 16384), fp16 and
@@ -22,7 +22,7 @@ Writes <out>/fwd_variants_bench.json (every (variant, config, shape) outcome and
 Triton version, the best per shape, and the registers / shared memory / HGMMA and TMA instructions of the
 best TMA kernel at D=128, N=4096) and prints a table last.
 
-    python3 bench/fwd_variants_bench.py --out bench/results                       # the H200, ~3-4 min
+    python3 bench/fwd_variants_bench.py --out bench/results/h200                  # the H200, ~3-4 min
     TRITON_INTERPRET=1 python3 bench/fwd_variants_bench.py --smoke --out /tmp/x   # CPU, tiny shapes
     python3 bench/fwd_variants_bench.py --smem-offline smem.jsonl --head-dim 128   # CPU: the smem model
 """
@@ -89,7 +89,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-3}
 TOKENS, HIDDEN = 16384, 2048
 
-# The pointer kernel: its H200 winners at N >= 4096 (bench/results/kernel_fwd_summary.json) and a neighbour.
+# The pointer kernel: its H200 winners at N >= 4096 (bench/results/h200/kernel_fwd_summary.json) and a neighbour.
 PTR_GRID = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
 # The TMA kernel without warp specialisation: the pointer kernel's winner, the tutorial's Hopper picks.
 TMA_GRID = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
@@ -687,7 +687,7 @@ def smem_offline(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--seq", default="4096,16384")
     ap.add_argument("--head-dim", default="64,128")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's hold-out on a GPU machine, the way a user tunes: record the app's shapes, tune exactly
+# The hold-out on a GPU machine, the way a user tunes: record the app's shapes, tune exactly
 # those, then time attention(), the default and tuned kernel configs and SDPA's backends per shape.
 #   bash bench/h200_holdout.sh OUTDIR [TUNE_BUDGET]
 # Writes OUTDIR/holdout.db (recorded keys, trials, winners), tune_recorded.json, holdout_report.json

@@ -1,8 +1,8 @@
-"""Issue 11's hold-out: realistic shapes outside the card's grid, recorded and tuned the way a user would.
+"""The hold-out: realistic shapes outside the main tuning grid, recorded and tuned the way a user would.
 
     FLASHTUNE_DB=sqlite:///h.db python bench/holdout.py record          # FLASHTUNE_RECORD=1 set inside
     FLASHTUNE_DB=sqlite:///h.db tune --recorded                         # tunes exactly those keys
-    FLASHTUNE_DB=sqlite:///h.db python bench/holdout.py report --out bench/results
+    FLASHTUNE_DB=sqlite:///h.db python bench/holdout.py report --out bench/results/h200
 
 `report` times, per shape and in one process: `attention()` (the dispatcher's choice: the tuned kernel
 config or an SDPA backend), the kernel with its default config, the kernel with the tuned kernel
@@ -46,7 +46,7 @@ def _s(name: str, b: int, hq: int, hkv: int, n: int, d: int, dtype: str, causal:
     return Shape(name, b, hq, hkv, n, d, dtype, causal)
 
 
-# Realistic shapes, none of them a key of the card's grid at its default buckets.
+# Realistic shapes, none of them a key of the main grid (tune --seq 128..4096 ...) at its default buckets.
 SHAPES: tuple[Shape, ...] = (
     _s("train 16k tok", 4, 16, 16, 4096, 128, "float16", True),
     _s("train 16k tok", 4, 16, 16, 4096, 128, "bfloat16", True),
@@ -215,9 +215,11 @@ def _table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("step", choices=("record", "report"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--out", type=Path, default=None, help="report: results directory, e.g. bench/results/h200")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = ap.parse_args(argv)
+    if args.step == "report" and args.out is None:
+        ap.error("report needs --out DIR (one folder per GPU model, e.g. bench/results/h200)")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     shapes = SMOKE if args.smoke else SHAPES

@@ -1,4 +1,4 @@
-"""Host time per call on a CUDA GPU (issue 15): `attention()` vs a raw Triton JIT launch vs torch SDPA.
+"""Host time per call on a CUDA GPU: `attention()` vs a raw Triton JIT launch vs torch SDPA.
 
 The same tiny call (B=1, H=1, N=128, D=64, fp16 by default), where the GPU work is a few µs and the
 host dominates, made `--calls` times back to back with no synchronisation inside the loop; host µs per
@@ -32,8 +32,8 @@ bucket boundaries (1449, 2897); a first untimed round compiles what the lengths 
 It checks that attention_kvcache's output equals the JIT path's bitwise and SDPA's within bf16
 tolerance. Target: attention_kvcache and the wrapper <= SDPA's host time.
 
-    python3 bench/host_bench.py --out bench/results            # both sections
-    python3 bench/host_bench.py --out bench/results --decode-only
+    python3 bench/host_bench.py --out bench/results/h200       # both sections
+    python3 bench/host_bench.py --out bench/results/h200 --decode-only
 
 Writes <out>/host_bench.json (the decode section under "decode"); the decode table is printed last.
 """

@@ -1,4 +1,4 @@
-"""Forward-kernel benchmark on a CUDA GPU (issue 2): a hand grid of configs per shape vs torch SDPA.
+"""Forward-kernel benchmark on a CUDA GPU: a hand grid of configs per shape vs torch SDPA.
 
 Shapes: 16k tokens (B·N = 16384), H·D = 2048, N in --seq, D in --head-dim, causal both ways, fp16 and
 bf16. For each shape every config of the hand grid is timed (triton.testing.do_bench, median, L2
@@ -7,7 +7,7 @@ Compiles run first in the tuner's compile pool (flashtune.tuner.compile_pool: th
 on-disk cache, so the timing process only loads them). Writes <out>/kernel_fwd.csv (every timing), <out>/kernel_fwd_summary.json, and prints
 a per-shape table: best, median, worst, default config, baselines.
 
-    python3 bench/kernel_fwd.py --out bench/results
+    python3 bench/kernel_fwd.py --out bench/results/h200
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def hand_grid() -> list[Config]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     ap.add_argument("--seq", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--head-dim", default="64,128")
     ap.add_argument("--dtype", default="fp16,bf16")

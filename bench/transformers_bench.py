@@ -1,4 +1,4 @@
-"""A ~1B-parameter Llama in transformers on a CUDA GPU (issue 15): flashtune's attention vs SDPA's, same process.
+"""A ~1B-parameter Llama in transformers on a CUDA GPU: flashtune's attention vs SDPA's, same process.
 
 The model is Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 query heads over 8 KV heads of 128,
 intermediate 8192, vocab 128256, tied embeddings) with random weights (nothing is downloaded), bf16.
@@ -13,7 +13,7 @@ the runs interleaved:
 4. the same tokens: fp32 greedy generation (64 tokens) with flashtune and with SDPA must be equal
    (fp32 dots are IEEE in both); --fp32-layers shrinks the fp32 model if time or memory need it.
 
-    python3 bench/transformers_bench.py --out bench/results
+    python3 bench/transformers_bench.py --out bench/results/h200
 
 Writes <out>/transformers_bench.json; the table is printed last. Targets: prefill time <= SDPA's,
 tokens/s >= SDPA's, fp32 tokens identical.

@@ -5,7 +5,7 @@ the tile is legal for D and dtype) gets the first-pass timing, with no pruning; 
 the tuner's stored winner are then timed carefully in the same process, so the comparison is like
 with like. Trials go to a scratch SQLite file under --out, never to the tuned database.
 
-    python3 bench/tuner_exhaustive.py --db sqlite:///bench/results/tune.db --out bench/results
+    python3 bench/tuner_exhaustive.py --db sqlite:///$PWD/tune.db --out bench/results/h200
 Writes tuner_exhaustive.csv and tuner_exhaustive.json and prints a table last: the tuner's winner is
 expected within 3 % of the exhaustive best.
 """
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True, help="the database the tune command wrote")
     parser.add_argument("--keys", default=DEFAULT_KEYS)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--careful-top", type=int, default=8)
     args = parser.parse_args()

@@ -7,7 +7,7 @@ the analytic estimate db.arch.estimate_smem is wrong in each direction against t
 - keeps that fail: the estimate fits, the compiled kernel does not (a wasted compile, an OOR trial);
 - drops that fit: the estimate is over the limit, the compiled kernel fits (a config never tried).
 
-    python3 bench/tuner_smem_report.py --out bench/results [--head-dims 64,128] [--max-configs 200]
+    python3 bench/tuner_smem_report.py --out bench/results/h200 [--head-dims 64,128] [--max-configs 200]
 Writes tuner_smem_report.csv and tuner_smem_report.json under --out and prints a table last.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def score(rows: list[dict], field: str, limit: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--seq", type=int, default=1024)

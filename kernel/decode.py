@@ -323,7 +323,7 @@ def estimate_decode_smem(config: Config, head_dim: int, dtype: str, arch: str | 
 
 _DECODE_PREFERENCE: tuple[tuple[int, int, int], ...] = (
     # (block_n, num_warps, num_stages), best first; the first that fits the arch's shared memory wins.
-    # n64-w4-s2 won 6 of the 11 H200 decode cases (bench/results/decode_bench.csv) and was within 5 %
+    # n64-w4-s2 won 6 of the 11 H200 decode cases (bench/results/h200/decode_bench.csv) and was within 5 %
     # of the best in 4 more; 3 stages won 2 and lost up to 10 % elsewhere.
     (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 4, 1), (16, 2, 1),
 )
@@ -367,7 +367,7 @@ def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, rows: 
                  TARGET_PROGRAMS_PER_SM · SMs // (B·Hkv · row blocks)),
     then no split shorter than MIN_SPLIT_TILES tiles and at most the grid limit.
 
-    Derived from the H200 sweep (bench/results/decode_bench.csv: bf16, D=128, Hq=32, Hkv=8, 132
+    Derived from the H200 sweep (bench/results/h200/decode_bench.csv: bf16, D=128, Hq=32, Hkv=8, 132
     SMs; num_splits timed at the old rule's choice, its half and its double):
     - Long caches want splits of about 2048 keys: B=8 Nk=32k won with 16 splits (4.13 TB/s; 32
       splits of 1024 keys 4.07, 64 splits 3.96), B=8 Nk=16k with 8, the ragged and uniform B=32

@@ -1,6 +1,6 @@
 """Schema 1 -> 2 (workload keys, kernel_config, the recorded table) on real databases, and format-1 files.
 
-SQLite: the wave-1 H200 tuning database kept under bench/results (schema 1, 48 winners, 3576
+SQLite: the first H200 tuning database (schema 1) kept under bench/results (schema 1, 48 winners, 3576
 trials), copied and migrated. PostgreSQL: a schema-2 database taken back to schema 1's shape by hand
 (what `db migrate` of the old code created), then migrated.
 """
@@ -21,7 +21,7 @@ from flashtune.db.types import Config, Key
 
 from db_fixtures import db_url, pg_url, populate, winners_document  # noqa: F401  (fixtures)
 
-WAVE1 = Path(__file__).resolve().parents[1] / "bench" / "results" / "tune_h200.db"
+SCHEMA1_DB = Path(__file__).resolve().parents[1] / "bench" / "results" / "h200" / "tune_h200.db"
 
 
 def _v1_rows(path: Path) -> list[tuple]:
@@ -30,9 +30,9 @@ def _v1_rows(path: Path) -> list[tuple]:
                             "num_warps, num_stages, median_ms FROM flashtune_winners ORDER BY id").fetchall()
 
 
-def test_wave1_sqlite_database_migrates_keeping_every_winner_and_trial(tmp_path: Path) -> None:
-    path = tmp_path / "wave1.db"
-    shutil.copy(WAVE1, path)
+def test_the_schema1_sqlite_database_migrates_keeping_every_winner_and_trial(tmp_path: Path) -> None:
+    path = tmp_path / "schema1.db"
+    shutil.copy(SCHEMA1_DB, path)
     url = f"sqlite:///{path}"
     before = _v1_rows(path)
     assert len(before) == 48
@@ -85,7 +85,7 @@ def test_recorded_counts_add_up_and_sort_most_called_first(db_url: str) -> None:
 
 def test_format_1_files_import_with_schema_1_meanings_and_export_is_format_2(db_url: str, tmp_path: Path) -> None:
     v1 = tmp_path / "v1.json"
-    v1.write_text(json.dumps(winners_document(3)))  # a format-1 file, as wave 1 exported them
+    v1.write_text(json.dumps(winners_document(3)))  # a format-1 file, as the first release exported them
     with Store.open(db_url) as store:
         report = exchange.import_file(store, v1)
         assert report.added

@@ -17,7 +17,7 @@ from flashtune.db.models import JOB_TABLES
 from flashtune.db.store import Store, load_winners, migrate_database
 from flashtune.tuner.fleet.units import claim_units
 
-V2 = Path(__file__).resolve().parents[1] / "bench" / "results" / "holdout.db"
+V2 = Path(__file__).resolve().parents[1] / "bench" / "results" / "h200" / "holdout.db"
 
 
 def _works_as_a_queue(url: str) -> None:

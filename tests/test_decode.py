@@ -180,7 +180,7 @@ def test_reference_agrees_with_the_plain_reference():
 
 def test_default_config_split_rule():
     # The H200 decode cases (B, Hq=32, Hkv=8, Nq, Nmax, D=128, bf16) and the split counts that
-    # won them in bench/results/decode_bench.csv (the old rule gave 9 for B=8 Nk=4k: 1.15 TB/s).
+    # won them in bench/results/h200/decode_bench.csv (the old rule gave 9 for B=8 Nk=4k: 1.15 TB/s).
     def splits(b: int, nq: int, nmax: int) -> int:
         c = default_decode_config(nq, nmax, 128, "bf16", batch_heads=32 * b, group=4, sm_count=132, arch="sm_90")
         return c.extra_dict[SPLITS_KNOB]

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 OP = "kvcache"
 SPLIT_STEPS = (-3, -2, -1, 0, 1, 2)  # num_splits = the default's times 2**step (and 1)
-BLOCK_NS = (64, 128)  # the H200 sweep's winners all used 64 or 128 (bench/results/decode_bench.csv)
+BLOCK_NS = (64, 128)  # the H200 sweep's winners all used 64 or 128 (bench/results/h200/decode_bench.csv)
 WARPS_STAGES = ((4, 2), (4, 3), (8, 3))
 HALF_TILE_WARPS_STAGES = ((4, 2),)  # the half-size query tile: its best pipeline only
 REFERENCE_CHUNK_BYTES = 1 << 30  # fp32 K and V copies the reference holds at once
