@@ -4,7 +4,7 @@ A tuned config is only as current as the compiled code it was timed with, and no
 arithmetic, checks, docstrings outside the kernels) can change without touching what the GPU runs. So each
 op's version hashes its entry kernels and, transitively, every `@triton.jit` helper and module-level constant
 they name (constants are compile-time values to Triton), read from the source with `ast`. Each piece is
-hashed as its token stream without comments or blank lines, so rewording a comment keeps the version.
+hashed as its source without comments or blank lines, so rewording a comment keeps the version.
 
 `OP_KERNELS` names each op's entry kernels; every `@triton.jit` function of the package must be reachable from
 one of them (a test checks it), so a new kernel cannot be left out of every version. `KERNEL_VERSION` folds the
@@ -44,13 +44,17 @@ def _is_jit(node: ast.AST) -> bool:
 
 
 def _tokens(text: str) -> str:
-    """`text` as a token stream without comments, blank lines or indentation widths."""
-    out = []
+    """`text` without comments, trailing spaces or blank lines.
+
+    Only the comments' positions come from `tokenize`: they are the same on every Python version, while
+    token types are not (3.12 numbers them differently and splits f-strings), and the version must be the
+    same wherever flashtune runs."""
+    lines = text.splitlines()
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.ENDMARKER):
-            continue
-        out.append(f"{tok.type}:{'' if tok.type in (tokenize.INDENT, tokenize.DEDENT) else tok.string}")
-    return "\x00".join(out)
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
 
 
 @dataclass(frozen=True)

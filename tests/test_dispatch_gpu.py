@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flashtune.db.smem import estimate_smem
-from flashtune.db.types import Config, Key
+from flashtune.db.types import Config, Key, bucket
 from flashtune.kernel import attention, dispatch
 from flashtune.kernel.device import device_arch, device_smem_limit
 from flashtune.kernel.launch import check_inputs, launch
@@ -35,8 +35,10 @@ def arch() -> str:
     return device_arch(0)
 
 
-def k(n: int, d: int = 64, dtype: str = "float16", causal: bool = False, nk: int | None = None) -> Key:
-    return Key(arch(), "fwd", n, d, dtype, causal, seq_len_kv=nk or n)
+def k(n: int, d: int = 64, dtype: str = "float16", causal: bool = False, nk: int | None = None, *,
+      bh: int = 2, group: int = 1) -> Key:
+    """A forward key of this GPU with the workload of B·Hq = `bh` query heads in groups of `group`."""
+    return Key(arch(), "fwd", n, d, dtype, causal, seq_len_kv=nk or n, batch_heads=bucket(bh), group=group)
 
 
 def qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype,
@@ -52,8 +54,8 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def tuned(tmp_path: Path, restore_table: None) -> str:  # noqa: F811
     url = build_db(tmp_path / "gpu.db", [
-        (k(256), Config(64, 32, 4, 2), 0.01, FWD_VERSION),
-        (k(1024, causal=True), Config(128, 64, 8, 3), 0.05, FWD_VERSION),
+        (k(256, bh=8), Config(64, 32, 4, 2), 0.01, FWD_VERSION),
+        (k(1024, causal=True, bh=8, group=4), Config(128, 64, 8, 3), 0.05, FWD_VERSION),
         (k(512, d=128, dtype="bfloat16"), Config(64, 64, 4, 3), 0.05, FWD_VERSION),
     ])
     info = dispatch.reload(url)  # the visible GPUs' archs
@@ -66,9 +68,10 @@ def test_mixed_shapes_use_their_own_rules(tuned: str) -> None:
         (2, 4, 4, 256, 256, 64, torch.float16, False, "exact"),
         (1, 8, 2, 1024, 1024, 64, torch.float16, True, "exact"),
         (1, 2, 2, 512, 512, 128, torch.bfloat16, False, "exact"),
-        (1, 2, 2, 300, 300, 64, torch.float16, False, "nearest"),
+        (2, 4, 4, 300, 300, 64, torch.float16, False, "nearest"),
         (1, 2, 2, 700, 900, 128, torch.bfloat16, False, "nearest"),
-        (1, 2, 1, 77, 1000, 64, torch.float16, True, "nearest"),
+        (1, 8, 2, 700, 1000, 64, torch.float16, True, "nearest"),
+        (1, 2, 1, 77, 1000, 64, torch.float16, True, "default"),  # 16x fewer queries: too far to borrow
         (1, 2, 2, 100, 100, 80, torch.float16, False, "default"),
         (1, 2, 2, 128, 64, 64, torch.float32, True, "default"),
     ]

@@ -1,13 +1,15 @@
 """The wheel, installed as a user installs it: a regular (not editable) install into a fresh virtual environment.
 
 The wheel is built from a copy of the checkout, installed with `pip install --no-deps` into a venv that sees
-this interpreter's packages (torch, triton, sqlalchemy: installing them again would take minutes), and then
-used from a folder outside the checkout, with the checkout off PYTHONPATH: every module comes from the venv.
+this interpreter's packages (torch, triton, sqlalchemy: installing them again would take minutes) through a
+.pth file, and then used from a folder outside the checkout, with the checkout off PYTHONPATH: every module
+comes from the venv.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -40,8 +42,14 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=300)
     python = root / "bin" / "python"
+    # This interpreter's packages (it may itself be a venv, whose packages --system-site-packages would not
+    # show) go on the new one's path after its own site-packages. A directory named in a .pth file is not
+    # scanned for .pth files itself, so an editable install of the checkout there stays invisible.
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(own, "outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

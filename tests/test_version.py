@@ -149,3 +149,13 @@ def helper(x):
     assert common != COMMON
     moved = KERNEL_SRC.replace("from .common import helper\n", "from .common import SCALE\n") + helper
     assert op_versions(_package(tmp_path / "b", common, moved), ops) == base
+
+
+def test_the_version_is_the_same_on_every_python(tmp_path: Path) -> None:
+    # Pinned: CI and the GPU machine run different Python versions (3.11, 3.12), whose tokenizers differ;
+    # an app must compute the version its database was tuned with wherever it runs.
+    fstring = 'import triton\n\n\n@triton.jit\ndef entry(X):  # a note\n    tl.static_assert(X, f"{X} # not a comment")\n'
+    assert version._tokens(fstring) == ('import triton\n@triton.jit\ndef entry(X):\n'
+                                        '    tl.static_assert(X, f"{X} # not a comment")')
+    assert op_versions(_package(tmp_path / "a", COMMON, KERNEL_SRC), {"fwd": ("jit/fwd:entry",)}) == {
+        "fwd": "90f24297484b"}
