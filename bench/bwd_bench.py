@@ -52,7 +52,7 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 import torch  # noqa: E402
 
 from flashtune.db.types import Config  # noqa: E402
-from flashtune.kernel.reference import attention_flops, tflops  # noqa: E402
+from flashtune.kernel.testing import attention_flops, tflops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative-norm bounds for the slice check against the fp32 autograd reference: the CPU tests' bounds
@@ -93,7 +93,7 @@ def bwd_grid(head_dim: int) -> list[Config]:
 
 def fwd_candidates(arch: str, head_dim: int, dtype: str) -> list[Config]:
     """A few forward configs (the fastest one carries the fwd+bwd numbers): the default and H200 winners."""
-    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.ops.fwd import default_config
 
     return list(dict.fromkeys([default_config(arch, head_dim, dtype), Config(128, 64, 8, 3), Config(64, 64, 4, 3)]))
 
@@ -110,8 +110,9 @@ def _first_line(exc: BaseException) -> str:
 
 def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, dict[str, Any]]:
     """Compile (and run once on a small input) one backward config; (config text, error, kernel facts)."""
-    from flashtune.kernel.bwd_launch import check_bwd_inputs, launch_bwd
-    from flashtune.kernel.launch import attention_fwd
+    from flashtune.kernel.checks import check_bwd_inputs
+    from flashtune.kernel.ops.bwd import launch_bwd
+    from flashtune.kernel.ops.fwd import attention_fwd
 
     text, d, dtype, causal = job
     config = Config.parse(text)
@@ -196,9 +197,11 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
     """Time one shape: flashtune forward + every valid backward config, SDPA flash and cuDNN."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from flashtune.kernel.bwd_launch import check_bwd_inputs, launch_bwd
-    from flashtune.kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
-    from flashtune.kernel.launch import check_inputs, launch
+    from flashtune.kernel.checks import check_bwd_inputs
+    from flashtune.kernel.ops.bwd import launch_bwd
+    from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd import launch
 
     dev, cuda, arch, limit, timer = env["device"], env["cuda"], env["arch"], env["limit"], env["timer"]
     tokens, width = (args.tokens, args.width)
@@ -402,7 +405,7 @@ def main() -> None:
 
     import triton
 
-    from flashtune.kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
+    from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
     from flashtune.kernel.version import KERNEL_VERSION
 
     if cuda:

@@ -66,11 +66,12 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtune.kernel import attention, dispatch
-    from flashtune.kernel.bwd_launch import launch_bwd
-    from flashtune.kernel.bwd_smem import default_bwd_config
+    from flashtune.kernel.ops.bwd import launch_bwd
+    from flashtune.kernel.ops.bwd import default_bwd_config
     from flashtune.kernel.device import device_arch, device_smem_limit
-    from flashtune.kernel.launch import attention_fwd, check_inputs
-    from flashtune.kernel.reference import attention_flops, tflops
+    from flashtune.kernel.ops.fwd import attention_fwd
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.testing import attention_flops, tflops
     from flashtune.tuner.op_bwd import fp32_gradients, gradient_errors
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -41,7 +41,7 @@ import sqlalchemy  # noqa: E402
 from sqlalchemy import create_engine, insert  # noqa: E402
 
 from flashtune.db.arch import ARCH_SMEM
-from flashtune.db.smem import fits  # noqa: E402
+from flashtune.kernel.ops.fwd import fits  # noqa: E402
 from flashtune.db.models import RunRow, TrialRow, WinnerRow  # noqa: E402
 from flashtune.db.store import RunInfo, Store, load_winners  # noqa: E402
 from flashtune.db.types import DTYPES, HEAD_DIMS, OPS, Config, Key  # noqa: E402

@@ -88,7 +88,7 @@ def smoke_cases() -> list[Case]:
 def config_grid(default: Any, seq_kv: int, size: str) -> list[Any]:
     """num_splits around the default's x BLOCK_N x (warps, stages); the default's M tile."""
     from flashtune.db.types import Config
-    from flashtune.kernel.decode import SPLITS_KNOB
+    from flashtune.kernel.ops.kvcache import SPLITS_KNOB
 
     s = int(default.extra_dict.get(SPLITS_KNOB, 1))
     if size == "smoke":
@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
-    from flashtune.kernel.decode import decode_bytes
-    from flashtune.kernel.kvcache import (attention_kvcache, check_kvcache_inputs, decode_config_for,
-                                          launch_decode)
-    from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+    from flashtune.kernel.ops.kvcache import decode_bytes
+    from flashtune.kernel.kvcache import attention_kvcache
+    from flashtune.kernel.checks import check_kvcache_inputs
+    from flashtune.kernel.ops.kvcache import decode_config_for, launch_decode
+    from flashtune.kernel.testing import attention_kvcache_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:

@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from flashtune.kernel import attention_kvcache, dispatch
-    from flashtune.kernel.decode import decode_bytes
-    from flashtune.kernel.kvcache import check_kvcache_inputs, decode_config_for, launch_decode
-    from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+    from flashtune.kernel.ops.kvcache import decode_bytes
+    from flashtune.kernel.checks import check_kvcache_inputs
+    from flashtune.kernel.ops.kvcache import decode_config_for, launch_decode
+    from flashtune.kernel.testing import attention_kvcache_reference
 
     dispatch.reload(url)
     dev, dtype = "cuda", torch.bfloat16

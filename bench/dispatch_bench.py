@@ -1,7 +1,7 @@
 """Dispatcher benchmark on a CUDA GPU: what `kernel.attention` costs over a hand launch.
 
 (a) Host overhead: on a tiny shape (B=1, H=1, N=128, D=64, fp16) where the host dominates, N calls
-    of `attention()` against N calls of `kernel.launch.launch` with the same config, plus the pieces
+    of `attention()` against N calls of `kernel.ops.fwd.launch` with the same config, plus the pieces
     (the custom op called eagerly, `dispatch.plan`, `check_inputs`) and torch SDPA for scale. Timed
     with time.perf_counter around the Python loop (host time, no synchronisation inside) and to the
     final synchronize (wall); repeats interleaved, medians reported. Target: <= 5 us per call.
@@ -41,7 +41,8 @@ def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
     import torch.nn.functional as F
 
     from flashtune.kernel import attention, dispatch
-    from flashtune.kernel.launch import check_inputs, launch
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd import launch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
@@ -83,9 +84,10 @@ def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
     """Part (b): attention() vs the stored winner launched by hand over the 48-key grid."""
     from flashtune.db.store import StoreError, load_winners
     from flashtune.kernel import attention, dispatch
-    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.ops.fwd import default_config
     from flashtune.kernel.device import device_arch, device_smem_limit
-    from flashtune.kernel.launch import check_inputs, launch
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd import launch
 
     arch = device_arch(0)
     try:

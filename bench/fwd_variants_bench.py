@@ -3,7 +3,7 @@ schedules), torch SDPA's cuDNN and flash backends, all in one process.
 
 Shapes: 16k tokens (B = 16384 / N), H·D = 2048, D in --head-dim (64, 128), N in --seq (4096, 16384), fp16 and
 bf16, causal both ways. Per shape, every candidate is first run once on NaN-poisoned output and checked
-against torch SDPA's math backend in fp32 (chunked; kernel.reference.fp32_reference) with the tuner's
+against torch SDPA's math backend in fp32 (chunked; kernel.testing.fp32_reference) with the tuner's
 tolerances: a NaN or a wrong result is `wrong_result` and is never timed or best. Compile failures
 (Triton's MLIR pass failures arrive as RuntimeError) are `compile_error` with their first line;
 `out_of_resources` likewise. The survivors are timed interleaved (tuner.timing: CUDA events, L2 flushed
@@ -79,9 +79,10 @@ _import_flashtune()
 import triton  # noqa: E402
 
 from flashtune.db.types import Config  # noqa: E402
-from flashtune.kernel import fwd_tma  # noqa: E402
-from flashtune.kernel.launch import check_inputs, launch  # noqa: E402
-from flashtune.kernel.reference import attention_flops, fp32_reference, output_errors, tflops  # noqa: E402
+from flashtune.kernel.ops import fwd_tma  # noqa: E402
+from flashtune.kernel.checks import check_inputs  # noqa: E402
+from flashtune.kernel.ops.fwd import launch  # noqa: E402
+from flashtune.kernel.testing import attention_flops, fp32_reference, output_errors, tflops  # noqa: E402
 from flashtune.tuner.timing import l2_flush_buffer, median_ms_each  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -272,7 +273,7 @@ class Bench:
                 if need > self.smem_limit:
                     return f"estimated shared memory {need} B > {self.smem_limit} B"
         if cand.variant == "ptr" and self.smem_limit is not None:
-            from flashtune.db.smem import estimate_smem
+            from flashtune.kernel.ops.fwd import estimate_smem
             need = estimate_smem(cand.config, shape.head_dim, DTYPE_NAME[shape.dtype], self.arch)
             if need > self.smem_limit:
                 return f"estimated shared memory {need} B > {self.smem_limit} B"

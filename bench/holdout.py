@@ -37,7 +37,7 @@ class Shape:
 
     @property
     def flops(self) -> float:
-        from flashtune.kernel.reference import attention_flops
+        from flashtune.kernel.testing import attention_flops
 
         return attention_flops(self.batch * self.heads_q, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
@@ -133,10 +133,10 @@ def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
     import torch
 
     from flashtune.kernel import attention, dispatch
-    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.ops.fwd import default_config
     from flashtune.kernel.device import device_arch, device_smem_limit
-    from flashtune.kernel.launch import attention_fwd
-    from flashtune.kernel.reference import fp32_reference, output_errors, tflops
+    from flashtune.kernel.ops.fwd import attention_fwd
+    from flashtune.kernel.testing import fp32_reference, output_errors, tflops
     from flashtune.kernel.sdpa import available_providers, is_refusal, run_sdpa
 
     timer = _timer(device)

@@ -8,7 +8,7 @@ call = perf_counter around the loop, wall µs = to the final synchronize. Repeat
 - `attention()`: the public API, eager, under torch.no_grad (the dispatcher's plan, then the cached
   compiled kernel relaunched directly: kernel.fastlaunch);
 - `attention() JIT path`: the same with the direct relaunch switched off (what it cost before);
-- `raw JIT launch`: `kernel.launch.launch` with the same config and a preallocated output, i.e.
+- `raw JIT launch`: `kernel.ops.fwd.launch` with the same config and a preallocated output, i.e.
   `attn_fwd_kernel[grid](...)` and nothing else;
 - `fast relaunch only`: the FastLaunch of the plan called by hand on a preallocated output;
 - `torch SDPA`: F.scaled_dot_product_attention with torch's own backend choice, and pinned to flash.
@@ -105,7 +105,7 @@ def forward_section(args: argparse.Namespace) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtune.kernel import attention, dispatch, fastlaunch
-    from flashtune.kernel.launch import launch
+    from flashtune.kernel.ops.fwd import launch
 
     dtype = DTYPES[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch  # noqa: E402
 
-from flashtune.db.smem import estimate_smem  # noqa: E402
+from flashtune.kernel.ops.fwd import estimate_smem  # noqa: E402
 from flashtune.db.types import Config, Key  # noqa: E402
-from flashtune.kernel.reference import attention_flops  # noqa: E402
+from flashtune.kernel.testing import attention_flops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES_NAMES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -58,9 +58,10 @@ def main() -> None:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from flashtune.kernel.defaults import default_config
+    from flashtune.kernel.ops.fwd import default_config
     from flashtune.kernel.device import device_arch, device_name, device_smem_limit
-    from flashtune.kernel.launch import check_inputs, launch
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd import launch
     from flashtune.kernel.version import KERNEL_VERSION
 
     seqs = [int(x) for x in args.seq.split(",")]

@@ -35,9 +35,9 @@ def _api() -> dict[str, Callable[..., Any]]:
                 "Config": kernel.Config}
     except AttributeError:  # the modules that held them before there was one
         from flashtune.db.types import Config
-        from flashtune.kernel.bwd_launch import attention_bwd
+        from flashtune.kernel.ops.bwd import attention_bwd
         from flashtune.kernel.kvcache import attention_kvcache
-        from flashtune.kernel.launch import attention_fwd
+        from flashtune.kernel.ops.fwd import attention_fwd
         return {"fwd": attention_fwd, "bwd": attention_bwd, "kvcache": attention_kvcache, "Config": Config}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from flashtune.db.smem import estimate_smem  # noqa: E402
+from flashtune.kernel.ops.fwd import estimate_smem  # noqa: E402
 from flashtune.db.types import Config, Key, normalize_dtype  # noqa: E402
 from flashtune.tuner.bench import KeyInputs  # noqa: E402
 from flashtune.tuner.gpu import detect_gpu  # noqa: E402

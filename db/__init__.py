@@ -1,6 +1,5 @@
 """flashtune's config database: the shared key/config types, the store and the exchange file."""
 from .arch import ARCH_SMEM, normalize_arch, smem_limit
-from .smem import estimate_smem
 from .paths import default_url
 from .rows import DamagedRow, DamagedRowWarning
 from .store import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError, RunInfo,
@@ -12,5 +11,5 @@ from .types import DTYPES, HEAD_DIMS, OPS, OUTCOMES, Config, InvalidField, Key, 
 __all__ = ["ARCH_SMEM", "DTYPES", "HEAD_DIMS", "OPS", "OUTCOMES", "Config", "DamagedRow", "DamagedRowWarning",
            "DatabaseCorruptError", "DatabaseLockedError", "DatabaseURLError", "DatabaseUnavailableError",
            "InvalidField", "Key", "RunInfo", "SchemaVersionError", "StaleRun", "Store", "StoreError",
-           "TrialRecord", "Winner", "default_url", "estimate_smem", "load_winners", "migrate_database",
+           "TrialRecord", "Winner", "default_url", "load_winners", "migrate_database",
            "normalize_arch", "normalize_dtype", "smem_limit"]

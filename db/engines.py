@@ -17,7 +17,8 @@ from sqlalchemy.engine import URL
 
 from .errors import DatabaseCorruptError, DatabaseUnavailableError
 from .files import UnreadableFileError, read_file_head
-from .paths import check_url, mask_url, sqlite_path
+from .paths import check_url, sqlite_path
+from .text import mask_url
 from .text import printable
 
 PG_CONNECT_TIMEOUT_S = 5

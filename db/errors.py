@@ -10,7 +10,7 @@ from typing import Iterator
 
 from sqlalchemy import exc as sa_exc
 
-from .text import printable
+from .text import mask_url, printable
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -79,8 +79,6 @@ def _is_locked(orig: BaseException) -> bool:
 
 def classify(error: BaseException, url: str, doing: str) -> StoreError:
     """The StoreError for a driver/SQLAlchemy error raised while `doing` something with `url`."""
-    from .paths import mask_url  # here, not at the top: paths raises DatabaseURLError from this module
-
     if isinstance(error, StoreError):
         return error
     orig = getattr(error, "orig", None) or error

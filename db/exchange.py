@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
                       with_config)
@@ -26,7 +26,6 @@ from .files import UnreadableFileError, read_regular_file
 from .models import WinnerRow, utcnow
 from .rows import DamagedRow
 from .schema import SCHEMA_VERSION
-from .smem import estimate_smem
 from .store import Store, Winner
 from .text import label_problem, printable, shown
 from .errors import one_line
@@ -263,14 +262,20 @@ def _pydantic_problems(error: ValidationError) -> list[str]:
     return problems
 
 
+# An op's shared-memory model: (op, config, head dim, dtype, arch) -> bytes. The database knows no kernel;
+# the caller that imports a file passes its ops' models (flashtune.kernel.ops.smem_need).
+SmemModel = Callable[[str, Config, int, str, str], int]
+
+
 class _WinnerBuilder:
     """Validated winner dicts to Winners, with the checks pydantic cannot make (the `Key` and
-    `Config` rules, whether a config fits its arch). Configs and fits repeat across thousands of
-    winners, so each distinct one is built and checked once."""
+    `Config` rules and, given an `smem` model, whether a config fits its arch by its own op's model).
+    Configs and fits repeat across thousands of winners, so each distinct one is built and checked once."""
 
-    def __init__(self) -> None:
+    def __init__(self, smem: SmemModel | None = None) -> None:
+        self._smem = smem
         self._configs: dict[Any, Config] = {}
-        self._fits: dict[tuple[Config, int, str, str], str | None] = {}
+        self._fits: dict[tuple[str, Config, int, str, str], str | None] = {}
 
     def _config(self, c: Mapping[str, Any]) -> Config:
         raw = (c["block_m"], c["block_n"], c["num_warps"], c["num_stages"],
@@ -281,11 +286,13 @@ class _WinnerBuilder:
         return config
 
     def _fit_problem(self, config: Config, key: Key) -> str | None:
-        token = (config, key.head_dim, key.dtype, key.arch)
+        if self._smem is None:
+            return None
+        token = (key.op, config, key.head_dim, key.dtype, key.arch)
         if token not in self._fits:
-            need, limit = estimate_smem(config, key.head_dim, key.dtype, key.arch), ARCH_SMEM[key.arch]
+            need, limit = self._smem(key.op, config, key.head_dim, key.dtype, key.arch), ARCH_SMEM[key.arch]
             self._fits[token] = None if need <= limit else (
-                f"config {config} needs about {need} bytes of shared memory for D={key.head_dim} "
+                f"{key.op} config {config} needs about {need} bytes of shared memory for D={key.head_dim} "
                 f"{key.dtype}, more than the {limit} bytes of any {key.arch} GPU")
         return self._fits[token]
 
@@ -346,10 +353,12 @@ def _parse(raw: bytes, where: str) -> ExportDocument:
         raise _fail(where, _pydantic_problems(exc)) from None
 
 
-def read_document(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> list[Winner]:
+def read_document(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES,
+                  smem: SmemModel | None = None) -> list[Winner]:
     """Read and validate a whole exchange file; its winners, or ExchangeFileError naming every
     problem found (up to ten). Only a regular file is read (never a FIFO, device or directory),
-    and never more than `max_bytes` of it."""
+    and never more than `max_bytes` of it. With `smem` (each op's shared-memory model), a config
+    that fits no GPU of its arch is a problem too."""
     path = Path(path)
     where = printable(str(path), 200)
     try:
@@ -358,7 +367,7 @@ def read_document(path: str | Path, *, max_bytes: int = MAX_FILE_BYTES) -> list[
         raise ExchangeFileError(str(exc)) from None
     items = _parse(raw, where).winners
     del raw
-    build = _WinnerBuilder()
+    build = _WinnerBuilder(smem)
     winners: list[Winner] = []
     problems: list[str] = []
     seen: dict[Key, int] = {}
@@ -497,10 +506,11 @@ def merge(store: Store, winners: Sequence[Winner], *, policy: str = "faster",
 
 
 def import_file(store: Store, path: str | Path, policy: str = "faster", dry_run: bool = False,
-                *, max_bytes: int = MAX_FILE_BYTES) -> ImportReport:
-    """Validate the whole file, then merge it into `store` in one transaction."""
+                *, max_bytes: int = MAX_FILE_BYTES, smem: SmemModel | None = None) -> ImportReport:
+    """Validate the whole file (with `smem`, each config against its op's shared-memory model), then merge
+    it into `store` in one transaction."""
     _check_policy(policy)
-    winners = read_document(path, max_bytes=max_bytes)
+    winners = read_document(path, max_bytes=max_bytes, smem=smem)
     return merge(store, winners, policy=policy, dry_run=dry_run, source=str(path))
 
 

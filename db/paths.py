@@ -10,7 +10,6 @@ would vanish when the process ends), a SQLite URL with a host, and paths the OS 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import platformdirs
@@ -18,7 +17,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import DatabaseURLError
-from .text import printable
+from .text import mask_url, printable
 
 ENV_VAR = "FLASHTUNE_DB"
 DB_FILENAME = "flashtune.db"
@@ -26,7 +25,6 @@ ACCEPTED = ("expected sqlite:///PATH (a file) or "
             "postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DBNAME")
 _DRIVERS = {"sqlite": ("sqlite", "sqlite+pysqlite"),
             "postgresql": ("postgresql+psycopg", "postgresql")}
-_SHOWN_URL_CHARS = 200
 
 
 def default_sqlite_path() -> Path:
@@ -40,18 +38,6 @@ def default_url() -> str:
     if env:
         return env
     return f"sqlite:///{default_sqlite_path()}"
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by '***', control characters escaped and a very long one
-    cut short: fit for messages and logs. Never raises, whatever `url` holds."""
-    text = str(url)
-    try:
-        text = make_url(text).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError, TypeError):
-        # Unparseable, yet it may still hold 'user:password@': hide what sits there.
-        text = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
-    return printable(text, _SHOWN_URL_CHARS)
 
 
 def _refuse(url: str, why: str) -> DatabaseURLError:

@@ -34,7 +34,8 @@ from .engines import WRITE_OPTIONS, make_engine, use_wal
 from .errors import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError,
                      SchemaVersionError, StoreError, translated)
 from .models import KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
-from .paths import default_url, mask_url
+from .paths import default_url
+from .text import mask_url
 from .rows import (DamagedRow, DamagedRowWarning, Decoder, RowSpec, damage_summary, int32, key_values,
                    label, number, outcome, text, when)
 from .schema import ensure, migrate

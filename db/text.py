@@ -11,6 +11,7 @@ may hold anything; `printable` escapes it wherever it is shown.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ELLIPSIS = "…"
@@ -58,3 +59,21 @@ def check_label(value: Any, field: str, max_length: int, *, required: bool = Fal
     if problem is not None:
         raise ValueError(f"{field} {problem}")
     return value
+
+
+_SHOWN_URL_CHARS = 200
+
+
+def mask_url(url: str) -> str:
+    """The database URL with any password replaced by '***', control characters escaped and a very long one
+    cut short: fit for messages and logs. Never raises, whatever `url` holds."""
+    from sqlalchemy.engine import make_url  # here: the rest of this module is plain text handling
+    from sqlalchemy.exc import ArgumentError
+
+    text = str(url)
+    try:
+        text = make_url(text).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        # Unparseable, yet it may still hold 'user:password@': hide what sits there.
+        text = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+    return printable(text, _SHOWN_URL_CHARS)

@@ -24,7 +24,7 @@ _DTYPE_ALIASES: dict[str, str] = {
 OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache")  # the forward, the backward, split-KV decode
 OUTCOMES: tuple[str, ...] = ("ok", "out_of_resources", "compile_error", "wrong_result", "crashed", "timeout")
 # flash_attn's rule: every multiple of 8 up to 256. The kernels run each through a power-of-two tile
-# of at least 16 columns (db.smem.padded_head_dim) and mask the rest.
+# of at least 16 columns (kernel.ops.common.padded_head_dim) and mask the rest.
 HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
 HEAD_DIMS_TEXT = "a multiple of 8 from 8 to 256"
 _HEAD_DIM_SET = frozenset(HEAD_DIMS)  # Key's fast path: one hash lookup

@@ -1,13 +1,13 @@
 """`attention`: the public entry point, a drop-in for torch SDPA on what the kernel supports, training included.
 
-Eager inference calls go straight from the dispatcher's memoised plan to `kernel.launch.launch` (the
+Eager inference calls go straight from the dispatcher's memoised plan to `kernel.ops.fwd.launch` (the
 torch.library op costs dispatcher time that matters on small shapes). Under torch.compile the
 same work runs inside the custom op `flashtune::attention_fwd`, whose fake implementation lets
 the compiler trace through it without a graph break; both paths run the same `_forward`.
 
 Calls whose inputs require grad go through `flashtune::attention_fwd_lse`, which also returns the
 row log-sum-exp the backward needs, and whose `register_autograd` backward is the custom op
-`flashtune::attention_bwd` (kernel/bwd.py: the FA2 backward). In the style of flash-attn's
+`flashtune::attention_bwd` (kernel/jit/bwd.py: the FA2 backward). In the style of flash-attn's
 hopper/flash_attn_interface.py, so that a `torch.compile(fullgraph=True)` training step traces both
 without a graph break.
 """
@@ -20,16 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, record
-from .errors import launch_failure
-from .bwd_launch import launch_bwd
-from .launch import check_causal, check_inputs, check_scale, launch, launch_cached, needs_grad
+from .ops.bwd import launch_bwd
+from .checks import check_causal, check_inputs, check_scale, needs_grad
+from .ops.fwd import launch, launch_cached
 from .sdpa import is_refusal, run_sdpa
 
 __all__ = ["attention", "attention_bwd_op", "attention_fwd_lse_op", "attention_fwd_op"]
-
-
-_STORED = (dispatch.EXACT, dispatch.NEAREST)
-_COMPILE_FAILURES = ("compile_error", "out_of_resources")  # another config may work: fall back
 
 
 def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float, *,
@@ -39,7 +35,7 @@ def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal
         return launch_cached(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
                              return_lse=return_lse, cache=plan.launchers)
     except Exception as error:
-        if plan.choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
+        if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.config_failed(q, k, v, causal, plan.choice, error)
         return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
@@ -102,7 +98,7 @@ def _attention_fwd_lse_fake(query: Tensor, key: Tensor, value: Tensor, is_causal
 @torch.library.custom_op("flashtune::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ, dK, dV of the forward above (kernel/bwd.py); dK/dV summed over each GQA group."""
+    """dQ, dK, dV of the forward above (kernel/jit/bwd.py); dK/dV summed over each GQA group."""
     shape = dispatch.plan(query, key, value, is_causal).shape
     choice = dispatch.bwd_choice(query, shape, is_causal)  # the op="bwd" table, memoised
     if record.ENABLED and choice.key is not None:
@@ -115,7 +111,7 @@ def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
     try:
         return run(choice.config)
     except Exception as error:
-        if choice.source not in _STORED or launch_failure(error) not in _COMPILE_FAILURES:
+        if not dispatch.stored_config_failed(choice, error):
             raise
         # A stored backward winner that does not compile here: the default, with one warning.
         return run(dispatch.bwd_config_failed(query, shape, is_causal, choice, error).config)

@@ -40,7 +40,7 @@ class Launch:
 
 
 def _flashtune_kernels() -> list[Any]:
-    from flashtune.kernel import bwd, decode, fwd, fwd_tma
+    from flashtune.kernel.jit import bwd, decode, fwd, fwd_tma
 
     found: dict[int, Any] = {}
     for module in (fwd, fwd_tma, bwd, decode):

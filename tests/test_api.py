@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flashtune import kernel
 from flashtune.kernel import api, attention, dispatch
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.testing import attention_reference
 from subproc import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +36,12 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def test_exports() -> None:
-    assert set(kernel.__all__) == {"attention", "attention_kvcache", "dispatch", "record"}
+    assert set(kernel.__all__) == {"Config", "attention", "attention_bwd", "attention_fwd", "attention_kvcache",
+                                   "dispatch", "explain", "record"}
     assert kernel.attention is api.attention and kernel.dispatch is sys.modules["flashtune.kernel.dispatch"]
+    assert kernel.explain is kernel.dispatch.explain and kernel.Config is sys.modules["flashtune.db.types"].Config
+    assert kernel.attention_fwd is sys.modules["flashtune.kernel.ops.fwd"].attention_fwd
+    assert kernel.attention_bwd is sys.modules["flashtune.kernel.ops.bwd"].attention_bwd
     assert kernel.attention_kvcache is sys.modules["flashtune.kernel.kvcache"].attention_kvcache
     assert kernel.record is sys.modules["flashtune.kernel.record"]
     q, k, v = qkv(hq=4, hkv=2, nq=24, nk=40)
@@ -122,7 +126,7 @@ def test_unsupported_arguments_raise_or_fall_back(kwargs: dict, named: str) -> N
 
 
 def _float64_grads(inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor, **kwargs: object) -> list[torch.Tensor]:
-    """Gradients of float64 attention (kernel.reference) at `inputs`, by autograd."""
+    """Gradients of float64 attention (kernel.testing) at `inputs`, by autograd."""
     ref = [t.detach().double().requires_grad_(True) for t in inputs]
     attention_reference(*ref, **kwargs).backward(grad_out.double())
     return [t.grad for t in ref]

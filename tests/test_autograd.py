@@ -1,7 +1,7 @@
 """attention() in training: gradients through the fused backward, against float64 autograd.
 
 CPU tests run the kernels under the Triton interpreter (fp32 and fp16); the bounds are relative
-Frobenius-norm errors against float64 autograd of kernel.reference.attention_reference.
+Frobenius-norm errors against float64 autograd of kernel.testing.attention_reference.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from flashtune.db.types import Config, Key, bucket
 from flashtune.kernel import attention, dispatch
 from flashtune.kernel.device import device_arch
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.testing import attention_reference
 from test_sdpa_routing import tuned_table  # noqa: F401  (a fixture: winners in a real SQLite file)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

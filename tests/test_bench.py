@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from flashtune.db.store import Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
-from flashtune.kernel.reference import attention_reference, fp32_reference, output_errors
+from flashtune.kernel.testing import attention_reference, fp32_reference, output_errors
 from flashtune.tuner.benchmarking.providers import PROVIDERS, select_providers
 from flashtune.tuner.benchmarking.results import BASELINES, COLUMNS, BenchRow, BenchShape, read_csv, write_csv
 from flashtune.tuner.benchmarking.run import bench_shape, bench_shape_for, with_speedups

@@ -111,7 +111,7 @@ def test_profile_dry_run_prints_the_ncu_command(tmp_path):
 
 
 def test_the_kernel_name_filter_matches_the_triton_kernel():
-    from flashtune.kernel.fwd import attn_fwd_kernel
+    from flashtune.kernel.jit.fwd import attn_fwd_kernel
 
     assert attn_fwd_kernel.fn.__name__ == KERNEL_NAME
 

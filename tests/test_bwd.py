@@ -10,10 +10,11 @@ import torch
 
 from flashtune.db.arch import ARCH_SMEM
 from flashtune.db.types import HEAD_DIMS, Config
-from flashtune.kernel.bwd_launch import attention_bwd, check_bwd_inputs, launch_bwd
-from flashtune.kernel.bwd_smem import bwd_knobs, default_bwd_config, estimate_bwd_smem
-from flashtune.kernel.launch import attention_fwd
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.ops.bwd import attention_bwd, launch_bwd
+from flashtune.kernel.checks import check_bwd_inputs
+from flashtune.kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
+from flashtune.kernel.ops.fwd import attention_fwd
+from flashtune.kernel.testing import attention_reference
 
 from subproc import repo_env
 
@@ -253,7 +254,7 @@ def test_smem_model_against_compiled_figures():
         ("dkdv", "sm_80", 64, 32, 128, 8, 3, False, 49664), ("dq", "sm_90", 128, 128, 32, 8, 2, False, 98304),
         ("dq", "sm_90", 64, 64, 16, 4, 4, False, 32768), ("dq", "sm_80", 64, 128, 32, 8, 3, False, 49152),
     ]
-    from flashtune.kernel.bwd_smem import estimate_dkdv_smem, estimate_dq_smem
+    from flashtune.kernel.ops.bwd import estimate_dkdv_smem, estimate_dq_smem
 
     for kind, arch, d, bm, bn, w, s, atomic, compiled in measured:
         if kind == "dkdv":
@@ -271,11 +272,30 @@ def test_smem_estimate_grows_with_tiles_and_stages():
         assert estimate_bwd_smem(small, 64, "float16", arch) < estimate_bwd_smem(small, 128, "float16", arch)
 
 
-def test_smem_model_imports_no_torch():
-    probe = ("import sys, flashtune.kernel.bwd_smem; "
-             "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], env=repo_env(), capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+TORCH_BLOCKED = """
+import pathlib, sys, types
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "triton"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import flashtune.kernel
+# The dispatcher package's __init__ loads the plans (torch); the rules module must not need it.
+dispatch = types.ModuleType("flashtune.kernel.dispatch")
+dispatch.__path__ = [str(pathlib.Path(flashtune.kernel.__file__).parent / "dispatch")]
+sys.modules["flashtune.kernel.dispatch"] = dispatch
+import importlib
+importlib.import_module(sys.argv[1])
+print("imported")
+"""
+
+
+@pytest.mark.parametrize("module", ["flashtune.db", "flashtune.db.exchange", "flashtune.kernel.dispatch.rules"])
+def test_the_database_and_the_rules_import_no_torch(module):
+    # The database holds no kernel model, and the dispatcher's rules are pure: neither needs torch or triton.
+    out = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, module], env=repo_env(), capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr
 
 
 # --- bad input: a clear error naming the argument, nothing launched --------------------------------

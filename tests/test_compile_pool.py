@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from flashtune.db.types import Config, Key
-from flashtune.kernel import bwd as bwd_kernels, decode as decode_kernels, fwd as fwd_kernels
-from flashtune.kernel import fwd_tma
+from flashtune.kernel.jit import bwd as bwd_kernels, decode as decode_kernels, fwd as fwd_kernels
+from flashtune.kernel.jit import fwd_tma
 from flashtune.kernel.device import INTERPRET
-from flashtune.kernel.fwd_tma import tma_config
+from flashtune.kernel.ops.fwd_tma import tma_config
 from flashtune.tuner.compile_pool import CompilePool, pool_for_gpu
 from flashtune.tuner.fleet.gpus import compile_share, usable_cores
 from flashtune.tuner.ops import spec_of

@@ -13,8 +13,10 @@ import pytest
 
 from flashtune.db import exchange
 from flashtune.db.exchange import ExchangeFileError, import_file, read_document
+from flashtune.kernel.ops import smem_need
+from flashtune.kernel.ops.fwd import estimate_smem
 from flashtune.db.store import Store, Winner
-from flashtune.db.types import Config
+from flashtune.db.types import Config, Key
 
 from db_fixtures import (CFG_A, CFG_B, CFG_C, aware, db_url, fifo, finishes_within, key, pg_url,  # noqa: F401
                          populate, run_info, snapshot)
@@ -244,7 +246,7 @@ def test_bad_documents_change_nothing(tmp_path: Path, stored_db: str, case: str)
     for policy in ("faster", "replace"):
         with Store.open(stored_db) as store:
             with pytest.raises(ExchangeFileError, match="bad.json") as info:
-                import_file(store, path, policy)
+                import_file(store, path, policy, smem=smem_need)
         assert message in str(info.value)
         assert "\n" not in str(info.value)
     assert snapshot(stored_db) == before
@@ -330,3 +332,19 @@ def test_a_winner_stored_while_an_import_plans_is_not_overwritten(db_url: str) -
         winners = {w.key: w for w in store.winners()}
     assert len(calls) == 2 and calls[0] == {} and calls[1][key()].config == CFG_B
     assert winners[key()].config == CFG_B and winners[key(256)] == other
+
+
+def test_each_config_is_checked_by_its_own_ops_model(tmp_path: Path) -> None:
+    """A backward config that fits sm_90 by the backward's model but not by the forward's (whose model would
+    refuse it) imports; the same config as a forward winner is refused, naming its op."""
+    config = Config(64, 128, 4, 4, {"block_m_dq": 32, "block_n_dq": 32})
+    bwd_key = Key("sm_90", "bwd", 4096, 128, "float16", True, batch_heads=64)
+    # The forward's model, which the check once applied to every op, says this config cannot fit.
+    assert smem_need("bwd", config, 128, "float16", "sm_90") <= 232448 < estimate_smem(config, 128, "float16", "sm_90")
+    path = _write(tmp_path / "bwd.json", _document([_winner(bwd_key, config)]))
+    [winner] = read_document(path, smem=smem_need)
+    assert winner.key.op == "bwd" and winner.config == config
+    big = Config(256, 256, 8, 4)
+    _write(path, _document([_winner(Key("sm_90", "fwd", 4096, 256, "float16", True, batch_heads=64), big)]))
+    with pytest.raises(ExchangeFileError, match="fwd config m256-n256-w8-s4 needs about"):
+        read_document(path, smem=smem_need)

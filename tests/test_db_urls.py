@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from flashtune.db.errors import DatabaseURLError, StoreError
-from flashtune.db.paths import check_url, mask_url, sqlite_path
+from flashtune.db.paths import check_url, sqlite_path
+from flashtune.db.text import mask_url
 from flashtune.db.store import Store, load_winners, migrate_database
 
 LONG = "a" * 5000

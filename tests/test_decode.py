@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from flashtune.db.types import Config
-from flashtune.kernel.decode import (MAX_SPLIT_KEYS, MIN_SPLIT_TILES, SPLITS_KNOB, default_decode_config,
-                                     estimate_decode_smem, plan_decode)
-from flashtune.kernel.kvcache import (attention_kvcache, check_cache_seqlens, check_kvcache_inputs,
-                                      decode_partials, launch_decode)
-from flashtune.kernel.reference import attention_reference
-from flashtune.kernel.reference_kvcache import attention_kvcache_reference, kvcache_mask
+from flashtune.kernel.ops.kvcache import (MAX_SPLIT_KEYS, MIN_SPLIT_TILES, SPLITS_KNOB, default_decode_config,
+                                          estimate_decode_smem, plan_decode)
+from flashtune.kernel.kvcache import attention_kvcache
+from flashtune.kernel.checks import check_cache_seqlens, check_kvcache_inputs
+from flashtune.kernel.ops.kvcache import decode_partials, launch_decode
+from flashtune.kernel.testing import attention_reference
+from flashtune.kernel.testing import attention_kvcache_reference, kvcache_mask
 
 # ‖o − ref‖ / ‖ref‖ against fp64 (see tests/test_kernel.py for the reasoning); the combine adds
 # one fp32 rescaling per split, far below these.

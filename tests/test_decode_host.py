@@ -23,10 +23,12 @@ from cuda_graphs import replay_matches_eager
 
 from flashtune.db.types import Config, Key
 from flashtune.kernel import attention_kvcache, dispatch, fastlaunch, record
-from flashtune.kernel.decode import SPLITS_KNOB, decode_split_kernel, plan_decode
+from flashtune.kernel.ops.kvcache import SPLITS_KNOB, plan_decode
+from flashtune.kernel.jit.decode import decode_split_kernel
 from flashtune.kernel.dispatch import kv_bucket
-from flashtune.kernel.kvcache import DecodeLaunch, check_kvcache_inputs, launch_decode, split_geometry
-from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+from flashtune.kernel.ops.kvcache import DecodeLaunch, launch_decode, split_geometry
+from flashtune.kernel.checks import check_kvcache_inputs
+from flashtune.kernel.testing import attention_kvcache_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -22,8 +22,8 @@ from test_dispatch_db import build_db
 from flashtune.db.store import Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel import attention_kvcache, dispatch, record
-from flashtune.kernel.decode import SPLITS_KNOB, default_decode_config, plan_decode
-from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+from flashtune.kernel.ops.kvcache import SPLITS_KNOB, default_decode_config, plan_decode
+from flashtune.kernel.testing import attention_kvcache_reference
 from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashtune.db.smem import estimate_smem
+from flashtune.kernel.ops.fwd import estimate_smem
 from flashtune.db.types import Config
 from flashtune.kernel import dispatch
-from flashtune.kernel.defaults import default_config
+from flashtune.kernel.ops.fwd import default_config
 from flashtune.kernel.version import op_version
 from test_dispatch_db import build_db, key, restore_table  # noqa: F401  (restore_table is a fixture)
 
@@ -112,7 +112,7 @@ def test_stored_config_that_does_not_fit_falls_back_to_default(tuned: str) -> No
 
 
 def test_nothing_loaded_means_defaults(restore_table: None) -> None:  # noqa: F811
-    dispatch._table = dispatch._build_table([], None, dispatch.info())
+    dispatch.table.current = dispatch.table.build_table([], None, dispatch.info())
     choice = look(1024)
     assert choice.source == "default" and choice.winner is None
     assert choice.config == default_config("sm_90", 64, "float16", 227 * 1024)
@@ -245,7 +245,7 @@ def test_damaged_stored_time_does_not_break_lookup(tuned: str, restore_table: No
     good = look(512).winner
     assert good is not None
     bad = dataclasses.replace(good, median_ms="fast", gpu_name="GPU\x1b[31m")
-    dispatch._table = dispatch._build_table([bad], None, dispatch.info())
+    dispatch.table.current = dispatch.table.build_table([bad], None, dispatch.info())
     choice = look(512)
     assert (choice.config, choice.source) == (C512, "exact")
     assert "an unreadable time 'fast'" in choice.reason and "\x1b" not in choice.reason
@@ -325,7 +325,7 @@ def test_call_key_carries_bucket_and_group() -> None:
 def test_sdpa_winner_routes_to_the_backend_and_kernel_only_gives_the_fallback(tmp_path: Path,
                                                                              restore_table: None) -> None:  # noqa: F811
     from flashtune.db.store import Store
-    from flashtune.kernel.sdpa import provider_config
+    from flashtune.kernel.providers import provider_config
     from test_dispatch_db import run_info
 
     url = f"sqlite:///{tmp_path / 'sdpa.db'}"

@@ -12,10 +12,11 @@ from db_fixtures import db_url, pg_url  # noqa: F401  (fixtures: SQLite and Post
 
 from flashtune.db.types import Config, Key
 from flashtune.kernel import attention, dispatch
-from flashtune.kernel.bwd_launch import attention_bwd
-from flashtune.kernel.bwd_smem import default_bwd_config
-from flashtune.kernel.launch import attention_fwd, check_inputs
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.ops.bwd import attention_bwd
+from flashtune.kernel.ops.bwd import default_bwd_config
+from flashtune.kernel.ops.fwd import attention_fwd
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.testing import attention_reference
 from flashtune.kernel.version import OP_VERSIONS
 from test_dispatch_db import build_db, restore_table  # noqa: F401  (restore_table is a fixture)
 

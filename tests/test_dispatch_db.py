@@ -49,9 +49,9 @@ def key(n: int, *, nk: int | None = None, d: int = 64, dtype: str = "float16", c
 @pytest.fixture
 def restore_table() -> Iterator[None]:
     """Put the dispatcher's table back as it was after a test that reloads it."""
-    saved = dispatch._table
+    saved = dispatch.table.current
     yield
-    dispatch._table = saved
+    dispatch.table.current = saved
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_truncated_sqlite_file_warns(tmp_path: Path, good_db: str, restore_table
     path = Path(good_db.removeprefix("sqlite:///"))
     truncated = tmp_path / "truncated.db"
     truncated.write_bytes(path.read_bytes()[:1500])  # a valid header, the pages cut off
-    dispatch._table = dispatch._build_table([], None, dispatch.info())
+    dispatch.table.current = dispatch.table.build_table([], None, dispatch.info())
     info, messages = _reload_warnings(f"sqlite:///{truncated}")
     assert len(messages) == 1 and not info.ok and info.winners == 0
     assert dispatch.lookup("sm_90", 1024, 64, "float16", False).source == "default"

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashtune.db.smem import estimate_smem
+from flashtune.kernel.ops.fwd import estimate_smem
 from flashtune.db.types import Config, Key, bucket
 from flashtune.kernel import attention, dispatch
 from flashtune.kernel.device import device_arch, device_smem_limit
-from flashtune.kernel.launch import check_inputs, launch
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.ops.fwd import launch
+from flashtune.kernel.testing import attention_reference
 from flashtune.kernel.version import op_version
 from test_dispatch_db import REPO, build_db, restore_table  # noqa: F401  (restore_table is a fixture)
 from subproc import repo_env

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from flashtune.db.types import Config
-from flashtune.kernel.fwd_tma import (SCHEDULES, TMA_KNOBS, blocks_per_sm, compile_tma, estimate_tma_smem,
-                                      launch_tma, tma_candidates, tma_config, tma_knobs, tma_refusal,
-                                      tma_supported, ws_active)
-from flashtune.kernel.launch import check_inputs
-from flashtune.kernel.reference import attention_reference, lse_reference
+from flashtune.kernel.ops.fwd_tma import (SCHEDULES, TMA_KNOBS, blocks_per_sm, compile_tma, estimate_tma_smem,
+                                          launch_tma, tma_candidates, tma_config, tma_knobs, tma_refusal,
+                                          tma_supported, ws_active)
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.testing import attention_reference, lse_reference
 
 # ‖o − ref‖ / ‖ref‖ against fp64, as tests/test_kernel.py: fp16 rounds Q, K, V and P to 11 bits, bf16
 # to 8; fp32 with IEEE dots is near 1e-6.

@@ -2,7 +2,7 @@
 kernels and the KV-cache path, against float64 references; everything else refused by name.
 
 On CPU under the interpreter (tiny shapes, fp32 and fp16) or on CUDA (fp16 and bf16). The new head
-dims run through a power-of-two tile of at least 16 columns (db.smem.padded_head_dim); every output
+dims run through a power-of-two tile of at least 16 columns (kernel.ops.common.padded_head_dim); every output
 buffer is NaN-poisoned first, so a column the kernel fails to write shows up.
 """
 from __future__ import annotations
@@ -13,15 +13,19 @@ import pytest
 import torch
 
 from flashtune.db.arch import ARCH_SMEM
-from flashtune.db.smem import estimate_ptr_smem, estimate_smem, estimate_tma_smem, padded_head_dim
+from flashtune.kernel.ops.fwd import estimate_ptr_smem, estimate_smem
+from flashtune.kernel.ops.fwd_tma import estimate_tma_smem
+from flashtune.kernel.ops.common import padded_head_dim
 from flashtune.db.types import HEAD_DIMS, Config, Key
 from flashtune.kernel import attention, attention_kvcache
-from flashtune.kernel.bwd_launch import attention_bwd, check_bwd_inputs, launch_bwd
-from flashtune.kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
-from flashtune.kernel.defaults import default_config
-from flashtune.kernel.fwd_tma import launch_tma, tma_candidates, tma_config, tma_supported
-from flashtune.kernel.launch import attention_fwd, check_inputs, launch
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.ops.bwd import attention_bwd, launch_bwd
+from flashtune.kernel.checks import check_bwd_inputs
+from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
+from flashtune.kernel.ops.fwd import default_config
+from flashtune.kernel.ops.fwd_tma import launch_tma, tma_candidates, tma_config, tma_supported
+from flashtune.kernel.ops.fwd import attention_fwd, launch
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.testing import attention_reference
 from flashtune.tuner.ranges import parse_head_dims
 
 NEW_DIMS = (8, 24, 48, 72, 200)

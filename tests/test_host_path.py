@@ -12,9 +12,9 @@ import torch
 from cuda_graphs import replay_matches_eager
 
 from flashtune.kernel import attention, dispatch, fastlaunch
-from flashtune.kernel.fwd import attn_fwd_kernel
-from flashtune.kernel.launch import launch
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.jit.fwd import attn_fwd_kernel
+from flashtune.kernel.ops.fwd import launch
+from flashtune.kernel.testing import attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from flashtune.db.types import Config
 from flashtune.kernel import dispatch
-from flashtune.kernel.fwd import attn_fwd_kernel
+from flashtune.kernel.jit.fwd import attn_fwd_kernel
 from flashtune.kernel.integrations import torch as ft_torch
-from flashtune.kernel.reference import attention_reference
-from flashtune.kernel.sdpa import provider_config
+from flashtune.kernel.testing import attention_reference
+from flashtune.kernel.providers import provider_config
 from flashtune.kernel.version import OP_VERSIONS
 from test_dispatch_db import build_db, key, restore_table  # noqa: F401  (restore_table is a fixture)
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from flashtune.db.types import Config
-from flashtune.kernel.fwd import GRID_X_MAX, attn_fwd_kernel, fwd_grid
-from flashtune.kernel.launch import attention_fwd, check_config, check_inputs, launch
-from flashtune.kernel.reference import attention_reference, lse_reference
+from flashtune.kernel.jit.common import GRID_X_MAX, one_axis_grid
+from flashtune.kernel.jit.fwd import attn_fwd_kernel
+from flashtune.kernel.ops.fwd import attention_fwd, check_config, launch
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.testing import attention_reference, lse_reference
 
 # Relative-norm error bounds ‖o − ref‖ / ‖ref‖ against fp64: fp16 inputs round Q, K, V and P to an
 # 11-bit mantissa (~5e-4 per element, averaging down), bf16 to an 8-bit one; fp32 with IEEE dots is
@@ -151,11 +153,11 @@ def test_fp32_tf32_is_selectable():
 
 def test_grid_is_one_axis_of_every_query_block():
     # CUDA allows 65535 programs in grid y and z but 2**31-1 in x: batch and heads share axis x.
-    assert fwd_grid(1, 65536, 1, 16) == (65536,)
-    assert fwd_grid(65536, 2, 33, 16) == (65536 * 2 * 3,)
-    assert fwd_grid(3, 5, 128, 64) == (30,)
+    assert one_axis_grid(1, 65536, 1, 16) == (65536,)
+    assert one_axis_grid(65536, 2, 33, 16) == (65536 * 2 * 3,)
+    assert one_axis_grid(3, 5, 128, 64) == (30,)
     q = torch.zeros(1, 1, 1, 16).expand(2**20, 2**12, 1, 16)  # broadcast: 2**32 (batch, head) pairs
-    assert fwd_grid(2**20, 2**12, 1, 16)[0] > GRID_X_MAX
+    assert one_axis_grid(2**20, 2**12, 1, 16)[0] > GRID_X_MAX
     with pytest.raises(ValueError, match="grid limit"):
         check_inputs(q, q, q)
 

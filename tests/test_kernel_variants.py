@@ -1,4 +1,4 @@
-"""Config.extra reaching the kernel (kernel.variants)."""
+"""Config.extra reaching the kernel (kernel.ops.fwd)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 
 from flashtune.db.types import Config
 from flashtune.kernel import version
-from flashtune.kernel.fwd import attn_fwd_kernel
-from flashtune.kernel.bwd_smem import BWD_EXTRA_KEYS, bwd_knobs
-from flashtune.kernel.decode import SPLITS_KNOB
-from flashtune.kernel.fwd_tma import TMA_KNOBS
-from flashtune.kernel.variants import FWD_KNOBS, LOADS, LOADS_KNOB, PLAIN_FWD, Knob, fwd_variant, resolve_variant
+from flashtune.kernel.jit.fwd import attn_fwd_kernel
+from flashtune.kernel.ops.bwd import BWD_EXTRA_KEYS, bwd_knobs
+from flashtune.kernel.ops.kvcache import SPLITS_KNOB
+from flashtune.kernel.ops.fwd_tma import TMA_KNOBS
+from flashtune.kernel.ops.fwd import FWD_KNOBS, Knob, LOADS, LOADS_KNOB, PLAIN_FWD, fwd_variant, resolve_variant
 
 KERNEL_DIR = Path(version.__file__).resolve().parent
 # What launch() passes itself: a knob setting one of these would collide with it.
@@ -79,8 +79,9 @@ def _rel(out, ref) -> float:
 
 @pytest.mark.parametrize("extra", FWD_CASES, ids=lambda e: ",".join(f"{k}={v}" for k, v in e.items()))
 def test_forward_knobs_reach_the_kernel(extra: dict, kernel_device: str, launches) -> None:
-    from flashtune.kernel.launch import check_inputs, launch
-    from flashtune.kernel.reference import attention_reference
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd import launch
+    from flashtune.kernel.testing import attention_reference
 
     config = Config(16, 16, 2, 1, extra=extra)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
@@ -115,9 +116,10 @@ BWD_VALUES = {"block_m_dq": 32, "block_n_dq": 32, "num_warps_dq": 4, "num_stages
 
 @pytest.mark.parametrize("name", sorted(BWD_VALUES))
 def test_backward_knobs_reach_the_kernels(name: str, kernel_device: str, launches) -> None:
-    from flashtune.kernel.bwd_launch import check_bwd_inputs, launch_bwd
-    from flashtune.kernel.launch import attention_fwd
-    from flashtune.kernel.reference import attention_reference
+    from flashtune.kernel.checks import check_bwd_inputs
+    from flashtune.kernel.ops.bwd import launch_bwd
+    from flashtune.kernel.ops.fwd import attention_fwd
+    from flashtune.kernel.testing import attention_reference
 
     value = BWD_VALUES[name]
     base = bwd_knobs(BWD_BASE)
@@ -150,8 +152,9 @@ KVCACHE_SEEN = {SPLITS_KNOB: _splits}
 
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_kvcache_knobs_reach_the_kernels(splits: int, kernel_device: str, launches) -> None:
-    from flashtune.kernel.kvcache import check_kvcache_inputs, launch_decode
-    from flashtune.kernel.reference_kvcache import attention_kvcache_reference
+    from flashtune.kernel.checks import check_kvcache_inputs
+    from flashtune.kernel.ops.kvcache import launch_decode
+    from flashtune.kernel.testing import attention_kvcache_reference
 
     config = Config(16, 16, 2, 1, extra={SPLITS_KNOB: splits})
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
@@ -165,7 +168,7 @@ def test_kvcache_knobs_reach_the_kernels(splits: int, kernel_device: str, launch
 
 def test_every_tma_candidate_of_the_tuner_resolves_to_the_tma_launch() -> None:
     # The knobs the tuner's Hopper space writes are all ones the dispatcher's check accepts.
-    from flashtune.kernel.fwd_tma import launch_tma, tma_candidates
+    from flashtune.kernel.ops.fwd_tma import launch_tma, tma_candidates
 
     configs = tma_candidates("sm_90", 64, "float16", True, 227 * 1024)
     assert configs and {c.extra_dict["schedule"] for c in configs} == set(TMA_KNOBS["schedule"])
@@ -178,10 +181,10 @@ def test_every_tma_candidate_of_the_tuner_resolves_to_the_tma_launch() -> None:
 def test_loads_tma_routes_attention_fwd_to_the_tensor_descriptor_kernel(kernel_device: str) -> None:
     import torch
 
-    from flashtune.db.smem import estimate_ptr_smem, estimate_smem
-    from flashtune.kernel.fwd_tma import launch_tma, tma_config
-    from flashtune.kernel.launch import attention_fwd
-    from flashtune.kernel.reference import attention_reference
+    from flashtune.kernel.ops.fwd import estimate_ptr_smem, estimate_smem
+    from flashtune.kernel.ops.fwd_tma import launch_tma, tma_config
+    from flashtune.kernel.ops.fwd import attention_fwd
+    from flashtune.kernel.testing import attention_reference
 
     config = tma_config(32, 16, 4, 2, schedule="heavy_first")
     assert fwd_variant(config).launch is launch_tma

@@ -17,7 +17,7 @@ APP_PROBE = """
 import json, sys
 import torch
 from flashtune.kernel import attention
-from flashtune.kernel.reference import attention_reference
+from flashtune.kernel.testing import attention_reference
 import db, kernel  # the app's own modules, imported after flashtune's
 gen = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 48, 16, generator=gen) for _ in range(3))

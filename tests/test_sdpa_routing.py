@@ -24,10 +24,11 @@ from flashtune.db.arch import ARCH_SMEM
 from flashtune.db.store import Store
 from flashtune.db.types import Config, Key, bucket
 from flashtune.kernel import attention, dispatch
-from flashtune.kernel.bwd_smem import default_bwd_config
-from flashtune.kernel.defaults import default_config
-from flashtune.kernel.reference import attention_reference
-from flashtune.kernel.sdpa import is_refusal, provider_config, run_sdpa
+from flashtune.kernel.ops.bwd import default_bwd_config
+from flashtune.kernel.ops.fwd import default_config
+from flashtune.kernel.testing import attention_reference
+from flashtune.kernel.sdpa import is_refusal, run_sdpa
+from flashtune.kernel.providers import provider_config
 from flashtune.kernel.version import op_version
 
 ARCH = dispatch.INTERPRETER_ARCH
@@ -59,7 +60,7 @@ def _write(url: str, entries: Sequence[Entry]) -> None:
 def tuned_table(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Write winners to a fresh SQLite file and load them (their keys' archs) for calls, CPU calls
     included unless `interpreter=False`; the dispatcher's table is put back after the test."""
-    saved = dispatch._table
+    saved = dispatch.table.current
 
     def load(entries: Sequence[Entry], *, interpreter: bool = True) -> str:
         url = f"sqlite:///{tmp_path / 'routing.db'}"
@@ -71,7 +72,7 @@ def tuned_table(tmp_path: Path) -> Iterator[Callable[..., str]]:
         return url
 
     yield load
-    dispatch._table = saved
+    dispatch.table.current = saved
 
 
 def _qkv(dtype: torch.dtype, grad: bool = False) -> tuple[torch.Tensor, ...]:

@@ -144,7 +144,7 @@ def test_gqa_key_validates_and_times_a_kernel_config_at_its_bucket(kernel_device
 
 
 def test_sdpa_provider_configs_run_on_the_cpu_or_are_refused_trials(kernel_device):
-    from flashtune.kernel.sdpa import provider_config
+    from flashtune.kernel.providers import provider_config
 
     if kernel_device != "cpu":
         pytest.skip("checks torch SDPA's CPU backends")

@@ -17,9 +17,9 @@ from flashtune.db.arch import smem_limit
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel import attention, record
-from flashtune.kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
+from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
-from flashtune.kernel.reference import attention_flops, attention_reference
+from flashtune.kernel.testing import attention_flops, attention_reference
 from flashtune.tuner.bench import LocalBench, tflops
 from flashtune.tuner.bwd_space import bwd_candidates, full_bwd_space
 from flashtune.tuner.cli import main
@@ -44,7 +44,7 @@ def stand_in_gpu(monkeypatch):
 
 
 def float64_gradients(inputs: BwdInputs, scale: float | None = None) -> tuple[torch.Tensor, ...]:
-    """dQ, dK, dV of the inputs by float64 autograd of kernel.reference (independent of SDPA)."""
+    """dQ, dK, dV of the inputs by float64 autograd of kernel.testing (independent of SDPA)."""
     q, k, v = (x.detach().double().requires_grad_(True) for x in (inputs.q, inputs.k, inputs.v))
     attention_reference(q, k, v, causal=inputs.key.causal, scale=scale).backward(inputs.do.double())
     return q.grad, k.grad, v.grad

@@ -9,7 +9,7 @@ import pytest
 from flashtune.db.arch import smem_limit
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
-from flashtune.kernel.defaults import default_config
+from flashtune.kernel.ops.fwd import default_config
 from flashtune.tuner.bench import attention_flops
 from flashtune.tuner.loop import Tuner, TuneSettings, tuning_order
 from flashtune.tuner.measure import FunctionBench, Measurement

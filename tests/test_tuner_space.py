@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from flashtune.db.arch import smem_limit
-from flashtune.db.smem import estimate_smem
+from flashtune.kernel.ops.fwd import estimate_smem
 from flashtune.db.types import Config
 from flashtune.tuner.space import (BLOCK_SIZES, NUM_STAGES, NUM_WARPS, candidates, cost_reason, full_space, legal_reason,
                          plan, seeded_order)

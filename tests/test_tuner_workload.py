@@ -13,8 +13,8 @@ from db_fixtures import db_url, pg_url  # noqa: F401  (fixtures: SQLite and Post
 from flashtune.db.arch import smem_limit
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
-from flashtune.kernel.defaults import default_config
-from flashtune.kernel.sdpa import provider_config, provider_of
+from flashtune.kernel.ops.fwd import default_config
+from flashtune.kernel.providers import provider_config, provider_of
 from flashtune.tuner.bench import attention_flops
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.loop import Tuner, TuneSettings

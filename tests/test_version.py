@@ -35,17 +35,18 @@ def test_the_copy_has_the_installed_versions(copy: Path) -> None:
 
 
 def test_host_only_edits_keep_every_version(copy: Path) -> None:
-    # Host code beside the kernels: the grid helper in bwd.py, the launch arithmetic in fwd_tma.py and
-    # decode.py, a host constant, and the launch module, which holds no jit code at all.
-    _edit(copy / "bwd.py", "def bwd_grid(", "def bwd_grid_renamed(")
-    _edit(copy / "fwd_tma.py", "_TMA_ALIGN = 16", "_TMA_ALIGN = 32")
-    _edit(copy / "decode.py", "MIN_SPLIT_TILES = 4", "MIN_SPLIT_TILES = 8")
-    (copy / "launch.py").write_text((copy / "launch.py").read_text() + "\n\ndef added_host_helper():\n    return 1\n")
+    # Host code: the grid helper and a host constant beside the jit helpers, the ops' launch arithmetic,
+    # and a module with no jit code at all.
+    _edit(copy / "jit" / "common.py", "def one_axis_grid(", "def one_axis_grid_renamed(")
+    _edit(copy / "jit" / "common.py", "GRID_X_MAX = INT32_MAX", "GRID_X_MAX = INT32_MAX - 1")
+    _edit(copy / "ops" / "fwd_tma.py", "_TMA_ALIGN = 16", "_TMA_ALIGN = 32")
+    _edit(copy / "ops" / "kvcache.py", "MIN_SPLIT_TILES = 4", "MIN_SPLIT_TILES = 8")
+    (copy / "api.py").write_text((copy / "api.py").read_text() + "\n\ndef added_host_helper():\n    return 1\n")
     assert op_versions(copy) == OP_VERSIONS
 
 
 def test_a_comment_inside_a_kernel_keeps_its_version(copy: Path) -> None:
-    _edit(copy / "bwd.py", "def attn_bwd_dq_convert_kernel(", "# a reworded note\ndef attn_bwd_dq_convert_kernel(")
+    _edit(copy / "jit" / "bwd.py", "def attn_bwd_dq_convert_kernel(", "# a reworded note\ndef attn_bwd_dq_convert_kernel(")
     assert op_versions(copy) == OP_VERSIONS
 
 
@@ -63,11 +64,11 @@ def _insert_in_body(path: Path, function: str, statement: str) -> None:
 
 
 @pytest.mark.parametrize("op, module, function", [
-    ("bwd", "bwd.py", "attn_bwd_dq_kernel"),  # an entry kernel
-    ("bwd", "bwd.py", "_dkdv_tiles"),  # a helper only the backward's kernels call
-    ("fwd", "fwd.py", "_fwd_tiles"),
-    ("fwd", "fwd_tma.py", "_tma_step"),
-    ("kvcache", "decode.py", "_decode_tiles"),
+    ("bwd", "jit/bwd.py", "attn_bwd_dq_kernel"),  # an entry kernel
+    ("bwd", "jit/bwd.py", "_dkdv_tiles"),  # a helper only the backward's kernels call
+    ("fwd", "jit/fwd.py", "_fwd_tiles"),
+    ("fwd", "jit/fwd_tma.py", "_tma_step"),
+    ("kvcache", "jit/decode.py", "_decode_tiles"),
 ])
 def test_a_jit_body_edit_changes_its_op_only(copy: Path, op: str, module: str, function: str) -> None:
     _insert_in_body(copy / module, function, "_unused_edit = 1")
@@ -159,3 +160,11 @@ def test_the_version_is_the_same_on_every_python(tmp_path: Path) -> None:
                                         '    tl.static_assert(X, f"{X} # not a comment")')
     assert op_versions(_package(tmp_path / "a", COMMON, KERNEL_SRC), {"fwd": ("jit/fwd:entry",)}) == {
         "fwd": "90f24297484b"}
+
+
+def test_a_shared_helper_is_in_the_version_of_every_op_that_calls_it(copy: Path) -> None:
+    # load_tile serves the pointer forward, the backward and the decode; the TMA kernel does not call it.
+    _insert_in_body(copy / "jit" / "common.py", "load_tile", "_unused_edit = 1")
+    after = op_versions(copy)
+    assert all(after[op] != OP_VERSIONS[op] for op in ("fwd", "bwd", "kvcache"))
+    assert "jit/common:load_tile" not in closure(("jit/fwd_tma:attn_fwd_tma_kernel",))

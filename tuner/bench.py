@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..db.types import Config, Key
-from ..kernel.sdpa import KERNEL, is_refusal, provider_of
-from ..kernel.reference import tflops as rate
+from ..kernel.providers import KERNEL, provider_of
+from ..kernel.sdpa import is_refusal
+from ..kernel.testing import tflops as rate
 from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
 
 from .measure import Measurement

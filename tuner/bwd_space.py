@@ -1,6 +1,6 @@
-"""The backward's search space: which configs of the fused backward (kernel/bwd.py) the tuner times.
+"""The backward's search space: which configs of the fused backward (kernel/jit/bwd.py) the tuner times.
 
-A backward config (kernel.bwd_smem) sets two kernels: the dK/dV pass (`block_m` queries streamed
+A backward config (kernel.ops.bwd) sets two kernels: the dK/dV pass (`block_m` queries streamed
 past a program's `block_n` keys, `num_warps`, `num_stages`) and the dQ pass (`block_m_dq` queries
 owned, `block_n_dq` keys streamed), or, with `deterministic: false`, dQ added with fp32 atomics
 inside the dK/dV pass (no dQ pass). The full cross product of both passes is thousands of configs;
@@ -16,7 +16,7 @@ the space is built from what the two kernels share instead:
 That is 60 configs before pruning (45 kept at D=64 on sm_90, 30 at D=128 fp16; at D > 128 the
 register rule leaves none, and the default alone is timed). Rules, each with a reason `tune --dry-run --op bwd` prints:
 
-- legal: the shared-memory estimate (kernel.bwd_smem.estimate_bwd_smem, the larger of the two
+- legal: the shared-memory estimate (kernel.ops.bwd.estimate_bwd_smem, the larger of the two
   kernels) fits the GPU, and each pass's fp32 accumulators plus its score tiles fit the register
   file (dK and dV: 2·block_n·D; dQ: block_m_dq·D; scores and their gradients: 2 tiles);
 - cost: every warp owns at least one 16-row MMA slab of the tile it accumulates (block_n for dK/dV,
@@ -27,9 +27,9 @@ from __future__ import annotations
 import itertools
 from functools import lru_cache
 
-from ..db.smem import padded_head_dim
+from ..kernel.ops.common import padded_head_dim
 from ..db.types import Config, normalize_dtype
-from ..kernel.bwd_smem import bwd_knobs, estimate_bwd_smem
+from ..kernel.ops.bwd import bwd_knobs, estimate_bwd_smem
 
 from .space import MMA_ROWS, THREAD_FP32_MAX, Candidate
 

@@ -16,7 +16,8 @@ import triton
 
 from ..db.arch import ARCH_SMEM
 from ..db.errors import one_line
-from ..db.paths import default_url, mask_url, sqlite_path
+from ..db.paths import default_url, sqlite_path
+from ..db.text import mask_url
 from ..db.rows import DamagedRowWarning, damage_summary
 from ..db.store import Store, StoreError
 from ..db.text import printable
@@ -141,7 +142,7 @@ def check_kernel(device: torch.device) -> Iterator[Finding]:
     """One small call of kernel.attention against the float64 reference."""
     from ..kernel import attention, dispatch
     from .benchmarking.run import output_errors
-    from ..kernel.reference import attention_reference
+    from ..kernel.testing import attention_reference
 
     on_gpu = device.type == "cuda"
     dtype = torch.float16 if on_gpu else torch.float32

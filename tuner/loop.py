@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 from ..db.store import Store, TrialRecord, Winner
 from ..db.types import Config, Key
 
-from ..kernel.sdpa import provider_of
+from ..kernel.providers import provider_of
 
 from .bench import tflops
 from .measure import Bench, Measurement

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..db.types import Config, Key
-from ..kernel.bwd_launch import launch_bwd
-from ..kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
-from ..kernel.defaults import default_config
+from ..kernel.ops.bwd import launch_bwd
+from ..kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
+from ..kernel.ops.fwd import default_config
 from ..kernel.dtypes import TORCH_DTYPES
-from ..kernel.launch import AttnShape, check_inputs, launch
-from ..kernel.reference import REFERENCE_BYTES
-from ..kernel.reference import attention_flops as shape_flops
+from ..kernel.checks import AttnShape, check_inputs
+from ..kernel.ops.fwd import launch
+from ..kernel.testing import REFERENCE_BYTES
+from ..kernel.testing import attention_flops as shape_flops
 
 from .bwd_space import bwd_candidates, bwd_plan
 from .space import Candidate
@@ -70,7 +71,7 @@ def bwd_gpu_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 
 
 def bwd_default(key: Key, gpu: "GpuInfo") -> Config:
-    """kernel.bwd_smem.default_bwd_config for the key on this GPU's shared memory: the dispatcher's untuned choice."""
+    """kernel.ops.bwd.default_bwd_config for the key on this GPU's shared memory: the dispatcher's untuned choice."""
     return default_bwd_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
 
 

@@ -1,7 +1,7 @@
 """The forward as a tuner op: its space (pointer kernel + variants), default, FLOPs and benchmark inputs.
 
 Validation compares each candidate's output with torch SDPA's math backend in fp32 on the same
-inputs (kernel.reference.fp32_reference), by relative Frobenius error (`TOLERANCE`).
+inputs (kernel.testing.fp32_reference), by relative Frobenius error (`TOLERANCE`).
 """
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..db.smem import estimate_smem
+from ..kernel.ops.fwd import estimate_smem
 from ..db.types import Config, Key
-from ..kernel.defaults import default_config
+from ..kernel.ops.fwd import default_config
 from ..kernel.dtypes import TORCH_DTYPES
-from ..kernel.launch import AttnShape, check_inputs, launch
-from ..kernel.reference import attention_flops as shape_flops, fp32_reference
-from ..kernel.sdpa import KERNEL, provider_of, run_sdpa
+from ..kernel.checks import AttnShape, check_inputs
+from ..kernel.ops.fwd import launch
+from ..kernel.testing import attention_flops as shape_flops, fp32_reference
+from ..kernel.providers import KERNEL, provider_of
+from ..kernel.sdpa import run_sdpa
 
 from .space import Candidate, candidates, plan, variant_candidates
 from .workload import OpSpec, compile_batch, output_problem, split_heads
@@ -55,7 +57,7 @@ def fwd_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 
 
 def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
-    """kernel.defaults.default_config for the key on this GPU's shared memory."""
+    """kernel.ops.fwd.default_config for the key on this GPU's shared memory."""
     return default_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
 
 

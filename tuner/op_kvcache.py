@@ -3,19 +3,19 @@
 A "kvcache" key is Key(arch, "kvcache", seq_len=Nq, seq_len_kv=the cache length Nmax, head_dim, dtype,
 causal=bottom-right causal, batch_heads=bucket(B·Hq), group=Hq/Hkv). Its workload is random q and
 caches with real GQA (Hkv = Hq / group KV heads) and every sequence Nmax long; each candidate's output
-is checked against kernel/reference_kvcache.py in fp32 on the bench device, with the forward's
+is checked against kernel/testing.py in fp32 on the bench device, with the forward's
 tolerance.
 
 The space: num_splits x block_n x (warps, stages), and the half-size query tile where the packed rows
-G·Nq fill more than 16 rows, around the key's default (kernel.decode.default_decode_config with the
-GPU's SM count). Split counts that give the same effective split (kernel.decode.plan_decode rounds a
+G·Nq fill more than 16 rows, around the key's default (kernel.ops.kvcache.default_decode_config with the
+GPU's SM count). Split counts that give the same effective split (kernel.ops.kvcache.plan_decode rounds a
 split to whole tiles) are one config. Pruned by the shared-memory estimate and CUDA's grid limit.
 
 No torch SDPA providers: SDPA has no per-sequence lengths and its is_causal is top-left, so a stored
 SDPA winner could not serve the ragged or causal calls that resolve to the same key.
 
 Decode is memory-bound: the trials table's rate column holds the FLOP rate (`kvcache_flops`) like every
-op's, and `kvcache_bytes` (K + V + Q + O, kernel.decode.decode_bytes) gives the TB/s that `tune` prints.
+op's, and `kvcache_bytes` (K + V + Q + O, kernel.ops.kvcache.decode_bytes) gives the TB/s that `tune` prints.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..db.types import DTYPE_BYTES, Config, Key
-from ..kernel.decode import (MAX_PROGRAMS, SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem,
-                             plan_decode)
+from ..kernel.jit.common import GRID_X_MAX
+from ..kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem, plan_decode
 from ..kernel.dtypes import TORCH_DTYPES
-from ..kernel.kvcache import check_kvcache_inputs, launch_decode
-from ..kernel.launch import AttnShape
-from ..kernel.reference_kvcache import attention_kvcache_reference
+from ..kernel.checks import check_kvcache_inputs
+from ..kernel.ops.kvcache import launch_decode
+from ..kernel.checks import AttnShape
+from ..kernel.testing import attention_kvcache_reference
 
 from .op_fwd import TOLERANCE
 from .space import Candidate
@@ -76,7 +77,7 @@ def kvcache_bytes(key: Key, batch_heads: int) -> int:
 
 
 def kvcache_default(key: Key, gpu: "GpuInfo") -> Config:
-    """kernel.decode.default_decode_config for the key on this GPU (its SM count and shared memory):
+    """kernel.ops.kvcache.default_decode_config for the key on this GPU (its SM count and shared memory):
     what attention_kvcache runs untuned."""
     return default_decode_config(key.seq_len, key.seq_len_kv, key.head_dim, key.dtype,
                                  batch_heads=max(1, key.batch_heads), group=key.group, sm_count=gpu.sm_count,
@@ -112,7 +113,7 @@ def _candidates(key: Key, gpu: "GpuInfo") -> list[Candidate]:
         dropped = None
         if smem > gpu.smem_limit:
             dropped = f"smem {smem // 1024} KB > {gpu.smem_limit // 1024} KB"
-        elif programs > MAX_PROGRAMS:
+        elif programs > GRID_X_MAX:
             dropped = f"{programs} programs > CUDA's grid limit"
         seen[config] = Candidate(config, smem, dropped)
     return list(seen.values())
@@ -132,7 +133,7 @@ def kvcache_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 @dataclass
 class KVCacheInputs:
     """Random q (B, Hq, Nq, D) and caches (B, Hkv, Nmax, D) on the bench device, every sequence Nmax
-    long, and the fp32 reference (kernel/reference_kvcache.py), computed once per key; None for the
+    long, and the fp32 reference (kernel/testing.py), computed once per key; None for the
     compile pool's inputs (`warm`)."""
 
     key: Key

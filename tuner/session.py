@@ -17,7 +17,8 @@ from ..db.arch import normalize_arch
 from ..db.errors import StoreError, one_line
 from ..db.store import Store
 from ..db.types import Config, Key
-from ..kernel.sdpa import available_providers, provider_config
+from ..kernel.sdpa import available_providers
+from ..kernel.providers import provider_config
 from ..kernel.version import OP_VERSIONS
 
 from . import gpu as gpus, worker

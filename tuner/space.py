@@ -17,7 +17,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from ..db.smem import estimate_smem, padded_head_dim
+from ..kernel.ops.fwd import estimate_smem
+from ..kernel.ops.common import padded_head_dim
 from ..db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -129,6 +130,6 @@ def variant_candidates(head_dim: int, dtype: str, causal: bool, smem_limit: int,
     """The other kernel variants' configs for a key: the tensor-descriptor (TMA) kernel's tiles, warp
     specialisation and causal schedules on archs with TMA (none elsewhere: `--dry-run --arch sm_86`
     lists none), each fitting `smem_limit` by its own shared-memory model."""
-    from ..kernel.fwd_tma import tma_candidates
+    from ..kernel.ops.fwd_tma import tma_candidates
 
     return tma_candidates(arch, head_dim, normalize_dtype(dtype), causal, smem_limit)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 
 from ..db.errors import first_line
 from ..db.types import Config, Key
-from ..kernel.sdpa import KERNEL, provider_of
+from ..kernel.providers import KERNEL, provider_of
 
 from .compile_pool import CompilePool
 from .measure import Bench, Measurement

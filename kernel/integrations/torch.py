@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import dispatch
 from ..api import attention
-from ..sdpa import KERNEL
+from ..providers import KERNEL
 
 __all__ = ["SDPARouter", "disable", "enable", "route_counts", "route_sdpa", "reset_route_counts"]
 

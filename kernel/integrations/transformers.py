@@ -56,7 +56,7 @@ except ImportError as _error:  # pragma: no cover - exercised only where transfo
 from .. import dispatch
 from ..api import attention
 from ..kvcache import run_planned
-from ..launch import needs_grad
+from ..checks import needs_grad
 
 __all__ = ["NAME", "SDPAFallbackWarning", "backend_counts", "fallback_counts", "kernel_counts", "register",
            "reset_counts",

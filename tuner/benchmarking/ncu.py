@@ -14,7 +14,7 @@ import shutil
 import sys
 from typing import Sequence
 
-KERNEL_NAME = "attn_fwd_kernel"  # the @triton.jit function in kernel/fwd.py
+KERNEL_NAME = "attn_fwd_kernel"  # the @triton.jit function in kernel/jit/fwd.py
 NVTX_RANGE = "flashtune"
 
 # What the summary prints from the raw page, each with the metric names to try in order (names

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .results import PROVIDER_NAMES, TUNED
 from ...kernel.device import INTERPRET
-from ...kernel.reference import MATH_SCORE_COPIES
+from ...kernel.testing import MATH_SCORE_COPIES
 
 Fn = Callable[[], torch.Tensor]
 
@@ -71,7 +71,7 @@ class Provider:
             # The kernel alone, with the config the dispatcher gives it (kernel_only: also where an
             # SDPA backend won the key), so the kernel's own gap to each backend stays visible.
             from ...kernel.dispatch import explain
-            from ...kernel.launch import attention_fwd
+            from ...kernel.ops.fwd import attention_fwd
 
             config = explain(q, k, v, causal, kernel_only=True).config
             return lambda: attention_fwd(q, k, v, causal=causal, config=config)

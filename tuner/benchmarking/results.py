@@ -55,13 +55,13 @@ class BenchShape:
     @property
     def flops(self) -> float:
         """Forward FLOPs: 4·B·H·N²·D, half when causal."""
-        from ...kernel.reference import attention_flops  # imports torch: only the benchmark needs it
+        from ...kernel.testing import attention_flops  # imports torch: only the benchmark needs it
 
         return attention_flops(self.batch * self.heads, self.seq_len, self.seq_len, self.head_dim, self.causal)
 
     def throughput(self, ms: float) -> float:
         """TFLOP/s of one call that took `ms` milliseconds."""
-        from ...kernel.reference import tflops
+        from ...kernel.testing import tflops
 
         return tflops(self.flops, ms)
 

@@ -21,7 +21,7 @@ from ...db.errors import first_line
 from ...db.types import check_head_dim, normalize_dtype
 from ...kernel.device import INTERPRET
 from ...kernel.dtypes import TORCH_DTYPES
-from ...kernel.reference import fp32_reference, output_errors
+from ...kernel.testing import fp32_reference, output_errors
 
 from .providers import PROVIDERS, Provider
 from .results import BASELINES, TUNED, BenchRow, BenchShape

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from ...db import exchange
-from ...db.paths import default_url, mask_url, sqlite_path
+from ...db.paths import default_url, sqlite_path
+from ...db.text import mask_url
 from ...db.store import Store, Winner, migrate_database
 from ...db.types import Config, Key
 
@@ -149,7 +150,10 @@ def _print_report(report: exchange.ImportReport, verbose: bool) -> None:
 def import_(db_url: str | None, file: Path, policy: str, dry_run: bool, as_json: bool,
             verbose: bool) -> None:
     """Merge an exchange file into the database (validated as a whole first, one transaction)."""
-    winners = exchange.read_document(file)  # before the database is even opened
+    from ...kernel.ops import smem_need
+
+    # Validated before the database is even opened, each config against its own op's shared-memory model.
+    winners = exchange.read_document(file, smem=smem_need)
     url = _url(db_url)
     path = sqlite_path(url)
     if dry_run and path is not None and not path.exists():

@@ -24,7 +24,8 @@ import click
 
 from ...db.errors import StoreError
 from ...db.jobs import Job, JobError, JobQueue, Worker, check_job_name
-from ...db.paths import default_url, mask_url, sqlite_path
+from ...db.paths import default_url, sqlite_path
+from ...db.text import mask_url
 from ...db.store import Store
 from ...db.types import Key
 from ..cli.common import CliError

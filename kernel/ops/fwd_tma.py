@@ -1,6 +1,6 @@
 """The forward attention kernel with Q/K/V loaded through tensor descriptors (TMA on sm_90 and newer).
 
-Same math and semantics as kernel/fwd.py: online softmax in base 2 with the scale folded into one
+Same math and semantics as kernel/jit/fwd.py: online softmax in base 2 with the scale folded into one
 multiply, fp32 accumulation, causal top-left aligned like torch SDPA, GQA by `head // group`, any
 sequence length, output in q's layout, optional natural-log LSE. What differs is how tiles move:
 each program builds 2-D descriptors (rows × head dim) over its own (batch, head) slices, so the
@@ -10,7 +10,7 @@ least 16 columns whose tail columns read as zeros) and clip the output store.
 On Hopper the loads become TMA copies (`cp.async.bulk.tensor`) that feed `wgmma` from shared memory.
 
 Knobs, carried in `Config.extra` (see `TMA_KNOBS`):
-- `loads`: "tma" (this variant; kernel/fwd.py is "ptr").
+- `loads`: "tma" (this variant; kernel/jit/fwd.py is "ptr").
 - `ws`: Triton's automatic warp specialisation of the KV loop (`tl.range(..., warp_specialize=True)`).
   Triton's Hopper pass (3.6 and 3.9 alike) applies it to 4-warp kernels only, which it turns into
   one producer warpgroup issuing the TMA loads and two consumer warpgroups splitting the query
@@ -20,7 +20,7 @@ Knobs, carried in `Config.extra` (see `TMA_KNOBS`):
   (the plain kernel splits off the masked diagonal/tail tiles). A no-op under the interpreter.
 - `schedule`: the order programs take work in, which matters for causal attention where a query
   block's cost grows with its index:
-  "grid" (query blocks in order, as kernel/fwd.py), "heavy_first" (reversed, so the grid ends on
+  "grid" (query blocks in order, as kernel/jit/fwd.py), "heavy_first" (reversed, so the grid ends on
   the cheapest blocks instead of the most expensive ones), "persistent" (about one wave of
   programs striding over work units; causally a unit is the pair of query blocks i and
   last - i of one head, which always costs the same, so the programs stay balanced).
@@ -44,10 +44,64 @@ import torch
 import triton
 import triton.language as tl
 
-from ..db.smem import estimate_tma_smem, padded_head_dim, tma_ws_active
-from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, Config
+from ...db.types import DTYPE_BYTES, HEAD_DIMS, HEAD_DIMS_TEXT, Config, normalize_dtype
 
-from . import device as _device
+from .. import device as _device
+from ..jit.common import GRID_X_MAX, LOG2E
+from ..jit.fwd_tma import attn_fwd_tma_kernel
+from .common import padded_head_dim
+
+# --- the shared-memory model ------------------------------------------------------------------
+
+def tma_ws_active(config: Config, arch: str | None) -> bool:
+    """Whether Triton really warp-specialises a `ws` config of the TMA kernel: its Hopper pass (Triton
+    3.6 and 3.9) takes 4-warp kernels only and makes them 1 producer + 2 consumer warpgroups (12
+    warps); with any other count `ws` compiles to the plain single-loop kernel."""
+    return (config.extra_dict.get("ws") is True and config.num_warps == 4
+            and (arch is None or arch == "sm_90"))
+
+
+def estimate_tma_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
+    """Estimated shared memory (bytes) of the TMA forward kernel compiled with `config` for `arch`.
+
+    Fitted to the compiled kernels'
+    `metadata.shared` for sm_90 on Triton 3.6 and 3.9 (compiled offline, no GPU needed:
+    `bench/fwd_variants_bench.py --smem-offline`); it is never below them and at most 1 KB above:
+    - the Q box once, and K and V boxes `num_stages` deep (TMA writes them straight into shared
+      memory, so every stage is resident);
+    - the output leaves through a Q-sized staging box; in a grid kernel it reuses the K/V ring once
+      the loop is done, so it costs nothing unless the ring is more than twice the Q box (then the
+      packing adds 1 KB); in the persistent kernel it lives beside the ring (+ one Q box);
+    - warp specialisation (when Triton applies it, `ws_active`) adds a 128-row (at least BLOCK_M)
+      staging box for the consumers and its barriers; in the persistent kernel it also buffers the
+      Q box `num_stages` deep, since the next tile's Q load is issued early;
+    - mbarriers: at most 64 bytes (1 KB with the packing above), up to 768 with warp specialisation;
+    - with one stage, K and V take turns in one box; on the mma.sync path (BLOCK_M under 64 or fewer
+      than 4 warps) the Q box is reused by the K/V buffers (`num_stages - 1` deep) and P goes
+      through a scratch tile, as in the pointer kernel's model (db/smem.py);
+    - fp32 (no tensor-core path with IEEE dots) is bounded by the same formula, loosely.
+    `arch` None plans for sm_90; the layout is the same on newer TMA archs as far as measured.
+    """
+    persistent = config.extra_dict.get("schedule") == "persistent"
+    elt = DTYPE_BYTES[normalize_dtype(dtype)]
+    d = padded_head_dim(head_dim)
+    q_box, kv_box = config.block_m * d * elt, config.block_n * d * elt
+    stages = max(1, config.num_stages)
+    ring = 2 * stages * kv_box
+    if tma_ws_active(config, arch):
+        q_bufs = stages * q_box if persistent else q_box
+        return q_bufs + ring + max(config.block_m, 128) * d * elt + 768
+    staging = q_box if persistent else 0
+    wgmma = config.block_m % 64 == 0 and config.num_warps >= 4
+    if elt == 2 and not wgmma:
+        # mma.sync (small query tiles): Q goes to registers and its box is reused; K/V are buffered
+        # `num_stages - 1` deep (one box each without pipelining), P converts through a scratch tile.
+        ring = max(2 * (stages - 1) * kv_box, kv_box)
+        return max(q_box, ring) + config.block_m * config.block_n * elt + staging + 64
+    if stages == 1:
+        return q_box + kv_box + 64  # nothing in flight: K and V take turns in one box
+    return q_box + ring + staging + (1024 if ring > 2 * q_box else 64)
+
 
 # --- the knob contract -------------------------------------------------------------------------
 
@@ -65,8 +119,6 @@ HAS_TENSOR_DESCRIPTORS: bool = hasattr(tl, "make_tensor_descriptor") and hasattr
 
 _TMA_ALIGN = 16  # bytes: base addresses and every stride but the last (CUDA tensor-map rules)
 _TMA_MAX_STRIDE = 1 << 40  # bytes
-_LOG2E = 1.4426950408889634
-_GRID_X_MAX = 2**31 - 1
 
 
 def tma_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
@@ -105,7 +157,7 @@ def tma_supported(arch: str | None, head_dim: int, q: Any = None, k: Any = None,
     the arch, head dim and knobs only (the tuner's space); with tensors, their layout is checked
     too (see `tma_refusal`). Every head dim of flashtune (db.types.HEAD_DIMS, multiples of 8 up to
     256) runs; one that is not a power of two of at least 16 loads a power-of-two box of at least 16
-    columns (db.smem.padded_head_dim) whose extra columns the descriptor bounds zero-fill. TMA's own rules hold for all of them: the
+    columns (kernel.ops.common.padded_head_dim) whose extra columns the descriptor bounds zero-fill. TMA's own rules hold for all of them: the
     box's dims are powers of two with at least 16 bytes in the last, and a contiguous row of D
     elements, D a multiple of 8, spans a multiple of 16 bytes in every supported dtype, as the row
     stride must. Strided inputs whose row, batch or head stride breaks that are refused per
@@ -176,165 +228,6 @@ def ws_active(config: Config, arch: str | None) -> bool:
 
 
 # --- the kernel ----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k, qk_scale,
-              MASK_COLS: tl.constexpr, MASK_DIAG: tl.constexpr, NEG_SCALE: tl.constexpr,
-              PRECISION: tl.constexpr):
-    # One BLOCK_N tile of keys. MASK_COLS drops keys past seq_k (the descriptor zero-fills them, so
-    # they would score 0, not -inf); MASK_DIAG applies the causal mask. Unmasked (the steady state),
-    # the row max is taken on the raw scores and scaled once, so the exponent is one FMA per score.
-    k = k_desc.load([start_n, 0])
-    qk = tl.dot(q, k.T, input_precision=PRECISION)
-    if MASK_COLS or MASK_DIAG:
-        cols = start_n + offs_n
-        # Rows see key 0 before any tile can mask them fully (top-left causal), so m_new is
-        # finite and the masked scores give exp2(-inf) = 0.
-        if MASK_DIAG:
-            valid = offs_m[:, None] >= cols[None, :]
-            if MASK_COLS:
-                valid = valid & (cols < seq_k)[None, :]
-            qk = tl.where(valid, qk * qk_scale, float("-inf"))
-        else:
-            qk = qk * qk_scale + tl.where(cols < seq_k, 0.0, float("-inf"))[None, :]  # one FMA per score
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-    else:
-        if NEG_SCALE:
-            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)  # a negative scale flips the order
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = v_desc.load([start_n, 0])
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _tma_tile(Q, K, V, O, LSE, pid_m, head, batch,
-              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              seq_q, seq_k, heads_q, group, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
-              WS: tl.constexpr, NEG_SCALE: tl.constexpr, EVEN_N: tl.constexpr):
-    # One BLOCK_M block of queries of one (batch, head), start to finish.
-    head_kv = (head // group).to(tl.int64)
-    batch = batch.to(tl.int64)
-    head64 = head.to(tl.int64)
-    # Per-(batch, head) 2-D descriptors: their bounds are this head's rows, so a box that runs past
-    # the sequence end reads zeros (and a store there is clipped) instead of the next head's rows.
-    q_desc = tl.make_tensor_descriptor(Q + batch * stride_qb + head64 * stride_qh, shape=[seq_q, HEAD_DIM],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + batch * stride_kb + head_kv * stride_kh, shape=[seq_k, HEAD_DIM],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + batch * stride_vb + head_kv * stride_vh, shape=[seq_k, HEAD_DIM],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    o_desc = tl.make_tensor_descriptor(O + batch * stride_ob + head64 * stride_oh, shape=[seq_q, HEAD_DIM],
-                                       strides=[stride_om, 1], block_shape=[BLOCK_M, BLOCK_D])
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = q_desc.load([start_m, 0])
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    if CAUSAL:
-        # Top-left alignment: query i sees keys j <= i. Keys past the block's last row are never
-        # loaded; keys before its first row need no causal mask.
-        hi = tl.minimum(seq_k, start_m + BLOCK_M)
-        full_hi = (tl.minimum(seq_k, start_m) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_hi = (seq_k // BLOCK_N) * BLOCK_N
-    if WS:
-        # One loop: Triton 3.6's Hopper warp-specialisation pass fails (PassManager::run failed) on a
-        # function with a second loop beside the specialised one. So every tile takes the causal mask,
-        # and the key-range mask too unless seq_k is a multiple of BLOCK_N (EVEN_N).
-        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
-                                      qk_scale, not EVEN_N, CAUSAL, NEG_SCALE, PRECISION)
-    else:
-        for start_n in range(0, full_hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
-                                      qk_scale, False, False, NEG_SCALE, PRECISION)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _tma_step(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_m, offs_n, seq_k,
-                                      qk_scale, True, CAUSAL, NEG_SCALE, PRECISION)
-
-    acc = acc / l_i[:, None]
-    o_desc.store([start_m, 0], acc.to(O.dtype.element_ty))
-    if STORE_LSE:
-        # Natural-log LSE of the scaled scores: m_i and l_i live in base 2.
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        row0 = (batch * heads_q + head64) * seq_q
-        tl.store(LSE + row0 + offs_m, lse, mask=offs_m < seq_q)
-
-
-# seq lengths, head counts and the work counts are not specialised on (=1, %16), so one binary
-# serves every shape of a (dtype, head dim, config): the tuner and the benchmark compile it once on
-# a small input.
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_m", "num_units", "reverse"])
-def attn_fwd_tma_kernel(Q, K, V, O, LSE,
-                        stride_qb, stride_qh, stride_qm,
-                        stride_kb, stride_kh, stride_kn,
-                        stride_vb, stride_vh, stride_vn,
-                        stride_ob, stride_oh, stride_om,
-                        seq_q, seq_k, heads_q, group, qk_scale, num_m, num_units, reverse,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
-                        WS: tl.constexpr, PERSISTENT: tl.constexpr, NEG_SCALE: tl.constexpr,
-                        EVEN_N: tl.constexpr):
-    """Grid (batch * heads_q * num_m,), or (programs,) when PERSISTENT. Last dims contiguous.
-
-    `reverse` (0/1, grid schedules) takes query blocks last-first. PERSISTENT programs stride over
-    `num_units` work units, head-major; causally a unit is the query-block pair (last - i, i).
-    """
-    if PERSISTENT:
-        if CAUSAL:
-            per_head = (num_m + 1) // 2
-        else:
-            per_head = num_m
-        for unit in range(tl.program_id(0), num_units, tl.num_programs(0)):
-            bh = unit // per_head
-            i = unit % per_head
-            head = bh % heads_q
-            batch = bh // heads_q
-            tiles = 1
-            if CAUSAL:
-                tiles = 1 + (i != num_m - 1 - i).to(tl.int32)
-            # The costly block first (later blocks see more keys), then its cheap partner. One call
-            # site, so the warp-specialised loop exists once in the kernel.
-            for j in range(0, tiles):
-                pid_m = tl.where(j == 0, num_m - 1 - i, i)
-                _tma_tile(Q, K, V, O, LSE, pid_m, head, batch,
-                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                          seq_q, seq_k, heads_q, group, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, STORE_LSE, PRECISION, WS, NEG_SCALE, EVEN_N)
-    else:
-        # One grid axis (y and z stop at 65535, which B or H alone can exceed): program p is query
-        # block p % num_m of (batch, head) p // num_m, so one head's blocks run side by side and
-        # share K and V in L2. `reverse` flips the block order by arithmetic, not an `if`: Triton's
-        # Hopper warp-specialisation pass gives up on any function holding an if/else.
-        pid = tl.program_id(0)
-        bh = pid // num_m
-        j = pid % num_m
-        pid_m = j + reverse * (num_m - 1 - 2 * j)
-        _tma_tile(Q, K, V, O, LSE, pid_m, bh % heads_q, bh // heads_q,
-                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                  seq_q, seq_k, heads_q, group, qk_scale,
-                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, STORE_LSE, PRECISION, WS, NEG_SCALE, EVEN_N)
 
 
 # --- launching ---------------------------------------------------------------------------------
@@ -434,11 +327,11 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
     else:
         num_units = 0
         grid = (shape.batch * shape.heads_q * num_m,)
-        if grid[0] > _GRID_X_MAX:
+        if grid[0] > GRID_X_MAX:
             raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
     args = (q, k, v, o, lse,
             *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
-            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * _LOG2E, num_m, num_units,
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m, num_units,
             int(schedule == "heavy_first"))
     kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -455,7 +348,7 @@ def launch_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Launch the TMA kernel; returns (o, lse or None, Triton's compiled kernel or None).
 
-    `shape` is kernel.launch.AttnShape (from check_inputs). The same contract as launch.launch,
+    `shape` is kernel.ops.fwd.AttnShape (from check_inputs). The same contract as launch.launch,
     plus two cheap checks that raise ValueError before launching: unknown or bad knobs in
     `config.extra` (tma_knobs), and layouts tensor descriptors cannot describe (tma_refusal).
     Triton's own errors (OutOfResources, CompilationError, RuntimeError from an MLIR pass)

@@ -1,6 +1,6 @@
 """The fused backward attention kernels (FlashAttention-2 schedule) in Triton.
 
-Three kernels, launched in order by kernel/bwd_launch.py:
+Three kernels, launched in order by kernel/ops/bwd.py:
 
 1. `attn_bwd_preprocess_kernel`: delta = rowsum(dO ∘ O) in fp32, (B, Hq, Nq). It is the row term of
    dS = P ∘ (dP − delta), since rowsum(P ∘ dP) = rowsum(dO ∘ O).
@@ -18,23 +18,14 @@ Masking follows the forward: causal is top-left aligned (query i sees keys j <= 
 is_causal), tiles wholly above the diagonal are never visited, tiles wholly inside the sequences and
 below the diagonal run without masks, and head dims that are not powers of two are padded to the
 next one with masked loads and stores. Plain pointers only: Triton 3.9 removed block pointers and
-the same source must compile on Triton 3.6. kernel/version.py hashes this file with the other
-@triton.jit sources, so any change here marks earlier tuning results as stale.
+the same source must compile on Triton 3.6.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-def bwd_grid(batch: int, heads: int, seq: int, block: int) -> tuple[int]:
-    """The launch grid of every backward kernel: one program per `block` rows of every (batch, head).
-
-    One axis, as the forward: CUDA's y and z grid limits (65535) are smaller than B or H can be.
-    """
-    return (batch * heads * -(-seq // block),)
+from .common import LOG2E_C, block_of, causal_bounds, load_tile
 
 
 @triton.jit
@@ -43,13 +34,10 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA,
                                stride_dob, stride_doh, stride_dom, stride_dod,
                                seq_q, heads_q,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M). DELTA is contiguous (B, Hq, Nq) fp32."""
-    n_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % n_blocks
-    bh = pid // n_blocks
-    batch = (bh // heads_q).to(tl.int64)
-    head = (bh % heads_q).to(tl.int64)
+    """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M). DELTA is contiguous (B, Hq, Nq) fp32."""
+    pid_m, bh, batch, head = block_of(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), heads_q)
+    batch = batch.to(tl.int64)
+    head = head.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -73,28 +61,18 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, lo,
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
+        m_ok = offs_m < seq_q
+        qT = load_tile(qT_ptrs + start_m * stride_qm, d_mask, m_ok, PAD_D, MASKED)
+        do = load_tile(do_ptrs + start_m * stride_dom, m_ok, d_mask, MASKED, PAD_D)
         if MASKED:
-            m_ok = offs_m < seq_q
-            if PAD_D:
-                qT = tl.load(qT_ptrs + start_m * stride_qm, mask=m_ok[None, :] & d_mask[:, None], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=m_ok[:, None] & d_mask[None, :], other=0.0)
-            else:
-                qT = tl.load(qT_ptrs + start_m * stride_qm, mask=m_ok[None, :], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=m_ok[:, None], other=0.0)
             lse = tl.load(lse_ptr + offs_m * stride_lm, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
         else:
-            if PAD_D:
-                qT = tl.load(qT_ptrs + start_m * stride_qm, mask=d_mask[:, None], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=d_mask[None, :], other=0.0)
-            else:
-                qT = tl.load(qT_ptrs + start_m * stride_qm)
-                do = tl.load(do_ptrs + start_m * stride_dom)
             lse = tl.load(lse_ptr + offs_m * stride_lm)
             delta = tl.load(delta_ptr + offs_m)
         qkT = tl.dot(k, qT, input_precision=PRECISION)
         # The forward's LSE is natural-log; scores here are in base 2 (exp2 with log2(e) folded in).
-        pT = tl.math.exp2(qkT * qk_scale - (lse * 1.4426950408889634)[None, :])
+        pT = tl.math.exp2(qkT * qk_scale - (lse * LOG2E_C)[None, :])
         if MASKED:
             valid = m_ok[None, :] & n_ok[:, None]
             if CAUSAL:
@@ -131,16 +109,12 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """Grid: bwd_grid(batch, heads_kv, seq_k, BLOCK_N). Its query heads: head_kv·group ... + group − 1."""
-    # Program p is KV block p % n_blocks of (batch, KV head) number p // n_blocks: the blocks of one
-    # head run next to each other and share its Q and dO in L2. Causal: block 0 has the most query
-    # tiles to visit and starts first.
-    n_blocks = tl.cdiv(seq_k, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % n_blocks
-    bh = pid // n_blocks
-    batch = (bh // heads_kv).to(tl.int64)
-    head_kv = (bh % heads_kv).to(tl.int64)
+    """Grid: one_axis_grid(batch, heads_kv, seq_k, BLOCK_N). Its query heads: head_kv·group ... + group − 1."""
+    # The KV blocks of one head run next to each other and share its Q and dO in L2. Causal: block 0
+    # has the most query tiles to visit and starts first.
+    pid_n, bh, batch, head_kv = block_of(tl.program_id(0), tl.cdiv(seq_k, BLOCK_N), heads_kv)
+    batch = batch.to(tl.int64)
+    head_kv = head_kv.to(tl.int64)
     heads_q = heads_kv * group
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
@@ -209,21 +183,9 @@ def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, lo, hi, offs_m, offs_n0,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0
-        if MASKED:
-            n_ok = cols < seq_k
-            if PAD_D:
-                kT = tl.load(kT_ptrs + start_n * stride_kn, mask=n_ok[None, :] & d_mask[:, None], other=0.0)
-                vT = tl.load(vT_ptrs + start_n * stride_vn, mask=n_ok[None, :] & d_mask[:, None], other=0.0)
-            else:
-                kT = tl.load(kT_ptrs + start_n * stride_kn, mask=n_ok[None, :], other=0.0)
-                vT = tl.load(vT_ptrs + start_n * stride_vn, mask=n_ok[None, :], other=0.0)
-        else:
-            if PAD_D:
-                kT = tl.load(kT_ptrs + start_n * stride_kn, mask=d_mask[:, None], other=0.0)
-                vT = tl.load(vT_ptrs + start_n * stride_vn, mask=d_mask[:, None], other=0.0)
-            else:
-                kT = tl.load(kT_ptrs + start_n * stride_kn)
-                vT = tl.load(vT_ptrs + start_n * stride_vn)
+        n_ok = cols < seq_k
+        kT = load_tile(kT_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
+        vT = load_tile(vT_ptrs + start_n * stride_vn, d_mask, n_ok, PAD_D, MASKED)
         qk = tl.dot(q, kT, input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
@@ -249,16 +211,13 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M)."""
+    """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M)."""
     n_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % n_blocks
+    pid_m, bh, batch, head = block_of(tl.program_id(0), n_blocks, heads_q)
     if CAUSAL:
         # The last query block visits the most KV tiles: start the heavy blocks first.
         pid_m = n_blocks - 1 - pid_m
-    bh = pid // n_blocks
-    batch = (bh // heads_q).to(tl.int64)
-    head = bh % heads_q
+    batch = batch.to(tl.int64)
     head_kv = (head // group).to(tl.int64)
     head = head.to(tl.int64)
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
@@ -275,20 +234,13 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=row_mask, other=0.0)
     # Padded rows: q = dO = 0 and LSE = delta = 0, so P = 1 and dS = 1·(0 − 0) = 0; never stored anyway.
-    lse2 = tl.load(LSE + batch * stride_lb + head * stride_lh + offs_m * stride_lm, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + batch * stride_lb + head * stride_lh + offs_m * stride_lm, mask=m_ok, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=m_ok, other=0.0)
     kT_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        # As the forward: keys past the block's last row are never loaded, keys before its first
-        # row need no causal mask.
-        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M)
-        full_hi = (tl.minimum(seq_k, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-    else:
-        hi = seq_k
-        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    hi, full_hi = causal_bounds(pid_m * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, 0, full_hi, offs_m, offs_n0, d_mask, seq_k, qk_scale,
                    stride_kn, stride_vn, BLOCK_N, False, CAUSAL, PAD_D, PRECISION)
     dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, full_hi, hi, offs_m, offs_n0, d_mask, seq_k, qk_scale,
@@ -305,13 +257,10 @@ def attn_bwd_dq_convert_kernel(DQ_ACC, DQ,
                                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                                seq_q, heads_q, sm_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grid: bwd_grid(batch, heads_q, seq_q, BLOCK_M). dQ = scale · the fp32 atomic accumulator."""
-    n_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % n_blocks
-    bh = pid // n_blocks
-    batch = (bh // heads_q).to(tl.int64)
-    head = (bh % heads_q).to(tl.int64)
+    """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M). dQ = scale · the fp32 atomic accumulator."""
+    pid_m, bh, batch, head = block_of(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), heads_q)
+    batch = batch.to(tl.int64)
+    head = head.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]

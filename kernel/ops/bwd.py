@@ -1,29 +1,26 @@
-"""The backward kernels' knobs, shared-memory model and default config. Pure Python, no torch.
+"""The backward op: its knobs, default config, shared-memory model and launches.
 
-A backward config is a `flashtune.db.types.Config`: `block_m`/`block_n` are the dK/dV pass's query
-and key tiles (its program owns `block_n` keys and streams `block_m` queries at a time),
-`num_warps`/`num_stages` its warps and pipeline depth, and `extra` holds the rest:
-
-- `block_m_dq`, `block_n_dq`: the dQ pass's query and key tiles (default: `block_n`, `block_m`, the
-  FA2 mirror image: the dQ program owns the big query tile and streams small key tiles);
-- `num_warps_dq`, `num_stages_dq`: the dQ pass's warps and stages (default: the dK/dV pass's);
-- `deterministic` (default True): False lets the dK/dV kernel add dQ with fp32 atomics instead of
-  running the separate dQ pass (the dq knobs are then unused). A call made with
-  `deterministic=True` never uses atomics, whatever the config says.
-
-The database, the tuner's space and the dispatcher may import this module without torch.
+`attention_bwd` is the checked entry point; `launch_bwd` is what the autograd function, the dispatcher and
+the tuner call after validating once. The kernels are kernel/jit/bwd.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from ..db.arch import ARCH_SMEM, normalize_arch
-from ..db.smem import padded_head_dim
-from ..db.types import DTYPE_BYTES, Config, normalize_dtype
+import torch
+
+from ...db.arch import ARCH_SMEM, normalize_arch
+from ...db.types import DTYPE_BYTES, Config, normalize_dtype
+
+from ..checks import AttnShape, check_bwd_inputs, check_causal, check_precision, check_scale, device_limits
+from ..jit.bwd import (attn_bwd_dkdv_kernel, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
+                       attn_bwd_preprocess_kernel)
+from ..jit.common import LOG2E, one_axis_grid
+from .common import FALLBACK_SMEM, check_smem, padded_head_dim
+
 
 BWD_EXTRA_KEYS: tuple[str, ...] = ("block_m_dq", "block_n_dq", "num_warps_dq", "num_stages_dq", "deterministic")
-_FALLBACK_SMEM = 64 * 1024  # smallest opt-in limit of any supported arch (sm_75)
 
 
 @dataclass(frozen=True)
@@ -160,11 +157,17 @@ _PREFERENCE_SMALL_D: tuple[Config, ...] = (
     _bwd(16, 32, 4, 1, 32, 16),
     _bwd(16, 16, 2, 1, 16, 16),
 )
+
+
 _PREFERENCE_D128_HOPPER: tuple[Config, ...] = (
     _bwd(32, 128, 8, 3, 128, 64, num_warps_dq=8, num_stages_dq=2),
     _bwd(32, 128, 8, 2, 128, 32),
 ) + _PREFERENCE_SMALL_D[3:]
+
+
 _PREFERENCE_D128: tuple[Config, ...] = _PREFERENCE_SMALL_D[3:]
+
+
 _PREFERENCE_BIG_D: tuple[Config, ...] = (
     _bwd(16, 64, 8, 2, 64, 16),
     _bwd(16, 32, 4, 1, 32, 16),
@@ -195,9 +198,106 @@ def default_bwd_config(arch: str, head_dim: int, dtype: str, smem_limit: int | N
     except ValueError:
         known = False
     if smem_limit is None:
-        smem_limit = ARCH_SMEM[arch] if known else _FALLBACK_SMEM
+        smem_limit = ARCH_SMEM[arch] if known else FALLBACK_SMEM
     candidates = _candidates(arch if known else None, head_dim)
     for config in candidates:
         if estimate_bwd_smem(config, head_dim, dtype, arch if known else None) <= smem_limit:
             return config
     return candidates[-1]
+
+
+def _elementwise_block(block_d: int) -> int:
+    # Rows per program of the elementwise kernels: about 8K elements, i.e. 32-64 registers a thread.
+    return max(16, min(128, 8192 // block_d))
+
+
+def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, shape: AttnShape, *, causal: bool, scale: float, config: Config,
+               deterministic: bool = True, fp32_precision: str = "ieee",
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Launch the backward with no input checks; returns (dq, dk, dv, Triton's compiled kernels by name).
+
+    `scale` is the softmax scale (not folded with log2(e)); `lse` the forward's natural-log LSE.
+    dq, dk, dv are allocated with empty_like(q/k/v) (same strides) unless `out` gives them.
+    Atomics for dQ are used only when both `deterministic` is False and the config's
+    `deterministic` knob is false. The config's extras are checked (ValueError on unknown knobs);
+    Triton's own errors (OutOfResources, CompilationError) propagate for the tuner to record.
+    """
+    knobs = bwd_knobs(config)
+    atomic = not deterministic and not knobs.deterministic
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if out is None else out
+    b, hq, nq, hkv, nk = shape.batch, shape.heads_q, shape.seq_q, shape.heads_kv, shape.seq_k
+    block_d = padded_head_dim(shape.head_dim)
+    causal = bool(causal)
+    qk_scale = scale * LOG2E  # exp2 in-kernel
+    compiled: dict[str, Any] = {}
+
+    delta = torch.empty((b, hq, nq), device=q.device, dtype=torch.float32)
+    rows = _elementwise_block(block_d)
+    compiled["preprocess"] = attn_bwd_preprocess_kernel[one_axis_grid(b, hq, nq, rows)](
+        o, do, delta, *o.stride(), *do.stride(), nq, hq,
+        HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
+
+    # With atomics the dQ shares land in a zeroed fp32 buffer; otherwise dk stands in (never read).
+    dq_acc = torch.zeros((b, hq, nq, shape.head_dim), device=q.device, dtype=torch.float32) if atomic else dk
+    dq_acc_strides = dq_acc.stride() if atomic else (0, 0, 0, 0)
+    compiled["dkdv"] = attn_bwd_dkdv_kernel[one_axis_grid(b, hkv, nk, knobs.block_n)](
+        q, k, v, do, dk, dv, lse, delta, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
+        *dq_acc_strides,
+        nq, nk, hkv, shape.group, qk_scale, scale,
+        HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n,
+        CAUSAL=causal, PRECISION=fp32_precision, ATOMIC_DQ=atomic,
+        num_warps=knobs.num_warps, num_stages=knobs.num_stages)
+
+    if atomic:
+        compiled["dq_convert"] = attn_bwd_dq_convert_kernel[one_axis_grid(b, hq, nq, rows)](
+            dq_acc, dq, *dq_acc.stride(), *dq.stride(), nq, hq, scale,
+            HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
+    else:
+        compiled["dq"] = attn_bwd_dq_kernel[one_axis_grid(b, hq, nq, knobs.block_m_dq)](
+            q, k, v, do, dq, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *lse.stride(),
+            nq, nk, hq, shape.group, qk_scale, scale,
+            HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m_dq, BLOCK_N=knobs.block_n_dq,
+            CAUSAL=causal, PRECISION=fp32_precision,
+            num_warps=knobs.num_warps_dq, num_stages=knobs.num_stages_dq)
+    return dq, dk, dv, compiled
+
+
+def check_bwd_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: str | None = None) -> None:
+    """Raise if `config` is not a Config, has unknown or malformed backward knobs, or does not fit."""
+    bwd_knobs(config)  # TypeError / ValueError naming the problem
+    if smem_limit is not None:
+        check_smem(f"backward config {config}", estimate_bwd_smem(config, shape.head_dim, shape.dtype, arch),
+                   shape.head_dim, shape.dtype, smem_limit)
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, *, causal: bool, scale: float | None, config: Config | None = None,
+                  deterministic: bool = True, fp32_precision: str = "ieee",
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of O = softmax(scale·QKᵀ [+ causal mask])·V given dO.
+
+    o and lse come from `attention_fwd(q, k, v, causal=..., scale=..., return_lse=True)` with the
+    same causal (a bool) and scale (None = 1/sqrt(head_dim)). For GQA/MQA, dk and dv are summed over each
+    KV head's query group. The gradients have the dtypes and strides of q, k, v. `config=None`
+    takes the device's default backward config. `deterministic=True` (the default) never uses
+    atomics, so two runs give bitwise-equal gradients; False lets a config with
+    `extra={"deterministic": False}` add dQ with fp32 atomics. float32 inputs use IEEE fp32 dots
+    unless fp32_precision="tf32".
+    """
+    shape = check_bwd_inputs(do, q, k, v, o, lse)
+    causal = check_causal(causal)
+    scale = check_scale(scale, shape.head_dim)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    fp32_precision = check_precision(fp32_precision)
+    arch, smem_limit = device_limits(q)
+    if config is None:
+        config = default_bwd_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
+    check_bwd_config(config, shape, smem_limit, arch)
+    dq, dk, dv, _ = launch_bwd(do, q, k, v, o, lse, shape, causal=causal, scale=scale, config=config,
+                               deterministic=deterministic, fp32_precision=fp32_precision)
+    return dq, dk, dv

@@ -1,0 +1,370 @@
+"""The dispatcher's plans: what each call needs after validation, resolved by the rules from the loaded table and
+memoised per input signature, so the steady state is one dict lookup; the stale warning and the fallback of a
+stored config that does not compile here, once for every op."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from ...db.arch import ARCH_SMEM, normalize_arch
+from ...db.errors import first_line
+from ...db.types import Config, Key, bucket
+
+from ..checks import AttnShape, check_causal, check_inputs, check_kvcache_inputs, check_scale, check_tensors, head_span_fits
+from ..device import device_arch, device_sm_count, device_smem_limit
+from ..errors import launch_failure
+from ..ops import OPS, Op
+from ..ops.kvcache import DecodeLaunch
+from ..providers import KERNEL
+from ..version import op_version
+from . import table as _tables
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, Choice, key_or_none, kv_bucket,
+                    kv_shape, resolve)
+from .table import MEMO_LIMIT, DispatchWarning, Table
+
+INTERPRETER_ARCH = "sm_80"  # the nominal arch of CPU tensors, which run under the Triton interpreter
+
+
+def _rules(op: str) -> Op:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}: the dispatcher resolves {', '.join(OPS)}") from None
+
+
+def _remember(memo: dict[Any, Any], token: Any, entry: Any) -> None:
+    """Memoise `entry` under `token`; a memo past MEMO_LIMIT starts over (an app whose lengths never repeat
+    just re-resolves)."""
+    with _tables.lock:
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+        memo[token] = entry
+
+
+def _resolve(table: Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
+             kernel_only: bool = False, op: str = OP, sm_count: int | None = None) -> Choice:
+    return resolve(table, arch, smem_limit, shape, causal, rules=_rules(op), failed=_tables.failed,
+                   sdpa_providers=_sdpa_providers(), kernel_only=kernel_only, op=op, sm_count=sm_count)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a call needs after validation, memoised per input signature."""
+
+    shape: AttnShape
+    choice: Choice
+    default_scale: float  # 1/sqrt(D), used when the call passes scale=None
+    grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
+    kernel: Config  # the kernel config to launch: the choice's, or its fallback when a backend won
+    sdpa: str | None = None  # the SDPA backend to run instead of the kernel
+    # The compiled kernel kept for direct relaunch (kernel.ops.fwd.launch_cached), per return_lse;
+    # filled on the plan's first launch. Not part of the plan's identity.
+    launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCachePlan:
+    """attention_kvcache's plan, memoised per signature with the cache length Nk bucketed (`kv_bucket`).
+
+    `shape` holds the sizes of the signature, with seq_k the bucket's power of two (a call's own Nk
+    is its caches'); `choice` the config and why, resolved for that bucketed key; `launch` the
+    kernel.ops.kvcache.DecodeLaunch that runs `choice.config` (it keeps the compiled passes for direct
+    relaunch). `exact` maps the lengths inside the bucket that have a winner stored for exactly
+    their key to their own plans (on CUDA; usually empty): such a call gets its tuned winner.
+    """
+
+    shape: AttnShape
+    choice: Choice
+    default_scale: float  # 1/sqrt(D), used when the call passes scale=None
+    launch: Any = field(compare=False, repr=False)
+    exact: dict[int, "KVCachePlan"] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _arch_limit(arch: str) -> tuple[str, int]:
+    try:
+        name = normalize_arch(arch)
+    except ValueError:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCH_SMEM)} "
+                         "(or explain() a CUDA tensor of that GPU)") from None
+    return name, ARCH_SMEM[name]
+
+
+@lru_cache(maxsize=1)
+def _sdpa_providers() -> frozenset[str]:
+    from ..sdpa import available_providers
+
+    return frozenset(available_providers())
+
+
+def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
+           seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
+           smem_limit: int | None = None, kernel_only: bool = False, op: str = OP,
+           sm_count: int | None = None) -> Choice:
+    """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, or
+    "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache length) on `arch` (no
+    tensors, no memo, no warnings).
+
+    `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
+    the arch table's planning figure (db.arch.ARCH_SMEM); `sm_count` (the kvcache default's split
+    count depends on it) to kernel.ops.kvcache.DEFAULT_SM_COUNT.
+    """
+    _rules(op)
+    key = Key(arch, op, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
+              batch_heads=bucket(batch_heads), group=group)
+    limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
+    # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
+    heads_kv = max(1, key.batch_heads // key.group)
+    shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
+    return _resolve(_tables.table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op,
+                    sm_count=sm_count)
+
+
+def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, *,
+            kernel_only: bool = False, op: str = OP) -> Choice:
+    if device.type == "cuda":
+        return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
+                        kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
+    # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
+    if table.interpreter:
+        return _resolve(table, INTERPRETER_ARCH, ARCH_SMEM[INTERPRETER_ARCH], shape, causal,
+                        kernel_only=kernel_only, op=op)
+    rules = _rules(op)
+    if op == KV_OP:
+        shape = kv_shape(None, INTERPRETER_ARCH, shape, causal)
+    key = key_or_none(INTERPRETER_ARCH, shape, causal, op)
+    if table.override is not None and rules.overridable:
+        return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key, op=op)
+    config = rules.default(INTERPRETER_ARCH, shape, None, None)
+    return Choice(config, DEFAULT, f"CPU tensors run under the Triton interpreter: the {INTERPRETER_ARCH} "
+                  "default, tuned configs are not consulted", INTERPRETER_ARCH, key, op=op)
+
+
+def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[Any, ...]:
+    # Everything check_inputs and the rules depend on; data pointers do not matter to either.
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device, causal)
+
+
+def _warn_once(token: Any, message: str) -> None:
+    with _tables.lock:
+        if token in _tables.warned:
+            return
+        _tables.warned.add(token)
+    warnings.warn(message, DispatchWarning, stacklevel=5)  # the caller of attention()
+
+
+def _warn_stale(choice: Choice) -> None:
+    """One warning per key whose stored winner was tuned with another version of its op's kernels."""
+    if choice.stale and choice.winner is not None:
+        wk = choice.winner.key
+        _warn_once(("stale", wk), f"flashtune: using {choice.config} for {wk}, tuned with {wk.op} kernel version "
+                   f"{choice.winner.kernel_version} (current {op_version(wk.op)}); it fits this GPU, "
+                   "re-tune to refresh it")
+
+
+def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
+    shape = check_inputs(q, k, v)
+    table = _tables.current
+    choice = _choose(table, q.device, shape, causal)
+    _warn_stale(choice)
+    sdpa = choice.provider if choice.provider != KERNEL else None
+    kernel = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
+    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa)
+    _remember(table.memo, _signature(q, k, v, causal), entry)
+    return entry
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
+    """Validate q, k, v and pick the config, memoised per input signature (the hot path).
+
+    Raises what kernel.checks.check_inputs raises (TypeError/ValueError) for bad inputs.
+    """
+    try:
+        hit = _tables.current.memo.get(_signature(q, k, v, causal))
+    except (AttributeError, RuntimeError):  # not tensors, or nested ones: check_inputs names the problem
+        hit = None
+    return hit if hit is not None else _plan_miss(q, k, v, causal)
+
+
+def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """The SDPA backend of this call's plan refused its inputs: later calls of the same signature run the
+    kernel config stored beside the backend's win straight away, and `plan(...).sdpa` says so (what ran)."""
+    token = _signature(q, k, v, causal)
+    with _tables.lock:
+        entry = _tables.current.memo.get(token)
+        if entry is not None and entry.sdpa is not None:
+            _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None)
+
+
+def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
+    """The backward's config for a call of `shape` on q's device, by the same rules as the forward
+    from the op="bwd" entries of the table (exact, nearest within NEAREST_LIMIT, else
+    kernel.ops.bwd.default_bwd_config); memoised: one dict lookup after the first call."""
+    token = (q.device, shape, causal)
+    hit = _tables.current.choices.get(token)
+    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal)
+
+
+def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool) -> Choice:
+    table = _tables.current
+    choice = _choose(table, device, shape, causal, op="bwd")
+    _warn_stale(choice)
+    _remember(table.choices, token, choice)
+    return choice
+
+
+def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool) -> Config:
+    """The backward config for a call of `shape` on q's device (`bwd_choice`'s config)."""
+    return bwd_choice(q, shape, causal).config
+
+
+def bwd_config_failed(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice,
+                      error: BaseException) -> Choice:
+    """Record that a stored backward config failed to compile here (one warning); the choice every
+    backward of this shape gets from now on (the default)."""
+    _record_failure(q, shape, causal, choice, error)
+    return bwd_choice(q, shape, causal)
+
+
+def _record_failure(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice, error: BaseException) -> None:
+    smem = device_smem_limit(q.device) if q.device.type == "cuda" else ARCH_SMEM[INTERPRETER_ARCH]
+    text = first_line(error)
+    token = (choice.op, choice.arch, smem, choice.config, shape.head_dim, shape.dtype, causal)
+    with _tables.lock:
+        _tables.failed[token] = text
+        _tables.current.memo.clear()
+        _tables.current.choices.clear()
+    what = choice.winner.key if choice.winner is not None else choice.key
+    _warn_once(("failed", *token), f"flashtune: stored config {choice.config} for {what} failed to compile "
+               f"({text}); using the default config instead")
+
+
+def stored_config_failed(choice: Choice, error: BaseException) -> bool:
+    """Whether `error`, raised launching `choice`, is a stored winner's config that does not compile on this GPU
+    (Triton's compile errors, out of resources), so the call should fall back to the default (`config_failed`,
+    `bwd_config_failed`, `kvcache_config_failed`); anything else is the caller's to raise."""
+    return choice.source in (EXACT, NEAREST) and launch_failure(error) in ("compile_error", "out_of_resources")
+
+
+def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
+                  error: BaseException) -> Plan:
+    """Record that a stored config failed to compile here; the plan every call gets from now on."""
+    _record_failure(q, check_inputs(q, k, v), causal, choice, error)
+    return _plan_miss(q, k, v, causal)
+
+
+def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+                 has_seqlens: bool) -> KVCachePlan:
+    """Validate q and the caches and pick attention_kvcache's config: the rules above with op="kvcache"
+    (key: Nq, the cache length Nmax as N_kv, D, dtype, bottom-right causal, B·Hq bucket, Hq/Hkv; the
+    default is kernel.ops.kvcache.default_decode_config for the device's SM count), for Nmax bucketed
+    (`kv_bucket`) unless a winner is stored for exactly the call's key.
+
+    Memoised per signature with Nmax bucketed: q's shape, strides, dtype and device, the caches' B,
+    Hkv, D, dtypes and devices, causal and whether lengths are given. A growing cache (Nmax + 1
+    every decode step, strides changing with it) therefore hits the same plan until it enters the
+    next bucket. Each hit still checks what that signature leaves open and check_kvcache_inputs
+    checks: v's exact shape equals k's, and each cache's head slice spans at most 2**31 elements
+    (it grows with Nmax and the strides); anything else goes through the full check. Raises what
+    kernel.kvcache.check_kvcache_inputs raises for bad inputs. The checks that involve the exact
+    Nmax and the lengths (causal with fewer keys than queries, cache_seqlens) are the caller's.
+    """
+    try:
+        kshape = k_cache.shape
+        seq_kv = kshape[2]
+        token = (KV_OP, has_seqlens, causal, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
+                 kshape[3:], kv_bucket(seq_kv), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype,
+                 v_cache.device)
+        hit = _tables.current.memo.get(token)
+        if hit is not None:
+            head_dim = kshape[3]
+            if (v_cache.shape != kshape or not head_span_fits(seq_kv, k_cache.stride(), head_dim)
+                    or not head_span_fits(seq_kv, v_cache.stride(), head_dim)):
+                hit = None  # the full check below names the problem
+            elif hit.exact:
+                hit = hit.exact.get(seq_kv, hit)
+    except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):  # not dense tensors, Nmax = 0
+        token, hit = None, None
+    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens)
+
+
+def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool,
+                  has_seqlens: bool) -> KVCachePlan:
+    shape = check_kvcache_inputs(q, k_cache, v_cache)
+    table = _tables.current
+    bucketed = dataclasses.replace(shape, seq_k=kv_bucket(shape.seq_k))
+    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens)
+             for n in _kv_exact_lengths(table, q.device, bucketed, causal)}
+    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact)
+    if token is not None:
+        _remember(table.memo, token, entry)
+    return entry.exact.get(shape.seq_k, entry)
+
+
+def _kv_plan(table: Table, device: torch.device, shape: AttnShape, causal: bool, has_seqlens: bool,
+             exact: dict[int, KVCachePlan] | None = None) -> KVCachePlan:
+    choice = _choose(table, device, shape, causal, op=KV_OP)
+    _warn_stale(choice)
+    launch = DecodeLaunch(shape, choice.config, causal=causal, ragged=has_seqlens)
+    return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {})
+
+
+def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool) -> list[int]:
+    """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored for
+    exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
+    if device.type != "cuda":
+        return []
+    arch = device_arch(device)
+    key = key_or_none(arch, bucketed, causal, KV_OP)
+    if key is None:
+        return []
+    entries = table.groups.get((arch, KV_OP, key.head_dim, key.dtype, causal, key.group > 1), ())
+    return [n_kv for n, n_kv, bh, group, _ in entries
+            if (n, bh, group) == (key.seq_len, key.batch_heads, key.group) and n_kv != key.seq_len_kv
+            and kv_bucket(n_kv) == key.seq_len_kv]
+
+
+def kvcache_key(plan: KVCachePlan, seq_kv: int) -> Key | None:
+    """The key a call of `plan` with a cache of `seq_kv` keys counts under FLASHTUNE_RECORD: the
+    plan's key with the call's own Nmax (None where no key can be formed)."""
+    key = plan.choice.key
+    if key is None or key.seq_len_kv == seq_kv:
+        return key
+    try:
+        return dataclasses.replace(key, seq_len_kv=seq_kv)
+    except ValueError:
+        return None
+
+
+def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+                          has_seqlens: bool, choice: Choice, error: BaseException) -> KVCachePlan:
+    """Record that a stored kvcache config failed to compile here (one warning); the plan every such
+    call gets from now on (the default)."""
+    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens).shape, causal, choice, error)
+    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens)
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
+            arch: str | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
+    """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
+    `op="bwd"`, which config its backward uses; with `op="kvcache"`, which config
+    `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
+
+    `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
+    to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
+    runs. By default the tensors' own device decides, and it must be one the kernel runs on.
+    `kernel_only` gives the flashtune kernel's config even where an SDPA backend won the key (what
+    `flashtune bench` times as the kernel).
+    """
+    causal = check_causal(is_causal, "is_causal")
+    _rules(op)
+    if arch is not None:
+        shape = check_tensors(q, k, v)
+        name, limit = _arch_limit(arch)
+        return _resolve(_tables.table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op)
+    return _choose(_tables.current, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op)

@@ -1,0 +1,87 @@
+"""What every kernel family shares: the program-id decode, the masked tile load, the causal bounds, the
+online-softmax step and the constants.
+
+Triton inlines these helpers, so sharing them changes no compiled kernel (tests/test_output_hashes.py
+checks the outputs bitwise). Each op's version (kernel/version.py) includes the helpers its kernels call.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...db.types import INT32_MAX
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels exponentiate in base 2, with the scale and log2(e) folded
+LN2 = 0.6931471805599453  # ln(2): base-2 log-sum-exps back to natural log
+GRID_X_MAX = INT32_MAX  # CUDA's limit on grid x; y and z stop at 65535, which B or H alone can exceed
+
+# The same values as compile-time constants: a jit function reads only constexpr globals.
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+
+
+def one_axis_grid(batch: int, heads: int, seq: int, block: int) -> tuple[int]:
+    """The grid of a kernel that runs one program per `block` rows of every (batch, head), on one axis
+    (`block_of` decodes it); the blocks of one head are consecutive, so they share K and V in L2."""
+    return (batch * heads * -(-seq // block),)  # ceil division inline: this runs on every call
+
+
+@triton.jit
+def block_of(pid, n_blocks, heads):
+    """(block, batch·heads + head, batch, head) of program `pid` on a `one_axis_grid`."""
+    pid_m = pid % n_blocks
+    bh = pid // n_blocks
+    return pid_m, bh, bh // heads, bh % heads
+
+
+@triton.jit
+def load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A 2-D tile; where asked, rows past `rows_ok` (dim 0) and columns past `cols_ok` (dim 1) read 0.
+
+    The unmasked load is the steady state: whole tiles inside the sequence with a power-of-two head dim."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def causal_bounds(start_m, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(hi, full_hi) of the key loop of the query block starting at `start_m`: tiles below full_hi need no
+    mask, tiles in [full_hi, hi) do, keys from hi on are never loaded.
+
+    Causal is top-left aligned (torch SDPA's is_causal): query i sees keys j <= i, so keys past the
+    block's last row are skipped and keys before its first row need no causal mask."""
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M)
+        full_hi = (tl.minimum(seq_k, start_m) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_k
+        full_hi = (seq_k // BLOCK_N) * BLOCK_N
+    return hi, full_hi
+
+
+@triton.jit
+def softmax_step(qk, m_i, l_i, acc, GUARD_EMPTY: tl.constexpr):
+    """One tile of the online softmax in base 2: (p, the new row max, the new row sum, the rescaled
+    accumulator). `qk` holds scaled scores, -inf where masked.
+
+    GUARD_EMPTY: a row may have seen no key yet (bottom-right causal decode), so its max can be -inf;
+    subtracting 0 instead keeps exp2 at 0 rather than NaN. Top-left causal rows always see key 0 first."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if GUARD_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc

@@ -1,0 +1,194 @@
+"""Split-KV ("flash-decoding") attention for a few queries against a long KV cache, in Triton.
+
+Pass 1 (`decode_split_kernel`), a 1-D grid of cdiv(G·Nq, BLOCK_M) × num_splits × B·Hkv programs
+(row block fastest, then split, then (batch, KV head)). One program packs the G = Hq/Hkv query heads
+of one KV head and the Nq queries into the M dimension of one tile, row r = g·Nq + i (head
+hkv·G + g, query i), so each KV head's keys and values are read once per split instead of once per
+query head. It streams its split [s·split_size, min((s+1)·split_size, len)) in BLOCK_N tiles with
+the online softmax in fp32 (exp2, the scale and log2(e) folded into one multiply), and either
+writes O directly (one split) or its partials: the normalised accumulator acc/l (fp32) and the
+base-2 log-sum-exp m + log2(l) per row (-inf for a row that saw no key).
+
+Pass 2 (`decode_combine_kernel`), one program per output row (b, hq, i), merges the splits that
+hold keys of that sequence (split s is live iff s·split_size < len) by log-sum-exp rescaling and
+writes O in the query's dtype with any strides. Rows that see no key at all (len = 0) get zeros.
+
+Scratch, for R = B·Hq·Nq rows indexed (b·Hq + hq)·Nq + i: ACC (R, S, D) fp32 and LSE (R, S) fp32.
+A split past a sequence's length exits before touching anything; pass 2 never reads its slots.
+
+The split size is one number for the whole batch, a multiple of BLOCK_N computed from Nmax and
+num_splits; programs whose split starts past their sequence's length exit at once. A ragged batch
+thus runs about (total live keys)/split_size programs, and `default_decode_config` gives long
+caches splits of `MAX_SPLIT_KEYS` keys whatever Nmax is, so that a ragged batch and a uniform one of
+the same total length launch the same work (`default_num_splits` says when that holds).
+
+Causal is bottom-right aligned (flash_attn's cache convention): query i of Nq sees keys
+j <= len - Nq + i. Keys below len - Nq + 1 are visible to every query, so only the last tile(s) of a
+sequence are masked.
+
+Plain pointers, no block pointers: Triton 3.9 removed `tl.make_block_ptr`, and the same source must
+compile on the GPU machine's Triton 3.6.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import load_tile, softmax_step
+
+
+@triton.jit
+def _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_n, d_mask, seq_len, row_limit, qk_scale,
+                  stride_kn, stride_vn,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+    # MASKED=False: whole tiles below the sequence's length that every query sees, loaded and used
+    # without masks. MASKED=True: the sequence's tail tile and the tiles holding the causal edge.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        n_ok = cols < seq_len
+        k = load_tile(k_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= row_limit[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+        # Bottom-right causal: a row may have seen no key yet (its limit lies before this split).
+        p, m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, MASKED)
+        v = load_tile(v_ptrs + start_n * stride_vn, n_ok, d_mask, MASKED, PAD_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_ob, stride_oh, stride_om, stride_od,
+                        heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, SPLIT: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Pass 1. 1-D grid of num_m_blocks · num_splits · batch·heads_kv programs (see the module doc).
+
+    SPLIT=False (num_splits == 1) writes O; SPLIT=True writes the partials ACC/LSE.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    rest = pid // num_m_blocks
+    split = rest % num_splits
+    bh = rest // num_splits
+    batch = (bh // heads_kv).to(tl.int64)
+    head_kv = (bh % heads_kv).to(tl.int64)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+
+    if HAS_SEQLENS:
+        # Clamped so that no value of cache_seqlens can read outside the cache.
+        seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + batch * stride_s), 0), seq_kv)
+    else:
+        seq_len = seq_kv
+    lo = tl.multiple_of(split * split_size, BLOCK_N)
+    if SPLIT:
+        if lo >= seq_len:
+            return  # nothing of this sequence here; pass 2 skips this split
+    hi = tl.minimum(lo + split_size, seq_len)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row r = g·Nq + i
+    rows_ok = rows < group * seq_q
+    g = rows // seq_q
+    qi = rows % seq_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    head_q = head_kv * group + g  # int64: the row offsets below span several heads
+
+    q_ptrs = (Q + batch * stride_qb + head_q[:, None] * stride_qh + qi[:, None].to(tl.int64) * stride_qm
+              + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_mask[None, :], other=0.0)
+    # K is read transposed, (BLOCK_D, BLOCK_N), so that QK^T is a plain dot. Offsets inside one
+    # (batch, head) slice are 32-bit (the API checks the span).
+    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        # Query i sees keys j <= len - Nq + i: keys below len - Nq + 1 are seen by every row.
+        row_limit = seq_len - seq_q + qi
+        seen_by_all = seq_len - seq_q + 1
+    else:
+        row_limit = qi  # unused
+        seen_by_all = seq_len
+    full_hi = lo + ((tl.minimum(hi, seen_by_all) - lo) // BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(full_hi, lo)
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, full_hi, offs_n, d_mask, seq_len,
+                                  row_limit, qk_scale, stride_kn, stride_vn,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PRECISION)
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_n, d_mask, seq_len,
+                                  row_limit, qk_scale, stride_kn, stride_vn,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PRECISION)
+
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key keeps acc = 0
+    if SPLIT:
+        # Row index of the scratch, (b·Hq + hq)·Nq + i, and its slot for this split.
+        out_row = ((batch * heads_kv + head_kv) * group * seq_q + rows) * num_splits + split
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + out_row, lse, mask=rows_ok)
+        tl.store(ACC + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=rows_ok[:, None] & d_mask[None, :])
+    else:
+        o_ptrs = (O + batch * stride_ob + head_q[:, None] * stride_oh + qi[:, None].to(tl.int64) * stride_om
+                  + offs_d[None, :] * stride_od)
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def decode_combine_kernel(ACC, LSE, O, SEQLENS, stride_s,
+                          stride_ob, stride_oh, stride_om, stride_od,
+                          heads_q, seq_q, seq_kv, split_size, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          HAS_SEQLENS: tl.constexpr):
+    """Pass 2. Grid (B·Hq·Nq,): one output row per program, merging its sequence's live splits."""
+    row = tl.program_id(0).to(tl.int64)  # (b·Hq + hq)·Nq + i
+    qi = row % seq_q
+    bh = row // seq_q
+    head = bh % heads_q
+    batch = bh // heads_q
+    if HAS_SEQLENS:
+        seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + batch * stride_s), 0), seq_kv)
+    else:
+        seq_len = seq_kv
+    # Splits at or past the length exited without writing: never read their slots.
+    live = tl.minimum(tl.cdiv(seq_len, split_size), num_splits)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    base = row * num_splits
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        s_ok = s0 + offs_s < live
+        m_vec = tl.maximum(m_vec, tl.load(LSE + base + s0 + offs_s, mask=s_ok, other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no split saw a key: all weights are 0 below
+    l_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, live, BLOCK_S):
+        s_ok = s0 + offs_s < live
+        lse = tl.load(LSE + base + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.math.exp2(lse - m)  # 0 for empty splits (lse = -inf)
+        used = s_ok & (lse > float("-inf"))
+        part = tl.load(ACC + (base + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=used[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+        l_vec += w
+    l_sum = tl.sum(l_vec, 0)
+    out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+    o_ptrs = O + batch * stride_ob + head * stride_oh + qi * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_mask)
