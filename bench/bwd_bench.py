@@ -27,27 +27,19 @@ a table last.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
-    try:  # the smoke run needs the interpreter unless a GPU is present; set it before triton loads
-        import torch as _torch
+from common import Budget, Shapes, Timer, arguments, error_line, int_list, out_dir, peak_extra_bytes, print_table, \
+    provenance, require_gpu, str_list, use_interpreter, write_csv, write_json
 
-        if not _torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    except ImportError:
-        pass
+use_interpreter("--smoke" in sys.argv)  # the smoke run needs the interpreter unless a GPU is present
 
 import torch  # noqa: E402
 
@@ -103,11 +95,6 @@ def _smoke_grid(head_dim: int) -> list[Config]:
             Config(32, 16, 2, 1)]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-
-
 def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, dict[str, Any]]:
     """Compile (and run once on a small input) one backward config; (config text, error, kernel facts)."""
     from flashtune.kernel.checks import check_bwd_inputs
@@ -126,41 +113,7 @@ def _compile_one(job: tuple[str, int, str, bool]) -> tuple[str, str | None, dict
                             spills=getattr(c, "n_spills", None)) for name, c in compiled.items() if c is not None}
         return text, None, facts
     except Exception as exc:  # noqa: BLE001 - a compile failure is a data point here
-        return text, _first_line(exc), {}
-
-
-class Timer:
-    """Median milliseconds of a callable: do_bench on CUDA, a few wall-clock runs under the interpreter."""
-
-    def __init__(self, cuda: bool, rep: int) -> None:
-        self.cuda, self.rep = cuda, rep
-
-    def __call__(self, fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
-        if self.cuda:
-            import triton
-
-            return float(triton.testing.do_bench(fn, warmup=10, rep=self.rep, grad_to_none=grad_to_none,
-                                                 return_mode="median"))
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def _peak_extra(fn: Callable[[], Any], cuda: bool) -> int | None:
-    """Bytes allocated at the peak of one call above what was allocated before it (None on CPU)."""
-    if not cuda:
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return int(peak)
+        return text, error_line(exc), {}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -207,7 +160,7 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
     tokens, width = (args.tokens, args.width)
     b, h = max(1, tokens // n), max(1, width // d)
     dtype = DTYPES[dt]
-    gen = torch.Generator(device=dev).manual_seed(n * d + causal)
+    gen = torch.Generator(device=dev).manual_seed(args.seed + n * d + causal)
     q, k, v, do = (torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=gen) for _ in range(4))
     scale = d ** -0.5
     shape = check_inputs(q, k, v)
@@ -236,8 +189,8 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
             fwd_ms[config] = timer(fn)
             record("flashtune", str(config), "fwd", fwd_ms[config], fwd_flops, outcome="ok", rel_err=err)
         except Exception as exc:  # noqa: BLE001
-            print(f"  fwd {config}: {_first_line(exc)}")
-            record("flashtune", str(config), "fwd", None, fwd_flops, outcome="error", error=_first_line(exc))
+            print(f"  fwd {config}: {error_line(exc)}")
+            record("flashtune", str(config), "fwd", None, fwd_flops, outcome="error", error=error_line(exc))
     del o_sdpa
     if not fwd_ms:
         print("  no forward config ran: shape skipped")
@@ -295,15 +248,15 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
 
             bwd_ms[config] = timer(bwd)
             total_ms[config] = timer(both)
-            mems[config] = _peak_extra(both, cuda)
+            mems[config] = peak_extra_bytes(both, cuda)
             record("flashtune", text, "bwd", bwd_ms[config], 2.5 * fwd_flops, outcome="ok", rel_err=err, **extra)
             record("flashtune", text, "fwd+bwd", total_ms[config], 3.5 * fwd_flops, outcome="ok", rel_err=err,
                    peak_mem=mems[config], **extra)
             print(f"  bwd {text:58s} {bwd_ms[config]:8.3f} ms {tflops(2.5 * fwd_flops, bwd_ms[config]):6.1f} TFLOP/s"
                   f" | fwd+bwd {tflops(3.5 * fwd_flops, total_ms[config]):6.1f} | err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001 - one failing config must not stop the run
-            print(f"  bwd {text}: {_first_line(exc)}")
-            record("flashtune", text, "bwd", None, 2.5 * fwd_flops, outcome="error", error=_first_line(exc), **extra)
+            print(f"  bwd {text}: {error_line(exc)}")
+            record("flashtune", text, "bwd", None, 2.5 * fwd_flops, outcome="error", error=error_line(exc), **extra)
         if cuda:
             torch.cuda.empty_cache()
 
@@ -324,7 +277,7 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
                 fwd_only = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 res = dict(fwd=timer(fwd_only), bwd=timer(bwd_only), total=timer(fwd_bwd))
                 out = None  # frees the graph before the memory measurement
-                res["peak_mem"] = _peak_extra(fwd_bwd, cuda)
+                res["peak_mem"] = peak_extra_bytes(fwd_bwd, cuda)
                 err = max(_rel(g, r) for g, r in zip(_sdpa_grads(backend, sl(q), sl(k), sl(v), sl(do), causal), ref))
                 res["rel_err"] = err
                 base[name] = res
@@ -335,8 +288,8 @@ def bench_shape(n: int, d: int, dt: str, causal: bool, args: argparse.Namespace,
                 print(f"  {name:10s} bwd {tflops(2.5 * fwd_flops, res['bwd']):6.1f} TFLOP/s | fwd+bwd "
                       f"{tflops(3.5 * fwd_flops, res['total']):6.1f} | err {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a backend unavailable for this shape or GPU
-            print(f"  {name} unavailable: {_first_line(exc)}")
-            record(name, name, "fwd+bwd", None, 3.5 * fwd_flops, outcome="unavailable", error=_first_line(exc))
+            print(f"  {name} unavailable: {error_line(exc)}")
+            record(name, name, "fwd+bwd", None, 3.5 * fwd_flops, outcome="unavailable", error=error_line(exc))
 
     best = min(total_ms, key=total_ms.get) if total_ms else None
     best_bwd = min(bwd_ms, key=bwd_ms.get) if bwd_ms else None
@@ -368,45 +321,32 @@ def _shapes(args: argparse.Namespace) -> list[tuple[int, int, str, bool]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
+    ap = arguments(__doc__, smoke="tiny shapes and grid; runs on CPU under TRITON_INTERPRET=1", seed=True,
+                   timing=[Budget(warmup=10, rep=100)], shapes=Shapes(seq="4096,8192", dtype=None))
     ap.add_argument("--name", default="bwd_bench", help="file stem of the CSV and JSON written under --out")
-    ap.add_argument("--seq", default="4096,8192")
-    ap.add_argument("--head-dim", default="64,128")
-    ap.add_argument("--dtypes", default="fp16,bf16", help="bf16 runs only for --bf16-head-dims")
-    ap.add_argument("--bf16-head-dims", default="128")
-    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--dtypes", type=str_list, default="fp16,bf16", help="bf16 runs only for --bf16-head-dims")
+    ap.add_argument("--bf16-head-dims", type=int_list, default="128")
     ap.add_argument("--tokens", type=int, default=16384, help="B·N")
     ap.add_argument("--width", type=int, default=2048, help="H·D")
     ap.add_argument("--configs", type=int, default=0, help="use only the first K configs of the grid")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition budget, ms")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes and grid; runs on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
     if args.smoke:
-        args.seq, args.head_dim, args.bf16_head_dims = "40", "32,64", ""
+        args.seq, args.head_dim, args.bf16_head_dims = [40], [32, 64], []
         args.tokens, args.width, args.rep = 96, 128, 20
-    if not cuda and not os.environ.get("TRITON_INTERPRET"):
-        sys.exit("no CUDA GPU: run with --smoke (and TRITON_INTERPRET=1) on CPU")
-    args.seqs = [int(x) for x in args.seq.split(",")]
-    args.head_dims = [int(x) for x in args.head_dim.split(",")]
-    args.dtypes = args.dtypes.split(",")
-    args.bf16_dims = [int(x) for x in args.bf16_head_dims.split(",") if x]
-    args.causals = [bool(int(x)) for x in args.causal.split(",")]
+    require_gpu(unless=bool(os.environ.get("TRITON_INTERPRET")),
+                hint="run with --smoke (and TRITON_INTERPRET=1) on CPU")
+    args.seqs, args.head_dims, args.bf16_dims, args.causals = args.seq, args.head_dim, args.bf16_head_dims, args.causal
     if not cuda:
         args.dtypes = [dt for dt in args.dtypes if dt != "bf16"]  # the interpreter's bf16 dot is wrong
     grid_fn = _smoke_grid if args.smoke else bwd_grid
     args.grid = lambda d: grid_fn(d)[: args.configs or None]
     args.fwd_configs = (lambda arch, d, dt: [Config(16, 16, 2, 1)]) if args.smoke else fwd_candidates
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import triton
+    out = out_dir(args.out)
 
     from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
-    from flashtune.kernel.version import KERNEL_VERSION
 
     if cuda:
         from flashtune.kernel.device import device_arch, device_name, device_smem_limit
@@ -414,7 +354,7 @@ def main() -> None:
         arch, limit, gpu = device_arch(0), device_smem_limit(0), device_name(0)
     else:
         arch, limit, gpu = "sm_80", None, "cpu (Triton interpreter)"
-    env = dict(device="cuda" if cuda else "cpu", cuda=cuda, arch=arch, limit=limit, timer=Timer(cuda, args.rep))
+    env = dict(device="cuda" if cuda else "cpu", cuda=cuda, arch=arch, limit=limit, timer=Timer.from_args(args, cuda))
     shapes = _shapes(args)
 
     # 1. compile every (config, D, dtype, causal) in parallel: fills Triton's on-disk cache
@@ -435,7 +375,7 @@ def main() -> None:
                         failed[job] = err
                     facts[job] = kf
         except Exception as exc:  # noqa: BLE001 - a broken pool: the timing loop compiles as it goes
-            print(f"parallel compile failed ({_first_line(exc)}); compiling in the timing loop")
+            print(f"parallel compile failed ({error_line(exc)}); compiling in the timing loop")
         compile_wall = time.perf_counter() - t0
         print(f"compiled {len(jobs)} backward variants in {compile_wall:.1f} s on {args.workers} workers, "
               f"{len(failed)} failed", flush=True)
@@ -452,35 +392,27 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     # 3. files and the table
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(out / f"{args.name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    meta = dict(gpu=gpu, arch=arch, smem_limit=limit, triton=triton.__version__, torch=torch.__version__,
-                kernel_version=KERNEL_VERSION, compile_wall_s=compile_wall, smoke=args.smoke,
+    write_csv(out / f"{args.name}.csv", rows)
+    meta = dict(provenance(), arch=arch, smem_limit=limit, compile_wall_s=compile_wall, smoke=args.smoke,
                 flops="forward 4·B·H·N²·D (half if causal); backward 2.5x forward; fwd+bwd 3.5x",
                 compile_failures={str(k): v for k, v in failed.items()},
                 compiled={str(k): v for k, v in facts.items()})
-    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, shapes=summary, rows=rows), indent=1))
+    write_json(out / f"{args.name}.json", dict(meta=meta, shapes=summary, rows=rows))
 
-    mb = lambda x: f"{x / 2**20:7.0f}" if x else "      -"  # noqa: E731
-    f1 = lambda x: f"{x:6.1f}" if x else "     -"  # noqa: E731
-    print(f"\nTFLOP/s on {gpu} ({args.tokens // 1} tokens, H·D={args.width}); bwd = 2.5x fwd FLOPs, fwd+bwd = 3.5x; "
-          "peak MiB over one fwd+bwd")
-    print("dtype D    mode   N     | fwd+bwd: best  default flash  cudnn  xflash xcudnn | bwd: best  flash  cudnn | "
-          "peak MiB: ours  flash  cudnn | best config")
-    for s in summary:
-        fl, cu = s.get("sdpa_flash_total_tflops"), s.get("sdpa_cudnn_total_tflops")
-        best = s.get("best_total_tflops")
-        print(f"{s['dtype']:5s} {s['D']:3d} {'causal' if s['causal'] else 'full  '} {s['N']:5d} |        "
-              f"{f1(best)} {f1(s.get('default_total_tflops'))} {f1(fl)} {f1(cu)}  "
-              f"x{best / fl if best and fl else 0:.2f}  x{best / cu if best and cu else 0:.2f} |     "
-              f"{f1(s.get('best_bwd_tflops'))} {f1(s.get('sdpa_flash_bwd_tflops'))} {f1(s.get('sdpa_cudnn_bwd_tflops'))} |"
-              f"          {mb(s.get('best_peak_mem'))} {mb(s.get('sdpa_flash_peak_mem'))} {mb(s.get('sdpa_cudnn_peak_mem'))} | "
-              f"{s.get('best', '-')}")
+    mib = lambda x: round(x / 2**20) if x else None  # noqa: E731
+    ratio = lambda a, b: f"x{a / b:.2f}" if a and b else None  # noqa: E731
+    print_table(
+        ["dtype", "D", "mask", "N", "fwd+bwd best", "default", "flash", "cuDNN", "vs flash", "vs cuDNN",
+         "bwd best", "flash", "cuDNN", "peak MiB ours", "flash", "cuDNN", "best config"],
+        [[s["dtype"], s["D"], "causal" if s["causal"] else "full", s["N"], s.get("best_total_tflops"),
+          s.get("default_total_tflops"), s.get("sdpa_flash_total_tflops"), s.get("sdpa_cudnn_total_tflops"),
+          ratio(s.get("best_total_tflops"), s.get("sdpa_flash_total_tflops")),
+          ratio(s.get("best_total_tflops"), s.get("sdpa_cudnn_total_tflops")),
+          s.get("best_bwd_tflops"), s.get("sdpa_flash_bwd_tflops"), s.get("sdpa_cudnn_bwd_tflops"),
+          mib(s.get("best_peak_mem")), mib(s.get("sdpa_flash_peak_mem")), mib(s.get("sdpa_cudnn_peak_mem")),
+          s.get("best")] for s in summary],
+        title=f"TFLOP/s on {gpu} ({args.tokens} tokens, H·D={args.width}); bwd = 2.5x fwd FLOPs, fwd+bwd = 3.5x; "
+              "peak MiB over one fwd+bwd", floats=".1f")
     print(f"\nwrote {out / (args.name + '.csv')} and {out / (args.name + '.json')}")
 
 

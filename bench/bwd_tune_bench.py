@@ -13,20 +13,21 @@
    backward above the inputs, each beside SDPA's; the worst relative gradient error of attention()
    against fp32 autograd (the tuner's own check, tuner.op_bwd).
 
-Timing: triton.testing.do_bench median (ms). TFLOP/s count the forward as 4·B·H·N²·D (half when
-causal), the backward as 2.5x that and forward + backward as 3.5x. Writes OUTDIR/bwd_tune_bench.json;
-the table is printed last.
+Timing: triton.testing.do_bench's mean (ms; do_bench's default mode, which this script has always
+used). TFLOP/s count the forward as 4·B·H·N²·D (half when causal), the backward as 2.5x that and
+forward + backward as 3.5x. Writes OUTDIR/bwd_tune_bench.json; the table is printed last.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from common import Budget, Timer, arguments, out_dir, peak_extra_bytes, print_table, provenance, write_json
 
 SEQS, HEAD_DIMS, BATCH, HEADS = (4096, 8192), (64, 128), 2, 16
 
@@ -46,23 +47,20 @@ def tune(out: Path, budget: str) -> dict[str, Any]:
         sys.exit(f"tune failed with exit code {done.returncode}")
     summary = json.loads(done.stdout)
     summary["wall_s"] = round(time.monotonic() - started, 1)
-    (out / "bwd_tune.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "bwd_tune.json", summary)
     return summary
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
+    ap = arguments(__doc__, out="positional", seed=True, timing=[Budget(warmup=25, rep=100)])
     ap.add_argument("--budget", default="270s", help="tune's --budget")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition budget, ms")
     ap.add_argument("--skip-tune", action="store_true", help="time with OUTDIR/bwd_tune.db as it is")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out_dir(args.out)
     tuned = None if args.skip_tune else tune(args.out, args.budget)
     os.environ["FLASHTUNE_DB"] = f"sqlite:///{args.out / 'bwd_tune.db'}"
 
     import torch
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtune.kernel import attention, dispatch
@@ -74,11 +72,7 @@ def main() -> None:
     from flashtune.kernel.testing import attention_flops, tflops
     from flashtune.tuner.op_bwd import fp32_gradients, gradient_errors
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bwd_bench import _peak_extra  # noqa: E402  (one copy of the peak-memory measurement)
-
-    def timer(fn: Callable[[], Any], grads: tuple[torch.Tensor, ...] = ()) -> float:
-        return float(triton.testing.do_bench(fn, rep=args.rep, grad_to_none=list(grads) or None))
+    timer = Timer.from_args(args, mode="mean")
 
     arch, smem = device_arch(0), device_smem_limit(0)
     print(f"\n{torch.cuda.get_device_name(0)} ({arch}); database: {dispatch.info().message}", flush=True)
@@ -86,7 +80,7 @@ def main() -> None:
     for d in HEAD_DIMS:
         for n in SEQS:
             for causal in (False, True):
-                gen = torch.Generator(device="cuda").manual_seed(0)
+                gen = torch.Generator(device="cuda").manual_seed(args.seed)
                 q, k, v, do = (torch.randn(BATCH, HEADS, n, d, generator=gen, device="cuda", dtype=torch.float16)
                                for _ in range(4))
                 fwd = attention_flops(BATCH * HEADS, n, n, d, causal)
@@ -104,7 +98,7 @@ def main() -> None:
                 row["ft_ms"], row["ft_bwd_ms"] = timer(ft_both, leaves), timer(ft_bwd)
                 grads = torch.autograd.grad(out, leaves, do)
                 del out
-                row["ft_peak"] = _peak_extra(ft_both, True)
+                row["ft_peak"] = peak_extra_bytes(ft_both, True)
                 for x in leaves:
                     x.grad = None
                 row["ft_err"] = max(gradient_errors(grads, fp32_gradients(q, k, v, do, causal, d ** -0.5)))
@@ -129,7 +123,7 @@ def main() -> None:
                             row[f"{name}_ms"] = timer(sd_both, sl)
                             row[f"{name}_bwd_ms"] = timer(lambda: torch.autograd.grad(so, sl, do, retain_graph=True))
                             del so
-                            row[f"{name}_peak"] = _peak_extra(sd_both, True)
+                            row[f"{name}_peak"] = peak_extra_bytes(sd_both, True)
                     except RuntimeError as error:
                         row[f"{name}_error"] = str(error).splitlines()[0]
                         print(f"  SDPA {name} unavailable: {row[f'{name}_error']}", flush=True)
@@ -142,30 +136,29 @@ def main() -> None:
                 del leaves, o, lse
                 torch.cuda.empty_cache()
 
-    result = {"gpu": torch.cuda.get_device_name(0), "arch": arch, "torch": torch.__version__,
-              "triton": triton.__version__, "tune": tuned, "rows": rows,
+    result = {**provenance(), "tune": tuned, "rows": rows,
               "flops": "fwd 4*B*H*N^2*D (half causal); bwd 2.5x; fwd+bwd 3.5x"}
-    (args.out / "bwd_tune_bench.json").write_text(json.dumps(result, indent=1))
-
-    def f(row: dict[str, Any], name: str, spec: str = ".0f") -> str:
-        return format(row[name], spec) if row.get(name) is not None else "-"
+    write_json(args.out / "bwd_tune_bench.json", result)
 
     if tuned is not None:
         print(f"\ntune: status {tuned['status']}, {len(tuned['keys'])} of {tuned['keys_planned']} keys, "
               f"{tuned['wall_s']} s; geomean tuned/default (bwd) {tuned['geomean_speedup']}")
-    head = ["N", "D", "causal", "bwd src", "fwd+bwd", "flash", "cudnn", "x flash", "x cudnn", "bwd", "flash bwd",
-            "cudnn bwd", "tuned/default bwd", "peak MiB", "flash MiB", "cudnn MiB", "grad err"]
-    print("\nTFLOP/s (fwd+bwd = 3.5x, bwd = 2.5x the forward's FLOPs); peak memory above the inputs")
-    print(" | ".join(head))
-    for r in rows:
-        ratio = (lambda a, b: f"{r[a] / r[b]:.2f}" if r.get(a) and r.get(b) else "-")
-        mib = (lambda name: f"{r[name] / 2**20:.0f}" if r.get(name) is not None else "-")
-        print(" | ".join([str(r["N"]), str(r["D"]), "yes" if r["causal"] else "no", r["bwd_source"],
-                          f(r, "ft_tflops"), f(r, "flash_tflops"), f(r, "cudnn_tflops"),
-                          ratio("ft_tflops", "flash_tflops"), ratio("ft_tflops", "cudnn_tflops"),
-                          f(r, "ft_bwd_tflops"), f(r, "flash_bwd_tflops"), f(r, "cudnn_bwd_tflops"),
-                          ratio("default_bwd_ms", "tuned_bwd_ms"), mib("ft_peak"), mib("flash_peak"),
-                          mib("cudnn_peak"), f"{r['ft_err']:.1e}"]))
+
+    def ratio(r: dict[str, Any], a: str, b: str) -> str | None:
+        return f"{r[a] / r[b]:.2f}" if r.get(a) and r.get(b) else None
+
+    def mib(r: dict[str, Any], name: str) -> int | None:
+        return round(r[name] / 2**20) if r.get(name) is not None else None
+
+    print_table(
+        ["N", "D", "causal", "bwd src", "fwd+bwd", "flash", "cudnn", "x flash", "x cudnn", "bwd", "flash bwd",
+         "cudnn bwd", "tuned/default bwd", "peak MiB", "flash MiB", "cudnn MiB", "grad err"],
+        [[r["N"], r["D"], "yes" if r["causal"] else "no", r["bwd_source"], r.get("ft_tflops"),
+          r.get("flash_tflops"), r.get("cudnn_tflops"), ratio(r, "ft_tflops", "flash_tflops"),
+          ratio(r, "ft_tflops", "cudnn_tflops"), r.get("ft_bwd_tflops"), r.get("flash_bwd_tflops"),
+          r.get("cudnn_bwd_tflops"), ratio(r, "default_bwd_ms", "tuned_bwd_ms"), mib(r, "ft_peak"),
+          mib(r, "flash_peak"), mib(r, "cudnn_peak"), f"{r['ft_err']:.1e}"] for r in rows],
+        title="TFLOP/s (fwd+bwd = 3.5x, bwd = 2.5x the forward's FLOPs); peak memory above the inputs", floats=".0f")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ tuner never refused. Needs no GPU. Writes db_bench.json to --out and prints a ta
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -34,6 +33,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
+
+from common import arguments, out_dir, print_table, provenance, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,8 +213,13 @@ def import_document(n_winners: int, scale: float = 1.0) -> dict[str, Any]:
             "filters": {}, "winners": winners[:n_winners]}
 
 
+def _child_env() -> dict[str, str]:
+    """This process's environment for a child Python, the repository first on its path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+
+
 def _run_import(url: str, path: Path, policy: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _child_env()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", IMPORT_CHILD, url, str(path), policy], env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -228,7 +234,7 @@ def time_import(directory: Path, n_winners: int) -> dict[str, Any]:
     for name, scale in (("first", 1.0), ("faster", 0.5)):
         files[name] = directory / f"{name}.json"
         files[name].write_text(json.dumps(import_document(n_winners, scale), indent=1))  # as `export` writes it
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _child_env()
     stop = directory / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER_CHILD, url, str(stop)], env=env,
                               stdout=subprocess.PIPE, text=True)
@@ -245,7 +251,7 @@ def time_import(directory: Path, n_winners: int) -> dict[str, Any]:
 
 
 def time_load_fresh_process(url: str, arch: str, repeat: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _child_env()
     imports, loads, count = [], [], 0
     for _ in range(repeat):
         out = subprocess.run([sys.executable, "-c", CHILD, url, arch], env=env, check=True,
@@ -283,8 +289,8 @@ def time_inserts(url: str, n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu", help="results directory")
+    parser = arguments(__doc__, whole_doc=True, out="optional", out_default=ROOT / "bench" / "results" / "cpu",
+                       out_help="results directory (default bench/results/cpu: the benchmark needs no GPU)")
     parser.add_argument("--winners", type=int, default=10_000)
     parser.add_argument("--trials", type=int, default=1_000_000)
     parser.add_argument("--arch", default="sm_90", help="the arch whose winners are loaded")
@@ -308,9 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         imports = time_import(Path(tmp), args.import_winners)
 
     result = {
-        "benchmark": "db", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpus": os.cpu_count(), "sqlite": sqlite3.sqlite_version,
+        "benchmark": "db", **provenance(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "sqlite": sqlite3.sqlite_version,
                     "sqlalchemy": sqlalchemy.__version__},
         "database": built,
         "load_one_arch_fresh_process": {"arch": args.arch, **fresh},
@@ -326,9 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                                for k in ("into_empty", "same_file_again", "all_faster"))
                  and imports["writer_during_first"]["refused"] is None},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_file = args.out / "db_bench.json"
-    out_file.write_text(json.dumps(result, indent=1) + "\n")
+    out_file = write_json(out_dir(args.out) / "db_bench.json", result)
 
     rows = [
         ("database", f"{built['winners']} winners, {built['trials']} trials, "
@@ -355,10 +358,8 @@ def main(argv: list[str] | None = None) -> int:
          f"refused: {imports['writer_during_first']['refused'] or 'never'}",
          f"import: {'PASS' if result['pass']['import'] else 'FAIL'}"),
     ]
-    width = max(len(r[0]) for r in rows)
     print(f"results: {out_file}")
-    for name, value, verdict in rows:
-        print(f"{name.ljust(width)}  {value}  {verdict}".rstrip())
+    print_table(["what", "measured", "target"], rows)
     return 0 if all(result["pass"].values()) else 1
 
 

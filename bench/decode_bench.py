@@ -20,20 +20,19 @@ each case, so an interrupted run keeps what it measured); a table is printed las
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
+
+from common import Budget, Timer, arguments, error_line, out_dir, print_table, provenance, require_gpu, \
+    use_interpreter, utc_now, write_csv, write_json
 
 # Targets, TB/s effective (the H200's copy bandwidth is about 4.3 TB/s).
 TARGETS = {"b8_n32k": 3.6, "b8_n4k": 2.4, "b64_n2k": 3.5}
@@ -106,31 +105,19 @@ def config_grid(default: Any, seq_kv: int, size: str) -> list[Any]:
     return grid
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="directory for decode_bench.csv/.json, e.g. bench/results/h200")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, fp16 on CPU, SDPA's math backend instead "
-                    "of flash/cuDNN (runs on CPU under TRITON_INTERPRET=1)")
+    ap = arguments(__doc__, smoke="tiny shapes, fp16 on CPU, SDPA's math backend instead of flash/cuDNN (runs on "
+                   "CPU under TRITON_INTERPRET=1)", seed=True, timing=[Budget(warmup=10, rep=30)])
     ap.add_argument("--grid", choices=("small", "full"), default="small", help="configs tried per case")
     ap.add_argument("--cases", default="", help="comma list of case names to run (default: all)")
-    ap.add_argument("--rep", type=int, default=30, help="do_bench repetition budget per timing, ms")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
     args = ap.parse_args(argv)
 
     import torch
 
     on_gpu = torch.cuda.is_available() and not args.smoke
-    if not torch.cuda.is_available():
-        if not args.smoke:
-            ap.error("no CUDA GPU: run with --smoke (tiny shapes under the Triton interpreter)")
-        # Must be set before triton and the kernels are imported.
-        os.environ["TRITON_INTERPRET"] = "1"
-    import triton
+    require_gpu(unless=args.smoke, hint="run with --smoke (tiny shapes under the Triton interpreter)")
+    use_interpreter(args.smoke)  # before the kernels are imported
 
     from flashtune.kernel.ops.kvcache import decode_bytes
     from flashtune.kernel.kvcache import attention_kvcache
@@ -153,57 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown case(s) {', '.join(sorted(unknown))}: known {', '.join(c.name for c in cases)}")
         cases = [c for c in cases if c.name in wanted]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     elt = torch.empty((), dtype=dtype).element_size()
-
-    def timer(fn: Callable[[], Any]) -> float:
-        if on_gpu:
-            return float(triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median"))
-        times = []
-        for _ in range(2):  # the interpreter: only proves the path runs
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    timer = Timer.from_args(args, on_gpu)  # on the CPU it only proves the path runs
 
     meta: dict[str, Any] = dict(
-        device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (Triton interpreter)",
-        triton=triton.__version__, torch=torch.__version__, dtype=dtype_name, heads_q=heads_q, heads_kv=heads_kv,
-        head_dim=head_dim, grid=size, rep_ms=args.rep, smoke=args.smoke,
-        started=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        meta.update(sm_count=props.multi_processor_count, cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    try:
-        from flashtune.kernel.version import KERNEL_VERSION
-
-        meta["kernel_version"] = KERNEL_VERSION
-    except Exception:  # noqa: BLE001 - provenance only
-        pass
-    import hashlib
-
-    meta["decode_source_sha"] = hashlib.sha256(
-        (Path(__file__).resolve().parent.parent / "kernel" / "decode.py").read_bytes()).hexdigest()[:12]
+        provenance(), dtype=dtype_name, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, grid=size,
+        rep_ms=args.rep, smoke=args.smoke, cudnn=torch.backends.cudnn.version() if device == "cuda" else None)
 
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, Any]] = {}
 
     def save() -> None:
-        if rows:
-            fields = list(dict.fromkeys(k for r in rows for k in r))
-            with open(out_dir / "decode_bench.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(rows)
-        (out_dir / "decode_bench.json").write_text(json.dumps(dict(meta=meta, cases=summary), indent=1))
+        write_csv(out / "decode_bench.csv", rows)
+        write_json(out / "decode_bench.json", dict(meta=meta, cases=summary))
 
     for case in cases:
         t_case = time.perf_counter()
         print(f"[{case.name}] B={case.batch} Nq={case.seq_q} Nmax={case.n_max} tokens={case.kv_tokens} "
               f"causal={case.causal}", flush=True)
-        gen = torch.Generator(device=device).manual_seed(zlib.crc32(case.name.encode()))
+        gen = torch.Generator(device=device).manual_seed(args.seed + zlib.crc32(case.name.encode()))
         try:
             q = torch.randn(case.batch, heads_q, case.seq_q, head_dim, device=device, dtype=dtype, generator=gen)
             k = torch.randn(case.batch, heads_kv, case.n_max, head_dim, device=device, dtype=dtype, generator=gen)
@@ -214,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=case.causal,
                                               dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the other cases still run
-            print(f"  setup failed: {_short(exc)}", flush=True)
-            summary[case.name] = dict(error=_short(exc))
+            print(f"  setup failed: {error_line(exc, 200)}", flush=True)
+            summary[case.name] = dict(error=error_line(exc, 200))
             save()
             continue
         nbytes = decode_bytes(batch=case.batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=case.seq_q,
@@ -253,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 return ms
             except Exception as exc:  # noqa: BLE001 - one failing config or backend must not stop the run
-                row.update(status="error", error=_short(exc))
+                row.update(status="error", error=error_line(exc, 200))
                 rows.append(row)
                 print(f"  {kind} {label}: {row['error']}", flush=True)
                 if os.environ.get("DECODE_BENCH_TRACEBACK"):
@@ -320,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 best_kernel = dict(regs=getattr(first, "n_regs", None), spills=getattr(first, "n_spills", None),
                                    smem=getattr(getattr(first, "metadata", None), "shared", None))
             except Exception as exc:  # noqa: BLE001 - provenance only
-                best_kernel = dict(error=_short(exc))
+                best_kernel = dict(error=error_line(exc, 200))
         s = dict(batch=case.batch, seq_q=case.seq_q, n_max=case.n_max, kv_tokens=case.kv_tokens,
                  causal=case.causal, bytes=nbytes, default=str(default),
                  default_ms=timings.get(str(default)),
@@ -347,31 +303,31 @@ def main(argv: list[str] | None = None) -> int:
             s["ragged_over_uniform_best"] = s["best_ms"] / other["best_ms"]
         if other and s.get("default_ms") and other.get("default_ms"):
             s["ragged_over_uniform_default"] = s["default_ms"] / other["default_ms"]
-    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    meta["finished"] = utc_now()
     save()
 
-    f2 = lambda x: f"{x:5.2f}" if isinstance(x, (int, float)) and x is not None else "    -"  # noqa: E731
-    print(f"\nDecode, {dtype_name} D={head_dim} Hq={heads_q} Hkv={heads_kv}: effective TB/s "
-          "((K+V of live tokens + Q + O) / median time)")
-    print(f"{'case':18s} {'B':>3s} {'Nq':>2s} {'Nmax':>6s} | {'dflt':>5s} {'best':>5s} {'api':>5s} | "
-          f"{'flash':>5s} {'cuDNN':>5s} | {'b/fl':>5s} {'target':>6s} | best config / ragged÷uniform")
+    table = []
     for name, s in summary.items():
         if "error" in s:
-            print(f"{name:18s} setup failed: {s['error']}")
+            table.append([name, None, None, None, None, None, None, None, None, None, None,
+                          f"setup failed: {s['error']}"])
             continue
         fl = s.get("sdpa_flash_tbps")
-        ratio = s["best_tbps"] / fl if fl and s.get("best_tbps") else None
         tail = s.get("best") or "-"
         if "ragged_over_uniform_best" in s:
             tail += (f"  ragged/uniform time: best {s['ragged_over_uniform_best']:.2f}, "
                      f"default {s.get('ragged_over_uniform_default', float('nan')):.2f}")
-        print(f"{name:18s} {s['batch']:3d} {s['seq_q']:2d} {s['n_max']:6d} | {f2(s.get('default_tbps'))} "
-              f"{f2(s.get('best_tbps'))} {f2(s.get('api_tbps'))} | {f2(fl)} {f2(s.get('sdpa_cudnn_tbps'))} | "
-              f"{f2(ratio)} {f2(s.get('target_tbps')):>6s} | {tail}")
+        table.append([name, s["batch"], s["seq_q"], s["n_max"], s.get("default_tbps"), s.get("best_tbps"),
+                      s.get("api_tbps"), fl, s.get("sdpa_cudnn_tbps"),
+                      s["best_tbps"] / fl if fl and s.get("best_tbps") else None, s.get("target_tbps"), tail])
+    print_table(["case", "B", "Nq", "Nmax", "dflt", "best", "api", "flash", "cuDNN", "b/fl", "target",
+                 "best config / ragged÷uniform"], table,
+                title=f"Decode, {dtype_name} D={head_dim} Hq={heads_q} Hkv={heads_kv}: effective TB/s "
+                      "((K+V of live tokens + Q + O) / median time)")
     bad = {n: s["wrong_results"] for n, s in summary.items() if s.get("wrong_results")}
     if bad:
         print(f"\nWRONG RESULTS (never counted as best): {json.dumps(bad)}")
-    print(f"\nwrote {out_dir / 'decode_bench.csv'} and {out_dir / 'decode_bench.json'}")
+    print(f"\nwrote {out / 'decode_bench.csv'} and {out / 'decode_bench.json'}")
     return 1 if bad else 0
 
 

@@ -21,17 +21,18 @@ Writes OUTDIR/decode_tune_bench.json, OUTDIR/tune_*.json/.log and OUTDIR/pytest_
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
+from common import (Budget, Timer, arguments, error_line, out_dir, print_table, provenance,  # noqa: E402
+                    write_json, write_text)
 from decode_bench import TARGETS, Case, _uniform_like  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -57,8 +58,8 @@ def run_tune(out: Path, url: str, budget_s: int) -> list[dict[str, Any]]:
                "--no-causal", "--db", url, "--budget", f"{budget_s}s", "--json"]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        (out / f"tune_{label}.log").write_text(" ".join(cmd) + "\n\n" + done.stderr)
-        (out / f"tune_{label}.json").write_text(done.stdout)
+        write_text(out / f"tune_{label}.log", " ".join(cmd) + "\n\n" + done.stderr)
+        write_text(out / f"tune_{label}.json", done.stdout)
         print(f"tune {label}: exit {done.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
         try:
             rows += json.loads(done.stdout)["keys"]
@@ -68,20 +69,17 @@ def run_tune(out: Path, url: str, budget_s: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="output directory")
+    ap = arguments(__doc__, out="positional", out_help="output directory", seed=True,
+                   timing=[Budget(warmup=10, rep=30)])
     ap.add_argument("--budget", type=int, default=50, help="seconds per tune call")
-    ap.add_argument("--rep", type=int, default=30, help="do_bench repetition budget, ms")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest correctness grid")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     url = f"sqlite:///{(out / 'decode_tune.db').resolve()}"
     started = time.perf_counter()
     tuned_rows = run_tune(out, url, args.budget)
 
     import torch
-    import triton
 
     from flashtune.kernel import attention_kvcache, dispatch
     from flashtune.kernel.ops.kvcache import decode_bytes
@@ -91,14 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dispatch.reload(url)
     dev, dtype = "cuda", torch.bfloat16
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-
-    def time_ms(fn: Callable[[], Any]) -> float:
-        return float(triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median"))
+    time_ms = Timer.from_args(args)
 
     results: dict[str, dict[str, Any]] = {}
     for case in cases():
-        gen = torch.Generator(device=dev).manual_seed(len(results) + 1)
+        gen = torch.Generator(device=dev).manual_seed(args.seed + len(results) + 1)
         q = torch.randn(case.batch, HQ, case.seq_q, D, device=dev, dtype=dtype, generator=gen)
         k = torch.randn(case.batch, HKV, case.n_max, D, device=dev, dtype=dtype, generator=gen)
         v = torch.randn(case.batch, HKV, case.n_max, D, device=dev, dtype=dtype, generator=gen)
@@ -141,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms = time_ms(fn)
                 row[f"{name}_ms"], row[f"{name}_tbps"] = ms, tbps(ms)
             except Exception as exc:  # noqa: BLE001 - a backend that refuses is reported, not fatal
-                row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row[f"{name}_error"] = error_line(exc, 200)
         results[case.name] = row
         print(f"[{case.name}] {row.get('tuned_tbps', 0):.2f} TB/s tuned ({row['source']} {row['choice']}), "
               f"{row.get('default_tbps', 0):.2f} default, rel err {err:.2e}", flush=True)
@@ -164,25 +159,19 @@ def main(argv: list[str] | None = None) -> int:
             log, rc = done.stdout + done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:
             log, rc = f"{exc.stdout or ''}\nTIMEOUT after 110 s", 124
-        (out / "pytest_log.txt").write_text(log if isinstance(log, str) else log.decode())
+        write_text(out / "pytest_log.txt", log if isinstance(log, str) else log.decode())
         last = [line for line in str(log).splitlines() if line.strip()][-1:] or [""]
         tests = {"exit": rc, "summary": last[0], "seconds": round(time.perf_counter() - t0, 1)}
 
-    meta = dict(device=torch.cuda.get_device_name(0), sm_count=sm_count, triton=triton.__version__,
-                torch=torch.__version__, dtype="bfloat16", heads_q=HQ, heads_kv=HKV, head_dim=D, db=url,
+    meta = dict(provenance(), dtype="bfloat16", heads_q=HQ, heads_kv=HKV, head_dim=D, db=url,
                 wall_s=round(time.perf_counter() - started, 1))
-    (out / "decode_tune_bench.json").write_text(json.dumps(dict(meta=meta, tuned=tuned_rows, cases=results,
-                                                                tests=tests), indent=1))
+    write_json(out / "decode_tune_bench.json", dict(meta=meta, tuned=tuned_rows, cases=results, tests=tests))
 
-    f2 = lambda x: f"{x:5.2f}" if isinstance(x, float) else "    -"  # noqa: E731
     print("\ntune:")
     for r in tuned_rows:
         print(f"  {r['key']}: winner {r['winner']} ({r.get('tbps') or 0:.2f} TB/s), default {r['default']}, "
               f"speed-up {r['speedup'] or 0:.2f}, {r['new_trials']} trials{'' if r['complete'] else ' (partial)'}")
-    print(f"\nDecode with the tuned database, bf16 D={D} Hq={HQ} Hkv={HKV} Nq=1, TB/s (K+V+Q+O bytes / median time)")
-    print("api: attention_kvcache(config=None, check_lengths=False); chk: the same checking the lengths' values")
-    print(f"{'case':11s} {'B':>3s} {'Nmax':>6s} | {'tuned':>5s} {'api':>5s} {'chk':>5s} {'dflt':>5s} | {'flash':>5s} {'cuDNN':>5s} | "
-          f"{'target':>6s} | source config / ragged÷uniform time")
+    table = []
     for name, r in results.items():
         tail = f"{r['source']} {r['choice']}"
         if "ragged_over_uniform_tuned" in r:
@@ -191,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"api {r.get('ragged_over_uniform_api', float('nan')):.2f}"
         if not r["correct"]:
             tail += f"  WRONG (rel err {r['rel_err']:.2e})"
-        print(f"{name:11s} {r['batch']:3d} {r['n_max']:6d} | {f2(r.get('tuned_tbps'))} {f2(r.get('api_tbps'))} "
-              f"{f2(r.get('api_checked_tbps'))} "
-              f"{f2(r.get('default_tbps'))} | {f2(r.get('sdpa_flash_tbps'))} {f2(r.get('sdpa_cudnn_tbps'))} | "
-              f"{f2(r.get('target_tbps')):>6s} | {tail}")
+        table.append([name, r["batch"], r["n_max"], r.get("tuned_tbps"), r.get("api_tbps"), r.get("api_checked_tbps"),
+                      r.get("default_tbps"), r.get("sdpa_flash_tbps"), r.get("sdpa_cudnn_tbps"), r.get("target_tbps"),
+                      tail])
+    print_table(["case", "B", "Nmax", "tuned", "api", "chk", "dflt", "flash", "cuDNN", "target",
+                 "source config / ragged÷uniform time"], table,
+                title=f"Decode with the tuned database, bf16 D={D} Hq={HQ} Hkv={HKV} Nq=1, TB/s (K+V+Q+O bytes / "
+                      "median time)\napi: attention_kvcache(config=None, check_lengths=False); chk: the same checking "
+                      "the lengths' values")
     print(f"\ncorrectness grid (pytest on CUDA): {tests}")
     print(f"wrote {out / 'decode_tune_bench.json'}")
     bad = not all(r["correct"] for r in results.values()) or tests.get("exit", 0) != 0

@@ -16,19 +16,14 @@ Writes <out>/dispatch_overhead.csv, <out>/dispatch_grid.csv and <out>/dispatch_b
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
-import json
 import math
 import statistics
-import sys
-from pathlib import Path
 from typing import Any, Callable
 
-
-import torch  # noqa: E402
-from hosttime import loop_times  # noqa: E402
+import torch
+from common import Budget, HostLoop, Timer, arguments, host_rounds, loop_times, out_dir, print_table, provenance, \
+    require_gpu, write_csv, write_json
 
 from flashtune.db.types import Key  # noqa: E402
 
@@ -36,7 +31,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGET_US = 5.0
 
 
-def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
+def overhead(calls: int, repeats: int, seed: int) -> list[dict[str, Any]]:
     """Part (a): µs per call of each way to run the tiny shape, medians over interleaved repeats."""
     import torch.nn.functional as F
 
@@ -44,7 +39,7 @@ def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
     from flashtune.kernel.checks import check_inputs
     from flashtune.kernel.ops.fwd import launch
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
     shape = check_inputs(q, k, v)
     config = dispatch.explain(q, k, v).config
@@ -59,28 +54,13 @@ def overhead(calls: int, repeats: int) -> list[dict[str, Any]]:
         "torch SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
     }
     equal = torch.equal(attention(q, k, v), launch(q, k, v, shape, causal=False, scale=scale, config=config)[0])
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for fn in ways.values():  # warm-up: compile, plan, allocator
         loop_times(fn, 200)
-    for _ in range(repeats):
-        for name, fn in ways.items():
-            samples[name].append(loop_times(fn, calls))
-    rows = []
-    for name, values in samples.items():
-        rows.append({"way": name, "config": str(config), "calls": calls, "repeats": repeats, "bitwise_equal": equal,
-                     "host_us": statistics.median(h for h, _ in values),
-                     "wall_us": statistics.median(w for _, w in values),
-                     "host_us_min": min(h for h, _ in values)})
-    return rows
+    return [{"way": name, "config": str(config), "calls": calls, "repeats": repeats, "bitwise_equal": equal, **stats}
+            for name, stats in host_rounds(ways, calls, repeats).items()]
 
 
-def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
-
-
-def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
+def grid(url: str | None, tokens: int, timer: Timer, seed: int) -> list[dict[str, Any]]:
     """Part (b): attention() vs the stored winner launched by hand over the 48-key grid."""
     from flashtune.db.store import StoreError, load_winners
     from flashtune.kernel import attention, dispatch
@@ -101,7 +81,7 @@ def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
         key = Key(arch, "fwd", n, d, dtype, causal)
         bh = max(1, tokens // n)
         heads = math.gcd(bh, 16)
-        gen = torch.Generator(device="cuda").manual_seed(n + d)
+        gen = torch.Generator(device="cuda").manual_seed(seed + n + d)
         q, k, v = (torch.randn(bh // heads, heads, n, d, device="cuda", dtype=DTYPES[dtype], generator=gen)
                    for _ in range(3))
         shape = check_inputs(q, k, v)
@@ -117,7 +97,7 @@ def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
             return attention(q, k, v, is_causal=causal)
 
         equal = torch.equal(api(), by_hand())
-        a1, h1, a2, h2 = (_bench(fn, rep_ms) for fn in (api, by_hand, api, by_hand))
+        a1, h1, a2, h2 = (timer(fn) for fn in (api, by_hand, api, by_hand))
         api_ms, hand_ms = (a1 + a2) / 2, (h1 + h2) / 2
         rows.append({
             "key": str(key), "batch": bh // heads, "heads": heads,
@@ -130,49 +110,30 @@ def grid(url: str | None, tokens: int, rep_ms: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="directory for the CSV/JSON results, e.g. bench/results/h200")
+    ap = arguments(__doc__, seed=True, timing=[HostLoop(calls=10_000, repeats=7),
+                                               Budget(warmup=25, rep=100, rep_flags=("--rep-ms", "--rep"))])
     ap.add_argument("--db", default=None, help="database URL with the tuned winners (default: FLASHTUNE_DB or "
                                                "the per-user file)")
-    ap.add_argument("--calls", type=int, default=10_000, help="calls per timed loop in part (a)")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each loop in part (a)")
     ap.add_argument("--tokens", type=int, default=1 << 17, help="B*H*N of each grid input in part (b)")
-    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing, ms")
     ap.add_argument("--skip-grid", action="store_true", help="only part (a)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("dispatch_bench.py needs a CUDA GPU")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    import triton
+    require_gpu()
+    out = out_dir(args.out)
 
     from flashtune.kernel import dispatch
-    from flashtune.kernel.device import device_name
-    from flashtune.kernel.version import KERNEL_VERSION
 
     info = dispatch.reload(args.db) if args.db else dispatch.info()
     print(f"dispatcher: {info.message}", flush=True)
-    over = overhead(args.calls, args.repeats)
-    _write_csv(out / "dispatch_overhead.csv", over)
-    rows = [] if args.skip_grid else grid(args.db, args.tokens, args.rep_ms)
-    _write_csv(out / "dispatch_grid.csv", rows)
+    over = overhead(args.calls, args.repeats, args.seed)
+    write_csv(out / "dispatch_overhead.csv", over)
+    rows = [] if args.skip_grid else grid(args.db, args.tokens, Timer.from_args(args), args.seed)
+    write_csv(out / "dispatch_grid.csv", rows)
     by_way = {r["way"]: r for r in over}
     extra_us = by_way["attention()"]["host_us"] - by_way["launch (hand, same config)"]["host_us"]
     ratios = [r["ratio"] for r in rows]
     summary = {
-        "gpu": device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-        "kernel_version": KERNEL_VERSION, "load": info.message, "overhead_us": extra_us,
+        **provenance(), "load": info.message, "overhead_us": extra_us,
         "overhead_target_us": TARGET_US, "overhead_ok": extra_us <= TARGET_US, "overhead": over,
         "grid_keys": len(rows), "grid_with_winner": sum(bool(r["stored"]) for r in rows),
         "grid_same_config": all(r["same_config"] for r in rows),
@@ -182,20 +143,18 @@ def main() -> None:
         "grid_noise_median": statistics.median(r["noise"] for r in rows) if rows else None,
         "grid": rows,
     }
-    (out / "dispatch_bench.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "dispatch_bench.json", summary)
 
     if rows:
-        print(f"\n{'key':<40} {'used':<16} {'src':<8} {'attn ms':>9} {'hand ms':>9} {'ratio':>6} {'noise':>6}")
-        for r in rows:
-            print(f"{r['key']:<40} {r['used']:<16} {r['source']:<8} {r['attention_ms']:9.4f} "
-                  f"{r['launch_ms']:9.4f} {r['ratio']:6.3f} {r['noise']:6.3f}")
+        print_table(["key", "used", "src", "attn ms", "hand ms", "ratio", "noise"],
+                    [[r["key"], r["used"], r["source"], f"{r['attention_ms']:.4f}", f"{r['launch_ms']:.4f}",
+                      r["ratio"], r["noise"]] for r in rows], floats=".3f")
         print(f"grid: {len(rows)} keys, {summary['grid_with_winner']} with a stored winner; same config "
               f"{summary['grid_same_config']}, bitwise equal {summary['grid_bitwise_equal']}; attention/launch "
               f"median {summary['grid_ratio_median']:.3f}, max {summary['grid_ratio_max']:.3f} "
               f"(hand-vs-hand noise median {summary['grid_noise_median']:.3f})")
-    print(f"\n{'way (B=1 H=1 N=128 D=64 fp16)':<32} {'host us/call':>13} {'wall us/call':>13}")
-    for r in over:
-        print(f"{r['way']:<32} {r['host_us']:13.2f} {r['wall_us']:13.2f}")
+    print_table(["way (B=1 H=1 N=128 D=64 fp16)", "host us/call", "wall us/call"],
+                [[r["way"], r["host_us"], r["wall_us"]] for r in over])
     print(f"attention() over launch: {extra_us:+.2f} us/call (target <= {TARGET_US} us): "
           f"{'PASS' if extra_us <= TARGET_US else 'FAIL'}")
 

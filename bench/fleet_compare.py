@@ -17,11 +17,11 @@ Writes OUTDIR/fleet_compare.json; exit 1 when a key is missing or differs beyond
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
+
+from common import arguments, print_table, read_json, write_json
 
 # `tune`'s log line per finished key: "[3/144] KEY: ...; elapsed 1m05s, ETA ..." on one GPU,
 # "[gpu1] [3/144] KEY: ...; elapsed 65s" with --gpus; fleet_bench.sh's "== MODE, invocation N"
@@ -31,7 +31,7 @@ _LINE = re.compile(r"^(?:\[gpu(?P<gpu>\d+)\] )?\[\d+(?:/\d+)?\] (?P<key>\S+): .*
 
 
 def _keys(path: Path) -> dict[str, dict]:
-    return {k["key"]: k for k in json.loads(path.read_text())["keys"]}
+    return {k["key"]: k for k in read_json(path)["keys"]}
 
 
 def key_group(key: str) -> str:
@@ -74,28 +74,28 @@ def first_keys(log: str) -> list[dict]:
 
 
 def _print_first_keys(mode: str, rows: list[dict]) -> None:
-    print(f"{mode}: the first key of each group (compiles it) against the group's other keys")
-    for r in rows:
-        print(f"  gpu{r['gpu']} {r['group']}: first key {r['first_s']} s; {r['other_keys']} others {r['other_s']} s")
+    print_table(["gpu", "group", "first key s", "other keys", "others s"],
+                [[f"gpu{r['gpu']}", r["group"], r["first_s"], r["other_keys"], r["other_s"]] for r in rows],
+                title=f"{mode}: the first key of each group (compiles it) against the group's other keys")
     print(f"  {mode} total: first keys {sum(r['first_s'] for r in rows)} s, others {sum(r['other_s'] for r in rows)} s")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", type=Path)
+    parser = arguments(__doc__, out="positional",
+                       out_help="the folder bench/fleet_bench.sh wrote (MODE.json, .log, .wall); the report goes there")
     parser.add_argument("--tolerance", type=float, default=0.03)
     args = parser.parse_args()
     timings = {}
     for mode in ("single", "multi"):
-        log = args.outdir / f"{mode}.log"
+        log = args.out / f"{mode}.log"
         if log.exists():
             timings[mode] = first_keys(log.read_text())
             _print_first_keys(mode, timings[mode])
-    if not all((args.outdir / f"{mode}.json").exists() for mode in ("single", "multi")):
+    if not all((args.out / f"{mode}.json").exists() for mode in ("single", "multi")):
         print("single.json or multi.json is missing (a mode not run, or not finished): nothing to compare")
         return 1
-    single, multi = _keys(args.outdir / "single.json"), _keys(args.outdir / "multi.json")
-    walls = {mode: sum(float(x) for x in (args.outdir / f"{mode}.wall").read_text().split())
+    single, multi = _keys(args.out / "single.json"), _keys(args.out / "multi.json")
+    walls = {mode: sum(float(x) for x in (args.out / f"{mode}.wall").read_text().split())
              for mode in ("single", "multi")}
     same, within, beyond, missing = [], [], [], sorted(set(single) ^ set(multi))
     for key in sorted(set(single) & set(multi)):
@@ -112,7 +112,7 @@ def main() -> int:
     report = {"keys": len(single), "same_winner": len(same), "within_noise": within, "beyond_noise": beyond,
               "missing": missing, "wall_s": walls, "wall_ratio": round(ratio, 3),
               "first_keys": timings}
-    (args.outdir / "fleet_compare.json").write_text(json.dumps(report, indent=1))
+    write_json(args.out / "fleet_compare.json", report)
     print(f"keys: {len(single)} single, {len(multi)} multi; same winner {len(same)}, different but within noise "
           f"{len(within)}, beyond noise {len(beyond)}, missing {len(missing)}")
     for entry in beyond:

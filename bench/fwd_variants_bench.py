@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import sys
 import threading
@@ -45,10 +44,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from common import Runs, Shapes, arguments, error_line, interleaved_ms, out_dir, print_table, provenance, \
+    require_gpu, use_interpreter, write_json
 
-if not torch.cuda.is_available() and "--smoke" in sys.argv:
-    # Must be set before triton is first imported (by flashtune.kernel below).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_interpreter("--smoke" in sys.argv)  # before triton is first imported (by flashtune.kernel below)
 
 
 def _import_flashtune() -> None:
@@ -83,7 +82,6 @@ from flashtune.kernel.ops import fwd_tma  # noqa: E402
 from flashtune.kernel.checks import check_inputs  # noqa: E402
 from flashtune.kernel.ops.fwd import launch  # noqa: E402
 from flashtune.kernel.testing import attention_flops, fp32_reference, output_errors, tflops  # noqa: E402
-from flashtune.tuner.timing import l2_flush_buffer, median_ms_each  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative-norm error allowed against the fp32 reference: the tuner's (tuner/bench.py TOLERANCE).
@@ -159,16 +157,6 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Triton's MLIR failures print the IR first; the useful line names the failed pass.
-    for ln in lines:
-        if "PassManager" in ln or "error:" in ln:
-            return f"{type(exc).__name__}: {ln.strip()}"[:300]
-    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"[:300]
-
-
 def classify(exc: BaseException) -> str:
     if isinstance(exc, triton.runtime.errors.OutOfResources) or "out of resource" in str(exc).lower():
         return "out_of_resources"
@@ -216,12 +204,13 @@ class Bench:
         self.context_lost: str | None = None
         self.failed_shapes: list[dict[str, Any]] = []
         self.started = time.time()
+        self.provenance = provenance()
+        self.gpu = self.provenance["gpu"]
         if self.cuda:
-            from flashtune.kernel.device import device_arch, device_name, device_smem_limit
-            self.arch, self.gpu, self.smem_limit = device_arch(0), device_name(0), device_smem_limit(0)
+            from flashtune.kernel.device import device_arch, device_smem_limit
+            self.arch, self.smem_limit = device_arch(0), device_smem_limit(0)
         else:
-            self.arch, self.gpu, self.smem_limit = None, f"CPU ({platform.processor() or 'interpreter'})", None
-        self.flush = l2_flush_buffer("cuda") if self.cuda else None
+            self.arch, self.smem_limit = None, None
         self.watchdog: Watchdog | None = None
         self.current: tuple[Candidate, Shape] | None = None
 
@@ -239,12 +228,8 @@ class Bench:
             # fp16 only: the interpreter computes bf16 dots wrongly (numpy has no bf16).
             return [Shape(1, 2, n, d, "fp16", c)
                     for (d, n), c in itertools.product(((16, 40), (32, 64)), (False, True))]
-        dims = [int(x) for x in a.head_dim.split(",")]
-        seqs = [int(x) for x in a.seq.split(",")]
-        dtypes = a.dtype.split(",")
-        causals = [bool(int(x)) for x in a.causal.split(",")]
         return [Shape(max(1, TOKENS // n), HIDDEN // d, n, d, dt, c)
-                for d, dt, c, n in itertools.product(dims, dtypes, causals, seqs)]
+                for d, dt, c, n in itertools.product(a.head_dim, a.dtype, a.causal, a.seq)]
 
     def candidates(self, shape: Shape) -> list[Candidate]:
         smoke = self.args.smoke
@@ -317,7 +302,7 @@ class Bench:
 
     def inputs(self, shape: Shape, seed: int, seq: int | None = None, batch: int | None = None
                ) -> tuple[torch.Tensor, ...]:
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(self.args.seed + seed)
         n = seq or shape.seq
         b = batch or shape.batch
         return tuple(torch.randn(b, shape.heads, n, shape.head_dim, device=self.device, dtype=DTYPES[shape.dtype],
@@ -373,7 +358,7 @@ class Bench:
                 self.beat(f"compiling ({done}/{len(items)})")
                 self.compile_s[key] = secs
                 if exc is not None:
-                    self.compile_errors[key] = (classify(exc), first_line(exc), secs)
+                    self.compile_errors[key] = (classify(exc), error_line(exc), secs)
         # Anything that failed next to other compiles gets one more try alone.
         for key in list(self.compile_errors):
             if self.compile_errors[key][0] == "crashed":
@@ -383,7 +368,7 @@ class Bench:
             if exc is None:
                 del self.compile_errors[key]
             else:
-                self.compile_errors[key] = (classify(exc), first_line(exc), secs)
+                self.compile_errors[key] = (classify(exc), error_line(exc), secs)
         print(f"compiled {len(items)} kernels in {time.perf_counter() - t0:.1f} s on {threads} threads, "
               f"{len(self.compile_errors)} failed", flush=True)
         # First launches of the new kernels, one at a time under the watchdog.
@@ -397,7 +382,7 @@ class Bench:
                 if self.cuda:
                     torch.cuda.synchronize()
             except Exception as exc:  # noqa: BLE001
-                self.compile_errors[key] = (classify(exc), first_line(exc), self.compile_s.get(key, 0.0))
+                self.compile_errors[key] = (classify(exc), error_line(exc), self.compile_s.get(key, 0.0))
                 if self.compile_errors[key][0] == "crashed":
                     self.context_lost = f"CUDA context lost at the first launch of {cand.label}"
         for key, (outcome, text, _) in sorted(self.compile_errors.items(), key=lambda kv: str(kv[0])):
@@ -441,7 +426,7 @@ class Bench:
                 outcome = classify(exc)
                 if cand.config is None and outcome == "compile_error":
                     outcome = "unavailable"  # an SDPA backend that does not take this shape
-                self.record(cand, shape, outcome, error=first_line(exc), compile_s=self.compile_s.get(key))
+                self.record(cand, shape, outcome, error=error_line(exc), compile_s=self.compile_s.get(key))
                 if outcome == "crashed":
                     self.context_lost = f"CUDA context lost at {cand.label} on {shape.label}"
                 continue
@@ -463,16 +448,16 @@ class Bench:
         fns = [self.timed(c, q, k, v, shape.causal, buf) for c in valid]
         warmup, reps = (1, 1) if self.args.smoke else (self.args.warmup, self.args.reps)
         try:
-            times = median_ms_each(fns, warmup=warmup, reps=reps, flush=self.flush)
+            times = interleaved_ms(fns, warmup=warmup, reps=reps, cuda=self.cuda)
         except Exception:  # noqa: BLE001 - one at a time instead, so a bad candidate costs only itself
             times = []
             for cand, fn in zip(valid, fns):
                 self.beat(f"{shape.label}: timing {cand.label}", cand, shape)
                 try:
-                    times.append(median_ms_each([fn], warmup=warmup, reps=reps, flush=self.flush)[0])
+                    times.append(interleaved_ms([fn], warmup=warmup, reps=reps, cuda=self.cuda)[0])
                 except Exception as exc:  # noqa: BLE001
                     times.append(math.nan)
-                    records[cand].outcome, records[cand].error = classify(exc), first_line(exc)
+                    records[cand].outcome, records[cand].error = classify(exc), error_line(exc)
                     if records[cand].outcome == "crashed":
                         self.context_lost = f"CUDA context lost timing {cand.label} on {shape.label}"
                         break
@@ -505,7 +490,7 @@ class Bench:
                         o, _ = self.run(cand, q2, k2, v2, shape.causal, out=torch.full_like(q2, float("nan")))
                         rec.revalidated = output_errors(o, ref2)[1] <= TOLERANCE[DTYPES[shape.dtype]]
                     except Exception as exc:  # noqa: BLE001
-                        rec.revalidated, rec.error = False, first_line(exc)
+                        rec.revalidated, rec.error = False, error_line(exc)
                     if not rec.revalidated:
                         rec.outcome = "wrong_result"
                         rec.error = (rec.error or "") + " (failed re-validation on a second random input)"
@@ -537,7 +522,7 @@ class Bench:
                     _, compiled = self.run(Candidate("ptr" if name == "ptr" else "tma", config), q, k, v, shape.causal)
                     info = describe_compiled(compiled)
                 except Exception as exc:  # noqa: BLE001
-                    info = {"error": first_line(exc)}
+                    info = {"error": error_line(exc)}
                 info.update(variant=name, config=str(config), shape=s)
                 self.asm.append(info)
                 print(f"asm {shape.label} {name} {config}: " + ", ".join(
@@ -558,36 +543,29 @@ class Bench:
         return sorted(by.values(), key=lambda e: (e["outcome"], e["config"]))
 
     def write(self, note: str | None = None) -> Path:
-        out = Path(self.args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / ("fwd_variants_bench_smoke.json" if self.args.smoke else "fwd_variants_bench.json")
-        meta = dict(gpu=self.gpu, arch=self.arch, smem_limit=self.smem_limit, triton=triton.__version__,
-                    torch=torch.__version__, python=platform.python_version(),
-                    has_warp_specialize=fwd_tma.HAS_WARP_SPECIALIZE, wall_s=time.time() - self.started,
+        name = "fwd_variants_bench_smoke.json" if self.args.smoke else "fwd_variants_bench.json"
+        meta = dict(self.provenance, has_warp_specialize=fwd_tma.HAS_WARP_SPECIALIZE, wall_s=time.time() - self.started,
                     interpreter=not self.cuda, context_lost=self.context_lost, note=note,
                     tolerance={str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()})
         doc = dict(meta=meta, results=[asdict(r) for r in self.results], best=self.best, asm=self.asm,
                    miscompiles=self.miscompiles(), failed_shapes=self.failed_shapes)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1, default=str))
-        tmp.replace(path)
-        return path
+        return write_json(out_dir(self.args.out) / name, doc)
 
     def table(self) -> None:
-        print("\nTFLOP/s, forward, 16k tokens, H*D=2048 (best of each grid; tma_ws = warp-specialised):")
-        print(f"{'shape':34s} {'ptr':>7s} {'tma':>7s} {'tma_ws':>7s} {'cudnn':>7s} {'flash':>7s}  best/cudnn  "
-              "best TMA config")
+        rows = []
         for b in self.best:
             s = Shape(**b["shape"])
             val = {n: (b[n]["tflops"] if n in b else None)
                    for n in ("ptr", "tma", "tma_ws", "sdpa_cudnn", "sdpa_flash")}
-            fmt = lambda x: f"{x:7.1f}" if x else "    n/a"  # noqa: E731
             ours = [(val[n], b[n]["config"]) for n in ("ptr", "tma", "tma_ws") if val[n]]
             top = max(ours, default=(None, None))
             tma_best = max([(val[n], b[n]["config"]) for n in ("tma", "tma_ws") if val[n]], default=(None, "-"))
-            ratio = f"x{top[0] / val['sdpa_cudnn']:.2f}" if top[0] and val["sdpa_cudnn"] else "   -"
-            print(f"{s.label:34s} {fmt(val['ptr'])} {fmt(val['tma'])} {fmt(val['tma_ws'])} {fmt(val['sdpa_cudnn'])} "
-                  f"{fmt(val['sdpa_flash'])}  {ratio:>10s}  {short(tma_best[1])}")
+            ratio = f"x{top[0] / val['sdpa_cudnn']:.2f}" if top[0] and val["sdpa_cudnn"] else None
+            rows.append([s.label, *(val[n] or "n/a" for n in ("ptr", "tma", "tma_ws", "sdpa_cudnn", "sdpa_flash")),
+                         ratio, short(tma_best[1])])
+        print_table(["shape", "ptr", "tma", "tma_ws", "cudnn", "flash", "best/cudnn", "best TMA config"], rows,
+                    title="TFLOP/s, forward, 16k tokens, H*D=2048 (best of each grid; tma_ws = warp-specialised):",
+                    floats=".1f")
         bad = self.miscompiles()
         if bad:
             print(f"\nTMA configs that miscompile on Triton {triton.__version__} (compile error or wrong result):")
@@ -625,7 +603,7 @@ def describe_compiled(compiled: Any) -> dict[str, Any]:
         info.update(sass_hgmma=len(re.findall(r"\bHGMMA\b", sass)), sass_utmaldg=len(re.findall(r"\bUTMALDG\b", sass)),
                     sass_utmastg=len(re.findall(r"\bUTMASTG\b", sass)), sass_hmma=len(re.findall(r"\bHMMA\b", sass)))
     except Exception as exc:  # noqa: BLE001 - no cuobjdump: the PTX counts stand
-        info["sass"] = f"unavailable ({first_line(exc)})"
+        info["sass"] = f"unavailable ({error_line(exc)})"
     return info
 
 
@@ -637,7 +615,7 @@ def smem_offline(args: argparse.Namespace) -> int:
     from triton.compiler import ASTSource
 
     kernel = fwd_tma.attn_fwd_tma_kernel
-    dims = [int(x) for x in args.head_dim.split(",")]
+    dims = args.head_dim
     jobs = list(itertools.product(dims, (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (False, True), (False, True)))
     jobs = jobs[: args.max_kernels or None]
 
@@ -661,7 +639,7 @@ def smem_offline(args: argparse.Namespace) -> int:
             compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=w, num_stages=st))
         except Exception as exc:  # noqa: BLE001 - a data point
-            row["error"] = first_line(exc)
+            row["error"] = error_line(exc)
             return row
         row.update(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                    warp_specialized="ttg.warp_specialize" in compiled.asm.get("ttgir", ""))
@@ -687,15 +665,8 @@ def smem_offline(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--seq", default="4096,16384")
-    ap.add_argument("--head-dim", default="64,128")
-    ap.add_argument("--dtype", default="fp16,bf16")
-    ap.add_argument("--causal", default="0,1")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up runs of each candidate")
-    ap.add_argument("--reps", type=int, default=12, help="timed runs of each candidate (median)")
+    ap = arguments(__doc__, out="optional", smoke="tiny shapes; runs on CPU under TRITON_INTERPRET=1", seed=True,
+                   timing=[Runs(warmup=3, reps=12)], shapes=Shapes(seq="4096,16384"))
     ap.add_argument("--skip", default="", help="regex: leave out candidates whose label matches "
                     "(variant:config, e.g. 'm128-n64-w4-s3.*\"ws\":true' after a hang)")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 2), help="compile threads")
@@ -708,9 +679,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.smem_offline:
         return smem_offline(args)
-    if not torch.cuda.is_available() and not args.smoke:
-        print("no CUDA GPU: run with --smoke (tiny shapes under TRITON_INTERPRET=1)", file=sys.stderr)
-        return 2
+    if args.out is None:
+        ap.error("--out is required (unless --smem-offline)")
+    require_gpu(unless=args.smoke, hint="run with --smoke (tiny shapes under TRITON_INTERPRET=1)")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("on CPU, set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
@@ -735,7 +706,7 @@ def main() -> int:
                 bench.bench_shape(shape, i)
             except Exception as exc:  # noqa: BLE001 - one shape's failure (a reference OOM, ...) ends only it
                 traceback.print_exc()
-                bench.failed_shapes.append({"shape": asdict(shape), "error": first_line(exc)})
+                bench.failed_shapes.append({"shape": asdict(shape), "error": error_line(exc)})
             bench.write()
         bench.inspect_asm()
     except Exception:  # noqa: BLE001 - save what we have, then say what broke

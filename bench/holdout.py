@@ -12,14 +12,13 @@ efficient backends. It prints tuned/default and attention()/best-SDPA per shape 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common import Budget, Timer, arguments, out_dir, print_table, use_interpreter, write_json
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def _inputs(shape: Shape, device: str, seed: int):
     return draw(shape.heads_q), draw(shape.heads_kv), draw(shape.heads_kv)
 
 
-def record(shapes: tuple[Shape, ...], device: str) -> None:
+def record(shapes: tuple[Shape, ...], device: str, seed: int = 0) -> None:
     """Run each shape through attention() a few times with recording on, then flush."""
     os.environ["FLASHTUNE_RECORD"] = "1"
     import torch
@@ -102,7 +101,7 @@ def record(shapes: tuple[Shape, ...], device: str) -> None:
     from flashtune.kernel import attention, record as rec
 
     for i, shape in enumerate(shapes):
-        q, k, v = _inputs(shape, device, i)
+        q, k, v = _inputs(shape, device, seed + i)
         with torch.no_grad():
             for _ in range(3 if device == "cuda" else 1):
                 attention(q, k, v, is_causal=shape.causal, enable_gqa=shape.heads_q != shape.heads_kv)
@@ -110,25 +109,7 @@ def record(shapes: tuple[Shape, ...], device: str) -> None:
     print(f"recorded {written} key(s) from {len(shapes)} shape(s)")
 
 
-def _timer(device: str):
-    import torch
-
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-    def wall(fn) -> float:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    del torch
-    return wall
-
-
-def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
+def report(shapes: tuple[Shape, ...], device: str, out: Path, timer: Timer, seed: int = 0) -> list[dict]:
     """Time attention(), the default and tuned kernel configs and SDPA's backends per shape."""
     import torch
 
@@ -139,10 +120,9 @@ def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
     from flashtune.kernel.testing import fp32_reference, output_errors, tflops
     from flashtune.kernel.sdpa import available_providers, is_refusal, run_sdpa
 
-    timer = _timer(device)
     rows = []
     for i, shape in enumerate(shapes):
-        q, k, v = _inputs(shape, device, 1000 + i)
+        q, k, v = _inputs(shape, device, seed + 1000 + i)
         gqa = shape.heads_q != shape.heads_kv
         choice = dispatch.explain(q, k, v, is_causal=shape.causal)
         kernel_choice = dispatch.explain(q, k, v, is_causal=shape.causal, kernel_only=True)
@@ -187,24 +167,18 @@ def report(shapes: tuple[Shape, ...], device: str, out: Path) -> list[dict]:
         print(f"[{i + 1}/{len(shapes)}] {shape.name} B={shape.batch} H={shape.heads_q}/{shape.heads_kv} "
               f"N={shape.seq_len} D={shape.head_dim} {shape.dtype} {'causal' if shape.causal else 'full'}: "
               f"{choice.config} ({choice.source})", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "holdout_report.json").write_text(json.dumps(rows, indent=1))
+    write_json(out_dir(out) / "holdout_report.json", rows)
     _table(rows)
     return rows
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _table(rows: list[dict]) -> None:
-    print(f"\n{'shape':<22} {'B':>3} {'Hq/Hkv':>6} {'N':>6} {'D':>4} {'dtype':<8} {'c':<1} "
-          f"{'choice':<34} {'TFLOP/s':>7} {'tuned/def':>9} {'attn/def':>8} {'attn/SDPA':>9}")
-    for r in rows:
-        print(f"{r['name']:<22} {r['batch']:>3} {r['heads_q']:>3}/{r['heads_kv']:<2} {r['seq_len']:>6} "
-              f"{r['head_dim']:>4} {r['dtype']:<8} {'y' if r['causal'] else 'n'} {r['choice'][:34]:<34} "
-              f"{_fmt(r['tflops_attention'], '.0f'):>7} {_fmt(r['tuned_over_default']):>9} "
-              f"{_fmt(r['attention_over_default']):>8} {_fmt(r['attention_over_best_sdpa']):>9}")
+    print_table(
+        ["shape", "B", "Hq/Hkv", "N", "D", "dtype", "c", "choice", "TFLOP/s", "tuned/def", "attn/def", "attn/SDPA"],
+        [[r["name"], r["batch"], f"{r['heads_q']}/{r['heads_kv']}", r["seq_len"], r["head_dim"], r["dtype"],
+          "y" if r["causal"] else "n", r["choice"][:34],
+          None if r["tflops_attention"] is None else round(r["tflops_attention"]), r["tuned_over_default"],
+          r["attention_over_default"], r["attention_over_best_sdpa"]] for r in rows], floats=".3f")
     for field in ("tuned_over_default", "attention_over_default", "attention_over_best_sdpa"):
         values = [r[field] for r in rows if r[field]]
         if values:
@@ -213,21 +187,20 @@ def _table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = arguments(__doc__, out="optional", out_help="report: results directory, e.g. bench/results/h200",
+                   smoke="tiny shapes on the CPU under TRITON_INTERPRET=1", seed=True,
+                   timing=[Budget(warmup=25, rep=100)])
     ap.add_argument("step", choices=("record", "report"))
-    ap.add_argument("--out", type=Path, default=None, help="report: results directory, e.g. bench/results/h200")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = ap.parse_args(argv)
     if args.step == "report" and args.out is None:
         ap.error("report needs --out DIR (one folder per GPU model, e.g. bench/results/h200)")
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    use_interpreter(args.smoke, even_with_gpu=True)  # the smoke shapes run on the CPU
     shapes = SMOKE if args.smoke else SHAPES
     device = "cpu" if args.smoke else "cuda"
     if args.step == "record":
-        record(shapes, device)
+        record(shapes, device, args.seed)
     else:
-        report(shapes, device, args.out)
+        report(shapes, device, args.out, Timer.from_args(args, cuda=device == "cuda"), args.seed)
     return 0
 
 

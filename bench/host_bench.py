@@ -40,25 +40,19 @@ Writes <out>/host_bench.json (the decode section under "decode"); the decode tab
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from hosttime import loop_times
+from common import HostLoop, arguments, host_rounds, out_dir, print_table, provenance, require_gpu, write_json
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory for host_bench.json")
-    parser.add_argument("--calls", type=int, default=2000, help="calls per timed loop")
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median reported)")
+    parser = arguments(__doc__, out_help="directory for host_bench.json", seed=True,
+                       timing=[HostLoop(calls=2000, repeats=15)])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
@@ -70,45 +64,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-start", type=int, default=1024, help="cache length of the first decode step")
     parser.add_argument("--decode-dtype", choices=sorted(DTYPES), default="bf16")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("host_bench: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    require_gpu()
+    out = out_dir(args.out)
     torch.set_grad_enabled(False)
-    result = {} if args.decode_only else forward_section(args)
+    result = {**provenance(), **({} if args.decode_only else forward_section(args))}
     result["decode"] = decode_section(args)
-    (out_dir / "host_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out_dir / 'host_bench.json'}")
+    write_json(out / "host_bench.json", result)
+    print(f"\nwrote {out / 'host_bench.json'}")
     if not args.decode_only:
         print_forward(result)
-    print_decode(result["decode"])
+    print_decode(result["decode"], result)
     return 0
 
 
-def _rows(samples: dict[str, list[tuple[float, float]]]) -> list[dict[str, Any]]:
-    return [{"way": name, "host_us": statistics.median(p[0] for p in pairs),
-             "wall_us": statistics.median(p[1] for p in pairs), "host_us_min": min(p[0] for p in pairs)}
-            for name, pairs in samples.items()]
+def _rows(ways: dict[str, Callable[[], Any]], calls: int, repeats: int) -> list[dict[str, Any]]:
+    return [{"way": name, **stats} for name, stats in host_rounds(ways, calls, repeats).items()]
 
 
-def _print_rows(rows: list[dict[str, Any]], width: int) -> None:
-    print(f"| {'way':<{width}} | {'host µs/call':>12} | {'wall µs/call':>12} | {'host min':>8} |")
-    print(f"|{'-' * (width + 2)}|{'-' * 14}|{'-' * 14}|{'-' * 10}|")
-    for r in rows:
-        print(f"| {r['way']:<{width}} | {r['host_us']:>12.2f} | {r['wall_us']:>12.2f} | {r['host_us_min']:>8.2f} |")
+def _print_rows(rows: list[dict[str, Any]], unit: str) -> None:
+    print_table(["way", f"host µs/{unit}", f"wall µs/{unit}", "host min"],
+                [[r["way"], r["host_us"], r["wall_us"], r["host_us_min"]] for r in rows], markdown=True)
 
 
 def forward_section(args: argparse.Namespace) -> dict[str, Any]:
     """The forward's tiny call: attention() vs the JIT path, a raw launch, the relaunch alone, SDPA."""
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtune.kernel import attention, dispatch, fastlaunch
     from flashtune.kernel.ops.fwd import launch
 
     dtype = DTYPES[args.dtype]
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
     q, k, v = (torch.randn(args.batch, args.heads, args.seq, args.head_dim, device="cuda", dtype=dtype,
                            generator=gen) for _ in range(3))
     causal = bool(args.causal)
@@ -166,11 +152,7 @@ def forward_section(args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.synchronize()
     equal = bool(torch.equal(got, out)) and bool(torch.equal(first, out))
 
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
-    for _ in range(args.repeats):
-        for name, fn in ways.items():
-            samples[name].append(loop_times(fn, args.calls))
-    rows = _rows(samples)
+    rows = _rows(ways, args.calls, args.repeats)
     by = {r["way"]: r for r in rows}
     sdpa_best = min(by["torch SDPA (auto)"]["host_us"], by["torch SDPA (flash)"]["host_us"])
     sdpa_worst = max(by["torch SDPA (auto)"]["host_us"], by["torch SDPA (flash)"]["host_us"])
@@ -183,8 +165,6 @@ def forward_section(args: argparse.Namespace) -> dict[str, Any]:
         "target_met_vs_slower_sdpa": by["attention()"]["host_us"] <= sdpa_worst,
         "target_met_vs_faster_sdpa": by["attention()"]["host_us"] <= sdpa_best,
         "sdpa_host_us": [sdpa_best, sdpa_worst],
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(),
     }
 
 
@@ -195,8 +175,7 @@ def print_forward(result: dict[str, Any]) -> None:
           f"causal={shape['causal']}; config {result['config']}; fast path active: {result['fast_path_active']}; "
           f"attention() == raw launch bitwise: {result['outputs_bitwise_equal']}")
     print(f"{result['repeats']} interleaved rounds of {result['calls']} calls; medians")
-    print()
-    _print_rows(result["rows"], 22)
+    _print_rows(result["rows"], "call")
     api = next(r for r in result["rows"] if r["way"] == "attention()")["host_us"]
     best, worst = result["sdpa_host_us"]
     print(f"\ntarget attention() <= SDPA host time: {'MET' if result['target_met_vs_slower_sdpa'] else 'NOT MET'} "
@@ -215,13 +194,11 @@ class _DecodeLayer(torch.nn.Module):
 
 def decode_section(args: argparse.Namespace) -> dict[str, Any]:
     """Host µs per decode step against a growing dynamic cache (see the module docstring)."""
-    import triton
-
     from flashtune.kernel import attention_kvcache, dispatch, fastlaunch
 
     b, hq, hkv, d = 1, 32, 8, 128
     dtype = DTYPES[args.decode_dtype]
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed + 1)
     lengths = range(args.kv_start, args.kv_start + args.decode_calls)
     top = lengths[-1]
     k_mem, v_mem = (torch.randn(b * hkv * top * d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
@@ -279,11 +256,7 @@ def decode_section(args: argparse.Namespace) -> dict[str, Any]:
                                                                          False).launch.launchers)
                  for n in (lengths[0], lengths[-1])}
 
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
-    for _ in range(args.repeats):
-        for name, fn in ways.items():
-            samples[name].append(loop_times(walk(fn), 1))
-    rows = _rows(samples)
+    rows = _rows({name: walk(fn) for name, fn in ways.items()}, 1, args.repeats)
     for r in rows:  # per step, not per walk
         for field in ("host_us", "wall_us", "host_us_min"):
             r[field] /= len(caches)
@@ -298,13 +271,12 @@ def decode_section(args: argparse.Namespace) -> dict[str, Any]:
         "target": "attention_kvcache and the transformers wrapper host us/step <= torch SDPA's in the same run",
         "target_met_kvcache": by["attention_kvcache"] <= sdpa,
         "target_met_wrapper": by["transformers wrapper"] <= sdpa if "transformers wrapper" in by else None,
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
     }
 
 
-def print_decode(result: dict[str, Any]) -> None:
+def print_decode(result: dict[str, Any], where: dict[str, Any]) -> None:
     shape = result["shape"]
-    print(f"\ndecode: GPU {result['gpu']}, torch {result['torch']}, Triton {result['triton']}; B={shape['batch']} "
+    print(f"\ndecode: GPU {where['gpu']}, torch {where['torch']}, Triton {where['triton']}; B={shape['batch']} "
           f"Hq={shape['heads_q']} Hkv={shape['heads_kv']} D={shape['head_dim']} Nq=1 {shape['dtype']}, Nk "
           f"{shape['kv_start']}..{shape['kv_end']} (+1 per call; buckets {shape['buckets']}); config "
           f"{result['config']} ({result['choice']})")
@@ -312,8 +284,7 @@ def print_decode(result: dict[str, Any]) -> None:
           f"== JIT path bitwise: {result['outputs_bitwise_equal_jit']}; rel. error vs SDPA "
           f"{result['rel_error_vs_sdpa']:.2e}" + (f"; {result['note']}" if result["note"] else ""))
     print(f"{result['repeats']} interleaved rounds of {result['calls']} steps; medians; µs per step")
-    print()
-    _print_rows(result["rows"], 26)
+    _print_rows(result["rows"], "step")
     by = {r["way"]: r["host_us"] for r in result["rows"]}
     sdpa = by["torch SDPA"]
     verdict = ", ".join(f"{way} {by[way]:.2f} µs ({by[way] / sdpa:.2f}x)"

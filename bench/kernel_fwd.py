@@ -11,18 +11,14 @@ a per-shape table: best, median, worst, default config, baselines.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-
-import torch  # noqa: E402
+import torch
+from common import Budget, Shapes, Timer, arguments, out_dir, print_table, provenance, require_gpu, write_csv, \
+    write_json
 
 from flashtune.kernel.ops.fwd import estimate_smem  # noqa: E402
 from flashtune.db.types import Config, Key  # noqa: E402
@@ -42,33 +38,24 @@ def hand_grid() -> list[Config]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
-    ap.add_argument("--seq", default="512,1024,2048,4096,8192,16384")
-    ap.add_argument("--head-dim", default="64,128")
-    ap.add_argument("--dtype", default="fp16,bf16")
-    ap.add_argument("--causal", default="0,1")
+    ap = arguments(__doc__, seed=True, timing=[Budget(warmup=10, rep=40)],
+                   shapes=Shapes(seq="512,1024,2048,4096,8192,16384"))
     ap.add_argument("--configs", type=int, default=0, help="use only the first K configs of the grid")
-    ap.add_argument("--rep", type=int, default=40, help="do_bench repetition budget, ms")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    require_gpu()
+    out = out_dir(args.out)
 
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from flashtune.kernel.ops.fwd import default_config
-    from flashtune.kernel.device import device_arch, device_name, device_smem_limit
+    from flashtune.kernel.device import device_arch, device_smem_limit
     from flashtune.kernel.checks import check_inputs
     from flashtune.kernel.ops.fwd import launch
-    from flashtune.kernel.version import KERNEL_VERSION
 
-    seqs = [int(x) for x in args.seq.split(",")]
-    dims = [int(x) for x in args.head_dim.split(",")]
-    dtypes = args.dtype.split(",")
-    causals = [bool(int(x)) for x in args.causal.split(",")]
+    seqs, dims, dtypes, causals = args.seq, args.head_dim, args.dtype, args.causal
     arch, limit = device_arch(0), device_smem_limit(0)
+    timer = Timer.from_args(args)
     grid = hand_grid()[: args.configs or None]
 
     # 1. compile everything in parallel. The compile pool's inputs have 16 heads (B·H = 16), which
@@ -97,7 +84,7 @@ def main() -> None:
     rows, summary = [], []
     for d, dt, causal, n in itertools.product(dims, dtypes, causals, seqs):
         b, h = 16384 // n, 2048 // d
-        gen = torch.Generator(device="cuda").manual_seed(n * d)
+        gen = torch.Generator(device="cuda").manual_seed(args.seed + n * d)
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=DTYPES[dt], generator=gen) for _ in range(3))
         flops = attention_flops(b * h, n, n, d, causal)
         tflops = lambda ms: flops / (ms * 1e-3) / 1e12  # noqa: E731
@@ -109,7 +96,7 @@ def main() -> None:
                 with sdpa_kernel(backend):
                     fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                     fn()
-                    base[name] = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
+                    base[name] = timer(fn)
             except RuntimeError as exc:
                 print(f"  {name} unavailable for this shape: {exc}".splitlines()[0])
         default = default_config(arch, d, dt, limit)
@@ -120,7 +107,7 @@ def main() -> None:
             fn = lambda: launch(q, k, v, shape, causal=causal, scale=d ** -0.5, config=config)  # noqa: E731
             o = fn()[0]
             err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
+            ms = timer(fn)
             times[config] = ms
             rows.append(dict(N=n, D=d, dtype=dt, causal=int(causal), config=str(config), ms=ms,
                              tflops=tflops(ms), rel_err_vs_sdpa=err))
@@ -145,21 +132,20 @@ def main() -> None:
               f"flash {s.get('sdpa_flash_tflops') or 0:6.1f} cudnn {s.get('sdpa_cudnn_tflops') or 0:6.1f}", flush=True)
         del q, k, v, ref
 
-    with open(out / "kernel_fwd.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    meta = dict(gpu=device_name(0), arch=arch, smem_limit=limit, triton=triton.__version__,
-                torch=torch.__version__, kernel_version=KERNEL_VERSION, compile_wall_s=compile_wall,
-                compile_jobs=len(jobs), compile_failures={f"{k}": v for k, v in failed.items()})
-    (out / "kernel_fwd_summary.json").write_text(json.dumps(dict(meta=meta, shapes=summary), indent=1))
+    write_csv(out / "kernel_fwd.csv", rows)
+    meta = dict(provenance(), compile_wall_s=compile_wall, compile_jobs=len(jobs),
+                compile_failures={f"{k}": v for k, v in failed.items()})
+    write_json(out / "kernel_fwd_summary.json", dict(meta=meta, shapes=summary))
 
-    print("\nTFLOP/s (fwd, 16k tokens, H*D=2048): best of grid / default / SDPA flash / cuDNN; best vs flash, vs cuDNN")
-    for s in summary:
-        fl, cu = s.get("sdpa_flash_tflops"), s.get("sdpa_cudnn_tflops")
-        print(f"{s['dtype']} D={s['D']:3d} {'causal' if s['causal'] else 'full  '} N={s['N']:5d} "
-              f"{s['best_tflops']:6.1f} {s['default_tflops'] or 0:6.1f} {fl or 0:6.1f} {cu or 0:6.1f} "
-              f"x{s['best_tflops'] / fl if fl else 0:.2f} x{s['best_tflops'] / cu if cu else 0:.2f}  {s['best']}")
+    print_table(
+        ["dtype", "D", "mask", "N", "best", "default", "flash", "cuDNN", "vs flash", "vs cuDNN", "best config"],
+        [[s["dtype"], s["D"], "causal" if s["causal"] else "full", s["N"], s["best_tflops"], s["default_tflops"],
+          s.get("sdpa_flash_tflops"), s.get("sdpa_cudnn_tflops"),
+          *(f"x{s['best_tflops'] / b:.2f}" if b else None for b in (s.get("sdpa_flash_tflops"),
+                                                                    s.get("sdpa_cudnn_tflops"))),
+          s["best"]] for s in summary],
+        title="TFLOP/s (fwd, 16k tokens, H*D=2048): best of grid / default / SDPA flash / cuDNN; best vs flash, "
+              "vs cuDNN", floats=".1f")
 
 
 if __name__ == "__main__":

@@ -27,16 +27,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import Runs, arguments, out_dir, print_table, provenance, synced_s, write_json
+
 SHAPES = ((1, 1024), (4, 512), (1, 4096))
 
 
-def _model(layers: int, hidden: int, heads: int, kv_heads: int) -> Any:
+def _model(layers: int, hidden: int, heads: int, kv_heads: int, seed: int) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flashtune.kernel.integrations.transformers import register
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
                          max_position_embeddings=8192)
@@ -51,19 +53,14 @@ def _step(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_grad_enabled(False)
-    model = _model(args.layers, args.hidden, args.heads, args.kv_heads)
+    model = _model(args.layers, args.hidden, args.heads, args.kv_heads, args.seed)
     result = {}
     for batch, n in SHAPES:
         ids = torch.randint(0, 32000, (batch, n), device="cuda")
-        for _ in range(2):
+        for _ in range(args.warmup):
             model(ids, use_cache=False, logits_to_keep=1)
-        times = []
-        for _ in range(args.reps if args.step == "time" else 1):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(ids, use_cache=False, logits_to_keep=1)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = [synced_s(lambda: model(ids, use_cache=False, logits_to_keep=1))
+                 for _ in range(args.reps if args.step == "time" else 1)]
         result[f"B={batch} N={n}"] = statistics.median(times) * 1e3
     print(json.dumps(result))
     return 0
@@ -80,28 +77,26 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__doc__, out="optional", out_help="directory for model_example.json (the driver only)",
+                       seed=True, timing=[Runs(warmup=2, reps=10, what="each prefill shape")])
     parser.add_argument("--db", required=True, help="database URL to record into and tune (e.g. sqlite:////tmp/x.db)")
-    parser.add_argument("--out", help="directory for model_example.json (the driver only)")
     parser.add_argument("--budget", default="150s", help="tune --budget (default 150s)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--step", choices=("time", "record"), help=argparse.SUPPRESS)  # the subprocesses
     args = parser.parse_args(argv)
     if args.step:
         return _step(args)
     if not args.out:
         parser.error("--out is required")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     env = {**os.environ, "FLASHTUNE_DB": args.db}
     env.pop("FLASHTUNE_RECORD", None)
     me = [sys.executable, str(Path(__file__).resolve()), "--db", args.db, "--layers", str(args.layers),
           "--hidden", str(args.hidden), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
-          "--reps", str(args.reps)]
+          "--reps", str(args.reps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     started = time.perf_counter()
     before = json.loads(_run([*me, "--step", "time"], env).strip().splitlines()[-1])
     _run([*me, "--step", "record"], {**env, "FLASHTUNE_RECORD": "1"})
@@ -110,17 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     tuned = _run([shutil.which("tune") or "tune", "--recorded", "--db", args.db, "--budget", args.budget], env)
     print(tuned[-3000:], flush=True)
     after = json.loads(_run([*me, "--step", "time"], env).strip().splitlines()[-1])
-    result = {"db": args.db, "model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-                                       "kv_heads": args.kv_heads, "dtype": "bf16"},
+    result = {**provenance(), "db": args.db,
+              "model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
+                        "dtype": "bf16"},
               "before_ms": before, "after_ms": after, "seconds": time.perf_counter() - started}
-    (out_dir / "model_example.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "model_example.json", result)
     print(f"\nLlama {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, bf16; prefill "
           f"(use_cache=False), median of {args.reps}; {result['seconds']:.0f} s in all; wrote "
-          f"{out_dir / 'model_example.json'}")
-    print("| prefill | before tuning (ms) | after (ms) | speed-up |")
-    print("|---|---|---|---|")
-    for shape, ms in before.items():
-        print(f"| {shape} | {ms:.2f} | {after[shape]:.2f} | ×{ms / after[shape]:.3f} |")
+          f"{out / 'model_example.json'}")
+    print_table(["prefill", "before tuning (ms)", "after (ms)", "speed-up"],
+                [[shape, ms, after[shape], f"×{ms / after[shape]:.3f}"] for shape, ms in before.items()],
+                markdown=True)
     return 0
 
 

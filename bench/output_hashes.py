@@ -13,15 +13,10 @@ entry points are used, never the dispatcher, so no database is read.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import sys
 from typing import Any, Callable, Iterator
-
-if __name__ == "__main__" and "--compare" not in sys.argv and not __import__("torch").cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before flashtune reads it
 
 import torch
 
@@ -124,26 +119,28 @@ def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # Only as a script, where bench/ is on the path: tests import this file by path for fingerprints and compare.
+    from common import arguments, read_json, use_interpreter, write_json
+
+    parser = arguments(__doc__, out=None)
     parser.add_argument("--out", help="write the fingerprints here as JSON")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two fingerprint files")
     args = parser.parse_args()
     if args.compare:
-        a, b = (json.load(open(p)) for p in args.compare)
+        a, b = (read_json(p) for p in args.compare)
         diff = compare(a, b)
         print(f"{len(a)} vs {len(b)} cases, {len(diff)} differ")
         print("\n".join(diff))
         return 1 if diff else 0
+    use_interpreter()  # without a GPU, before fingerprints() imports the kernels
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = fingerprints(device)
     errors = sum(v.startswith("error") for v in result.values())
     print(f"{len(result)} cases on {device}, {errors} errors")
-    text = json.dumps(result, indent=1, sort_keys=True)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_json(args.out, result, sort_keys=True)
     else:
-        print(text)
+        print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 

@@ -20,16 +20,14 @@ tokens/s >= SDPA's, fp32 tokens identical.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from common import Runs, arguments, out_dir, print_table, provenance, require_gpu, synced_s, write_json
 
 
 def _config(layers: int) -> Any:
@@ -50,52 +48,38 @@ def _model(layers: int, dtype: torch.dtype, seed: int = 0) -> Any:
     return model.eval()
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="directory for transformers_bench.json")
+    parser = arguments(__doc__, out_help="directory for transformers_bench.json", seed=True,
+                       timing=[Runs(warmup=2, reps=7, what="each prefill shape")])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--fp32-layers", type=int, default=16, help="layers of the fp32 model for the token check")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per prefill shape (median)")
     parser.add_argument("--gen-reps", type=int, default=3, help="timed generations per implementation (median)")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("transformers_bench: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    require_gpu()
+    out = out_dir(args.out)
     started = time.perf_counter()
 
     import transformers
-    import triton
 
     from flashtune.kernel.integrations import transformers as ft
 
     name = ft.register()
     impls = ("sdpa", name)
     torch.set_grad_enabled(False)
-    model = _model(args.layers, torch.bfloat16)
+    model = _model(args.layers, torch.bfloat16, seed=args.seed)
     params = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device="cuda").manual_seed(args.seed + 1)
 
     def ids(batch: int, n: int) -> torch.Tensor:
         return torch.randint(3, 128256, (batch, n), device="cuda", generator=gen)
 
-    result: dict[str, Any] = {"model": {"params": params, "layers": args.layers, "dtype": "bf16"},
-                              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "triton": triton.__version__, "transformers": transformers.__version__}
+    result: dict[str, Any] = {**provenance(), "transformers": transformers.__version__,
+                              "model": {"params": params, "layers": args.layers, "dtype": "bf16"}}
 
     # 1. prefill
     prefill = []
@@ -104,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {impl: [] for impl in impls}
         for impl in impls:  # warm up: compile the kernels, load torch's
             model.set_attn_implementation(impl)
-            for _ in range(2):
+            for _ in range(args.warmup):
                 model(x, use_cache=False, logits_to_keep=1)
         for _ in range(args.reps):
             for impl in impls:
                 model.set_attn_implementation(impl)
-                times[impl].append(_timed(lambda: model(x, use_cache=False, logits_to_keep=1)))
+                times[impl].append(synced_s(lambda: model(x, use_cache=False, logits_to_keep=1)))
         row = {"batch": batch, "seq": n, **{f"{impl}_ms": statistics.median(t) * 1e3 for impl, t in times.items()}}
         row["ratio"] = row[f"{name}_ms"] / row["sdpa_ms"]
         prefill.append(row)
@@ -130,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.gen_reps):
         for impl in impls:
             model.set_attn_implementation(impl)
-            gtimes[impl].append(_timed(lambda: model.generate(prompt, **gen_args)))
+            gtimes[impl].append(synced_s(lambda: model.generate(prompt, **gen_args)))
     generation = {f"{impl}_tokens_per_s": args.new_tokens / statistics.median(t) for impl, t in gtimes.items()}
     generation["ratio"] = generation[f"{name}_tokens_per_s"] / generation["sdpa_tokens_per_s"]
     generation["bf16_tokens_equal"] = bool(torch.equal(tokens["sdpa"], tokens[name]))
@@ -162,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp32_layers != args.layers:
         del model32
         torch.cuda.empty_cache()
-        model32 = _model(args.fp32_layers, torch.float32, seed=2)
+        model32 = _model(args.fp32_layers, torch.float32, seed=args.seed + 2)
     fp32_tokens = {}
     for impl in impls:
         model32.set_attn_implementation(impl)
@@ -171,27 +155,25 @@ def main(argv: list[str] | None = None) -> int:
                              "equal": bool(torch.equal(fp32_tokens["sdpa"], fp32_tokens[name])),
                              "first_difference": _first_difference(fp32_tokens["sdpa"], fp32_tokens[name])}
     result["seconds"] = time.perf_counter() - started
-    (out_dir / "transformers_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "transformers_bench.json", result)
 
-    print(f"\n{result['gpu']}, torch {torch.__version__}, Triton {triton.__version__}, transformers "
+    print(f"\n{result['gpu']}, torch {torch.__version__}, Triton {result['triton']}, transformers "
           f"{transformers.__version__}; Llama {params / 1e9:.2f}B params ({args.layers} layers), random weights; "
-          f"{result['seconds']:.0f} s; wrote {out_dir / 'transformers_bench.json'}")
-    print("| what | SDPA | flashtune | flashtune/SDPA | target |")
-    print("|---|---|---|---|---|")
-    for row in prefill:
-        print(f"| prefill bf16 B={row['batch']} N={row['seq']} (ms) | {row['sdpa_ms']:.2f} | {row[f'{name}_ms']:.2f} "
-              f"| {row['ratio']:.3f} | <= 1 {'MET' if row['ratio'] <= 1 else 'NOT MET'} |")
-    g = generation
-    print(f"| greedy generation bf16 B=1, {args.new_tokens} tokens (tok/s) | {g['sdpa_tokens_per_s']:.1f} | "
-          f"{g[f'{name}_tokens_per_s']:.1f} | {g['ratio']:.3f} | >= 1 {'MET' if g['ratio'] >= 1 else 'NOT MET'} |")
-    print(f"| bf16 logits, rel. error vs fp32 (N=512) | {accuracy['sdpa_rel_err']:.2e} | "
-          f"{accuracy[f'{name}_rel_err']:.2e} | | |")
-    print(f"| bf16 argmax agreement with fp32 | {accuracy['sdpa_argmax_agree']:.4f} | "
-          f"{accuracy[f'{name}_argmax_agree']:.4f} | | |")
-    print(f"| bf16 greedy tokens equal to SDPA's | | {g['bf16_tokens_equal']} | | (report) |")
-    f32 = result["fp32_tokens"]
-    print(f"| fp32 greedy tokens equal to SDPA's ({f32['layers']} layers, {args.new_tokens} tokens) | | "
-          f"{f32['equal']} | | equal {'MET' if f32['equal'] else 'NOT MET'} |")
+          f"{result['seconds']:.0f} s; wrote {out / 'transformers_bench.json'}")
+    g, f32 = generation, result["fp32_tokens"]
+    print_table(["what", "SDPA", "flashtune", "flashtune/SDPA", "target"], [
+        *([f"prefill bf16 B={row['batch']} N={row['seq']} (ms)", f"{row['sdpa_ms']:.2f}", f"{row[f'{name}_ms']:.2f}",
+           f"{row['ratio']:.3f}", f"<= 1 {'MET' if row['ratio'] <= 1 else 'NOT MET'}"] for row in prefill),
+        [f"greedy generation bf16 B=1, {args.new_tokens} tokens (tok/s)", f"{g['sdpa_tokens_per_s']:.1f}",
+         f"{g[f'{name}_tokens_per_s']:.1f}", f"{g['ratio']:.3f}", f">= 1 {'MET' if g['ratio'] >= 1 else 'NOT MET'}"],
+        ["bf16 logits, rel. error vs fp32 (N=512)", f"{accuracy['sdpa_rel_err']:.2e}",
+         f"{accuracy[f'{name}_rel_err']:.2e}", "", ""],
+        ["bf16 argmax agreement with fp32", f"{accuracy['sdpa_argmax_agree']:.4f}",
+         f"{accuracy[f'{name}_argmax_agree']:.4f}", "", ""],
+        ["bf16 greedy tokens equal to SDPA's", "", g["bf16_tokens_equal"], "", "(report)"],
+        [f"fp32 greedy tokens equal to SDPA's ({f32['layers']} layers, {args.new_tokens} tokens)", "", f32["equal"],
+         "", f"equal {'MET' if f32['equal'] else 'NOT MET'}"],
+    ], markdown=True)
     return 0
 
 

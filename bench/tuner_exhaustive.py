@@ -11,12 +11,10 @@ expected within 3 % of the exhaustive best.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import os
 import time
-from pathlib import Path
+
+from common import arguments, out_dir, print_table, provenance, write_csv, write_json
 
 from flashtune.db.store import Store
 from flashtune.db.types import Key
@@ -40,18 +38,16 @@ def parse_keys(text: str, arch: str) -> list[Key]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--db", required=True, help="the database the tune command wrote")
     parser.add_argument("--keys", default=DEFAULT_KEYS)
-    parser.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
     parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--careful-top", type=int, default=8)
     args = parser.parse_args()
 
     gpu = session_gpu()
     keys = parse_keys(args.keys, gpu.arch)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     with Store.open(args.db, create=False) as tuned:
         winners = {w.key: w for w in tuned.winners(gpu.arch)}
     missing = [str(k) for k in keys if k not in winners]
@@ -86,22 +82,18 @@ def main() -> None:
                      "tuner_winner_ms_stored": winners[r.key].median_ms, "gap": gap,
                      "within_3pct": gap is not None and gap <= 0.03, "default": str(default),
                      "outcomes": r.outcomes})
-    with open(out / "tuner_exhaustive.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "config", "outcome", "median_ms", "tflops", "compile_s", "error"])
-        for t in trials:
-            writer.writerow([str(t.key), str(t.config), t.outcome, t.median_ms, t.tflops, t.compile_s,
-                             (t.error or "")[:200]])
-    summary = {"gpu": gpu.name, "elapsed_s": round(time.monotonic() - started, 1),
+    write_csv(out / "tuner_exhaustive.csv", [
+        {"key": str(t.key), "config": str(t.config), "outcome": t.outcome, "median_ms": t.median_ms,
+         "tflops": t.tflops, "compile_s": t.compile_s, "error": (t.error or "")[:200]} for t in trials])
+    summary = {**provenance(gpu.index), "elapsed_s": round(time.monotonic() - started, 1),
                "worker_restarts": restarts, "keys": rows}
-    (out / "tuner_exhaustive.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{gpu.name}: exhaustive sweep of {len(rows)} keys in {summary['elapsed_s']} s")
-    print(f"{'key':<40} {'space':>5} {'best':<18} {'ms':>8} {'tuner':<18} {'ms now':>8} {'gap':>7}")
-    for row in rows:
-        gap = f"{row['gap'] * 100:+.1f}%" if row["gap"] is not None else "-"
-        print(f"{row['key']:<40} {row['space']:>5} {row['exhaustive_best'] or '-':<18} "
-              f"{row['exhaustive_ms'] or 0:>8.4f} {row['tuner_winner']:<18} {row['tuner_winner_ms_now'] or 0:>8.4f} "
-              f"{gap:>7}")
+    write_json(out / "tuner_exhaustive.json", summary)
+    print_table(
+        ["key", "space", "best", "ms", "tuner", "ms now", "gap"],
+        [[row["key"], row["space"], row["exhaustive_best"], f"{row['exhaustive_ms'] or 0:.4f}", row["tuner_winner"],
+          f"{row['tuner_winner_ms_now'] or 0:.4f}", f"{row['gap'] * 100:+.1f}%" if row["gap"] is not None else None]
+         for row in rows],
+        title=f"{gpu.name}: exhaustive sweep of {len(rows)} keys in {summary['elapsed_s']} s")
 
 
 if __name__ == "__main__":

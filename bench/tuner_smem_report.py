@@ -12,17 +12,12 @@ Writes tuner_smem_report.csv and tuner_smem_report.json under --out and prints a
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import random
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-
-import torch  # noqa: E402
+import torch
+from common import arguments, error_line, int_list, out_dir, print_table, provenance, write_csv, write_json
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from flashtune.kernel.ops.fwd import estimate_smem  # noqa: E402
@@ -41,7 +36,7 @@ def compile_one(inputs: KeyInputs, config: Config) -> tuple[int | None, str, flo
     except OutOfResources as error:
         return int(getattr(error, "required", 0)) or None, "out_of_resources", time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - a compile failure is data here, not a reason to stop
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}", time.perf_counter() - start
+        return None, error_line(error, 200), time.perf_counter() - start
 
 
 def score(rows: list[dict], field: str, limit: int) -> dict:
@@ -56,24 +51,21 @@ def score(rows: list[dict], field: str, limit: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="results directory, e.g. bench/results/h200 (one folder per GPU model)")
-    parser.add_argument("--head-dims", default="64,128")
+    parser = arguments(__doc__, seed=True)
+    parser.add_argument("--head-dims", type=int_list, default="64,128")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch-heads", type=int, default=16)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--max-configs", type=int, default=None, help="a random sample of this many per head dim")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     gpu = detect_gpu()
     dtype = normalize_dtype(args.dtype)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     rows: list[dict] = []
     started = time.monotonic()
-    for head_dim in [int(x) for x in args.head_dims.split(",")]:
+    for head_dim in args.head_dims:
         configs = full_space()
         if args.max_configs and args.max_configs < len(configs):
             configs = random.Random(args.seed).sample(configs, args.max_configs)
@@ -92,28 +84,22 @@ def main() -> None:
         del inputs
         torch.cuda.empty_cache()
 
-    with open(out / "tuner_smem_report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"gpu": gpu.name, "arch": gpu.arch, "smem_limit": gpu.smem_limit, "triton": gpu.triton_version,
-               "elapsed_s": round(time.monotonic() - started, 1),
+    write_csv(out / "tuner_smem_report.csv", rows)
+    summary = {**provenance(gpu.index), "elapsed_s": round(time.monotonic() - started, 1),
                "failed_compiles": sum(1 for r in rows if r["compiled"] is None),
                "by_head_dim": {}}
     for head_dim in sorted({r["head_dim"] for r in rows}):
         part = [r for r in rows if r["head_dim"] == head_dim]
         summary["by_head_dim"][head_dim] = {m: score(part, m, gpu.smem_limit) for m in ("estimate",)}
     summary["all"] = {m: score(rows, m, gpu.smem_limit) for m in ("estimate",)}
-    (out / "tuner_smem_report.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "tuner_smem_report.json", summary)
 
-    print(f"\n{gpu.name} ({gpu.arch}), limit {gpu.smem_limit // 1024} KB, {len(rows)} configs, "
-          f"{summary['failed_compiles']} failed to compile, {summary['elapsed_s']} s")
-    print(f"{'D':>4} {'model':<13} {'configs':>7} {'keeps-fail':>10} {'drops-fit':>9} {'exact':>6} {'med err':>8}")
-    for head_dim, models in summary["by_head_dim"].items():
-        for name, s in models.items():
-            med = f"{s['median_rel_error']:.2f}" if s["median_rel_error"] is not None else "-"
-            print(f"{head_dim:>4} {name:<13} {s['configs']:>7} {s['keeps_that_fail']:>10} {s['drops_that_fit']:>9} "
-                  f"{s['exact']:>6} {med:>8}")
+    print_table(
+        ["D", "model", "configs", "keeps-fail", "drops-fit", "exact", "med err"],
+        [[head_dim, name, s["configs"], s["keeps_that_fail"], s["drops_that_fit"], s["exact"], s["median_rel_error"]]
+         for head_dim, models in summary["by_head_dim"].items() for name, s in models.items()],
+        title=f"{gpu.name} ({gpu.arch}), limit {gpu.smem_limit // 1024} KB, {len(rows)} configs, "
+              f"{summary['failed_compiles']} failed to compile, {summary['elapsed_s']} s")
 
 
 if __name__ == "__main__":
