@@ -330,6 +330,24 @@ def provenance(device: int = 0) -> dict[str, Any]:
             "command": shlex.join([Path(sys.executable).name, *sys.argv])}
 
 
+# --- the kernels' explicit-config launches ----------------------------------------------------------
+
+def explicit_api() -> dict[str, Callable[..., Any]]:
+    """The explicit-config launches (`fwd`, `bwd`, `kvcache`) and `Config` of the installed flashtune, wherever
+    its version keeps them: a script comparing two trees runs under each."""
+    import flashtune.kernel as kernel
+
+    try:  # the public surface
+        return {"fwd": kernel.attention_fwd, "bwd": kernel.attention_bwd, "kvcache": kernel.attention_kvcache,
+                "Config": kernel.Config}
+    except AttributeError:  # the modules that held them before there was one
+        from flashtune.db.types import Config
+        from flashtune.kernel.bwd_launch import attention_bwd  # type: ignore[import-not-found]
+        from flashtune.kernel.kvcache import attention_kvcache
+        from flashtune.kernel.launch import attention_fwd  # type: ignore[import-not-found]
+        return {"fwd": attention_fwd, "bwd": attention_bwd, "kvcache": attention_kvcache, "Config": Config}
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 def out_dir(path: str | Path) -> Path:

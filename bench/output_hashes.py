@@ -16,24 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-
-def _api() -> dict[str, Callable[..., Any]]:
-    """The explicit-config launches and Config, wherever this version of flashtune keeps them."""
-    import flashtune.kernel as kernel
-
-    try:  # the public surface
-        return {"fwd": kernel.attention_fwd, "bwd": kernel.attention_bwd, "kvcache": kernel.attention_kvcache,
-                "Config": kernel.Config}
-    except AttributeError:  # the modules that held them before there was one
-        from flashtune.db.types import Config
-        from flashtune.kernel.ops.bwd import attention_bwd
-        from flashtune.kernel.kvcache import attention_kvcache
-        from flashtune.kernel.ops.fwd import attention_fwd
-        return {"fwd": attention_fwd, "bwd": attention_bwd, "kvcache": attention_kvcache, "Config": Config}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when a test loads this file
+from common import explicit_api  # noqa: E402
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -50,7 +39,7 @@ def _draw(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) ->
 
 def cases(device: str) -> Iterator[tuple[str, Callable[[], tuple[torch.Tensor, ...]]]]:
     """(name, run) for each op, variant and shape; `run` returns the tensors to fingerprint."""
-    api = _api()
+    api = explicit_api()
     Config = api["Config"]
     gpu = device == "cuda"
     dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32, torch.float16]
@@ -119,7 +108,6 @@ def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def main() -> int:
-    # Only as a script, where bench/ is on the path: tests import this file by path for fingerprints and compare.
     from common import arguments, read_json, use_interpreter, write_json
 
     parser = arguments(__doc__, out=None)
