@@ -151,7 +151,7 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
                     base = {c.config for c in entries if c.kept}
                     causal_key = Key(gpu.arch, op, seq, head_dim, dtype, True)
                     if op == "kvcache":  # its plan is the nominal decode key's space: the same key, causal
-                        from ..op_kvcache import NOMINAL
+                        from ..ops.kvcache import NOMINAL
                         causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL)
                     variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
                                 for c in spec.space(causal_key, gpu) if c not in base]

@@ -1,4 +1,30 @@
-"""The backward as a tuner op: the fused backward's space (tuner.bwd_space), default, FLOPs and workload.
+"""The backward as a tuner op: the fused backward's search space, default, FLOPs and workload.
+
+## The space: which configs of the fused backward (kernel/bwd.py) the tuner times
+
+A backward config (kernel.bwd_smem) sets two kernels: the dK/dV pass (`block_m` queries streamed
+past a program's `block_n` keys, `num_warps`, `num_stages`) and the dQ pass (`block_m_dq` queries
+owned, `block_n_dq` keys streamed), or, with `deterministic: false`, dQ added with fp32 atomics
+inside the dK/dV pass (no dQ pass). The full cross product of both passes is thousands of configs;
+the space is built from what the two kernels share instead:
+
+- dK/dV tiles: block_n (keys owned) 64 or 128, block_m (queries streamed) 16 to 64, 4 or 8 warps,
+  2 or 3 stages;
+- the dQ pass mirrors it (FA2): it owns block_m_dq = block_n queries and streams block_n_dq = 32 or
+  64 keys, with the dK/dV pass's warps and stages (the knobs' defaults);
+- the atomic-dQ variant of each dK/dV tile and warp count, at 2 stages (its extra dQ tile leaves
+  little shared memory for a third).
+
+That is 60 configs before pruning (45 kept at D=64 on sm_90, 30 at D=128 fp16; at D > 128 the
+register rule leaves none, and the default alone is timed). Rules, each with a reason `tune --dry-run --op bwd` prints:
+
+- legal: the shared-memory estimate (kernel.bwd_smem.estimate_bwd_smem, the larger of the two
+  kernels) fits the GPU, and each pass's fp32 accumulators plus its score tiles fit the register
+  file (dK and dV: 2·block_n·D; dQ: block_m_dq·D; scores and their gradients: 2 tiles);
+- cost: every warp owns at least one 16-row MMA slab of the tile it accumulates (block_n for dK/dV,
+  block_m_dq for dQ), as in the forward's rules (tuner.ops.fwd): more warps than slabs duplicate work.
+
+## The workload
 
 A bwd key has the forward key's fields with op "bwd": the gradients of attention on that shape. Its
 workload draws q, k, v and dO (real GQA heads, B·Hq split like the forward's), runs the forward
@@ -16,28 +42,37 @@ forward. A key whose forward SDPA won trains through SDPA's forward and backward
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from ..db.types import Config, Key
-from ..kernel.bwd_launch import launch_bwd
-from ..kernel.bwd_smem import default_bwd_config, estimate_bwd_smem
-from ..kernel.defaults import default_config
-from ..kernel.dtypes import TORCH_DTYPES
-from ..kernel.launch import AttnShape, check_inputs, launch
-from ..kernel.reference import REFERENCE_BYTES
-from ..kernel.reference import attention_flops as shape_flops
+from ...db.smem import padded_head_dim
+from ...db.types import Config, Key, normalize_dtype
+from ...kernel.bwd_launch import launch_bwd
+from ...kernel.bwd_smem import bwd_knobs, default_bwd_config, estimate_bwd_smem
+from ...kernel.defaults import default_config
+from ...kernel.launch import launch
+from ...kernel.reference import REFERENCE_BYTES
+from ...kernel.reference import attention_flops as shape_flops
 
-from .bwd_space import bwd_candidates, bwd_plan
-from .space import Candidate
-from .workload import OpSpec, compile_batch, split_heads
+from .inputs import Draw, OpInputs
+from .space import MMA_ROWS, THREAD_FP32_MAX, Candidate
+from .spec import OpSpec
 
 if TYPE_CHECKING:
-    from .gpu import GpuInfo
+    from ..gpu import GpuInfo
+
+DKDV_BLOCK_N: tuple[int, ...] = (64, 128)  # keys a dK/dV program owns
+DKDV_BLOCK_M: tuple[int, ...] = (16, 32, 64)  # queries it streams per step
+WARPS: tuple[int, ...] = (4, 8)
+STAGES: tuple[int, ...] = (2, 3)
+DQ_BLOCK_N: tuple[int, ...] = (32, 64)  # keys the dQ program streams per step
+ATOMIC_STAGES = 2
 
 BWD_FLOP_RATIO = 2.5  # backward FLOPs per forward FLOP: five N×N matmuls (S, dP, dV, dQ, dK) against two
 # Relative Frobenius error allowed per gradient against fp32 autograd (the worst of dQ, dK, dV).
@@ -54,13 +89,62 @@ ZERO_FLOOR = 1e-3
 GRAD_SCORE_COPIES = 6  # fp32 N×N tensors SDPA's math forward and its autograd hold at once, about
 
 
+def full_bwd_space() -> list[Config]:
+    """Every config of the backward's structured space, unpruned (60)."""
+    configs = []
+    for n, m, w, s, n_dq in itertools.product(DKDV_BLOCK_N, DKDV_BLOCK_M, WARPS, STAGES, DQ_BLOCK_N):
+        configs.append(Config(m, n, w, s, {"block_m_dq": n, "block_n_dq": n_dq}))
+    for n, m, w in itertools.product(DKDV_BLOCK_N, DKDV_BLOCK_M, WARPS):
+        configs.append(Config(m, n, w, ATOMIC_STAGES, {"deterministic": False}))
+    return configs
+
+
+def _per_thread(rows: int, cols: int, acc_tiles: int, head_dim: int, score_cols: int, warps: int) -> int:
+    """fp32 values a thread holds: `acc_tiles` rows x D accumulators plus two rows x score_cols tiles."""
+    return (acc_tiles * rows * head_dim + 2 * rows * score_cols) // (32 * warps)
+
+
+def bwd_reason(config: Config, head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> str | None:
+    """Why `config` is not worth timing for (head_dim, dtype) on `arch` with `smem_limit`; None if it is."""
+    knobs = bwd_knobs(config)
+    smem = estimate_bwd_smem(config, head_dim, dtype, arch)
+    if smem > smem_limit:
+        return f"smem {smem // 1024} KB > {smem_limit // 1024} KB"
+    d = padded_head_dim(head_dim)
+    dkdv = _per_thread(knobs.block_n, d, 2, d, knobs.block_m, knobs.num_warps)
+    if dkdv > THREAD_FP32_MAX:
+        return f"dK/dV pass: {dkdv} fp32 acc+score values per thread > {THREAD_FP32_MAX}"
+    if knobs.deterministic:
+        dq = _per_thread(knobs.block_m_dq, d, 1, d, knobs.block_n_dq, knobs.num_warps_dq)
+        if dq > THREAD_FP32_MAX:
+            return f"dQ pass: {dq} fp32 acc+score values per thread > {THREAD_FP32_MAX}"
+        if knobs.block_m_dq < MMA_ROWS * knobs.num_warps_dq:
+            return f"dQ pass: block_m_dq {knobs.block_m_dq} < {MMA_ROWS} rows x {knobs.num_warps_dq} warps"
+    if knobs.block_n < MMA_ROWS * knobs.num_warps:
+        return f"dK/dV pass: block_n {knobs.block_n} < {MMA_ROWS} rows x {knobs.num_warps} warps"
+    return None
+
+
+def bwd_plan(head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> list[Candidate]:
+    """Every config of the backward's space with its shared-memory estimate and the rule that drops it."""
+    dtype = normalize_dtype(dtype)
+    return [Candidate(c, estimate_bwd_smem(c, head_dim, dtype, arch), bwd_reason(c, head_dim, dtype, smem_limit, arch))
+            for c in full_bwd_space()]
+
+
+@lru_cache(maxsize=256)
+def bwd_candidates(head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> tuple[Config, ...]:
+    """The backward configs the tuner times for (head_dim, dtype) on `arch` with `smem_limit`."""
+    return tuple(c.config for c in bwd_plan(head_dim, dtype, smem_limit, arch) if c.kept)
+
+
 def bwd_flops(key: Key, batch_heads: int) -> float:
     """Backward FLOPs: 2.5 × the forward's 4·B·H·Nq·Nk·D (half when causal)."""
     return BWD_FLOP_RATIO * shape_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
 
 
 def bwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
-    """tuner.bwd_space's pruned configs for `key` on `gpu`."""
+    """`bwd_candidates` for `key` on `gpu`."""
     return list(bwd_candidates(key.head_dim, key.dtype, gpu.smem_limit, gpu.arch))
 
 
@@ -72,8 +156,6 @@ def bwd_gpu_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 def bwd_default(key: Key, gpu: "GpuInfo") -> Config:
     """kernel.bwd_smem.default_bwd_config for the key on this GPU's shared memory: the dispatcher's untuned choice."""
     return default_bwd_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
-
-
 def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool, scale: float,
                    *, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in fp32 of softmax(scale·QKᵀ [+ causal mask])·V for output gradient `do`, by autograd
@@ -120,49 +202,31 @@ def gradient_errors(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]
 
 
 @dataclass
-class BwdInputs:
-    """A bwd key's inputs on the bench device: q, k, v, dO, the forward kernel's O and LSE, and the
-    fp32 autograd reference gradients (dQ, dK, dV); None for the compile pool's inputs (`warm`)."""
+class BwdInputs(OpInputs):
+    """A bwd key's inputs (tuner.ops.inputs) with dO, the forward kernel's O and LSE, and the fp32
+    autograd reference gradients (dQ, dK, dV)."""
 
-    key: Key
-    batch_heads: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    do: torch.Tensor
-    o: torch.Tensor
-    lse: torch.Tensor
-    shape: AttnShape
-    scale: float
-    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    do: torch.Tensor = field(init=False)
+    o: torch.Tensor = field(init=False)
+    lse: torch.Tensor = field(init=False)
 
-    @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
-              warm: bool = False) -> "BwdInputs":
-        """Inputs drawn from N(0, 1) with a fixed seed; O and LSE from the forward kernel's default
-        config; the reference gradients computed once per key. `warm`: the compile pool's inputs:
-        compile_batch(B) sequences and no reference."""
-        batch, heads = split_heads(batch_heads, key.group)
-        batch = compile_batch(batch) if warm else batch
-        gen = torch.Generator(device=device).manual_seed(seed)
-        dtype = TORCH_DTYPES[key.dtype]
+    tolerance = TOLERANCE
+    against = "fp32 autograd of torch SDPA (math)"
 
-        def draw(h: int, n: int) -> torch.Tensor:
-            return torch.randn(batch, h, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+    def prepare(self, draw: Draw) -> None:
+        """dO drawn after q, k, v; O and LSE from the forward kernel's default config."""
+        key = self.key
+        self.do = draw(self.q.shape[1], key.seq_len)
+        self.o, self.lse, _ = launch(self.q, self.k, self.v, self.shape, causal=key.causal, scale=self.scale,
+                                     return_lse=True, config=default_config(key.arch, key.head_dim, key.dtype))
 
-        kv_heads = heads // key.group
-        q, k, v = draw(heads, key.seq_len), draw(kv_heads, key.seq_len_kv), draw(kv_heads, key.seq_len_kv)
-        do = draw(heads, key.seq_len)
-        scale = 1.0 / math.sqrt(key.head_dim)
-        shape = check_inputs(q, k, v)
-        o, lse, _ = launch(q, k, v, shape, causal=key.causal, scale=scale, return_lse=True,
-                           config=default_config(key.arch, key.head_dim, key.dtype))
-        reference = None if warm else fp32_gradients(q, k, v, do, key.causal, scale)
-        return cls(key, batch_heads, q, k, v, do, o, lse, shape, scale, reference)  # type: ignore[arg-type]
+    def compute_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dQ, dK, dV) by fp32 autograd (`fp32_gradients`)."""
+        return fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale)
 
     def run(self, config: Config, out: tuple[torch.Tensor, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The backward launch with `config`: ((dQ, dK, dV), Triton's compiled kernels by name), into `out`
-        or new buffers (the benchmark validates into NaN-filled ones: tuner.workload.poisoned)."""
+        or new buffers (the benchmark validates into NaN-filled ones: tuner.ops.inputs.poisoned)."""
         if out is None:
             out = self.buffers()
         dq, dk, dv, compiled = launch_bwd(self.do, self.q, self.k, self.v, self.o, self.lse, self.shape,
@@ -170,17 +234,15 @@ class BwdInputs:
                                           deterministic=False, out=out)  # type: ignore[arg-type]
         return (dq, dk, dv), compiled
 
-    def check(self, output: tuple[torch.Tensor, ...]) -> str | None:
+    def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
+                tolerance: float) -> str | None:
         """Why the gradients are wrong against fp32 autograd (the worst of dQ, dK, dV), or None."""
-        if self.reference is None:
-            raise RuntimeError("the compile pool's inputs have no reference to check against")
-        errors = gradient_errors(output, self.reference)
+        errors = gradient_errors(output, reference)
         worst = max(range(3), key=lambda i: errors[i])
-        tol = TOLERANCE[self.key.dtype]
-        if errors[worst] <= tol:
+        if errors[worst] <= tolerance:
             return None
-        return (f"relative error {errors[worst]:.3g} in {('dQ', 'dK', 'dV')[worst]} > {tol:g} against fp32 autograd "
-                "of torch SDPA (math)")
+        grad = ("dQ", "dK", "dV")[worst]
+        return f"relative error {errors[worst]:.3g} in {grad} > {tolerance:g} against {self.against}"
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV buffers the timed launches share."""
