@@ -25,7 +25,7 @@ from flashtune.tuner.fleet.gpus import compile_share, usable_cores
 from flashtune.tuner.ops import spec_of
 from flashtune.tuner.bench import LocalBench
 from flashtune.tuner.worker import WorkerBench
-from flashtune.tuner.workload import compile_batch
+from flashtune.tuner.ops.inputs import compile_batch
 
 # The CPU tests' pools launch on CPU tensors, which only the interpreter runs.
 interpreted = pytest.mark.skipif(not INTERPRET, reason="CPU pools need the Triton interpreter")

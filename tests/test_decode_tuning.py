@@ -27,7 +27,7 @@ from flashtune.kernel.testing import attention_kvcache_reference
 from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
-from flashtune.tuner.op_kvcache import KVCacheInputs, kvcache_bytes, kvcache_flops, kvcache_space, visible_pairs
+from flashtune.tuner.ops.kvcache import KVCacheInputs, kvcache_bytes, kvcache_flops, kvcache_space, visible_pairs
 from flashtune.tuner.ops import op_spec
 
 # 16 KB of shared memory leaves the decode space of the tiny key below at three configs (1, 2 and 4

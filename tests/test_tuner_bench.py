@@ -10,9 +10,10 @@ from triton.runtime.errors import OutOfResources
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
-from flashtune.tuner.bench import (TOLERANCE, LocalBench, attention_flops, classify_compile_error, fill_batch_heads,
-                         relative_error)
+from flashtune.tuner.bench import LocalBench, classify_compile_error, fill_batch_heads
 from flashtune.tuner.loop import Tuner
+from flashtune.tuner.ops.fwd import TOLERANCE, attention_flops
+from flashtune.tuner.ops.inputs import relative_error
 from flashtune.tuner.timing import median_ms
 
 SMALL = [Config(16, 16, 2, 1), Config(32, 16, 2, 2)]
@@ -127,7 +128,8 @@ def test_careful_timing_interleaves_the_candidates():
 
 
 def test_gqa_key_validates_and_times_a_kernel_config_at_its_bucket(kernel_device):
-    from flashtune.tuner.bench import KeyInputs, split_heads
+    from flashtune.tuner.ops.fwd import KeyInputs
+    from flashtune.tuner.ops.inputs import split_heads
 
     key = Key("sm_90", "fwd", 16, 16, "float16", True, batch_heads=8, group=2)
     inputs = KeyInputs.build(key, 8, kernel_device)

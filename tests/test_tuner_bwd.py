@@ -21,12 +21,12 @@ from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
 from flashtune.kernel.testing import attention_flops, attention_reference
 from flashtune.tuner.bench import LocalBench, tflops
-from flashtune.tuner.bwd_space import bwd_candidates, full_bwd_space
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.measure import FunctionBench
-from flashtune.tuner.op_bwd import TOLERANCE, BwdInputs, fp32_gradients, gradient_errors
 from flashtune.tuner.ops import op_spec
+from flashtune.tuner.ops.bwd import (TOLERANCE, BwdInputs, bwd_candidates, fp32_gradients, full_bwd_space,
+                                     gradient_errors)
 from flashtune.tuner.session import TuningSession
 
 # A stand-in GPU whose 16 KB keep four configs of the D=16 fp32 backward space (plus the default):

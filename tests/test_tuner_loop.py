@@ -10,10 +10,9 @@ from flashtune.db.arch import smem_limit
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel.ops.fwd import default_config
-from flashtune.tuner.bench import attention_flops
 from flashtune.tuner.loop import Tuner, TuneSettings, tuning_order
 from flashtune.tuner.measure import FunctionBench, Measurement
-from flashtune.tuner.space import candidates
+from flashtune.tuner.ops.fwd import attention_flops, candidates
 
 ARCH = "sm_90"
 LIMIT = smem_limit(ARCH)

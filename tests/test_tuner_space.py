@@ -4,8 +4,8 @@ from __future__ import annotations
 from flashtune.db.arch import smem_limit
 from flashtune.kernel.ops.fwd import estimate_smem
 from flashtune.db.types import Config
-from flashtune.tuner.space import (BLOCK_SIZES, NUM_STAGES, NUM_WARPS, candidates, cost_reason, full_space, legal_reason,
-                         plan, seeded_order)
+from flashtune.tuner.ops.fwd import candidates, cost_reason, legal_reason, plan
+from flashtune.tuner.ops.space import BLOCK_SIZES, NUM_STAGES, NUM_WARPS, full_space, seeded_order
 
 
 def test_full_space_is_the_cross_product_with_extra_knobs():

@@ -15,12 +15,11 @@ from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel.ops.fwd import default_config
 from flashtune.kernel.providers import provider_config, provider_of
-from flashtune.tuner.bench import attention_flops
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.loop import Tuner, TuneSettings
 from flashtune.tuner.measure import FunctionBench
+from flashtune.tuner.ops.fwd import attention_flops, candidates
 from flashtune.tuner.session import TuningSession
-from flashtune.tuner.space import candidates
 
 ARCH = "sm_90"
 LIMIT = smem_limit(ARCH)

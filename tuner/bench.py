@@ -27,9 +27,9 @@ from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_te
 
 from .measure import Measurement
 from .ops import spec_of
-from .op_fwd import TOLERANCE, KeyInputs, attention_flops  # noqa: F401  (the forward's, named here too)
+from .ops.inputs import poisoned
+from .ops.spec import Workload
 from .timing import l2_flush_buffer, median_ms_each
-from .workload import HEADS, Workload, poisoned, relative_error, split_heads  # noqa: F401
 
 FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for several waves
 FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import signal
-import sys
 import time
 import warnings
 from collections import deque
@@ -38,7 +36,7 @@ from typing import Any, Sequence
 from ..db.errors import first_line
 from ..db.types import Config, Key
 
-START_TIMEOUT_S = 300.0  # importing torch and creating a CUDA context, as the worker's
+from .child import START_TIMEOUT_S, Child
 
 
 @dataclass(frozen=True)
@@ -53,83 +51,63 @@ class Warmed:
     error: str | None = None
 
 
-def _serve(conn: Connection, device: str) -> None:
-    """A pool process: build the key's compile-pool inputs, launch each config asked for, answer.
+class _Warm:
+    """A pool process's request handler: build the key's compile-pool inputs, launch each config asked
+    for, answer.
 
     Requests: ('warm', token, key fields, batch_heads, config text) → ('ok'|'error', token, config
     text, seconds, error); ('release',) drops the inputs (sent after each batch, so that the pool
-    holds no GPU memory while the worker validates and times); ('stop',).
+    holds no GPU memory while the worker validates and times).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the tuner's to handle
-    sys.stdout.flush()  # Triton prints whole PTX listings to stdout when ptxas fails: not into `tune --json`
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    try:
-        import torch
+
+    def __init__(self, conn: Connection, device: str) -> None:
+        import torch  # only the pool's processes import torch, kernel and ops: the tuner may not need them
 
         from ..kernel.errors import is_sticky_cuda_error
         from .ops import spec_of
 
-        where = torch.device(device)
-        if where.type == "cuda":
-            torch.cuda.set_device(where)
-            torch.empty(1, device=where)  # create the context now, not during the first compile
-    except Exception as error:  # noqa: BLE001 - reported to the pool, which turns itself off
-        conn.send(("fatal", first_line(error)))
-        return
-    conn.send(("ready", os.getpid()))
-    inputs: Any = None
-    current: tuple[Key, int] | None = None
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request[0] == "stop":
-            return
+        self.conn, self.torch, self.is_sticky, self.spec_of = conn, torch, is_sticky_cuda_error, spec_of
+        self.where = torch.device(device)
+        if self.where.type == "cuda":
+            torch.cuda.set_device(self.where)
+            torch.empty(1, device=self.where)  # create the context now, not during the first compile
+        self.inputs: Any = None
+        self.current: tuple[Key, int] | None = None
+
+    def __call__(self, request: tuple[Any, ...]) -> None:
+        cuda = self.where.type == "cuda"
         if request[0] == "release":
-            inputs, current = None, None
-            if where.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
+            self.inputs, self.current = None, None
+            if cuda:
+                self.torch.cuda.empty_cache()
+            return
         _, token, key_fields, batch_heads, text = request
         start = time.perf_counter()
         try:
             key = Key(**key_fields)
-            if current != (key, batch_heads):
-                inputs, current = None, None  # free the last key's tensors before the next ones
-                inputs, current = spec_of(key).warm_workload(key, batch_heads, where), (key, batch_heads)
-            inputs.run(Config.parse(text))
-            if where.type == "cuda":
-                torch.cuda.synchronize(where)
+            if self.current != (key, batch_heads):
+                self.inputs, self.current = None, None  # free the last key's tensors before the next ones
+                self.inputs = self.spec_of(key).warm_workload(key, batch_heads, self.where)
+                self.current = (key, batch_heads)
+            self.inputs.run(Config.parse(text))
+            if cuda:
+                self.torch.cuda.synchronize(self.where)
         except Exception as error:  # noqa: BLE001 - any failure only means: not warmed
-            conn.send(("error", token, text, time.perf_counter() - start, first_line(error)))
-            if is_sticky_cuda_error(error):
+            self.conn.send(("error", token, text, time.perf_counter() - start, first_line(error)))
+            if self.is_sticky(error):
                 os._exit(3)  # the context is gone: the pool replaces this process
-            continue
-        conn.send(("ok", token, text, time.perf_counter() - start, None))
+            return
+        self.conn.send(("ok", token, text, time.perf_counter() - start, None))
 
 
-class _Slot:
-    """One pool process and its pipe; `config` and `since`: the config it is warming, from when."""
+class _Slot(Child):
+    """One pool process; `config` and `since`: the config it is warming, from when."""
 
     def __init__(self, ctx: Any, device: str) -> None:
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, device), name="flashtune-compile", daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn: Connection = parent
+        super().__init__(ctx, "flashtune-compile", _Warm, device)
         self.started = time.monotonic()
-        self.ready = False
         self.config: Config | None = None
         self.since = 0.0
-
-    def kill(self) -> None:
-        self.conn.close()
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(timeout=30)
 
 
 class CompilePool:

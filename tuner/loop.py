@@ -4,8 +4,8 @@ Modelled on Triton's runtime/autotuner.py (prune, bench each config, keep the fa
 persistent, resumable tuner adds:
 
 - candidates are the key's kernel configs from its op's space (tuner.ops: for the forward,
-  tuner.space's pointer kernel configs and the other variants', pruned before anything compiles;
-  for the backward, tuner.op_bwd's) plus the key's default config, ordered so
+  tuner.ops.fwd's pointer kernel configs and the other variants', pruned before anything compiles;
+  for the backward, tuner.ops.bwd's) plus the key's default config, ordered so
   that the winner of the neighbouring N (and then the default) is timed first; plus one config per
   torch SDPA backend (`providers`), which skips the first pass: it has no tiles to prune;
 - a key whose sibling (the same key but for its B·Hq bucket) was tuned earlier in the run times
@@ -38,7 +38,7 @@ from ..kernel.providers import provider_of
 
 from .bench import tflops
 from .measure import Bench, Measurement
-from .space import seeded_order
+from .ops.space import seeded_order
 
 
 @dataclass(frozen=True)

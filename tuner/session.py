@@ -98,7 +98,7 @@ class TuningSession:
 
 def session_space(key: Key, gpu: gpus.GpuInfo) -> list[Config]:
     """A key's kernel candidates on `gpu` (a planned one for --dry-run): its op's space, e.g. for the
-    forward tuner.space's configs and the TMA kernel's on sm_90. Also what `tune --dry-run` counts."""
+    forward tuner.ops.fwd's configs and the TMA kernel's on sm_90. Also what `tune --dry-run` counts."""
     return spec_of(key).space(key, gpu)
 
 
@@ -109,7 +109,7 @@ def provider_configs() -> list[Config]:
 
 def key_providers(key: Key, kernel_only: bool = False) -> list[Config]:
     """The SDPA backend configs that compete for `key`: none for kernel-only runs or for ops whose
-    spec says SDPA's backends are no candidate (the backward: see tuner.op_bwd)."""
+    spec says SDPA's backends are no candidate (the backward: see tuner.ops.bwd)."""
     return [] if kernel_only or not spec_of(key).sdpa_providers else provider_configs()
 
 

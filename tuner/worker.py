@@ -2,7 +2,7 @@
 
 A config that triggers an illegal address or a launch failure poisons the CUDA context for good, so
 benchmarks never run in the tuner's own process. The child imports torch once and serves requests
-over a pipe; the parent (`WorkerBench`) restarts it when it dies, reports a sticky CUDA error or
+over a pipe (tuner.child); the parent (`WorkerBench`) restarts it when it dies, reports a sticky CUDA error or
 goes silent for longer than the per-trial timeout. A batch that fails as a whole is retried one
 config at a time, so that the crash or hang is pinned on the config that caused it.
 
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -24,11 +22,11 @@ from ..db.errors import first_line
 from ..db.types import Config, Key
 from ..kernel.providers import KERNEL, provider_of
 
+from .child import START_TIMEOUT_S, Child
 from .compile_pool import CompilePool
 from .measure import Bench, Measurement
 
 DEFAULT_TRIAL_TIMEOUT_S = 180.0  # the longest a compile or a timing may stay silent
-_START_TIMEOUT_S = 300.0  # importing torch and creating a CUDA context
 
 
 def cuda_bench(device_index: int, compile_threads: int) -> Bench:
@@ -46,43 +44,31 @@ def cuda_bench(device_index: int, compile_threads: int) -> Bench:
     return LocalBench(torch.device("cuda", device_index), compile_threads=compile_threads)
 
 
-def _serve(conn: Connection, factory: Callable[..., "Bench"], factory_args: tuple[Any, ...]) -> None:
-    """Child main loop: answer ('measure', id, key, batch_heads, configs, careful) until EOF or 'stop'."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, between trials
-    # Triton prints a whole PTX listing to stdout when ptxas fails: it would corrupt `tune --json`
-    # and bury the progress bar. The trial keeps ptxas's own message as its error text.
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    try:
-        from .bench import CudaContextLost
+class _Measure:
+    """The worker's request handler: ('measure', id, key fields, batch_heads, config texts, careful) →
+    ('result', id, measurement) for each config, then ('done', id); ('lost', id, configs, error) and
+    exit when the CUDA context is lost; ('error', id, line) when the harness fails outside a trial."""
 
-        bench = factory(*factory_args)
-    except Exception as error:  # noqa: BLE001 - reported to the parent, which fails the run with it
-        conn.send(("fatal", first_line(error)))
-        return
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request[0] == "stop":
-            return
+    def __init__(self, conn: Connection, factory: Callable[..., Bench], factory_args: tuple[Any, ...]) -> None:
+        from .bench import CudaContextLost  # imports torch: only the child does
+
+        self.conn, self.lost = conn, CudaContextLost
+        self.bench = factory(*factory_args)
+
+    def __call__(self, request: tuple[Any, ...]) -> None:
         _, batch_id, key_fields, batch_heads, config_texts, careful = request
         key = Key(**key_fields)
         configs = [Config.parse(text) for text in config_texts]
         try:
-            for m in bench.measure(key, batch_heads, configs, careful=careful):
-                conn.send(("result", batch_id, m.to_wire()))
-        except CudaContextLost as lost:
-            conn.send(("lost", batch_id, [str(c) for c in lost.configs], lost.error_text))
+            for m in self.bench.measure(key, batch_heads, configs, careful=careful):
+                self.conn.send(("result", batch_id, m.to_wire()))
+        except self.lost as lost:
+            self.conn.send(("lost", batch_id, [str(c) for c in lost.configs], lost.error_text))
             os._exit(3)  # the context is gone; exiting is the only clean-up left
         except Exception as error:  # noqa: BLE001 - a harness bug: report it rather than hang the parent
-            conn.send(("error", batch_id, first_line(error)))
-            continue
-        conn.send(("done", batch_id))
+            self.conn.send(("error", batch_id, first_line(error)))
+            return
+        self.conn.send(("done", batch_id))
 
 
 class WorkerError(RuntimeError):
@@ -110,60 +96,42 @@ class WorkerBench:
         self._factory_args = (device_index, compile_threads) if factory_args is None else factory_args
         self.restarts = 0
         self._ctx = mp.get_context("spawn")  # fork would copy the parent's CUDA state
-        self._proc: Any = None
-        self._conn: Connection | None = None
-        self._starting: Connection | None = None  # the pipe of a worker spawned but not yet ready
+        self._child: Child | None = None  # the worker process, started or starting (not yet ready)
         self._batch = 0
 
     def _spawn(self) -> None:
         """Start a worker process unless one is running or starting, without waiting for it: it
         imports torch and makes its CUDA context while the compile pool compiles the first batch."""
-        alive = self._conn is not None and self._proc is not None and self._proc.is_alive()
-        if alive or self._starting is not None:
+        child = self._child
+        if child is not None and (not child.ready or child.proc.is_alive()):
             return
         self._kill()
-        parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_serve, args=(child, self._factory, self._factory_args),
-                                       name="flashtune-bench", daemon=True)
-        self._proc.start()
-        child.close()
-        self._starting = parent
+        self._child = Child(self._ctx, "flashtune-bench", _Measure, self._factory, self._factory_args)
 
     def _start(self) -> Connection:
-        if self._conn is not None and self._proc is not None and self._proc.is_alive():
-            return self._conn
+        if self._child is not None and self._child.ready and self._child.proc.is_alive():
+            return self._child.conn
         self._spawn()
-        parent, self._starting = self._starting, None
-        assert parent is not None
-        if not parent.poll(_START_TIMEOUT_S):
-            parent.close()
+        child = self._child
+        assert child is not None
+        if not child.conn.poll(START_TIMEOUT_S):
             self._kill()
-            raise WorkerError(f"the benchmark worker did not start within {_START_TIMEOUT_S:.0f} s")
+            raise WorkerError(f"the benchmark worker did not start within {START_TIMEOUT_S:.0f} s")
         try:
-            message = parent.recv()
+            message = child.conn.recv()
         except EOFError:
-            parent.close()
             self._kill()
             raise WorkerError("the benchmark worker exited while starting") from None
         if message[0] != "ready":
-            parent.close()
             self._kill()
             raise WorkerError(f"the benchmark worker could not start: {message[1]}")
-        self._conn = parent
-        return parent
+        child.ready = True
+        return child.conn
 
     def _kill(self) -> None:
-        if self._starting is not None:
-            self._starting.close()
-            self._starting = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None:
-            if self._proc.is_alive():
-                self._proc.kill()
-            self._proc.join(timeout=30)
-            self._proc = None
+        if self._child is not None:
+            self._child.kill()
+            self._child = None
 
     def _restart(self) -> None:
         self._kill()
@@ -193,7 +161,7 @@ class WorkerBench:
                 else:  # pin the crash or hang on one config: rerun the suspects singly
                     suspects = [c for c in (blamed or batch) if c in pending]
         finally:
-            if pending and self._conn is not None:
+            if pending and self._child is not None and self._child.ready:
                 self._restart()  # abandoned mid-batch (stop requested): drop the stale replies
 
     def _warm(self, key: Key, batch_heads: int, batch: list[Config], *, reorder: bool) -> list[Config]:
@@ -242,9 +210,9 @@ class WorkerBench:
                 message = conn.recv()
             except (EOFError, OSError):
                 code = None
-                if self._proc is not None:
-                    self._proc.join(timeout=10)  # reap it so that its exit code is known
-                    code = self._proc.exitcode
+                if self._child is not None:
+                    self._child.proc.join(timeout=10)  # reap it so that its exit code is known
+                    code = self._child.proc.exitcode
                 return "crashed", f"benchmark worker died (exit code {code})", None
             kind, got_id = message[0], message[1]
             if got_id != batch_id:
@@ -262,13 +230,14 @@ class WorkerBench:
                 return None
 
     def close(self) -> None:
-        if self._conn is not None:
+        child = self._child
+        if child is not None and child.ready:
             try:
-                self._conn.send(("stop",))
+                child.conn.send(("stop",))
             except (OSError, ValueError):
                 pass
             deadline = time.monotonic() + 10
-            while self._proc is not None and self._proc.is_alive() and time.monotonic() < deadline:
+            while child.proc.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.05)
         self._kill()
         if self.pool is not None:

@@ -7,21 +7,25 @@ same command again resumes.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 import click
 
 from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
-from ..fleet.gpus import compile_share
-from ..fleet.options import fleet_options, fleet_requested, refuse_dry_run
+from ..fleet.gpus import parse_gpus
+from ..options import FleetOptions, TuneError, TuneOptions
 from ..ranges import parse_int, parse_seq_lens
 
 from .common import (ARCH, DURATION, SEQ_LENS, CliError, Parsed, Progress, count, db_option, echo_json, echo_table,
                      fmt_num, geomean, json_option, key_options)
+
+if TYPE_CHECKING:
+    from ..fleet.command import FleetRun
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_BATCH_HEADS = "16,64,256"  # one sequence of 16 heads, a small batch, a full training batch
 
@@ -55,6 +59,7 @@ def parse_ops(text: str) -> list[str]:
 BATCH_HEADS = Parsed(parse_batch_heads, "RANGE")
 GROUPS = Parsed(parse_groups, "G[,G...]")
 OPS_LIST = Parsed(parse_ops, "OP[,OP...]")
+GPUS = Parsed(parse_gpus, "all|I[,I...]")
 
 
 def tunable_ops(ops: Sequence[str]) -> list[str]:
@@ -67,63 +72,23 @@ def tunable_ops(ops: Sequence[str]) -> list[str]:
     return list(ops)
 
 
-def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
-              causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
-              ops: Sequence[str] = ("fwd",), *, q_lens: Sequence[int] = (1,),
-              kv_lens: Sequence[int] | None = None) -> list[Key]:
-    """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
-    workload and is left out (CliError naming --group when that leaves nothing). kvcache keys take
-    Nq from `q_lens` and the cache length from `kv_lens` (default: `seqs`); a causal one with more
-    queries than cached keys is left out (bottom-right causal would give query 0 no key)."""
-    def lengths(op: str) -> list[tuple[int, int]]:
-        if op != "kvcache":
-            return [(n, n) for n in seqs]
-        return [(nq, nk) for nq in q_lens for nk in (kv_lens or seqs)]
-
-    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g)
-            for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
-            for n, n_kv in lengths(op) for bh in batch_heads
-            if bh >= g and not (op == "kvcache" and c and n > n_kv)]
-    if not keys:
-        raise CliError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
-                       f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq")
-    return keys
+def _dry_run(options: TuneOptions) -> None:
+    """Plan without a GPU: the grid's space per op, head dim and dtype; or, with --recorded (read from
+    the database for the planned arch), each recorded key and the size of its candidate list."""
+    options.fleet.refuse_dry_run()
+    if options.recorded:
+        if options.arch is None:
+            raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
+        keys = options.keys(options.arch)
+        _plan_recorded(_planned_gpu(options.arch), keys, options)
+        return
+    keys_count = len(options.grid("sm_90"))
+    _plan_grid(_planned_gpu(options.arch), keys_count, options)
 
 
-def recorded_keys(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",)) -> list[Key]:
-    """The keys of `ops` the database has recorded for `arch`, most-called first (Store.recorded). Keys
-    of other archs and other ops are skipped with a note on stderr; none left is a CliError."""
-    from ...db.errors import StoreError
-    from ...db.store import Store
-
-    try:
-        with Store.open(db_url, create=False) as store:
-            recorded = store.recorded()
-    except (StoreError, ValueError) as error:
-        raise CliError(error) from None
-    keys, other = [], []
-    for entry in recorded:
-        (keys if entry.key.arch == arch and entry.key.op in ops else other).append(entry.key)
-    what = f"{arch} {','.join(ops)}"
-    if not keys:
-        raise CliError(f"--recorded: no recorded {what} keys in the database ({len(other)} of other archs "
-                       "or ops); run the app with FLASHTUNE_RECORD=1 on this GPU first")
-    if other:
-        shown = ", ".join(map(str, other[:3])) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-        unselected = sorted({k.op for k in other if k.arch == arch})
-        hint = f" (--op {','.join([*ops, *unselected])} tunes those of {arch} too)" if unselected else ""
-        click.echo(f"note: skipping {len(other)} recorded key(s) not for {what}: {shown}{hint}", err=True)
-    return list(dict.fromkeys(keys))
-
-
-def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[int], dtypes: Sequence[str],
-             keys_count: int, kernel_only: bool, db_url: str | None, as_json: bool,
-             ops: Sequence[str] = ("fwd",), seq: int = 1024) -> None:
-    """Plan without a GPU. `keys` None: the grid's space per op, head dim and dtype; else (--recorded,
-    read from the database for the planned arch) each key and the size of its candidate list."""
+def _planned_gpu(arch: str | None) -> Any:
+    """The GPU here when it is of `arch` (or `arch` is None), else the arch table's plan of `arch`."""
     from ..gpu import NoGpuError, detect_gpu, planned_gpu
-    from ..ops import op_spec
-    from ..session import key_providers, provider_configs, session_space
 
     try:
         here = detect_gpu()
@@ -132,55 +97,73 @@ def _dry_run(arch: str | None, keys: Sequence[Key] | None, head_dims: Sequence[i
     if arch is None:
         if here is None:
             raise CliError("no GPU here: give --arch (e.g. --arch sm_86) to plan with --dry-run")
-        gpu = here
-    else:
-        gpu = here if here is not None and here.arch == arch else planned_gpu(arch)
-    with_sdpa = not kernel_only and any(op_spec(op).sdpa_providers for op in ops)
-    providers = [str(c) for c in provider_configs()] if with_sdpa else []
-    if keys is None:
-        groups = []
-        for op in ops:
-            spec = op_spec(op)
-            for head_dim in head_dims:
-                for dtype in dtypes:
-                    entries = spec.plan(head_dim, dtype, gpu)
-                    over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
-                    kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
-                    # The op's other kernel variants (the forward's TMA kernel, sm_90 on): causal keys'
-                    # list, the superset: what the op's space adds to its base plan.
-                    base = {c.config for c in entries if c.kept}
-                    causal_key = Key(gpu.arch, op, seq, head_dim, dtype, True)
-                    if op == "kvcache":  # its plan is the nominal decode key's space: the same key, causal
-                        from ..op_kvcache import NOMINAL
-                        causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL)
-                    variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
-                                for c in spec.space(causal_key, gpu) if c not in base]
-                    groups.append({"op": op, "head_dim": head_dim, "dtype": dtype, "configs": kept,
-                                   "space": len(entries), "dropped_smem": over,
-                                   "dropped_other": len(entries) - len(kept) - over, "variants": variants,
-                                   "sdpa_providers": with_sdpa and spec.sdpa_providers})
-        if as_json:
-            echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
-                       "providers": providers, "groups": groups})
-            return
-        click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
-                   f"{keys_count} keys; SDPA providers: {', '.join(providers) or 'none'}")
-        for g in groups:
-            what = f"{g['op']} D={g['head_dim']} {g['dtype']}"
-            click.echo(f"\n{what}: {len(g['configs'])} of {g['space']} configs kept "
-                       f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)"
-                       + ("" if g["sdpa_providers"] or not providers else "; no SDPA providers for this op"))
-            echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
-                       right=["smem KB"])
-            click.echo(f"{what}: {len(g['variants'])} other kernel-variant configs (the forward's "
-                       f"tensor-descriptor (TMA) kernel on archs with TMA)")
-            if g["variants"]:
-                echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["variants"]],
-                           right=["smem KB"])
+        return here
+    return here if here is not None and here.arch == arch else planned_gpu(arch)
+
+
+def _planned_providers(options: TuneOptions) -> tuple[bool, list[str]]:
+    """Whether torch SDPA's backends compete for any op planned, and their configs as text."""
+    from ..ops import op_spec
+    from ..session import provider_configs
+
+    with_sdpa = not options.kernel_only and any(op_spec(op).sdpa_providers for op in options.ops)
+    return with_sdpa, [str(c) for c in provider_configs()] if with_sdpa else []
+
+
+def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
+    """The space per op, head dim and dtype on `gpu`, with estimates and drop counts."""
+    from ..ops import op_spec
+    from ..ops.kvcache import NOMINAL
+
+    with_sdpa, providers = _planned_providers(options)
+    groups = []
+    for op in options.ops:
+        spec = op_spec(op)
+        for head_dim in options.head_dim:
+            for dtype in options.dtype:
+                entries = spec.plan(head_dim, dtype, gpu)
+                over = sum(1 for c in entries if c.dropped_by and c.dropped_by.startswith("smem"))
+                kept = [{"config": str(c.config), "smem": c.smem} for c in entries if c.kept]
+                # The op's other kernel variants (the forward's TMA kernel, sm_90 on): causal keys'
+                # list, the superset: what the op's space adds to its base plan.
+                base = {c.config for c in entries if c.kept}
+                causal_key = Key(gpu.arch, op, options.seq[0], head_dim, dtype, True)
+                if op == "kvcache":  # its plan is the nominal decode key's space: the same key, causal
+                    causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL)
+                variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
+                            for c in spec.space(causal_key, gpu) if c not in base]
+                groups.append({"op": op, "head_dim": head_dim, "dtype": dtype, "configs": kept,
+                               "space": len(entries), "dropped_smem": over,
+                               "dropped_other": len(entries) - len(kept) - over, "variants": variants,
+                               "sdpa_providers": with_sdpa and spec.sdpa_providers})
+    if options.as_json:
+        echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
+                   "providers": providers, "groups": groups})
         return
+    click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
+               f"{keys_count} keys; SDPA providers: {', '.join(providers) or 'none'}")
+    for g in groups:
+        what = f"{g['op']} D={g['head_dim']} {g['dtype']}"
+        click.echo(f"\n{what}: {len(g['configs'])} of {g['space']} configs kept "
+                   f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)"
+                   + ("" if g["sdpa_providers"] or not providers else "; no SDPA providers for this op"))
+        echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
+                   right=["smem KB"])
+        click.echo(f"{what}: {len(g['variants'])} other kernel-variant configs (the forward's "
+                   f"tensor-descriptor (TMA) kernel on archs with TMA)")
+        if g["variants"]:
+            echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["variants"]],
+                       right=["smem KB"])
+
+
+def _plan_recorded(gpu: Any, keys: Sequence[Key], options: TuneOptions) -> None:
+    """Each recorded key with the number of its kernel configs and providers on `gpu`."""
+    from ..session import key_providers, session_space
+
+    _, providers = _planned_providers(options)
     rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu)),
-             "providers": len(key_providers(k, kernel_only))} for k in keys]
-    if as_json:
+             "providers": len(key_providers(k, options.kernel_only))} for k in keys]
+    if options.as_json:
         echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": len(rows),
                    "providers": providers, "recorded": rows})
         return
@@ -266,6 +249,25 @@ def _print_summary(summary: dict[str, Any]) -> None:
         click.echo(f"geomean speed-up over the default config: {summary['geomean_speedup']:.2f}x")
 
 
+def fleet_options(func: F) -> F:
+    """Add the fleet options; the command receives them as `gpus`, `job`, `join` and `lease_s`."""
+    for option in reversed([
+        click.option("--gpus", "gpus", type=GPUS, default=None,
+                     help="Tune on several GPUs of this host: 'all' or a comma list of indices; one benchmark "
+                          "worker per GPU, keys dealt through one claim queue in --db."),
+        click.option("--job", "job", metavar="NAME", default=None,
+                     help="Make the keys fleet job NAME in --db and work on it; other hosts add their GPUs "
+                          "with --join NAME (PostgreSQL)."),
+        click.option("--join", "join", metavar="NAME", default=None,
+                     help="Work on fleet job NAME of the PostgreSQL --db: its keys, options and lease."),
+        click.option("--lease", "lease_s", type=DURATION, default=None,
+                     help="With --job/--gpus: a claim its worker stops renewing (killed, powered off) is taken "
+                          "over after this long [default: 60s]."),
+    ]):
+        func = option(func)
+    return func
+
+
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flashtune")
 @click.option("--arch", type=ARCH, default=None, help="GPU arch (sm_86, sm_90, ...); must be the GPU's unless --dry-run.")
@@ -302,45 +304,42 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--trial-timeout", type=DURATION, default="180s", show_default=True,
               help="A trial silent for this long is recorded as timeout.")
 @fleet_options
-def tune(arch: str | None, seq: list[int], head_dim: list[int], dtype: list[str], causal: tuple[bool, ...],
-         batch_heads: list[int], groups: list[int], ops: list[str], decode: bool, kv_lens: list[int] | None,
-         q_lens: list[int] | None, kernel_only: bool, recorded: bool,
-         db_url: str | None,
-         budget: float | None, dry_run: bool, as_json: bool, compile_threads: int | None, compile_procs: int | None,
-         trial_timeout: float, **fleet: Any) -> None:
+def tune(**params: Any) -> None:
     """Find the fastest correct candidate (kernel config or torch SDPA backend) per key on this GPU and store it;
     a candidate must beat the default config by more than the measured noise, else the default is stored."""
-    ops = tunable_ops(_with_decode(ops, decode, kv_lens, q_lens))
-    q_lens = q_lens or [1]
-    if dry_run:
-        refuse_dry_run(fleet)
-        if recorded:
-            if arch is None:
-                raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
-            _dry_run(arch, recorded_keys(db_url, arch, ops), head_dim, dtype, 0, kernel_only, db_url, as_json, ops)
-            return
-        count_keys = len(grid_keys("sm_90", seq, head_dim, dtype, causal, batch_heads, groups, ops,
-                                   q_lens=q_lens, kv_lens=kv_lens))
-        _dry_run(arch, None, head_dim, dtype, count_keys, kernel_only, db_url, as_json, ops, seq[0])
-        return
-    args = {"seq": seq, "head_dim": head_dim, "dtype": dtype, "causal": list(causal), "batch_heads": batch_heads,
-            "group": groups, "op": ops, "q_len": q_lens, "kv_len": kv_lens, "kernel_only": kernel_only,
-            "recorded": recorded, "budget_s": budget}
+    options = _options(params)
+    try:
+        if options.dry_run:
+            _dry_run(options)
+        elif options.fleet.requested:  # several GPUs or hosts: one claim queue (tuner.fleet)
+            from ..fleet.command import tune_fleet
+            _report_fleet(tune_fleet(options), options.as_json)
+        else:
+            _tune(options)
+    except TuneError as error:
+        raise CliError(error) from None
 
-    def keys_for(gpu_arch: str) -> tuple[list[Key], bool]:
-        if recorded:
-            return recorded_keys(db_url, gpu_arch, ops), True
-        return grid_keys(gpu_arch, seq, head_dim, dtype, causal, batch_heads, groups, ops, q_lens=q_lens,
-                         kv_lens=kv_lens), False
 
-    if fleet_requested(fleet):  # several GPUs or hosts: one claim queue (tuner.fleet)
-        from ..fleet.command import tune_fleet
-        tune_fleet(**fleet, arch=arch, keys_for=keys_for, kernel_only=kernel_only, db_url=db_url, budget=budget,
-                   trial_timeout=trial_timeout, compile_threads=compile_threads, compile_procs=compile_procs,
-                   as_json=as_json, args=args)
-        return
-    _tune(arch, keys_for, kernel_only, db_url, budget, trial_timeout, compile_threads or compile_share(),
-          compile_share() if compile_procs is None else compile_procs, as_json, args)
+def _options(params: Mapping[str, Any]) -> TuneOptions:
+    """The command's parameters as one value, --decode applied; CliError for ops the tuner cannot time."""
+    ops = tunable_ops(_with_decode(params["ops"], params["decode"], params["kv_lens"], params["q_lens"]))
+    ctx = click.get_current_context()
+    given = frozenset(name for name in params
+                      if (source := ctx.get_parameter_source(name)) is not None
+                      and source.name not in ("DEFAULT", "DEFAULT_MAP"))
+    gpus = params["gpus"]
+    kv_lens = params["kv_lens"]
+    return TuneOptions(
+        arch=params["arch"], seq=tuple(params["seq"]), head_dim=tuple(params["head_dim"]),
+        dtype=tuple(params["dtype"]), causal=tuple(params["causal"]), batch_heads=tuple(params["batch_heads"]),
+        groups=tuple(params["groups"]), ops=tuple(ops), q_lens=tuple(params["q_lens"] or [1]),
+        kv_lens=None if kv_lens is None else tuple(kv_lens), kernel_only=params["kernel_only"],
+        recorded=params["recorded"], db_url=params["db_url"], budget_s=params["budget"],
+        dry_run=params["dry_run"], as_json=params["as_json"], compile_threads=params["compile_threads"],
+        compile_procs=params["compile_procs"], trial_timeout_s=params["trial_timeout"],
+        fleet=FleetOptions(gpus=gpus if gpus is None or isinstance(gpus, str) else tuple(gpus), job=params["job"],
+                           join=params["join"], lease_s=params["lease_s"]),
+        given=given)
 
 
 def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:
@@ -355,45 +354,36 @@ def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens
     return ops
 
 
-def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None, budget: float | None,
-          trial_timeout: float, threads: int, procs: int, as_json: bool, args: dict[str, Any]) -> None:
+def _tune(options: TuneOptions) -> None:
+    """Tune the keys on the GPU present, then print the summary; exit code 130 when interrupted."""
     from ...db.errors import StoreError
 
+    from ..interrupt import stop_on_ctrl_c
     from ..loop import TuneSettings
     from ..session import SessionError, session_gpu, tuning_session
     from ..worker import WorkerError
 
-    stop = {"requested": False}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        click.echo("\nstopping after the trial in flight (Ctrl-C again to abort now)", err=True)
-
+    threads, procs = options.compile_shares()
     started = time.monotonic()
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        gpu = session_gpu(arch)
-        keys, keep_order = keys_for(gpu.arch)
-        with tuning_session(db_url, args, gpu=gpu, compile_threads=threads, compile_procs=procs,
-                            trial_timeout_s=trial_timeout, kernel_only=kernel_only) as session:
-            results = session.tune(keys, settings=TuneSettings(budget_s=budget), progress=_TuneProgress(len(keys)),
-                                   should_stop=lambda: stop["requested"], keep_order=keep_order)
-    except (SessionError, WorkerError, StoreError, ValueError) as error:
-        raise CliError(error) from None
-    except KeyboardInterrupt:
-        click.echo("aborted; the trials measured so far are stored: run the same command again to resume", err=True)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with stop_on_ctrl_c("the trial in flight") as stop:
+        try:
+            gpu = session_gpu(options.arch)
+            keys = options.keys(gpu.arch)
+            with tuning_session(options.db_url, options.run_args(), gpu=gpu, compile_threads=threads,
+                                compile_procs=procs, trial_timeout_s=options.trial_timeout_s,
+                                kernel_only=options.kernel_only) as session:
+                results = session.tune(keys, settings=TuneSettings(budget_s=options.budget_s),
+                                       progress=_TuneProgress(len(keys)), should_stop=stop,
+                                       keep_order=options.recorded)
+        except (SessionError, WorkerError, StoreError, ValueError) as error:
+            raise CliError(error) from None
     if session.finish_error:
         click.echo(session.finish_error, err=True)
     summary = _summary(results)
     summary.update(run_id=session.run_id, status=session.status, elapsed_s=round(time.monotonic() - started, 1),
                    worker_restarts=getattr(session.bench, "restarts", 0), gpu=asdict(session.gpu),
                    keys_planned=len(keys))
-    if as_json:
+    if options.as_json:
         echo_json(summary)
     else:
         _print_summary(summary)
@@ -401,6 +391,31 @@ def _tune(arch: str | None, keys_for: Any, kernel_only: bool, db_url: str | None
             click.echo(f"stopped ({session.status}) after {len(results)} of {len(keys)} keys; "
                        "run the same command again to resume", err=True)
     if session.status == "interrupted":
+        sys.exit(130)
+
+
+def _report_fleet(run: "FleetRun", as_json: bool) -> None:
+    """The fleet run's summary: a table and a line per job for people, or JSON; exit code 130 when interrupted."""
+    if run.finished:
+        message = f"job {run.jobs[0]} is finished: every key is done, nothing to tune"
+        if as_json:
+            echo_json({"job": run.jobs[0], "status": "done", "keys": [], "message": message})
+        else:
+            click.echo(message, err=True)
+        return
+    summary = _summary(run.results)
+    summary.update(status=run.status, elapsed_s=run.elapsed_s, jobs=run.jobs, keys_planned=run.keys_planned,
+                   gpus=run.gpus)
+    if as_json:
+        echo_json(summary)
+    else:
+        _print_summary(summary)
+        per_gpu = ", ".join(f"gpu{g['index']} {g['keys']} keys" for g in summary["gpus"])
+        click.echo(f"job {', '.join(summary['jobs'])}: {len(run.results)} keys tuned here ({per_gpu}) in "
+                   f"{summary['elapsed_s']:.0f} s", err=True)
+        if run.status != "done":
+            click.echo(f"stopped ({run.status}); run the same command again to resume", err=True)
+    if run.status == "interrupted":
         sys.exit(130)
 
 

@@ -19,27 +19,25 @@ op's, and `kvcache_bytes` (K + V + Q + O, kernel.ops.kvcache.decode_bytes) gives
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..db.types import DTYPE_BYTES, Config, Key
-from ..kernel.jit.common import GRID_X_MAX
-from ..kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem, plan_decode
-from ..kernel.dtypes import TORCH_DTYPES
-from ..kernel.checks import check_kvcache_inputs
-from ..kernel.ops.kvcache import launch_decode
-from ..kernel.checks import AttnShape
-from ..kernel.testing import attention_kvcache_reference
+from ...db.types import DTYPE_BYTES, Config, Key
+from ...kernel.jit.common import GRID_X_MAX
+from ...kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem, plan_decode
+from ...kernel.checks import check_kvcache_inputs
+from ...kernel.ops.kvcache import launch_decode
+from ...kernel.checks import AttnShape
+from ...kernel.testing import attention_kvcache_reference
 
-from .op_fwd import TOLERANCE
+from .fwd import TOLERANCE
+from .inputs import OpInputs
 from .space import Candidate
-from .workload import OpSpec, compile_batch, output_problem, split_heads
+from .spec import OpSpec
 
 if TYPE_CHECKING:
-    from .gpu import GpuInfo
+    from ..gpu import GpuInfo
 
 OP = "kvcache"
 SPLIT_STEPS = (-3, -2, -1, 0, 1, 2)  # num_splits = the default's times 2**step (and 1)
@@ -49,12 +47,6 @@ HALF_TILE_WARPS_STAGES = ((4, 2),)  # the half-size query tile: its best pipelin
 REFERENCE_CHUNK_BYTES = 1 << 30  # fp32 K and V copies the reference holds at once
 # The nominal key `tune --dry-run` lists the space of (the space scales with each key's default).
 NOMINAL = dict(seq_len=1, seq_len_kv=32768, batch_heads=256, group=4)
-
-
-def _sizes(key: Key, batch_heads: int) -> tuple[int, int, int]:
-    """(B, Hq, Hkv) of the benchmark inputs for `key` at `batch_heads` = B·Hq."""
-    batch, heads = split_heads(max(1, batch_heads), key.group)
-    return batch, heads, heads // key.group
 
 
 def visible_pairs(seq_q: int, seq_kv: int, causal: bool) -> int:
@@ -71,7 +63,7 @@ def kvcache_flops(key: Key, batch_heads: int) -> float:
 
 def kvcache_bytes(key: Key, batch_heads: int) -> int:
     """Bytes one call must move on the benchmark inputs: K and V of every cached token, Q and O."""
-    batch, heads_q, heads_kv = _sizes(key, batch_heads)
+    batch, heads_q, heads_kv = KVCacheInputs.sizes(key, batch_heads)
     return decode_bytes(batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=key.seq_len,
                         kv_tokens=batch * key.seq_len_kv, head_dim=key.head_dim, elt=DTYPE_BYTES[key.dtype])
 
@@ -86,7 +78,7 @@ def kvcache_default(key: Key, gpu: "GpuInfo") -> Config:
 
 def _effective(config: Config, key: Key) -> tuple[Config, int]:
     """`config` with num_splits replaced by the count plan_decode really launches, and its program count."""
-    batch, _, heads_kv = _sizes(key, key.batch_heads)
+    batch, _, heads_kv = KVCacheInputs.sizes(key, key.batch_heads)
     plan = plan_decode(config, batch=batch, heads_kv=heads_kv, group=key.group, seq_q=key.seq_len,
                        seq_kv=key.seq_len_kv, head_dim=key.head_dim)
     programs = plan.num_m_blocks * plan.num_splits * batch * heads_kv
@@ -130,49 +122,39 @@ def kvcache_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
     return _candidates(Key(gpu.arch, OP, head_dim=head_dim, dtype=dtype, causal=False, **NOMINAL), gpu)
 
 
-@dataclass
-class KVCacheInputs:
-    """Random q (B, Hq, Nq, D) and caches (B, Hkv, Nmax, D) on the bench device, every sequence Nmax
-    long, and the fp32 reference (kernel/testing.py), computed once per key; None for the
-    compile pool's inputs (`warm`)."""
+class KVCacheInputs(OpInputs):
+    """A kvcache key's inputs (tuner.ops.inputs): q (B, Hq, Nq, D) and caches (B, Hkv, Nmax, D), every
+    sequence Nmax long, and the fp32 reference (kernel/testing.py)."""
 
-    key: Key
-    batch_heads: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    shape: AttnShape
-    scale: float
-    reference: torch.Tensor | None
+    tolerance = TOLERANCE
+    against = "the KV-cache reference (fp32)"
 
     @classmethod
-    def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
-              warm: bool = False) -> "KVCacheInputs":
-        """Inputs drawn from N(0, 1) with a fixed seed. ValueError for a causal key with more queries
-        than cached keys (bottom-right causal would leave query 0 no key). `warm`: the compile pool's
-        inputs: compile_batch(B) sequences and no reference."""
+    def check_key(cls, key: Key) -> None:
+        """ValueError for a causal key with more queries than cached keys (bottom-right causal would
+        leave query 0 no key)."""
         if key.causal and key.seq_len > key.seq_len_kv:
             raise ValueError(f"{key}: causal decode needs at least as many cached keys as queries "
                              f"(Nq={key.seq_len} > Nkv={key.seq_len_kv})")
-        batch, heads_q, heads_kv = _sizes(key, batch_heads)
-        batch = compile_batch(batch) if warm else batch
-        gen = torch.Generator(device=device).manual_seed(seed)
-        dtype = TORCH_DTYPES[key.dtype]
 
-        def draw(h: int, n: int) -> torch.Tensor:
-            return torch.randn(batch, h, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+    @classmethod
+    def sizes(cls, key: Key, batch_heads: int) -> tuple[int, int, int]:
+        """(B, Hq, Hkv) of the inputs, as `kvcache_bytes` counts them; a key without a bucket (0) as one of 1."""
+        return super().sizes(key, max(1, batch_heads))
 
-        q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
-        scale = 1.0 / math.sqrt(key.head_dim)
-        if warm:
-            return cls(key, batch_heads, q, k, v, check_kvcache_inputs(q, k, v), scale, None)
-        # A few sequences at a time: the reference holds fp32 copies of their K and V.
-        per_seq = 2 * 4 * heads_kv * key.seq_len_kv * key.head_dim
+    @classmethod
+    def shape_of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttnShape:
+        """The launch shape, checked as attention_kvcache checks it."""
+        return check_kvcache_inputs(q, k, v)
+
+    def compute_reference(self) -> torch.Tensor:
+        """The fp32 reference, a few sequences at a time: it holds fp32 copies of their K and V."""
+        q, k, v, key = self.q, self.k, self.v, self.key
+        per_seq = 2 * 4 * k.shape[1] * key.seq_len_kv * key.head_dim
         step = max(1, REFERENCE_CHUNK_BYTES // per_seq)
-        ref = torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
-                                                     scale=scale, dtype=torch.float32)
-                         for i in range(0, batch, step)])
-        return cls(key, batch_heads, q, k, v, check_kvcache_inputs(q, k, v), scale, ref)
+        return torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
+                                                      scale=self.scale, dtype=torch.float32)
+                          for i in range(0, q.shape[0], step)])
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One attention_kvcache launch with `config` (scratch allocated per call, as the API does);
@@ -180,14 +162,6 @@ class KVCacheInputs:
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
                              scale=self.scale, config=config, out=out)
 
-    def check(self, output: torch.Tensor) -> str | None:
-        """Why `output` is wrong against the fp32 reference, or None."""
-        return output_problem(output, self.reference, TOLERANCE[self.key.dtype], "the KV-cache reference (fp32)")
 
-    def buffers(self) -> torch.Tensor:
-        """One output tensor the timed launches share."""
-        return torch.empty_like(self.q)
-
-
-KVCACHE = OpSpec(OP, space=kvcache_space, smem=estimate_decode_smem, plan=kvcache_plan, default=kvcache_default,
+KVCACHE = OpSpec(OP, space=kvcache_space, plan=kvcache_plan, default=kvcache_default,
                  flops=kvcache_flops, sdpa_providers=False, inputs=KVCacheInputs, bytes=kvcache_bytes)

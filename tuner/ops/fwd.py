@@ -1,0 +1,161 @@
+"""The forward as a tuner op: its search space (the pointer kernel's pruned configs plus the other
+variants'), default, FLOPs and benchmark inputs.
+
+The pointer kernel's space is pruned before anything is compiled, by two kinds of rules applied in
+order, each with a reason a person can read in `--dry-run`:
+
+- legal: the analytic shared-memory estimate (db.arch.estimate_smem) fits the GPU's per-block
+  limit, every warp owns at least one 16-row MMA slab of the query tile (Triton lays the warps of a
+  chained dot along M; more warps than slabs duplicate work), and the fp32 accumulator plus score
+  tile fit the register file. The exhaustive sweep times this whole set.
+- cost: rules of thumb that drop configs which are legal but practically never fastest, so that
+  the tuner compiles tens of candidates per key instead of hundreds: a score tile too small to keep
+  the warps busy, one stage (no software pipeline at all), and deeper K/V pipelines than the memory
+  latency needs for big tiles.
+
+Validation compares each candidate's output with torch SDPA's math backend in fp32 on the same
+inputs (kernel.testing.fp32_reference), by relative Frobenius error (`TOLERANCE`).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import torch
+
+from ...kernel.ops.fwd import estimate_smem
+from ...kernel.ops.common import padded_head_dim
+from ...db.types import DTYPE_BYTES, Config, ExtraValue, Key, normalize_dtype
+from ...kernel.ops.fwd import default_config
+from ...kernel.ops.fwd import launch
+from ...kernel.testing import attention_flops as shape_flops, fp32_reference
+from ...kernel.providers import KERNEL, provider_of
+from ...kernel.sdpa import run_sdpa
+
+from .inputs import OpInputs
+from .space import MMA_ROWS, THREAD_FP32_MAX, Candidate, full_space
+from .spec import OpSpec
+
+if TYPE_CHECKING:
+    from ..gpu import GpuInfo
+
+THREAD_SCORES_MIN = 32  # fewer score values per thread leave the tensor cores idle between loads
+KV_IN_FLIGHT_MAX = 96 * 1024  # bytes of K/V prefetched ahead; beyond this more stages only cost occupancy
+# Relative Frobenius-norm error allowed against the fp32 reference. A correct kernel sits near
+# 1e-3 (fp16) and 8e-3 (bf16); a wrong tile schedule is off by tens of percent.
+TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
+
+
+def legal_reason(config: Config, head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> str | None:
+    """Why `config` cannot be a sensible launch for (head_dim, dtype) on `arch` with `smem_limit`; None if it can."""
+    smem = estimate_smem(config, head_dim, dtype, arch)
+    if smem > smem_limit:
+        return f"smem {smem // 1024} KB > {smem_limit // 1024} KB"
+    if config.block_m < MMA_ROWS * config.num_warps:
+        return f"block_m {config.block_m} < {MMA_ROWS} rows x {config.num_warps} warps"
+    threads = 32 * config.num_warps
+    per_thread = config.block_m * (padded_head_dim(head_dim) + config.block_n) // threads
+    if per_thread > THREAD_FP32_MAX:
+        return f"{per_thread} fp32 acc+score values per thread > {THREAD_FP32_MAX}"
+    return None
+
+
+def cost_reason(config: Config, head_dim: int, dtype: str) -> str | None:
+    """Why a legal `config` is not worth timing; None if it is."""
+    threads = 32 * config.num_warps
+    scores = config.block_m * config.block_n // threads
+    if scores < THREAD_SCORES_MIN:
+        return f"{scores} score values per thread < {THREAD_SCORES_MIN}"
+    if config.num_stages < 2:
+        return "1 stage: no software pipeline"
+    kv_stage = 2 * config.block_n * padded_head_dim(head_dim) * DTYPE_BYTES[normalize_dtype(dtype)]
+    max_stages = max(2, 1 + KV_IN_FLIGHT_MAX // kv_stage)
+    if config.num_stages > max_stages:
+        return f"{config.num_stages} stages > {max_stages} for a {kv_stage // 1024} KB K/V stage"
+    return None
+
+
+def plan(head_dim: int, dtype: str, smem_limit: int, *, arch: str | None = None, cost_rules: bool = True,
+         extra: Mapping[str, Sequence[ExtraValue]] | None = None,
+         configs: Iterable[Config] | None = None) -> list[Candidate]:
+    """Every config of the space (or of `configs`) with its estimate and the first rule that drops it."""
+    dtype = normalize_dtype(dtype)
+    out = []
+    for config in (full_space(extra) if configs is None else configs):
+        reason = legal_reason(config, head_dim, dtype, smem_limit, arch)
+        if reason is None and cost_rules:
+            reason = cost_reason(config, head_dim, dtype)
+        out.append(Candidate(config, estimate_smem(config, head_dim, dtype, arch), reason))
+    return out
+
+
+def candidates(head_dim: int, dtype: str, smem_limit: int, *, arch: str | None = None, cost_rules: bool = True,
+               extra: Mapping[str, Sequence[ExtraValue]] | None = None) -> list[Config]:
+    """The configs the tuner times for (head_dim, dtype) on `arch` with `smem_limit` bytes per block."""
+    return [c.config for c in plan(head_dim, dtype, smem_limit, arch=arch, cost_rules=cost_rules, extra=extra)
+            if c.kept]
+
+
+def variant_candidates(head_dim: int, dtype: str, causal: bool, smem_limit: int, *, arch: str) -> list[Config]:
+    """The other kernel variants' configs for a key: the tensor-descriptor (TMA) kernel's tiles, warp
+    specialisation and causal schedules on archs with TMA (none elsewhere: `--dry-run --arch sm_86`
+    lists none), each fitting `smem_limit` by its own shared-memory model."""
+    from ...kernel.ops.fwd_tma import tma_candidates
+
+    return tma_candidates(arch, head_dim, normalize_dtype(dtype), causal, smem_limit)
+
+
+def attention_flops(key: Key, batch_heads: int) -> float:
+    """Forward FLOPs: 4·B·H·Nq·Nk·D, half when causal."""
+    return shape_flops(batch_heads, key.seq_len, key.seq_len_kv, key.head_dim, key.causal)
+
+
+@lru_cache(maxsize=256)
+def _space(head_dim: int, dtype: str, causal: bool, smem_limit: int, arch: str) -> tuple[Config, ...]:
+    configs = [*candidates(head_dim, dtype, smem_limit, arch=arch),
+               *variant_candidates(head_dim, dtype, causal, smem_limit, arch=arch)]
+    return tuple(dict.fromkeys(configs))
+
+
+def fwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
+    """The pointer kernel's pruned space (`candidates`) and the other variants' configs (the TMA
+    kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU."""
+    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch))
+
+
+def fwd_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
+    """The pointer kernel's whole space with estimates and drop reasons (`tune --dry-run`)."""
+    return plan(head_dim, dtype, gpu.smem_limit, arch=gpu.arch)
+
+
+def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
+    """kernel.ops.fwd.default_config for the key on this GPU's shared memory."""
+    return default_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
+
+
+class KeyInputs(OpInputs):
+    """A forward key's inputs (tuner.ops.inputs) and the torch SDPA (math, fp32) reference."""
+
+    tolerance = TOLERANCE
+    against = "torch SDPA (fp32)"
+
+    def compute_reference(self) -> torch.Tensor:
+        """SDPA's math attention in fp32. It has no GQA: each K/V head serves `group` consecutive query
+        heads (the kernel's and SDPA's enable_gqa mapping), so they are repeated up to Hq for it."""
+        group = self.key.group
+        rk, rv = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (self.k, self.v))
+        return fp32_reference(self.q, rk, rv, self.key.causal)  # with SDPA's default scale, the same as ours
+
+    def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
+        SDPA `provider` runs torch SDPA pinned to that backend (it allocates its own output)."""
+        provider = provider_of(config)
+        if provider != KERNEL:
+            return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
+        o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
+                                config=config, out=out)
+        return o, compiled
+
+
+FWD = OpSpec("fwd", space=fwd_space, plan=fwd_plan, default=fwd_default, flops=attention_flops,
+             sdpa_providers=True, inputs=KeyInputs)
