@@ -70,7 +70,7 @@ def main() -> None:
     from flashtune.kernel.ops.fwd import attention_fwd
     from flashtune.kernel.checks import check_inputs
     from flashtune.kernel.testing import attention_flops, tflops
-    from flashtune.tuner.op_bwd import fp32_gradients, gradient_errors
+    from flashtune.tuner.ops.bwd import fp32_gradients, gradient_errors
 
     timer = Timer.from_args(args, mode="mean")
 

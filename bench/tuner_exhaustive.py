@@ -20,7 +20,7 @@ from flashtune.db.store import Store
 from flashtune.db.types import Key
 from flashtune.tuner.loop import TuneSettings
 from flashtune.tuner.session import session_gpu, tuning_session
-from flashtune.tuner.space import candidates
+from flashtune.tuner.ops.fwd import candidates
 
 # fp16 non-causal: bench/tuner_smem_report.py compiled these groups already, so Triton's cache has them.
 DEFAULT_KEYS = "512:64:fp16:full,2048:64:fp16:full,1024:128:fp16:full,4096:128:fp16:full"

@@ -22,9 +22,9 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from flashtune.kernel.ops.fwd import estimate_smem  # noqa: E402
 from flashtune.db.types import Config, Key, normalize_dtype  # noqa: E402
-from flashtune.tuner.bench import KeyInputs  # noqa: E402
+from flashtune.tuner.ops.fwd import KeyInputs  # noqa: E402
 from flashtune.tuner.gpu import detect_gpu  # noqa: E402
-from flashtune.tuner.space import full_space  # noqa: E402
+from flashtune.tuner.ops.space import full_space  # noqa: E402
 
 
 def compile_one(inputs: KeyInputs, config: Config) -> tuple[int | None, str, float]:
