@@ -48,7 +48,7 @@ from flashtune.kernel.testing import attention_flops, tflops  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative-norm bounds for the slice check against the fp32 autograd reference: the CPU tests' bounds
-# (tests/test_bwd.py) with room for N in the thousands (longer fp32 accumulations, more rounded P).
+# (tests/kernel/test_bwd.py) with room for N in the thousands (longer fp32 accumulations, more rounded P).
 GRAD_BOUNDS = {"fp16": 1e-2, "bf16": 5e-2, "fp32": 1e-4}
 FWD_BOUND = {"fp16": 5e-3, "bf16": 3e-2, "fp32": 1e-4}
 

@@ -11,9 +11,9 @@ Steps (under 5 minutes on an H200: two tune calls of at most --budget 50 s each,
    enable_gqa (uniform cases only: SDPA has no per-sequence lengths). TB/s = (K+V of the live
    tokens + Q + O bytes) / median time (triton.testing.do_bench, L2 flushed). Ragged vs the padded
    (uniform) batch of the same total length.
-3. The CPU test files on CUDA (fp16 and bf16, the `gpu`-marked grids included): tests/test_decode.py,
-   tests/test_head_dims.py (head dims 8, 24, 48, 72, 200 through attention() fwd+bwd, the TMA kernel,
-   attention_kvcache) and tests/test_decode_tuning.py.
+3. The CPU test files on CUDA (fp16 and bf16, the `gpu`-marked grids included): tests/kernel/test_decode.py,
+   tests/kernel/test_head_dims.py (head dims 8, 24, 48, 72, 200 through attention() fwd+bwd, the TMA kernel,
+   attention_kvcache) and tests/tuner/test_decode_tuning.py.
 
 Writes OUTDIR/decode_tune_bench.json, OUTDIR/tune_*.json/.log and OUTDIR/pytest_log.txt; the table last.
 
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tests: dict[str, Any] = {"skipped": True}
     if not args.no_tests:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_decode.py",
-               "tests/test_head_dims.py", "tests/test_decode_tuning.py"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernel/test_decode.py",
+               "tests/kernel/test_head_dims.py", "tests/tuner/test_decode_tuning.py"]
         t0 = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=110)

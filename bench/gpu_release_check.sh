@@ -29,6 +29,6 @@ for row in con.execute("select op, seq_len, kernel_version from flashtune_winner
     print("  winner", *row)
 PY
 python3 bench/output_hashes.py --out "$out/output_hashes.json"
-timeout 900 python3 -m pytest -q -p no:cacheprovider tests/test_tuner_poison.py tests/test_version.py \
-  tests/test_packaging.py tests/test_dispatch_gpu.py tests/test_kernel_variants.py tests/test_autograd.py \
+timeout 900 python3 -m pytest -q -p no:cacheprovider tests/tuner/test_tuner_poison.py tests/kernel/test_version.py \
+  tests/test_packaging.py tests/kernel/test_dispatch_gpu.py tests/kernel/test_kernel_variants.py tests/kernel/test_autograd.py \
   2>&1 | tee "$out/pytest_gpu.txt" | tail -15

@@ -26,8 +26,8 @@ case "$mode" in
     export CUDA_VISIBLE_DEVICES=1
     taskset -c 24-31 timeout 90 python3 bench/host_bench.py --out "$out/host" > "$out/host.txt" 2>&1
     taskset -c 24-31 timeout 330 python3 bench/decode_tune_bench.py "$out/decode_tune" > "$out/decode.txt" 2>&1
-    taskset -c 24-31 timeout 100 python3 -m pytest -q -x tests/test_host_path.py tests/test_integration_torch.py \
-      tests/test_integration_transformers.py > "$out/pytest_host_integrations_gpu.txt" 2>&1
+    taskset -c 24-31 timeout 100 python3 -m pytest -q -x tests/kernel/test_host_path.py tests/kernel/test_integration_torch.py \
+      tests/kernel/test_integration_transformers.py > "$out/pytest_host_integrations_gpu.txt" 2>&1
     wait $fleet
     for f in host decode pytest_host_integrations_gpu fleet_single; do echo "== $f"; tail -n 25 "$out/$f.txt"; done
     ;;
@@ -54,8 +54,8 @@ case "$mode" in
     # hand launch there).
     mkdir -p "$out/bwd_tune" && cp bench/results/h200/bwd_tune_h200.db "$out/bwd_tune/bwd_tune.db"
     taskset -c 16-31 timeout 100 python3 bench/bwd_tune_bench.py "$out/bwd_tune" --skip-tune > "$out/bwd.txt" 2>&1
-    taskset -c 16-31 timeout 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_decode.py \
-      tests/test_head_dims.py > "$out/pytest_decode_head_dims_gpu.txt" 2>&1
+    taskset -c 16-31 timeout 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernel/test_decode.py \
+      tests/kernel/test_head_dims.py > "$out/pytest_decode_head_dims_gpu.txt" 2>&1
     wait $example
     for f in model_example decode bwd pytest_decode_head_dims_gpu; do echo "== $f"; tail -n 30 "$out/$f.txt"; done
     ;;
@@ -69,12 +69,12 @@ case "$mode" in
     # The decode relaunch's GPU tests first: a relaunch that picked the wrong compiled variant would be
     # silently wrong, and only these bitwise checks on Triton 3.6 would show it.
     taskset -c 24-31 timeout 100 python3 -m pytest -q -rf --tb=line -p no:cacheprovider -m gpu \
-      tests/test_decode_host.py tests/test_host_path.py > "$out/pytest_decode_host_gpu.txt" 2>&1
-    taskset -c 24-31 timeout 40 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_decode.py \
+      tests/kernel/test_decode_host.py tests/kernel/test_host_path.py > "$out/pytest_decode_host_gpu.txt" 2>&1
+    taskset -c 24-31 timeout 40 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernel/test_decode.py \
       -k "bad_input or lengths or ragged" >> "$out/pytest_decode_host_gpu.txt" 2>&1
     taskset -c 24-31 timeout 80 python3 bench/host_bench.py --out "$out/host" > "$out/host.txt" 2>&1
     taskset -c 24-31 timeout 150 python3 bench/transformers_bench.py --out "$out/transformers" > "$out/transformers.txt" 2>&1
-    taskset -c 24-31 timeout 60 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_head_dims.py \
+    taskset -c 24-31 timeout 60 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernel/test_head_dims.py \
       > "$out/pytest_head_dims_gpu.txt" 2>&1
     unset CUDA_VISIBLE_DEVICES
     wait $fleet

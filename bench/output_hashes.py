@@ -2,7 +2,7 @@
 
 A refactor that must not change what the kernels compute (moving code, sharing jit helpers) is checked by
 comparing these fingerprints before and after, bitwise: under the Triton interpreter in CI
-(`tests/test_output_hashes.py` against `tests/fixtures/output_hashes_interpreter.json`) and once on a GPU
+(`tests/kernel/test_output_hashes.py` against `tests/fixtures/output_hashes_interpreter.json`) and once on a GPU
 (run this script on both trees, then `--compare A.json B.json`).
 
     python bench/output_hashes.py --out hashes.json             # CUDA if present, else the interpreter

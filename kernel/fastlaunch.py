@@ -47,7 +47,7 @@ def disabled() -> bool:
 
 
 def int_spec(value: int) -> int:
-    """The class Triton's JIT specialises an int argument into (`specialize_impl`; tests/test_decode_host.py
+    """The class Triton's JIT specialises an int argument into (`specialize_impl`; tests/kernel/test_decode_host.py
     compares it with the installed Triton's): 1: the value 1 (compiled in as a constant); else the type
     (0: i32, 64: i64, 128: u64) plus 16 where the value is divisible by 16. Two ints of one class run
     the same compiled kernel."""

@@ -1,4 +1,5 @@
-"""Test setup: run kernels under the Triton interpreter when no CUDA GPU is present."""
+"""Test setup: run kernels under the Triton interpreter when no CUDA GPU is present; the shared fixtures
+(tests/helpers) as plugins."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must be set before any @triton.jit function is defined, i.e. before `kernel` is imported.
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Loaded after the lines above: the dispatcher's fixtures import the kernels.
+pytest_plugins = ["helpers.db", "helpers.dispatch"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

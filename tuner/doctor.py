@@ -27,7 +27,7 @@ from ..kernel.version import OP_VERSIONS
 from .gpu import GpuInfo, NoGpuError, detect_gpu
 
 LEVELS = ("ok", "info", "warn", "fail")
-# Relative error a correct fp16 kernel stays well under (tests/test_kernel.py's bound).
+# Relative error a correct fp16 kernel stays well under (tests/kernel/test_kernel.py's bound).
 SMOKE_TOLERANCE = {"float16": 2e-3, "float32": 2e-5}
 
 

@@ -1,7 +1,7 @@
 """What every kernel family shares: the program-id decode, the masked tile load, the causal bounds, the
 online-softmax step and the constants.
 
-Triton inlines these helpers, so sharing them changes no compiled kernel (tests/test_output_hashes.py
+Triton inlines these helpers, so sharing them changes no compiled kernel (tests/kernel/test_output_hashes.py
 checks the outputs bitwise). Each op's version (kernel/version.py) includes the helpers its kernels call.
 """
 from __future__ import annotations

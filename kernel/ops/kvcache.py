@@ -264,7 +264,7 @@ def split_geometry(seq_kv: int, block_n: int, requested: int, ragged_rows: int =
     split_size = BLOCK_N · cdiv(cdiv(Nmax, requested), BLOCK_N), then cdiv(Nmax, split_size) splits;
     with cache_seqlens (`ragged_rows` = G·Nq, 0 without) at least `ragged_min_splits`. The
     per-call path uses this instead of plan_decode (which builds a Config lookup and a dataclass per
-    call); tests/test_decode_host.py checks that the two agree.
+    call); tests/kernel/test_decode_host.py checks that the two agree.
     """
     if ragged_rows:
         requested = max(requested, ragged_min_splits(seq_kv, ragged_rows))
