@@ -31,12 +31,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..db.types import INT32_MAX
+
 from . import device as _device
 
 __all__ = ["FastLaunch", "build", "current_stream", "disabled", "int_spec", "specialization"]
 
 _ALIGN = 16  # Triton specialises pointer arguments on 16-byte alignment
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_INT32_MIN, _INT32_MAX = -INT32_MAX - 1, INT32_MAX
 _INT64_MAX = 2**63 - 1
 _state: dict[str, Any] = {"disabled": _device.INTERPRET, "driver": None, "knobs": None}
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 import re
 
-from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, check_head_dim, normalize_dtype
+from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, INT32_MAX, check_head_dim, normalize_dtype
 
 SEQ_FORMS = "A..B (doubling from A to B), A..B:S (steps of S), or a comma list such as 128,512,1000"
 # The database stores lengths as 32-bit integers (PostgreSQL INTEGER), so a longer one could be
 # tuned on SQLite and then never be exported into PostgreSQL: refuse it at the command line.
-MAX_SEQ_LEN = 2**31 - 1
-INT32_MAX = 2**31 - 1
+MAX_SEQ_LEN = INT32_MAX  # a key's sequence lengths are int32 columns
 _INT = r"\s*(\d+)\s*"
 _MAX_VALUES = 4096  # a range that expands past this is a typo, not a tuning plan
 _SHOWN = 24  # characters of a huge number quoted in a message
