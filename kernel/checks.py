@@ -131,11 +131,12 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
     return shape
 
 
-def check_causal(value: Any, name: str = "causal") -> bool:
+def check_bool(value: Any, name: str) -> bool:
     """`value` as a bool when it is one (numpy bools included); TypeError naming `name` otherwise.
 
-    bool() would turn "False", "no", 2.5 or [] into causal attention: a silently wrong result
-    (torch SDPA raises TypeError for these too).
+    bool() would turn "False", "no", 2.5 or [] into True: a silently wrong result (causal attention,
+    GQA, skipped checks). torch SDPA raises TypeError for these too. Callers on the hot path test
+    `type(value) is bool` first and call this only otherwise.
     """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)

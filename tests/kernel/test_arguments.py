@@ -1,0 +1,83 @@
+"""Hostile scalar arguments of the public entry points: booleans that are not bools, scales numpy
+and Python give, and TRITON_INTERPRET values Triton reads its own way."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flashtune.kernel import attention, attention_kvcache, dispatch
+from flashtune.kernel.ops.bwd import attention_bwd
+from flashtune.kernel.ops.fwd import attention_fwd
+from flashtune.kernel.testing import attention_reference
+from helpers import qkv, rel
+from helpers.subproc import repo_env
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs under the interpreter (conftest)
+
+
+def _tensors(hq: int = 2, hkv: int = 2) -> tuple[torch.Tensor, ...]:
+    return qkv(1, hq, hkv, 16, 16, 16, torch.float32, DEVICE, torch.Generator().manual_seed(0))
+
+
+def _bwd(**kwargs: object) -> object:
+    q, k, v = _tensors()
+    o, lse = attention_fwd(q, k, v, return_lse=True)
+    return attention_bwd(torch.ones_like(o), q, k, v, o, lse, **{"causal": False, "scale": None, **kwargs})
+
+
+# Every boolean argument of the public functions, as (call taking that argument, its name).
+BOOL_ARGS: list[tuple[Callable[..., object], str]] = [
+    (lambda **kw: attention(*_tensors(), **kw), "is_causal"),
+    (lambda **kw: attention(*_tensors(), **kw), "enable_gqa"),
+    (lambda **kw: attention(*_tensors(), **kw), "fallback"),
+    (lambda **kw: attention_kvcache(*_tensors(), **kw), "causal"),
+    (lambda **kw: attention_kvcache(*_tensors(), **kw), "check_lengths"),
+    (lambda **kw: attention_fwd(*_tensors(), **kw), "causal"),
+    (lambda **kw: attention_fwd(*_tensors(), **kw), "return_lse"),
+    (_bwd, "causal"),
+    (_bwd, "deterministic"),
+    (lambda **kw: dispatch.explain(*_tensors(), **kw), "is_causal"),
+    (lambda **kw: dispatch.explain(*_tensors(), **kw), "kernel_only"),
+    (lambda **kw: dispatch.lookup("sm_90", 64, 64, "float16", **{"causal": False, **kw}), "causal"),
+    (lambda **kw: dispatch.lookup("sm_90", 64, 64, "float16", **{"causal": False, **kw}), "kernel_only"),
+]
+NOT_BOOLS = ["False", "no", 0, 1, 2.5, None, [], torch.tensor(False)]
+
+
+@pytest.mark.parametrize("call, name", BOOL_ARGS, ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+def test_boolean_arguments_must_be_bools(call: Callable[..., object], name: str, value: object) -> None:
+    # bool(value) made "False" mean True: causal attention or GQA the caller switched off.
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool \(True or False\), got .* of type "
+                                        rf"{type(value).__name__}$"):
+        call(**{name: value})
+
+
+@pytest.mark.parametrize("call, name", BOOL_ARGS, ids=lambda x: x if isinstance(x, str) else "")
+def test_numpy_bools_are_bools(call: Callable[..., object], name: str) -> None:
+    call(**{name: np.bool_(name in ("check_lengths", "deterministic"))})
+
+
+def test_kvcache_causal_string_is_not_causal_attention() -> None:
+    q, k, v = _tensors()
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        attention_kvcache(q, k, v, causal="False")
+    out = attention_kvcache(q, k, v, causal=np.bool_(False))
+    assert rel(out, attention_reference(q, k, v)) < 1e-5
+
+
+def test_enable_gqa_string_is_refused() -> None:
+    q, k, v = _tensors(hq=4, hkv=2)
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        attention(q, k, v, enable_gqa="False")
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        attention(q, k, v, enable_gqa="False", fallback=True)  # a wrong argument, not an unsupported input
+    out = attention(q, k, v, enable_gqa=np.bool_(True))
+    assert rel(out, attention_reference(q, k, v)) < 1e-5
