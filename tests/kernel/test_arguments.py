@@ -81,3 +81,38 @@ def test_enable_gqa_string_is_refused() -> None:
         attention(q, k, v, enable_gqa="False", fallback=True)  # a wrong argument, not an unsupported input
     out = attention(q, k, v, enable_gqa=np.bool_(True))
     assert rel(out, attention_reference(q, k, v)) < 1e-5
+
+
+_INTERPRET_PROBE = """
+import torch, torch.nn.functional as F
+from triton.runtime.interpreter import InterpretedFunction
+from flashtune.kernel import attention, device
+from flashtune.kernel.jit.fwd import attn_fwd_kernel
+q = torch.randn(1, 2, 8, 16)
+out = attention(q, q, q, fallback=True)
+try:
+    attention(q, q, q)
+    refused = "-"
+except ValueError as error:
+    refused = "on cpu" if "are on cpu" in str(error) else str(error)
+print(device.INTERPRET, isinstance(attn_fwd_kernel, InterpretedFunction),
+      torch.allclose(out, F.scaled_dot_product_attention(q, q, q), atol=1e-5), refused)
+"""
+
+
+def test_triton_interpret_is_read_as_triton_reads_it() -> None:
+    # flashtune read "2", "false" or "garbage" as on while Triton read them as off: CPU tensors then
+    # reached kernels compiled for no driver, a RuntimeError that fallback=True did not catch.
+    values = ["1", "true", "0", "false", "2", "garbage"]
+    runs = {value: subprocess.Popen([sys.executable, "-c", _INTERPRET_PROBE], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=repo_env(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET=value))
+            for value in values}
+    for value, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, (value, err)
+        flashtune_on, triton_on, fallback_ok, refused = out.split(maxsplit=3)
+        assert flashtune_on == triton_on, (value, out)
+        assert fallback_ok == "True", (value, out)
+        # Interpreter on: the kernel runs CPU tensors; off: the documented ValueError naming the device.
+        assert refused.strip() == ("-" if triton_on == "True" else "on cpu"), (value, out)
