@@ -116,3 +116,29 @@ def test_triton_interpret_is_read_as_triton_reads_it() -> None:
         assert fallback_ok == "True", (value, out)
         # Interpreter on: the kernel runs CPU tensors; off: the documented ValueError naming the device.
         assert refused.strip() == ("-" if triton_on == "True" else "on cpu"), (value, out)
+
+
+SCALED: dict[str, Callable[..., object]] = {
+    "attention": lambda **kw: attention(*_tensors(), **kw),
+    "attention_kvcache": lambda **kw: attention_kvcache(*_tensors(), **kw),
+    "attention_fwd": lambda **kw: attention_fwd(*_tensors(), **kw),
+    "attention_bwd": _bwd,
+}
+
+
+@pytest.mark.parametrize("call", SCALED.values(), ids=SCALED.keys())
+@pytest.mark.parametrize("scale", [10**400, -10**400], ids=["1e400", "-1e400"])
+def test_an_int_beyond_float_range_is_the_documented_value_error(call: Callable[..., object], scale: int) -> None:
+    # float(10**400) raised OverflowError out of the scale check.
+    with pytest.raises(ValueError, match=r"^scale must be a finite number, got -?1000.*\.\.\..*000$"):
+        call(scale=scale)
+
+
+@pytest.mark.parametrize("call", SCALED.values(), ids=SCALED.keys())
+@pytest.mark.parametrize("scale", [np.float32(0.3), np.float16(0.3), np.int64(2), np.int32(-1)], ids=repr)
+def test_numpy_scalars_are_scales_as_in_torch(call: Callable[..., object], scale: np.generic) -> None:
+    # torch SDPA takes numpy floats and ints; np.float32 was refused while np.float64 (a float) passed.
+    out, ref = call(scale=scale), call(scale=float(scale))
+    for a, b in zip(*((x,) if isinstance(x, torch.Tensor) else x for x in (out, ref))):
+        assert torch.equal(a, b)
+
