@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from flashtune.db.types import Config  # noqa: E402
 from flashtune.kernel.testing import attention_flops, tflops  # noqa: E402
+from flashtune.kernel.device import triton_interprets  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative-norm bounds for the slice check against the fp32 autograd reference: the CPU tests' bounds
@@ -336,7 +337,7 @@ def main() -> None:
     if args.smoke:
         args.seq, args.head_dim, args.bf16_head_dims = [40], [32, 64], []
         args.tokens, args.width, args.rep = 96, 128, 20
-    require_gpu(unless=bool(os.environ.get("TRITON_INTERPRET")),
+    require_gpu(unless=triton_interprets(),
                 hint="run with --smoke (and TRITON_INTERPRET=1) on CPU")
     args.seqs, args.head_dims, args.bf16_dims, args.causals = args.seq, args.head_dim, args.bf16_head_dims, args.causal
     if not cuda:

@@ -156,7 +156,9 @@ def use_interpreter(when: bool = True, *, even_with_gpu: bool = False) -> bool:
             gpu = False
         if even_with_gpu or not gpu:
             os.environ["TRITON_INTERPRET"] = "1"
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    from flashtune.kernel.device import triton_interprets  # Triton's reading of the variable, not ours
+
+    return triton_interprets()
 
 
 # --- timing ----------------------------------------------------------------------------------------
@@ -290,7 +292,9 @@ def _gpu(index: int) -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        from flashtune.kernel.device import triton_interprets
+
+        interpreted = triton_interprets()
         return {"gpu": "cpu (Triton interpreter)" if interpreted else "cpu", "arch": None, "sm_count": None,
                 "smem_limit": None, "driver": None, "cuda": torch.version.cuda}
     from flashtune.tuner.gpu import detect_gpu

@@ -78,6 +78,7 @@ _import_flashtune()
 import triton  # noqa: E402
 
 from flashtune.db.types import Config  # noqa: E402
+from flashtune.kernel.device import triton_interprets  # noqa: E402
 from flashtune.kernel.ops import fwd_tma  # noqa: E402
 from flashtune.kernel.checks import check_inputs  # noqa: E402
 from flashtune.kernel.ops.fwd import launch  # noqa: E402
@@ -682,7 +683,7 @@ def main() -> int:
     if args.out is None:
         ap.error("--out is required (unless --smem-offline)")
     require_gpu(unless=args.smoke, hint="run with --smoke (tiny shapes under TRITON_INTERPRET=1)")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not torch.cuda.is_available() and not triton_interprets():
         print("on CPU, set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     bench = Bench(args)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import dispatch, record
 from .ops.bwd import launch_bwd
-from .checks import check_causal, check_inputs, check_scale, needs_grad
+from .checks import check_bool, check_inputs, check_scale, needs_grad
 from .ops.fwd import launch, launch_cached
 from .sdpa import is_refusal, run_sdpa
 
@@ -192,8 +192,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
 
     The signature is torch.nn.functional.scaled_dot_product_attention's, so one swaps for the other.
     query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D); fp16, bf16 or fp32 (IEEE fp32 dots); any strides.
-    `is_causal` is a bool (numpy bools too; anything else is a TypeError, as with SDPA), top-left
-    aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs enable_gqa=True. Returns a new
+    `is_causal`, `enable_gqa` and `fallback` are bools (numpy bools too; anything else is a TypeError,
+    as with SDPA); is_causal is top-left aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs enable_gqa=True. Returns a new
     tensor laid out like `query`.
 
     Inputs that require grad (with grad mode on) get a backward: the fused FA2 backward kernel, through
@@ -206,7 +206,11 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     a silent fallback hides that a call is not running the tuned kernel (a performance cliff a user
     swapping SDPA for this function would want to hear about), and it cannot be undone afterwards.
     """
-    causal = is_causal if type(is_causal) is bool else check_causal(is_causal, "is_causal")
+    causal = is_causal if type(is_causal) is bool else check_bool(is_causal, "is_causal")
+    if type(enable_gqa) is not bool:
+        enable_gqa = check_bool(enable_gqa, "enable_gqa")
+    if type(fallback) is not bool:
+        fallback = check_bool(fallback, "fallback")
     # The common case decides in two cheap tests; _unsupported() repeats them to name the problem.
     if attn_mask is not None or dropout_p:
         if fallback:

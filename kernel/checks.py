@@ -3,6 +3,7 @@ and the scalar arguments. Each raises TypeError or ValueError with one line nami
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,11 +132,12 @@ def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
     return shape
 
 
-def check_causal(value: Any, name: str = "causal") -> bool:
+def check_bool(value: Any, name: str) -> bool:
     """`value` as a bool when it is one (numpy bools included); TypeError naming `name` otherwise.
 
-    bool() would turn "False", "no", 2.5 or [] into causal attention: a silently wrong result
-    (torch SDPA raises TypeError for these too).
+    bool() would turn "False", "no", 2.5 or [] into True: a silently wrong result (causal attention,
+    GQA, skipped checks). torch SDPA raises TypeError for these too. Callers on the hot path test
+    `type(value) is bool` first and call this only otherwise.
     """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -156,13 +158,25 @@ def device_limits(t: torch.Tensor) -> tuple[str | None, int | None]:
     return _device.device_arch(t.device), _device.device_smem_limit(t.device)
 
 
+# The scalars torch SDPA takes as a scale: Python and numpy ints and floats (np.float64 is a float
+# already; np.float32, np.float16 and numpy ints are not). Bools are refused although torch takes them.
+_SCALE_TYPES = (int, float, np.integer, np.floating)
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
-    """The softmax scale to use: 1/sqrt(head_dim) for None, else `scale` if it is a finite number."""
+    """The softmax scale to use: 1/sqrt(head_dim) for None, else `scale` as a float if it is a finite
+    number (Python or numpy int or float); ValueError naming it otherwise."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
+    value = math.nan
+    if isinstance(scale, _SCALE_TYPES) and not isinstance(scale, bool):
+        try:
+            value = float(scale)
+        except OverflowError:  # an int beyond float's range, e.g. 10**400
+            pass
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {reprlib.repr(scale)}")
+    return value
 
 
 def check_precision(fp32_precision: Any) -> str:

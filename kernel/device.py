@@ -13,9 +13,24 @@ import torch
 
 from ..db.arch import arch_from_capability
 
+
+
+def triton_interprets() -> bool:
+    """Whether Triton runs @triton.jit functions in its interpreter, by Triton's own reading of TRITON_INTERPRET.
+
+    Asking Triton keeps the two in agreement: a value Triton reads as off ("2", "false", "garbage") must not
+    send CPU tensors to kernels that then fail with Triton's "0 active drivers" instead of the device check.
+    """
+    try:
+        from triton import knobs  # Triton >= 3.4: "1", "true", "on", "yes", "y" (any case) mean on
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"  # older Triton's jit compared the text with "1"
+    return bool(knobs.runtime.interpret)
+
+
 # Under the Triton interpreter kernels run on CPU tensors (tests, debugging). Triton itself reads the
 # variable when a @triton.jit function is defined, so reading it once at import agrees with Triton.
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET: bool = triton_interprets()
 
 
 def _cuda_index(device: torch.device | int | str) -> int:

@@ -12,7 +12,7 @@ from ..db.types import Config
 
 from . import device as _device
 from . import dispatch, record
-from .checks import check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale, needs_grad
+from .checks import check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale, needs_grad
 from .ops.kvcache import check_decode_config, launch_decode
 
 __all__ = ["attention_kvcache", "run_planned"]
@@ -52,9 +52,10 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
                                   "(call it under torch.no_grad() or torch.inference_mode())")
-    causal = bool(causal)
+    if type(causal) is not bool:
+        causal = check_bool(causal, "causal")
     if type(check_lengths) is not bool:
-        raise TypeError(f"check_lengths must be a bool, got {type(check_lengths).__name__}")
+        check_lengths = check_bool(check_lengths, "check_lengths")
     if config is not None:
         shape = check_kvcache_inputs(q, k_cache, v_cache)
         lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal, check_values=check_lengths)

@@ -15,7 +15,7 @@ from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.errors import first_line
 from ...db.types import Config, Key, bucket
 
-from ..checks import AttnShape, check_causal, check_inputs, check_kvcache_inputs, check_scale, check_tensors, head_span_fits
+from ..checks import AttnShape, check_bool, check_inputs, check_kvcache_inputs, check_scale, check_tensors, head_span_fits
 from ..device import device_arch, device_sm_count, device_smem_limit
 from ..errors import launch_failure
 from ..ops import OPS, Op
@@ -114,7 +114,8 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     count depends on it) to kernel.ops.kvcache.DEFAULT_SM_COUNT.
     """
     _rules(op)
-    key = Key(arch, op, seq_len, head_dim, dtype, check_causal(causal), seq_len_kv=seq_len_kv or seq_len,
+    kernel_only = check_bool(kernel_only, "kernel_only")
+    key = Key(arch, op, seq_len, head_dim, dtype, check_bool(causal, "causal"), seq_len_kv=seq_len_kv or seq_len,
               batch_heads=bucket(batch_heads), group=group)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
     # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
@@ -361,7 +362,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     `kernel_only` gives the flashtune kernel's config even where an SDPA backend won the key (what
     `flashtune bench` times as the kernel).
     """
-    causal = check_causal(is_causal, "is_causal")
+    causal = check_bool(is_causal, "is_causal")
+    kernel_only = check_bool(kernel_only, "kernel_only")
     _rules(op)
     if arch is not None:
         shape = check_tensors(q, k, v)

@@ -56,7 +56,7 @@ except ImportError as _error:  # pragma: no cover - exercised only where transfo
 from .. import dispatch
 from ..api import attention
 from ..kvcache import run_planned
-from ..checks import needs_grad
+from ..checks import check_bool, needs_grad
 
 __all__ = ["NAME", "SDPAFallbackWarning", "backend_counts", "fallback_counts", "kernel_counts", "register",
            "reset_counts",
@@ -250,6 +250,8 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             if kwargs.get(name) is not None and (name != "output_attentions" or kwargs[name]):
                 return name, what
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if type(causal) is not bool:
+        causal = check_bool(causal, "is_causal")  # TypeError: the call goes to SDPA, named as refused
     form: MaskForm | None = None
     if attention_mask is not None:
         form = getattr(attention_mask, _FORM_ATTR, None) if isinstance(attention_mask, Tensor) else None

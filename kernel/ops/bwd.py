@@ -13,7 +13,7 @@ import torch
 from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.types import DTYPE_BYTES, Config, normalize_dtype
 
-from ..checks import AttnShape, check_bwd_inputs, check_causal, check_precision, check_scale, device_limits
+from ..checks import AttnShape, check_bwd_inputs, check_bool, check_precision, check_scale, device_limits
 from ..jit.bwd import (attn_bwd_dkdv_kernel, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
                        attn_bwd_preprocess_kernel)
 from ..jit.common import LOG2E, one_axis_grid
@@ -289,10 +289,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     unless fp32_precision="tf32".
     """
     shape = check_bwd_inputs(do, q, k, v, o, lse)
-    causal = check_causal(causal)
+    causal = check_bool(causal, "causal")
     scale = check_scale(scale, shape.head_dim)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    deterministic = check_bool(deterministic, "deterministic")
     fp32_precision = check_precision(fp32_precision)
     arch, smem_limit = device_limits(q)
     if config is None:

@@ -15,7 +15,7 @@ from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 from .. import device as _device
-from ..checks import (AttnShape, check_causal, check_inputs, check_precision, check_scale,
+from ..checks import (AttnShape, check_bool, check_inputs, check_precision, check_scale,
                       device_limits, needs_grad)
 from ..jit.common import LOG2E, one_axis_grid
 from ..jit.fwd import attn_fwd_kernel
@@ -282,7 +282,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     through `flashtune.kernel.attention`, which has a backward.
     """
     shape = check_inputs(q, k, v)
-    causal = check_causal(causal)
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
     if needs_grad(q, k, v):
         raise NotImplementedError(f"attention_fwd does not support {GRAD_UNSUPPORTED}")
     scale = check_scale(scale, shape.head_dim)

@@ -182,3 +182,14 @@ def test_training_step_loss_and_gradients_match_sdpa(model: LlamaForCausalLM) ->
     for param, ref in grads["sdpa"].items():
         assert rel(grads[name][param], ref) < 1e-5, (param, rel(grads[name][param], ref))
     assert ft.kernel_counts() == {"causal": LAYERS} and ft.fallback_counts() == {}
+
+
+def test_is_causal_that_is_not_a_bool_goes_to_sdpa(model: LlamaForCausalLM) -> None:
+    """A string is_causal was truthy: "False" ran the causal kernel. Now it is refused, named, and left to SDPA."""
+    attn = model.model.layers[0].self_attn
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, 8, 16, device=DEVICE) for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ft.SDPAFallbackWarning)  # warned once per reason, maybe earlier
+        with pytest.raises(TypeError):  # torch SDPA, given the same is_causal, refuses it in turn
+            ft.tuned_attention_forward(attn, q, k, v, None, scaling=attn.scaling, is_causal="False")
+    assert ft.kernel_counts() == {} and ft.fallback_counts() == {"refused: TypeError": 1}
