@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from operator import itemgetter
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from sqlalchemy import BigInteger, Connection, Engine, bindparam, case, delete, func, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -60,6 +60,8 @@ MAX_RECORDED_CALLS = 2**63 - 1
 # Recorded counts are written this many keys per transaction: about 30 ms of SQLite's write lock
 # on a 2-core machine, so a tuner's trial commit waits that long at most behind a flush.
 RECORDED_BATCH = 2000
+# Rows per fetch of a streamed read.
+_STREAM_ROWS = 5000
 
 # Core tables, not the ORM classes: a read then skips the mapper set-up (about 15 ms at the
 # first query of a process, paid at every app import).
@@ -705,14 +707,21 @@ class Store:
 
     def recorded(self, arch: str | None = None) -> list[RecordedKey]:
         """The recorded keys (of `arch`, when given), the most-called first; damaged rows skipped."""
+        return list(self.iter_recorded(arch))
+
+    def iter_recorded(self, arch: str | None = None) -> Iterator[RecordedKey]:
+        """`recorded(arch)` streamed: rows are fetched and decoded a partition at a time, so a listing
+        of any length holds one partition in memory. The read stays open until the iterator ends."""
         query = select(_RECORDED.c.id, *(_RECORDED.c[c] for c in KEY_COLUMNS), _RECORDED.c.calls,
                        _RECORDED.c.first_seen, _RECORDED.c.last_seen)
         if arch is not None:
             query = query.where(_RECORDED.c.arch == normalize_arch(arch))
         with translated(self._url, "reading recorded shapes"), self._read() as conn:
-            rows = conn.execute(query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id)).all()
-        return self._decode(_RECORDED_SPEC, rows,
-                            lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
+            result = conn.execution_options(stream_results=True, yield_per=_STREAM_ROWS).execute(
+                query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id))
+            for part in result.partitions():
+                yield from self._decode(_RECORDED_SPEC, part,
+                                        lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
 
     # --- maintenance -----------------------------------------------------------------------
 

@@ -1,9 +1,15 @@
-"""The recorded-keys table under load: counts saturate instead of overflowing, and a flush writes in
-short batches that let other writers in between, on SQLite and PostgreSQL."""
+"""The recorded-keys table under load: counts saturate instead of overflowing, a flush writes in
+short batches that let other writers in between, and listings stream, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
-from flashtune.db.store import MAX_RECORDED_CALLS, RECORDED_BATCH, Store
+import json
+
+from click.testing import CliRunner
+
+from flashtune.db import exchange
+from flashtune.db.store import _STREAM_ROWS, MAX_RECORDED_CALLS, RECORDED_BATCH, Store
 from flashtune.db.types import Key
+from flashtune.tuner.cli import main as cli
 
 
 def test_a_count_saturates_at_its_maximum_instead_of_overflowing(db_url: str) -> None:
@@ -36,3 +42,19 @@ def test_a_large_flush_commits_batch_by_batch_and_lets_another_writer_in(db_url:
         stored = {r.key: r.calls for r in store.recorded()}
     assert seen == [(RECORDED_BATCH, RECORDED_BATCH), (RECORDED_BATCH, 2 * RECORDED_BATCH), (5, len(counts))]
     assert stored == {**counts, probe: 3}
+
+
+def test_show_recorded_json_streams_every_row_in_order(db_url: str) -> None:
+    counts = {Key("sm_90", "fwd", 64 * (1 + i), 64, "float16", True, batch_heads=8): 1 + i % 50
+              for i in range(2 * _STREAM_ROWS + 3)}
+    with Store.open(db_url) as store:
+        store.add_recorded(counts)
+        listed = store.recorded()
+        streamed = store.iter_recorded()
+        assert next(streamed) == listed[0] and [listed[0], *streamed] == listed
+    assert [(r.key, r.calls) for r in listed] == sorted(counts.items(), key=lambda kv: -kv[1])
+    shown = CliRunner().invoke(cli, ["show", "--recorded", "--json", "--db", db_url])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout == json.dumps([{**exchange.key_to_dict(r.key), "calls": r.calls,
+                                        "first_seen": r.first_seen.isoformat(), "last_seen": r.last_seen.isoformat()}
+                                       for r in listed], indent=1) + "\n"
