@@ -17,6 +17,14 @@ trials with bulk inserts, then measures
   commit shows how long the import held the write lock.
 Targets: load <= 50 ms, inserts >= 1,000 per second, the 60k import <= 10 s and < 500 MB with the
 tuner never refused. Needs no GPU. Writes db_bench.json to --out and prints a table last.
+
+The recorded keys (FLASHTUNE_RECORD=1), with --recorded-keys 200000 keys of fwd, bwd and kvcache,
+written to db_recorded_bench.json (`--only-recorded` runs this part alone):
+- an app that exits with 200k keys pending, its exit timed (the flush at exit), twice (the second
+  flush merges into the stored counts), while a tuner stand-in records trials one commit each: it
+  must never be refused, and the app must exit within 5 s;
+- `flashtune show --recorded --json` over them in a fresh process: <= 10 s and < 200 MB peak;
+- `tune --recorded --dry-run --op fwd,bwd,kvcache --arch sm_90 --json` over them: its wall time.
 """
 from __future__ import annotations
 
@@ -47,6 +55,9 @@ from flashtune.db.models import RunRow, TrialRow, WinnerRow  # noqa: E402
 from flashtune.db.store import RunInfo, Store, load_winners  # noqa: E402
 from flashtune.db.types import DTYPES, HEAD_DIMS, OPS, Config, Key  # noqa: E402
 
+RECORD_EXIT_TARGET_S = 5.0
+SHOW_RECORDED_TARGET_S = 10.0
+SHOW_RECORDED_TARGET_MB = 200.0
 LOAD_TARGET_MS = 50.0
 INSERT_TARGET_PER_S = 1000.0
 IMPORT_TARGET_S = 10.0
@@ -116,6 +127,116 @@ with Store.open(url) as store:
         time.sleep(0.005)
 print(json.dumps({"trials": count, "slowest_commit_s": worst, "refused": error}))
 """
+
+# An app that ends with `count` recorded keys pending: the atexit flush writes them. It prints the
+# wall clock at the end of its work; the parent times from there to the process's exit.
+APP_CHILD = r"""
+import sys, time
+from flashtune.kernel import record
+from db_bench import recorded_counts
+record._counts.update(recorded_counts(int(sys.argv[1])))
+print(time.time(), flush=True)
+"""
+
+# A command-line call of `flashtune` in a fresh process, its peak resident memory (VmHWM) on stderr.
+CLI_CHILD = r"""
+import atexit, sys
+def peak():
+    with open("/proc/self/status") as status:
+        mb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    print(f"peak_rss_mb {mb}", file=sys.stderr)
+atexit.register(peak)
+from flashtune.tuner.cli import main
+main(sys.argv[1:])
+"""
+
+
+def recorded_counts(count: int) -> dict[Key, int]:
+    """`count` distinct recorded keys of sm_90, a third each of fwd, bwd and kvcache (kvcache keys:
+    one query, caches of N keys), with call counts from 1 to 1000."""
+    combos = ((n, op, d, dt, bh) for n in itertools.count(1) for op in ("fwd", "bwd", "kvcache") for d in (64, 128)
+              for dt in ("float16", "bfloat16") for bh in (8, 32, 64, 256))
+    counts = {}
+    for i, (n, op, d, dt, bh) in enumerate(itertools.islice(combos, count)):
+        if op == "kvcache":
+            key = Key("sm_90", op, 1, d, dt, True, seq_len_kv=64 * n, batch_heads=bh, group=4)
+        else:
+            key = Key("sm_90", op, 64 * n, d, dt, True, batch_heads=bh)
+        counts[key] = 1 + i % 1000
+    return counts
+
+
+def _run_cli(args: list[str]) -> dict[str, Any]:
+    """`flashtune ARGS` in a fresh process, stdout discarded: its wall time and peak memory."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CLI_CHILD, *args], env=_child_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"flashtune {' '.join(args)}: {done.stderr.strip()[-500:]}")
+    peak = next(float(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("peak_rss_mb"))
+    return {"seconds": seconds, "peak_rss_mb": peak}
+
+
+def time_recorded(directory: Path, count: int) -> dict[str, Any]:
+    """The recorded-keys part of the docstring, on a fresh SQLite file."""
+    url = f"sqlite:///{directory / 'recorded.db'}"
+    Store.open(url).close()
+    env = {**_child_env(), "FLASHTUNE_DB": url, "FLASHTUNE_RECORD": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), env["PYTHONPATH"]])
+    stop = directory / "stop-recorded"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_CHILD, url, str(stop)], env=_child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    writer.stdout.readline()
+    exits = []
+    for _ in range(2):  # into the empty table, then merged into the stored counts
+        app = subprocess.Popen([sys.executable, "-c", APP_CHILD, str(count)], env=env, stdout=subprocess.PIPE,
+                               text=True)
+        assert app.stdout is not None
+        work_done = float(app.stdout.readline())
+        app.wait(timeout=600)
+        exits.append(time.time() - work_done)
+    stop.touch()
+    concurrent = json.loads(writer.communicate(timeout=60)[0])
+    with Store.open(url) as store:
+        stored = sum(1 for _ in store.iter_recorded())
+    show = _run_cli(["show", "--recorded", "--json", "--db", url])
+    dry_run = _run_cli(["tune", "--recorded", "--dry-run", "--op", "fwd,bwd,kvcache", "--arch", "sm_90", "--json",
+                        "--db", url])
+    return {"keys": count, "stored": stored, "app_exit_s": exits, "writer_during_flushes": concurrent,
+            "show_recorded_json": show, "tune_recorded_dry_run": dry_run,
+            "targets": {"app_exit_s": RECORD_EXIT_TARGET_S, "show_s": SHOW_RECORDED_TARGET_S,
+                        "show_peak_mb": SHOW_RECORDED_TARGET_MB},
+            "pass": {"flush": max(exits) <= RECORD_EXIT_TARGET_S and concurrent["refused"] is None and stored == count,
+                     "show": show["seconds"] <= SHOW_RECORDED_TARGET_S and show["peak_rss_mb"] < SHOW_RECORDED_TARGET_MB}}
+
+
+def recorded_main(out: Path, count: int) -> bool:
+    """Run and report the recorded-keys part; whether it passed."""
+    with tempfile.TemporaryDirectory(prefix="flashtune-db-bench-") as tmp:
+        rec = time_recorded(Path(tmp), count)
+    out_file = write_json(out / "db_recorded_bench.json", {"benchmark": "db_recorded", **provenance(),
+                                                           "machine": {"platform": platform.platform(),
+                                                                       "cpus": os.cpu_count(),
+                                                                       "sqlite": sqlite3.sqlite_version},
+                                                           **rec})
+    writer = rec["writer_during_flushes"]
+    print(f"results: {out_file}")
+    print_table(["what", "measured", "target"], [
+        (f"app exit flushing {count:,} recorded keys (empty, merged)",
+         ", ".join(f"{s:.1f} s" for s in rec["app_exit_s"]), f"<= {RECORD_EXIT_TARGET_S:.0f} s"),
+        ("tuner writing during the flushes", f"{writer['trials']} trials, slowest commit "
+                                             f"{writer['slowest_commit_s'] * 1e3:.0f} ms, refused: {writer['refused'] or 'never'}",
+         f"flush: {'PASS' if rec['pass']['flush'] else 'FAIL'}"),
+        ("show --recorded --json", f"{rec['show_recorded_json']['seconds']:.1f} s, "
+                                   f"peak {rec['show_recorded_json']['peak_rss_mb']:.0f} MB",
+         f"<= {SHOW_RECORDED_TARGET_S:.0f} s, < {SHOW_RECORDED_TARGET_MB:.0f} MB: "
+         f"{'PASS' if rec['pass']['show'] else 'FAIL'}"),
+        ("tune --recorded --dry-run (fwd,bwd,kvcache)", f"{rec['tune_recorded_dry_run']['seconds']:.1f} s, "
+                                                        f"peak {rec['tune_recorded_dry_run']['peak_rss_mb']:.0f} MB", ""),
+    ])
+    return all(rec["pass"].values())
 
 
 def keys_for(arch: str, count: int) -> list[Key]:
@@ -298,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inserts", type=int, default=3000, help="single-commit trial inserts to time")
     parser.add_argument("--import-winners", type=int, default=60_000, help="winners in the import benchmark's file")
     parser.add_argument("--db", type=Path, default=None, help="where to build the database (default: a temp dir)")
+    parser.add_argument("--recorded-keys", type=int, default=200_000, help="recorded keys in the recorded part")
+    parser.add_argument("--only-recorded", action="store_true", help="run the recorded-keys part alone")
     args = parser.parse_args(argv)
+    recorded_ok = recorded_main(out_dir(args.out), args.recorded_keys)
+    if args.only_recorded:
+        return 0 if recorded_ok else 1
 
     with tempfile.TemporaryDirectory(prefix="flashtune-db-bench-") as tmp:
         path = args.db or Path(tmp) / "bench.db"
@@ -360,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"results: {out_file}")
     print_table(["what", "measured", "target"], rows)
-    return 0 if all(result["pass"].values()) else 1
+    return 0 if all(result["pass"].values()) and recorded_ok else 1
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from operator import itemgetter
 from types import TracebackType
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, or_, select, update
+from sqlalchemy import BigInteger, Connection, Engine, bindparam, case, delete, func, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -54,6 +54,14 @@ _FIRST_PAUSE_S, _MAX_PAUSE_S = 0.02, 1.0
 # A run still 'running' with nothing recorded for this long was most likely killed.
 STALE_RUN_AFTER = timedelta(hours=1)
 _MAX_ARGS_CHARS = 1 << 20
+# A recorded key's call count stops here (the BIGINT column's largest value) instead of
+# overflowing: SQLite would turn the sum into a REAL (a damaged row), PostgreSQL would refuse it.
+MAX_RECORDED_CALLS = 2**63 - 1
+# Recorded counts are written this many keys per transaction: about 30 ms of SQLite's write lock
+# on a 2-core machine, so a tuner's trial commit waits that long at most behind a flush.
+RECORDED_BATCH = 2000
+# Rows per fetch of a streamed read.
+_STREAM_ROWS = 5000
 
 # Core tables, not the ORM classes: a read then skips the mapper set-up (about 15 ms at the
 # first query of a process, paid at every app import).
@@ -260,6 +268,18 @@ def _finite(name: str, value: float | None, *, positive: bool = False) -> float 
 
 def _upsert(dialect: str) -> Callable[..., Any]:
     return pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
+
+
+def _upsert_recorded(dialect: str) -> Any:
+    """One recorded key's upsert: the calls add to the stored ones, saturating at MAX_RECORDED_CALLS
+    (compared before adding, so the sum itself never overflows)."""
+    insert = _upsert(dialect)(_RECORDED).inline().values(
+        {name: bindparam(name) for name in (*KEY_COLUMNS, "calls", "first_seen", "last_seen")})
+    stored, new = _RECORDED.c.calls, insert.excluded.calls
+    most = literal_column(str(MAX_RECORDED_CALLS), BigInteger)  # in the SQL text: every parameter is a row's
+    return insert.on_conflict_do_update(index_elements=list(KEY_COLUMNS), set_={
+        "calls": case((stored > most - new, most), else_=stored + new),
+        "last_seen": insert.excluded.last_seen})
 
 
 class _KeyRows:
@@ -660,38 +680,48 @@ class Store:
 
     # --- recorded shapes ---------------------------------------------------------------------
 
-    def add_recorded(self, counts: Mapping[Key, int]) -> None:
-        """Add calls to the recorded keys (FLASHTUNE_RECORD=1), in one transaction."""
+    def add_recorded(self, counts: Mapping[Key, int],
+                     written: Callable[[Sequence[Key]], None] | None = None) -> None:
+        """Add calls to the recorded keys (FLASHTUNE_RECORD=1); a sum past MAX_RECORDED_CALLS stays
+        at it. Written RECORDED_BATCH keys per transaction, so no flush holds the write lock for
+        long; `written` is called with each batch's keys once it is committed (a failure raises
+        with the earlier batches kept)."""
         items = []
         for key, calls in counts.items():
             if not isinstance(key, Key):
                 raise TypeError(f"recorded keys must be Keys, got {type(key).__name__}")
-            if isinstance(calls, bool) or not isinstance(calls, int) or not 0 < calls < 2**62:
+            if isinstance(calls, bool) or not isinstance(calls, int) or calls <= 0:
                 raise ValueError(f"calls of {key} must be a positive int, got {shown(calls)}")
-            items.append((key_values(key), key, calls))
+            items.append((key_values(key), key, min(calls, MAX_RECORDED_CALLS)))
+        items.sort(key=itemgetter(0))  # one lock order for every writer
         now = utcnow()
-
-        def add(conn: Connection) -> None:
-            upsert = _upsert(conn.dialect.name)
-            for _, key, calls in sorted(items, key=itemgetter(0)):  # one lock order for every writer
-                insert = upsert(_RECORDED).values(**_key_values(key), calls=calls, first_seen=now, last_seen=now)
-                conn.execute(insert.on_conflict_do_update(
-                    index_elements=list(KEY_COLUMNS),
-                    set_={"calls": _RECORDED.c.calls + insert.excluded.calls, "last_seen": insert.excluded.last_seen}))
-
-        if items:
-            self._writing("recording shapes", add)
+        statement = BulkStatement(_upsert_recorded(self.backend), self._engine.dialect)
+        for start in range(0, len(items), RECORDED_BATCH):
+            batch = items[start:start + RECORDED_BATCH]
+            parameters = statement.parameters(
+                {**dict(zip(KEY_COLUMNS, raw)), "calls": calls, "first_seen": now, "last_seen": now}
+                for raw, _, calls in batch)
+            self._writing("recording shapes", lambda conn: statement.execute(conn, parameters))
+            if written is not None:
+                written([key for _, key, _ in batch])
 
     def recorded(self, arch: str | None = None) -> list[RecordedKey]:
         """The recorded keys (of `arch`, when given), the most-called first; damaged rows skipped."""
+        return list(self.iter_recorded(arch))
+
+    def iter_recorded(self, arch: str | None = None) -> Iterator[RecordedKey]:
+        """`recorded(arch)` streamed: rows are fetched and decoded a partition at a time, so a listing
+        of any length holds one partition in memory. The read stays open until the iterator ends."""
         query = select(_RECORDED.c.id, *(_RECORDED.c[c] for c in KEY_COLUMNS), _RECORDED.c.calls,
                        _RECORDED.c.first_seen, _RECORDED.c.last_seen)
         if arch is not None:
             query = query.where(_RECORDED.c.arch == normalize_arch(arch))
         with translated(self._url, "reading recorded shapes"), self._read() as conn:
-            rows = conn.execute(query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id)).all()
-        return self._decode(_RECORDED_SPEC, rows,
-                            lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
+            result = conn.execution_options(stream_results=True, yield_per=_STREAM_ROWS).execute(
+                query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id))
+            for part in result.partitions():
+                yield from self._decode(_RECORDED_SPEC, part,
+                                        lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
 
     # --- maintenance -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import atexit
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from ..db.types import Key
@@ -43,25 +43,32 @@ def pending() -> dict["Key", int]:
 
 def flush(url: str | None = None) -> int:
     """Write the pending counts to the database at `url` (default: FLASHTUNE_DB or the user file) and
-    forget them; returns how many keys were written. Never raises: a failure warns once and keeps
-    the counts."""
+    forget them; returns how many keys were written. The store writes them in short batches (a
+    tuner beside the app waits for one batch at most). Never raises: a failure warns once and keeps
+    the counts of the batches not written."""
     with _lock:
         counts = dict(_counts)
         _counts.clear()
     if not counts:
         return 0
+    unwritten = dict(counts)
+
+    def written(keys: Sequence["Key"]) -> None:
+        for key in keys:
+            del unwritten[key]
+
     try:
         from ..db.store import Store
 
         with Store.open(url) as store:
-            store.add_recorded(counts)
+            store.add_recorded(counts, written)
     except Exception as exc:  # noqa: BLE001 - recording must never break the app
         with _lock:
-            for key, n in counts.items():
+            for key, n in unwritten.items():
                 _counts[key] = _counts.get(key, 0) + n
-        warnings.warn(f"flashtune: could not write {len(counts)} recorded shape(s): "
+        warnings.warn(f"flashtune: could not write {len(unwritten)} recorded shape(s): "
                       f"{type(exc).__name__}: {' '.join(str(exc).split())}", RuntimeWarning, stacklevel=2)
-        return 0
+        return len(counts) - len(unwritten)
     return len(counts)
 
 

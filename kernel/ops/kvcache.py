@@ -24,6 +24,12 @@ from .fwd import estimate_smem
 SPLITS_KNOB = "num_splits"
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints on the host: triton.cdiv is a JIT function, whose every host call
+    goes through the launcher's argument binding (about 10 us; the plan of a decode call makes four)."""
+    return -(-a // b)
+
+
 # Split sizing for the default config (the tuner searches num_splits itself); the H200 measurements
 # behind these numbers are in `default_num_splits`.
 TARGET_PROGRAMS_PER_SM = 2  # occupancy floor: programs per SM, rounded down (see default_num_splits)
@@ -93,17 +99,17 @@ def plan_decode(config: Config, *, batch: int, heads_kv: int, group: int, seq_q:
     requested = max(1, num_splits_of(config))
     if ragged:
         requested = max(requested, ragged_min_splits(seq_kv, group * seq_q))
-    tiles = triton.cdiv(seq_kv, config.block_n)
-    split_size = triton.cdiv(tiles, min(requested, tiles)) * config.block_n
-    num_splits = triton.cdiv(seq_kv, split_size)
-    num_m_blocks = triton.cdiv(group * seq_q, config.block_m)
+    tiles = _cdiv(seq_kv, config.block_n)
+    split_size = _cdiv(tiles, min(requested, tiles)) * config.block_n
+    num_splits = _cdiv(seq_kv, split_size)
+    num_m_blocks = _cdiv(group * seq_q, config.block_m)
     return DecodePlan(split_size, num_splits, num_m_blocks, decode_block_d(head_dim))
 
 
 def ragged_min_splits(seq_kv: int, rows: int) -> int:
     """The fewest splits a call with cache_seqlens runs: splits of at most the default's long-cache
     length, MAX_SPLIT_KEYS · max(1, rows // 16) keys (`default_num_splits`)."""
-    return triton.cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16))
+    return _cdiv(seq_kv, MAX_SPLIT_KEYS * max(1, rows // 16))
 
 
 def estimate_decode_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
@@ -186,8 +192,8 @@ def default_num_splits(seq_kv: int, block_n: int, *, batch_heads_kv: int, rows: 
     a ragged batch, whose Nmax exceeds its mean length, gets longer splits than the uniform one.
     """
     sms = sm_count or DEFAULT_SM_COUNT
-    tiles = triton.cdiv(seq_kv, block_n)
-    programs = batch_heads_kv * triton.cdiv(rows, block_m)  # per split
+    tiles = _cdiv(seq_kv, block_n)
+    programs = batch_heads_kv * _cdiv(rows, block_m)  # per split
     splits = max(ragged_min_splits(seq_kv, rows), TARGET_PROGRAMS_PER_SM * sms // programs)
     splits = min(splits, max(1, tiles // MIN_SPLIT_TILES))
     splits = min(splits, max(1, GRID_X_MAX // programs))

@@ -16,8 +16,8 @@ from ...db.text import mask_url
 from ...db.store import Store, Winner, migrate_database
 from ...db.types import Config, Key
 
-from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo_json, echo_table, handle_errors,
-                     json_option)
+from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo_json, echo_json_array, echo_table,
+                     handle_errors, json_option)
 from .output import STDOUT, write_atomically
 
 
@@ -53,12 +53,12 @@ def provider_name(config: Config) -> str:
 
 def _show_recorded(db_url: str | None, arch: str | None, as_json: bool) -> None:
     with Store.open(_url(db_url), create=False) as store:
+        if as_json:  # streamed: 200,000 recorded keys list in constant memory
+            echo_json_array({**exchange.key_to_dict(r.key), "calls": r.calls, "first_seen": r.first_seen.isoformat(),
+                             "last_seen": r.last_seen.isoformat()} for r in store.iter_recorded(arch))
+            return
         recorded = store.recorded(arch)
         where = store.display_url
-    if as_json:
-        echo_json([{**exchange.key_to_dict(r.key), "calls": r.calls, "first_seen": r.first_seen.isoformat(),
-                    "last_seen": r.last_seen.isoformat()} for r in recorded])
-        return
     if not recorded:
         click.echo(f"no recorded shapes in {where} (run the app with FLASHTUNE_RECORD=1)")
         return

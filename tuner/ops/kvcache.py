@@ -25,7 +25,7 @@ import torch
 
 from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.jit.common import GRID_X_MAX
-from ...kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, default_decode_config, estimate_decode_smem, plan_decode
+from ...kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, num_splits_of, default_decode_config, estimate_decode_smem, plan_decode
 from ...kernel.checks import check_kvcache_inputs
 from ...kernel.ops.kvcache import launch_decode
 from ...kernel.checks import AttnShape
@@ -94,20 +94,27 @@ def _candidates(key: Key, gpu: "GpuInfo") -> list[Candidate]:
     tiles = [(default.block_m, WARPS_STAGES)]
     if default.block_m > 16:  # more packed rows than one 16-row tile: try two half tiles
         tiles.append((default.block_m // 2, HALF_TILE_WARPS_STAGES))
-    seen: dict[Config, Candidate] = {}
-    raw = [default] + [Config(bm, bn, w, st, ((SPLITS_KNOB, n),))
-                       for bm, pipelines in tiles for bn in BLOCK_NS for w, st in pipelines for n in splits]
-    for config in raw:
-        config, programs = _effective(config, key)
-        if config in seen:
+    asked = [(default.block_m, default.block_n, default.num_warps, default.num_stages, base)]
+    asked += [(bm, bn, w, st, n) for bm, pipelines in tiles for bn in BLOCK_NS for w, st in pipelines for n in splits]
+    # What runs depends on the tile and the split count alone: planned once per (block_m, block_n,
+    # splits), and each distinct effective config built once (a dry run plans 200,000 keys).
+    launched: dict[tuple[int, int, int], tuple[int, int]] = {}
+    seen: dict[tuple[int, ...], Candidate] = {}
+    for bm, bn, w, st, n in asked:
+        if (bm, bn, n) not in launched:
+            config, programs = _effective(Config(bm, bn, w, st, ((SPLITS_KNOB, n),)), key)
+            launched[(bm, bn, n)] = (num_splits_of(config), programs)
+        runs, programs = launched[(bm, bn, n)]
+        if (bm, bn, w, st, runs) in seen:
             continue
+        config = Config(bm, bn, w, st, ((SPLITS_KNOB, runs),))
         smem = estimate_decode_smem(config, key.head_dim, key.dtype, gpu.arch)
         dropped = None
         if smem > gpu.smem_limit:
             dropped = f"smem {smem // 1024} KB > {gpu.smem_limit // 1024} KB"
         elif programs > GRID_X_MAX:
             dropped = f"{programs} programs > CUDA's grid limit"
-        seen[config] = Candidate(config, smem, dropped)
+        seen[(bm, bn, w, st, runs)] = Candidate(config, smem, dropped)
     return list(seen.values())
 
 
