@@ -14,7 +14,6 @@ import torch
 from ..db.arch import arch_from_capability
 
 
-
 def triton_interprets() -> bool:
     """Whether Triton runs @triton.jit functions in its interpreter, by Triton's own reading of TRITON_INTERPRET.
 
