@@ -400,7 +400,7 @@ class Store:
         with translated(self._url, doing), self._read() as conn, conn.begin():
             return work(conn)
 
-    def _decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
+    def decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
         """Rows to values; damaged rows are skipped, kept in `damaged_rows`, and the new ones of
         this read reported in one DamagedRowWarning."""
         decoder = Decoder(spec)
@@ -419,7 +419,7 @@ class Store:
                 for name, statement in (("insert", _INSERT_WINNER), ("update", _UPDATE_WINNER))}
 
     def _winners(self, rows: Iterable[Any]) -> list[Winner]:
-        return self._decode(WINNER_SPEC, rows, lambda _id, key, config, *rest: Winner(key, config, *rest))
+        return self.decode(WINNER_SPEC, rows, lambda _id, key, config, *rest: Winner(key, config, *rest))
 
     # --- runs and trials -------------------------------------------------------------------
 
@@ -515,7 +515,7 @@ class Store:
             query = query.where(_TRIALS.c.outcome == outcome)
         with translated(self._url, "reading trials"), self._read() as conn:
             rows = conn.execute(query.order_by(_TRIALS.c.id)).all()
-        return self._decode(TRIAL_SPEC, rows, lambda row_id, key, config, run_id, *rest:
+        return self.decode(TRIAL_SPEC, rows, lambda row_id, key, config, run_id, *rest:
                             TrialRecord(row_id, run_id, key, config, *rest))
 
     def stale_runs(self, older_than: timedelta = STALE_RUN_AFTER, *,
@@ -529,7 +529,7 @@ class Store:
                  .where(_RUNS.c.status == "running").group_by(_RUNS.c.id).order_by(_RUNS.c.id))
         with translated(self._url, "reading runs"), self._read() as conn:
             rows = conn.execute(query).all()
-        runs = self._decode(_RUN_ACTIVITY_SPEC, rows, lambda run_id, gpu, host, started, last:
+        runs = self.decode(_RUN_ACTIVITY_SPEC, rows, lambda run_id, gpu, host, started, last:
                             StaleRun(run_id, gpu, host, started, max(started, last or started)))
         return [run for run in runs if now - run.last_activity > older_than]
 
@@ -690,7 +690,7 @@ class Store:
             query = query.where(_RECORDED.c.arch == normalize_arch(arch))
         with translated(self._url, "reading recorded shapes"), self._read() as conn:
             rows = conn.execute(query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id)).all()
-        return self._decode(_RECORDED_SPEC, rows,
+        return self.decode(_RECORDED_SPEC, rows,
                             lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
 
     # --- maintenance -----------------------------------------------------------------------
