@@ -737,13 +737,15 @@ def _check_id(run_id: Any) -> None:
         raise ValueError(f"no run with id {shown(run_id)}: run ids are ints from 0 to {INT32_MAX}")
 
 
-def migrate_database(url: str | None = None) -> tuple[int | None, int]:
-    """Create or migrate the schema at `url` to the current version; (old version or None, new)."""
+def migrate_database(url: str | None = None, *, repair: bool = False,
+                     report: Callable[[str], None] = lambda _: None) -> tuple[int | None, int]:
+    """Create or migrate the schema at `url` to the current version; (old version or None, new). Rows
+    whose foreign key names a missing row refuse the migration, unless `repair` (see `schema.migrate`)."""
     url = default_url() if url is None else str(url)
     engine = make_engine(url, True, WRITE_TIMEOUT_S)
     try:
         with translated(url, "migrating"):
-            versions = migrate(engine, mask_url(url), write_options=WRITE_OPTIONS)
+            versions = migrate(engine, mask_url(url), write_options=WRITE_OPTIONS, repair=repair, report=report)
             use_wal(engine)
             return versions
     finally:

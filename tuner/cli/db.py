@@ -187,11 +187,14 @@ def db_path(db_url: str | None) -> None:
 
 @db_group.command("migrate")
 @db_option
+@click.option("--repair", is_flag=True,
+              help="Clear keys that name a deleted row (a winner's trial, a trial's run) and remove job rows "
+                   "whose job is gone, in the same transaction, instead of refusing to migrate.")
 @handle_errors
-def db_migrate(db_url: str | None) -> None:
+def db_migrate(db_url: str | None, repair: bool) -> None:
     """Create the tables, or bring an older schema up to this version's."""
     url = _url(db_url)
-    old, new = migrate_database(url)
+    old, new = migrate_database(url, repair=repair, report=lambda change: echo(f"repaired: {change}"))
     if old is None:
         echo(f"created schema version {new} in {mask_url(url)}")
     elif old == new:
