@@ -9,6 +9,7 @@ is parsed as JSON. The merge is planned from a read and written in batches (`Sto
 """
 from __future__ import annotations
 
+import codecs
 import platform
 import socket
 from dataclasses import dataclass, field
@@ -339,6 +340,7 @@ def _fail(where: str, problems: Sequence[str]) -> ExchangeFileError:
 
 
 def _parse(raw: bytes, where: str) -> ExportDocument:
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows write one; JSON itself has none
     try:
         raw.decode("utf-8")  # for the message: pydantic would only say 'expected value'
     except UnicodeDecodeError as exc:

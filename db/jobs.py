@@ -16,6 +16,7 @@ triton.
 """
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections import Counter
@@ -23,14 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Hashable, Mapping, Sequence
 
-from sqlalchemy import Connection, and_, case, exists, func, or_, select, update
+from sqlalchemy import Connection, Text, and_, case, cast, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import aliased
 
 from .errors import DatabaseCorruptError, SchemaVersionError
 from .models import KEY_COLUMNS, JobKeyRow, JobRow, JobUnitRow, utcnow
-from .rows import key_values
+from .rows import Check, Decoder, RowSpec, int32, key_values, label, number, when
 from .schema import MIGRATE_COMMAND
 from .store import Store
 from .text import printable, shown
@@ -133,9 +134,90 @@ def _now(conn: Connection) -> datetime:
     return utcnow()
 
 
-def _job(row: Any) -> Job:
-    return Job(row.id, row.name, row.arch, row.kernel_version, float(row.lease_s), dict(row.args or {}),
-               row.status, row.host, row.created_at, row.finished_at)
+def _one_of(*allowed: str) -> Check:
+    """One of `allowed` (a state)."""
+    def check(value: Any) -> str:
+        if value in allowed:
+            return value
+        raise ValueError(f"{printable(shown(value))} is not one of {', '.join(allowed)}")
+    return check
+
+
+_POSITIVE = number(positive=True)
+
+
+def _lease(value: Any) -> float:
+    lease = _POSITIVE(value)
+    if not MIN_LEASE_S <= lease <= MAX_LEASE_S:
+        raise ValueError(f"lease {lease:g} s is not from {MIN_LEASE_S} to {MAX_LEASE_S:.0f} seconds")
+    return lease
+
+
+def _args(value: Any) -> dict[str, Any]:
+    """The job's options: a JSON object (read as text, so that a damaged value reaches this check)."""
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else value
+    except (ValueError, RecursionError):
+        raise ValueError(f"not valid JSON: {printable(shown(value))}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"JSON {type(parsed).__name__}, not an object: {printable(shown(value))}")
+    return parsed
+
+
+def _text(table: Any, column: str, *, required: bool = False, nullable: bool = False) -> Check:
+    return label(table.c[column].type.length, required=required, nullable=nullable)
+
+
+def _unit_present(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    if values["its unit"] is None:
+        return "unit_id", f"unit {values['unit_id']} is not in {_UNITS.name}"
+    return None
+
+
+# How `flashtune jobs` and the queue read rows (db.rows): a damaged row is named and skipped.
+_JOB_SPEC = RowSpec(_JOBS.name, key=False, config=False, columns=(
+    ("name", _text(_JOBS, "name", required=True)), ("arch", _text(_JOBS, "arch", required=True)),
+    ("kernel_version", _text(_JOBS, "kernel_version", required=True)), ("lease_s", _lease), ("args", _args),
+    ("status", _one_of("open", "done")), ("host", _text(_JOBS, "host")), ("created_at", when()),
+    ("finished_at", when(nullable=True))))
+_UNIT_SPEC = RowSpec(_UNITS.name, key=False, config=False, columns=(
+    ("state", _one_of("pending", "claimed", "done")), ("host", _text(_UNITS, "host", nullable=True)),
+    ("pid", int32(nullable=True)), ("gpu", int32(nullable=True)),
+    ("gpu_name", _text(_UNITS, "gpu_name", nullable=True)), ("lease_until", when(nullable=True)),
+    ("claims", int32())))
+_KEY_SPEC = RowSpec(_KEYS.name, key=True, config=False, columns=(
+    ("unit_id", int32()), ("state", _one_of("pending", "done")), ("host", _text(_KEYS, "host", nullable=True)),
+    ("pid", int32(nullable=True)), ("gpu", int32(nullable=True)), ("done_at", when(nullable=True)),
+    ("its unit", int32(nullable=True))), rule=_unit_present)
+_JOB_COLUMNS = [cast(c, Text).label(c.name) if c.name == "args" else c
+                for c in (_JOBS.c[name] for name in _JOB_SPEC.names)]
+_UNIT_COLUMNS = [_UNITS.c[name] for name in _UNIT_SPEC.names]
+_KEY_COLUMNS = [*(_KEYS.c[name] for name in _KEY_SPEC.names[:-1]), _UNITS.c.id.label("its_unit")]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    state: str
+    host: str | None
+    pid: int | None
+    gpu: int | None
+    gpu_name: str | None
+    lease_until: datetime | None
+    claims: int
+
+
+def _read_job(conn: Connection, name: str, where: str) -> Job | None:
+    """Job `name`, None when there is none; DatabaseCorruptError naming the row when it is damaged."""
+    row = conn.execute(select(*_JOB_COLUMNS).where(_JOBS.c.name == name)).first()
+    if row is None:
+        return None
+    decoder = Decoder(_JOB_SPEC)
+    values = decoder.values(row)
+    if values is None:
+        raise DatabaseCorruptError(f"database {where}: {decoder.damaged[0]}; fix or delete the job")
+    return Job(*values)
 
 
 def _key(row: Any, where: str) -> Key:
@@ -192,7 +274,7 @@ class JobQueue:
             job_id = conn.execute(insert.on_conflict_do_nothing(index_elements=["name"])
                                   .returning(_JOBS.c.id)).scalar()
             if job_id is None:  # it exists: the same job, or a clash of names
-                return self._existing(conn, name, arch, kernel_version, args, keys), False
+                return self._existing(conn, name, arch, kernel_version, float(lease_s), args, keys), False
             position = 0
             for unit_position, (family, unit) in enumerate(units):
                 unit_id = conn.execute(_UNITS.insert().values(
@@ -204,13 +286,21 @@ class JobQueue:
                                  "position": position, "state": "pending"})
                     position += 1
                 conn.execute(_KEYS.insert(), rows)
-            return _job(conn.execute(select(_JOBS).where(_JOBS.c.id == job_id)).one()), True
+            job = _read_job(conn, name, self.store.display_url)
+            assert job is not None  # inserted just now, in this transaction
+            return job, True
 
         return self.store.transaction(f"creating job {name}", make)
 
-    def _existing(self, conn: Connection, name: str, arch: str, kernel_version: str, args: Mapping[str, Any],
-                  keys: Sequence[Key]) -> Job:
-        job = _job(conn.execute(select(_JOBS).where(_JOBS.c.name == name)).one())
+    def _existing(self, conn: Connection, name: str, arch: str, kernel_version: str, lease_s: float,
+                  args: Mapping[str, Any], keys: Sequence[Key]) -> Job:
+        job = _read_job(conn, name, self.store.display_url)
+        if job is None:  # deleted since the insert found it
+            raise JobError(f"job {name} was deleted while it was being created; run the command again")
+        if job.lease_s != lease_s:
+            raise JobError(f"job {name} already exists in {self.store.display_url} with lease {job.lease_s:g} s, "
+                           f"not {lease_s:g} s: give --lease {job.lease_s:g}, join it with --join {name}, "
+                           "or pick another name")
         stored = [_key(row, self.store.display_url) for row in
                   conn.execute(select(_KEYS).where(_KEYS.c.job_id == job.id).order_by(_KEYS.c.position))]
         differs = [what for what, same in (("arch", job.arch == arch), ("kernel version", job.kernel_version ==
@@ -224,11 +314,11 @@ class JobQueue:
     def get(self, name: str) -> Job:
         """The job called `name`; JobError when there is none."""
         check_job_name(name)
-        row = self.store.transaction("reading jobs", lambda conn: conn.execute(
-            select(_JOBS).where(_JOBS.c.name == name)).first(), write=False)
-        if row is None:
+        job = self.store.transaction("reading jobs", lambda conn: _read_job(conn, name, self.store.display_url),
+                                     write=False)
+        if job is None:
             raise JobError(f"no job {name} in {self.store.display_url} (`flashtune jobs` lists them)")
-        return _job(row)
+        return job
 
     def remaining(self, job: Job) -> int:
         """Units of `job` not done yet (claimed ones included)."""
@@ -244,12 +334,17 @@ class JobQueue:
         unit of a family nobody is working on, then queue order. An expired claim is taken over."""
         def take(conn: Connection) -> Claim | None:
             now = _now(conn)
+            latest = now + timedelta(seconds=job.lease_s)
             other = aliased(_UNITS)
             busy = exists(select(other.c.id).where(
                 other.c.job_id == job.id, other.c.family == _UNITS.c.family, other.c.id != _UNITS.c.id,
-                other.c.state == "claimed", other.c.lease_until >= now))
+                other.c.state == "claimed", other.c.lease_until >= now, other.c.lease_until <= latest))
+            # A lease ending later than the job's lease time allows (a clock far ahead, a row edited by
+            # hand, year 9999) is no lease: the unit would stay held forever.
             claimable = or_(_UNITS.c.state == "pending",
-                            and_(_UNITS.c.state == "claimed", _UNITS.c.lease_until < now))
+                            and_(_UNITS.c.state == "claimed",
+                                 or_(_UNITS.c.lease_until.is_(None), _UNITS.c.lease_until < now,
+                                     _UNITS.c.lease_until > latest)))
             order = [case((busy, 1), else_=0), _UNITS.c.position]
             if prefer_family is not None:
                 order.insert(0, case((_UNITS.c.family == prefer_family, 0), else_=1))
@@ -334,26 +429,31 @@ class JobQueue:
 
         def read(conn: Connection) -> list[JobStatus]:
             now = _now(conn)
-            query = select(_JOBS).order_by(_JOBS.c.id.desc())
+            query = select(*_JOB_COLUMNS).order_by(_JOBS.c.id.desc())
             if name is not None:
                 query = query.where(_JOBS.c.name == name)
-            jobs = [_job(row) for row in conn.execute(query)]
+            jobs = self.store.decode(_JOB_SPEC, conn.execute(query), Job)
             statuses = []
             for job in jobs:
-                units = {row.id: row for row in conn.execute(select(_UNITS).where(_UNITS.c.job_id == job.id))}
-                keys = []
-                for row in conn.execute(select(_KEYS).where(_KEYS.c.job_id == job.id).order_by(_KEYS.c.position)):
-                    unit = units[row.unit_id]
-                    key = _key(row, self.store.display_url)
-                    if row.state == "done":
-                        keys.append(JobKey(key, "done", Worker(row.host or "?", row.pid or 0, row.gpu), None,
-                                           row.done_at, unit.claims))
-                    elif unit.state == "claimed" and unit.lease_until is not None and unit.lease_until >= now:
-                        keys.append(JobKey(key, "claimed", Worker(unit.host, unit.pid, unit.gpu, unit.gpu_name or ""),
-                                           (unit.lease_until - now).total_seconds(), None, unit.claims))
-                    else:  # never claimed, released, or its holder's lease ran out
-                        keys.append(JobKey(key, "pending", None, None, None, unit.claims))
+                units = dict(self.store.decode(_UNIT_SPEC, conn.execute(
+                    select(*_UNIT_COLUMNS).where(_UNITS.c.job_id == job.id)), lambda uid, *rest: (uid, _Unit(*rest))))
+                rows = self.store.decode(_KEY_SPEC, conn.execute(
+                    select(*_KEY_COLUMNS).select_from(_KEYS.outerjoin(_UNITS, _UNITS.c.id == _KEYS.c.unit_id))
+                    .where(_KEYS.c.job_id == job.id).order_by(_KEYS.c.position)), lambda *values: values)
+                keys = [self._job_key(job, units[row[2]], now, *row[1:]) for row in rows if row[2] in units]
                 statuses.append(JobStatus(job, tuple(keys)))
             return statuses
 
         return self.store.transaction("reading jobs", read, write=False)
+
+    @staticmethod
+    def _job_key(job: Job, unit: _Unit, now: datetime, key: Key, unit_id: int, state: str, host: str | None,
+                 pid: int | None, gpu: int | None, done_at: datetime | None, its_unit: int) -> JobKey:
+        if state == "done":
+            return JobKey(key, "done", Worker(host or "?", pid or 0, gpu), None, done_at, unit.claims)
+        lease = unit.lease_until
+        if unit.state == "claimed" and lease is not None and now <= lease <= now + timedelta(seconds=job.lease_s):
+            return JobKey(key, "claimed", Worker(unit.host or "?", unit.pid or 0, unit.gpu, unit.gpu_name or ""),
+                          (lease - now).total_seconds(), None, unit.claims)
+        # never claimed, released, or its holder's lease ran out (or reads later than the job allows)
+        return JobKey(key, "pending", None, None, None, unit.claims)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from sqlalchemy import Connection, Engine, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,6 +31,8 @@ SCHEMA_VERSION = 3
 READABLE_SINCE = 2
 VERSION_KEY = "schema_version"
 MIGRATE_COMMAND = "flashtune db migrate"
+REPAIR_OPTION = "--repair"
+_LISTED_IDS = 10
 # Any constant: serialises schema creation between processes on one PostgreSQL server.
 _PG_SCHEMA_LOCK = 0x666C6173
 
@@ -170,8 +172,80 @@ def _stamp(conn: Connection, version: int) -> None:
         conn.execute(meta.insert().values(name=VERSION_KEY, value=str(version)))
 
 
-def migrate(engine: Engine, where: str, *, write_options: dict[str, object]) -> tuple[int | None, int]:
-    """Create or migrate the schema to SCHEMA_VERSION in one transaction; (old version, new)."""
+@dataclass(frozen=True)
+class Orphans:
+    """Rows of `table` whose `column` names a row of `parent` that is gone (deleted by hand, with
+    SQLite's foreign keys off): a migration that copies the table would fail on them."""
+
+    table: str
+    column: str
+    parent: str
+    ids: tuple[int, ...]
+    detach: bool  # the key is cleared (ON DELETE SET NULL), else the row is removed (CASCADE)
+
+    def __str__(self) -> str:
+        listed = ", ".join(map(str, self.ids[:_LISTED_IDS]))
+        more = f" (and {len(self.ids) - _LISTED_IDS} more)" if len(self.ids) > _LISTED_IDS else ""
+        return f"{self.table} row(s) {listed}{more}: {self.column} names a missing {self.parent} row"
+
+    @property
+    def repair(self) -> str:
+        """What `--repair` does to them."""
+        action = f"cleared {self.column} of" if self.detach else "removed"
+        return f"{action} {len(self.ids)} {self.table} row(s) whose {self.parent} row is missing"
+
+
+def find_orphans(conn: Connection) -> list[Orphans]:
+    """Every row whose foreign key names a row that does not exist, per table and column."""
+    present = _present_tables(conn)
+    found = []
+    for table in Base.metadata.sorted_tables:
+        if table.name not in present:
+            continue
+        columns = {column["name"] for column in inspect(conn).get_columns(table.name)}
+        for fk in table.foreign_keys:
+            column, parent = fk.parent.name, fk.column.table.name
+            if parent not in present or column not in columns:
+                continue
+            ids = conn.exec_driver_sql(
+                f'SELECT id FROM {table.name} AS t WHERE "{column}" IS NOT NULL AND NOT EXISTS '
+                f'(SELECT 1 FROM {parent} AS p WHERE p.id = t."{column}") ORDER BY id').scalars().all()
+            if ids:
+                found.append(Orphans(table.name, column, parent, tuple(ids), fk.ondelete == "SET NULL"))
+    return found
+
+
+def _repair(conn: Connection, orphans: Sequence[Orphans]) -> None:
+    for orphan in orphans:
+        ids = ", ".join(map(str, orphan.ids))  # ints read from the database just now
+        if orphan.detach:
+            conn.exec_driver_sql(f'UPDATE {orphan.table} SET "{orphan.column}" = NULL WHERE id IN ({ids})')
+        else:
+            conn.exec_driver_sql(f"DELETE FROM {orphan.table} WHERE id IN ({ids})")
+
+
+def _check_orphans(conn: Connection, where: str, repair: bool, report: Callable[[str], None]) -> None:
+    """Refuse (naming the rows) or, with `repair`, clear rows whose foreign key names a missing row."""
+    for _ in range(len(FLASHTUNE_TABLES)):  # removing a row may leave its own children orphaned
+        orphans = find_orphans(conn)
+        if not orphans:
+            return
+        if not repair:
+            raise DatabaseCorruptError(
+                f"database {where}: {'; '.join(map(str, orphans))}; nothing migrated: run "
+                f"`{MIGRATE_COMMAND} {REPAIR_OPTION}` to clear these keys and remove rows that cannot stand "
+                "alone (see docs/database.md), or fix the rows by hand")
+        _repair(conn, orphans)
+        for orphan in orphans:
+            report(orphan.repair)
+
+
+def migrate(engine: Engine, where: str, *, write_options: dict[str, object], repair: bool = False,
+            report: Callable[[str], None] = lambda _: None) -> tuple[int | None, int]:
+    """Create or migrate the schema to SCHEMA_VERSION in one transaction; (old version, new).
+
+    Before migrating (or whenever `repair` is given), rows whose foreign key names a missing row are
+    refused, naming them; with `repair` they are detached or removed and each change is `report`ed."""
     with engine.connect().execution_options(**write_options) as conn:
         with conn.begin():
             _lock_schema(conn)
@@ -183,6 +257,8 @@ def migrate(engine: Engine, where: str, *, write_options: dict[str, object]) -> 
             old = version
             if version > SCHEMA_VERSION:
                 check_version(version, where, create=True)
+            if version < SCHEMA_VERSION or repair:
+                _check_orphans(conn, where, repair, report)
             for step in MIGRATIONS:
                 if version < step.version <= SCHEMA_VERSION:
                     if step.version != version + 1:

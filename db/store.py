@@ -420,7 +420,7 @@ class Store:
         with translated(self._url, doing), self._read() as conn, conn.begin():
             return work(conn)
 
-    def _decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
+    def decode(self, spec: RowSpec, rows: Iterable[Any], build: Callable[..., T]) -> list[T]:
         """Rows to values; damaged rows are skipped, kept in `damaged_rows`, and the new ones of
         this read reported in one DamagedRowWarning."""
         decoder = Decoder(spec)
@@ -439,7 +439,7 @@ class Store:
                 for name, statement in (("insert", _INSERT_WINNER), ("update", _UPDATE_WINNER))}
 
     def _winners(self, rows: Iterable[Any]) -> list[Winner]:
-        return self._decode(WINNER_SPEC, rows, lambda _id, key, config, *rest: Winner(key, config, *rest))
+        return self.decode(WINNER_SPEC, rows, lambda _id, key, config, *rest: Winner(key, config, *rest))
 
     # --- runs and trials -------------------------------------------------------------------
 
@@ -535,7 +535,7 @@ class Store:
             query = query.where(_TRIALS.c.outcome == outcome)
         with translated(self._url, "reading trials"), self._read() as conn:
             rows = conn.execute(query.order_by(_TRIALS.c.id)).all()
-        return self._decode(TRIAL_SPEC, rows, lambda row_id, key, config, run_id, *rest:
+        return self.decode(TRIAL_SPEC, rows, lambda row_id, key, config, run_id, *rest:
                             TrialRecord(row_id, run_id, key, config, *rest))
 
     def stale_runs(self, older_than: timedelta = STALE_RUN_AFTER, *,
@@ -549,7 +549,7 @@ class Store:
                  .where(_RUNS.c.status == "running").group_by(_RUNS.c.id).order_by(_RUNS.c.id))
         with translated(self._url, "reading runs"), self._read() as conn:
             rows = conn.execute(query).all()
-        runs = self._decode(_RUN_ACTIVITY_SPEC, rows, lambda run_id, gpu, host, started, last:
+        runs = self.decode(_RUN_ACTIVITY_SPEC, rows, lambda run_id, gpu, host, started, last:
                             StaleRun(run_id, gpu, host, started, max(started, last or started)))
         return [run for run in runs if now - run.last_activity > older_than]
 
@@ -720,8 +720,8 @@ class Store:
             result = conn.execution_options(stream_results=True, yield_per=_STREAM_ROWS).execute(
                 query.order_by(_RECORDED.c.calls.desc(), _RECORDED.c.id))
             for part in result.partitions():
-                yield from self._decode(_RECORDED_SPEC, part,
-                                        lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
+                yield from self.decode(_RECORDED_SPEC, part,
+                                       lambda _id, key, calls, first, last: RecordedKey(key, calls, first, last))
 
     # --- maintenance -----------------------------------------------------------------------
 
@@ -767,13 +767,15 @@ def _check_id(run_id: Any) -> None:
         raise ValueError(f"no run with id {shown(run_id)}: run ids are ints from 0 to {INT32_MAX}")
 
 
-def migrate_database(url: str | None = None) -> tuple[int | None, int]:
-    """Create or migrate the schema at `url` to the current version; (old version or None, new)."""
+def migrate_database(url: str | None = None, *, repair: bool = False,
+                     report: Callable[[str], None] = lambda _: None) -> tuple[int | None, int]:
+    """Create or migrate the schema at `url` to the current version; (old version or None, new). Rows
+    whose foreign key names a missing row refuse the migration, unless `repair` (see `schema.migrate`)."""
     url = default_url() if url is None else str(url)
     engine = make_engine(url, True, WRITE_TIMEOUT_S)
     try:
         with translated(url, "migrating"):
-            versions = migrate(engine, mask_url(url), write_options=WRITE_OPTIONS)
+            versions = migrate(engine, mask_url(url), write_options=WRITE_OPTIONS, repair=repair, report=report)
             use_wal(engine)
             return versions
     finally:

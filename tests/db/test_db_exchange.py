@@ -1,6 +1,7 @@
 """The exchange file: round trips, each merge policy, and bad files that must change nothing."""
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
 import json
@@ -347,3 +348,16 @@ def test_each_config_is_checked_by_its_own_ops_model(tmp_path: Path) -> None:
     _write(path, _document([_winner(Key("sm_90", "fwd", 4096, 256, "float16", True, batch_heads=64), big)]))
     with pytest.raises(ExchangeFileError, match="fwd config m256-n256-w8-s4 needs about"):
         read_document(path, smem=smem_need)
+
+
+def test_a_file_starting_with_a_utf8_bom_imports(tmp_path: Path, db_url: str) -> None:
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    with Store.open(source) as store:
+        populate(store)
+        expected = _plain(store.winners())
+        document = exchange.export_winners(store)
+    path = tmp_path / "winners.json"
+    path.write_bytes(codecs.BOM_UTF8 + exchange.dump_document(document).encode("utf-8"))
+    with Store.open(db_url) as target:
+        assert len(import_file(target, path).added) == len(expected)
+        assert target.winners() == expected

@@ -8,17 +8,20 @@ triton: `flashtune show` must stay quick on a machine that only holds the databa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO, TypeVar
 
 import click
 
 from ...db.arch import normalize_arch
 from ...db.errors import StoreError, one_line
+from ...db.text import printable
 from ...db.types import DTYPES, HEAD_DIMS_TEXT, normalize_dtype, normalize_op
 
 from ..ranges import (INT32_MAX, MAX_SEQ_LEN, SEQ_FORMS, parse_dtypes, parse_duration, parse_float, parse_head_dim,
@@ -33,7 +36,28 @@ class CliError(click.ClickException):
     exit_code = 2
 
     def __init__(self, message: object) -> None:
-        super().__init__(one_line(message))
+        super().__init__(printable(one_line(message)))
+
+
+def echo(text: object, *, err: bool = False) -> None:
+    """Print one line with every non-printable character escaped (`db.text.printable`): text from the
+    database or the command line never reaches the terminal raw (no escape sequences, no forged lines)."""
+    click.echo(printable(text), err=err)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    text = one_line(message)
+    echo(text if text.startswith("flashtune:") else f"flashtune: warning: {text}", err=True)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: each warning (damaged rows, a failed write) is one escaped line on stderr, not Python's
+    `file:line` and source line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        yield
 
 
 def handle_errors(func: F) -> F:
@@ -229,9 +253,9 @@ def echo_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: 
                title: str | None = None) -> None:
     """Print `table_lines(...)` on stdout, after `title` when given."""
     if title:
-        click.echo(title)
-    for line in table_lines(headers, rows, right=right):
-        click.echo(line)
+        echo(title)
+    for line in table_lines(headers, [[printable(cell) for cell in row] for row in rows], right=right):
+        echo(line)
 
 
 def fmt_seconds(seconds: float) -> str:

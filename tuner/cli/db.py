@@ -16,8 +16,8 @@ from ...db.text import mask_url
 from ...db.store import Store, Winner, migrate_database
 from ...db.types import Config, Key
 
-from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo_json, echo_json_array, echo_table,
-                     handle_errors, json_option)
+from .common import (ARCH, DTYPE, HEAD_DIM, OP, causal_option, db_option, echo, echo_json, echo_json_array,
+                     echo_table, handle_errors, json_option)
 from .output import STDOUT, write_atomically
 
 
@@ -60,7 +60,7 @@ def _show_recorded(db_url: str | None, arch: str | None, as_json: bool) -> None:
         recorded = store.recorded(arch)
         where = store.display_url
     if not recorded:
-        click.echo(f"no recorded shapes in {where} (run the app with FLASHTUNE_RECORD=1)")
+        echo(f"no recorded shapes in {where} (run the app with FLASHTUNE_RECORD=1)")
         return
     echo_table([*_KEY_HEADERS, "calls", "last seen (UTC)"],
                [[*_key_cells(r.key), str(r.calls), r.last_seen.strftime("%Y-%m-%d %H:%M")] for r in recorded],
@@ -91,7 +91,7 @@ def show(db_url: str | None, arch: str | None, op: str | None, dtype: str | None
         echo_json([exchange.winner_to_dict(w) for w in winners])
         return
     if not winners:
-        click.echo(f"no winners in {where} match")
+        echo(f"no winners in {where} match")
         return
     echo_table(_HEADERS, [_row(w) for w in winners], right=["N", "D", "B·H", "group", "ms", "TFLOP/s"],
                title=f"{len(winners)} winner(s) in {where}")
@@ -116,12 +116,12 @@ def export(db_url: str | None, arch: str | None, dtype: str | None, output: str)
         click.echo(text, nl=False)
         return
     write_atomically(output, text, "-o")
-    click.echo(f"exported {len(document.winners)} winner(s) to {output}", err=True)
+    echo(f"exported {len(document.winners)} winner(s) to {output}", err=True)
 
 
 def _print_report(report: exchange.ImportReport, verbose: bool) -> None:
     head = "would add" if report.dry_run else "added"
-    click.echo(f"{head} {len(report.added)}, "
+    echo(f"{head} {len(report.added)}, "
                f"{'would replace' if report.dry_run else 'replaced'} {len(report.replaced)}, "
                f"kept {len(report.kept)}, conflicts {len(report.conflicts)} "
                f"(policy {report.policy}{'; dry run, nothing written' if report.dry_run else ''})")
@@ -132,7 +132,7 @@ def _print_report(report: exchange.ImportReport, verbose: bool) -> None:
         for item in items:
             new = str(item.incoming.config)
             old = f" (stored {item.existing.config})" if item.existing else ""
-            click.echo(f"  {label:8} {item.key}  {new}{old}: {item.reason}")
+            echo(f"  {label:8} {item.key}  {new}{old}: {item.reason}")
 
 
 @click.command("import")
@@ -182,22 +182,25 @@ def db_path(db_url: str | None) -> None:
     """Print the database file (SQLite) or URL (password masked) that commands use."""
     url = _url(db_url)
     path = sqlite_path(url)
-    click.echo(str(path) if path is not None else mask_url(url))
+    echo(str(path) if path is not None else mask_url(url))
 
 
 @db_group.command("migrate")
 @db_option
+@click.option("--repair", is_flag=True,
+              help="Clear keys that name a deleted row (a winner's trial, a trial's run) and remove job rows "
+                   "whose job is gone, in the same transaction, instead of refusing to migrate.")
 @handle_errors
-def db_migrate(db_url: str | None) -> None:
+def db_migrate(db_url: str | None, repair: bool) -> None:
     """Create the tables, or bring an older schema up to this version's."""
     url = _url(db_url)
-    old, new = migrate_database(url)
+    old, new = migrate_database(url, repair=repair, report=lambda change: echo(f"repaired: {change}"))
     if old is None:
-        click.echo(f"created schema version {new} in {mask_url(url)}")
+        echo(f"created schema version {new} in {mask_url(url)}")
     elif old == new:
-        click.echo(f"{mask_url(url)} is already at schema version {new}")
+        echo(f"{mask_url(url)} is already at schema version {new}")
     else:
-        click.echo(f"migrated {mask_url(url)} from schema version {old} to {new}")
+        echo(f"migrated {mask_url(url)} from schema version {old} to {new}")
 
 
 @db_group.command("vacuum")
@@ -211,9 +214,9 @@ def db_vacuum(db_url: str | None) -> None:
     with Store.open(url, create=False) as store:
         store.vacuum()
     if before is not None and path is not None:
-        click.echo(f"vacuumed {path}: {before} -> {path.stat().st_size} bytes")
+        echo(f"vacuumed {path}: {before} -> {path.stat().st_size} bytes")
     else:
-        click.echo(f"vacuumed {mask_url(url)}")
+        echo(f"vacuumed {mask_url(url)}")
 
 
 def register(group: click.Group) -> None:

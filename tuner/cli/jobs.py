@@ -13,7 +13,7 @@ from ...db.jobs import JobKey, JobQueue, JobStatus
 from ...db.paths import default_url
 from ...db.store import Store
 
-from .common import db_option, echo_json, echo_table, handle_errors, json_option
+from .common import db_option, echo, echo_json, echo_table, handle_errors, json_option
 
 
 def _worker(entry: JobKey) -> dict[str, Any] | None:
@@ -37,7 +37,7 @@ def _as_json(status: JobStatus) -> dict[str, Any]:
 
 def _print(status: JobStatus) -> None:
     job, counts = status.job, status.counts
-    click.echo(f"job {job.name} ({job.status}): {job.arch}, kernel {job.kernel_version[:12]}, lease {job.lease_s:g} s, "
+    echo(f"job {job.name} ({job.status}): {job.arch}, kernel {job.kernel_version[:12]}, lease {job.lease_s:g} s, "
                f"created {job.created_at:%Y-%m-%d %H:%M} UTC on {job.host}; {counts['done']} done, "
                f"{counts['claimed']} claimed, {counts['pending']} pending of {len(status.keys)} keys")
     rows = []
@@ -67,11 +67,11 @@ def jobs(name: str | None, db_url: str | None, as_json: bool) -> None:
         echo_json([_as_json(s) for s in statuses])
         return
     if not statuses:
-        click.echo(f"no jobs in {where}")
+        echo(f"no jobs in {where}")
         return
     for i, status in enumerate(statuses):
         if i:
-            click.echo("")
+            echo("")
         _print(status)
 
 

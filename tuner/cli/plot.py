@@ -12,7 +12,7 @@ from typing import Callable
 
 import click
 
-from .common import ARCH, CliError, db_option, echo_json, json_option, key_options
+from .common import ARCH, CliError, db_option, echo, echo_json, json_option, key_options
 
 
 def _writable_dir(path: Path) -> Path:
@@ -116,7 +116,7 @@ def plot(csv_file: str | None, out_dir: Path, heatmap: bool, arch: str | None, s
         echo_json([str(path) for path in written])
     else:
         for path in written:
-            click.echo(path)
+            echo(path)
 
 
 def register(group: click.Group) -> None:
