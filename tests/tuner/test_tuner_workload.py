@@ -1,4 +1,4 @@
-"""The tuning loop on workload keys (issue 11), driven by cost models against a real database (SQLite,
+"""The tuning loop on workload keys (B·Hq bucket and GQA group), driven by cost models against a real database (SQLite,
 and PostgreSQL when FLASHTUNE_TEST_PG_URL is set): each key timed at its own B·Hq bucket and GQA
 group, the default always timed and kept unless beaten by more than the noise, SDPA providers as
 candidates, --kernel-only, and sibling buckets sharing the first pass's ranking."""
