@@ -26,6 +26,7 @@ from flashtune.tuner.cli import main
 from flashtune.tuner.fleet.gpus import select_gpus
 from flashtune.tuner.fleet.units import claim_units
 from flashtune.tuner.gpu import planned_gpu
+from helpers.cli import one_line_error
 from helpers.subproc import repo_env
 
 STAND_IN = dataclasses.replace(planned_gpu("sm_80"), name="CPU stand-in (interpreter)", sm_count=1,
@@ -38,13 +39,6 @@ def tune(*args: str):
     return CliRunner().invoke(main, ["tune", *args])
 
 
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from flashtune.db.store import Store
 from flashtune.db.types import Key
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
+from helpers.cli import one_line_error
 
 # A GPU of a known arch whose 8 KB of shared memory leaves one config of the D=16 fp32 space, plus
 # the default: a tune of one key is two trials, about ten seconds in the interpreter.
@@ -33,13 +34,6 @@ def run(*args: str):
     return CliRunner().invoke(main, ["tune", *args])
 
 
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 def dry(arch: str) -> dict:
