@@ -15,12 +15,11 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
-from flashtune.db.models import JOB_TABLES
 from flashtune.db.store import Store
 from flashtune.tuner.cli import main
 
 from helpers.cli import assert_usage_error
-from helpers.db import execute_raw, file_digest, populate, raw_snapshot
+from helpers.db import back_to_schema_2, execute_raw, file_digest, populate, raw_snapshot
 
 SCHEMA1_DB = Path(__file__).resolve().parents[2] / "bench" / "results" / "h200" / "tune_h200.db"
 
@@ -60,12 +59,7 @@ def test_sqlite_schema_1_with_deleted_trials_is_refused_then_repaired(tmp_path: 
 def test_postgres_schema_2_with_a_deleted_trial_is_refused_then_repaired(pg_url: str) -> None:
     with Store.open(pg_url) as store:
         populate(store)
-    engine = create_engine(pg_url)
-    with engine.begin() as conn:  # back to schema 2's shape
-        for table in reversed(JOB_TABLES):
-            conn.execute(text(f"DROP TABLE {table}"))
-        conn.execute(text("UPDATE flashtune_meta SET value = '2' WHERE name = 'schema_version'"))
-    engine.dispose()
+    back_to_schema_2(pg_url)
     execute_raw(pg_url, "SET LOCAL session_replication_role = replica; DELETE FROM flashtune_trials WHERE id = "
                         "(SELECT trial_id FROM flashtune_winners ORDER BY id LIMIT 1)")
     with create_engine(pg_url).connect() as conn:

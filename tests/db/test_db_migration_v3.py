@@ -7,9 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from helpers.db import populate
+from helpers.db import back_to_schema_2, populate
 from flashtune.db import schema
 from flashtune.db.errors import SchemaVersionError
 from flashtune.db.jobs import JobQueue, Worker
@@ -70,12 +69,7 @@ def test_postgres_schema_2_database_migrates(pg_url: str) -> None:
     with Store.open(pg_url) as store:
         populate(store)
         before = store.winners(), store.trials()
-    engine = create_engine(pg_url)
-    with engine.begin() as conn:  # back to schema 2's shape
-        for table in reversed(JOB_TABLES):
-            conn.execute(text(f"DROP TABLE {table}"))
-        conn.execute(text("UPDATE flashtune_meta SET value = '2' WHERE name = 'schema_version'"))
-    engine.dispose()
+    back_to_schema_2(pg_url)
     _readable_but_not_writable_at_2(pg_url)
     assert migrate_database(pg_url) == (2, 3)
     with Store.open(pg_url, create=False) as store:

@@ -207,3 +207,15 @@ def winners_document(count: int, *, arch: str = "sm_90", ms: float = 1.0, first:
             "producer": {"flashtune": "0.1.0", "schema_version": 1, "python": "3.11", "sqlalchemy": "2.0",
                          "pydantic": "2.5", "host": "node-1"},
             "filters": {}, "winners": winners}
+
+
+def back_to_schema_2(url: str) -> None:
+    """Turn a current PostgreSQL database back into schema 2's shape (no fleet job tables), rows kept."""
+    from flashtune.db.models import JOB_TABLES
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(JOB_TABLES):
+            conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text("UPDATE flashtune_meta SET value = '2' WHERE name = 'schema_version'"))
+    engine.dispose()
