@@ -193,8 +193,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     The signature is torch.nn.functional.scaled_dot_product_attention's, so one swaps for the other.
     query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D); fp16, bf16 or fp32 (IEEE fp32 dots); any strides.
     `is_causal`, `enable_gqa` and `fallback` are bools (numpy bools too; anything else is a TypeError,
-    as with SDPA); is_causal is top-left aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs enable_gqa=True. Returns a new
-    tensor laid out like `query`.
+    as with SDPA); is_causal is top-left aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs
+    enable_gqa=True. Returns a new tensor laid out like `query`.
 
     Inputs that require grad (with grad mode on) get a backward: the fused FA2 backward kernel, through
     autograd (`register_autograd`), also under torch.compile.

@@ -35,7 +35,7 @@ choice is a backend runs torch SDPA pinned to it, and falls back to the winner's
 (`kernel_config`) if the backend refuses the inputs. `explain(..., kernel_only=True)` gives the
 kernel config alone (what `flashtune bench` times as the kernel).
 A stored config (2 or 3) is used only if its op's estimated shared memory fits the device and the
-op's kernel knows its extra knobs (kernel.ops.fwd, kernel.ops.bwd.bwd_knobs). One from an older kernel version is used with one warning;
+op's kernel knows its extra knobs (kernel.ops.OPS). One from an older kernel version is used with one warning;
 if it then fails to compile, the call and every later one with that config fall back to the default
 (also with one warning). An override the kernel cannot run is ignored with one warning at load.
 

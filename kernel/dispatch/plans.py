@@ -15,7 +15,8 @@ from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.errors import first_line
 from ...db.types import Config, Key, bucket
 
-from ..checks import AttnShape, check_bool, check_inputs, check_kvcache_inputs, check_scale, check_tensors, head_span_fits
+from ..checks import (AttnShape, check_bool, check_inputs, check_kvcache_inputs, check_scale, check_tensors,
+                      head_span_fits)
 from ..device import device_arch, device_sm_count, device_smem_limit
 from ..errors import launch_failure
 from ..ops import OPS, Op
