@@ -384,32 +384,8 @@ class JobQueue:
         with nothing written, when the unit is no longer this claim's."""
         if key not in claim.keys:
             raise ValueError(f"{key} is not a key of unit {claim.unit_id} of job {claim.job.name}")
-        raw = dict(zip(KEY_COLUMNS, key_values(key)))
-
-        def finish(conn: Connection) -> bool:
-            held = conn.execute(select(_UNITS.c.id).where(
-                _UNITS.c.id == claim.unit_id, _UNITS.c.claim_token == claim.token, _UNITS.c.state == "claimed")
-                .with_for_update()).first()
-            if held is None:
-                return False
-            now = _now(conn)
-            w = claim.worker
-            conn.execute(update(_KEYS).where(_KEYS.c.unit_id == claim.unit_id, _KEYS.c.state == "pending",
-                                             *(_KEYS.c[c] == v for c, v in raw.items()))
-                         .values(state="done", host=w.host, pid=w.pid, gpu=w.gpu, done_at=now))
-            left = conn.execute(select(func.count()).select_from(_KEYS).where(
-                _KEYS.c.unit_id == claim.unit_id, _KEYS.c.state != "done")).scalar_one()
-            if left == 0:
-                conn.execute(update(_UNITS).where(_UNITS.c.id == claim.unit_id)
-                             .values(state="done", lease_until=None))
-                units_left = conn.execute(select(func.count()).select_from(_UNITS).where(
-                    _UNITS.c.job_id == claim.job.id, _UNITS.c.state != "done")).scalar_one()
-                if units_left == 0:
-                    conn.execute(update(_JOBS).where(_JOBS.c.id == claim.job.id)
-                                 .values(status="done", finished_at=now))
-            return True
-
-        return self.store.transaction(f"finishing a key of job {claim.job.name}", finish)
+        return self.store.transaction(f"finishing a key of job {claim.job.name}",
+                                      lambda conn: finish_key_in(conn, claim, key))
 
     def release(self, claim: Claim) -> bool:
         """Give the unit back at once (the worker stops early: Ctrl-C, its budget); whether it was still
@@ -457,3 +433,31 @@ class JobQueue:
                           (lease - now).total_seconds(), None, unit.claims)
         # never claimed, released, or its holder's lease ran out (or reads later than the job allows)
         return JobKey(key, "pending", None, None, None, unit.claims)
+
+
+def finish_key_in(conn: Connection, claim: Claim, key: Key) -> bool:
+    """JobQueue.finish_key's work inside the caller's transaction `conn`."""
+    held = conn.execute(select(_UNITS.c.id).where(
+        _UNITS.c.id == claim.unit_id, _UNITS.c.claim_token == claim.token, _UNITS.c.state == "claimed")
+        .with_for_update()).first()
+    if held is None:
+        return False
+    now = _now(conn)
+    w = claim.worker
+    raw = dict(zip(KEY_COLUMNS, key_values(key)))
+    conn.execute(update(_KEYS).where(_KEYS.c.unit_id == claim.unit_id, _KEYS.c.state == "pending",
+                                     *(_KEYS.c[c] == v for c, v in raw.items()))
+                 .values(state="done", host=w.host, pid=w.pid, gpu=w.gpu, done_at=now))
+    left = conn.execute(select(func.count()).select_from(_KEYS).where(
+        _KEYS.c.unit_id == claim.unit_id, _KEYS.c.state != "done")).scalar_one()
+    if left == 0:
+        conn.execute(update(_UNITS).where(_UNITS.c.id == claim.unit_id).values(state="done", lease_until=None))
+        # Two workers finishing the last two units at once would each count the other's unit as not
+        # done (neither has committed) and leave the job open for ever. The job row's lock makes the
+        # second wait for the first's commit; its count, a new statement, then sees that unit done.
+        conn.execute(select(_JOBS.c.id).where(_JOBS.c.id == claim.job.id).with_for_update())
+        units_left = conn.execute(select(func.count()).select_from(_UNITS).where(
+            _UNITS.c.job_id == claim.job.id, _UNITS.c.state != "done")).scalar_one()
+        if units_left == 0:
+            conn.execute(update(_JOBS).where(_JOBS.c.id == claim.job.id).values(status="done", finished_at=now))
+    return True

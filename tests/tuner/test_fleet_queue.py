@@ -110,3 +110,47 @@ def test_same_job_again_is_joined_and_a_different_one_refused(queue):
     with pytest.raises(JobError, match="no job missing"):
         queue.get("missing")
     assert [s.job.name for s in queue.status()] == ["job"]
+
+
+@pytest.mark.postgres
+def test_two_workers_finishing_the_last_two_units_at_once_close_the_job(pg_url):
+    """Each finisher's count of units left runs before the other commits: without a lock on the job
+    row both would see the other's unit claimed, and the job would stay open with every key done."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from flashtune.db.jobs import finish_key_in
+
+    with Store.open(pg_url) as store:
+        queue = JobQueue(store)
+        job = make(queue, lease_s=600)
+        claims = [queue.claim(job, A), queue.claim(job, B), queue.claim(job, A), queue.claim(job, B)]
+        for claim in claims[2:]:
+            for key in claim.keys:
+                assert queue.finish_key(claim, key)
+        for claim in claims[:2]:
+            assert queue.finish_key(claim, claim.keys[0])
+        engine = create_engine(pg_url)
+        try:
+            with engine.connect() as first, engine.connect() as second:
+                first.begin()
+                assert finish_key_in(first, claims[0], claims[0].keys[1])  # not committed yet
+                done: list[bool] = []
+
+                def finish_second() -> None:
+                    with second.begin():
+                        done.append(finish_key_in(second, claims[1], claims[1].keys[1]))
+
+                thread = threading.Thread(target=finish_second)
+                thread.start()
+                thread.join(0.5)
+                assert thread.is_alive(), "the second finisher did not wait for the first one's commit"
+                first.commit()
+                thread.join(10)
+                assert done == [True]
+        finally:
+            engine.dispose()
+        assert queue.remaining(job) == 0
+        finished = queue.get("job")
+        assert finished.status == "done" and finished.finished_at is not None
