@@ -21,7 +21,7 @@ _DTYPE_ALIASES: dict[str, str] = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
 }
-OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache")  # the forward, the backward, split-KV decode
+OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache", "train")  # forward, backward, split-KV decode, training pair
 OUTCOMES: tuple[str, ...] = ("ok", "out_of_resources", "compile_error", "wrong_result", "crashed", "timeout")
 # flash_attn's rule: every multiple of 8 up to 256. The kernels run each through a power-of-two tile
 # of at least 16 columns (kernel.ops.common.padded_head_dim) and mask the rest.
@@ -84,7 +84,7 @@ def normalize_dtype(name: str) -> str:
 
 
 def normalize_op(op: str) -> str:
-    """Check an op name (one of OPS: 'fwd', 'bwd', 'kvcache')."""
+    """Check an op name (one of OPS: 'fwd', 'bwd', 'kvcache', 'train')."""
     if op not in OPS:
         raise ValueError(f"unknown op {shown(op)}: expected one of {', '.join(OPS)}")
     return op

@@ -5,9 +5,11 @@ torch.library op costs dispatcher time that matters on small shapes). Under torc
 same work runs inside the custom op `flashtune::attention_fwd`, whose fake implementation lets
 the compiler trace through it without a graph break; both paths run the same `_forward`.
 
-Calls whose inputs require grad go through `flashtune::attention_fwd_lse`, which also returns the
-row log-sum-exp the backward needs, and whose `register_autograd` backward is the custom op
-`flashtune::attention_bwd` (kernel/jit/bwd.py: the FA2 backward). In the style of flash-attn's
+Calls whose inputs require grad are planned as a training pair (`dispatch.train_plan`): the pair tuned for
+their "train" key is an SDPA backend, run with torch's own backward, or a kernel forward and backward config.
+The kernel's forward runs in `flashtune::attention_fwd_lse`, which also returns the row log-sum-exp the
+backward needs, and whose `register_autograd` backward is the custom op `flashtune::attention_bwd`
+(kernel/jit/bwd.py: the FA2 backward) with the pair's backward config. In the style of flash-attn's
 hopper/flash_attn_interface.py, so that a `torch.compile(fullgraph=True)` training step traces both
 without a graph break.
 """
@@ -82,8 +84,8 @@ def _attention_fwd_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bo
 def attention_fwd_lse_op(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
                          scale: float) -> tuple[Tensor, Tensor]:
     """The forward kernel returning (O, the fp32 natural-log row LSE (B, Hq, Nq)) for the backward."""
-    o, lse = _launch_planned(query, key, value, dispatch.plan(query, key, value, is_causal), is_causal, scale,
-                             return_lse=True)
+    o, lse = _launch_planned(query, key, value, dispatch.train_plan(query, key, value, is_causal), is_causal,
+                             scale, return_lse=True)
     return o, lse
 
 
@@ -99,22 +101,26 @@ def _attention_fwd_lse_fake(query: Tensor, key: Tensor, value: Tensor, is_causal
 def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of the forward above (kernel/jit/bwd.py); dK/dV summed over each GQA group."""
-    shape = dispatch.plan(query, key, value, is_causal).shape
-    choice = dispatch.bwd_choice(query, shape, is_causal)  # the op="bwd" table, memoised
-    if record.ENABLED and choice.key is not None:
-        record.hit(choice.key)  # the backward's own key, beside the forward's: `tune --recorded --op bwd`
+    plan = dispatch.train_plan(query, key, value, is_causal)
+    # The backward config of the pair the training key decided, else the op="bwd" table's (memoised).
+    choice = plan.choice if plan.bwd is not None else dispatch.bwd_choice(query, plan.shape, is_causal)
 
     def run(config: Any) -> tuple[Tensor, Tensor, Tensor]:
-        return launch_bwd(grad_out, query, key, value, out, lse, shape, causal=is_causal, scale=scale,
+        return launch_bwd(grad_out, query, key, value, out, lse, plan.shape, causal=is_causal, scale=scale,
                           config=config, deterministic=deterministic)[:3]
 
     try:
-        return run(choice.config)
+        return run(plan.bwd if plan.bwd is not None else choice.config)
     except Exception as error:
         if not dispatch.stored_config_failed(choice, error):
             raise
-        # A stored backward winner that does not compile here: the default, with one warning.
-        return run(dispatch.bwd_config_failed(query, shape, is_causal, choice, error).config)
+        # A stored backward (or pair) that does not compile here: the default, with one warning.
+        if plan.bwd is not None:
+            replanned = dispatch.config_failed(query, key, value, is_causal, choice, error)
+            if replanned.bwd is not None:
+                return run(replanned.bwd)
+            return run(dispatch.bwd_choice(query, plan.shape, is_causal).config)
+        return run(dispatch.bwd_config_failed(query, plan.shape, is_causal, choice, error).config)
 
 
 @attention_bwd_op.register_fake
@@ -148,9 +154,9 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: f
     if torch.compiler.is_compiling():
         shape, sdpa = check_inputs(query, key, value), None
     else:
-        plan = dispatch.plan(query, key, value, causal)
+        plan = dispatch.train_plan(query, key, value, causal)
         if record.ENABLED:
-            record.hit(plan.choice.key)
+            record.hit(plan.choice.key)  # the training key: `tune --recorded` tunes it as a pair
         shape, sdpa = plan.shape, plan.sdpa
     if shape.heads_q != shape.heads_kv and not enable_gqa:
         raise _gqa_error(shape.heads_q, shape.heads_kv)

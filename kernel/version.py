@@ -29,6 +29,8 @@ OP_KERNELS: dict[str, tuple[str, ...]] = {
             "jit/bwd:attn_bwd_dq_convert_kernel"),
     "kvcache": ("jit/decode:decode_split_kernel", "jit/decode:decode_combine_kernel"),
 }
+# A training pair compiles both the forward's and the backward's kernels.
+OP_KERNELS["train"] = OP_KERNELS["fwd"] + OP_KERNELS["bwd"]
 
 
 def _is_jit(node: ast.AST) -> bool:

@@ -18,7 +18,7 @@ from ..db.errors import StoreError, one_line
 from ..db.store import Store
 from ..db.types import Config, Key
 from ..kernel.sdpa import available_providers
-from ..kernel.providers import provider_config
+from ..kernel.providers import KERNEL, provider_config, provider_of
 from ..kernel.version import OP_VERSIONS
 
 from . import gpu as gpus, worker
@@ -26,7 +26,7 @@ from .bench import fill_batch_heads
 from .compile_pool import pool_for_gpu
 from .loop import KeyResult, Progress, Tuner, TuneSettings
 from .measure import Bench
-from .ops import spec_of
+from .ops import part_keys, spec_of, with_parts
 
 
 class SessionError(RuntimeError):
@@ -63,8 +63,9 @@ class TuningSession:
     kernel_only: bool = False  # no SDPA provider candidates (`tune --kernel-only`)
 
     def space(self, key: Key) -> list[Config]:
-        """The kernel configs the tuner times for `key` on this GPU: its op's space (tuner.ops)."""
-        return session_space(key, self.gpu)
+        """The kernel configs the tuner times for `key` on this GPU: its op's space (tuner.ops), or, for an
+        op composed of others, the candidates composed from its parts' trials in this database."""
+        return session_space(key, self.gpu, self.store)
 
     def default(self, key: Key) -> Config:
         """The default config of `key`'s op on this GPU."""
@@ -86,6 +87,7 @@ class TuningSession:
         """Tune `keys`, by default over this GPU's space and the SDPA providers against the kernel's
         default config; the session's status becomes 'done', or why the tuner stopped early
         ('budget', 'interrupted'). `keep_order`: in the order given, not tuning order."""
+        keys = with_parts(keys)  # a composed key's parts first: its candidates come from their trials
         tuner = Tuner(self.store, self.run_id, self.bench, kernel_version=OP_VERSIONS,
                       gpu_name=self.gpu.name,
                       space=space or self.space, default=default or self.default,
@@ -96,10 +98,22 @@ class TuningSession:
         return results
 
 
-def session_space(key: Key, gpu: gpus.GpuInfo) -> list[Config]:
+def session_space(key: Key, gpu: gpus.GpuInfo, store: Store | None = None) -> list[Config]:
     """A key's kernel candidates on `gpu` (a planned one for --dry-run): its op's space, e.g. for the
-    forward tuner.ops.fwd's configs and the TMA kernel's on sm_90. Also what `tune --dry-run` counts."""
-    return spec_of(key).space(key, gpu)
+    forward tuner.ops.fwd's configs and the TMA kernel's on sm_90. Also what `tune --dry-run` counts.
+    An op composed of others (the training pair) composes them from its parts' ok kernel trials in
+    `store`, on this GPU with the parts' current versions, fastest first (none without a store)."""
+    spec = spec_of(key)
+    if spec.compose is None:
+        return spec.space(key, gpu)
+    ranked = {}
+    for part in part_keys(key):
+        trials = [] if store is None else store.trials(part, kernel_version=OP_VERSIONS[part.op], gpu_name=gpu.name,
+                                                       outcome="ok")
+        fastest = sorted((t for t in trials if t.median_ms and provider_of(t.config) == KERNEL),
+                         key=lambda t: (t.median_ms, str(t.config)))
+        ranked[part.op] = list(dict.fromkeys(t.config for t in fastest))
+    return spec.compose(key, gpu, ranked)
 
 
 def provider_configs() -> list[Config]:

@@ -39,7 +39,9 @@ def cuda_bench(device_index: int, compile_threads: int) -> Bench:
     from .bench import LocalBench
 
     if INTERPRET and not torch.cuda.is_available():
-        return LocalBench(torch.device("cpu"), compile_threads=compile_threads)
+        # The interpreter's times are no performance figures: the fewest repetitions that still run every
+        # step of the harness (the careful pass's twice-timed default included).
+        return LocalBench(torch.device("cpu"), compile_threads=compile_threads, quick=(0, 1), careful=(1, 2))
     torch.cuda.set_device(device_index)
     return LocalBench(torch.device("cuda", device_index), compile_threads=compile_threads)
 

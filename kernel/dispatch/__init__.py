@@ -20,6 +20,11 @@ a power of two (db.types.bucket) and G = Hq/Hkv:
    `kernel.ops.bwd.default_bwd_config`, `kernel.ops.kvcache.default_decode_config` with the SM count).
 Each op's default, shared-memory estimate and knob check are one entry of `kernel.ops.OPS`.
 
+A training call (inputs that require grad) is decided as a pair: `train_plan` applies rules 2-3 to its
+"train" key, whose winner is a kernel forward+backward pair (kernel.ops.train) or an SDPA backend that runs
+both passes; where no pair is tuned near the key, the forward's plan and the "bwd" table's config apply,
+each on its own.
+
 The package: `table` loads the winners (once at import, and at `reload()`), `rules` applies the rules above
 (pure: no torch, no state), `plans` resolves each call and memoises the result per input signature.
 
@@ -49,12 +54,13 @@ from __future__ import annotations
 
 from .plans import (INTERPRETER_ARCH, KVCachePlan, Plan, backend_refused, bwd_choice, bwd_config, bwd_config_failed,
                     config_failed, explain, kvcache_config_failed, kvcache_key, kvcache_plan, lookup, plan,
-                    stored_config_failed)
-from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, NEAREST_LIMIT, OP, OVERRIDE, Choice, kv_bucket)
+                    stored_config_failed, train_plan)
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, NEAREST_LIMIT, OP, OVERRIDE, TRAIN_OP, Choice,
+                    kv_bucket)
 from .table import DispatchWarning, LoadInfo, info, reload, visible_archs
 
 __all__ = ["CONFIG_ENV_VAR", "DEFAULT", "EXACT", "INTERPRETER_ARCH", "KV_OP", "NEAREST", "NEAREST_LIMIT", "OP",
-           "OVERRIDE", "Choice", "DispatchWarning", "KVCachePlan", "LoadInfo", "Plan", "backend_refused",
+           "OVERRIDE", "TRAIN_OP", "Choice", "DispatchWarning", "KVCachePlan", "LoadInfo", "Plan", "backend_refused",
            "bwd_choice", "bwd_config", "bwd_config_failed", "config_failed", "explain", "info", "kv_bucket",
            "kvcache_config_failed", "kvcache_key", "kvcache_plan", "lookup", "plan", "reload",
-           "stored_config_failed", "visible_archs"]
+           "stored_config_failed", "train_plan", "visible_archs"]

@@ -24,8 +24,8 @@ from ..ops.kvcache import DecodeLaunch
 from ..providers import KERNEL
 from ..version import op_version
 from . import table as _tables
-from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, Choice, key_or_none, kv_bucket,
-                    kv_shape, resolve)
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, TRAIN_OP, Choice, key_or_none,
+                    kv_bucket, kv_shape, resolve)
 from .table import MEMO_LIMIT, DispatchWarning, Table
 
 INTERPRETER_ARCH = "sm_80"  # the nominal arch of CPU tensors, which run under the Triton interpreter
@@ -63,6 +63,8 @@ class Plan:
     grouped: bool  # Hq != Hkv: the call must pass enable_gqa=True
     kernel: Config  # the kernel config to launch: the choice's, or its fallback when a backend won
     sdpa: str | None = None  # the SDPA backend to run instead of the kernel
+    # A training plan (`train_plan`): the backward config its pair decided; None: the op="bwd" table's.
+    bwd: Config | None = None
     # The compiled kernel kept for direct relaunch (kernel.ops.fwd.launch_cached), per return_lse;
     # filled on the plan's first launch. Not part of the plan's identity.
     launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -193,14 +195,48 @@ def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Pla
     return hit if hit is not None else _plan_miss(q, k, v, causal)
 
 
+def train_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
+    """The plan of a training call (inputs that require grad): the forward+backward pair stored for its
+    "train" key (a kernel pair, or an SDPA backend running both passes), by the rules above; where no
+    pair is tuned near the key, the forward's own plan (`plan`) with the backward from the op="bwd"
+    table (`bwd` None). Memoised per input signature like `plan`."""
+    try:
+        token = (TRAIN_OP, _signature(q, k, v, causal))
+        hit = _tables.current.memo.get(token)
+    except (AttributeError, RuntimeError):
+        token, hit = None, None
+    return hit if hit is not None else _train_miss(token, q, k, v, causal)
+
+
+def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool) -> Plan:
+    forward = plan(q, k, v, causal)  # validates the inputs
+    table = _tables.current
+    choice = _choose(table, q.device, forward.shape, causal, op=TRAIN_OP)
+    if choice.source in (EXACT, NEAREST):
+        _warn_stale(choice)
+        from ..ops.train import split_pair
+
+        pair = choice.kernel_config if choice.provider != KERNEL else choice.config
+        fwd_config, bwd_config = split_pair(pair)
+        sdpa = choice.provider if choice.provider != KERNEL else None
+        entry = dataclasses.replace(forward, choice=choice, kernel=fwd_config, sdpa=sdpa, bwd=bwd_config,
+                                    launchers={})
+    else:  # nothing tuned as a pair: the forward and backward tables, each on its own
+        entry = dataclasses.replace(forward, choice=dataclasses.replace(forward.choice, key=choice.key))
+    if token is not None:
+        _remember(table.memo, token, entry)
+    return entry
+
+
 def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     """The SDPA backend of this call's plan refused its inputs: later calls of the same signature run the
     kernel config stored beside the backend's win straight away, and `plan(...).sdpa` says so (what ran)."""
-    token = _signature(q, k, v, causal)
+    signature = _signature(q, k, v, causal)
     with _tables.lock:
-        entry = _tables.current.memo.get(token)
-        if entry is not None and entry.sdpa is not None:
-            _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None)
+        for token in (signature, (TRAIN_OP, signature)):  # the inference plan and the training plan
+            entry = _tables.current.memo.get(token)
+            if entry is not None and entry.sdpa is not None:
+                _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None)
 
 
 def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
@@ -255,9 +291,10 @@ def stored_config_failed(choice: Choice, error: BaseException) -> bool:
 
 def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
                   error: BaseException) -> Plan:
-    """Record that a stored config failed to compile here; the plan every call gets from now on."""
+    """Record that a stored config failed to compile here; the plan every call gets from now on (a training
+    plan when `choice` was a training pair's)."""
     _record_failure(q, check_inputs(q, k, v), causal, choice, error)
-    return _plan_miss(q, k, v, causal)
+    return train_plan(q, k, v, causal) if choice.op == TRAIN_OP else _plan_miss(q, k, v, causal)
 
 
 def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the da
 CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
 OP = "fwd"  # the op of `attention()`'s forward calls, and of lookup/explain unless told otherwise
 KV_OP = "kvcache"  # attention_kvcache's op
+TRAIN_OP = "train"  # a training call's forward+backward pair
 NEAREST_LIMIT = 2.0  # log2 units: how far from a tuned key the nearest rule still reaches
 _UNBUCKETED = 1.0  # distance charged for a winner without a bucket (schema 1)
 _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class

@@ -1,4 +1,4 @@
-"""The ops, each in its own module (fwd, bwd, kvcache), and the one registry that the dispatcher, the tuner
+"""The ops, each in its own module (fwd, bwd, kvcache, train), and the one registry that the dispatcher, the tuner
 and the exchange file's fit check read: each op's default config, shared-memory model and knob check.
 
 An op module holds everything the op needs at run time: its knobs and variants, its default config, its
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ...db.types import Config
 
-from . import bwd, fwd, kvcache
+from . import bwd, fwd, kvcache, train
 
 if TYPE_CHECKING:
     from ..checks import AttnShape
@@ -42,6 +42,10 @@ def _bwd_default(arch: str, shape: "AttnShape", smem_limit: int | None, sm_count
     return bwd.default_bwd_config(arch, shape.head_dim, shape.dtype, smem_limit)
 
 
+def _train_default(arch: str, shape: "AttnShape", smem_limit: int | None, sm_count: int | None) -> Config:
+    return train.default_train_config(arch, shape.head_dim, shape.dtype, smem_limit)
+
+
 def _kvcache_default(arch: str, shape: "AttnShape", smem_limit: int | None, sm_count: int | None) -> Config:
     # The split count depends on the call's sizes and the GPU's SM count (DEFAULT_SM_COUNT when planning).
     return kvcache.default_decode_config(shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
@@ -53,6 +57,7 @@ OPS: dict[str, Op] = {
     "fwd": Op("fwd", _fwd_default, fwd.estimate_smem, fwd.fwd_variant, overridable=True),
     "bwd": Op("bwd", _bwd_default, bwd.estimate_bwd_smem, bwd.bwd_knobs),
     "kvcache": Op("kvcache", _kvcache_default, kvcache.estimate_decode_smem, kvcache.decode_knobs),
+    "train": Op("train", _train_default, train.estimate_train_smem, train.train_knobs),
 }
 
 

@@ -15,7 +15,6 @@ import flashtune.tuner.gpu
 from flashtune.db.arch import smem_limit
 from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
-from flashtune.kernel import attention, record
 from flashtune.kernel.ops.bwd import default_bwd_config, estimate_bwd_smem
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
 from flashtune.kernel.testing import attention_flops, attention_reference
@@ -170,29 +169,6 @@ def test_tune_op_bwd_through_the_real_worker(stand_in_gpu, tmp_path):
     assert json.loads(plan.stdout)["keys"] == 2 * 2 * 3  # two ops x causal both ways x three buckets
     bad = CliRunner().invoke(main, ["tune", "--op", "fwd,back", "--dry-run", "--arch", "sm_90"])
     assert bad.exit_code == 2 and bad.output.startswith("Error: --op: unknown op 'back'")
-
-
-def test_training_records_the_bwd_key_and_tune_recorded_tunes_it(tmp_path, monkeypatch, kernel_device):
-    if kernel_device != "cpu":
-        pytest.skip("records the interpreter's key, which the sm_80 stand-in then tunes")
-    # 8 KB: only the default fits, one trial (the search itself is the test above's).
-    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu",
-                        lambda index=0: dataclasses.replace(STAND_IN, smem_limit=8192))
-    url = f"sqlite:///{tmp_path / 'rec.db'}"
-    monkeypatch.setattr(record, "ENABLED", True)
-    monkeypatch.setattr(record, "_counts", {})
-    q, k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(3))
-    attention(q, k, v).sum().backward()
-    counts = record.pending()
-    fwd = Key(INTERPRETER_ARCH, "fwd", 16, 16, "float32", False, batch_heads=1)
-    assert counts == {fwd: 1, dataclasses.replace(fwd, op="bwd"): 1}
-    assert record.flush(url) == 2
-    result = CliRunner().invoke(main, ["tune", "--recorded", "--op", "bwd", "--db", url, "--json"])
-    assert result.exit_code == 0, result.output
-    assert [k["key"] for k in json.loads(result.stdout)["keys"]] == ["sm_80/bwd/N=16/D=16/float32/full/BH=1"]
-    assert "skipping 1 recorded key(s) not for sm_80 bwd" in result.stderr
-    with Store.open(url, create=False) as store:
-        assert [w.key.op for w in store.winners("sm_80")] == ["bwd"]
 
 
 def test_show_export_and_import_carry_every_op(tmp_path):

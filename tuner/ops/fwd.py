@@ -133,6 +133,13 @@ def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
     return default_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
 
 
+def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key) -> torch.Tensor:
+    """SDPA's math attention in fp32 for `key`'s inputs. It has no GQA: each K/V head serves `key.group`
+    consecutive query heads (the kernel's and SDPA's enable_gqa mapping), so they are repeated up to Hq."""
+    rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
+    return fp32_reference(q, rk, rv, key.causal)  # with SDPA's default scale, the same as ours
+
+
 class KeyInputs(OpInputs):
     """A forward key's inputs (tuner.ops.inputs) and the torch SDPA (math, fp32) reference."""
 
@@ -140,11 +147,8 @@ class KeyInputs(OpInputs):
     against = "torch SDPA (fp32)"
 
     def compute_reference(self) -> torch.Tensor:
-        """SDPA's math attention in fp32. It has no GQA: each K/V head serves `group` consecutive query
-        heads (the kernel's and SDPA's enable_gqa mapping), so they are repeated up to Hq for it."""
-        group = self.key.group
-        rk, rv = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (self.k, self.v))
-        return fp32_reference(self.q, rk, rv, self.key.causal)  # with SDPA's default scale, the same as ours
+        """`fwd_reference` of the inputs."""
+        return fwd_reference(self.q, self.k, self.v, self.key)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an

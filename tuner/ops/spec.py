@@ -10,7 +10,7 @@ one entry of `tuner.ops.OPS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from ...db.types import Config, Key
 
@@ -58,7 +58,10 @@ class OpSpec:
     `build(key, batch_heads, device, seed, warm=False)` draws the benchmark inputs and reference
     (`workload`) or, with `warm`, the compile pool's inputs (`warm_workload`); `bytes(key, batch_heads)`:
     for a memory-bound op, the bytes one call must move, so that `tune` prints TB/s beside the
-    TFLOP/s column (None: compute-bound, no TB/s).
+    TFLOP/s column (None: compute-bound, no TB/s). An op composed of others (the training pair) names them
+    in `parts`: `tune` times a key's parts (the same key with each part's op) before the key itself, and
+    `compose(key, gpu, ranked)` builds the key's candidates from each part's tuned kernel configs, fastest
+    first (`ranked`: part op -> configs), in place of `space`.
     """
 
     name: str
@@ -69,6 +72,8 @@ class OpSpec:
     sdpa_providers: bool
     inputs: type["OpInputs"]
     bytes: Callable[[Key, int], int] | None = None
+    parts: tuple[str, ...] = ()
+    compose: Callable[[Key, "GpuInfo", Mapping[str, Sequence[Config]]], list[Config]] | None = None
 
     def smem(self, config: Config, head_dim: int, dtype: str, arch: str | None) -> int:
         """The op's shared-memory estimate of `config` (kernel.ops.OPS[name].smem)."""
