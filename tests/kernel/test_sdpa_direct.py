@@ -140,7 +140,8 @@ def test_direct_call_is_sdpa_pinned_bitwise(provider: str, dtype: torch.dtype, h
         decided = takes_direct(provider, *direct, causal)
         want, want_grads, refused = _run(run_pinned, provider, pinned, causal, scale, grad_out)
         got, got_grads, error = _run(run_sdpa, provider, direct, causal, scale, grad_out)
-        case = f"{provider} {dtype} D={head_dim} causal={causal} {layout} grad={grad} B,Hq,Hkv,Nq,Nk={b, hq, hkv, nq, nk}"
+        case = (f"{provider} {dtype} D={head_dim} causal={causal} {layout} grad={grad} "
+                f"B,Hq,Hkv,Nq,Nk={b, hq, hkv, nq, nk}")
         if refused is not None:
             assert is_refusal(refused), case
             assert error is not None and is_refusal(error) and not decided, case
