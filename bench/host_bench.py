@@ -40,7 +40,7 @@ way of a section once per round) and medians reported. Sections:
 The last table printed is the summary: per way, host µs/call and the ratio to its SDPA reference.
 
     python3 bench/host_bench.py --out bench/results/h100           # every section
-    python3 bench/host_bench.py --out bench/results/h100 --decode-only
+    python3 bench/host_bench.py --out bench/results/h100 --only routed   # or forward, decode
     TRITON_INTERPRET=1 python3 bench/host_bench.py --smoke --out /tmp/host_smoke   # CPU: runs end to end
 
 Writes <out>/host_bench.json (sections "forward", "routed", "decode", "decode_lengths", "summary").
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routed-kv", type=int, default=77, help="routed section: key/value length")
     parser.add_argument("--routed-heads", type=int, default=8, help="routed section: heads")
     parser.add_argument("--routed-head-dim", type=int, default=64, help="routed section: head dim")
-    parser.add_argument("--decode-only", action="store_true", help="only the decode sections")
+    parser.add_argument("--only", choices=("forward", "routed", "decode"), help="run one section (decode: both)")
+    parser.add_argument("--decode-only", action="store_true", help="the same as --only decode")
     parser.add_argument("--decode-calls", type=int, default=2000, help="decode steps per timed loop (Nk + 1 each)")
     parser.add_argument("--kv-start", type=int, default=1024, help="cache length of the first decode step")
     parser.add_argument("--decode-dtype", choices=DTYPE_NAMES, default="bf16")
@@ -90,20 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     out = out_dir(args.out)
     torch.set_grad_enabled(False)
+    only = "decode" if args.decode_only else args.only
     result: dict[str, Any] = {**provenance(), "smoke": bool(args.smoke)}
-    if not args.decode_only:
+    if only in (None, "forward"):
         result["forward"] = forward_section(args)
+    if only in (None, "routed"):
         result["routed"] = routed_section(args, out)
-    result["decode"] = decode_section(args)
-    result["decode_lengths"] = decode_lengths_section(args)
+    if only in (None, "decode"):
+        result["decode"] = decode_section(args)
+        result["decode_lengths"] = decode_lengths_section(args)
     result["summary"] = summary(result)
     write_json(out / "host_bench.json", result)
     print(f"\nwrote {out / 'host_bench.json'}")
-    if not args.decode_only:
+    if "forward" in result:
         print_forward(result["forward"], result)
+    if "routed" in result:
         print_routed(result["routed"], result)
-    print_decode(result["decode"], result)
-    print_decode_lengths(result["decode_lengths"])
+    if "decode" in result:
+        print_decode(result["decode"], result)
+        print_decode_lengths(result["decode_lengths"])
     print_summary(result["summary"])
     return 0
 
@@ -387,12 +393,13 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
             rows = [r for r in result["routed"]["rows"] if r["provider"] == provider]
             add("routed", rows, f"attention() -> {provider}", f"SDPA pinned {provider}")
             add("routed", rows, f"attention() -> {provider}", f"SDPA auto [{provider}]")
-    dec = result["decode"]["rows"]
-    add("decode", dec, "attention_kvcache", "torch SDPA")
-    add("decode", dec, "transformers wrapper", "torch SDPA")
-    lens = result["decode_lengths"]["rows"]
-    add("decode lengths", lens, "attention_kvcache(cache_seqlens)", "torch SDPA masked")
-    add("decode lengths", lens, "attention_kvcache(cache_seqlens, check_lengths=False)", "torch SDPA masked")
+    if "decode" in result:
+        dec = result["decode"]["rows"]
+        add("decode", dec, "attention_kvcache", "torch SDPA")
+        add("decode", dec, "transformers wrapper", "torch SDPA")
+        lens = result["decode_lengths"]["rows"]
+        add("decode lengths", lens, "attention_kvcache(cache_seqlens)", "torch SDPA masked")
+        add("decode lengths", lens, "attention_kvcache(cache_seqlens, check_lengths=False)", "torch SDPA masked")
     return lines
 
 
