@@ -213,12 +213,13 @@ def loop_times(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
     final synchronisation, so it is what the CPU spent issuing the calls."""
     import torch
 
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: a smoke run
+    sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     host = time.perf_counter() - t0
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     return host / calls * 1e6, wall / calls * 1e6
 
