@@ -12,14 +12,14 @@ For each model, in one process:
 1. record: prefill, greedy generation (decoders) and a training step with flashtune as the model's attention
    under FLASHTUNE_RECORD=1; the counts are flushed into `--db` (the dispatcher's keys: forward, backward,
    KV-cache decode);
-2. tune: `tune --recorded --db DB --op OPS --budget S` (a subprocess of the installed CLI; `--ops` defaults
-   to every op flashtune has);
+2. tune: `tune --recorded --db DB --op OP --budget S` (a subprocess of the installed CLI), one per recorded op
+   of `--ops` (default: every op flashtune has), `--budget` shared evenly between them;
 3. `dispatch.reload(DB)`, then interleaved rounds (flashtune, SDPA, flashtune, SDPA, ...) of each phase:
    `forward` (decoders: prefill, use_cache=False, logits_to_keep=1; encoders: the model's forward), captured
    into a CUDA graph per implementation where capture works (else eager for both, said in the table),
    `generate` (greedy, --set MODEL.new_tokens new tokens after a --set MODEL.prompt prompt, eager; the time is
-   the whole generate() call, its prompt's prefill included, and tokens/s counts the new tokens), and `train` (forward + loss.backward(),
-   no optimizer, eager).
+   the whole generate() call, its prompt's prefill included, and tokens/s counts the new tokens), and `train`
+   (forward + loss.backward(), no optimizer, eager).
 
 Per phase it reports the median over rounds of SDPA's time / flashtune's time (above 1: flashtune is faster)
 with the spread of those per-round ratios (min, max, quartiles), tokens/s of each, and what attention() ran
@@ -33,8 +33,9 @@ GPU (H100), about 1-2 minutes per model with the default sizes and `--budget 40`
     python3 bench/models.py --out bench/results/h100 --set gqa.layers=8 --set bert.batch=64 --no-tune
 
 CPU: `python3 bench/models.py --smoke --out /tmp/models-smoke` (TRITON_INTERPRET=1, fp32, tiny configs;
-tuning is skipped without a GPU, and said so). Writes <out>/models.json (and the database at
-<out>/models.db unless --db is given, tune logs <out>/tune_<model>.log); the table is printed last.
+tuning is skipped without a GPU, and said so). Writes <out>/models.json, each model's database
+<out>/models_<model>.db (unless --db names one for all) and the tune logs <out>/tune_<model>_<op>.log; the table
+is printed last.
 """
 from __future__ import annotations
 
@@ -457,7 +458,10 @@ def run_model(model: Model, size: Size, args: argparse.Namespace, out: Path, cud
     finally:
         record.ENABLED = False
     keys = record.pending()
-    written = record.flush(args.db)
+    db = args.db or f"sqlite:///{(out / f'models_{model.name}.db').resolve()}"
+    os.environ["FLASHTUNE_DB"] = db
+    result["db"] = db
+    written = record.flush(db)
     print(f"recorded {written} key(s): " + ", ".join(f"{op} {sum(1 for k in keys if k.op == op)}"
                                                      for op in sorted({k.op for k in keys})), flush=True)
 
@@ -468,14 +472,18 @@ def run_model(model: Model, size: Size, args: argparse.Namespace, out: Path, cud
         from flashtune.kernel.dispatch import INTERPRETER_ARCH
 
         print("no CUDA GPU: nothing is tuned (tune --dry-run lists the recorded keys it would tune)", flush=True)
-        planned = tune(args.db, args.ops, args.budget, out / f"tune_{model.name}.log",
+        planned = tune(db, args.ops, args.budget, out / f"tune_{model.name}.log",
                        ("--dry-run", "--arch", INTERPRETER_ARCH))
         result["tune"] = f"skipped: no CUDA GPU (tune --dry-run: exit {planned['exit']})"
     else:
-        result["tune"] = tune(args.db, args.ops, args.budget, out / f"tune_{model.name}.log")
+        # One tune per recorded op, the budget shared evenly: decode records a key per cache length, and
+        # most-called-first alone could spend the whole budget on them before the forward's keys.
+        ops = [op for op in args.ops if any(k.op == op for k in keys)]
+        result["tune"] = [tune(db, [op], args.budget / len(ops), out / f"tune_{model.name}_{op}.log")
+                          for op in ops] or "skipped: no keys of --ops recorded"
 
     # 3. reload, then time
-    dispatch.reload(args.db, interpreter=not cuda)
+    dispatch.reload(db, interpreter=not cuda)
     result["keys"] = key_choices(keys)
     result["keys_summary"] = key_summary(result["keys"])
     print(f"after reload: {result['keys_summary']}", flush=True)
@@ -517,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=str_list, default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
     parser.add_argument("--phases", type=str_list, default="forward,generate,train",
                         help="of forward, generate, train (generate: decoders only)")
-    parser.add_argument("--db", help="database URL to record into, tune and reload (default: sqlite:///OUT/models.db)")
-    parser.add_argument("--budget", type=float, default=40, help="tune --budget per model, seconds (default 40)")
+    parser.add_argument("--db", help="database URL every model records into, tunes and reloads (default: one SQLite "
+                                     "file per model, OUT/models_MODEL.db)")
+    parser.add_argument("--budget", type=float, default=40,
+                        help="tuning seconds per model (default 40), shared evenly by its recorded ops, one tune each")
     parser.add_argument("--ops", type=str_list, default=None,
                         help="tune --op: the recorded ops to tune (default: every op flashtune has)")
     parser.add_argument("--no-tune", action="store_true", help="time with whatever --db holds, without tuning")
@@ -544,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out)
-    args.db = args.db or f"sqlite:///{(out / 'models.db').resolve()}"
-    os.environ["FLASHTUNE_DB"] = args.db  # the dispatcher's first load, at import, reads it too
+    if args.db:
+        os.environ["FLASHTUNE_DB"] = args.db  # the dispatcher's first load, at import, reads it too
     interpreted = use_interpreter(args.smoke, even_with_gpu=True)
     import torch
 
@@ -582,7 +592,8 @@ def _tables(result: dict[str, Any], path: Path) -> None:
             rows.append([m["model"], phase, r["mode"].split(":")[0], r["sdpa_ms"], r["flashtune_ms"],
                          f"{r['ratio']:.3f}", f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}",
                          round(r["flashtune_tokens_per_s"]), ran_text(r.get("ran_captured", r["ran"]))])
-        tuned = m["tune"] if isinstance(m["tune"], str) else f"exit {m['tune']['exit']}, {m['tune']['seconds']:.0f} s"
+        tuned = m["tune"] if isinstance(m["tune"], str) else "; ".join(
+            f"{t['command'][t['command'].index('--op') + 1]} exit {t['exit']}, {t['seconds']:.0f} s" for t in m["tune"])
         keys.append([m["model"], len(m["keys"]), tuned, m["keys_summary"]])
     print(f"\n{result['gpu']}, torch {result['torch']}, Triton {result['triton']}, transformers "
           f"{result['transformers']}; {result['seconds']:.0f} s in all; wrote {path}")
