@@ -26,16 +26,18 @@ with the spread of those per-round ratios (min, max, quartiles), tokens/s of eac
 (the integration's kernel_counts / backend_counts / fallback_counts, from one eager call after the reload);
 per recorded key it reports the dispatcher's choice after tuning (a kernel config or an SDPA backend).
 
-GPU (H100), about 1-2 minutes per model with the default sizes and `--budget 40`:
+GPU (H100): about 1-2 minutes per model with the default sizes and `--budget 40` (6-8 minutes for all four);
+under a 10-minute limit per command, run the decoders and the encoders apart (each writes its own JSON):
 
-    python3 bench/models.py --out bench/results/h100 --budget 40
-    python3 bench/models.py --out bench/results/h100 --models gqa,mqa --budget 60 --rounds 9
-    python3 bench/models.py --out bench/results/h100 --set gqa.layers=8 --set bert.batch=64 --no-tune
+    python3 bench/models.py --out bench/results/h100/models --budget 40
+    python3 bench/models.py --out bench/results/h100/models --models gqa,mqa --budget 40
+    python3 bench/models.py --out bench/results/h100/models --models bert,vit --budget 40
+    python3 bench/models.py --out bench/results/h100/models --set gqa.layers=8 --rounds 9 --no-tune   # re-time
 
-CPU: `python3 bench/models.py --smoke --out /tmp/models-smoke` (TRITON_INTERPRET=1, fp32, tiny configs;
-tuning is skipped without a GPU, and said so). Writes <out>/models.json, each model's database
-<out>/models_<model>.db (unless --db names one for all) and the tune logs <out>/tune_<model>_<op>.log; the table
-is printed last.
+CPU: `python3 bench/models.py --smoke --out /tmp/models-smoke` (TRITON_INTERPRET=1, fp32, tiny configs; nothing
+is tuned without a GPU, said so, and `tune --dry-run` lists the keys instead). Writes <out>/models.json (with
+--models a subset: <out>/models_<a>-<b>.json), each model's database <out>/models_<model>.db (unless --db names
+one for all; --no-tune re-times with it) and the tune logs <out>/tune_<model>_<op>.log; the table is printed last.
 """
 from __future__ import annotations
 
@@ -573,11 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result: dict[str, Any] = {**provenance(), "transformers": transformers.__version__, "db": args.db,
                               "options": {k: v for k, v in vars(args).items() if k != "out"}, "models": []}
+    # a run of some of the models does not overwrite another's file in the same folder
+    name_json = "models.json" if args.models == list(MODELS) else f"models_{'-'.join(args.models)}.json"
     for name in args.models:
         result["models"].append(run_model(MODELS[name], sizes[name], args, out, cuda))
-        write_json(out / "models.json", result)  # after every model: a killed run keeps the finished ones
+        write_json(out / name_json, result)  # after every model: a killed run keeps the finished ones
     result["seconds"] = time.perf_counter() - started
-    path = write_json(out / "models.json", result)
+    path = write_json(out / name_json, result)
     _tables(result, path)
     return 0
 
