@@ -198,11 +198,19 @@ class _TuneProgress:
         if self._bar is not None:
             w = result.winner
             best = f"{w.config} {w.median_ms:.3f} ms" if w is not None else "no winner"
-            self._bar.item_done(f"{result.key}: {best}; {result.new_trials} new, {result.skipped} stored")
+            if w is None and result.outcomes.get("out_of_memory"):
+                best += " (out of memory)"
+            self._bar.item_done(f"{result.key}: {best}; {result.new_trials} new, {result.skipped} stored"
+                                + _shrunk_note(result.batch_heads, result.shrunk_from))
 
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _shrunk_note(batch_heads: int, shrunk_from: int | None) -> str:
+    """What a key's line says when the bench ran it on fewer sequences than its bucket (free memory)."""
+    return "" if shrunk_from is None else f"; ran at B·Hq {batch_heads} of {shrunk_from} (GPU memory)"
 
 
 def _tbps(key: Key, batch_heads: int, ms: float | None) -> float | None:
@@ -217,7 +225,7 @@ def _summary(results: Sequence[Any]) -> dict[str, Any]:
     rows = []
     for r in results:
         w = r.winner
-        rows.append({**_key_fields(r.key), "bench_batch_heads": r.batch_heads,
+        rows.append({**_key_fields(r.key), "bench_batch_heads": r.batch_heads, "shrunk_from": r.shrunk_from,
                      "winner": str(w.config) if w else None, "provider": r.provider,
                      "default_won": w is not None and w.config == r.default_config,
                      "kernel_config": str(r.kernel_config) if r.kernel_config else None,
@@ -235,10 +243,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
             return "-"
         return "default" if r["default_won"] else r["winner"] if r["provider"] == "kernel" else r["provider"]
 
-    rows = [[r["key"] + ("" if r["complete"] else " (partial)"), winner(r), fmt_num(r["median_ms"], ".4f"),
-             fmt_num(r["tflops"], ".1f"), r["default"], fmt_num(r["speedup"], ".2f")]
+    def key(r: dict[str, Any]) -> str:
+        shrunk = f" (B·Hq {r['bench_batch_heads']})" if r.get("shrunk_from") else ""
+        return r["key"] + shrunk + ("" if r["complete"] else " (partial)")
+
+    def noise(r: dict[str, Any]) -> str:
+        return "-" if r.get("noise") is None else f"{100 * r['noise']:.1f}%"
+
+    rows = [[key(r), winner(r), fmt_num(r["median_ms"], ".4f"), fmt_num(r["tflops"], ".1f"), r["default"],
+             fmt_num(r["speedup"], ".2f"), noise(r)]
             for r in summary["keys"]]
-    headers, right = ["key", "winner", "ms", "TFLOP/s", "default", "speed-up"], ["ms", "TFLOP/s", "speed-up"]
+    headers = ["key", "winner", "ms", "TFLOP/s", "default", "speed-up", "noise"]
+    right = ["ms", "TFLOP/s", "speed-up", "noise"]
     if any(r.get("tbps") for r in summary["keys"]):  # memory-bound ops (decode): bandwidth is the figure
         headers.insert(4, "TB/s")
         right.append("TB/s")

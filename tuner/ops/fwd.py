@@ -144,7 +144,8 @@ class KeyInputs(OpInputs):
         heads (the kernel's and SDPA's enable_gqa mapping), so they are repeated up to Hq for it."""
         group = self.key.group
         rk, rv = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (self.k, self.v))
-        return fp32_reference(self.q, rk, rv, self.key.causal)  # with SDPA's default scale, the same as ours
+        # With SDPA's default scale, the same as ours.
+        return fp32_reference(self.q, rk, rv, self.key.causal, max_bytes=self.reference_bytes)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
