@@ -223,7 +223,7 @@ class Tuner:
 
     def run(self, keys: Iterable[Key], *, keep_order: bool = False) -> list[KeyResult]:
         """Tune `keys` in tuning order (or in the order given, with `keep_order`: `tune --recorded`
-        tunes the most-called first); returns one result per key reached (all of them unless stopped)."""
+        tunes the largest share of the app's attention time first); returns one result per key reached (all of them unless stopped)."""
         ordered = list(dict.fromkeys(keys)) if keep_order else tuning_order(keys)
         self.progress.start(self.plan_counts(ordered))
         results: list[KeyResult] = []
