@@ -22,7 +22,9 @@ _DTYPE_ALIASES: dict[str, str] = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
 }
 OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache", "train")  # forward, backward, split-KV decode, training pair
-OUTCOMES: tuple[str, ...] = ("ok", "out_of_resources", "compile_error", "wrong_result", "crashed", "timeout")
+# out_of_memory: the key's workload (inputs, reference) or the candidate's launch did not fit the GPU's free memory.
+OUTCOMES: tuple[str, ...] = ("ok", "out_of_resources", "compile_error", "wrong_result", "crashed", "timeout",
+                             "out_of_memory")
 # flash_attn's rule: every multiple of 8 up to 256. The kernels run each through a power-of-two tile
 # of at least 16 columns (kernel.ops.common.padded_head_dim) and mask the rest.
 HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,16 @@ def fp32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     """softmax(QKᵀ/√D [+ causal mask])·V by torch SDPA's math backend on fp32 copies, (B, H, N, D).
 
     Computed a few (batch, head) slices at a time, so a long sequence never needs the whole
-    B·H·N·N score tensor at once.
+    B·H·N·N score tensor at once; when one slice's N×N scores alone exceed `max_bytes` (a 64k
+    prefill: 16 GiB each), a few query rows at a time (`query_rows`).
     """
     b, h, n, d = q.shape
     nk = k.shape[2]
     if max_bytes is None:
         max_bytes = REFERENCE_BYTES.get(q.device.type, REFERENCE_BYTES["cpu"])
-    chunk = max(1, max_bytes // (MATH_SCORE_COPIES * n * nk * 4))
+    per_row = MATH_SCORE_COPIES * nk * 4
+    chunk = max(1, max_bytes // (per_row * n))
+    rows = min(n, max(1, max_bytes // per_row))
     qf, kf, vf = (x.flatten(0, 1) for x in (q, k, v))
     out = torch.empty(b * h, n, d, dtype=torch.float32, device=q.device)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,9 +78,29 @@ def fp32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     with sdpa_kernel(SDPBackend.MATH):
         for lo in range(0, b * h, chunk):
             hi = min(lo + chunk, b * h)
-            out[lo:hi] = F.scaled_dot_product_attention(qf[lo:hi].float(), kf[lo:hi].float(),
-                                                        vf[lo:hi].float(), is_causal=causal)
+            kc, vc = kf[lo:hi].float(), vf[lo:hi].float()
+            for r0, r1, mask in query_rows(n, nk, rows, causal, q.device):
+                out[lo:hi, r0:r1] = F.scaled_dot_product_attention(qf[lo:hi, r0:r1].float(), kc, vc, attn_mask=mask,
+                                                                   is_causal=causal and mask is None)
     return out.view(b, h, n, d)
+
+
+def query_rows(n: int, nk: int, rows: int, causal: bool, device: torch.device
+               ) -> Iterator[tuple[int, int, torch.Tensor | None]]:
+    """The query-row blocks [r0, r1) of `rows` rows an N×Nk reference is computed in, each with the
+    boolean mask SDPA needs for it: None for one block (then SDPA's own is_causal applies) or when
+    not causal; else the top-left causal mask of those rows (query r0 + i sees keys j <= r0 + i).
+    Softmax is per row, so the blocks' outputs (and gradients) are exactly the whole one's. A
+    generator: one block's mask exists at a time."""
+    if rows >= n:
+        yield 0, n, None
+        return
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        mask = None
+        if causal:
+            mask = torch.arange(nk, device=device)[None, :] <= torch.arange(r0, r1, device=device)[:, None]
+        yield r0, r1, mask
 
 
 def output_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

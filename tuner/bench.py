@@ -9,10 +9,18 @@ compiles it, or, when the worker's compile pool (tuner.compile_pool) compiled it
 it from Triton's cache; first launches of a batch run in threads, which overlap the LLVM and ptxas
 steps (they release the GIL) but not Triton's Python and MLIR stages: hence the pool's processes.
 Either way the first launch here decides the trial's outcome.
+
+Each key's workload is sized to the device's free memory (`fit_workload`): the batch B of B·Hq
+shrinks until two workloads (the careful pass's second input lives beside the first) fit, and the
+reference is computed in chunks of what is left. A key that cannot fit even at B = 1, or whose
+workload runs out of memory anyway, gets an `out_of_memory` trial for every config asked for; the
+run goes on with the next key.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
@@ -22,7 +30,7 @@ import torch
 from ..db.types import Config, Key
 from ..kernel.providers import KERNEL, provider_of
 from ..kernel.sdpa import is_refusal
-from ..kernel.testing import tflops as rate
+from ..kernel.testing import REFERENCE_BYTES, tflops as rate
 from ..kernel.errors import is_sticky_cuda_error, launch_failure, trial_error_text
 
 from .measure import Measurement
@@ -35,6 +43,60 @@ FILL_TOKENS = 1 << 17  # B·H·N of the default benchmark input: enough work for
 FILL_WAVES = 2  # at least this many waves of programs for the largest query tile (256)
 QUICK = (2, 5)  # (warm-up, repetitions) of the first pass
 CAREFUL = (10, 50)  # of the careful timing of the survivors
+# Of the free memory, what a key's workloads may hold: the rest is for the kernels' scratch, SDPA
+# backends' own buffers and the allocator's slack.
+MEMORY_FRACTION = 0.85
+WORKLOADS = 2  # workloads alive at once: the careful pass revalidates on a second input beside the first
+REFERENCE_MIN_BYTES = 64 << 20  # the least chunk budget a reference is left; below it the key does not fit
+MEMORY_ENV = "FLASHTUNE_BENCH_MEMORY"  # bytes: the free memory a LocalBench assumes instead of asking the device
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: only the CUDA one
+
+
+class DoesNotFit(RuntimeError):
+    """A key's workload does not fit the free memory even with its batch cut to one sequence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """How a key's workload is sized: the B·Hq it runs and the reference's chunk budget (None: no limit)."""
+
+    batch_heads: int
+    reference_bytes: int | None
+
+
+def fit_workload(key: Key, batch_heads: int, free_bytes: int | None, device_type: str = "cuda") -> Fit:
+    """The largest batch B' <= B (B·Hq = `batch_heads`, split by the key's op inputs) whose WORKLOADS
+    workloads (OpInputs.footprint) and a reference chunk of REFERENCE_MIN_BYTES fit MEMORY_FRACTION of
+    `free_bytes`, with Hq kept; the reference gets what is left (at most REFERENCE_BYTES). None free
+    bytes: no limit. DoesNotFit, naming the bytes, when even B' = 1 does not fit."""
+    if free_bytes is None:
+        return Fit(batch_heads, None)
+    inputs = spec_of(key).inputs
+    usable = int(free_bytes * MEMORY_FRACTION)
+    budget = REFERENCE_BYTES.get(device_type, REFERENCE_BYTES["cpu"])
+    batch, heads_q, _ = inputs.sizes(key, batch_heads)
+    held = 0
+    for b in range(batch, 0, -1):  # footprint is linear in B: the first that fits is the largest
+        bh = batch_heads if b == batch else b * heads_q
+        held = WORKLOADS * inputs.footprint(key, bh)
+        if held + REFERENCE_MIN_BYTES <= usable:
+            return Fit(bh, min(budget, usable - held))
+    raise DoesNotFit(f"out of memory: the workload needs {_gib(held + REFERENCE_MIN_BYTES)} GiB even at batch 1 "
+                     f"(B·Hq {heads_q}), {_gib(free_bytes)} GiB free")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.3g}"
+
+
+def memory_limit_from_env() -> int | None:
+    """FLASHTUNE_BENCH_MEMORY (bytes) if set; ValueError naming it for anything but a positive integer."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{MEMORY_ENV}={text!r}: expected a positive number of bytes")
+    return int(text)
 
 
 def fill_batch_heads(seq_len: int, sm_count: int) -> int:
@@ -50,8 +112,11 @@ def tflops(key: Key, batch_heads: int, ms: float) -> float:
 
 
 def classify_compile_error(error: BaseException) -> str:
-    """The trial outcome for an exception raised by a config's first launch: kernel.errors'
-    classification, and `compile_error` for anything else (the config did not produce a result)."""
+    """The trial outcome for an exception raised by a config's first launch: `out_of_memory` for
+    torch's out-of-memory error, kernel.errors' classification, and `compile_error` for anything else
+    (the config did not produce a result)."""
+    if isinstance(error, OutOfMemory):
+        return "out_of_memory"
     return launch_failure(error) or "compile_error"
 
 
@@ -60,33 +125,66 @@ class LocalBench:
 
     A sticky CUDA error is reported as a `crashed` measurement and then re-raised as CudaContextLost
     so that the owner (the worker) can replace the process. `workload(key, batch_heads, device, seed)`
-    draws a key's inputs and reference (default: the key's op spec, tuner.ops); tests pass one that
-    wraps the op's, e.g. to give a config's launches a fault.
+    draws a key's inputs and reference, the reference in chunks of at most `reference_bytes`
+    (default: the key's op spec, tuner.ops); tests pass one that wraps the op's, e.g. to give a
+    config's launches a fault. `memory_bytes`: the free memory to size workloads by (`fit_workload`)
+    instead of the device's (torch.cuda.mem_get_info; none on the CPU); default: FLASHTUNE_BENCH_MEMORY.
     """
 
     def __init__(self, device: torch.device | str, *, compile_threads: int = 1, seed: int = 0,
                  quick: tuple[int, int] = QUICK, careful: tuple[int, int] = CAREFUL,
-                 workload: Callable[[Key, int, torch.device, int], Workload] | None = None) -> None:
+                 workload: Callable[..., Workload] | None = None, memory_bytes: int | None = None) -> None:
         self.device = torch.device(device)
         self.compile_threads = max(1, compile_threads)
         self.seed = seed
         self.quick, self.careful = quick, careful
+        self.memory_bytes = memory_bytes if memory_bytes is not None else memory_limit_from_env()
         self._inputs: Workload | None = None
+        self._asked: tuple[Key, int] | None = None  # the (key, B·Hq) `_inputs` were sized for
+        self._fit = Fit(0, None)
         self._make_workload = workload
         self._flush = l2_flush_buffer(self.device) if self.device.type == "cuda" else None
 
     def _workload(self, key: Key, batch_heads: int, seed: int) -> Workload:
+        budget = self._fit.reference_bytes
         if self._make_workload is not None:
-            return self._make_workload(key, batch_heads, self.device, seed)
-        return spec_of(key).workload(key, batch_heads, self.device, seed)
+            return self._make_workload(key, batch_heads, self.device, seed, reference_bytes=budget)
+        return spec_of(key).workload(key, batch_heads, self.device, seed, reference_bytes=budget)
+
+    def _free_bytes(self) -> int | None:
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return None
+
+    def _release(self) -> None:
+        """Drop the current workload and hand its memory back to the device."""
+        self._inputs, self._asked = None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _inputs_for(self, key: Key, batch_heads: int) -> Workload:
-        current = self._inputs
-        if current is None or current.key != key or current.batch_heads != batch_heads:
-            self._inputs = None  # free the previous key's tensors before allocating the next
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._inputs = self._workload(key, batch_heads, self.seed)
+        """The key's workload at `batch_heads`, or at a smaller batch when the free memory asks for it
+        (`fit_workload`; halved again on an out-of-memory error while drawing it). DoesNotFit when
+        even one sequence does not fit."""
+        if self._inputs is not None and self._asked == (key, batch_heads):
+            return self._inputs
+        self._release()  # free the previous key's tensors before measuring what is free
+        self._fit = fit_workload(key, batch_heads, self._free_bytes(), self.device.type)
+        while True:
+            try:
+                self._inputs = self._workload(key, self._fit.batch_heads, self.seed)
+                break
+            except OutOfMemory as error:
+                self._release()
+                batch, heads_q, _ = spec_of(key).inputs.sizes(key, self._fit.batch_heads)
+                if batch == 1:
+                    raise DoesNotFit(f"out of memory drawing the workload at batch 1: {trial_error_text(error)}"
+                                     ) from error
+                budget = self._fit.reference_bytes
+                self._fit = Fit(batch // 2 * heads_q, budget // 2 if budget is not None else None)
+        self._asked = (key, batch_heads)
         return self._inputs
 
     def _first_launch(self, inputs: Workload, config: Config) -> tuple[Any, float, BaseException | None]:
@@ -101,8 +199,27 @@ class LocalBench:
                 careful: bool) -> Iterator[Measurement]:
         """Compile, validate and time `configs`. The first pass times each config as it comes; the
         careful pass times all valid configs together, repetitions interleaved (see median_ms_each),
-        the first one twice: its Measurement carries the pass's `noise`."""
+        the first one twice: its Measurement carries the pass's `noise`. Run on a smaller batch than
+        `batch_heads` (the free memory's), each Measurement says which (`batch_heads`); a key that does
+        not fit, or runs out of memory outside a config's own launch, gives every config not yet
+        measured an `out_of_memory` Measurement with the reason."""
+        done: set[Config] = set()
+        try:
+            for m in self._measure(key, batch_heads, configs, careful=careful):
+                done.add(m.config)
+                ran = self._fit.batch_heads
+                yield dataclasses.replace(m, batch_heads=ran) if ran != batch_heads else m
+        except (DoesNotFit, OutOfMemory) as error:
+            text = str(error) if isinstance(error, DoesNotFit) else f"out of memory: {trial_error_text(error)}"
+            self._release()
+            for config in dict.fromkeys(configs):
+                if config not in done:
+                    yield Measurement(config, "out_of_memory", error=text)
+
+    def _measure(self, key: Key, batch_heads: int, configs: Sequence[Config], *,
+                 careful: bool) -> Iterator[Measurement]:
         inputs = self._inputs_for(key, batch_heads)
+        batch_heads = self._fit.batch_heads
         warmup, reps = self.careful if careful else self.quick
         ready: list[tuple[Config, float]] = []
         for config, out, compile_s, error in self._first_launches(inputs, configs):
@@ -142,6 +259,10 @@ class LocalBench:
                 except Exception as error:  # noqa: BLE001 - it ran on the first input: any failure now is wrong
                     if is_sticky_cuda_error(error):
                         raise CudaContextLost([config], error) from error
+                    if isinstance(error, OutOfMemory):
+                        yield Measurement(config, "out_of_memory", compile_s=compile_s,
+                                          error=f"second input: {trial_error_text(error)}")
+                        continue
                     yield Measurement(config, "wrong_result", compile_s=compile_s,
                                       error=f"second input: {trial_error_text(error)}")
                     continue
@@ -212,7 +333,7 @@ class LocalBench:
             raise
 
     def close(self) -> None:
-        self._inputs = None
+        self._inputs, self._asked = None, None
         self._flush = None
 
 

@@ -21,7 +21,10 @@ persistent, resumable tuner adds:
 - every trial is stored (one commit each) as soon as its final measurement is known, so an
   interrupted run loses at most the survivors of the key in flight; a second run skips every
   config already stored for the same key, kernel version and GPU;
-- the stop check (Ctrl-C, the time budget) runs after every trial.
+- the stop check (Ctrl-C, the time budget) runs after every trial;
+- a key whose workload does not fit the GPU's free memory at its bucket's batch runs at the
+  smaller batch the bench chose (`KeyResult.shrunk_from`), or, when not even one sequence fits,
+  has `out_of_memory` trials and no winner: the run goes on with the next key.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ class KeyResult:
     """What tuning one key produced (this run and earlier runs of the same kernel on the same GPU)."""
 
     key: Key
-    batch_heads: int
+    batch_heads: int  # B·Hq of the benchmark inputs (what the bench ran)
     default_config: Config
     winner: TrialRecord | None = None
     default_ms: float | None = None
@@ -83,6 +86,14 @@ class KeyResult:
     complete: bool = False
     winner_stored: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
+    shrunk_from: int | None = None  # B·Hq asked for when the GPU's free memory made the bench run fewer
+
+    def ran_on(self, m: Measurement) -> int:
+        """The B·Hq `m` was measured on; a smaller one than asked is remembered as this key's."""
+        if m.batch_heads is not None and m.batch_heads != self.batch_heads:
+            self.shrunk_from = self.shrunk_from or self.batch_heads
+            self.batch_heads = m.batch_heads
+        return self.batch_heads
 
     @property
     def speedup(self) -> float | None:
@@ -212,7 +223,7 @@ class Tuner:
 
     def run(self, keys: Iterable[Key], *, keep_order: bool = False) -> list[KeyResult]:
         """Tune `keys` in tuning order (or in the order given, with `keep_order`: `tune --recorded`
-        tunes the most-called first); returns one result per key reached (all of them unless stopped)."""
+        tunes the largest share of the app's attention time first); returns one result per key reached (all of them unless stopped)."""
         ordered = list(dict.fromkeys(keys)) if keep_order else tuning_order(keys)
         self.progress.start(self.plan_counts(ordered))
         results: list[KeyResult] = []
@@ -236,6 +247,7 @@ class Tuner:
 
     def _record(self, key: Key, bh: int, m: Measurement, result: KeyResult,
                 stored: dict[Config, TrialRecord]) -> TrialRecord:
+        bh = result.ran_on(m)  # the rate of the batch the bench ran
         rate = tflops(key, bh, m.median_ms) if m.outcome == "ok" and m.median_ms else None
         trial = self.store.record_trial(self.run_id, key, m.config, m.outcome, median_ms=m.median_ms,
                                         tflops=rate, compile_s=m.compile_s, error=m.error,
@@ -252,8 +264,10 @@ class Tuner:
         ranking = self._rankings.get(sibling_class(key))
         result.narrowed = ranking is not None
         kernel, providers = self._candidates(key, seeds, ranking)
-        todo = [c for c in kernel if c not in stored]
-        todo_providers = [p for p in providers if p not in stored]
+        # Memory depends on what else holds the GPU: an earlier run's out_of_memory is tried again.
+        retry = {c for c, t in stored.items() if t.outcome == "out_of_memory"}
+        todo = [c for c in kernel if c not in stored or c in retry]
+        todo_providers = [p for p in providers if p not in stored or p in retry]
         result.skipped = len(kernel) + len(providers) - len(todo) - len(todo_providers)
         if not todo and not todo_providers and self._winner(key) is not None:
             return self._finish_key(result, stored, timed=None, finished=True)  # an earlier run did it all
@@ -287,7 +301,7 @@ class Tuner:
         careful = [c for c in ranked if quick[c] <= cutoff * best][:self.settings.careful_top]
         if result.default_config in quick:
             careful = [result.default_config, *(c for c in careful if c != result.default_config)]
-        careful += [p for p in providers if p not in stored or stored[p].outcome == "ok"]
+        careful += [p for p in providers if p not in stored or stored[p].outcome in ("ok", "out_of_memory")]
         for config, m in survivors.items():
             if config not in careful:
                 self._record(key, bh, m, result, stored)

@@ -24,6 +24,9 @@ class Measurement:
     # Careful pass only, on the config timed twice as two interleaved entries (the first of the
     # batch: the loop puts the default there): |t1 − t2| / min(t1, t2), the pass's relative noise.
     noise: float | None = None
+    # B·Hq the bench really ran when the GPU's free memory made it shrink the key's batch (tuner.bench);
+    # None: the B·Hq asked for.
+    batch_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

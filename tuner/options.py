@@ -8,13 +8,16 @@ with it (a group larger than every bucket, no recorded keys, GPUs or a job that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 
 from ..db.types import Key
 
 from .fleet.gpus import compile_share
+
+if TYPE_CHECKING:
+    from .priority import Ranked
 
 
 class TuneError(Exception):
@@ -81,8 +84,8 @@ class TuneOptions:
                          self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens)
 
     def keys(self, arch: str) -> list[Key]:
-        """The keys to tune on `arch`: the recorded ones, most-called first (then tuned in that order),
-        or the grid's."""
+        """The keys to tune on `arch`: the recorded ones, the largest estimated share of the app's
+        attention time first (then tuned in that order: tuner.priority), or the grid's."""
         return recorded_keys(self.db_url, arch, self.ops) if self.recorded else self.grid(arch)
 
     def run_args(self) -> dict[str, Any]:
@@ -125,21 +128,32 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
 
 
 def recorded_keys(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",)) -> list[Key]:
-    """The keys of `ops` the database has recorded for `arch`, most-called first (Store.recorded). Keys
-    of other archs and other ops are skipped with a note on stderr; none left is a TuneError."""
+    """The keys of `ops` the database has recorded for `arch`, the largest estimated share of the app's
+    attention time first (`recorded_ranking`)."""
+    return [r.key for r in recorded_ranking(db_url, arch, ops)]
+
+
+def recorded_ranking(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",)) -> list["Ranked"]:
+    """The recorded keys of `ops` for `arch` (Store.recorded) with their calls and estimated share of
+    the attention time, largest first (tuner.priority). Keys of other archs and other ops are skipped
+    with a note on stderr; none left is a TuneError."""
     from ..db.errors import StoreError
     from ..db.store import Store
+    from .priority import by_attention_time
 
     try:
         with Store.open(db_url, create=False) as store:
             recorded = store.recorded()
     except (StoreError, ValueError) as error:
         raise TuneError(error) from None
-    keys, other = [], []
+    entries, other = [], []
     for entry in recorded:
-        (keys if entry.key.arch == arch and entry.key.op in ops else other).append(entry.key)
+        if entry.key.arch == arch and entry.key.op in ops:
+            entries.append((entry.key, entry.calls))
+        else:
+            other.append(entry.key)
     what = f"{arch} {','.join(ops)}"
-    if not keys:
+    if not entries:
         raise TuneError(f"--recorded: no recorded {what} keys in the database ({len(other)} of other archs "
                         "or ops); run the app with FLASHTUNE_RECORD=1 on this GPU first")
     if other:
@@ -147,4 +161,4 @@ def recorded_keys(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",)) 
         unselected = sorted({k.op for k in other if k.arch == arch})
         hint = f" (--op {','.join([*ops, *unselected])} tunes those of {arch} too)" if unselected else ""
         click.echo(f"note: skipping {len(other)} recorded key(s) not for {what}: {shown}{hint}", err=True)
-    return list(dict.fromkeys(keys))
+    return by_attention_time(entries)

@@ -225,8 +225,8 @@ def test_a_config_right_on_the_first_input_only_is_a_wrong_result_and_never_wins
     stale = SMALL[1]
     kept: dict[str, tuple] = {}
 
-    def workload(k, batch_heads, device, seed):
-        real = spec_of(k).workload(k, batch_heads, device, seed)
+    def workload(k, batch_heads, device, seed, **sizing):
+        real = spec_of(k).workload(k, batch_heads, device, seed, **sizing)
         launch = real.run
 
         def run(config, out=None):

@@ -156,6 +156,9 @@ def test_tune_through_the_real_worker_stores_the_winner_and_resumes(stand_in_gpu
     default_ms, winner_ms = by_config[key["default"]].median_ms, by_config[key["winner"]].median_ms
     assert key["default_ms"] == default_ms and key["median_ms"] == winner_ms == winner.median_ms > 0
     assert key["speedup"] == pytest.approx(default_ms / winner_ms, rel=1e-9)
+    # The careful pass's noise (the default timed twice, at least the 1 % floor), per key.
+    assert isinstance(key["noise"], float) and key["noise"] >= 0.01
+    assert key["shrunk_from"] is None and key["bench_batch_heads"] == 1
     if key["default_won"]:
         assert key["winner"] == key["default"] and key["speedup"] == 1.0
     else:  # a candidate wins only by beating the default by more than the measured noise
@@ -172,6 +175,7 @@ def test_tune_through_the_real_worker_stores_the_winner_and_resumes(stand_in_gpu
     assert table.exit_code == 0
     shown = "default" if key["default_won"] else key["winner"] if key["provider"] == "kernel" else key["provider"]
     assert "geomean speed-up over the default config: " in table.stdout and shown in table.stdout
+    assert "noise" in table.stdout.splitlines()[0]
 
 
 def test_kernel_only_times_no_sdpa_backend(stand_in_gpu, tmp_path):

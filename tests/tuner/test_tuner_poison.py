@@ -52,8 +52,8 @@ class HalfWriting:
         return self.inner.buffers()
 
 
-def half_writing(key: Key, batch_heads: int, device: torch.device, seed: int) -> HalfWriting:
-    return HalfWriting(spec_of(key).workload(key, batch_heads, device, seed))
+def half_writing(key: Key, batch_heads: int, device: torch.device, seed: int, **sizing: Any) -> HalfWriting:
+    return HalfWriting(spec_of(key).workload(key, batch_heads, device, seed, **sizing))
 
 
 @pytest.mark.parametrize("op, seq_q", [("fwd", 32), ("bwd", 32), ("kvcache", 4)])

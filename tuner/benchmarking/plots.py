@@ -22,7 +22,8 @@ METRICS: dict[str, str] = {
     "tflops": "TFLOP/s",
 }
 _OUTCOME_SHORT = {"out_of_resources": "OOR", "compile_error": "compile\nerror", "wrong_result": "wrong",
-                  "crashed": "crash", "timeout": "timeout"}
+                  "crashed": "crash", "timeout": "timeout",
+                  "out_of_memory": "OOM"}
 
 
 class PlotDependencyError(ImportError):

@@ -79,8 +79,10 @@ def _dry_run(options: TuneOptions) -> None:
     if options.recorded:
         if options.arch is None:
             raise CliError("--recorded --dry-run: give --arch (e.g. --arch sm_90) to plan recorded keys")
-        keys = options.keys(options.arch)
-        _plan_recorded(_planned_gpu(options.arch), keys, options)
+        from ..options import recorded_ranking
+
+        _plan_recorded(_planned_gpu(options.arch), recorded_ranking(options.db_url, options.arch, options.ops),
+                       options)
         return
     keys_count = len(options.grid("sm_90"))
     _plan_grid(_planned_gpu(options.arch), keys_count, options)
@@ -156,22 +158,26 @@ def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
                        right=["smem KB"])
 
 
-def _plan_recorded(gpu: Any, keys: Sequence[Key], options: TuneOptions) -> None:
-    """Each recorded key with the number of its kernel configs and providers on `gpu`."""
+def _plan_recorded(gpu: Any, ranking: Sequence[Any], options: TuneOptions) -> None:
+    """Each recorded key, in the order `tune --recorded` tunes them (tuner.priority: the largest
+    estimated share of the app's attention time first), with its calls, that share and the number of
+    its kernel configs and providers on `gpu`."""
     from ..session import key_providers, session_space
 
     _, providers = _planned_providers(options)
-    rows = [{**_key_fields(k), "kernel_configs": len(session_space(k, gpu)),
-             "providers": len(key_providers(k, options.kernel_only))} for k in keys]
+    rows = [{**_key_fields(r.key), "calls": r.calls, "time_share": r.share,
+             "kernel_configs": len(session_space(r.key, gpu)),
+             "providers": len(key_providers(r.key, options.kernel_only))} for r in ranking]
     if options.as_json:
         echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": len(rows),
                    "providers": providers, "recorded": rows})
         return
-    click.echo(f"{gpu.arch} ({gpu.name}): {len(rows)} recorded keys, most-called first; "
-               f"SDPA providers: {', '.join(providers) or 'none'}")
-    echo_table(["key", "kernel configs", "providers"],
-               [[r["key"], str(r["kernel_configs"]), str(r["providers"])] for r in rows],
-               right=["kernel configs", "providers"])
+    click.echo(f"{gpu.arch} ({gpu.name}): {len(rows)} recorded keys, the largest estimated share of the "
+               f"attention time first; SDPA providers: {', '.join(providers) or 'none'}")
+    echo_table(["key", "calls", "time share", "kernel configs", "providers"],
+               [[r["key"], str(r["calls"]), f"{100 * r['time_share']:.1f}%", str(r["kernel_configs"]),
+                 str(r["providers"])] for r in rows],
+               right=["calls", "time share", "kernel configs", "providers"])
 
 
 def _key_fields(key: Key) -> dict[str, Any]:
@@ -198,11 +204,19 @@ class _TuneProgress:
         if self._bar is not None:
             w = result.winner
             best = f"{w.config} {w.median_ms:.3f} ms" if w is not None else "no winner"
-            self._bar.item_done(f"{result.key}: {best}; {result.new_trials} new, {result.skipped} stored")
+            if w is None and result.outcomes.get("out_of_memory"):
+                best += " (out of memory)"
+            self._bar.item_done(f"{result.key}: {best}; {result.new_trials} new, {result.skipped} stored"
+                                + _shrunk_note(result.batch_heads, result.shrunk_from))
 
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _shrunk_note(batch_heads: int, shrunk_from: int | None) -> str:
+    """What a key's line says when the bench ran it on fewer sequences than its bucket (free memory)."""
+    return "" if shrunk_from is None else f"; ran at B·Hq {batch_heads} of {shrunk_from} (GPU memory)"
 
 
 def _tbps(key: Key, batch_heads: int, ms: float | None) -> float | None:
@@ -217,7 +231,7 @@ def _summary(results: Sequence[Any]) -> dict[str, Any]:
     rows = []
     for r in results:
         w = r.winner
-        rows.append({**_key_fields(r.key), "bench_batch_heads": r.batch_heads,
+        rows.append({**_key_fields(r.key), "bench_batch_heads": r.batch_heads, "shrunk_from": r.shrunk_from,
                      "winner": str(w.config) if w else None, "provider": r.provider,
                      "default_won": w is not None and w.config == r.default_config,
                      "kernel_config": str(r.kernel_config) if r.kernel_config else None,
@@ -235,10 +249,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
             return "-"
         return "default" if r["default_won"] else r["winner"] if r["provider"] == "kernel" else r["provider"]
 
-    rows = [[r["key"] + ("" if r["complete"] else " (partial)"), winner(r), fmt_num(r["median_ms"], ".4f"),
-             fmt_num(r["tflops"], ".1f"), r["default"], fmt_num(r["speedup"], ".2f")]
+    def key(r: dict[str, Any]) -> str:
+        shrunk = f" (B·Hq {r['bench_batch_heads']})" if r.get("shrunk_from") else ""
+        return r["key"] + shrunk + ("" if r["complete"] else " (partial)")
+
+    def noise(r: dict[str, Any]) -> str:
+        return "-" if r.get("noise") is None else f"{100 * r['noise']:.1f}%"
+
+    rows = [[key(r), winner(r), fmt_num(r["median_ms"], ".4f"), fmt_num(r["tflops"], ".1f"), r["default"],
+             fmt_num(r["speedup"], ".2f"), noise(r)]
             for r in summary["keys"]]
-    headers, right = ["key", "winner", "ms", "TFLOP/s", "default", "speed-up"], ["ms", "TFLOP/s", "speed-up"]
+    headers = ["key", "winner", "ms", "TFLOP/s", "default", "speed-up", "noise"]
+    right = ["ms", "TFLOP/s", "speed-up", "noise"]
     if any(r.get("tbps") for r in summary["keys"]):  # memory-bound ops (decode): bandwidth is the figure
         headers.insert(4, "TB/s")
         right.append("TB/s")
@@ -289,7 +311,8 @@ def fleet_options(func: F) -> F:
               help="Queries per sequence of kvcache keys, written like --seq (default: 1).")
 @click.option("--kernel-only", is_flag=True, help="Time the kernel's configs only, not torch SDPA's backends.")
 @click.option("--recorded", is_flag=True,
-              help="Tune the keys the app recorded (FLASHTUNE_RECORD=1), most-called first, instead of a grid.")
+              help="Tune the keys the app recorded (FLASHTUNE_RECORD=1), the largest estimated share of its "
+                   "attention time first, instead of a grid.")
 @db_option
 @click.option("--budget", type=DURATION, default=None, help="Stop cleanly after this long (90s, 10m, 1h); run again to resume.")
 @click.option("--dry-run", is_flag=True, help="List the space and the estimated shared memory; no GPU needed.")

@@ -52,12 +52,12 @@ import torch
 import torch.nn.functional as F
 
 from ...kernel.ops.common import padded_head_dim
-from ...db.types import Config, Key, normalize_dtype
+from ...db.types import DTYPE_BYTES, Config, Key, normalize_dtype
 from ...kernel.ops.bwd import launch_bwd
 from ...kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
-from ...kernel.testing import REFERENCE_BYTES
+from ...kernel.testing import REFERENCE_BYTES, query_rows
 from ...kernel.testing import attention_flops as shape_flops
 
 from .inputs import Draw, OpInputs
@@ -167,22 +167,28 @@ def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.
     group = hq // hkv
     if max_bytes is None:
         max_bytes = REFERENCE_BYTES.get(q.device.type, REFERENCE_BYTES["cpu"])
-    chunk = max(1, max_bytes // (GRAD_SCORE_COPIES * group * n * nk * 4))
+    per_row = GRAD_SCORE_COPIES * group * nk * 4  # one query row of every head of a K/V head's group
+    chunk = max(1, max_bytes // (per_row * n))
+    rows = min(n, max(1, max_bytes // per_row))  # fewer query rows at a time when one group's don't fit
     # (B·Hkv, G, N, D): the query heads of one K/V head side by side (Hq = Hkv·G, consecutive).
     qg, dog = (x.reshape(b * hkv, group, n, d) for x in (q, do))
     kg, vg = (x.reshape(b * hkv, 1, nk, d) for x in (k, v))
-    grads = [torch.empty(t.shape, dtype=torch.float32, device=q.device) for t in (qg, kg, vg)]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (qg, kg, vg))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
         for lo in range(0, b * hkv, chunk):
             hi = min(lo + chunk, b * hkv)
-            qs, ks, vs = (x[lo:hi].float().requires_grad_(True) for x in (qg, kg, vg))
-            out = F.scaled_dot_product_attention(qs, ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1),
-                                                 is_causal=causal, scale=scale)
-            for grad, part in zip(grads, torch.autograd.grad(out, (qs, ks, vs), dog[lo:hi].float())):
-                grad[lo:hi] = part
-    dq, dk, dv = grads
+            ks, vs = (x[lo:hi].float().requires_grad_(True) for x in (kg, vg))
+            # Softmax is per query row: dQ of a row block is its own, dK and dV add up over the blocks.
+            for r0, r1, mask in query_rows(n, nk, rows, causal, q.device):
+                qs = qg[lo:hi, :, r0:r1].float().requires_grad_(True)
+                out = F.scaled_dot_product_attention(qs, ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1),
+                                                     attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+                gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), dog[lo:hi, :, r0:r1].float())
+                dq[lo:hi, :, r0:r1] = gq
+                dk[lo:hi] += gk
+                dv[lo:hi] += gv
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
@@ -222,7 +228,18 @@ class BwdInputs(OpInputs):
 
     def compute_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dQ, dK, dV) by fp32 autograd (`fp32_gradients`)."""
-        return fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale)
+        return fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
+                              max_bytes=self.reference_bytes)
+
+    @classmethod
+    def footprint(cls, key: Key, batch_heads: int) -> int:
+        """q, k, v, dO, O, the dQ/dK/dV buffers (and an fp32 dQ for the atomic variant), LSE and the
+        fp32 reference gradients."""
+        batch, heads_q, heads_kv = cls.sizes(key, batch_heads)
+        q = batch * heads_q * key.seq_len * key.head_dim
+        kv = 2 * batch * heads_kv * key.seq_len_kv * key.head_dim
+        elt = DTYPE_BYTES[key.dtype]
+        return (4 * q + 2 * kv) * elt + (2 * q + kv) * 4 + batch * heads_q * key.seq_len * 4
 
     def run(self, config: Config, out: tuple[torch.Tensor, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The backward launch with `config`: ((dQ, dK, dV), Triton's compiled kernels by name), into `out`

@@ -133,11 +133,13 @@ def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
     return default_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
 
 
-def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key) -> torch.Tensor:
-    """SDPA's math attention in fp32 for `key`'s inputs. It has no GQA: each K/V head serves `key.group`
-    consecutive query heads (the kernel's and SDPA's enable_gqa mapping), so they are repeated up to Hq."""
+def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key, *,
+                  max_bytes: int | None = None) -> torch.Tensor:
+    """SDPA's math attention in fp32 for `key`'s inputs, `max_bytes` of scores at a time. It has no GQA: each
+    K/V head serves `key.group` consecutive query heads (the kernel's and SDPA's enable_gqa mapping), so they
+    are repeated up to Hq."""
     rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
-    return fp32_reference(q, rk, rv, key.causal)  # with SDPA's default scale, the same as ours
+    return fp32_reference(q, rk, rv, key.causal, max_bytes=max_bytes)  # with SDPA's default scale, as ours
 
 
 class KeyInputs(OpInputs):
@@ -147,8 +149,8 @@ class KeyInputs(OpInputs):
     against = "torch SDPA (fp32)"
 
     def compute_reference(self) -> torch.Tensor:
-        """`fwd_reference` of the inputs."""
-        return fwd_reference(self.q, self.k, self.v, self.key)
+        """`fwd_reference` of the inputs, within the workload's reference byte budget."""
+        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an

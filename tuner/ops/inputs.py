@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from ...db.types import Config, Key
+from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.dtypes import TORCH_DTYPES
 from ...kernel.checks import AttnShape, check_inputs
 
@@ -94,14 +94,17 @@ class OpInputs:
     shape: AttnShape
     scale: float
     reference: Any = None
+    # The byte budget of the reference's chunks (its fp32 scores at once); None: kernel.testing's default.
+    reference_bytes: int | None = None
 
     tolerance: ClassVar[Mapping[str, float]]
     against: ClassVar[str]
 
     @classmethod
     def build(cls: type[I], key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
-              warm: bool = False) -> I:
-        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key.
+              warm: bool = False, reference_bytes: int | None = None) -> I:
+        """Inputs drawn from N(0, 1) with a fixed seed; the reference is computed once per key, in
+        chunks of at most `reference_bytes` of scores (the bench sizes it to the free memory).
         `warm`: the compile pool's inputs: compile_batch(B) sequences and no reference."""
         cls.check_key(key)
         batch, heads_q, heads_kv = cls.sizes(key, batch_heads)
@@ -113,7 +116,8 @@ class OpInputs:
             return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
 
         q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
-        inputs = cls(key, batch_heads, q, k, v, cls.shape_of(q, k, v), 1.0 / math.sqrt(key.head_dim))
+        inputs = cls(key, batch_heads, q, k, v, cls.shape_of(q, k, v), 1.0 / math.sqrt(key.head_dim),
+                     reference_bytes=reference_bytes)
         inputs.prepare(draw)
         if not warm:
             inputs.reference = inputs.compute_reference()
@@ -128,6 +132,16 @@ class OpInputs:
         """(B, Hq, Hkv) of the inputs for `key` at `batch_heads` = B·Hq."""
         batch, heads = split_heads(batch_heads, key.group)
         return batch, heads, heads // key.group
+
+    @classmethod
+    def footprint(cls, key: Key, batch_heads: int) -> int:
+        """Bytes one workload of `key` at `batch_heads` holds on the device: q, k, v, the output buffer
+        (like q) and an fp32 reference of q's shape. An op that holds more (further inputs, several
+        outputs) adds its own; the bench sizes the batch by it (tuner.bench)."""
+        batch, heads_q, heads_kv = cls.sizes(key, batch_heads)
+        q = batch * heads_q * key.seq_len * key.head_dim
+        kv = 2 * batch * heads_kv * key.seq_len_kv * key.head_dim
+        return (2 * q + kv) * DTYPE_BYTES[key.dtype] + 4 * q
 
     @classmethod
     def shape_of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttnShape:

@@ -158,7 +158,7 @@ class KVCacheInputs(OpInputs):
         """The fp32 reference, a few sequences at a time: it holds fp32 copies of their K and V."""
         q, k, v, key = self.q, self.k, self.v, self.key
         per_seq = 2 * 4 * k.shape[1] * key.seq_len_kv * key.head_dim
-        step = max(1, REFERENCE_CHUNK_BYTES // per_seq)
+        step = max(1, (self.reference_bytes or REFERENCE_CHUNK_BYTES) // per_seq)
         return torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
                                                       scale=self.scale, dtype=torch.float32)
                           for i in range(0, q.shape[0], step)])

@@ -81,9 +81,11 @@ class OpSpec:
 
         return OPS[self.name].smem(config, head_dim, dtype, arch)
 
-    def workload(self, key: Key, batch_heads: int, device: "torch.device", seed: int) -> Workload:
-        """The benchmark inputs of `key` at `batch_heads`, drawn with `seed`, and their reference."""
-        return self.inputs.build(key, batch_heads, device, seed)
+    def workload(self, key: Key, batch_heads: int, device: "torch.device", seed: int, *,
+                 reference_bytes: int | None = None) -> Workload:
+        """The benchmark inputs of `key` at `batch_heads`, drawn with `seed`, and their reference
+        (computed in chunks of at most `reference_bytes`: see OpInputs.build)."""
+        return self.inputs.build(key, batch_heads, device, seed, reference_bytes=reference_bytes)
 
     def warm_workload(self, key: Key, batch_heads: int, device: "torch.device") -> Workload:
         """The same inputs without the reference and with the batch cut to compile_batch(B): every

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from ...db.types import Config, Key
+from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.ops.bwd import launch_bwd
 from ...kernel.ops.fwd import launch
 from ...kernel.ops.train import estimate_train_smem, pair_config, split_pair
 from ...kernel.providers import KERNEL, provider_of
 from ...kernel.sdpa import run_sdpa
 
-from .bwd import TOLERANCE as BWD_TOLERANCE, bwd_default, bwd_flops, fp32_gradients, gradient_errors
+from .bwd import TOLERANCE as BWD_TOLERANCE, BwdInputs, bwd_default, bwd_flops, fp32_gradients, gradient_errors
 from .fwd import TOLERANCE as FWD_TOLERANCE, attention_flops, fwd_default, fwd_reference
 from .inputs import Draw, OpInputs, relative_error
 from .space import Candidate
@@ -100,9 +100,18 @@ class TrainInputs(OpInputs):
         self.leaves = tuple(t.detach().requires_grad_(True) for t in (self.q, self.k, self.v))
 
     def compute_reference(self) -> tuple[torch.Tensor, ...]:
-        """(O, dQ, dK, dV) in fp32."""
-        out = fwd_reference(self.q, self.k, self.v, self.key)
-        return (out, *fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale))
+        """(O, dQ, dK, dV) in fp32, within the workload's reference byte budget."""
+        out = fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes)
+        return (out, *fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
+                                     max_bytes=self.reference_bytes))
+
+    @classmethod
+    def footprint(cls, key: Key, batch_heads: int) -> int:
+        """The backward's inputs and buffers (BwdInputs.footprint) with the step's O buffer and the fp32
+        reference O."""
+        batch, heads_q, _ = cls.sizes(key, batch_heads)
+        q = batch * heads_q * key.seq_len * key.head_dim
+        return BwdInputs.footprint(key, batch_heads) + q * (DTYPE_BYTES[key.dtype] + 4)
 
     def run(self, config: Config, out: tuple[torch.Tensor, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], Any]:
         """One step with `config`: ((O, dQ, dK, dV), Triton's compiled kernels by name, or None for SDPA)."""
