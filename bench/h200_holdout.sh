@@ -2,14 +2,14 @@
 # The hold-out on a GPU machine, the way a user tunes: record the app's shapes (forward, training and
 # decode calls), tune exactly those, then time attention() against SDPA's backends per shape.
 #   bash bench/h200_holdout.sh OUTDIR [TUNE_BUDGET]
-# OPS: the recorded ops to tune (default fwd,bwd,kvcache); HOLDOUT_ARGS: extra options of holdout.py
+# OPS: the recorded ops to tune (default fwd,train,kvcache); HOLDOUT_ARGS: extra options of holdout.py
 # for both steps (e.g. --kinds fwd,train).
 # Writes OUTDIR/holdout.db (recorded keys, trials, winners), tune_recorded.json, holdout_report.json
 # and the logs. A tune stopped by its budget resumes when the script runs again on the same OUTDIR.
 set -uo pipefail
 out=${1:?usage: bench/h200_holdout.sh OUTDIR [TUNE_BUDGET]}
 budget=${2:-420s}
-ops=${OPS:-fwd,bwd,kvcache}
+ops=${OPS:-fwd,train,kvcache}
 mkdir -p "$out"
 export FLASHTUNE_DB="sqlite:///$out/holdout.db" PYTHONUNBUFFERED=1
 here=$(cd "$(dirname "$0")" && pwd)

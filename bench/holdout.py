@@ -2,7 +2,7 @@
 
     mkdir -p bench/results/h100/holdout && export FLASHTUNE_DB=sqlite:///bench/results/h100/holdout/holdout.db
     python3 bench/holdout.py record                                   # FLASHTUNE_RECORD=1 set inside
-    tune --recorded --op fwd,bwd,kvcache --budget 240s --json > bench/results/h100/holdout/tune_recorded.json
+    tune --recorded --op fwd,train,kvcache --budget 240s --json > bench/results/h100/holdout/tune_recorded.json
     python3 bench/holdout.py report --out bench/results/h100/holdout
 
 or all three in one command: `bash bench/h200_holdout.sh bench/results/h100/holdout 240s` (any GPU; about
@@ -154,7 +154,7 @@ def _selected(shapes: tuple[Shape, ...], kinds: list[str]) -> tuple[Shape, ...]:
 
 def record(shapes: tuple[Shape, ...], device: str, seed: int = 0) -> None:
     """Run each shape the way it is timed (decode through attention_kvcache, training under autograd, its
-    backward included) with recording on, then flush: forward, backward and KV-cache keys."""
+    backward included) with recording on, then flush: forward, training-pair and KV-cache keys."""
     os.environ["FLASHTUNE_RECORD"] = "1"
     import torch
     from flashtune.kernel import attention, attention_kvcache
@@ -286,12 +286,15 @@ def _ran(shape: Shape, q: Any, k: Any, v: Any) -> dict[str, str]:
     if shape.kind == "decode":
         choice = dispatch.explain(q, k, v, is_causal=True, op="kvcache")
         return {"ran": f"kernel {choice.config}", "source": choice.source}
+    if shape.kind == "train":  # the training pair's plan (its key "train"), after the calls
+        plan = dispatch.train_plan(q, k, v, shape.causal)
+        ran = plan.sdpa or f"kernel {plan.kernel}"
+        if plan.sdpa is None:
+            bwd = plan.bwd or dispatch.explain(q, k, v, is_causal=shape.causal, op="bwd").config
+            ran += f"; bwd {bwd}"
+        return {"ran": ran, "source": plan.choice.source}
     plan = dispatch.plan(q, k, v, shape.causal)  # after the calls: a backend's refusal shows here
-    ran = plan.sdpa or f"kernel {plan.kernel}"
-    if shape.kind == "train" and plan.sdpa is None:
-        bwd = dispatch.explain(q, k, v, is_causal=shape.causal, op="bwd")
-        ran += f"; bwd {bwd.config} ({bwd.source})"
-    return {"ran": ran, "source": plan.choice.source}
+    return {"ran": plan.sdpa or f"kernel {plan.kernel}", "source": plan.choice.source}
 
 
 def report(shapes: tuple[Shape, ...], device: str, out: Path, timer: Timer, seed: int = 0) -> list[dict]:

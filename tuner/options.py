@@ -86,7 +86,10 @@ class TuneOptions:
     def keys(self, arch: str) -> list[Key]:
         """The keys to tune on `arch`: the recorded ones, the largest estimated share of the app's
         attention time first (then tuned in that order: tuner.priority), or the grid's."""
-        return recorded_keys(self.db_url, arch, self.ops) if self.recorded else self.grid(arch)
+        from .ops import with_parts
+
+        # A composed key's parts (the training pair's fwd and bwd keys) come first, and are tuned too.
+        return with_parts(recorded_keys(self.db_url, arch, self.ops) if self.recorded else self.grid(arch))
 
     def run_args(self) -> dict[str, Any]:
         """The options a run records in the database (its `args`)."""
