@@ -207,8 +207,10 @@ def decode_bytes(*, batch: int, heads_q: int, heads_kv: int, seq_q: int, kv_toke
 
 
 def combine_block_s(num_splits: int) -> int:
-    """Splits merged per step of pass 2: all of them up to 16, else chunks of 16."""
-    return min(16, max(2, triton.next_power_of_2(num_splits)))
+    """Splits merged per step of pass 2: all of them (rounded up to a power of two, at least 2) up to 16,
+    else chunks of 16. Plain int arithmetic: triton.next_power_of_2 is a constexpr function, whose host
+    call costs a decode step about a microsecond."""
+    return min(16, max(2, 1 << (num_splits - 1).bit_length()))
 
 
 def combine_warps(block_d: int) -> int:

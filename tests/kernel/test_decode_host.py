@@ -26,7 +26,7 @@ from flashtune.kernel import attention_kvcache, dispatch, fastlaunch, record
 from flashtune.kernel.ops.kvcache import SPLITS_KNOB, plan_decode
 from flashtune.kernel.jit.decode import decode_split_kernel
 from flashtune.kernel.dispatch import kv_bucket
-from flashtune.kernel.ops.kvcache import DecodeLaunch, launch_decode, split_geometry
+from flashtune.kernel.ops.kvcache import DecodeLaunch, combine_block_s, launch_decode, split_geometry
 from flashtune.kernel.checks import check_kvcache_inputs
 from flashtune.kernel.ops import kvcache as kvcache_ops
 from flashtune.kernel.testing import attention_kvcache_reference
@@ -82,6 +82,13 @@ def test_int_spec_partitions_ints_as_tritons_jit_does() -> None:
         assert classes.setdefault(fastlaunch.int_spec(value), triton_class) == triton_class, value
         assert fastlaunch.specialization([value, 16], ()) == (fastlaunch.int_spec(value), 16)  # its inlined form
     assert len(set(classes.values())) == len(classes)
+
+
+def test_combine_block_s_is_the_next_power_of_two_rule() -> None:
+    import triton
+
+    for n in range(1, 3000):
+        assert combine_block_s(n) == min(16, max(2, triton.next_power_of_2(n))), n
 
 
 @pytest.mark.parametrize("ragged_rows", [0, 1, 4, 40])
