@@ -430,7 +430,11 @@ class DecodeLaunch:
                         combine = (acc_ptr, lse_ptr, o_ptr, lens_ptr, stride_s, *o_strides, self.heads_q,
                                    self.seq_q, seq_kv, split_size, num_splits)
                         if second is None or not second.launch(stream, (self.rows, 1, 1), combine):
-                            self._combine(combine, num_splits)  # pass 1 ran; pass 2 through the JIT
+                            # pass 1 ran; pass 2 through the JIT, which needs tensors where the relaunch took ints
+                            acc, lse = self._partials(scratch, partials, num_splits)
+                            lens = o if cache_seqlens is None else cache_seqlens
+                            self._combine(_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q,
+                                                        self.seq_q, seq_kv, split_size, num_splits), num_splits)
                         return o
                 key = None  # launch both passes through the JIT, keep what is kept
         else:
@@ -445,8 +449,7 @@ class DecodeLaunch:
         under `key` for direct relaunch (None: keep nothing)."""
         split = scratch is not None
         if split:
-            acc = scratch[:partials].view(self.rows, num_splits, self.head_dim)
-            lse = scratch[partials:].view(self.rows, num_splits)
+            acc, lse = self._partials(scratch, partials, num_splits)
         else:
             acc = lse = o  # unused: pass 1 writes O
         if cache_seqlens is None:
@@ -464,6 +467,11 @@ class DecodeLaunch:
         if key is not None:
             self._keep(key, (grid,), args, compiled, combine, second, split)
         return o
+
+    def _partials(self, scratch: torch.Tensor, partials: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ACC (R, S, D) and LSE (R, S), the views of the scratch whose addresses the relaunch passes."""
+        return (scratch[:partials].view(self.rows, num_splits, self.head_dim),
+                scratch[partials:].view(self.rows, num_splits))
 
     def _combine(self, args: tuple[Any, ...], num_splits: int) -> Any:
         return decode_combine_kernel[(self.rows,)](*args, **_combine_constexprs(self.head_dim, self.block_d, num_splits,

@@ -183,10 +183,10 @@ def test_bad_input_in_the_same_bucket_is_still_a_clear_error() -> None:
         attention_kvcache(q, k[:, :, :5], v[:, :, :5], causal=True)
         with pytest.raises(ValueError, match="Nq=4 > Nmax=3"):
             attention_kvcache(q, k[:, :, :3], v[:, :, :3], causal=True)
-        # Lengths are checked against the call's own Nmax, not the bucket's 8.
+        # Checked lengths are checked against the call's own Nmax, not the bucket's 8.
         with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 7 is out of range.*Nmax=6"):
             attention_kvcache(q, k, v, cache_seqlens=torch.tensor([7], dtype=torch.int32, device=DEVICE),
-                              causal=True)
+                              causal=True, check_lengths=True)
         # Another layout of the same sizes, dtype and device: a sparse cache is refused, not launched.
         with pytest.raises(TypeError, match="k_cache has layout torch.sparse_coo"):
             attention_kvcache(q, k.to_sparse(), v, causal=True)
