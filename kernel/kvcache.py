@@ -49,9 +49,10 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check_lengths=True's host read of the lengths waits for the GPU's queue, which costs a decode
     step about as much as the kernel (B=8 ragged 32k cache on the H200: 1.77 against 3.64 TB/s):
     hence off by default. cache_seqlens' type, dtype, shape and device are always checked. With
-    cache_seqlens, splits are at most the default's
-    long-cache length (kernel.ops.kvcache.ragged_min_splits), so that a ragged batch runs no slower than
-    a uniform one of the same total. Inputs that require grad under grad mode raise NotImplementedError.
+    cache_seqlens, splits are at most the default's long-cache length
+    (kernel.ops.kvcache.ragged_min_splits), so that a ragged batch runs no slower than a uniform
+    one of the same total. A plan of one split launches one pass, which writes the output. Inputs
+    that require grad under grad mode raise NotImplementedError.
     """
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
