@@ -5,8 +5,8 @@ a few Nq=4/8 rows (one bottom-right causal); ragged batches (lengths from 1 to 3
 cache) beside the uniform batch of the same total length. For each case: flashtune's default decode
 config, the best of a small grid (num_splits x BLOCK_N x warps x stages; every config is checked
 against an fp32 reference before it is timed, and a wrong one is reported, never best), the public
-`attention_kvcache` end to end (its cache_seqlens check syncs), and SDPA's flash and cuDNN backends
-in the same process (GQA through enable_gqa=True, else repeated heads; a backend that refuses a shape
+`attention_kvcache` end to end (by default the lengths are clamped on the device, never read on the
+host), and SDPA's flash and cuDNN backends in the same process (GQA through enable_gqa=True, else repeated heads; a backend that refuses a shape
 is reported, not fatal). SDPA has no per-sequence lengths: ragged cases have no SDPA figure.
 
 Effective bandwidth = (K and V bytes of the live tokens + Q + O bytes) / median time, in TB/s. Times are
@@ -15,8 +15,21 @@ Effective bandwidth = (K and V bytes of the live tokens + Q + O bytes) / median 
 each case, so an interrupted run keeps what it measured); a table is printed last. The exit status is
 1 when any config gave a wrong result.
 
+With --bucket it checks instead that the winner of a cache-length bucket serves every length in it
+(attention_kvcache plans, and `tune --recorded` tunes, one key per `kv_bucket`): for a few decode
+shapes (bf16, D=128, Hq=32, Hkv=8, Nq=1: B=1 and B=8 in the 2048 bucket, B=8 in the 16384 bucket), at
+lengths spread from the bucket's first to its last (its own length among them), it times every config
+of the tuner's kvcache space for that exact length (tuner.ops.kvcache.kvcache_space, each checked
+against the fp32 reference first), and reports per length the best of them against: the bucket's
+winner (the best config at the bucket's own length, i.e. what tuning the bucket key stores), the
+dispatcher's pick for the call (`dispatch.kvcache_plan`, from the database it loads, or --db) and the
+default at that length. Launch time only (launch_decode; the host path is bench/host_bench.py's).
+Writes <out>/decode_bucket_bench.json; the table is printed last; exit 1 on a wrong result.
+
     python3 bench/decode_bench.py --out bench/results/h200           # on the GPU machine
     TRITON_INTERPRET=1 python3 bench/decode_bench.py --smoke --out /tmp/decode_smoke   # CPU check
+    python3 bench/decode_bench.py --bucket --out bench/results/h100   # the bucket check, on the GPU
+    TRITON_INTERPRET=1 python3 bench/decode_bench.py --bucket --smoke --out /tmp/decode_bucket_smoke
 """
 from __future__ import annotations
 
@@ -111,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", choices=("small", "full"), default="small", help="configs tried per case")
     ap.add_argument("--cases", default="", help="comma list of case names to run (default: all)")
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baselines")
+    ap.add_argument("--bucket", action="store_true",
+                    help="check that a cache-length bucket's winner serves every length in it (see above)")
+    ap.add_argument("--lengths", type=int, default=6, help="--bucket: lengths per bucket (the bucket's own added)")
+    ap.add_argument("--db", default=None, help="--bucket: reload the dispatcher from this database URL first")
     args = ap.parse_args(argv)
 
     import torch
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available() and not args.smoke
     require_gpu(unless=args.smoke, hint="run with --smoke (tiny shapes under the Triton interpreter)")
     use_interpreter(args.smoke)  # before the kernels are imported
+    if args.bucket:
+        return bucket_main(args)
 
     from flashtune.kernel.ops.kvcache import decode_bytes
     from flashtune.kernel.kvcache import attention_kvcache
@@ -329,6 +348,146 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nWRONG RESULTS (never counted as best): {json.dumps(bad)}")
     print(f"\nwrote {out / 'decode_bench.csv'} and {out / 'decode_bench.json'}")
     return 1 if bad else 0
+
+
+@dataclass
+class BucketShape:
+    name: str
+    batch: int
+    bucket: int  # the kv_bucket whose lengths are swept
+
+
+def bucket_lengths(bucket: int, count: int) -> list[int]:
+    """`count` lengths spread evenly in log2 from the bucket's first length to its last, and the bucket's own."""
+    from flashtune.kernel.dispatch import kv_bucket
+
+    lo = next(n for n in range(bucket // 2, bucket + 1) if kv_bucket(n) == bucket)
+    hi = next(n for n in range(2 * bucket, bucket - 1, -1) if kv_bucket(n) == bucket)
+    spread = {round(lo * (hi / lo) ** (i / max(1, count - 1))) for i in range(count)}
+    return sorted(spread | {bucket})
+
+
+def bucket_main(args: Any) -> int:
+    """The --bucket check (see the module docstring)."""
+    import torch
+
+    from flashtune.db.types import Config, Key, bucket as bh_bucket
+    from flashtune.kernel import dispatch
+    from flashtune.kernel.checks import check_kvcache_inputs
+    from flashtune.kernel.ops.kvcache import decode_config_for, launch_decode
+    from flashtune.kernel.testing import attention_kvcache_reference
+    from flashtune.tuner.gpu import detect_gpu, planned_gpu
+    from flashtune.tuner.ops.kvcache import kvcache_space
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.db:
+        dispatch.reload(args.db)
+    if args.smoke:
+        dtype, heads_q, heads_kv, head_dim, max_configs = torch.float16, 4, 2, 32, 3
+        shapes = [BucketShape("b2_n64", 2, 64)]
+        gpu = planned_gpu(dispatch.INTERPRETER_ARCH)
+    else:
+        dtype, heads_q, heads_kv, head_dim, max_configs = torch.bfloat16, 32, 8, 128, None
+        shapes = [BucketShape("b1_n2k", 1, 2048), BucketShape("b8_n2k", 8, 2048), BucketShape("b8_n16k", 8, 16384)]
+        gpu = detect_gpu()
+    dtype_name = str(dtype).removeprefix("torch.")
+    group, scale = heads_q // heads_kv, head_dim ** -0.5
+    timer = Timer.from_args(args, device == "cuda")
+    out = out_dir(args.out)
+    meta: dict[str, Any] = dict(provenance(), dtype=dtype_name, heads_q=heads_q, heads_kv=heads_kv,
+                                head_dim=head_dim, seq_q=1, smoke=args.smoke, db=args.db, rep_ms=args.rep)
+    results: dict[str, Any] = {}
+    wrong: list[str] = []
+
+    for shape_case in shapes:
+        lengths = bucket_lengths(shape_case.bucket, 3 if args.smoke else args.lengths)
+        per_length: dict[int, dict[str, Any]] = {}
+        timed: dict[int, dict[Config, float]] = {}
+        inputs: dict[int, Any] = {}
+        for n in lengths:  # every config of the exact length's space
+            gen = torch.Generator(device=device).manual_seed(args.seed + 1000 * shape_case.batch + n)
+            q = torch.randn(shape_case.batch, heads_q, 1, head_dim, device=device, dtype=dtype, generator=gen)
+            k, v = (torch.randn(shape_case.batch, heads_kv, n, head_dim, device=device, dtype=dtype, generator=gen)
+                    for _ in range(2))
+            shape = check_kvcache_inputs(q, k, v)
+            ref = attention_kvcache_reference(q, k, v, dtype=torch.float32)
+            key = Key(gpu.arch, "kvcache", 1, head_dim, dtype_name, False, seq_len_kv=n,
+                      batch_heads=bh_bucket(shape_case.batch * heads_q), group=group)
+            space = kvcache_space(key, gpu)[:max_configs]
+            plan = dispatch.kvcache_plan(q, k, v, False, False)
+            default = decode_config_for(shape, q.device)
+
+            def run(config: Config, q: Any = q, k: Any = k, v: Any = v, shape: Any = shape) -> Any:
+                return launch_decode(q, k, v, shape, cache_seqlens=None, causal=False, scale=scale, config=config)[0]
+
+            def checked_ms(config: Config, ref: Any = ref, run: Any = run) -> float | None:
+                try:
+                    o = run(config)
+                    err = float((o.float() - ref).norm() / ref.norm())
+                    if not err <= BOUND[dtype_name]:
+                        wrong.append(f"{shape_case.name} n={n} {config}: rel err {err:.2e}")
+                        return None
+                    return timer(lambda: run(config))
+                except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
+                    print(f"  {shape_case.name} n={n} {config}: {error_line(exc, 200)}", flush=True)
+                    return None
+
+            times = {}
+            for config in dict.fromkeys([default, plan.choice.config, *space]):
+                ms = checked_ms(config)
+                if ms is not None:
+                    times[config] = ms
+            timed[n], inputs[n] = times, (checked_ms, plan, default)
+            per_length[n] = dict(space=len(space), pick=str(plan.choice.config), pick_source=plan.choice.source,
+                                 default=str(default))
+            print(f"[{shape_case.name}] n={n}: {len(times)} configs timed", flush=True)
+            if device == "cuda":
+                del q, k, v, ref
+                torch.cuda.empty_cache()
+        own = timed.get(shape_case.bucket) or {}
+        winner = min(own, key=own.get) if own else None  # what tuning the bucket's own key would store
+        rows = []
+        for n in lengths:
+            times = timed[n]
+            checked_ms, plan, default = inputs[n]
+            if winner is not None and winner not in times:
+                ms = checked_ms(winner)  # the bucket winner is not in this length's space: time it here
+                if ms is not None:
+                    times[winner] = ms
+            best = min(times, key=times.get) if times else None
+            row = per_length[n]
+            row.update(best=str(best) if best else None, best_ms=times.get(best) if best else None,
+                       bucket_winner=str(winner) if winner else None, bucket_winner_ms=times.get(winner),
+                       pick_ms=times.get(plan.choice.config), default_ms=times.get(default))
+            for what in ("bucket_winner", "pick", "default"):
+                row[f"{what}_over_best"] = (row[f"{what}_ms"] / row["best_ms"]
+                                            if row.get(f"{what}_ms") and row.get("best_ms") else None)
+            row["all_ms"] = {str(c): ms for c, ms in sorted(times.items(), key=lambda t: t[1])}
+            rows.append(dict(n=n, **row))
+        worst = max((r["bucket_winner_over_best"] or 0.0 for r in rows), default=None)
+        results[shape_case.name] = dict(batch=shape_case.batch, bucket=shape_case.bucket, lengths=lengths,
+                                        bucket_winner=str(winner) if winner else None,
+                                        worst_bucket_winner_over_best=worst, rows=rows)
+        write_json(out / "decode_bucket_bench.json", dict(meta=meta, shapes=results, wrong_results=wrong))
+
+    meta["finished"] = utc_now()
+    write_json(out / "decode_bucket_bench.json", dict(meta=meta, shapes=results, wrong_results=wrong))
+    table = []
+    for name, r in results.items():
+        for row in r["rows"]:
+            table.append([name, r["bucket"], row["n"], row["best_ms"], row["bucket_winner_over_best"],
+                          row["pick_over_best"], row["default_over_best"],
+                          f"best {row['best']}; bucket winner {row['bucket_winner']}; pick {row['pick']} "
+                          f"({row['pick_source']})"])
+    print_table(["shape", "bucket", "Nk", "best ms", "winner/best", "pick/best", "dflt/best", "configs"], table,
+                title=f"Decode: one bucket's winner across its lengths, {dtype_name} D={head_dim} Hq={heads_q} "
+                      f"Hkv={heads_kv} Nq=1 (time / the best of the length's kvcache space)")
+    for name, r in results.items():
+        print(f"{name}: worst bucket winner / best over the bucket {r['worst_bucket_winner_over_best'] or 0:.3f}")
+    if wrong:
+        print("\nWRONG RESULTS (never counted as best):\n  " + "\n  ".join(wrong))
+    print(f"\nwrote {out / 'decode_bucket_bench.json'}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Steps (under 5 minutes on an H200: two tune calls of at most --budget 50 s each,
    B=8 (B·Hq bucket 256) at Nk=32768 and 4096, B=64 (bucket 2048) at Nk=2048; each call bounded by --budget.
    The ragged batch (B=8, lengths 1..32k in a 32k cache) resolves to the B=8 Nk=32768 key.
 2. In this process, the dispatcher reloaded from that file: per case, `attention_kvcache(config=None)`
-   end to end (the dispatcher's pick; a ragged call also checks its lengths on the host), the same
+   end to end (the dispatcher's pick; `chk`: a ragged call with check_lengths=True, which reads its lengths
+   on the host), the same
    config launched directly (kernel alone), the default decode config, and SDPA flash / cuDNN with
    enable_gqa (uniform cases only: SDPA has no per-sequence lengths). TB/s = (K+V of the live
    tokens + Q + O bytes) / median time (triton.testing.do_bench, L2 flushed). Ragged vs the padded
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         row["rel_err"] = err
         row["correct"] = err < 2e-2
         runs = {
-            # The serving path (lengths maintained by the caller, not read back), and the default one that
+            # The default path (lengths clamped on the device, not read back), and the opt-in one that
             # checks the lengths' values on the host (a copy and a sync per call).
-            "api": lambda: attention_kvcache(q, k, v, cache_seqlens=lens, check_lengths=False),
-            "api_checked": lambda: attention_kvcache(q, k, v, cache_seqlens=lens),
+            "api": lambda: attention_kvcache(q, k, v, cache_seqlens=lens),
+            "api_checked": lambda: attention_kvcache(q, k, v, cache_seqlens=lens, check_lengths=True),
             "tuned": lambda: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=False, scale=D ** -0.5,
                                            config=plan.choice.config)[0],
             "default": lambda: launch_decode(q, k, v, shape, cache_seqlens=lens, causal=False, scale=D ** -0.5,
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["case", "B", "Nmax", "tuned", "api", "chk", "dflt", "flash", "cuDNN", "target",
                  "source config / ragged÷uniform time"], table,
                 title=f"Decode with the tuned database, bf16 D={D} Hq={HQ} Hkv={HKV} Nq=1, TB/s (K+V+Q+O bytes / "
-                      "median time)\napi: attention_kvcache(config=None, check_lengths=False); chk: the same checking "
-                      "the lengths' values")
+                      "median time)\napi: attention_kvcache(config=None); chk: the same with check_lengths=True, "
+                      "checking the lengths' values")
     print(f"\ncorrectness grid (pytest on CUDA): {tests}")
     print(f"wrote {out / 'decode_tune_bench.json'}")
     bad = not all(r["correct"] for r in results.values()) or tests.get("exit", 0) != 0

@@ -20,15 +20,20 @@ __all__ = ["attention_kvcache", "run_planned"]
 
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                       cache_seqlens: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                      config: Config | None = None, check_lengths: bool = True) -> torch.Tensor:
+                      config: Config | None = None, check_lengths: bool = False) -> torch.Tensor:
     """Attention of q against a KV cache with per-sequence lengths; returns (B, Hq, Nq, D) like q.
 
     q (B, Hq, Nq, D); k_cache, v_cache (B, Hkv, Nmax, D), Hq a multiple of Hkv (GQA/MQA); any
     strides; fp16, bf16 or fp32 (IEEE fp32 dots); head dims: multiples of 8 up to 256.
     cache_seqlens: int32 (B,) valid lengths on q's device, 0..Nmax (0: the rows are zeros), or
-    None for Nmax everywhere. causal=True aligns bottom-right as flash_attn does for a cache:
-    query i sees keys j <= len − Nq + i (then each non-empty length must be >= Nq). scale defaults
-    to 1/sqrt(D).
+    None for Nmax everywhere. The kernel clamps each length into [0, Nmax] on the device, so a
+    length outside that range never reads outside the cache: a negative one gives zero rows, one
+    past Nmax the whole cache. check_lengths=True (off by default) reads the lengths on the host
+    instead and raises ValueError naming the first bad one (a copy and a sync per call, skipped
+    during CUDA-graph capture and torch.compile tracing). causal=True aligns bottom-right as
+    flash_attn does for a cache: query i sees keys j <= len − Nq + i (non-empty lengths should be
+    >= Nq; with fewer keys the first queries see none and get zeros, and check_lengths=True
+    refuses them). scale defaults to 1/sqrt(D).
 
     config=None asks the dispatcher (kernel.dispatch.kvcache_plan: the tuned winner of the key
     (arch, "kvcache", Nq, Nmax, D, dtype, causal, B·Hq bucket, Hq/Hkv), else the rules applied to
@@ -37,17 +42,17 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     so a growing cache re-plans only when it enters the next bucket; the config's num_splits is a
     count and the split size follows the exact Nmax. On CUDA the compiled passes are relaunched
     directly (DecodeLaunch). A stored config that fails to compile here falls back to the default
-    with one warning. Under FLASHTUNE_RECORD=1 the call counts its own key (its exact Nmax) for
-    `tune --recorded --op kvcache`.
+    with one warning. Under FLASHTUNE_RECORD=1 the call counts the key its plan uses (Nmax's
+    bucket, or the exact key where a winner is stored for it) for `tune --recorded --op kvcache`,
+    so a generation loop records one key per bucket it crosses, not one per token.
 
-    Validating cache_seqlens' values reads them on the host: a copy and a sync that wait for the
-    GPU's queue, which cost a decode step about as much as the kernel (B=8 ragged 32k cache on the
-    H200: 1.77 against 3.64 TB/s). It is skipped during CUDA-graph capture or torch.compile tracing,
-    and with check_lengths=False (a serving loop that maintains its own lengths); the tensor's
-    type, dtype, shape and device are always checked, and the kernel clamps lengths to [0, Nmax], so
-    no value reads outside the cache. With cache_seqlens, splits are at most the default's
-    long-cache length (kernel.ops.kvcache.ragged_min_splits), so that a ragged batch runs no slower than
-    a uniform one of the same total. Inputs that require grad under grad mode raise NotImplementedError.
+    check_lengths=True's host read of the lengths waits for the GPU's queue, which costs a decode
+    step about as much as the kernel (B=8 ragged 32k cache on the H200: 1.77 against 3.64 TB/s):
+    hence off by default. cache_seqlens' type, dtype, shape and device are always checked. With
+    cache_seqlens, splits are at most the default's long-cache length
+    (kernel.ops.kvcache.ragged_min_splits), so that a ragged batch runs no slower than a uniform
+    one of the same total. A plan of one split launches one pass, which writes the output. Inputs
+    that require grad under grad mode raise NotImplementedError.
     """
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
@@ -77,23 +82,27 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
 
     The dispatcher's plan (kernel.dispatch.kvcache_plan: memoised per signature with Nmax bucketed,
     the caches still validated per call), the checks that depend on the call's exact Nmax (causal
-    with fewer keys than queries, the lengths' range), then the plan's DecodeLaunch, which
-    relaunches the compiled passes directly on CUDA. A stored config that fails to compile falls
-    back to the default with one warning.
+    with fewer keys than queries; cache_seqlens' type, dtype, shape and device, and its values only
+    with check_lengths), then the plan's DecodeLaunch, which relaunches the compiled passes directly
+    on CUDA. Under FLASHTUNE_RECORD=1 the call counts its plan's key (dispatch.kvcache_key). A
+    stored config that fails to compile falls back to the default with one warning.
     """
     plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None)
-    seq_kv = k_cache.shape[2]
     if record.ENABLED:
-        key = dispatch.kvcache_key(plan, seq_kv)  # the call's own key, with its exact Nmax
+        key = dispatch.kvcache_key(plan)
         if key is not None:
             record.hit(key)
+    seq_kv = k_cache.shape[2]
     shape = plan.shape
-    lens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal, check_lengths)
+    if cache_seqlens is not None or (causal and shape.seq_q > seq_kv):
+        cache_seqlens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal,
+                                            check_lengths)
     scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
     try:
-        return plan.launch(q, k_cache, v_cache, seq_kv, lens, scale)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
-        plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, lens is not None, plan.choice, error)
-        return plan.launch(q, k_cache, v_cache, seq_kv, lens, scale)
+        plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, cache_seqlens is not None, plan.choice,
+                                              error)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale)

@@ -32,9 +32,10 @@ The package: `table` loads the winners (once at import, and at `reload()`), `rul
 re-resolve on every step. Unless a winner is stored for exactly the call's key, rules 2-4 apply to the
 key with Nk replaced by `kv_bucket(Nk)` (the nearest power of two in log2, halfway up: 1449..2896 ->
 2048), and `kvcache_plan` memoises per signature with Nk bucketed the same way. The chosen config's
-num_splits is a count, so the split size still follows the exact Nk (kernel.kvcache.split_geometry).
+num_splits is a count, so the split size still follows the exact Nk (kernel.ops.kvcache.split_geometry).
 Every call is still validated for what the bucketed signature does not fix (v's exact shape, each
-cache's 32-bit head span, which grows with Nk and the strides), and records its own key (exact Nk).
+cache's 32-bit head span, which grows with Nk and the strides), and records its plan's key (Nk's
+bucket, or the exact key where a winner is stored for it: `kvcache_key`).
 A winner is a config of the kernel or an SDPA backend (`provider` knob, kernel.sdpa): a call whose
 choice is a backend runs torch SDPA pinned to it, and falls back to the winner's kernel config
 (`kernel_config`) if the backend refuses the inputs. `explain(..., kernel_only=True)` gives the

@@ -368,16 +368,12 @@ def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, c
             and kv_bucket(n_kv) == key.seq_len_kv]
 
 
-def kvcache_key(plan: KVCachePlan, seq_kv: int) -> Key | None:
-    """The key a call of `plan` with a cache of `seq_kv` keys counts under FLASHTUNE_RECORD: the
-    plan's key with the call's own Nmax (None where no key can be formed)."""
-    key = plan.choice.key
-    if key is None or key.seq_len_kv == seq_kv:
-        return key
-    try:
-        return dataclasses.replace(key, seq_len_kv=seq_kv)
-    except ValueError:
-        return None
+def kvcache_key(plan: KVCachePlan) -> Key | None:
+    """The key a call of `plan` counts under FLASHTUNE_RECORD: the key its plan was resolved for, i.e.
+    the call's key with Nmax replaced by its bucket (`kv_bucket`), or the call's exact key where a
+    winner is stored for exactly it. Every length of a bucket runs the bucket's choice, so that is
+    the key worth tuning (None where no key can be formed)."""
+    return plan.choice.key
 
 
 def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,

@@ -207,8 +207,10 @@ def decode_bytes(*, batch: int, heads_q: int, heads_kv: int, seq_q: int, kv_toke
 
 
 def combine_block_s(num_splits: int) -> int:
-    """Splits merged per step of pass 2: all of them up to 16, else chunks of 16."""
-    return min(16, max(2, triton.next_power_of_2(num_splits)))
+    """Splits merged per step of pass 2: all of them (rounded up to a power of two, at least 2) up to 16,
+    else chunks of 16. Plain int arithmetic: triton.next_power_of_2 is a constexpr function, whose host
+    call costs a decode step about a microsecond."""
+    return min(16, max(2, 1 << (num_splits - 1).bit_length()))
 
 
 def combine_warps(block_d: int) -> int:
@@ -249,9 +251,6 @@ def decode_config_for(shape: AttnShape, device: torch.device) -> Config:
                                      smem_limit=_device.device_smem_limit(device))
     return default_decode_config(shape.seq_q, shape.seq_k, shape.head_dim, shape.dtype,
                                  batch_heads=shape.batch * shape.heads_q, group=shape.group)
-
-
-_CACHE_STRIDES = slice(12, 20)  # k's and v's strides among pass 1's arguments (after 7 tensors, stride_s, q's)
 
 
 _LAUNCHERS_LIMIT = 64  # specialisations kept per plan; a new one beyond goes through the JIT once more
@@ -352,15 +351,21 @@ class DecodeLaunch:
     Built once per plan, i.e. per signature with the cache length bucketed: everything but the
     cache length Nmax and the caches' strides is fixed, so the geometry's constants are computed
     here once and a call only sizes its splits for its own Nmax (`split_geometry`: the config's
-    num_splits is a count, so the split size follows Nmax). The launch is launch_decode's, with the
-    same arguments; on CUDA each pass's compiled kernel is kept and relaunched directly
-    (kernel.fastlaunch), keyed by the specialisation of what can still change between the plan's
-    calls: the strides of the caches and of cache_seqlens, Nmax, the split size and count (and the
-    combine pass's BLOCK_S), and the 16-byte alignment of q, the caches and cache_seqlens. The
-    other arguments are fixed by the plan's memo key (q's shape and strides, Hkv, D, causal,
-    whether lengths are given), and the output and scratch are fresh allocations, which the CUDA
-    caching allocator aligns to 512 bytes. A new key launches through the JIT once (which compiles
-    that variant if needed). Never under the interpreter or while torch.compile traces the call.
+    num_splits is a count, so the split size follows Nmax). One split runs pass 1 alone, writing O;
+    several run both passes, with one fp32 scratch allocation holding ACC then LSE.
+
+    The launch is launch_decode's, with the same arguments; on CUDA each pass's compiled kernel is
+    kept and relaunched directly (kernel.fastlaunch), keyed by the specialisation of what can still
+    change between the plan's calls: the strides of the caches and of cache_seqlens, Nmax, the
+    split size and count (and the combine pass's BLOCK_S), and the 16-byte alignment of q, the
+    caches and cache_seqlens. The other arguments are fixed by the plan's memo key (q's shape and
+    strides, Hkv, D, causal, whether lengths are given), and the output and scratch are fresh
+    allocations, which the CUDA caching allocator aligns to 512 bytes (LSE starts R·S·D floats in,
+    a multiple of 32 bytes). A relaunch passes the tensors' addresses as ints: Triton's launcher
+    takes an int pointer as it is, where a tensor costs it a `data_ptr()` call and a driver query
+    (cuPointerGetAttribute) per pointer argument. A new key launches through the JIT once (which
+    compiles that variant if needed). Never under the interpreter or while torch.compile traces
+    the call.
     """
 
     __slots__ = ("config", "head_dim", "block_d", "block_n", "requested", "ragged_rows", "heads_q", "heads_kv",
@@ -390,11 +395,61 @@ class DecodeLaunch:
                  cache_seqlens: torch.Tensor | None, scale: float) -> torch.Tensor:
         """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax."""
         split_size, num_splits = split_geometry(seq_kv, self.block_n, self.requested, self.ragged_rows)
-        split = num_splits > 1
         o = torch.empty_like(q)
+        partials = self.rows * num_splits * self.head_dim  # ACC's floats; LSE follows
+        scratch = (torch.empty(partials + self.rows * num_splits, device=o.device, dtype=torch.float32)
+                   if num_splits > 1 else None)
+        if q.is_cuda and not fastlaunch.disabled() and not torch.compiler.is_compiling():
+            q_ptr, k_ptr, v_ptr, o_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o.data_ptr()
+            if cache_seqlens is None:
+                lens_ptr, stride_s = o_ptr, 0  # unused when HAS_SEQLENS=False
+            else:
+                lens_ptr, stride_s = cache_seqlens.data_ptr(), cache_seqlens.stride(0)
+            k_strides, v_strides = k_cache.stride(), v_cache.stride()
+            ints = (stride_s, *k_strides, *v_strides, seq_kv, split_size, num_splits)
+            key = (combine_block_s(num_splits) if scratch is not None else 0,
+                   *fastlaunch.specialization(ints, ()),
+                   q_ptr % 16 == 0, k_ptr % 16 == 0, v_ptr % 16 == 0, lens_ptr % 16 == 0)
+            kept = self.launchers.get(key)
+            if kept is not None:
+                first, second = kept
+                stream = fastlaunch.current_stream(first.device) if first is not None else None
+                if stream is not None:
+                    o_strides = o.stride()
+                    if scratch is None:
+                        acc_ptr = lse_ptr = o_ptr  # unused: pass 1 writes O
+                    else:
+                        acc_ptr = scratch.data_ptr()
+                        lse_ptr = acc_ptr + 4 * partials
+                    args = (q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, lse_ptr, lens_ptr, stride_s, *q.stride(), *k_strides,
+                            *v_strides, *o_strides, self.heads_kv, self.seq_q, seq_kv, self.group, split_size,
+                            num_splits, self.num_m_blocks, scale * LOG2E)
+                    if first.launch(stream, (self.programs * num_splits, 1, 1), args):
+                        if scratch is None:
+                            return o
+                        combine = (acc_ptr, lse_ptr, o_ptr, lens_ptr, stride_s, *o_strides, self.heads_q,
+                                   self.seq_q, seq_kv, split_size, num_splits)
+                        if second is None or not second.launch(stream, (self.rows, 1, 1), combine):
+                            # pass 1 ran; pass 2 through the JIT, which needs tensors where the relaunch took ints
+                            acc, lse = self._partials(scratch, partials, num_splits)
+                            lens = o if cache_seqlens is None else cache_seqlens
+                            self._combine(_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q,
+                                                        self.seq_q, seq_kv, split_size, num_splits), num_splits)
+                        return o
+                key = None  # launch both passes through the JIT, keep what is kept
+        else:
+            key = None
+        return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size, num_splits,
+                         scale, key)
+
+    def _jit(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o: torch.Tensor,
+             scratch: torch.Tensor | None, partials: int, seq_kv: int, cache_seqlens: torch.Tensor | None,
+             split_size: int, num_splits: int, scale: float, key: tuple[Any, ...] | None) -> torch.Tensor:
+        """Both passes through Triton's JIT on tensors (views of the scratch); keeps the compiled passes
+        under `key` for direct relaunch (None: keep nothing)."""
+        split = scratch is not None
         if split:
-            acc = torch.empty((self.rows, num_splits, self.head_dim), device=q.device, dtype=torch.float32)
-            lse = torch.empty((self.rows, num_splits), device=q.device, dtype=torch.float32)
+            acc, lse = self._partials(scratch, partials, num_splits)
         else:
             acc = lse = o  # unused: pass 1 writes O
         if cache_seqlens is None:
@@ -407,26 +462,16 @@ class DecodeLaunch:
         grid = self.programs * num_splits
         combine = (_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q, self.seq_q, seq_kv, split_size,
                                  num_splits) if split else None)
-        key = None
-        if q.is_cuda and not fastlaunch.disabled() and not torch.compiler.is_compiling():
-            key = (combine_block_s(num_splits) if split else 0,
-                   *fastlaunch.specialization((stride_s, *args[_CACHE_STRIDES], seq_kv, split_size, num_splits),
-                                              (q, k_cache, v_cache, lens)))
-            kept = self.launchers.get(key)
-            if kept is not None:
-                first, second = kept
-                stream = fastlaunch.current_stream(first.device) if first is not None else None
-                if stream is not None and first.launch(stream, (grid, 1, 1), args):
-                    if combine is None or (second is not None and second.launch(stream, (self.rows, 1, 1), combine)):
-                        return o
-                    self._combine(combine, num_splits)  # pass 1 ran; pass 2 through the JIT
-                    return o
-                key = None  # launch both passes through the JIT, keep what is kept
         compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split])
         second = self._combine(combine, num_splits) if combine is not None else None
         if key is not None:
             self._keep(key, (grid,), args, compiled, combine, second, split)
         return o
+
+    def _partials(self, scratch: torch.Tensor, partials: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ACC (R, S, D) and LSE (R, S), the views of the scratch whose addresses the relaunch passes."""
+        return (scratch[:partials].view(self.rows, num_splits, self.head_dim),
+                scratch[partials:].view(self.rows, num_splits))
 
     def _combine(self, args: tuple[Any, ...], num_splits: int) -> Any:
         return decode_combine_kernel[(self.rows,)](*args, **_combine_constexprs(self.head_dim, self.block_d, num_splits,

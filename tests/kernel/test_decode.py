@@ -288,9 +288,10 @@ BAD = [
     (dict(cache_seqlens=_i32(8)), ValueError, r"cache_seqlens must have shape \(2,\)"),
     (dict(cache_seqlens=_i32(8, 8).view(1, 2)), ValueError, r"cache_seqlens must have shape \(2,\)"),
     (dict(cache_seqlens=torch.zeros(2, dtype=torch.int32, device="meta")), ValueError, "must be on q's device"),
-    (dict(cache_seqlens=_i32(8, 9)), ValueError, r"cache_seqlens\[1\] = 9 is out of range.*0 to .*Nmax=8"),
-    (dict(cache_seqlens=_i32(-1, 8)), ValueError, r"cache_seqlens\[0\] = -1 is out of range"),
-    (dict(q=torch.randn(2, 4, 3, 16), cache_seqlens=_i32(8, 2), causal=True), ValueError,
+    (dict(cache_seqlens=_i32(8, 9), check_lengths=True), ValueError,
+     r"cache_seqlens\[1\] = 9 is out of range.*0 to .*Nmax=8"),
+    (dict(cache_seqlens=_i32(-1, 8), check_lengths=True), ValueError, r"cache_seqlens\[0\] = -1 is out of range"),
+    (dict(q=torch.randn(2, 4, 3, 16), cache_seqlens=_i32(8, 2), causal=True, check_lengths=True), ValueError,
      r"cache_seqlens\[1\] = 2 is shorter than the 3 queries"),
     (dict(q=torch.randn(2, 4, 9, 16), causal=True), ValueError, "Nq=9 > Nmax=8"),
     (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
@@ -363,18 +364,20 @@ def test_ragged_calls_cap_the_split_length():
                        ragged=True).num_splits == 64
 
 
-def test_check_lengths_false_skips_only_the_value_check(kernel_device):
-    """check_lengths=False reads no value back: an out-of-range length is clamped to Nmax by the kernel
-    (the result is the full cache's), while type, dtype, shape and device are still checked."""
+def test_check_lengths_is_opt_in_and_only_checks_values(kernel_device):
+    """By default no value is read back: an out-of-range length is clamped to Nmax by the kernel (the
+    result is the full cache's), while type, dtype, shape and device are still checked;
+    check_lengths=True reads the values and names the bad one."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 2, n, 16, generator=gen).to(kernel_device) for n in (1, 40, 40))
     bad = torch.tensor([40, 1000], dtype=torch.int32, device=kernel_device)
-    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 1000 is out of range"):
-        attention_kvcache(q, k, v, cache_seqlens=bad)
-    out = attention_kvcache(q, k, v, cache_seqlens=bad, check_lengths=False)
-    ref = attention_kvcache_reference(q, k, v, cache_seqlens=None)
-    assert rel(out, ref) < BOUNDS[torch.float32]
-    with pytest.raises(TypeError, match="int32"):
-        attention_kvcache(q, k, v, cache_seqlens=bad.long(), check_lengths=False)
+    for config in (None, cfg(16, 16, 2)):
+        with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 1000 is out of range"):
+            attention_kvcache(q, k, v, cache_seqlens=bad, check_lengths=True, config=config)
+        out = attention_kvcache(q, k, v, cache_seqlens=bad, config=config)
+        ref = attention_kvcache_reference(q, k, v, cache_seqlens=None)
+        assert rel(out, ref) < BOUNDS[torch.float32]
+        with pytest.raises(TypeError, match="int32"):
+            attention_kvcache(q, k, v, cache_seqlens=bad.long(), config=config)
     with pytest.raises(TypeError, match="check_lengths must be a bool"):
         attention_kvcache(q, k, v, cache_seqlens=bad, check_lengths="no")

@@ -26,8 +26,9 @@ from flashtune.kernel import attention_kvcache, dispatch, fastlaunch, record
 from flashtune.kernel.ops.kvcache import SPLITS_KNOB, plan_decode
 from flashtune.kernel.jit.decode import decode_split_kernel
 from flashtune.kernel.dispatch import kv_bucket
-from flashtune.kernel.ops.kvcache import DecodeLaunch, launch_decode, split_geometry
+from flashtune.kernel.ops.kvcache import DecodeLaunch, combine_block_s, launch_decode, split_geometry
 from flashtune.kernel.checks import check_kvcache_inputs
+from flashtune.kernel.ops import kvcache as kvcache_ops
 from flashtune.kernel.testing import attention_kvcache_reference
 from helpers import rel
 
@@ -81,6 +82,13 @@ def test_int_spec_partitions_ints_as_tritons_jit_does() -> None:
         assert classes.setdefault(fastlaunch.int_spec(value), triton_class) == triton_class, value
         assert fastlaunch.specialization([value, 16], ()) == (fastlaunch.int_spec(value), 16)  # its inlined form
     assert len(set(classes.values())) == len(classes)
+
+
+def test_combine_block_s_is_the_next_power_of_two_rule() -> None:
+    import triton
+
+    for n in range(1, 3000):
+        assert combine_block_s(n) == min(16, max(2, triton.next_power_of_2(n))), n
 
 
 @pytest.mark.parametrize("ragged_rows", [0, 1, 4, 40])
@@ -175,10 +183,10 @@ def test_bad_input_in_the_same_bucket_is_still_a_clear_error() -> None:
         attention_kvcache(q, k[:, :, :5], v[:, :, :5], causal=True)
         with pytest.raises(ValueError, match="Nq=4 > Nmax=3"):
             attention_kvcache(q, k[:, :, :3], v[:, :, :3], causal=True)
-        # Lengths are checked against the call's own Nmax, not the bucket's 8.
+        # Checked lengths are checked against the call's own Nmax, not the bucket's 8.
         with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 7 is out of range.*Nmax=6"):
             attention_kvcache(q, k, v, cache_seqlens=torch.tensor([7], dtype=torch.int32, device=DEVICE),
-                              causal=True)
+                              causal=True, check_lengths=True)
         # Another layout of the same sizes, dtype and device: a sparse cache is refused, not launched.
         with pytest.raises(TypeError, match="k_cache has layout torch.sparse_coo"):
             attention_kvcache(q, k.to_sparse(), v, causal=True)
@@ -208,7 +216,8 @@ def test_a_head_span_past_32_bits_in_the_same_bucket_is_refused(tmp_path: Path) 
             attention_kvcache(q, wide, k)
 
 
-def test_recording_counts_each_calls_own_length(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_recording_counts_the_key_of_each_calls_plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A call counts the key its plan was resolved for, Nmax's bucket, not its own Nmax."""
     monkeypatch.setattr(record, "ENABLED", True)
     b, hq, hkv, d = 1, 2, 1, 16
     q = _query(b, hq, 1, d)
@@ -224,9 +233,82 @@ def test_recording_counts_each_calls_own_length(monkeypatch: pytest.MonkeyPatch,
         record.flush(f"sqlite:///{tmp_path / 'recorded.db'}")  # leave nothing pending for other tests
     arch = dispatch.INTERPRETER_ARCH if not HAS_CUDA else dispatch.explain(q, k, v, op="kvcache").arch
     dtype = "float32" if not HAS_CUDA else "float16"
-    for seq_kv in (5, 6, 7):
-        key = Key(arch, "kvcache", 1, d, dtype, False, seq_len_kv=seq_kv, batch_heads=2, group=2)
-        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    counted = {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
+    key = lambda n: Key(arch, "kvcache", 1, d, dtype, False, seq_len_kv=n, batch_heads=2, group=2)  # noqa: E731
+    assert counted == {key(4): 1, key(8): 2}
+
+
+def _spied_passes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the launches of each decode pass that DecodeLaunch makes (through the real kernels)."""
+    counts = {"split": 0, "combine": 0}
+
+    class Counted:
+        def __init__(self, name: str, jit: object) -> None:
+            self.name, self.jit = name, jit
+
+        def __getitem__(self, grid: object) -> object:
+            counts[self.name] += 1
+            return self.jit[grid]
+
+    monkeypatch.setattr(kvcache_ops, "decode_split_kernel", Counted("split", kvcache_ops.decode_split_kernel))
+    monkeypatch.setattr(kvcache_ops, "decode_combine_kernel", Counted("combine", kvcache_ops.decode_combine_kernel))
+    return counts
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_one_split_launches_pass_one_alone_and_two_splits_both(monkeypatch: pytest.MonkeyPatch,
+                                                               ragged: bool) -> None:
+    """A plan of one split runs only pass 1, which writes O; two splits run pass 1 then the combine;
+    both equal the float64 reference (fresh random inputs every call, so a stale output cannot)."""
+    torch.manual_seed(5)
+    b, hq, hkv, d, nmax = 2, 4, 2, 16, 40
+    counts = _spied_passes(monkeypatch)
+    for splits, launches in ((1, {"split": 1, "combine": 0}), (2, {"split": 1, "combine": 1})):
+        config = Config(16, 16, 2, 1, ((SPLITS_KNOB, splits),))
+        q = _query(b, hq, 1, d)
+        k, v = (torch.randn(b, hkv, nmax, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
+        lens = torch.tensor([nmax, 17], dtype=torch.int32, device=DEVICE) if ragged else None
+        shape = check_kvcache_inputs(q, k, v)
+        run = DecodeLaunch(shape, config, causal=True, ragged=ragged)
+        counts.update(split=0, combine=0)
+        with torch.no_grad():
+            out = run(q, k, v, nmax, lens, 0.25)
+        assert counts == launches, splits
+        want = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=True, scale=0.25)
+        assert rel(out, want) < (2e-5 if not HAS_CUDA else 2e-3), splits
+
+
+def _poisoned_cache(b: int, h: int, n: int, d: int, margin: int) -> torch.Tensor:
+    """Random (B, H, n, D) values sliced out of a NaN-filled (B, H, n + margin, D) buffer: a read past
+    row n, or before row 0 of a later head, meets NaN."""
+    buf = torch.full((b, h, n + margin, d), float("nan"), device=DEVICE, dtype=DTYPE)
+    cache = buf[:, :, :n]
+    cache.copy_(torch.randn(b, h, n, d, device=DEVICE, dtype=DTYPE))
+    return cache
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_lengths_outside_the_cache_are_clamped_without_reading_past_it(causal: bool, splits: int | None) -> None:
+    """By default the lengths are not read on the host: the kernel clamps each into [0, Nmax], so a
+    negative length gives zero rows and one past Nmax the whole cache, equal to the float64 reference
+    on the clamped lengths, and nothing beyond the caches (NaN there) is read. check_lengths=True
+    names the first bad length instead."""
+    torch.manual_seed(7)
+    b, hq, hkv, d, nmax, nq = 4, 4, 2, 16, 24, 2
+    q = _query(b, hq, nq, d)
+    k, v = (_poisoned_cache(b, hkv, nmax, d, margin=160) for _ in range(2))
+    lens = torch.tensor([-3, nmax + 7, 150, 9], dtype=torch.int32, device=DEVICE)
+    clamped = lens.clamp(0, nmax)
+    config = None if splits is None else Config(16, 16, 2, 1, ((SPLITS_KNOB, splits),))
+    with torch.no_grad():
+        out = attention_kvcache(q, k, v, cache_seqlens=lens, causal=causal, config=config)
+        with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = -3 is out of range"):
+            attention_kvcache(q, k, v, cache_seqlens=lens, causal=causal, config=config, check_lengths=True)
+    want = attention_kvcache_reference(q, k, v, cache_seqlens=clamped, causal=causal)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all()
+    assert rel(out, want) < (2e-5 if not HAS_CUDA else 2e-3)
 
 
 def test_the_transformers_wrapper_decodes_a_growing_cache() -> None:

@@ -193,3 +193,36 @@ def test_is_causal_that_is_not_a_bool_goes_to_sdpa(model: LlamaForCausalLM) -> N
         with pytest.raises(TypeError):  # torch SDPA, given the same is_causal, refuses it in turn
             ft.tuned_attention_forward(attn, q, k, v, None, scaling=attn.scaling, is_causal="False")
     assert ft.kernel_counts() == {} and ft.fallback_counts() == {"refused: TypeError": 1}
+
+
+def test_recorded_generation_counts_one_kvcache_key_per_cache_length_bucket(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path) -> None:
+    """FLASHTUNE_RECORD during a generate() of 128 new tokens: every decode step counts the key its plan
+    uses (the cache length's bucket), so the database gets a handful of kvcache keys, not one per token.
+    One layer, hidden 32 (2 query heads of 16 over 1 KV head): 127 decode steps under the interpreter."""
+    from flashtune.db.store import Store
+    from flashtune.kernel import record
+
+    torch.manual_seed(99)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.float32).eval()
+    name = ft.register()
+    ids = _ids(1, 6)
+    url = f"sqlite:///{tmp_path / 'recorded.db'}"
+    record.flush(url)  # nothing of other tests in the counts
+    monkeypatch.setattr(record, "ENABLED", True)
+    try:
+        out = _run(model, name, model.generate, ids, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                   attention_mask=torch.ones_like(ids), disable_compile=True)
+    finally:
+        monkeypatch.setattr(record, "ENABLED", False)
+        written = record.flush(url)
+    assert out.shape == (1, 6 + 128) and written > 0
+    assert ft.kernel_counts() == {"causal": 1, "kvcache": 127}
+    with Store.open(url, create=False) as store:
+        kvcache = [r for r in store.recorded() if r.key.op == "kvcache"]
+    # Cache lengths 7..133 (the prompt, then one more key per step): buckets 8, 16, 32, 64, 128.
+    assert sorted(r.key.seq_len_kv for r in kvcache) == [8, 16, 32, 64, 128]
+    assert len(kvcache) <= 8 and sum(r.calls for r in kvcache) == 127
