@@ -8,6 +8,15 @@ comparing these fingerprints before and after, bitwise: under the Triton interpr
     python bench/output_hashes.py --out hashes.json             # CUDA if present, else the interpreter
     python bench/output_hashes.py --compare before.json after.json
 
+On the CPU the interpreter's arithmetic runs through numpy, OpenBLAS and torch's CPU kernels, which pick
+their vector code by the CPU (AVX2 or AVX-512): the same kernel gives other last bits on another CPU. The
+fingerprints are therefore taken with every one of them pinned to AVX2 (`PORTABLE_CPU_ENV`, set before
+the process starts; any x86-64 CPU of the last ten years has it):
+
+    env TRITON_INTERPRET=1 OPENBLAS_CORETYPE=Haswell OPENBLAS_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 \
+        NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" \
+        python bench/output_hashes.py --out tests/fixtures/output_hashes_interpreter.json
+
 The inputs are seeded, so the same code on the same device type gives the same bytes. The explicit-config
 entry points are used, never the dispatcher, so no database is read.
 """
@@ -23,6 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py, also when a test loads this file
 from common import explicit_api  # noqa: E402
+
+
+# Pins numpy, OpenBLAS and torch's CPU kernels to their AVX2 code, so the interpreter's fingerprints are the
+# same on every x86-64 CPU (it must be in the environment before the process imports them).
+PORTABLE_CPU_ENV: dict[str, str] = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_NUM_THREADS": "1",
+                                    "ATEN_CPU_CAPABILITY": "avx2",
+                                    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
 
 
 def _digest(*tensors: torch.Tensor) -> str:
