@@ -10,10 +10,10 @@ Four models built from configs (random weights, nothing downloaded; bf16 on CUDA
 For each model, in one process:
 
 1. record: prefill, greedy generation (decoders) and a training step with flashtune as the model's attention
-   under FLASHTUNE_RECORD=1; the counts are flushed into `--db` (the dispatcher's keys: forward, backward,
-   KV-cache decode);
-2. tune: `tune --recorded --db DB --op OP --budget S` (a subprocess of the installed CLI), one per recorded op
-   of `--ops` (default: every op flashtune has), `--budget` shared evenly between them;
+   under FLASHTUNE_RECORD=1; the counts are flushed into `--db` (the dispatcher's keys: forward, training
+   pair, KV-cache decode bucket);
+2. tune: `tune --recorded --db DB --op OPS --budget S` (a subprocess of the installed CLI), once, over the
+   recorded ops of `--ops` (default: every op flashtune has), the largest share of attention time first;
 3. `dispatch.reload(DB)`, then interleaved rounds (flashtune, SDPA, flashtune, SDPA, ...) of each phase:
    `forward` (decoders: prefill, use_cache=False, logits_to_keep=1; encoders: the model's forward), captured
    into a CUDA graph per implementation where capture works (else eager for both, said in the table),
@@ -478,11 +478,11 @@ def run_model(model: Model, size: Size, args: argparse.Namespace, out: Path, cud
                        ("--dry-run", "--arch", INTERPRETER_ARCH))
         result["tune"] = f"skipped: no CUDA GPU (tune --dry-run: exit {planned['exit']})"
     else:
-        # One tune per recorded op, the budget shared evenly: decode records a key per cache length, and
-        # most-called-first alone could spend the whole budget on them before the forward's keys.
+        # One tune of every recorded op: it orders the keys by their share of the model's attention time
+        # (a decode step records its cache-length bucket, so generation adds a handful of keys).
         ops = [op for op in args.ops if any(k.op == op for k in keys)]
-        result["tune"] = [tune(db, [op], args.budget / len(ops), out / f"tune_{model.name}_{op}.log")
-                          for op in ops] or "skipped: no keys of --ops recorded"
+        result["tune"] = ([tune(db, ops, args.budget, out / f"tune_{model.name}.log")] if ops
+                          else "skipped: no keys of --ops recorded")
 
     # 3. reload, then time
     dispatch.reload(db, interpreter=not cuda)
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="database URL every model records into, tunes and reloads (default: one SQLite "
                                      "file per model, OUT/models_MODEL.db)")
     parser.add_argument("--budget", type=float, default=40,
-                        help="tuning seconds per model (default 40), shared evenly by its recorded ops, one tune each")
+                        help="tuning seconds per model (default 40): one tune of its recorded ops")
     parser.add_argument("--ops", type=str_list, default=None,
                         help="tune --op: the recorded ops to tune (default: every op flashtune has)")
     parser.add_argument("--no-tune", action="store_true", help="time with whatever --db holds, without tuning")

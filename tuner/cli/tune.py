@@ -162,6 +162,7 @@ def _plan_recorded(gpu: Any, ranking: Sequence[Any], options: TuneOptions) -> No
     """Each recorded key, in the order `tune --recorded` tunes them (tuner.priority: the largest
     estimated share of the app's attention time first), with its calls, that share and the number of
     its kernel configs and providers on `gpu`."""
+    from ..ops import op_spec
     from ..session import key_providers, session_space
 
     _, providers = _planned_providers(options)
@@ -178,6 +179,10 @@ def _plan_recorded(gpu: Any, ranking: Sequence[Any], options: TuneOptions) -> No
                [[r["key"], str(r["calls"]), f"{100 * r['time_share']:.1f}%", str(r["kernel_configs"]),
                  str(r["providers"])] for r in rows],
                right=["calls", "time share", "kernel configs", "providers"])
+    composed = sorted({r["op"] for r in rows if op_spec(r["op"]).parts})
+    for op in composed:
+        click.echo(f"{op} keys: their {' and '.join(op_spec(op).parts)} keys are tuned first, and their kernel "
+                   "candidates composed from those trials (counted here before them)")
 
 
 def _key_fields(key: Key) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The acceptance runs of "never slower than torch" on one GPU, after the install preamble of the device
+# README, in modes that each fit a 10-minute command; each prints a short summary last.
+#   bash bench/gpu_accept.sh check OUT     # the GPU tests, host time per call (kernel, each routed SDPA backend,
+#                                          # decode with and without lengths), a bucket's winner across its lengths
+#   bash bench/gpu_accept.sh holdout OUT   # the hold-out: record, tune --recorded (fwd, train, kvcache), report
+#   bash bench/gpu_accept.sh models OUT    # the model-level table: GQA, MQA D=256, BERT, ViT, each recorded and tuned
+# Results: bench/results/<gpu>/ (docs/results/ says which file came from which mode).
+set -uo pipefail
+mode=${1:?usage: bench/gpu_accept.sh check|holdout|models OUT}
+out=${2:?usage: bench/gpu_accept.sh check|holdout|models OUT}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+here=$(cd "$(dirname "$0")" && pwd)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu_$mode.txt"
+case "$mode" in
+  check)
+    timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$out/pytest_gpu.txt" 2>&1
+    echo "pytest -m gpu: exit $?"
+    timeout 150 python3 "$here/host_bench.py" --out "$out" > "$out/host_bench.txt" 2>&1; echo "host_bench: exit $?"
+    timeout 100 python3 "$here/decode_bench.py" --bucket --out "$out" > "$out/decode_bucket.txt" 2>&1
+    echo "decode_bench --bucket: exit $?"
+    for f in pytest_gpu host_bench decode_bucket; do echo "== $f"; tail -n 20 "$out/$f.txt"; done
+    ;;
+  holdout)
+    bash "$here/h200_holdout.sh" "$out" "${BUDGET:-300s}" > "$out/holdout.txt" 2>&1
+    tail -n 45 "$out/holdout.txt"
+    ;;
+  models)
+    timeout 560 python3 "$here/models.py" --out "$out" --budget "${BUDGET:-30}" > "$out/models.txt" 2>&1
+    echo "models.py: exit $?"
+    tail -n 40 "$out/models.txt"
+    ;;
+  *) echo "unknown mode $mode: check, holdout or models" >&2; exit 2 ;;
+esac
