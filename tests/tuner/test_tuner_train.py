@@ -152,3 +152,22 @@ def test_a_recorded_training_call_is_tuned_as_a_pair_and_then_runs_it(tmp_path, 
         assert all(float((t.grad.double() - r.grad).norm() / r.grad.norm()) < 1e-5 for t, r in zip((q, k, v), ref))
     finally:
         dispatch.table.current = saved
+
+
+def test_a_fleet_job_with_a_training_key_finishes(db_url: str) -> None:
+    """A train key's unit is tuned with its parts first; the parts are their own units' keys, so a worker
+    holding the train unit marks only that unit's key, and one worker finishes the whole job."""
+    from flashtune.db.jobs import JobQueue, Worker
+    from flashtune.tuner.fleet.units import claim_units
+    from flashtune.tuner.fleet.worker import work
+
+    keys = with_parts([KEY])
+    with Store.open(db_url) as store:
+        session = TuningSession(GPU, store, _run(store), FunctionBench(lambda k, c, careful: 1.0))
+        queue = JobQueue(store)
+        job, _ = queue.create("pairs", "sm_90", "kv", claim_units(list(reversed(keys))), lease_s=60, args={},
+                              host="test")
+        result = work(queue, job, Worker("node", 1, 0, GPU.name), lambda unit, stop: session.tune(unit))
+        assert result.status == "done" and sorted(r.key.op for r in result.results) == ["bwd", "fwd", "train"]
+        assert queue.get("pairs").status == "done"
+        assert [w.key.op for w in store.winners("sm_90", op="train")] == ["train"]

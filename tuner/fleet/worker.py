@@ -105,6 +105,9 @@ def _work_unit(queue: JobQueue, claim: Claim, tune_unit: TuneUnit, stop_reason: 
             # Keys an earlier holder finished go through the loop too: they cost a read, and their stored
             # trials give their siblings the ranking a single run would have used.
             results = tune_unit(claim.keys, lambda: beat.lost or stop_reason() is not None)
+        # The loop tunes a composed key's parts before it (the training pair's fwd and bwd keys): they are
+        # other units' keys, which their own holders mark.
+        results = [r for r in results if r.key in claim.keys]
         lost = beat.lost
         for result in results:
             if lost:
