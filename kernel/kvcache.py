@@ -14,6 +14,7 @@ from . import device as _device
 from . import dispatch, record
 from .checks import check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale, needs_grad
 from .ops.kvcache import check_decode_config, launch_decode
+from .sdpa import is_refusal, run_sdpa
 
 __all__ = ["attention_kvcache", "run_planned"]
 
@@ -98,6 +99,13 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
         cache_seqlens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal,
                                             check_lengths)
     scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
+    if plan.sdpa is not None:  # an SDPA backend won the key, and computes this call: no lengths, all keys seen
+        try:
+            return run_sdpa(plan.sdpa, q, k_cache, v_cache, causal=False, scale=scale)
+        except RuntimeError as error:
+            if not is_refusal(error):
+                raise
+            dispatch.kvcache_backend_refused(q, k_cache, v_cache, causal, False)
     try:
         return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale)
     except Exception as error:

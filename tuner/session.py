@@ -124,7 +124,7 @@ def provider_configs() -> list[Config]:
 def key_providers(key: Key, kernel_only: bool = False) -> list[Config]:
     """The SDPA backend configs that compete for `key`: none for kernel-only runs or for ops whose
     spec says SDPA's backends are no candidate (the backward: see tuner.ops.bwd)."""
-    return [] if kernel_only or not spec_of(key).sdpa_providers else provider_configs()
+    return [] if kernel_only or not spec_of(key).sdpa_competes(key) else provider_configs()
 
 
 @contextmanager

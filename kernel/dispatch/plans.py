@@ -78,7 +78,9 @@ class KVCachePlan:
     is its caches'); `choice` the config and why, resolved for that bucketed key; `launch` the
     kernel.ops.kvcache.DecodeLaunch that runs `choice.config` (it keeps the compiled passes for direct
     relaunch). `exact` maps the lengths inside the bucket that have a winner stored for exactly
-    their key to their own plans (on CUDA; usually empty): such a call gets its tuned winner.
+    their key to their own plans (on CUDA; usually empty): such a call gets its tuned winner. Where an
+    SDPA backend won the key, `sdpa` names it for the calls it computes the same (no lengths, and every
+    query sees every key), and `launch` runs the kernel config stored beside the win for the others.
     """
 
     shape: AttnShape
@@ -86,6 +88,8 @@ class KVCachePlan:
     default_scale: float  # 1/sqrt(D), used when the call passes scale=None
     launch: Any = field(compare=False, repr=False)
     exact: dict[int, "KVCachePlan"] = field(default_factory=dict, compare=False, repr=False)
+    # The SDPA backend that won the key, for calls it computes the same (`_sdpa_serves`); None: the kernel.
+    sdpa: str | None = None
 
 
 def _arch_limit(arch: str) -> tuple[str, int]:
@@ -316,9 +320,7 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     try:
         kshape = k_cache.shape
         seq_kv = kshape[2]
-        token = (KV_OP, has_seqlens, causal, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
-                 kshape[3:], kv_bucket(seq_kv), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype,
-                 v_cache.device)
+        token = _kv_token(q, k_cache, v_cache, causal, has_seqlens)
         hit = _tables.current.memo.get(token)
         if hit is not None:
             head_dim = kshape[3]
@@ -330,6 +332,25 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):  # not dense tensors, Nmax = 0
         token, hit = None, None
     return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens)
+
+
+def _kv_token(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+              has_seqlens: bool) -> tuple[Any, ...]:
+    kshape = k_cache.shape
+    return (KV_OP, has_seqlens, causal, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1], kshape[3:],
+            kv_bucket(kshape[2]), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype, v_cache.device)
+
+
+def kvcache_backend_refused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
+                            has_seqlens: bool) -> None:
+    """The SDPA backend of this decode call's plan refused its inputs: later calls of the same signature run
+    the kernel config stored beside the backend's win straight away."""
+    token = _kv_token(q, k_cache, v_cache, causal, has_seqlens)
+    with _tables.lock:
+        entry = _tables.current.memo.get(token)
+        if entry is not None:
+            _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None, exact={
+                n: dataclasses.replace(p, sdpa=None) for n, p in entry.exact.items()})
 
 
 def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool,
@@ -349,8 +370,18 @@ def _kv_plan(table: Table, device: torch.device, shape: AttnShape, causal: bool,
              exact: dict[int, KVCachePlan] | None = None) -> KVCachePlan:
     choice = _choose(table, device, shape, causal, op=KV_OP)
     _warn_stale(choice)
-    launch = DecodeLaunch(shape, choice.config, causal=causal, ragged=has_seqlens)
-    return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {})
+    config, sdpa = choice.config, None
+    if choice.provider != KERNEL:
+        config = choice.kernel_config or config
+        sdpa = choice.provider if _sdpa_serves(shape, causal, has_seqlens) else None
+    launch = DecodeLaunch(shape, config, causal=causal, ragged=has_seqlens)
+    return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {}, sdpa)
+
+
+def _sdpa_serves(shape: AttnShape, causal: bool, has_seqlens: bool) -> bool:
+    # SDPA has no per-sequence lengths and aligns is_causal top-left: it computes a decode call only where
+    # every query sees every cached key (what the tuner timed it on: tuner.ops.kvcache.sdpa_decode_key).
+    return not has_seqlens and (shape.seq_q == 1 or not causal)
 
 
 def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool) -> list[int]:

@@ -175,7 +175,7 @@ def kernel_counts() -> dict[str, int]:
 
 def backend_counts() -> dict[str, int]:
     """Calls that `attention()` ran on a torch SDPA backend because that backend won their key, per path and
-    backend ("causal/sdpa_cudnn", "full/sdpa_flash")."""
+    backend ("causal/sdpa_cudnn", "full/sdpa_flash", "kvcache/sdpa_flash")."""
     return dict(_backends)
 
 
@@ -275,8 +275,13 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
         return "queries", f"more queries ({nq}) than keys ({nk}) with a causal mask"
     if needs_grad(query, key, value):
         return "kvcache_grad", "a KV-cache call that requires grad (the KV-cache kernel has no backward)"
-    _kernels["kvcache"] += 1
-    return _kvcache(query, key, value, None, scaling)
+    out = _kvcache(query, key, value, None, scaling)
+    backend = dispatch.kvcache_plan(query, key, value, True, False).sdpa  # what ran: after the call, as _attention
+    if backend is None:
+        _kernels["kvcache"] += 1
+    else:
+        _backends[f"kvcache/{backend}"] += 1
+    return out
 
 
 def tuned_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,

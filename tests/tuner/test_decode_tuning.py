@@ -27,6 +27,7 @@ from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.ops.kvcache import KVCacheInputs, kvcache_bytes, kvcache_flops, kvcache_space, visible_pairs
+from flashtune.kernel.providers import provider_config, provider_of
 from flashtune.tuner.ops import op_spec
 from helpers import rel
 
@@ -66,7 +67,8 @@ def test_space_is_splits_tiles_and_pipelines_around_the_default():
         assert op_spec("kvcache").smem(c, 128, "bfloat16", "sm_90") <= 64 * 1024
         plan = plan_decode(c, batch=16, heads_kv=4, group=4, seq_q=1, seq_kv=32768, head_dim=128)
         assert plan.num_splits == c.extra_dict[SPLITS_KNOB]
-    assert op_spec("kvcache").sdpa_providers is False
+    # SDPA competes only where it computes the key's call (no lengths, top-left causal): one query, or not causal.
+    assert op_spec("kvcache").sdpa_competes(key) == (key.seq_len == 1 or not key.causal)
 
 
 def test_flops_and_bytes_count_the_visible_pairs_and_the_cache():
@@ -105,6 +107,22 @@ def test_tune_decode_through_the_real_worker_stores_trials_and_a_winner(stand_in
     assert all(t.key == TINY_KEY and t.tflops > 0 for t in trials)  # the FLOP rate, as for every op
     table = CliRunner().invoke(main, ["tune", *TINY, "--db", url])
     assert table.exit_code == 0 and "TB/s" in table.stdout  # printed for decode keys
+
+
+def test_sdpa_backends_compete_for_one_query_decode_keys(stand_in_gpu, tmp_path, kernel_device):
+    if kernel_device != "cpu":
+        pytest.skip("the CPU build of torch runs the flash backend and refuses the others")
+    one = dataclasses.replace(TINY_KEY, seq_len=1)
+    inputs = KVCacheInputs.build(one, 2, torch.device(kernel_device), seed=int(torch.randint(0, 2**20, (1,))))
+    out, compiled = inputs.run(provider_config("sdpa_flash"))
+    assert compiled is None and inputs.check(out) is None
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    args = [a if a != "2" or i != TINY.index("--q-len") + 1 else "1" for i, a in enumerate(TINY)]
+    result = CliRunner().invoke(main, ["tune", *args, "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    with Store.open(url, create=False) as store:
+        outcomes = {provider_of(t.config): t.outcome for t in store.trials(one)}
+    assert outcomes["sdpa_flash"] == "ok" and outcomes["sdpa_cudnn"] != "ok" and outcomes["kernel"] == "ok"
 
 
 def test_tune_op_kvcache_is_the_same_as_decode_and_kv_len_needs_it(stand_in_gpu, tmp_path):

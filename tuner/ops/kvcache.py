@@ -11,8 +11,11 @@ G·Nq fill more than 16 rows, around the key's default (kernel.ops.kvcache.defau
 GPU's SM count). Split counts that give the same effective split (kernel.ops.kvcache.plan_decode rounds a
 split to whole tiles) are one config. Pruned by the shared-memory estimate and CUDA's grid limit.
 
-No torch SDPA providers: SDPA has no per-sequence lengths and its is_causal is top-left, so a stored
-SDPA winner could not serve the ragged or causal calls that resolve to the same key.
+torch SDPA's backends compete where they compute the same thing (`sdpa_decode_key`): a query that sees
+every cached key, i.e. one query (Nq = 1: bottom-right causal sees the whole cache) or a non-causal key, on a
+full cache (the workload's). SDPA has no per-sequence lengths and its is_causal is top-left, so calls with
+`cache_seqlens` of a key an SDPA backend won run the kernel config stored beside the win
+(kernel.dispatch.kvcache_plan), and causal keys with Nq > 1 have no SDPA candidate.
 
 Decode is memory-bound: the trials table's rate column holds the FLOP rate (`kvcache_flops`) like every
 op's, and `kvcache_bytes` (K + V + Q + O, kernel.ops.kvcache.decode_bytes) gives the TB/s that `tune` prints.
@@ -29,6 +32,8 @@ from ...kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, num_splits_of, defa
 from ...kernel.checks import check_kvcache_inputs
 from ...kernel.ops.kvcache import launch_decode
 from ...kernel.checks import AttnShape
+from ...kernel.providers import KERNEL, provider_of
+from ...kernel.sdpa import run_sdpa
 from ...kernel.testing import attention_kvcache_reference
 
 from .fwd import TOLERANCE
@@ -165,10 +170,21 @@ class KVCacheInputs(OpInputs):
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One attention_kvcache launch with `config` (scratch allocated per call, as the API does);
-        returns (output, the compiled kernels of the passes run)."""
+        returns (output, the compiled kernels of the passes run). A config with an SDPA `provider` runs
+        torch SDPA pinned to that backend over the whole cache (it allocates its own output)."""
+        provider = provider_of(config)
+        if provider != KERNEL:
+            return run_sdpa(provider, self.q, self.k, self.v, causal=False, scale=self.scale), None
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
                              scale=self.scale, config=config, out=out)
 
 
+def sdpa_decode_key(key: Key) -> bool:
+    """Whether SDPA (no lengths, top-left causal) computes a kvcache key's full-cache call: every query sees
+    every cached key (one query, or not causal)."""
+    return key.seq_len == 1 or not key.causal
+
+
 KVCACHE = OpSpec(OP, space=kvcache_space, plan=kvcache_plan, default=kvcache_default,
-                 flops=kvcache_flops, sdpa_providers=False, inputs=KVCacheInputs, bytes=kvcache_bytes)
+                 flops=kvcache_flops, sdpa_providers=True, inputs=KVCacheInputs, bytes=kvcache_bytes,
+                 sdpa_keys=sdpa_decode_key)

@@ -73,7 +73,13 @@ class OpSpec:
     inputs: type["OpInputs"]
     bytes: Callable[[Key, int], int] | None = None
     parts: tuple[str, ...] = ()
+    # Which keys of an op whose `sdpa_providers` is true SDPA computes the same thing for (None: all).
+    sdpa_keys: Callable[[Key], bool] | None = None
     compose: Callable[[Key, "GpuInfo", Mapping[str, Sequence[Config]]], list[Config]] | None = None
+
+    def sdpa_competes(self, key: Key) -> bool:
+        """Whether torch SDPA's backends are candidates for `key`."""
+        return self.sdpa_providers and (self.sdpa_keys is None or self.sdpa_keys(key))
 
     def smem(self, config: Config, head_dim: int, dtype: str, arch: str | None) -> int:
         """The op's shared-memory estimate of `config` (kernel.ops.OPS[name].smem)."""
