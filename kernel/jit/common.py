@@ -85,3 +85,18 @@ def softmax_step(qk, m_i, l_i, acc, GUARD_EMPTY: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, m_new, l_i, acc
+
+
+@triton.jit
+def softcap_scores(raw, cap_in, cap_out):
+    """Logit softcapping of raw dot products `raw` (QKᵀ before the scale) in the kernels' base-2 units:
+    cap_out·tanh(cap_in·raw), with cap_in = scale/c and cap_out = c·log2(e) for a cap c (`softcap_factors`).
+
+    tanh as 1 − 2/(e^{2x} + 1) through exp2: exact at ±inf (exp2 overflows to inf or underflows to 0), and
+    within a few fp32 ulps of 1 in absolute terms elsewhere."""
+    return cap_out * (1.0 - 2.0 / (tl.math.exp2(raw * (cap_in * 2.0 * LOG2E_C)) + 1.0))
+
+
+def softcap_factors(scale: float, softcap: float) -> tuple[float, float]:
+    """(cap_in, cap_out) of `softcap_scores` for softmax scale `scale` and cap `softcap` > 0."""
+    return scale / softcap, softcap * LOG2E
