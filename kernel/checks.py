@@ -163,6 +163,20 @@ def device_limits(t: torch.Tensor) -> tuple[str | None, int | None]:
 _SCALE_TYPES = (int, float, np.integer, np.floating)
 
 
+def check_softcap(softcap: Any) -> float:
+    """The logit cap as a float: 0 (off) or a finite number > 0 (Python or numpy int or float); ValueError
+    naming it otherwise."""
+    value = math.nan
+    if isinstance(softcap, _SCALE_TYPES) and not isinstance(softcap, bool):
+        try:
+            value = float(softcap)
+        except OverflowError:
+            pass
+    if not (value == 0.0 or (math.isfinite(value) and value > 0)):
+        raise ValueError(f"softcap must be 0 (off) or a finite number > 0, got {reprlib.repr(softcap)}")
+    return value
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     """The softmax scale to use: 1/sqrt(head_dim) for None, else `scale` as a float if it is a finite
     number (Python or numpy int or float); ValueError naming it otherwise."""

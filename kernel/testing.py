@@ -23,9 +23,12 @@ def _heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
     return x.double().repeat_interleave(group, dim=1) if group > 1 else x.double()
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None,
+            softcap: float = 0.0) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.double(), _heads(k, q.shape[1]).transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if causal:
         # Top-left alignment, as torch SDPA is_causal=True: query i sees keys j <= i.
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
@@ -34,15 +37,16 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        scale: float | None = None) -> torch.Tensor:
-    """softmax(scale·QKᵀ + mask)·V in float64, (B, Hq, Nq, D); GQA by head groups."""
-    return torch.matmul(torch.softmax(_scores(q, k, causal, scale), dim=-1), _heads(v, q.shape[1]))
+                        scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scale·QKᵀ + mask)·V in float64, (B, Hq, Nq, D); GQA by head groups. `softcap` c > 0 caps the
+    scaled scores s to c·tanh(s/c) before the mask and the softmax (0: off)."""
+    return torch.matmul(torch.softmax(_scores(q, k, causal, scale, softcap), dim=-1), _heads(v, q.shape[1]))
 
 
 def lse_reference(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
-                  scale: float | None = None) -> torch.Tensor:
-    """Row log-sum-exp of the scaled (masked) scores in float64, (B, Hq, Nq)."""
-    return torch.logsumexp(_scores(q, k, causal, scale), dim=-1)
+                  scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """Row log-sum-exp of the scaled (softcapped, masked) scores in float64, (B, Hq, Nq)."""
+    return torch.logsumexp(_scores(q, k, causal, scale, softcap), dim=-1)
 
 
 def attention_flops(batch_heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool) -> float:
@@ -128,8 +132,10 @@ def kvcache_mask(lengths: torch.Tensor, seq_q: int, seq_kv: int, causal: bool) -
 
 def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                                 cache_seqlens: torch.Tensor | None = None, causal: bool = False,
-                                scale: float | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """softmax(scale·QKᵀ masked)·V computed in `dtype` (float64 by default), (B, Hq, Nq, D).
+                                scale: float | None = None, dtype: torch.dtype = torch.float64,
+                                softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scale·QKᵀ masked)·V computed in `dtype` (float64 by default), (B, Hq, Nq, D); `softcap` c > 0
+    caps the scaled scores s to c·tanh(s/c) first (0: off).
 
     q (B, Hq, Nq, D); caches (B, Hkv, Nmax, D), Hq a multiple of Hkv (query head h uses KV head
     h // (Hq/Hkv)). A row that sees no key is 0. The caches are not repeated per query head: the
@@ -145,6 +151,8 @@ def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     qg = q.to(dtype).reshape(b, hkv, group * nq, d)  # query head hkv·G + g, query i: row g·Nq + i
     k, v = k_cache.to(dtype), v_cache.to(dtype)
     scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, hkv, group, nq, nmax) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     keep = keep.unsqueeze(2)  # (B, 1, 1, Nq, Nmax)
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
     probs = torch.where(keep.any(-1, keepdim=True), probs, torch.zeros((), dtype=dtype, device=q.device))
