@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import dispatch, record
 from .ops.bwd import launch_bwd
-from .checks import check_bool, check_inputs, check_scale, needs_grad
+from .checks import check_bool, check_inputs, check_scale, check_softcap, needs_grad
 from .ops.fwd import launch, launch_cached
 from .sdpa import is_refusal, run_sdpa
 
@@ -31,20 +31,21 @@ __all__ = ["attention", "attention_bwd_op", "attention_fwd_lse_op", "attention_f
 
 
 def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float, *,
-                    return_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+                    return_lse: bool = False, softcap: float = 0.0) -> tuple[Tensor, Tensor | None]:
     try:
         # The plan keeps the compiled kernel: after its first launch it is relaunched directly.
         return launch_cached(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
-                             return_lse=return_lse, cache=plan.launchers)
+                             return_lse=return_lse, cache=plan.launchers, softcap=softcap)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
-        plan = dispatch.config_failed(q, k, v, causal, plan.choice, error)
+        plan = dispatch.config_failed(q, k, v, causal, plan.choice, error, plan.softcap)
         return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
-                      return_lse=return_lse)[:2]
+                      return_lse=return_lse, softcap=softcap)[:2]
 
 
-def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float) -> Tensor:
+def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float,
+                 softcap: float = 0.0) -> Tensor:
     """The call's output from whatever won its key: an SDPA backend, or the kernel."""
     if plan.sdpa is not None:
         try:
@@ -55,25 +56,27 @@ def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: b
             # The backend declines these inputs (a layout or size it does not take): run the
             # kernel config stored beside it, for this call and the later ones of its signature.
             dispatch.backend_refused(q, k, v, causal)
-    return _launch_planned(q, k, v, plan, causal, scale)[0]
+    return _launch_planned(q, k, v, plan, causal, scale, softcap=softcap)[0]
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, softcap: float) -> Tensor:
     """Plan (memoised) and run; the body of the custom op that torch.compile sees."""
-    plan = dispatch.plan(q, k, v, causal)
+    plan = dispatch.plan(q, k, v, causal, softcap > 0)
     if record.ENABLED:
         record.hit(plan.choice.key)
-    return _run_planned(q, k, v, plan, causal, scale)
+    return _run_planned(q, k, v, plan, causal, scale, softcap)
 
 
 @torch.library.custom_op("flashtune::attention_fwd", mutates_args=())
-def attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float) -> Tensor:
+def attention_fwd_op(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
+                     softcap: float = 0.0) -> Tensor:
     """The forward kernel as a torch.library op (what torch.compile sees)."""
-    return _forward(query, key, value, is_causal, scale)
+    return _forward(query, key, value, is_causal, scale, softcap)
 
 
 @attention_fwd_op.register_fake
-def _attention_fwd_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float) -> Tensor:
+def _attention_fwd_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bool, scale: float,
+                        softcap: float = 0.0) -> Tensor:
     check_inputs(query, key, value)
     return torch.empty_like(query)  # exactly what launch() allocates for the output
 
@@ -82,16 +85,16 @@ def _attention_fwd_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bo
 
 @torch.library.custom_op("flashtune::attention_fwd_lse", mutates_args=())
 def attention_fwd_lse_op(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
-                         scale: float) -> tuple[Tensor, Tensor]:
+                         scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """The forward kernel returning (O, the fp32 natural-log row LSE (B, Hq, Nq)) for the backward."""
-    o, lse = _launch_planned(query, key, value, dispatch.train_plan(query, key, value, is_causal), is_causal,
-                             scale, return_lse=True)
+    o, lse = _launch_planned(query, key, value, dispatch.train_plan(query, key, value, is_causal, softcap > 0),
+                             is_causal, scale, return_lse=True, softcap=softcap)
     return o, lse
 
 
 @attention_fwd_lse_op.register_fake
 def _attention_fwd_lse_fake(query: Tensor, key: Tensor, value: Tensor, is_causal: bool,
-                            scale: float) -> tuple[Tensor, Tensor]:
+                            scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     shape = check_inputs(query, key, value)
     lse = query.new_empty((shape.batch, shape.heads_q, shape.seq_q), dtype=torch.float32)
     return torch.empty_like(query), lse
@@ -99,15 +102,17 @@ def _attention_fwd_lse_fake(query: Tensor, key: Tensor, value: Tensor, is_causal
 
 @torch.library.custom_op("flashtune::attention_bwd", mutates_args=())
 def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                     is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     is_causal: bool, scale: float, deterministic: bool,
+                     softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of the forward above (kernel/jit/bwd.py); dK/dV summed over each GQA group."""
-    plan = dispatch.train_plan(query, key, value, is_causal)
+    capped = softcap > 0
+    plan = dispatch.train_plan(query, key, value, is_causal, capped)
     # The backward config of the pair the training key decided, else the op="bwd" table's (memoised).
-    choice = plan.choice if plan.bwd is not None else dispatch.bwd_choice(query, plan.shape, is_causal)
+    choice = plan.choice if plan.bwd is not None else dispatch.bwd_choice(query, plan.shape, is_causal, capped)
 
     def run(config: Any) -> tuple[Tensor, Tensor, Tensor]:
         return launch_bwd(grad_out, query, key, value, out, lse, plan.shape, causal=is_causal, scale=scale,
-                          config=config, deterministic=deterministic)[:3]
+                          config=config, deterministic=deterministic, softcap=softcap)[:3]
 
     try:
         return run(plan.bwd if plan.bwd is not None else choice.config)
@@ -116,24 +121,25 @@ def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
             raise
         # A stored backward (or pair) that does not compile here: the default, with one warning.
         if plan.bwd is not None:
-            replanned = dispatch.config_failed(query, key, value, is_causal, choice, error)
+            replanned = dispatch.config_failed(query, key, value, is_causal, choice, error, capped)
             if replanned.bwd is not None:
                 return run(replanned.bwd)
-            return run(dispatch.bwd_choice(query, plan.shape, is_causal).config)
-        return run(dispatch.bwd_config_failed(query, plan.shape, is_causal, choice, error).config)
+            return run(dispatch.bwd_choice(query, plan.shape, is_causal, capped).config)
+        return run(dispatch.bwd_config_failed(query, plan.shape, is_causal, choice, error, capped).config)
 
 
 @attention_bwd_op.register_fake
 def _attention_bwd_fake(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
-                        is_causal: bool, scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        is_causal: bool, scale: float, deterministic: bool,
+                        softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)  # what launch_bwd allocates
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    query, key, value, is_causal, scale = inputs
+    query, key, value, is_causal, scale, softcap = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
-    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.is_causal, ctx.scale, ctx.softcap = is_causal, scale, softcap
 
 
 def _backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
@@ -142,19 +148,19 @@ def _backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any,
     # Atomics for dQ only where the tuned config allows them and the user has not asked for
     # deterministic algorithms (torch.use_deterministic_algorithms).
     dq, dk, dv = attention_bwd_op(grad_out, query, key, value, out, lse, ctx.is_causal, ctx.scale,
-                                  torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, None, None
+                                  torch.are_deterministic_algorithms_enabled(), ctx.softcap)
+    return dq, dk, dv, None, None, None
 
 
 attention_fwd_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
-               enable_gqa: bool) -> Tensor:
+               enable_gqa: bool, softcap: float) -> Tensor:
     if torch.compiler.is_compiling():
         shape, sdpa = check_inputs(query, key, value), None
     else:
-        plan = dispatch.train_plan(query, key, value, causal)
+        plan = dispatch.train_plan(query, key, value, causal, softcap > 0)
         if record.ENABLED:
             record.hit(plan.choice.key)  # the training key: `tune --recorded` tunes it as a pair
         shape, sdpa = plan.shape, plan.sdpa
@@ -168,7 +174,7 @@ def _trainable(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: f
             if not is_refusal(error):
                 raise
             dispatch.backend_refused(query, key, value, causal)
-    return attention_fwd_lse_op(query, key, value, causal, scale)[0]
+    return attention_fwd_lse_op(query, key, value, causal, scale, softcap)[0]
 
 
 def _unsupported(attn_mask: Any, dropout_p: float) -> str | None:
@@ -193,7 +199,7 @@ def _gqa_error(heads_q: int, heads_kv: int) -> ValueError:
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False, *, fallback: bool = False) -> Tensor:
+              enable_gqa: bool = False, *, softcap: float = 0.0, fallback: bool = False) -> Tensor:
     """softmax(scale·QKᵀ [+ causal mask])·V with the best stored config for this GPU and shape.
 
     The signature is torch.nn.functional.scaled_dot_product_attention's, so one swaps for the other.
@@ -202,21 +208,29 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     as with SDPA); is_causal is top-left aligned like SDPA (query i sees keys j <= i). Hq != Hkv needs
     enable_gqa=True. Returns a new tensor laid out like `query`.
 
+    `softcap` c > 0 caps the scaled scores s to c·tanh(s/c) before the softmax (Gemma 2, Grok; flash_attn's
+    convention; 0, the default, is off), training included; a softcap call is its own key (never an SDPA
+    backend, which has no softcap).
+
     Inputs that require grad (with grad mode on) get a backward: the fused FA2 backward kernel, through
     autograd (`register_autograd`), also under torch.compile.
 
     What the kernel does not run -- attn_mask, dropout_p > 0, CPU tensors
     outside the Triton interpreter, bf16 under it, dtypes/head dims/layouts check_inputs rejects -- raises
     (NotImplementedError for the arguments, TypeError/ValueError for the tensors) naming the
-    problem. `fallback=True` sends such calls to torch SDPA instead. The default is False because
-    a silent fallback hides that a call is not running the tuned kernel (a performance cliff a user
-    swapping SDPA for this function would want to hear about), and it cannot be undone afterwards.
+    problem. `fallback=True` sends such calls to torch SDPA instead (not with softcap, which SDPA cannot
+    compute). The default is False because a silent fallback hides that a call is not running the tuned
+    kernel (a performance cliff a user swapping SDPA for this function would want to hear about), and it
+    cannot be undone afterwards.
     """
     causal = is_causal if type(is_causal) is bool else check_bool(is_causal, "is_causal")
     if type(enable_gqa) is not bool:
         enable_gqa = check_bool(enable_gqa, "enable_gqa")
     if type(fallback) is not bool:
         fallback = check_bool(fallback, "fallback")
+    if softcap:
+        softcap = check_softcap(softcap)
+        fallback = False  # SDPA cannot compute a capped call: its problems are raised
     # The common case decides in two cheap tests; _unsupported() repeats them to name the problem.
     if attn_mask is not None or dropout_p:
         if fallback:
@@ -226,7 +240,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
                                   "fallback=True to run torch's scaled_dot_product_attention for such calls")
     if needs_grad(query, key, value):
         try:
-            return _trainable(query, key, value, causal, scale, enable_gqa)
+            return _trainable(query, key, value, causal, scale, enable_gqa, softcap)
         except (TypeError, ValueError):
             if fallback:
                 return _sdpa(query, key, value, None, 0.0, causal, scale, enable_gqa)
@@ -241,9 +255,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
             raise
         if shape.heads_q != shape.heads_kv and not enable_gqa:
             raise _gqa_error(shape.heads_q, shape.heads_kv)
-        return attention_fwd_op(query, key, value, causal, check_scale(scale, shape.head_dim))
+        return attention_fwd_op(query, key, value, causal, check_scale(scale, shape.head_dim), softcap)
     try:
-        plan = dispatch.plan(query, key, value, causal)
+        plan = dispatch.plan(query, key, value, causal, softcap > 0)
     except (TypeError, ValueError):
         if fallback:
             return _sdpa(query, key, value, None, 0.0, causal, scale, enable_gqa)
@@ -253,4 +267,4 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if record.ENABLED:
         record.hit(plan.choice.key)
     return _run_planned(query, key, value, plan, causal,
-                        plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim))
+                        plan.default_scale if scale is None else check_scale(scale, plan.shape.head_dim), softcap)

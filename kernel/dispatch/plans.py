@@ -65,6 +65,7 @@ class Plan:
     sdpa: str | None = None  # the SDPA backend to run instead of the kernel
     # A training plan (`train_plan`): the backward config its pair decided; None: the op="bwd" table's.
     bwd: Config | None = None
+    softcap: bool = False  # the call caps its scores (its key's softcap feature; never an SDPA backend)
     # The compiled kernel kept for direct relaunch (kernel.ops.fwd.launch_cached), per return_lse;
     # filled on the plan's first launch. Not part of the plan's identity.
     launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -133,7 +134,7 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
 
 
 def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, *,
-            kernel_only: bool = False, op: str = OP) -> Choice:
+            kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
                         kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
@@ -152,10 +153,13 @@ def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, 
                   "default, tuned configs are not consulted", INTERPRETER_ARCH, key, op=op)
 
 
-def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[Any, ...]:
-    # Everything check_inputs and the rules depend on; data pointers do not matter to either.
-    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-            q.device, k.device, v.device, causal)
+def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               softcap: bool = False) -> tuple[Any, ...]:
+    # Everything check_inputs and the rules depend on; data pointers do not matter to either. Softcap is a
+    # key feature: its calls resolve another key (the plain signature stays the common case's tuple).
+    signature = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+                 q.device, k.device, v.device, causal)
+    return (*signature, "softcap") if softcap else signature
 
 
 def _warn_once(token: Any, message: str) -> None:
@@ -175,54 +179,56 @@ def _warn_stale(choice: Choice) -> None:
                    "re-tune to refresh it")
 
 
-def _plan_miss(q: Any, k: Any, v: Any, causal: bool) -> Plan:
+def _plan_miss(q: Any, k: Any, v: Any, causal: bool, softcap: bool = False) -> Plan:
     shape = check_inputs(q, k, v)
     table = _tables.current
-    choice = _choose(table, q.device, shape, causal)
+    choice = _choose(table, q.device, shape, causal, softcap=softcap)
     _warn_stale(choice)
-    sdpa = choice.provider if choice.provider != KERNEL else None
+    sdpa = choice.provider if choice.provider != KERNEL and not softcap else None  # SDPA has no softcap
     kernel = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
-    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa)
-    _remember(table.memo, _signature(q, k, v, causal), entry)
+    entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa,
+                 softcap=softcap)
+    _remember(table.memo, _signature(q, k, v, causal, softcap), entry)
     return entry
 
 
-def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
-    """Validate q, k, v and pick the config, memoised per input signature (the hot path).
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> Plan:
+    """Validate q, k, v and pick the config, memoised per input signature (the hot path); `softcap`: the
+    call caps its scores (a key feature).
 
     Raises what kernel.checks.check_inputs raises (TypeError/ValueError) for bad inputs.
     """
     try:
-        hit = _tables.current.memo.get(_signature(q, k, v, causal))
+        hit = _tables.current.memo.get(_signature(q, k, v, causal, softcap))
     except (AttributeError, RuntimeError):  # not tensors, or nested ones: check_inputs names the problem
         hit = None
-    return hit if hit is not None else _plan_miss(q, k, v, causal)
+    return hit if hit is not None else _plan_miss(q, k, v, causal, softcap)
 
 
-def train_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
+def train_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> Plan:
     """The plan of a training call (inputs that require grad): the forward+backward pair stored for its
     "train" key (a kernel pair, or an SDPA backend running both passes), by the rules above; where no
     pair is tuned near the key, the forward's own plan (`plan`) with the backward from the op="bwd"
     table (`bwd` None). Memoised per input signature like `plan`."""
     try:
-        token = (TRAIN_OP, _signature(q, k, v, causal))
+        token = (TRAIN_OP, _signature(q, k, v, causal, softcap))
         hit = _tables.current.memo.get(token)
     except (AttributeError, RuntimeError):
         token, hit = None, None
-    return hit if hit is not None else _train_miss(token, q, k, v, causal)
+    return hit if hit is not None else _train_miss(token, q, k, v, causal, softcap)
 
 
-def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool) -> Plan:
-    forward = plan(q, k, v, causal)  # validates the inputs
+def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool, softcap: bool) -> Plan:
+    forward = plan(q, k, v, causal, softcap)  # validates the inputs
     table = _tables.current
-    choice = _choose(table, q.device, forward.shape, causal, op=TRAIN_OP)
+    choice = _choose(table, q.device, forward.shape, causal, op=TRAIN_OP, softcap=softcap)
     if choice.source in (EXACT, NEAREST):
         _warn_stale(choice)
         from ..ops.train import split_pair
 
         pair = choice.kernel_config if choice.provider != KERNEL else choice.config
         fwd_config, bwd_config = split_pair(pair)
-        sdpa = choice.provider if choice.provider != KERNEL else None
+        sdpa = choice.provider if choice.provider != KERNEL and not softcap else None
         entry = dataclasses.replace(forward, choice=choice, kernel=fwd_config, sdpa=sdpa, bwd=bwd_config,
                                     launchers={})
     else:  # nothing tuned as a pair: the forward and backward tables, each on its own
@@ -232,10 +238,10 @@ def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool) -> Plan:
     return entry
 
 
-def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> None:
     """The SDPA backend of this call's plan refused its inputs: later calls of the same signature run the
     kernel config stored beside the backend's win straight away, and `plan(...).sdpa` says so (what ran)."""
-    signature = _signature(q, k, v, causal)
+    signature = _signature(q, k, v, causal, softcap)
     with _tables.lock:
         for token in (signature, (TRAIN_OP, signature)):  # the inference plan and the training plan
             entry = _tables.current.memo.get(token)
@@ -243,34 +249,35 @@ def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                 _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None)
 
 
-def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool) -> Choice:
+def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool, softcap: bool = False) -> Choice:
     """The backward's config for a call of `shape` on q's device, by the same rules as the forward
     from the op="bwd" entries of the table (exact, nearest within NEAREST_LIMIT, else
     kernel.ops.bwd.default_bwd_config); memoised: one dict lookup after the first call."""
-    token = (q.device, shape, causal)
+    token = (q.device, shape, causal, softcap)
     hit = _tables.current.choices.get(token)
-    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal)
+    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal, softcap)
 
 
-def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool) -> Choice:
+def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool,
+              softcap: bool) -> Choice:
     table = _tables.current
-    choice = _choose(table, device, shape, causal, op="bwd")
+    choice = _choose(table, device, shape, causal, op="bwd", softcap=softcap)
     _warn_stale(choice)
     _remember(table.choices, token, choice)
     return choice
 
 
-def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool) -> Config:
+def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool, softcap: bool = False) -> Config:
     """The backward config for a call of `shape` on q's device (`bwd_choice`'s config)."""
-    return bwd_choice(q, shape, causal).config
+    return bwd_choice(q, shape, causal, softcap).config
 
 
 def bwd_config_failed(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice,
-                      error: BaseException) -> Choice:
+                      error: BaseException, softcap: bool = False) -> Choice:
     """Record that a stored backward config failed to compile here (one warning); the choice every
     backward of this shape gets from now on (the default)."""
     _record_failure(q, shape, causal, choice, error)
-    return bwd_choice(q, shape, causal)
+    return bwd_choice(q, shape, causal, softcap)
 
 
 def _record_failure(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice, error: BaseException) -> None:
@@ -294,11 +301,13 @@ def stored_config_failed(choice: Choice, error: BaseException) -> bool:
 
 
 def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
-                  error: BaseException) -> Plan:
+                  error: BaseException, softcap: bool = False) -> Plan:
     """Record that a stored config failed to compile here; the plan every call gets from now on (a training
     plan when `choice` was a training pair's)."""
     _record_failure(q, check_inputs(q, k, v), causal, choice, error)
-    return train_plan(q, k, v, causal) if choice.op == TRAIN_OP else _plan_miss(q, k, v, causal)
+    if choice.op == TRAIN_OP:
+        return train_plan(q, k, v, causal, softcap)
+    return _plan_miss(q, k, v, causal, softcap)
 
 
 def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,

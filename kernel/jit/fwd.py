@@ -12,14 +12,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LN2_C, block_of, causal_bounds, load_tile, softmax_step
+from .common import LN2_C, block_of, causal_bounds, load_tile, softcap_scores, softmax_step
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, d_mask, seq_k, qk_scale,
-               stride_kn, stride_vn,
+               cap_in, cap_out, stride_kn, stride_vn,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+               PAD_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     # MASKED=False is the steady state: whole tiles inside the sequence and below the diagonal,
     # loaded and used without any mask. MASKED=True handles the tail tile and the diagonal tiles.
     for start_n in range(lo, hi, BLOCK_N):
@@ -28,7 +28,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, offs_n, d_mask,
         n_ok = cols < seq_k
         # K is read transposed, (BLOCK_D, BLOCK_N), so that QK^T is a plain dot.
         k = load_tile(k_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            qk = softcap_scores(tl.dot(q, k, input_precision=PRECISION), cap_in, cap_out)
+        else:
+            qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if MASKED:
             valid = n_ok[None, :]
             if CAUSAL:
@@ -48,11 +51,13 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    seq_q, seq_k, heads_q, group, qk_scale,
+                    seq_q, seq_k, heads_q, group, qk_scale, cap_in, cap_out,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M). `group` = heads_q // heads_kv (GQA/MQA)."""
+                    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+                    SOFTCAP: tl.constexpr = False):
+    """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M). `group` = heads_q // heads_kv (GQA/MQA).
+    SOFTCAP: scores are capped (common.softcap_scores with cap_in, cap_out) instead of scaled by qk_scale."""
     pid_m, bh, batch, head = block_of(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), heads_q)
     batch = batch.to(tl.int64)
     head_kv = (head // group).to(tl.int64)
@@ -76,11 +81,11 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
 
     hi, full_hi = causal_bounds(pid_m * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full_hi, offs_m, offs_n, d_mask,
-                               seq_k, qk_scale, stride_kn, stride_vn,
-                               BLOCK_N, False, CAUSAL, PAD_D, PRECISION)
+                               seq_k, qk_scale, cap_in, cap_out, stride_kn, stride_vn,
+                               BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_m, offs_n, d_mask,
-                               seq_k, qk_scale, stride_kn, stride_vn,
-                               BLOCK_N, True, CAUSAL, PAD_D, PRECISION)
+                               seq_k, qk_scale, cap_in, cap_out, stride_kn, stride_vn,
+                               BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP)
 
     acc = acc / l_i[:, None]
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od

@@ -15,9 +15,9 @@ from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 from .. import device as _device
-from ..checks import (AttnShape, check_bool, check_inputs, check_precision, check_scale,
+from ..checks import (AttnShape, check_bool, check_inputs, check_precision, check_scale, check_softcap,
                       device_limits, needs_grad)
-from ..jit.common import LOG2E, one_axis_grid
+from ..jit.common import LOG2E, one_axis_grid, softcap_factors
 from ..jit.fwd import attn_fwd_kernel
 from .common import FALLBACK_SMEM, check_smem, padded_head_dim
 from .fwd_tma import estimate_tma_smem, launch_tma, tma_knobs
@@ -189,22 +189,25 @@ def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: st
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
            scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
-           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+           out: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Launch the kernel with no input checks; returns (o, lse or None, Triton's compiled kernel or None).
 
     The dispatcher's hot path and the tuner call this after validating once. `config.extra` selects
     the kernel variant (kernel.ops.fwd; ValueError for a knob the kernel does not know, raised
     before anything runs). Triton's own errors (OutOfResources, CompilationError) propagate
-    unchanged so the tuner can record them.
+    unchanged so the tuner can record them. `softcap` c > 0 caps the scaled scores to c·tanh(s/c)
+    (the pointer kernel only: ValueError for a TMA config); the LSE is then the capped scores'.
     """
     variant = fwd_variant(config) if config.extra else PLAIN_FWD
     if variant.launch is not None:
+        if softcap:
+            raise ValueError(f"config {config}: the TMA forward kernel has no softcap; use a pointer-kernel config")
         return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
                               fp32_precision=fp32_precision, out=out)
     o = torch.empty_like(q) if out is None else out
     lse = _lse_buffer(q, shape) if return_lse else o
     grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse, fp32_precision,
-                                        variant.constexprs)
+                                        variant.constexprs, softcap)
     compiled = variant.kernel[grid](*args, **kwargs)
     return o, (lse if return_lse else None), compiled
 
@@ -213,6 +216,7 @@ _TENSORS = 5  # q, k, v, o, lse lead the pointer kernel's arguments
 
 
 _SCALE_AT = 20  # qk_scale's place among the arguments after them: 16 strides, seq_q, seq_k, heads_q, group
+_CAP_AT = 21  # then cap_in and cap_out (softcap)
 
 
 def _lse_buffer(q: torch.Tensor, shape: AttnShape) -> torch.Tensor:
@@ -221,21 +225,23 @@ def _lse_buffer(q: torch.Tensor, shape: AttnShape) -> torch.Tensor:
 
 def _fwd_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    shape: AttnShape, causal: bool, scale: float, config: Config, return_lse: bool,
-                   fp32_precision: str, constexprs: Any) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+                   fp32_precision: str, constexprs: Any,
+                   softcap: float = 0.0) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
     """The pointer kernel's (grid, positional arguments, keyword arguments) for one call."""
     grid = one_axis_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
+    cap_in, cap_out = softcap_factors(scale, softcap) if softcap else (0.0, 0.0)
     args = (q, k, v, o, lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E)
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, cap_in, cap_out)
     kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                  CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision,
+                  CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision, SOFTCAP=bool(softcap),
                   num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
     return grid, args, kwargs
 
 
 def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
-                  scale: float, config: Config, return_lse: bool, cache: dict[Any, Any]
+                  scale: float, config: Config, return_lse: bool, cache: dict[Any, Any], softcap: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """launch() for a caller that keeps `cache` per input signature (the dispatcher's Plan): (o, lse or None).
 
@@ -243,7 +249,8 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
     relaunch it directly (kernel.fastlaunch), allocating only the output (and the LSE when asked), as
     long as the pointers keep the 16-byte alignment the kernel was specialised for (else the JIT
     decides, as before). Only the pointer kernel: the TMA variant has its own launch, with tensor
-    descriptors, and always takes it. Never under the interpreter.
+    descriptors, and always takes it. Never under the interpreter. Softcap on or off is compiled in: a
+    `cache` serves calls of one of the two (the dispatcher's plans are per key, softcap a key field).
     """
     fast = cache.get(return_lse)
     if fast is None and not _device.INTERPRET and q.device.type == "cuda":
@@ -256,7 +263,7 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
             o = torch.empty_like(q)
             lse = _lse_buffer(q, shape) if return_lse else o
             grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse,
-                                                "ieee", variant.constexprs)
+                                                "ieee", variant.constexprs, softcap)
             compiled = variant.kernel[grid](*args, **kwargs)
             cache[return_lse] = fastlaunch.build(variant.kernel, compiled, grid, args, kwargs, _TENSORS) or False
             return o, (lse if return_lse else None)
@@ -264,15 +271,18 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
     if fast:
         out = torch.empty_like(q)
         lse = _lse_buffer(q, shape) if return_lse else out
-        if fast.call((q, k, v, out, lse), {_SCALE_AT: scale * LOG2E}):
+        cap_in, cap_out = softcap_factors(scale, softcap) if softcap else (0.0, 0.0)
+        if fast.call((q, k, v, out, lse), {_SCALE_AT: scale * LOG2E, _CAP_AT: cap_in, _CAP_AT + 1: cap_out}):
             return out, (lse if return_lse else None)
-    return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse, out=out)[:2]
+    return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse, out=out,
+                  softcap=softcap)[:2]
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   scale: float | None = None, config: Config | None = None, return_lse: bool = False,
-                  fp32_precision: str = "ieee") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask])·V, with an explicit config.
+                  fp32_precision: str = "ieee", softcap: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask])·V, with an explicit config;
+    `softcap` c > 0 caps the scaled scores to c·tanh(s/c) first (pointer-kernel configs only).
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides. `causal` (a bool)
     is top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
@@ -287,11 +297,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if needs_grad(q, k, v):
         raise NotImplementedError(f"attention_fwd does not support {GRAD_UNSUPPORTED}")
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     precision = check_precision(fp32_precision)
     arch, smem_limit = device_limits(q)
     if config is None:
         config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_config(config, shape, smem_limit, arch)
     o, lse, _ = launch(q, k, v, shape, causal=causal, scale=scale, config=config,
-                       return_lse=return_lse, fp32_precision=precision)
+                       return_lse=return_lse, fp32_precision=precision, softcap=softcap)
     return (o, lse) if return_lse else o
