@@ -17,7 +17,9 @@ containing "flash" as a request for its flash-attn kernels, so such names are re
   | none (plain causal), Nq == Nk | prefill, training | `attention(is_causal=True, enable_gqa=True)` |
   | none, Nq < Nk | decode step, chunked prefill against a cache | `attention_kvcache(causal=True)` (bottom-right) |
   | right padding / a static cache's unfilled slots | | the same, on the first `end` keys (a view), or `cache_seqlens` for one query |
-  | left padding, sliding windows, custom masks, dropout, softcap, sinks | | transformers' own SDPA function, counted and warned once |
+  | left padding, sliding windows, custom masks, dropout, sinks | | transformers' own SDPA function, counted and warned once |
+
+  Logit softcapping (Gemma 2 passes `softcap`) runs in the kernels on every path above.
 
   No mask means: causal over every key, the queries being the last Nq positions (the flash-attn
   convention); this module's mask function returns None only where that is right for every real token.
@@ -187,13 +189,16 @@ def reset_counts() -> None:
         _backends.clear()
 
 
-def _attention(path: str, query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None) -> Tensor:
+def _attention(path: str, query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
+               softcap: float) -> Tensor:
     """attention() on the call, counted under what ran: the kernel, or the SDPA backend that won its key.
 
-    Read from the dispatcher's memoised plan after the call: a backend that refused the call's inputs has
-    handed that signature to the kernel config stored beside it (dispatch.backend_refused)."""
-    out = attention(query, key, value, is_causal=causal, scale=scale, enable_gqa=True)
-    backend = dispatch.plan(query, key, value, causal).sdpa
+    Read from the dispatcher's memoised plan after the call (the training plan for a call that requires
+    grad): a backend that refused the call's inputs has handed that signature to the kernel config stored
+    beside it (dispatch.backend_refused)."""
+    out = attention(query, key, value, is_causal=causal, scale=scale, enable_gqa=True, softcap=softcap)
+    planned = dispatch.train_plan if needs_grad(query, key, value) else dispatch.plan
+    backend = planned(query, key, value, causal, softcap > 0).sdpa
     if backend is None:
         _kernels[path] += 1
     else:
@@ -216,7 +221,7 @@ def _fall_back(reason: str, detail: str) -> None:
 
 # --- the KV-cache path ------------------------------------------------------------------------
 
-def _kvcache(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: float | None) -> Tensor:
+def _kvcache(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: float | None, softcap: float) -> Tensor:
     """attention_kvcache(q, k, v, causal=True, cache_seqlens=lengths, check_lengths=False).
 
     Straight to its planned path (kernel.kvcache.run_planned): the dispatcher's plan, memoised with
@@ -225,13 +230,12 @@ def _kvcache(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: flo
     (grad, causal). The lengths' values were checked by causal_form once per forward; reading them
     again would cost a device-to-host sync in every layer.
     """
-    return run_planned(q, k, v, lengths, True, scale, False)
+    return run_planned(q, k, v, lengths, True, scale, False, softcap=softcap)
 
 
 # --- the attention function -------------------------------------------------------------------
 
 _UNSUPPORTED_KWARGS = {  # kwargs transformers may pass that change the result; the kernels have none of them
-    "softcap": "logit softcapping (softcap)",
     "position_bias": "an additive position bias",
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
@@ -249,6 +253,8 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             # output_attentions=False is passed by some models and changes nothing
             if kwargs.get(name) is not None and (name != "output_attentions" or kwargs[name]):
                 return name, what
+    # Logit softcapping (Gemma 2): the kernels cap the scores themselves; transformers passes None or the cap.
+    softcap = kwargs.get("softcap") or 0.0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if type(causal) is not bool:
         causal = check_bool(causal, "is_causal")  # TypeError: the call goes to SDPA, named as refused
@@ -259,7 +265,7 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             return "mask", ("a mask without a length form (left padding, a sliding window, packed sequences or a "
                             "custom pattern; only right padding and cache slots run the kernel)")
     if not causal:
-        return _attention("full", query, key, value, False, scaling)
+        return _attention("full", query, key, value, False, scaling, softcap)
     if form is not None:
         if form.keys != key.shape[2]:
             key, value = key[:, :, :form.keys], value[:, :, :form.keys]
@@ -267,15 +273,15 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
             if needs_grad(query, key, value):
                 return "kvcache_grad", "a KV-cache call that requires grad (the KV-cache kernel has no backward)"
             _kernels["kvcache_lengths"] += 1
-            return _kvcache(query, key, value, form.lengths, scaling)
+            return _kvcache(query, key, value, form.lengths, scaling, softcap)
     nq, nk = query.shape[2], key.shape[2]
     if nq == nk:
-        return _attention("causal", query, key, value, True, scaling)
+        return _attention("causal", query, key, value, True, scaling, softcap)
     if nq > nk:
         return "queries", f"more queries ({nq}) than keys ({nk}) with a causal mask"
     if needs_grad(query, key, value):
         return "kvcache_grad", "a KV-cache call that requires grad (the KV-cache kernel has no backward)"
-    out = _kvcache(query, key, value, None, scaling)
+    out = _kvcache(query, key, value, None, scaling, softcap)
     backend = dispatch.kvcache_plan(query, key, value, True, False).sdpa  # what ran: after the call, as _attention
     if backend is None:
         _kernels["kvcache"] += 1

@@ -1,0 +1,92 @@
+"""Logit softcapping in a transformers model: a tiny random-weight Gemma 2 (attention softcap 50, made small enough
+to bite with large query/key weights) runs every attention layer through flashtune, with no fallback, and matches
+transformers' eager path (the one that implements softcapping) in fp32 logits, greedy generation and a training
+step's gradients. Its layers are all full attention: sliding windows are not the subject here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import Gemma2Config, Gemma2ForCausalLM  # noqa: E402
+
+from flashtune.kernel.integrations import transformers as ft  # noqa: E402
+from helpers import rel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VOCAB = 128
+CAP = 2.0  # the scores of the random model reach well past it
+
+
+@pytest.fixture(scope="module")
+def model() -> Gemma2ForCausalLM:
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,))))
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
+                          attn_logit_softcapping=CAP, final_logit_softcapping=None, query_pre_attn_scalar=16,
+                          layer_types=["full_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
+    net = Gemma2ForCausalLM(config).to(DEVICE, torch.float32).eval()
+    with torch.no_grad():  # larger query and key projections: scores far past the cap
+        for layer in net.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return net
+
+
+def _logits(model: Gemma2ForCausalLM, implementation: str, ids: torch.Tensor) -> torch.Tensor:
+    model.set_attn_implementation(implementation)
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation("eager")
+
+
+def test_prefill_logits_match_eager_softcapping(model: Gemma2ForCausalLM) -> None:
+    ids = torch.randint(3, VOCAB, (2, 24), device=DEVICE)
+    ft.reset_counts()
+    ours, eager = _logits(model, ft.register(), ids), _logits(model, "eager", ids)
+    assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
+    assert rel(ours, eager, floor=0.1) < 1e-5
+    # The cap matters for these weights: without it the logits differ.
+    model.config.attn_logit_softcapping = None
+    try:
+        uncapped = _logits(model, "eager", ids)
+    finally:
+        model.config.attn_logit_softcapping = CAP
+    assert rel(uncapped, eager, floor=0.1) > 1e-2
+
+
+def test_greedy_generation_matches_eager(model: Gemma2ForCausalLM) -> None:
+    ids = torch.randint(3, VOCAB, (1, 8), device=DEVICE)
+    ft.reset_counts()
+    runs = []
+    for implementation in (ft.register(), "eager"):
+        model.set_attn_implementation(implementation)
+        try:
+            with torch.no_grad():
+                runs.append(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="dynamic"))
+        finally:
+            model.set_attn_implementation("eager")
+    assert torch.equal(runs[0], runs[1])
+    assert ft.fallback_counts() == {} and ft.kernel_counts().get("kvcache", 0) > 0
+
+
+def test_training_gradients_match_eager(model: Gemma2ForCausalLM) -> None:
+    ids = torch.randint(3, VOCAB, (2, 20), device=DEVICE)
+    grads = []
+    for implementation in (ft.register(), "eager"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        try:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        finally:
+            model.set_attn_implementation("eager")
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    ours, eager = grads
+    assert ours.keys() == eager.keys()
+    worst = max(rel(ours[n], eager[n], floor=0.1) for n in ours)
+    assert worst < 1e-4
