@@ -60,9 +60,27 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False, scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(scale·QKᵀ [capped] [+ mask])·V in the inputs' dtype, differentiable: torch SDPA's math backend
+    (the caller pins it), or, with `softcap` c > 0, the same steps written out with the scores capped to
+    c·tanh(s/c) first (SDPA has no cap). `attn_mask` is boolean (True: seen) and excludes is_causal."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def fp32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, *,
-                   max_bytes: int | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√D [+ causal mask])·V by torch SDPA's math backend on fp32 copies, (B, H, N, D).
+                   max_bytes: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """softmax(QKᵀ/√D [capped] [+ causal mask])·V by torch SDPA's math backend on fp32 copies (`math_attention`:
+    written out with a `softcap`), (B, H, N, D).
 
     Computed a few (batch, head) slices at a time, so a long sequence never needs the whole
     B·H·N·N score tensor at once; when one slice's N×N scores alone exceed `max_bytes` (a 64k
@@ -84,8 +102,8 @@ def fp32_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
             hi = min(lo + chunk, b * h)
             kc, vc = kf[lo:hi].float(), vf[lo:hi].float()
             for r0, r1, mask in query_rows(n, nk, rows, causal, q.device):
-                out[lo:hi, r0:r1] = F.scaled_dot_product_attention(qf[lo:hi, r0:r1].float(), kc, vc, attn_mask=mask,
-                                                                   is_causal=causal and mask is None)
+                out[lo:hi, r0:r1] = math_attention(qf[lo:hi, r0:r1].float(), kc, vc, attn_mask=mask,
+                                                   is_causal=causal and mask is None, softcap=softcap)
     return out.view(b, h, n, d)
 
 

@@ -49,7 +49,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, Key, normalize_dtype
@@ -57,7 +56,7 @@ from ...kernel.ops.bwd import launch_bwd
 from ...kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
-from ...kernel.testing import REFERENCE_BYTES, query_rows
+from ...kernel.testing import REFERENCE_BYTES, math_attention, query_rows
 from ...kernel.testing import attention_flops as shape_flops
 
 from .inputs import Draw, OpInputs
@@ -157,9 +156,11 @@ def bwd_default(key: Key, gpu: "GpuInfo") -> Config:
     """kernel.ops.bwd.default_bwd_config for the key on this GPU's shared memory: the dispatcher's untuned choice."""
     return default_bwd_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
 def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool, scale: float,
-                   *, max_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in fp32 of softmax(scale·QKᵀ [+ causal mask])·V for output gradient `do`, by autograd
-    through torch SDPA's math backend on fp32 copies; GQA by each K/V head serving its group of
+                   *, max_bytes: int | None = None,
+                   softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in fp32 of softmax(scale·QKᵀ [capped] [+ causal mask])·V for output gradient `do`, by autograd
+    through torch SDPA's math backend on fp32 copies (kernel.testing.math_attention, which writes the steps
+    out with a `softcap`); GQA by each K/V head serving its group of
     consecutive query heads (autograd sums dK, dV over the group). Computed a few K/V heads at a
     time so that a long sequence never needs all B·H·N·N scores at once."""
     b, hq, n, d = q.shape
@@ -183,8 +184,8 @@ def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.
             # Softmax is per query row: dQ of a row block is its own, dK and dV add up over the blocks.
             for r0, r1, mask in query_rows(n, nk, rows, causal, q.device):
                 qs = qg[lo:hi, :, r0:r1].float().requires_grad_(True)
-                out = F.scaled_dot_product_attention(qs, ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1),
-                                                     attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+                out = math_attention(qs, ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1),
+                                     attn_mask=mask, is_causal=causal and mask is None, scale=scale, softcap=softcap)
                 gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), dog[lo:hi, :, r0:r1].float())
                 dq[lo:hi, :, r0:r1] = gq
                 dk[lo:hi] += gk
