@@ -17,7 +17,13 @@ Three kernels, launched in order by kernel/ops/bwd.py:
 Masking follows the forward: causal is top-left aligned (query i sees keys j <= i, as torch SDPA's
 is_causal), tiles wholly above the diagonal are never visited, tiles wholly inside the sequences and
 below the diagonal run without masks, and head dims that are not powers of two are padded to the
-next one with masked loads and stores. Plain pointers only: Triton 3.9 removed block pointers and
+next one with masked loads and stores.
+
+With SOFTCAP the scores are capped as in the forward, s = c·tanh(scale·qkᵀ/c) (`softcap_scores`), P is
+recomputed from the capped scores, and dS is multiplied by the cap's derivative 1 − tanh²(scale·qkᵀ/c)
+before the dots; dQ and dK keep their scale factor. SOFTCAP=False compiles exactly the uncapped code.
+
+Plain pointers only: Triton 3.9 removed block pointers and
 the same source must compile on Triton 3.6.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E_C, block_of, causal_bounds, load_tile
+from .common import LOG2E_C, block_of, causal_bounds, load_tile, softcap_scores
 
 
 @triton.jit
@@ -51,10 +57,10 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA,
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, lo, hi,
-                offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale,
+                offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale, cap_in, cap_out,
                 stride_qm, stride_dom, stride_lm, stride_dqm,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
-                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr):
     # Works in the transposed frame, (BLOCK_N keys) x (BLOCK_M queries), so that dV += Pᵀ·dO and
     # dK += dSᵀ·Q are plain dots with the KV tile as the row dimension.
     # MASKED=False: whole query tiles inside seq_q, below the diagonal, and a KV tile inside seq_k.
@@ -72,7 +78,12 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, lo,
             delta = tl.load(delta_ptr + offs_m)
         qkT = tl.dot(k, qT, input_precision=PRECISION)
         # The forward's LSE is natural-log; scores here are in base 2 (exp2 with log2(e) folded in).
-        pT = tl.math.exp2(qkT * qk_scale - (lse * LOG2E_C)[None, :])
+        if SOFTCAP:
+            # tanh(scale·qkᵀ/c) once: the capped score is c·log2(e) times it, and dS needs 1 − tanh².
+            tT = softcap_scores(qkT, cap_in, 1.0)
+            pT = tl.math.exp2(tT * cap_out - (lse * LOG2E_C)[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - (lse * LOG2E_C)[None, :])
         if MASKED:
             valid = m_ok[None, :] & n_ok[:, None]
             if CAUSAL:
@@ -81,7 +92,10 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, lo,
             pT = tl.where(valid, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        if SOFTCAP:
+            dsT = (pT * (dpT - delta[None, :]) * (1.0 - tT * tT)).to(qT.dtype)
+        else:
+            dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=PRECISION)
         if ATOMIC_DQ:
             # k holds zeros past seq_k and dsT is 0 there, so padded keys add nothing.
@@ -105,10 +119,11 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
                          stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                          stride_lb, stride_lh, stride_lm,
                          stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                         seq_q, seq_k, heads_kv, group, qk_scale, sm_scale,
+                         seq_q, seq_k, heads_kv, group, qk_scale, sm_scale, cap_in, cap_out,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
     """Grid: one_axis_grid(batch, heads_kv, seq_k, BLOCK_N). Its query heads: head_kv·group ... + group − 1."""
     # The KV blocks of one head run next to each other and share its Q and dO in L2. Causal: block 0
     # has the most query tiles to visit and starts first.
@@ -155,17 +170,17 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
         delta_ptr = DELTA + (batch * heads_q + head) * seq_q
         dq_ptrs = DQ_ACC + batch * stride_dqb + head * stride_dqh + offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
         dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, lo, mid,
-                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale,
+                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale, cap_in, cap_out,
                              stride_qm, stride_dom, stride_lm, stride_dqm,
-                             BLOCK_M, True, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ)
+                             BLOCK_M, True, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ, SOFTCAP)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, mid, full_hi,
-                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale,
+                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale, cap_in, cap_out,
                              stride_qm, stride_dom, stride_lm, stride_dqm,
-                             BLOCK_M, False, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ)
+                             BLOCK_M, False, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ, SOFTCAP)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, tail_lo, q_end,
-                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale,
+                             offs_m0, offs_n, n_ok, d_mask, seq_q, qk_scale, cap_in, cap_out,
                              stride_qm, stride_dom, stride_lm, stride_dqm,
-                             BLOCK_M, True, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ)
+                             BLOCK_M, True, CAUSAL, PAD_D, PRECISION, ATOMIC_DQ, SOFTCAP)
 
     dk = dk * sm_scale  # dS was formed from unscaled scores: dK = scale·dSᵀQ
     tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -176,9 +191,9 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, lo, hi, offs_m, offs_n0, d_mask, seq_k, qk_scale,
-              stride_kn, stride_vn,
+              cap_in, cap_out, stride_kn, stride_vn,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     # MASKED=False: whole KV tiles inside seq_k and below the diagonal for every row of the block.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -187,14 +202,21 @@ def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, lo, hi, offs_m, offs_n0,
         kT = load_tile(kT_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
         vT = load_tile(vT_ptrs + start_n * stride_vn, d_mask, n_ok, PAD_D, MASKED)
         qk = tl.dot(q, kT, input_precision=PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if SOFTCAP:
+            t = softcap_scores(qk, cap_in, 1.0)  # as in _dkdv_tiles
+            p = tl.math.exp2(t * cap_out - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             valid = n_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= cols[None, :])
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(kT.dtype)
+        if SOFTCAP:
+            ds = (p * (dp - delta[:, None]) * (1.0 - t * t)).to(kT.dtype)
+        else:
+            ds = (p * (dp - delta[:, None])).to(kT.dtype)
         dq = tl.dot(ds, tl.trans(kT), dq, input_precision=PRECISION)
     return dq
 
@@ -207,10 +229,10 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                        stride_dob, stride_doh, stride_dom, stride_dod,
                        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        stride_lb, stride_lh, stride_lm,
-                       seq_q, seq_k, heads_q, group, qk_scale, sm_scale,
+                       seq_q, seq_k, heads_q, group, qk_scale, sm_scale, cap_in, cap_out,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M)."""
     n_blocks = tl.cdiv(seq_q, BLOCK_M)
     pid_m, bh, batch, head = block_of(tl.program_id(0), n_blocks, heads_q)
@@ -242,9 +264,9 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 
     hi, full_hi = causal_bounds(pid_m * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, 0, full_hi, offs_m, offs_n0, d_mask, seq_k, qk_scale,
-                   stride_kn, stride_vn, BLOCK_N, False, CAUSAL, PAD_D, PRECISION)
+                   cap_in, cap_out, stride_kn, stride_vn, BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP)
     dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, full_hi, hi, offs_m, offs_n0, d_mask, seq_k, qk_scale,
-                   stride_kn, stride_vn, BLOCK_N, True, CAUSAL, PAD_D, PRECISION)
+                   cap_in, cap_out, stride_kn, stride_vn, BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP)
 
     dq = dq * sm_scale
     tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,

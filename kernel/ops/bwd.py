@@ -13,10 +13,11 @@ import torch
 from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.types import DTYPE_BYTES, Config, normalize_dtype
 
-from ..checks import AttnShape, check_bwd_inputs, check_bool, check_precision, check_scale, device_limits
+from ..checks import (AttnShape, check_bool, check_bwd_inputs, check_precision, check_scale, check_softcap,
+                      device_limits)
 from ..jit.bwd import (attn_bwd_dkdv_kernel, attn_bwd_dq_convert_kernel, attn_bwd_dq_kernel,
                        attn_bwd_preprocess_kernel)
-from ..jit.common import LOG2E, one_axis_grid
+from ..jit.common import LOG2E, one_axis_grid, softcap_factors
 from .common import FALLBACK_SMEM, check_smem, padded_head_dim
 
 
@@ -214,17 +215,22 @@ def _elementwise_block(block_d: int) -> int:
 def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, shape: AttnShape, *, causal: bool, scale: float, config: Config,
                deterministic: bool = True, fp32_precision: str = "ieee",
-               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, softcap: float = 0.0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Launch the backward with no input checks; returns (dq, dk, dv, Triton's compiled kernels by name).
+    """Launch the backward with no tensor checks; returns (dq, dk, dv, Triton's compiled kernels by name).
 
     `scale` is the softmax scale (not folded with log2(e)); `lse` the forward's natural-log LSE.
     dq, dk, dv are allocated with empty_like(q/k/v) (same strides) unless `out` gives them.
     Atomics for dQ are used only when both `deterministic` is False and the config's
-    `deterministic` knob is false. The config's extras are checked (ValueError on unknown knobs);
-    Triton's own errors (OutOfResources, CompilationError) propagate for the tuner to record.
+    `deterministic` knob is false. `softcap` c > 0 differentiates the capped scores c·tanh(scale·QKᵀ/c)
+    (0.0: off); `o` and `lse` must then come from a forward with the same cap. The config's extras and
+    the softcap are checked (ValueError naming them); Triton's own errors (OutOfResources,
+    CompilationError) propagate for the tuner to record.
     """
     knobs = bwd_knobs(config)
+    softcap = check_softcap(softcap)  # a wrong cap would give finite, wrong gradients: refuse it here too
+    capped = softcap > 0.0
+    cap_in, cap_out = softcap_factors(scale, softcap) if capped else (0.0, 0.0)
     atomic = not deterministic and not knobs.deterministic
     dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if out is None else out
     b, hq, nq, hkv, nk = shape.batch, shape.heads_q, shape.seq_q, shape.heads_kv, shape.seq_k
@@ -246,9 +252,9 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q, k, v, do, dk, dv, lse, delta, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         *dq_acc_strides,
-        nq, nk, hkv, shape.group, qk_scale, scale,
+        nq, nk, hkv, shape.group, qk_scale, scale, cap_in, cap_out,
         HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n,
-        CAUSAL=causal, PRECISION=fp32_precision, ATOMIC_DQ=atomic,
+        CAUSAL=causal, PRECISION=fp32_precision, ATOMIC_DQ=atomic, SOFTCAP=capped,
         num_warps=knobs.num_warps, num_stages=knobs.num_stages)
 
     if atomic:
@@ -259,9 +265,9 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         compiled["dq"] = attn_bwd_dq_kernel[one_axis_grid(b, hq, nq, knobs.block_m_dq)](
             q, k, v, do, dq, lse, delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *lse.stride(),
-            nq, nk, hq, shape.group, qk_scale, scale,
+            nq, nk, hq, shape.group, qk_scale, scale, cap_in, cap_out,
             HEAD_DIM=shape.head_dim, BLOCK_D=block_d, BLOCK_M=knobs.block_m_dq, BLOCK_N=knobs.block_n_dq,
-            CAUSAL=causal, PRECISION=fp32_precision,
+            CAUSAL=causal, PRECISION=fp32_precision, SOFTCAP=capped,
             num_warps=knobs.num_warps_dq, num_stages=knobs.num_stages_dq)
     return dq, dk, dv, compiled
 
@@ -276,7 +282,7 @@ def check_bwd_config(config: Any, shape: AttnShape, smem_limit: int | None, arch
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, *, causal: bool, scale: float | None, config: Config | None = None,
-                  deterministic: bool = True, fp32_precision: str = "ieee",
+                  deterministic: bool = True, fp32_precision: str = "ieee", softcap: float = 0.0,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of O = softmax(scale·QKᵀ [+ causal mask])·V given dO.
 
@@ -286,17 +292,19 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     takes the device's default backward config. `deterministic=True` (the default) never uses
     atomics, so two runs give bitwise-equal gradients; False lets a config with
     `extra={"deterministic": False}` add dQ with fp32 atomics. float32 inputs use IEEE fp32 dots
-    unless fp32_precision="tf32".
+    unless fp32_precision="tf32". `softcap` c > 0 (0.0: off) gives the gradients of the softcapped
+    attention, scores c·tanh(scale·QKᵀ/c); o and lse must come from the forward with the same softcap.
     """
     shape = check_bwd_inputs(do, q, k, v, o, lse)
     causal = check_bool(causal, "causal")
     scale = check_scale(scale, shape.head_dim)
     deterministic = check_bool(deterministic, "deterministic")
     fp32_precision = check_precision(fp32_precision)
+    softcap = check_softcap(softcap)
     arch, smem_limit = device_limits(q)
     if config is None:
         config = default_bwd_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_bwd_config(config, shape, smem_limit, arch)
     dq, dk, dv, _ = launch_bwd(do, q, k, v, o, lse, shape, causal=causal, scale=scale, config=config,
-                               deterministic=deterministic, fp32_precision=fp32_precision)
+                               deterministic=deterministic, fp32_precision=fp32_precision, softcap=softcap)
     return dq, dk, dv
