@@ -51,7 +51,7 @@ def _ids(case) -> str:
 
 
 def _inputs(case, dtype, device, seed):
-    b, hq, hkv, nq, nmax, d, causal, lens, _, _ = case
+    b, hq, hkv, nq, nmax, d, _, lens, _, _ = case
     gen = torch.Generator().manual_seed(seed)
     mk = lambda h, n: torch.randn(b, h, n, d, generator=gen, dtype=torch.float32)  # noqa: E731
     q = (mk(hq, nq) * SCORE_STD).to(device, dtype)  # scale·q·k then has a std of SCORE_STD
