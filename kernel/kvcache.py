@@ -12,7 +12,8 @@ from ..db.types import Config
 
 from . import device as _device
 from . import dispatch, record
-from .checks import check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale, needs_grad
+from .checks import (check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale,
+                     check_softcap, needs_grad)
 from .ops.kvcache import check_decode_config, launch_decode
 from .sdpa import is_refusal, run_sdpa
 
@@ -21,7 +22,7 @@ __all__ = ["attention_kvcache", "run_planned"]
 
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                       cache_seqlens: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                      config: Config | None = None, check_lengths: bool = False) -> torch.Tensor:
+                      config: Config | None = None, check_lengths: bool = False, softcap: float = 0.0) -> torch.Tensor:
     """Attention of q against a KV cache with per-sequence lengths; returns (B, Hq, Nq, D) like q.
 
     q (B, Hq, Nq, D); k_cache, v_cache (B, Hkv, Nmax, D), Hq a multiple of Hkv (GQA/MQA); any
@@ -34,7 +35,9 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     during CUDA-graph capture and torch.compile tracing). causal=True aligns bottom-right as
     flash_attn does for a cache: query i sees keys j <= len − Nq + i (non-empty lengths should be
     >= Nq; with fewer keys the first queries see none and get zeros, and check_lengths=True
-    refuses them). scale defaults to 1/sqrt(D).
+    refuses them). scale defaults to 1/sqrt(D). softcap c > 0 caps the scaled scores s to c·tanh(s/c)
+    before the softmax (Gemma 2; flash_attn's convention); 0.0 (the default) is off, and anything else
+    that is not a finite number > 0 is a ValueError.
 
     config=None asks the dispatcher (kernel.dispatch.kvcache_plan: the tuned winner of the key
     (arch, "kvcache", Nq, Nmax, D, dtype, causal, B·Hq bucket, Hq/Hkv), else the rules applied to
@@ -62,6 +65,8 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         causal = check_bool(causal, "causal")
     if type(check_lengths) is not bool:
         check_lengths = check_bool(check_lengths, "check_lengths")
+    if type(softcap) is not float or softcap != 0.0:
+        softcap = check_softcap(softcap)
     if config is not None:
         shape = check_kvcache_inputs(q, k_cache, v_cache)
         lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal, check_values=check_lengths)
@@ -72,21 +77,22 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         else:
             check_decode_config(config, shape, None, ragged=ragged)
         return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal,
-                             scale=check_scale(scale, shape.head_dim), config=config)[0]
-    return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths)
+                             scale=check_scale(scale, shape.head_dim), config=config, softcap=softcap)[0]
+    return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths, softcap=softcap)
 
 
 def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
-                causal: bool, scale: float | None, check_lengths: bool) -> torch.Tensor:
+                causal: bool, scale: float | None, check_lengths: bool, *, softcap: float = 0.0) -> torch.Tensor:
     """attention_kvcache(config=None) after its own argument checks (grad, causal a bool, check_lengths
-    a bool): the transformers integration calls this directly.
+    a bool, softcap a checked cap, 0.0 for off): the transformers integration calls this directly.
 
     The dispatcher's plan (kernel.dispatch.kvcache_plan: memoised per signature with Nmax bucketed,
     the caches still validated per call), the checks that depend on the call's exact Nmax (causal
     with fewer keys than queries; cache_seqlens' type, dtype, shape and device, and its values only
     with check_lengths), then the plan's DecodeLaunch, which relaunches the compiled passes directly
     on CUDA. Under FLASHTUNE_RECORD=1 the call counts its plan's key (dispatch.kvcache_key). A
-    stored config that fails to compile falls back to the default with one warning.
+    stored config that fails to compile falls back to the default with one warning. A capped call
+    never runs an SDPA winner (SDPA has no softcap): it runs the kernel config stored beside it.
     """
     plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None)
     if record.ENABLED:
@@ -99,7 +105,8 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
         cache_seqlens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal,
                                             check_lengths)
     scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
-    if plan.sdpa is not None:  # an SDPA backend won the key, and computes this call: no lengths, all keys seen
+    if plan.sdpa is not None and not softcap:  # an SDPA backend won the key, and computes this call: no lengths,
+        # all keys seen, no cap
         try:
             return run_sdpa(plan.sdpa, q, k_cache, v_cache, causal=False, scale=scale)
         except RuntimeError as error:
@@ -107,10 +114,10 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 raise
             dispatch.kvcache_backend_refused(q, k_cache, v_cache, causal, False)
     try:
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, cache_seqlens is not None, plan.choice,
                                               error)
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)

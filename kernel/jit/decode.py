@@ -5,7 +5,8 @@ Pass 1 (`decode_split_kernel`), a 1-D grid of cdiv(G·Nq, BLOCK_M) × num_splits
 of one KV head and the Nq queries into the M dimension of one tile, row r = g·Nq + i (head
 hkv·G + g, query i), so each KV head's keys and values are read once per split instead of once per
 query head. It streams its split [s·split_size, min((s+1)·split_size, len)) in BLOCK_N tiles with
-the online softmax in fp32 (exp2, the scale and log2(e) folded into one multiply), and either
+the online softmax in fp32 (exp2, the scale and log2(e) folded into one multiply; with SOFTCAP the
+scores c·tanh(s/c) of kernel.jit.common.softcap_scores instead), and either
 writes O directly (one split) or its partials: the normalised accumulator acc/l (fp32) and the
 base-2 log-sum-exp m + log2(l) per row (-inf for a row that saw no key).
 
@@ -34,14 +35,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import load_tile, softmax_step
+from .common import load_tile, softcap_scores, softmax_step
 
 
 @triton.jit
 def _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_n, d_mask, seq_len, row_limit, qk_scale,
-                  stride_kn, stride_vn,
+                  cap_in, cap_out, stride_kn, stride_vn,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  PAD_D: tl.constexpr, PRECISION: tl.constexpr):
+                  PAD_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     # MASKED=False: whole tiles below the sequence's length that every query sees, loaded and used
     # without masks. MASKED=True: the sequence's tail tile and the tiles holding the causal edge.
     for start_n in range(lo, hi, BLOCK_N):
@@ -49,7 +50,10 @@ def _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_n, d_mask, seq_
         cols = start_n + offs_n
         n_ok = cols < seq_len
         k = load_tile(k_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if SOFTCAP:
+            qk = softcap_scores(tl.dot(q, k, input_precision=PRECISION), cap_in, cap_out)
+        else:
+            qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if MASKED:
             valid = n_ok[None, :]
             if CAUSAL:
@@ -69,13 +73,16 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_ob, stride_oh, stride_om, stride_od,
                         heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, qk_scale,
+                        cap_in, cap_out,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, SPLIT: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """Pass 1. 1-D grid of num_m_blocks · num_splits · batch·heads_kv programs (see the module doc).
 
-    SPLIT=False (num_splits == 1) writes O; SPLIT=True writes the partials ACC/LSE.
+    SPLIT=False (num_splits == 1) writes O; SPLIT=True writes the partials ACC/LSE. SOFTCAP=True caps the
+    scores (`softcap_scores` with the runtime cap_in, cap_out; qk_scale unused); SOFTCAP=False ignores
+    cap_in and cap_out and compiles the uncapped loop.
     """
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -128,11 +135,11 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
     full_hi = lo + ((tl.minimum(hi, seen_by_all) - lo) // BLOCK_N) * BLOCK_N
     full_hi = tl.maximum(full_hi, lo)
     acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, full_hi, offs_n, d_mask, seq_len,
-                                  row_limit, qk_scale, stride_kn, stride_vn,
-                                  BLOCK_N, False, CAUSAL, PAD_D, PRECISION)
+                                  row_limit, qk_scale, cap_in, cap_out, stride_kn, stride_vn,
+                                  BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP)
     acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_n, d_mask, seq_len,
-                                  row_limit, qk_scale, stride_kn, stride_vn,
-                                  BLOCK_N, True, CAUSAL, PAD_D, PRECISION)
+                                  row_limit, qk_scale, cap_in, cap_out, stride_kn, stride_vn,
+                                  BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP)
 
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key keeps acc = 0

@@ -15,7 +15,7 @@ from ...db.types import INT32_MAX, Config, normalize_dtype
 from .. import device as _device
 from .. import fastlaunch
 from ..checks import AttnShape
-from ..jit.common import GRID_X_MAX, LOG2E
+from ..jit.common import GRID_X_MAX, LOG2E, softcap_factors
 from ..jit.decode import decode_combine_kernel, decode_split_kernel
 from .common import check_smem, padded_head_dim
 from .fwd import estimate_smem
@@ -279,10 +279,18 @@ def split_geometry(seq_kv: int, block_n: int, requested: int, ragged_rows: int =
 
 
 def _split_constexprs(head_dim: int, block_d: int, config: Config, causal: bool, has_lens: bool, split: bool,
-                      fp32_precision: str) -> dict[str, Any]:
+                      fp32_precision: str, capped: bool) -> dict[str, Any]:
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                CAUSAL=bool(causal), HAS_SEQLENS=has_lens, SPLIT=split, PRECISION=fp32_precision,
+                CAUSAL=bool(causal), HAS_SEQLENS=has_lens, SPLIT=split, PRECISION=fp32_precision, SOFTCAP=capped,
                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+_NO_CAP = (0.0, 0.0)  # pass 1's cap_in, cap_out when SOFTCAP=False: it never reads them
+
+
+def _cap_args(scale: float, softcap: float) -> tuple[float, float]:
+    """Pass 1's (cap_in, cap_out) for cap `softcap` (0.0: off, then unused zeros)."""
+    return softcap_factors(scale, softcap) if softcap else _NO_CAP
 
 
 def _combine_constexprs(head_dim: int, block_d: int, num_splits: int, has_lens: bool) -> dict[str, Any]:
@@ -293,10 +301,10 @@ def _combine_constexprs(head_dim: int, block_d: int, num_splits: int, has_lens: 
 def _split_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, acc: torch.Tensor,
                 lse: torch.Tensor, lens: torch.Tensor, stride_s: int, o_strides: tuple[int, ...], heads_kv: int,
                 seq_q: int, seq_kv: int, group: int, split_size: int, num_splits: int, num_m_blocks: int,
-                scale: float) -> tuple[Any, ...]:
-    """Pass 1's positional arguments (decode_split_kernel's order)."""
+                scale: float, caps: tuple[float, float]) -> tuple[Any, ...]:
+    """Pass 1's positional arguments (decode_split_kernel's order); `caps` from `cap_args`."""
     return (q, k, v, o, acc, lse, lens, stride_s, *q.stride(), *k.stride(), *v.stride(), *o_strides,
-            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E)
+            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E, *caps)
 
 
 def _combine_args(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lens: torch.Tensor, stride_s: int,
@@ -309,7 +317,7 @@ def _combine_args(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lens: t
 def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: AttnShape, *,
                   cache_seqlens: torch.Tensor | None, causal: bool, scale: float, config: Config,
                   out: torch.Tensor | None = None, partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fp32_precision: str = "ieee") -> tuple[torch.Tensor, tuple[Any, ...]]:
+                  fp32_precision: str = "ieee", softcap: float = 0.0) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """Launch the split-KV kernel with no input checks; returns (o, compiled kernels of the passes run).
 
     The tuner and the explicit-config path call this after validating once (`check_kvcache_inputs`,
@@ -317,7 +325,9 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     config knobs raise ValueError; Triton's own errors (OutOfResources, CompilationError) propagate
     unchanged so the tuner can record them. `out` (laid out like q, any strides) and `partials`
     (from `decode_partials`) may be given preallocated; the compiled-kernel tuple holds pass 1, then
-    pass 2 when it ran (entries are None under the interpreter).
+    pass 2 when it ran (entries are None under the interpreter). `softcap` c > 0 caps the scaled scores
+    s to c·tanh(s/c) before the softmax (0.0: off, today's kernel; the caller checks the value,
+    kernel.checks.check_softcap).
     """
     decode_knobs(config)
     plan = plan_decode(config, batch=shape.batch, heads_kv=shape.heads_kv, group=shape.group, seq_q=shape.seq_q,
@@ -334,8 +344,10 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (plan.num_m_blocks * plan.num_splits * shape.batch * shape.heads_kv,)
     first = decode_split_kernel[grid](
         *_split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, shape.heads_kv, shape.seq_q,
-                     shape.seq_k, shape.group, plan.split_size, plan.num_splits, plan.num_m_blocks, scale),
-        **_split_constexprs(shape.head_dim, plan.block_d, config, causal, has_lens, plan.split, fp32_precision))
+                     shape.seq_k, shape.group, plan.split_size, plan.num_splits, plan.num_m_blocks, scale,
+                     _cap_args(scale, softcap)),
+        **_split_constexprs(shape.head_dim, plan.block_d, config, causal, has_lens, plan.split, fp32_precision,
+                            bool(softcap)))
     if not plan.split:
         return o, (first,)
     second = decode_combine_kernel[(shape.batch * shape.heads_q * shape.seq_q,)](
@@ -357,15 +369,16 @@ class DecodeLaunch:
     The launch is launch_decode's, with the same arguments; on CUDA each pass's compiled kernel is
     kept and relaunched directly (kernel.fastlaunch), keyed by the specialisation of what can still
     change between the plan's calls: the strides of the caches and of cache_seqlens, Nmax, the
-    split size and count (and the combine pass's BLOCK_S), and the 16-byte alignment of q, the
-    caches and cache_seqlens. The other arguments are fixed by the plan's memo key (q's shape and
-    strides, Hkv, D, causal, whether lengths are given), and the output and scratch are fresh
-    allocations, which the CUDA caching allocator aligns to 512 bytes (LSE starts R·S·D floats in,
-    a multiple of 32 bytes). A relaunch passes the tensors' addresses as ints: Triton's launcher
-    takes an int pointer as it is, where a tensor costs it a `data_ptr()` call and a driver query
-    (cuPointerGetAttribute) per pointer argument. A new key launches through the JIT once (which
-    compiles that variant if needed). Never under the interpreter or while torch.compile traces
-    the call.
+    split size and count (and the combine pass's BLOCK_S), whether the call caps its scores (pass 1's
+    SOFTCAP; the cap itself is a runtime argument, so the plan holds nothing cap-specific and serves
+    calls with and without one), and the 16-byte alignment of q, the caches and cache_seqlens. The
+    other arguments are fixed by the plan's memo key (q's shape and strides, Hkv, D, causal, whether
+    lengths are given), and the output and scratch are fresh allocations, which the CUDA caching
+    allocator aligns to 512 bytes (LSE starts R·S·D floats in, a multiple of 32 bytes). A relaunch
+    passes the tensors' addresses as ints: Triton's launcher takes an int pointer as it is, where a
+    tensor costs it a `data_ptr()` call and a driver query (cuPointerGetAttribute) per pointer argument.
+    A new key launches through the JIT once (which compiles that variant if needed). Never under the
+    interpreter or while torch.compile traces the call.
     """
 
     __slots__ = ("config", "head_dim", "block_d", "block_n", "requested", "ragged_rows", "heads_q", "heads_kv",
@@ -386,14 +399,19 @@ class DecodeLaunch:
         self.programs = geometry.num_m_blocks * shape.batch * shape.heads_kv  # pass 1's programs per split
         self.rows = shape.batch * shape.heads_q * shape.seq_q  # pass 2's programs
         self.causal, self.has_lens = bool(causal), ragged
-        self.split_kw = {split: _split_constexprs(shape.head_dim, geometry.block_d, config, causal, ragged, split,
-                                                  "ieee") for split in (False, True)}
+        # (split, capped) -> pass 1's constexprs: the cap comes per call, as the plan is shared by calls
+        # with and without one
+        self.split_kw = {(split, capped): _split_constexprs(shape.head_dim, geometry.block_d, config, causal, ragged,
+                                                            split, "ieee", capped)
+                         for split in (False, True) for capped in (False, True)}
         # specialisation key -> (pass 1, pass 2 or None); None entries launch through the JIT
         self.launchers: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_kv: int,
-                 cache_seqlens: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax."""
+                 cache_seqlens: torch.Tensor | None, scale: float, softcap: float = 0.0) -> torch.Tensor:
+        """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax, `softcap`
+        a checked cap (0.0: off). The cap selects pass 1's SOFTCAP variant per call (part of the relaunch key)."""
+        capped = softcap != 0.0
         split_size, num_splits = split_geometry(seq_kv, self.block_n, self.requested, self.ragged_rows)
         o = torch.empty_like(q)
         partials = self.rows * num_splits * self.head_dim  # ACC's floats; LSE follows
@@ -407,7 +425,7 @@ class DecodeLaunch:
                 lens_ptr, stride_s = cache_seqlens.data_ptr(), cache_seqlens.stride(0)
             k_strides, v_strides = k_cache.stride(), v_cache.stride()
             ints = (stride_s, *k_strides, *v_strides, seq_kv, split_size, num_splits)
-            key = (combine_block_s(num_splits) if scratch is not None else 0,
+            key = (combine_block_s(num_splits) if scratch is not None else 0, capped,
                    *fastlaunch.specialization(ints, ()),
                    q_ptr % 16 == 0, k_ptr % 16 == 0, v_ptr % 16 == 0, lens_ptr % 16 == 0)
             kept = self.launchers.get(key)
@@ -423,7 +441,8 @@ class DecodeLaunch:
                         lse_ptr = acc_ptr + 4 * partials
                     args = (q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, lse_ptr, lens_ptr, stride_s, *q.stride(), *k_strides,
                             *v_strides, *o_strides, self.heads_kv, self.seq_q, seq_kv, self.group, split_size,
-                            num_splits, self.num_m_blocks, scale * LOG2E)
+                            num_splits, self.num_m_blocks, scale * LOG2E,
+                            *_cap_args(scale, softcap))
                     if first.launch(stream, (self.programs * num_splits, 1, 1), args):
                         if scratch is None:
                             return o
@@ -440,11 +459,12 @@ class DecodeLaunch:
         else:
             key = None
         return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size, num_splits,
-                         scale, key)
+                         scale, softcap, key)
 
     def _jit(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o: torch.Tensor,
              scratch: torch.Tensor | None, partials: int, seq_kv: int, cache_seqlens: torch.Tensor | None,
-             split_size: int, num_splits: int, scale: float, key: tuple[Any, ...] | None) -> torch.Tensor:
+             split_size: int, num_splits: int, scale: float, softcap: float,
+             key: tuple[Any, ...] | None) -> torch.Tensor:
         """Both passes through Triton's JIT on tensors (views of the scratch); keeps the compiled passes
         under `key` for direct relaunch (None: keep nothing)."""
         split = scratch is not None
@@ -458,14 +478,16 @@ class DecodeLaunch:
             lens, stride_s = cache_seqlens, cache_seqlens.stride(0)
         o_strides = o.stride()
         args = _split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, self.heads_kv, self.seq_q,
-                           seq_kv, self.group, split_size, num_splits, self.num_m_blocks, scale)
+                           seq_kv, self.group, split_size, num_splits, self.num_m_blocks, scale,
+                           _cap_args(scale, softcap))
+        capped = softcap != 0.0
         grid = self.programs * num_splits
         combine = (_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q, self.seq_q, seq_kv, split_size,
                                  num_splits) if split else None)
-        compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split])
+        compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split, capped])
         second = self._combine(combine, num_splits) if combine is not None else None
         if key is not None:
-            self._keep(key, (grid,), args, compiled, combine, second, split)
+            self._keep(key, (grid,), args, compiled, combine, second, split, capped)
         return o
 
     def _partials(self, scratch: torch.Tensor, partials: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,8 +500,8 @@ class DecodeLaunch:
                                                                                   self.has_lens))
 
     def _keep(self, key: tuple[Any, ...], grid: tuple[int], args: tuple[Any, ...], compiled: Any,
-              combine: tuple[Any, ...] | None, second: Any, split: bool) -> None:
-        first = fastlaunch.build(decode_split_kernel, compiled, grid, args, self.split_kw[split], len(args))
+              combine: tuple[Any, ...] | None, second: Any, split: bool, capped: bool) -> None:
+        first = fastlaunch.build(decode_split_kernel, compiled, grid, args, self.split_kw[split, capped], len(args))
         relaunch_second = None
         if combine is not None:
             relaunch_second = fastlaunch.build(decode_combine_kernel, second, (self.rows,), combine,
