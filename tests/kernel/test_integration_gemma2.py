@@ -51,11 +51,14 @@ def test_prefill_logits_match_eager_softcapping(model: Gemma2ForCausalLM) -> Non
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
     assert rel(ours, eager, floor=0.1) < 1e-5
     # The cap matters for these weights: without it the logits differ.
-    model.config.attn_logit_softcapping = None
+    attentions = [layer.self_attn for layer in model.model.layers]
+    for attn in attentions:
+        attn.attn_logit_softcapping = None
     try:
         uncapped = _logits(model, "eager", ids)
     finally:
-        model.config.attn_logit_softcapping = CAP
+        for attn in attentions:
+            attn.attn_logit_softcapping = CAP
     assert rel(uncapped, eager, floor=0.1) > 1e-2
 
 
