@@ -30,12 +30,14 @@ from .schema import SCHEMA_VERSION
 from .store import Store, Winner
 from .text import label_problem, printable, shown
 from .errors import one_line
-from .types import (INT32_MAX, MAX_BATCH_HEADS, MAX_CONFIG_TEXT, MAX_GROUP, MAX_SEQ_LEN, Config, InvalidField, Key,
-                    normalize_dtype)
+from .types import (FEATURE_DEFAULTS, INT32_MAX, MAX_BATCH_HEADS, MAX_CONFIG_TEXT, MAX_GROUP, MAX_SEQ_LEN, MAX_WINDOW,
+                    Config, InvalidField, Key, normalize_dtype)
 
 FORMAT = "flashtune-winners"
 # 2: keys carry batch_heads and group, winners kernel_config (version 1 files still import: the
-# fields are optional, their defaults the schema-1 meaning).
+# fields are optional, their defaults the schema-1 meaning). A key's attention features (window,
+# softcap, sinks, alibi, dropout, mask) are optional fields of version 2, written only when on: a
+# file without them is exactly what it was, and an older reader refuses one with them by name.
 FORMAT_VERSION = 2
 MAX_FILE_BYTES = 64 * 1024 * 1024
 POLICIES: tuple[str, ...] = ("faster", "newer", "replace", "keep")
@@ -96,6 +98,14 @@ class KeyFields(TypedDict):
     causal: bool
     batch_heads: NotRequired[Annotated[int, Field(ge=0, le=MAX_BATCH_HEADS)]]
     group: NotRequired[Annotated[int, Field(ge=1, le=MAX_GROUP)]]
+    # The attention features: written only when on, so a file of keys without them reads as before
+    # (and older flashtune reads it); their values are checked by Key.
+    window: NotRequired[Annotated[int, Field(ge=0, le=MAX_WINDOW)]]
+    softcap: NotRequired[bool]
+    sinks: NotRequired[bool]
+    alibi: NotRequired[bool]
+    dropout: NotRequired[bool]
+    mask: NotRequired[Annotated[str, Field(max_length=8)]]
 
 
 @with_config(_STRICT)
@@ -190,10 +200,12 @@ def _winner_dict(w: Winner) -> dict[str, Any]:
 
 
 def key_to_dict(key: Key) -> dict[str, Any]:
-    """A key in the exchange file's JSON shape (also `flashtune show --recorded --json`)."""
-    return {"arch": key.arch, "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv,
-            "head_dim": key.head_dim, "dtype": key.dtype, "causal": key.causal,
-            "batch_heads": key.batch_heads, "group": key.group}
+    """A key in the exchange file's JSON shape (also `flashtune show --recorded --json`): the
+    attention features only where they are on."""
+    fields = {"arch": key.arch, "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv,
+              "head_dim": key.head_dim, "dtype": key.dtype, "causal": key.causal,
+              "batch_heads": key.batch_heads, "group": key.group}
+    return {**fields, **key.features_on()}
 
 
 def winner_to_dict(winner: Winner) -> dict[str, Any]:
@@ -309,7 +321,8 @@ class _WinnerBuilder:
                     raise InvalidField(f"provenance.{name}", problem)
         try:
             key = Key(k["arch"], k["op"], k["seq_len"], k["head_dim"], k["dtype"], k["causal"], k["seq_len_kv"],
-                      k.get("batch_heads", 0), k.get("group", 1))
+                      k.get("batch_heads", 0), k.get("group", 1),
+                      **{name: k.get(name, default) for name, default in FEATURE_DEFAULTS.items()})
         except InvalidField as exc:
             raise InvalidField(f"key.{exc.field}", str(exc)) from None
         kernel_text = data.get("kernel_config")

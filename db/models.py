@@ -12,12 +12,16 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text,
-                        TypeDecorator, UniqueConstraint)
+                        TypeDecorator, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# `batch_heads` (the B·Hq bucket) and `group` (Hq/Hkv) joined the key in schema version 2.
+from .types import FEATURES
+
+# `batch_heads` (the B·Hq bucket) and `group` (Hq/Hkv) joined the key in schema version 2, the
+# attention features (`types.FEATURES`: window, softcap, sinks, alibi, dropout, mask) in version 4.
 KEY_COLUMNS: tuple[str, ...] = ("arch", "op", "seq_len", "seq_len_kv", "head_dim", "dtype", "causal",
-                                "batch_heads", "group")
+                                "batch_heads", "group", *FEATURES)
+FEATURES_SINCE = 4  # the schema version whose key columns include FEATURES
 CONFIG_COLUMNS: tuple[str, ...] = ("block_m", "block_n", "num_warps", "num_stages", "config_extra")
 
 
@@ -89,6 +93,13 @@ class KeyColumns:
     causal: Mapped[bool] = mapped_column(Flag)
     batch_heads: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     group: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # quoted in SQL: a keyword
+    # The attention features (schema 4); the server defaults are "off", what every older row meant.
+    window: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # a keyword too
+    softcap: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
+    sinks: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
+    alibi: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
+    dropout: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
+    mask: Mapped[str] = mapped_column(String(8), default="none", server_default="none")  # one of MASKS
 
 
 class KeyConfigColumns(KeyColumns):

@@ -10,24 +10,27 @@ The mechanism, kept small on purpose (no Alembic needed on GPU machines):
 - Opening a database refuses a newer version (naming both) and an older one (naming the command,
   `flashtune db migrate`): readers such as the dispatcher must never write, and a fleet's shared
   database is migrated once, on purpose. A read-only open also takes versions from `READABLE_SINCE`
-  on, whose tables it reads are unchanged (what needs a newer table checks `Store.schema_version`).
+  on, whose tables it reads are unchanged or only lack key columns with defaults (the store reads the
+  defaults in their place; what needs a newer table checks `Store.schema_version`).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from sqlalchemy import Connection, Engine, inspect, select, text
+from sqlalchemy import Connection, Engine, UniqueConstraint, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersionError
 from .models import FLASHTUNE_TABLES, Base, MetaRow
 from .text import printable, shown
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The oldest version a read-only open accepts as it is: version 3 only added the fleet's job tables,
-# so an app whose database is still at 2 keeps its tuned winners until someone migrates it.
+# and version 4 only key columns whose defaults are what every older row meant (the store reads those
+# defaults in their place), so an app whose database is still at 2 keeps its tuned winners until
+# someone migrates it.
 READABLE_SINCE = 2
 VERSION_KEY = "schema_version"
 MIGRATE_COMMAND = "flashtune db migrate"
@@ -51,23 +54,25 @@ def _to_v2(conn: Connection) -> None:
     1: the old tuner timed plain multi-head inputs), winners carry `kernel_config`, and the
     `recorded` table holds the keys apps ran under FLASHTUNE_RECORD=1."""
     from .models import KEY_COLUMNS, RecordedRow, TrialRow, WinnerRow
+    from .types import FEATURES
 
+    # Schema 2's key: the features came later (_to_v4 adds them to the tables made here from today's models).
+    key_v2 = ", ".join(f'"{c}"' for c in KEY_COLUMNS if c not in FEATURES)
     trials, winners = TrialRow.__table__.name, WinnerRow.__table__.name
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_flashtune_trials_key")
     for column in ('batch_heads INTEGER NOT NULL DEFAULT 0', '"group" INTEGER NOT NULL DEFAULT 1'):
         conn.exec_driver_sql(f"ALTER TABLE {trials} ADD COLUMN {column}")
-    next(i for i in TrialRow.__table__.indexes if i.name == "ix_flashtune_trials_key").create(conn)
+    conn.exec_driver_sql(f"CREATE INDEX ix_flashtune_trials_key ON {trials} ({key_v2}, kernel_version)")
     if conn.dialect.name == "postgresql":
         for column in ('batch_heads INTEGER NOT NULL DEFAULT 0', '"group" INTEGER NOT NULL DEFAULT 1',
                        "kernel_config TEXT"):
             conn.exec_driver_sql(f"ALTER TABLE {winners} ADD COLUMN {column}")
         conn.exec_driver_sql(f"ALTER TABLE {winners} DROP CONSTRAINT uq_flashtune_winners_key")
-        quoted = ", ".join(f'"{c}"' for c in KEY_COLUMNS)
-        conn.exec_driver_sql(f"ALTER TABLE {winners} ADD CONSTRAINT uq_flashtune_winners_key UNIQUE ({quoted})")
+        conn.exec_driver_sql(f"ALTER TABLE {winners} ADD CONSTRAINT uq_flashtune_winners_key UNIQUE ({key_v2})")
     else:
         # SQLite cannot drop a table constraint: rebuild the table (inside this transaction).
         old = [c.name for c in WinnerRow.__table__.columns
-               if c.name not in ("batch_heads", "group", "kernel_config")]
+               if c.name not in ("batch_heads", "group", "kernel_config", *FEATURES)]
         conn.exec_driver_sql(f"ALTER TABLE {winners} RENAME TO {winners}_v1")
         for index in WinnerRow.__table__.indexes:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
@@ -87,9 +92,54 @@ def _to_v3(conn: Connection) -> None:
         model.__table__.create(conn, checkfirst=True)  # a database taken back by hand may still have them
 
 
+def _to_v4(conn: Connection) -> None:
+    """Schema 4: the attention features (`types.FEATURES`) join the key columns of trials, winners,
+    recorded keys and job keys, every old row "off" (the columns' defaults), and the unique keys of
+    winners, recorded keys and job keys include them. A table that earlier steps made from today's
+    models has the columns already: only the missing ones are added, and every present one is kept."""
+    from .models import JobKeyRow, RecordedRow, TrialRow, WinnerRow
+    from .types import FEATURES
+
+    ddl = conn.dialect.ddl_compiler(conn.dialect, None)
+
+    def present(table: Any) -> set[str]:
+        return {column["name"] for column in inspect(conn).get_columns(table.name)}
+
+    def add_columns(table: Any) -> None:
+        for name in [c for c in FEATURES if c not in present(table)]:
+            # The models' own column DDL: the type, NOT NULL and the server default.
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl.get_column_specification(table.c[name])}")
+
+    trials = TrialRow.__table__
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_flashtune_trials_key")
+    add_columns(trials)
+    next(i for i in trials.indexes if i.name == "ix_flashtune_trials_key").create(conn)
+    for table in (WinnerRow.__table__, RecordedRow.__table__, JobKeyRow.__table__):
+        unique = [c for c in table.constraints if isinstance(c, UniqueConstraint)]
+        if conn.dialect.name == "postgresql":
+            add_columns(table)
+            for constraint in unique:
+                # Raw DDL: sqlalchemy's AddConstraint would leave the constraint out of every later CREATE TABLE.
+                columns = ", ".join(f'"{c.name}"' for c in constraint.columns)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} DROP CONSTRAINT {constraint.name}")
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD CONSTRAINT {constraint.name} UNIQUE ({columns})")
+            continue
+        # SQLite cannot change a table constraint: rebuild the table (inside this transaction). Nothing
+        # refers to these tables, so renaming them rewrites no other table's foreign key.
+        old = [c.name for c in table.columns if c.name in present(table)]
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {table.name}_v3")
+        for index in table.indexes:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+        table.create(conn)
+        names = ", ".join(f'"{c}"' for c in old)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {table.name}_v3")
+        conn.exec_driver_sql(f"DROP TABLE {table.name}_v3")
+
+
 MIGRATIONS: list[Migration] = [
     Migration(2, "workload keys (batch_heads, group), winners' kernel_config, the recorded table", _to_v2),
     Migration(3, "fleet jobs: the jobs, job_units and job_keys tables", _to_v3),
+    Migration(4, "attention features in the key (window, softcap, sinks, alibi, dropout, mask)", _to_v4),
 ]
 
 

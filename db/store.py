@@ -24,7 +24,8 @@ from operator import itemgetter
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
-from sqlalchemy import BigInteger, Connection, Engine, bindparam, case, delete, func, literal_column, or_, select, update
+from sqlalchemy import (BigInteger, Column, Connection, Engine, bindparam, case, delete, false, func, literal,
+                        literal_column, or_, select, update)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -33,14 +34,15 @@ from .bulk import BulkStatement
 from .engines import WRITE_OPTIONS, make_engine, use_wal
 from .errors import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError,
                      SchemaVersionError, StoreError, translated)
-from .models import KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
+from .models import FEATURES_SINCE, KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
 from .paths import default_url
 from .text import mask_url
 from .rows import (DamagedRow, DamagedRowWarning, Decoder, RowSpec, damage_summary, int32, key_values,
                    label, number, outcome, text, when)
 from .schema import ensure, migrate
 from .text import label_problem, shown
-from .types import INT32_MAX, OUTCOMES, Config, Key, check_head_dim, normalize_dtype, normalize_op
+from .types import (FEATURE_DEFAULTS, INT32_MAX, OUTCOMES, Config, Key, check_head_dim, normalize_dtype,
+                    normalize_op)
 
 __all__ = ["DamagedRow", "DamagedRowWarning", "DatabaseCorruptError", "DatabaseLockedError",
            "DatabaseUnavailableError", "RunInfo", "SchemaVersionError", "StaleRun", "Store",
@@ -229,7 +231,27 @@ def _columns(table: Any, spec: RowSpec) -> list[Any]:
 
 _WINNER_COLUMNS = _columns(_WINNERS, WINNER_SPEC)
 _TRIAL_COLUMNS = _columns(_TRIALS, TRIAL_SPEC)
+_RECORDED_COLUMNS = _columns(_RECORDED, _RECORDED_SPEC)
 _N_KEY = len(KEY_COLUMNS)
+
+
+def readable(columns: Sequence[Any], version: int) -> list[Any]:
+    """`columns` as a database at schema `version` can select them: a key column it does not have
+    yet (an attention feature, schema 4) reads as its default, which is what every row of it meant.
+    A read-only open of an older database (schema.READABLE_SINCE) reads through this."""
+    if version >= FEATURES_SINCE:
+        return list(columns)
+    return [literal(FEATURE_DEFAULTS[c.name], c.type).label(c.name)
+            if isinstance(c, Column) and c.name in FEATURE_DEFAULTS else c for c in columns]
+
+
+def key_filter(table: Any, key: Key, version: int) -> list[Any]:
+    """The WHERE terms that match `key`'s row of `table` in a database at schema `version`."""
+    if version >= FEATURES_SINCE:
+        return [table.c[c] == v for c, v in _key_values(key).items()]
+    if key.features != tuple(FEATURE_DEFAULTS.values()):
+        return [false()]  # the database predates the features: no row of it has any on
+    return [table.c[c] == v for c, v in _key_values(key).items() if c not in FEATURE_DEFAULTS]
 
 # Built once: building `.values(...)` per call would cost more than the SQLite commit.
 _INSERT_TRIAL = _TRIALS.insert().returning(_TRIALS.c.id)
@@ -286,10 +308,10 @@ class _KeyRows:
     """The stored winner rows of a set of keys, matched on their raw key columns (stored keys are
     canonical): read whole to plan a merge, then compared with that read inside the write lock."""
 
-    def __init__(self, keys: Iterable[Key]) -> None:
+    def __init__(self, keys: Iterable[Key], version: int) -> None:
         self.wanted = {key_values(key) for key in keys}
         archs = sorted({raw[0] for raw in self.wanted})
-        self._query = select(*_WINNER_COLUMNS).where(_WINNERS.c.arch.in_(archs))
+        self._query = select(*readable(_WINNER_COLUMNS, version)).where(_WINNERS.c.arch.in_(archs))
 
     def read(self, conn: Connection) -> dict[tuple[Any, ...], Any]:
         """The rows of the wanted keys, by raw key."""
@@ -520,9 +542,9 @@ class Store:
                outcome: str | None = None) -> list[TrialRecord]:
         """Trials matching every filter given, oldest first; damaged rows are skipped (see
         `damaged_rows`)."""
-        query = select(*_TRIAL_COLUMNS)
+        query = select(*readable(_TRIAL_COLUMNS, self._schema_version))
         if key is not None:
-            query = query.where(*(getattr(_TRIALS.c, c) == v for c, v in _key_values(key).items()))
+            query = query.where(*key_filter(_TRIALS, key, self._schema_version))
         if arch is not None:
             query = query.where(_TRIALS.c.arch == normalize_arch(arch))
         if kernel_version is not None:
@@ -595,7 +617,7 @@ class Store:
                 head_dim: int | None = None, causal: bool | None = None) -> list[Winner]:
         """Winners matching every filter given, ordered by key; damaged rows are skipped (see
         `damaged_rows`)."""
-        query = select(*_WINNER_COLUMNS)
+        query = select(*readable(_WINNER_COLUMNS, self._schema_version))
         if arch is not None:
             query = query.where(_WINNERS.c.arch == normalize_arch(arch))
         if op is not None:
@@ -618,10 +640,11 @@ class Store:
                 names.append(normalize_arch(arch))
             except ValueError:
                 names.append(str(arch))  # a real but unknown chip: nothing is tuned for it
-        return self._select_winners(select(*_WINNER_COLUMNS).where(_WINNERS.c.arch.in_(sorted(set(names)))))
+        return self._select_winners(select(*readable(_WINNER_COLUMNS, self._schema_version)).where(_WINNERS.c.arch.in_(sorted(set(names)))))
 
     def _select_winners(self, query: Any) -> list[Winner]:
-        order = [getattr(_WINNERS.c, c) for c in KEY_COLUMNS]
+        order = [_WINNERS.c[c] for c in KEY_COLUMNS if self._schema_version >= FEATURES_SINCE or
+                 c not in FEATURE_DEFAULTS]
         with translated(self._url, "reading winners"), self._read() as conn:
             rows = conn.execute(query.order_by(*order)).all()
         return self._winners(rows)
@@ -639,7 +662,7 @@ class Store:
         statement, each executed with many parameter sets, so the write lock is held for the
         re-read and the batch only.
         """
-        rows = _KeyRows(keys)
+        rows = _KeyRows(keys, self._schema_version)
         if not rows.wanted:
             plan({})
             return
@@ -712,8 +735,7 @@ class Store:
     def iter_recorded(self, arch: str | None = None) -> Iterator[RecordedKey]:
         """`recorded(arch)` streamed: rows are fetched and decoded a partition at a time, so a listing
         of any length holds one partition in memory. The read stays open until the iterator ends."""
-        query = select(_RECORDED.c.id, *(_RECORDED.c[c] for c in KEY_COLUMNS), _RECORDED.c.calls,
-                       _RECORDED.c.first_seen, _RECORDED.c.last_seen)
+        query = select(*readable(_RECORDED_COLUMNS, self._schema_version))
         if arch is not None:
             query = query.where(_RECORDED.c.arch == normalize_arch(arch))
         with translated(self._url, "reading recorded shapes"), self._read() as conn:

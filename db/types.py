@@ -39,6 +39,15 @@ INT32_MAX = 2**31 - 1
 MAX_SEQ_LEN = INT32_MAX
 MAX_BATCH_HEADS = 2**30  # the largest power of two a 32-bit signed column holds
 MAX_GROUP = 2**16
+MAX_WINDOW = 2**30  # the largest window bucket (a power of two a 32-bit signed column holds)
+# An explicit attn_mask's kind: none, a boolean mask (True keeps), or a float mask added to the scores.
+MASKS: tuple[str, ...] = ("none", "bool", "float")
+# The attention features that change the best config, as Key fields, in order, and their "off" values:
+# a key without them reads as every key stored before they were fields.
+FEATURES: tuple[str, ...] = ("window", "softcap", "sinks", "alibi", "dropout", "mask")
+FEATURE_DEFAULTS: dict[str, Any] = {"window": 0, "softcap": False, "sinks": False, "alibi": False,
+                                    "dropout": False, "mask": "none"}
+_FLAGS: tuple[str, ...] = ("softcap", "sinks", "alibi", "dropout")
 MAX_EXTRA_TEXT = 64
 MAX_CONFIG_TEXT = 4096  # the canonical text of any valid config is far shorter
 
@@ -219,6 +228,12 @@ class Key:
     amount of parallel work that decides wave quantisation; 0 means "not recorded" (winners of
     schema 1 and exchange format 1, timed at one synthetic size). `group` is Hq / Hkv (1 for
     plain multi-head attention).
+
+    The attention features that change the best config (FEATURES), all "off" by default:
+    `window` is a sliding window's total size bucketed to a power of two (`window_bucket`; 0: no
+    window), `softcap`, `sinks`, `alibi` and `dropout` say whether the call uses logit softcapping,
+    attention sinks, ALiBi slopes and dropout, and `mask` is the kind of an explicit attention mask
+    ("none", "bool" or "float").
     """
 
     arch: str
@@ -230,9 +245,19 @@ class Key:
     seq_len_kv: int = 0  # 0 means "same as seq_len"; normalised in __post_init__
     batch_heads: int = 0  # B·Hq bucket, a power of two; 0: not recorded (schema 1)
     group: int = 1  # Hq / Hkv
+    window: int = 0  # sliding window size, a power of two (window_bucket); 0: none
+    softcap: bool = False
+    sinks: bool = False
+    alibi: bool = False
+    dropout: bool = False
+    mask: str = "none"  # one of MASKS
 
     def __post_init__(self) -> None:
         kv = self.seq_len_kv if self.seq_len_kv != 0 else self.seq_len
+        if not (self.window == 0 and self.softcap is False and self.sinks is False and self.alibi is False
+                and self.dropout is False and self.mask == "none" and type(self.window) is int
+                and type(self.mask) is str):
+            self._check_features()
         bh, group = self.batch_heads, self.group
         if (type(bh) is not int or not (bh == 0 or (0 < bh <= MAX_BATCH_HEADS and bh & (bh - 1) == 0))):
             raise InvalidField("batch_heads", f"batch_heads must be 0 or a power of two from 1 to "
@@ -262,13 +287,84 @@ class Key:
             raise InvalidField("causal", f"causal must be a bool, got {shown(self.causal)}")
         object.__setattr__(self, "causal", bool(self.causal))
 
+    def _check_features(self) -> None:
+        """Check the attention features (the slow path: some feature is on, or not of its type)."""
+        w = self.window
+        if type(w) is not int or not (w == 0 or (0 < w <= MAX_WINDOW and w & (w - 1) == 0)):
+            raise InvalidField("window", f"window must be 0 (none) or a power of two from 1 to {MAX_WINDOW}, "
+                                         f"got {shown(w)} (window_bucket gives it from a window's sides)")
+        for name in _FLAGS:
+            value = getattr(self, name)
+            if value not in (True, False):  # by value, as causal: 'False', 2 or None are refused
+                raise InvalidField(name, f"{name} must be a bool, got {shown(value)}")
+            object.__setattr__(self, name, bool(value))
+        if type(self.mask) is not str or self.mask not in MASKS:
+            raise InvalidField("mask", f"mask must be one of {', '.join(MASKS)}, got {shown(self.mask)}")
+
+    @property
+    def features(self) -> tuple[Any, ...]:
+        """The attention features in FEATURES order: keys that differ in them never share a winner."""
+        return (self.window, self.softcap, self.sinks, self.alibi, self.dropout, self.mask)
+
     def __str__(self) -> str:
         n = str(self.seq_len) if self.seq_len_kv == self.seq_len else f"{self.seq_len}x{self.seq_len_kv}"
         text = (f"{self.arch}/{self.op}/N={n}/D={self.head_dim}/{self.dtype}/"
                 f"{'causal' if self.causal else 'full'}")
         if self.batch_heads:
             text += f"/BH={self.batch_heads}"
-        return text + (f"/G={self.group}" if self.group != 1 else "")
+        if self.group != 1:
+            text += f"/G={self.group}"
+        return "/".join((text, *self.feature_parts()))
+
+    def feature_parts(self) -> list[str]:
+        """The features that are on, as the key's text shows them: ['W=4096', 'softcap', 'mask=bool']."""
+        parts = [f"W={self.window}"] if self.window else []
+        parts += [name for name in _FLAGS if getattr(self, name)]
+        return parts + ([f"mask={self.mask}"] if self.mask != "none" else [])
+
+    def features_on(self) -> dict[str, Any]:
+        """The features that are on, by field name (what the exchange file and JSON output write)."""
+        return {name: value for (name, default), value in zip(FEATURE_DEFAULTS.items(), self.features)
+                if value != default}
+        return "/".join((text, *self.feature_parts()))
+
+    @classmethod
+    def parse(cls, text: str) -> "Key":
+        """Read the canonical text form `str(key)` gives, e.g. 'sm_90/fwd/N=1024/D=64/float16/causal'
+        or 'sm_90/fwd/N=4096/D=128/bfloat16/causal/BH=64/G=4/W=4096/softcap/mask=bool'."""
+        m = None
+        if isinstance(text, str) and len(text) <= 256:
+            m = _KEY_TEXT.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(f"malformed key {shown(text)}: expected the form "
+                             "ARCH/OP/N=1024[x2048]/D=64/DTYPE/causal|full[/BH=..][/G=..][/W=..][/softcap]"
+                             "[/sinks][/alibi][/dropout][/mask=bool|float]")
+        n_kv = m["n_kv"]
+        return cls(m["arch"], m["op"], int(m["n"]), int(m["d"]), m["dtype"], m["causal"] == "causal",
+                   int(n_kv) if n_kv else 0, int(m["bh"] or 0), int(m["g"] or 1), int(m["w"] or 0),
+                   **{name: bool(m[name]) for name in _FLAGS}, mask=m["mask"] or "none")
+
+
+# The parts of Key.__str__, in its order; numbers of at most 10 digits, so that int() stays cheap.
+_KEY_TEXT = re.compile(
+    r"(?P<arch>[A-Za-z0-9_]{1,16})/(?P<op>[a-z]{1,8})/N=(?P<n>\d{1,10})(?:x(?P<n_kv>\d{1,10}))?/D=(?P<d>\d{1,10})"
+    r"/(?P<dtype>[a-z0-9]{1,16})/(?P<causal>causal|full)(?:/BH=(?P<bh>\d{1,10}))?(?:/G=(?P<g>\d{1,10}))?"
+    r"(?:/W=(?P<w>\d{1,10}))?(?P<softcap>/softcap)?(?P<sinks>/sinks)?(?P<alibi>/alibi)?(?P<dropout>/dropout)?"
+    r"(?:/mask=(?P<mask>[a-z]{1,8}))?")
+
+
+def window_bucket(left: int, right: int, seq_len_kv: int) -> int:
+    """A sliding window's Key.window: its total size (left + 1 + right keys) rounded to a power of two
+    as `bucket` rounds B·Hq; 0 when the window reaches across all `seq_len_kv` keys on both sides (no
+    window at all). flash_attn's convention: `left` / `right` of -1 is unbounded on that side."""
+    for name, value in (("window left", left), ("window right", right)):
+        check_int(name, value, -1, INT32_MAX)
+    check_int("seq_len_kv", seq_len_kv, 1, MAX_SEQ_LEN)
+    lo = seq_len_kv if left < 0 else min(left, seq_len_kv)
+    hi = seq_len_kv if right < 0 else min(right, seq_len_kv)
+    if lo >= seq_len_kv - 1 and hi >= seq_len_kv - 1:
+        return 0
+    return bucket(lo + 1 + hi)
 
 
 def bucket(batch_heads: int) -> int:

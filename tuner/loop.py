@@ -135,12 +135,12 @@ def tuning_order(keys: Iterable[Key]) -> list[Key]:
     """Keys grouped by everything but N and the bucket, N ascending, then the buckets of one N
     ascending: neighbours seed each other, siblings share a ranking, compiles are shared."""
     return sorted(dict.fromkeys(keys), key=lambda k: (k.arch, k.op, k.head_dim, k.dtype, k.causal, k.group,
-                                                       k.seq_len, k.seq_len_kv, k.batch_heads))
+                                                       k.features, k.seq_len, k.seq_len_kv, k.batch_heads))
 
 
 def _same_group(a: Key, b: Key) -> bool:
-    return (a.arch, a.op, a.head_dim, a.dtype, a.causal, a.group) == (b.arch, b.op, b.head_dim, b.dtype, b.causal,
-                                                                      b.group)
+    return (a.arch, a.op, a.head_dim, a.dtype, a.causal, a.group, a.features) == (
+        b.arch, b.op, b.head_dim, b.dtype, b.causal, b.group, b.features)
 
 
 def sibling_class(key: Key) -> Key:

@@ -7,7 +7,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -24,8 +24,8 @@ from ..ops.kvcache import DecodeLaunch
 from ..providers import KERNEL
 from ..version import op_version
 from . import table as _tables
-from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, TRAIN_OP, Choice, key_or_none,
-                    kv_bucket, kv_shape, resolve)
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, TRAIN_OP, Choice, group_key,
+                    key_or_none, kv_bucket, kv_shape, resolve)
 from .table import MEMO_LIMIT, DispatchWarning, Table
 
 INTERPRETER_ARCH = "sm_80"  # the nominal arch of CPU tensors, which run under the Triton interpreter
@@ -48,9 +48,11 @@ def _remember(memo: dict[Any, Any], token: Any, entry: Any) -> None:
 
 
 def _resolve(table: Table, arch: str, smem_limit: int, shape: AttnShape, causal: bool, *,
-             kernel_only: bool = False, op: str = OP, sm_count: int | None = None) -> Choice:
+             kernel_only: bool = False, op: str = OP, sm_count: int | None = None,
+             features: Mapping[str, Any] | None = None) -> Choice:
     return resolve(table, arch, smem_limit, shape, causal, rules=_rules(op), failed=_tables.failed,
-                   sdpa_providers=_sdpa_providers(), kernel_only=kernel_only, op=op, sm_count=sm_count)
+                   sdpa_providers=_sdpa_providers(), kernel_only=kernel_only, op=op, sm_count=sm_count,
+                   features=features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,7 +404,7 @@ def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, c
     key = key_or_none(arch, bucketed, causal, KV_OP)
     if key is None:
         return []
-    entries = table.groups.get((arch, KV_OP, key.head_dim, key.dtype, causal, key.group > 1), ())
+    entries = table.groups.get(group_key(key), ())
     return [n_kv for n, n_kv, bh, group, _ in entries
             if (n, bh, group) == (key.seq_len, key.batch_heads, key.group) and n_kv != key.seq_len_kv
             and kv_bucket(n_kv) == key.seq_len_kv]

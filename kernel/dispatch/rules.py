@@ -31,7 +31,9 @@ _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
 # Choice.source values.
 OVERRIDE, EXACT, NEAREST, DEFAULT = "override", "exact", "nearest", "default"
 
-GroupKey = tuple[str, str, int, str, bool, bool]  # (arch, op, head_dim, dtype, causal, grouped)
+# (arch, op, head_dim, dtype, causal, grouped, the key's attention features): the nearest rule never
+# crosses a feature, so a softcap call never takes a winner tuned without softcap.
+GroupKey = tuple[str, str, int, str, bool, bool, tuple[Any, ...]]
 Entry = tuple[int, int, int, int, "Winner"]  # (n, n_kv, batch_heads, group, winner)
 # (op, arch, smem, config, D, dtype, causal) -> the error a stored config failed to compile with here
 Failures = Mapping[tuple[str, str, int, Config, int, str, bool], str]
@@ -98,10 +100,19 @@ def _unknown_knobs(config: Config, knobs: Callable[[Config], Any]) -> str | None
     return None
 
 
-def key_or_none(arch: str, shape: Any, causal: bool, op: str = OP) -> Key | None:
+def group_key(key: Key) -> GroupKey:
+    """The nearest rule's group of `key`: the winners it may take are those of the same group."""
+    return (key.arch, key.op, key.head_dim, key.dtype, key.causal, key.group > 1, key.features)
+
+
+def key_or_none(arch: str, shape: Any, causal: bool, op: str = OP, *, window: int = 0, softcap: bool = False,
+                sinks: bool = False, alibi: bool = False, dropout: bool = False, mask: str = "none") -> Key | None:
+    """The key of a call of `shape`, with its attention features (`window` already bucketed:
+    db.types.window_bucket); None where the call has no key (an unlisted arch, a shape no key holds)."""
     try:
         return Key(arch, op, shape.seq_q, shape.head_dim, shape.dtype, causal, seq_len_kv=shape.seq_k,
-                   batch_heads=bucket(shape.batch * shape.heads_q), group=shape.group)
+                   batch_heads=bucket(shape.batch * shape.heads_q), group=shape.group, window=window,
+                   softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
     except ValueError:
         return None
 
@@ -120,14 +131,15 @@ def kv_bucket(seq_kv: int) -> int:
     return low << 1 if seq_kv * seq_kv >= 2 * low * low else low
 
 
-def kv_shape(table: Tables | None, arch: str, shape: Any, causal: bool) -> Any:
+def kv_shape(table: Tables | None, arch: str, shape: Any, causal: bool,
+             features: Mapping[str, Any] | None = None) -> Any:
     """The shape a kvcache call's rules apply to: its own where a winner is stored for exactly its
     key (in `table`; None: the interpreter, which consults none), else Nk replaced by kv_bucket(Nk)."""
     seq_kv = kv_bucket(shape.seq_k)
     if seq_kv == shape.seq_k:
         return shape
     if table is not None:
-        key = key_or_none(arch, shape, causal, KV_OP)
+        key = key_or_none(arch, shape, causal, KV_OP, **(features or {}))
         if key is not None and key in table.exact:
             return shape
     return dataclasses.replace(shape, seq_k=seq_kv)
@@ -135,22 +147,23 @@ def kv_shape(table: Tables | None, arch: str, shape: Any, causal: bool) -> Any:
 
 def resolve(table: Tables, arch: str, smem_limit: int, shape: Any, causal: bool, *, rules: Any,
             failed: Failures, sdpa_providers: frozenset[str], kernel_only: bool = False, op: str = OP,
-            sm_count: int | None = None) -> Choice:
+            sm_count: int | None = None, features: Mapping[str, Any] | None = None) -> Choice:
     """The choice for a call of `shape` (an AttnShape) on `arch`: `rules` is the op's registry entry
-    (kernel.ops.Op: default, smem, knobs, overridable)."""
+    (kernel.ops.Op: default, smem, knobs, overridable); `features` the call's attention features,
+    key_or_none's keywords (None: all off)."""
     if op == KV_OP:
-        shape = kv_shape(table, arch, shape, causal)
-    key = key_or_none(arch, shape, causal, op)
+        shape = kv_shape(table, arch, shape, causal, features)
+    key = key_or_none(arch, shape, causal, op, **(features or {}))
     head_dim, dtype = shape.head_dim, shape.dtype
     if table.override is not None and rules.overridable:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key, op=op)
     winner = table.exact.get(key) if key is not None else None
     source = EXACT
     if winner is None and key is not None:
-        entries = table.groups.get((arch, op, head_dim, dtype, causal, key.group > 1))
+        entries = table.groups.get(group_key(key))
         if entries:
             winner, source = nearest(entries, key), NEAREST
-    fallback_why = ("nothing tuned near this key (same arch, head dim, dtype, causal and group class, "
+    fallback_why = ("nothing tuned near this key (same arch, head dim, dtype, causal, group class and features, "
                     f"within {NEAREST_LIMIT:g} in log2 of N, N_kv and batch·heads)")
     provider = provider_of(winner.config) if winner is not None else KERNEL
     if winner is not None and provider != KERNEL:

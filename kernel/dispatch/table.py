@@ -21,7 +21,7 @@ from ...db.types import Config, Key
 
 from ..device import device_arch
 from ..ops.fwd import fwd_variant
-from .rules import CONFIG_ENV_VAR, Entry, GroupKey
+from .rules import CONFIG_ENV_VAR, Entry, GroupKey, group_key
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
     from ...db.store import Winner
@@ -75,7 +75,7 @@ def build_table(winners: Iterable["Winner"], override: Config | None, info: Load
     for w in winners:
         k = w.key
         exact[k] = w
-        groups.setdefault((k.arch, k.op, k.head_dim, k.dtype, k.causal, k.group > 1), []).append(
+        groups.setdefault(group_key(k), []).append(
             (k.seq_len, k.seq_len_kv, k.batch_heads, k.group, w))
     return Table(exact, {g: tuple(sorted(v, key=lambda e: e[:4])) for g, v in groups.items()}, override, info)
 

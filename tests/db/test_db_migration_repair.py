@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, text
 
+from flashtune.db.schema import SCHEMA_VERSION
 from flashtune.db.store import Store
 from flashtune.tuner.cli import main
 
@@ -48,7 +49,7 @@ def test_sqlite_schema_1_with_deleted_trials_is_refused_then_repaired(tmp_path: 
     assert repaired.exit_code == 0, repaired.output
     assert repaired.stdout.splitlines() == [
         "repaired: cleared trial_id of 2 flashtune_winners row(s) whose flashtune_trials row is missing",
-        f"migrated {url} from schema version 1 to 3"]
+        f"migrated {url} from schema version 1 to {SCHEMA_VERSION}"]
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT id FROM flashtune_winners WHERE trial_id IS NULL").fetchall() == [(1,), (2,)]
         assert raw.execute("SELECT count(*) FROM flashtune_winners").fetchone() == (48,)
@@ -71,6 +72,6 @@ def test_postgres_schema_2_with_a_deleted_trial_is_refused_then_repaired(pg_url:
     repaired = _migrate(pg_url, "--repair")
     assert repaired.exit_code == 0, repaired.output
     assert repaired.stdout.startswith("repaired: cleared trial_id of 1 flashtune_winners row(s)")
-    assert "from schema version 2 to 3" in repaired.stdout
+    assert f"from schema version 2 to {SCHEMA_VERSION}" in repaired.stdout
     trials = _winner_trials(pg_url)
     assert len(trials) == 12 and trials.count(None) == 1

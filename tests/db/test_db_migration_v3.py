@@ -1,4 +1,4 @@
-"""Schema 2 -> 3 (the fleet jobs tables) on real databases: the schema-2 hold-out database kept under
+"""Schema 2 -> 3 (the fleet jobs tables, and on to the current schema) on real databases: the schema-2 hold-out database kept under
 bench/results, copied and migrated (SQLite), and a PostgreSQL database taken back to schema 2's shape."""
 from __future__ import annotations
 
@@ -51,16 +51,18 @@ def test_schema_2_sqlite_database_migrates_keeping_every_row(tmp_path: Path) -> 
     tables = ("flashtune_runs", "flashtune_trials", "flashtune_winners", "flashtune_recorded")
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT value FROM flashtune_meta").fetchone() == ("2",)
-        before = {t: raw.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
+        # Schema 2's columns, by name: later versions add key columns (schema 4's features).
+        columns = {t: ", ".join(f'"{r[1]}"' for r in raw.execute(f"PRAGMA table_info({t})")) for t in tables}
+        before = {t: raw.execute(f"SELECT {columns[t]} FROM {t} ORDER BY id").fetchall() for t in tables}
     assert before["flashtune_winners"]
     _readable_but_not_writable_at_2(url)
-    assert migrate_database(url) == (2, schema.SCHEMA_VERSION) == (2, 3)
+    assert migrate_database(url) == (2, schema.SCHEMA_VERSION) == (2, 4)
     with sqlite3.connect(path) as raw:
-        after = {t: raw.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
+        after = {t: raw.execute(f"SELECT {columns[t]} FROM {t} ORDER BY id").fetchall() for t in tables}
         names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert after == before and set(JOB_TABLES) <= names
-    assert migrate_database(url) == (3, 3)  # nothing more to do
+    assert migrate_database(url) == (4, 4)  # nothing more to do
     _works_as_a_queue(url)
 
 
@@ -71,7 +73,7 @@ def test_postgres_schema_2_database_migrates(pg_url: str) -> None:
         before = store.winners(), store.trials()
     back_to_schema_2(pg_url)
     _readable_but_not_writable_at_2(pg_url)
-    assert migrate_database(pg_url) == (2, 3)
+    assert migrate_database(pg_url) == (2, 4)
     with Store.open(pg_url, create=False) as store:
         assert (store.winners(), store.trials()) == before
     _works_as_a_queue(pg_url)

@@ -210,12 +210,69 @@ def winners_document(count: int, *, arch: str = "sm_90", ms: float = 1.0, first:
 
 
 def back_to_schema_2(url: str) -> None:
-    """Turn a current PostgreSQL database back into schema 2's shape (no fleet job tables), rows kept."""
+    """Turn a current PostgreSQL database back into schema 2's shape (no fleet job tables, no attention-feature
+    key columns), rows kept."""
     from flashtune.db.models import JOB_TABLES
 
+    back_to_schema_3(url)
     engine = create_engine(url)
     with engine.begin() as conn:
         for table in reversed(JOB_TABLES):
             conn.execute(text(f"DROP TABLE {table}"))
         conn.execute(text("UPDATE flashtune_meta SET value = '2' WHERE name = 'schema_version'"))
+    engine.dispose()
+
+
+def back_to_schema_3(url: str) -> None:
+    """Turn a current database back into schema 3's shape (no attention-feature key columns, the unique
+    keys and the trials index without them), rows kept: SQLite tables are rebuilt from their own DDL
+    without those columns, PostgreSQL drops them (and with them the constraints) and adds schema 3's."""
+    from flashtune.db.models import KEY_COLUMNS, JobKeyRow, RecordedRow, TrialRow, WinnerRow
+    from flashtune.db.types import FEATURES
+
+    key_v3 = ", ".join(f'"{c}"' for c in KEY_COLUMNS if c not in FEATURES)
+    tables = [m.__table__.name for m in (TrialRow, WinnerRow, RecordedRow, JobKeyRow)]
+    unique = {t.name: c.name for m in (WinnerRow, RecordedRow, JobKeyRow) for t in [m.__table__]
+              for c in t.constraints if c.name and c.name.startswith("uq_")}
+    job_id = {JobKeyRow.__table__.name: '"job_id", '}
+    trials_index = f"CREATE INDEX ix_flashtune_trials_key ON flashtune_trials ({key_v3}, kernel_version)"
+    if url.startswith("sqlite"):
+        raw = sqlite3.connect(make_url(url).database)
+        try:
+            raw.execute("PRAGMA legacy_alter_table = ON")  # a rename must not rewrite other tables' references
+            for table in tables:
+                create, = raw.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                      (table,)).fetchone()
+                indexes = [r[0] for r in raw.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND "
+                                                     "tbl_name = ? AND sql IS NOT NULL", (table,))]
+                lines = [line for line in create.split("\n")
+                         if not any(line.strip().startswith((f"{f} ", f'"{f}" ')) for f in FEATURES)]
+                create = "\n".join(lines)
+                for name in FEATURES:
+                    create = create.replace(f", {name}", "").replace(f', "{name}"', "")
+                kept = [r[1] for r in raw.execute(f"PRAGMA table_info({table})") if r[1] not in FEATURES]
+                names = ", ".join(f'"{c}"' for c in kept)
+                raw.execute(f"ALTER TABLE {table} RENAME TO {table}_now")
+                for sql in indexes:
+                    raw.execute(f"DROP INDEX {sql.split()[2]}")
+                raw.execute(create)
+                raw.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {table}_now")
+                raw.execute(f"DROP TABLE {table}_now")
+                for sql in indexes:
+                    raw.execute(trials_index if "ix_flashtune_trials_key" in sql else sql)
+            raw.execute("UPDATE flashtune_meta SET value = '3' WHERE name = 'schema_version'")
+            raw.commit()
+        finally:
+            raw.close()
+        return
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in tables:
+            drops = ", ".join(f'DROP COLUMN "{c}"' for c in FEATURES)
+            conn.execute(text(f"ALTER TABLE {table} {drops}"))  # their constraints and index go with them
+            if table in unique:
+                conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {unique[table]} UNIQUE "
+                                  f"({job_id.get(table, '')}{key_v3})"))
+        conn.execute(text(trials_index))
+        conn.execute(text("UPDATE flashtune_meta SET value = '3' WHERE name = 'schema_version'"))
     engine.dispose()

@@ -30,10 +30,10 @@ def _url(db_url: str | None) -> str:
 def _key_cells(k: Key) -> list[str]:
     n = str(k.seq_len) if k.seq_len == k.seq_len_kv else f"{k.seq_len}x{k.seq_len_kv}"
     return [k.arch, k.op, n, str(k.head_dim), k.dtype, "yes" if k.causal else "no",
-            str(k.batch_heads) if k.batch_heads else "-", str(k.group)]
+            str(k.batch_heads) if k.batch_heads else "-", str(k.group), " ".join(k.feature_parts()) or "-"]
 
 
-_KEY_HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "B·H", "group"]
+_KEY_HEADERS = ["arch", "op", "N", "D", "dtype", "causal", "B·H", "group", "features"]
 
 
 def _row(w: Winner) -> list[str]:

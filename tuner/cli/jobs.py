@@ -29,7 +29,7 @@ def _as_json(status: JobStatus) -> dict[str, Any]:
             "counts": status.counts,
             "keys": [{"key": str(k.key), "op": k.key.op, "seq_len": k.key.seq_len, "seq_len_kv": k.key.seq_len_kv,
                       "head_dim": k.key.head_dim, "dtype": k.key.dtype, "causal": k.key.causal,
-                      "batch_heads": k.key.batch_heads, "group": k.key.group, "state": k.state, "by": _worker(k),
+                      "batch_heads": k.key.batch_heads, "group": k.key.group, **k.key.features_on(), "state": k.state, "by": _worker(k),
                       "lease_left_s": None if k.lease_left_s is None else round(k.lease_left_s, 1),
                       "done_at": k.done_at.isoformat() if k.done_at else None, "claims": k.claims}
                      for k in status.keys]}

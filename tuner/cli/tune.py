@@ -187,7 +187,8 @@ def _plan_recorded(gpu: Any, ranking: Sequence[Any], options: TuneOptions) -> No
 
 def _key_fields(key: Key) -> dict[str, Any]:
     return {"key": str(key), "op": key.op, "seq_len": key.seq_len, "seq_len_kv": key.seq_len_kv, "head_dim": key.head_dim,
-            "dtype": key.dtype, "causal": key.causal, "batch_heads": key.batch_heads, "group": key.group}
+            "dtype": key.dtype, "causal": key.causal, "batch_heads": key.batch_heads, "group": key.group,
+            **key.features_on()}
 
 
 class _TuneProgress:

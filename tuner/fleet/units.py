@@ -19,7 +19,7 @@ from ..loop import sibling_class
 
 def family(key: Key) -> Hashable:
     """What keys sharing compiled kernels have in common: all but the lengths and the bucket."""
-    return (key.arch, key.op, key.head_dim, key.dtype, key.causal, key.group)
+    return (key.arch, key.op, key.head_dim, key.dtype, key.causal, key.group, key.features)
 
 
 def claim_units(keys: Sequence[Key]) -> list[tuple[Hashable, list[Key]]]:
