@@ -94,7 +94,7 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     stored config that fails to compile falls back to the default with one warning. A capped call
     never runs an SDPA winner (SDPA has no softcap): it runs the kernel config stored beside it.
     """
-    plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None)
+    plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None, softcap > 0)
     if record.ENABLED:
         key = dispatch.kvcache_key(plan)
         if key is not None:
@@ -119,5 +119,5 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, cache_seqlens is not None, plan.choice,
-                                              error)
+                                              error, softcap > 0)
         return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)

@@ -135,19 +135,23 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
                     sm_count=sm_count)
 
 
+_SOFTCAP: dict[str, Any] = {"softcap": True}  # the key features of a capped call
+
+
 def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, *,
             kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
+    features = _SOFTCAP if softcap else None
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
-                        kernel_only=kernel_only, op=op, sm_count=device_sm_count(device))
+                        kernel_only=kernel_only, op=op, sm_count=device_sm_count(device), features=features)
     # check_inputs let a CPU tensor through, so the Triton interpreter runs it.
     if table.interpreter:
         return _resolve(table, INTERPRETER_ARCH, ARCH_SMEM[INTERPRETER_ARCH], shape, causal,
-                        kernel_only=kernel_only, op=op)
+                        kernel_only=kernel_only, op=op, features=features)
     rules = _rules(op)
     if op == KV_OP:
         shape = kv_shape(None, INTERPRETER_ARCH, shape, causal)
-    key = key_or_none(INTERPRETER_ARCH, shape, causal, op)
+    key = key_or_none(INTERPRETER_ARCH, shape, causal, op, **(features or {}))
     if table.override is not None and rules.overridable:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", INTERPRETER_ARCH, key, op=op)
     config = rules.default(INTERPRETER_ARCH, shape, None, None)
@@ -313,7 +317,7 @@ def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-                 has_seqlens: bool) -> KVCachePlan:
+                 has_seqlens: bool, softcap: bool = False) -> KVCachePlan:
     """Validate q and the caches and pick attention_kvcache's config: the rules above with op="kvcache"
     (key: Nq, the cache length Nmax as N_kv, D, dtype, bottom-right causal, B·Hq bucket, Hq/Hkv; the
     default is kernel.ops.kvcache.default_decode_config for the device's SM count), for Nmax bucketed
@@ -327,11 +331,12 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     (it grows with Nmax and the strides); anything else goes through the full check. Raises what
     kernel.kvcache.check_kvcache_inputs raises for bad inputs. The checks that involve the exact
     Nmax and the lengths (causal with fewer keys than queries, cache_seqlens) are the caller's.
+    `softcap`: the call caps its scores, a key feature (its own plan).
     """
     try:
         kshape = k_cache.shape
         seq_kv = kshape[2]
-        token = _kv_token(q, k_cache, v_cache, causal, has_seqlens)
+        token = _kv_token(q, k_cache, v_cache, causal, has_seqlens, softcap)
         hit = _tables.current.memo.get(token)
         if hit is not None:
             head_dim = kshape[3]
@@ -342,20 +347,21 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 hit = hit.exact.get(seq_kv, hit)
     except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):  # not dense tensors, Nmax = 0
         token, hit = None, None
-    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens)
+    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens, softcap)
 
 
 def _kv_token(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-              has_seqlens: bool) -> tuple[Any, ...]:
+              has_seqlens: bool, softcap: bool = False) -> tuple[Any, ...]:
     kshape = k_cache.shape
-    return (KV_OP, has_seqlens, causal, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1], kshape[3:],
-            kv_bucket(kshape[2]), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype, v_cache.device)
+    return (KV_OP, has_seqlens, causal, softcap, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
+            kshape[3:], kv_bucket(kshape[2]), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype,
+            v_cache.device)
 
 
 def kvcache_backend_refused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
                             has_seqlens: bool) -> None:
     """The SDPA backend of this decode call's plan refused its inputs: later calls of the same signature run
-    the kernel config stored beside the backend's win straight away."""
+    the kernel config stored beside the backend's win straight away (a capped call never runs one)."""
     token = _kv_token(q, k_cache, v_cache, causal, has_seqlens)
     with _tables.lock:
         entry = _tables.current.memo.get(token)
@@ -365,26 +371,26 @@ def kvcache_backend_refused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool,
-                  has_seqlens: bool) -> KVCachePlan:
+                  has_seqlens: bool, softcap: bool = False) -> KVCachePlan:
     shape = check_kvcache_inputs(q, k_cache, v_cache)
     table = _tables.current
     bucketed = dataclasses.replace(shape, seq_k=kv_bucket(shape.seq_k))
-    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens)
-             for n in _kv_exact_lengths(table, q.device, bucketed, causal)}
-    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact)
+    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens, softcap=softcap)
+             for n in _kv_exact_lengths(table, q.device, bucketed, causal, softcap)}
+    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact, softcap=softcap)
     if token is not None:
         _remember(table.memo, token, entry)
     return entry.exact.get(shape.seq_k, entry)
 
 
 def _kv_plan(table: Table, device: torch.device, shape: AttnShape, causal: bool, has_seqlens: bool,
-             exact: dict[int, KVCachePlan] | None = None) -> KVCachePlan:
-    choice = _choose(table, device, shape, causal, op=KV_OP)
+             exact: dict[int, KVCachePlan] | None = None, *, softcap: bool = False) -> KVCachePlan:
+    choice = _choose(table, device, shape, causal, op=KV_OP, softcap=softcap)
     _warn_stale(choice)
     config, sdpa = choice.config, None
     if choice.provider != KERNEL:
         config = choice.kernel_config or config
-        sdpa = choice.provider if _sdpa_serves(shape, causal, has_seqlens) else None
+        sdpa = choice.provider if _sdpa_serves(shape, causal, has_seqlens) and not softcap else None
     launch = DecodeLaunch(shape, config, causal=causal, ragged=has_seqlens)
     return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {}, sdpa)
 
@@ -395,13 +401,14 @@ def _sdpa_serves(shape: AttnShape, causal: bool, has_seqlens: bool) -> bool:
     return not has_seqlens and (shape.seq_q == 1 or not causal)
 
 
-def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool) -> list[int]:
+def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool,
+                      softcap: bool = False) -> list[int]:
     """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored for
     exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
     if device.type != "cuda":
         return []
     arch = device_arch(device)
-    key = key_or_none(arch, bucketed, causal, KV_OP)
+    key = key_or_none(arch, bucketed, causal, KV_OP, softcap=softcap)
     if key is None:
         return []
     entries = table.groups.get(group_key(key), ())
@@ -419,11 +426,12 @@ def kvcache_key(plan: KVCachePlan) -> Key | None:
 
 
 def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-                          has_seqlens: bool, choice: Choice, error: BaseException) -> KVCachePlan:
+                          has_seqlens: bool, choice: Choice, error: BaseException,
+                          softcap: bool = False) -> KVCachePlan:
     """Record that a stored kvcache config failed to compile here (one warning); the plan every such
     call gets from now on (the default)."""
-    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens).shape, causal, choice, error)
-    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens)
+    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, softcap).shape, causal, choice, error)
+    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, softcap)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,

@@ -282,7 +282,7 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
     if needs_grad(query, key, value):
         return "kvcache_grad", "a KV-cache call that requires grad (the KV-cache kernel has no backward)"
     out = _kvcache(query, key, value, None, scaling, softcap)
-    backend = dispatch.kvcache_plan(query, key, value, True, False).sdpa  # what ran: after the call, as _attention
+    backend = dispatch.kvcache_plan(query, key, value, True, False, softcap > 0).sdpa  # what ran, as _attention
     if backend is None:
         _kernels["kvcache"] += 1
     else:

@@ -141,14 +141,16 @@ FALLBACK = Config(16, 16, 2, 1, {"num_splits": 2})  # the kernel config stored b
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="routes CPU tensors under the interpreter")
-def test_a_capped_call_runs_the_kernel_config_beside_an_sdpa_winner(tuned_table, launches):
+def test_a_capped_call_is_its_own_key_and_never_runs_an_uncapped_sdpa_winner(tuned_table, launches):
     key = Key(ARCH, "kvcache", 1, D, "float32", True, seq_len_kv=kv_bucket(NK), batch_heads=bucket(B * HQ),
               group=HQ // HKV)
     tuned_table([(key, provider_config("sdpa_flash"), FALLBACK)])
     q, k, v, _ = _inputs((B, HQ, HKV, 1, NK, D, True, None, None, 2.0), torch.float32, "cpu", seed=9)
+    plan = dispatch.kvcache_plan(q, k, v, True, False, True)
+    assert plan.choice.key.softcap and plan.choice.source == "default" and plan.sdpa is None
     out = attention_kvcache(q, k, v, causal=True, softcap=2.0)
     split = [x for x in launches if x.name == "decode_split_kernel"]
-    assert [(x.kwargs["BLOCK_N"], x.kwargs["SOFTCAP"]) for x in split] == [(FALLBACK.block_n, True)]
+    assert [(x.kwargs["BLOCK_N"], x.kwargs["SOFTCAP"]) for x in split] == [(plan.choice.config.block_n, True)]
     assert rel(out, attention_kvcache_reference(q, k, v, causal=True, softcap=2.0)) < 2e-5
     launches.clear()
     out = attention_kvcache(q, k, v, causal=True)  # uncapped: the backend's win again

@@ -100,3 +100,24 @@ def test_training_matches_float64_autograd(case, kernel_device: str) -> None:
         assert rel(out.detach(), ref.detach(), floor=0.1) < BOUND[dtype]
         for got, want in zip((q.grad, k.grad, v.grad), ref_in):
             assert rel(got, want.grad, floor=0.1) < GRAD_BOUND[dtype]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="routes CPU tensors under the interpreter")
+def test_a_capped_call_takes_its_own_key_s_winner_and_records_it(tuned_table, launches, monkeypatch) -> None:
+    import dataclasses
+
+    from flashtune.db.types import Key, bucket
+    from flashtune.kernel import record
+
+    plain = Key(dispatch.INTERPRETER_ARCH, "fwd", 24, 16, "float32", True, batch_heads=bucket(2 * 2))
+    capped = dataclasses.replace(plain, softcap=True)
+    tuned_table([(plain, Config(32, 16, 2, 1), None), (capped, Config(16, 32, 2, 1), None)])
+    monkeypatch.setattr(record, "ENABLED", True)
+    monkeypatch.setattr(record, "_counts", {})
+    q, k, v = _qkv("cpu", torch.float32, 2, 2, 24, 24, 16)
+    out = attention(q, k, v, is_causal=True, softcap=4.0)
+    attention(q, k, v, is_causal=True)
+    tiles = [(x.kwargs["BLOCK_M"], x.kwargs["BLOCK_N"], x.kwargs["SOFTCAP"]) for x in launches]
+    assert tiles == [(16, 32, True), (32, 16, False)]
+    assert rel(out, attention_reference(q, k, v, causal=True, softcap=4.0), floor=0.1) < 2e-5
+    assert record.pending() == {capped: 1, plain: 1}
