@@ -76,12 +76,13 @@ class TuneOptions:
     compile_procs: int | None
     trial_timeout_s: float
     fleet: FleetOptions = field(default_factory=FleetOptions)
+    softcap: bool = False  # the grid's keys cap their scores (`tune --softcap`)
     given: frozenset[str] = frozenset()
 
     def grid(self, arch: str) -> list[Key]:
         """The keys of the grid on `arch` (`grid_keys`)."""
         return grid_keys(arch, self.seq, self.head_dim, self.dtype, self.causal, self.batch_heads, self.groups,
-                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens)
+                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens, softcap=self.softcap)
 
     def keys(self, arch: str) -> list[Key]:
         """The keys to tune on `arch`: the recorded ones, the largest estimated share of the app's
@@ -97,7 +98,7 @@ class TuneOptions:
                 "causal": list(self.causal), "batch_heads": list(self.batch_heads), "group": list(self.groups),
                 "op": list(self.ops), "q_len": list(self.q_lens),
                 "kv_len": None if self.kv_lens is None else list(self.kv_lens), "kernel_only": self.kernel_only,
-                "recorded": self.recorded, "budget_s": self.budget_s}
+                "recorded": self.recorded, "budget_s": self.budget_s, "softcap": self.softcap}
 
     def compile_shares(self, gpus: int = 1) -> tuple[int, int]:
         """(compile threads, compile-pool processes) of each of `gpus` benchmark workers on this host: as
@@ -110,17 +111,18 @@ class TuneOptions:
 def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
               causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
               ops: Sequence[str] = ("fwd",), *, q_lens: Sequence[int] = (1,),
-              kv_lens: Sequence[int] | None = None) -> list[Key]:
+              kv_lens: Sequence[int] | None = None, softcap: bool = False) -> list[Key]:
     """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
     workload and is left out (TuneError naming --group when that leaves nothing). kvcache keys take
     Nq from `q_lens` and the cache length from `kv_lens` (default: `seqs`); a causal one with more
-    queries than cached keys is left out (bottom-right causal would give query 0 no key)."""
+    queries than cached keys is left out (bottom-right causal would give query 0 no key). `softcap`:
+    every key has the softcap feature."""
     def lengths(op: str) -> list[tuple[int, int]]:
         if op != "kvcache":
             return [(n, n) for n in seqs]
         return [(nq, nk) for nq in q_lens for nk in (kv_lens or seqs)]
 
-    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g)
+    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, softcap=softcap)
             for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
             for n, n_kv in lengths(op) for bh in batch_heads
             if bh >= g and not (op == "kvcache" and c and n > n_kv)]

@@ -171,3 +171,40 @@ def test_a_fleet_job_with_a_training_key_finishes(db_url: str) -> None:
         assert result.status == "done" and sorted(r.key.op for r in result.results) == ["bwd", "fwd", "train"]
         assert queue.get("pairs").status == "done"
         assert [w.key.op for w in store.winners("sm_90", op="train")] == ["train"]
+
+
+def test_softcap_keys_are_tuned_capped_without_sdpa_or_tma(kernel_device: str, tmp_path, monkeypatch) -> None:
+    """A softcap key's workload runs and checks the capped kernels (a candidate that ignored the cap fails),
+    its space has no TMA configs and no SDPA backend competes; `tune --softcap` tunes such keys through the
+    real worker into the capped key's winner."""
+    from flashtune.tuner.ops.fwd import KeyInputs
+    from flashtune.tuner.session import key_providers
+
+    capped = Key("sm_90", "fwd", 1024, 64, "float16", True, batch_heads=32, softcap=True)
+    assert key_providers(capped) == [] and key_providers(dataclasses.replace(capped, softcap=False))
+    assert not any("loads" in c.extra_dict for c in op_spec("fwd").space(capped, GPU))
+    assert any("loads" in c.extra_dict for c in op_spec("fwd").space(dataclasses.replace(capped, softcap=False), GPU))
+    assert key_providers(dataclasses.replace(capped, op="train")) == []
+    key = Key(INTERPRETER_ARCH, "fwd", 24, 16, "float32", False, batch_heads=2, softcap=True)
+    inputs = KeyInputs.build(key, 2, torch.device(kernel_device), seed=int(torch.randint(0, 2**20, (1,))))
+    config = op_spec("fwd").default(key, planned_gpu(INTERPRETER_ARCH))
+    out, _ = inputs.run(config)
+    assert inputs.check(out) is None
+    uncapped, _ = KeyInputs.run(dataclasses.replace(inputs, key=dataclasses.replace(key, softcap=False)), config)
+    assert "relative error" in inputs.check(uncapped)  # the cap is active at the nominal value
+    if kernel_device != "cpu":
+        return
+    stand_in = dataclasses.replace(planned_gpu("sm_80"), name="CPU stand-in (interpreter)", sm_count=1,
+                                   smem_limit=16384, present=True)
+    monkeypatch.setattr(flashtune.tuner.gpu, "detect_gpu", lambda index=0: stand_in)
+    url = f"sqlite:///{tmp_path / 'capped.db'}"
+    result = CliRunner().invoke(main, ["tune", "--softcap", "--seq", "16", "--head-dim", "16", "--dtype", "fp32",
+                                       "--no-causal", "--batch-heads", "1", "--db", url, "--json"])
+    assert result.exit_code == 0, result.output
+    [tuned] = json.loads(result.stdout)["keys"]
+    assert tuned["complete"] and tuned["winner_stored"] and "/softcap" in tuned["key"]
+    with Store.open(url, create=False) as store:
+        [winner] = store.winners("sm_80")
+        trials = store.trials()
+    assert winner.key.softcap and all(t.key.softcap and provider_of(t.config) == "kernel" for t in trials)
+    assert {t.outcome for t in trials} == {"ok"}

@@ -308,6 +308,8 @@ def fleet_options(func: F) -> F:
               help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), kvcache "
                    "(attention_kvcache's split-KV decode; see --decode), fwd,bwd. "
                    "With --recorded: which recorded ops to tune.")
+@click.option("--softcap", is_flag=True,
+              help="Tune keys with logit softcapping (attention(softcap=...), Gemma 2; timed with a cap of 1).")
 @click.option("--decode", is_flag=True,
               help="Tune decode keys (--op kvcache, attention_kvcache): --q-len queries against a cache of "
                    "--kv-len keys; added to an explicit --op.")
@@ -368,7 +370,7 @@ def _options(params: Mapping[str, Any]) -> TuneOptions:
         compile_procs=params["compile_procs"], trial_timeout_s=params["trial_timeout"],
         fleet=FleetOptions(gpus=gpus if gpus is None or isinstance(gpus, str) else tuple(gpus), job=params["job"],
                            join=params["join"], lease_s=params["lease_s"]),
-        given=given)
+        given=given, softcap=params["softcap"])
 
 
 def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:

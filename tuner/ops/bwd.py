@@ -225,12 +225,13 @@ class BwdInputs(OpInputs):
         key = self.key
         self.do = draw(self.q.shape[1], key.seq_len)
         self.o, self.lse, _ = launch(self.q, self.k, self.v, self.shape, causal=key.causal, scale=self.scale,
-                                     return_lse=True, config=default_config(key.arch, key.head_dim, key.dtype))
+                                     return_lse=True, config=default_config(key.arch, key.head_dim, key.dtype),
+                                     softcap=self.softcap)
 
     def compute_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dQ, dK, dV) by fp32 autograd (`fp32_gradients`)."""
         return fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
-                              max_bytes=self.reference_bytes)
+                              max_bytes=self.reference_bytes, softcap=self.softcap)
 
     @classmethod
     def footprint(cls, key: Key, batch_heads: int) -> int:
@@ -249,7 +250,8 @@ class BwdInputs(OpInputs):
             out = self.buffers()
         dq, dk, dv, compiled = launch_bwd(self.do, self.q, self.k, self.v, self.o, self.lse, self.shape,
                                           causal=self.key.causal, scale=self.scale, config=config,
-                                          deterministic=False, out=out)  # type: ignore[arg-type]
+                                          deterministic=False, out=out,  # type: ignore[arg-type]
+                                          softcap=self.softcap)
         return (dq, dk, dv), compiled
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],

@@ -111,16 +111,23 @@ def attention_flops(key: Key, batch_heads: int) -> float:
 
 
 @lru_cache(maxsize=256)
-def _space(head_dim: int, dtype: str, causal: bool, smem_limit: int, arch: str) -> tuple[Config, ...]:
+def _space(head_dim: int, dtype: str, causal: bool, smem_limit: int, arch: str,
+           variants: bool = True) -> tuple[Config, ...]:
     configs = [*candidates(head_dim, dtype, smem_limit, arch=arch),
-               *variant_candidates(head_dim, dtype, causal, smem_limit, arch=arch)]
+               *(variant_candidates(head_dim, dtype, causal, smem_limit, arch=arch) if variants else ())]
     return tuple(dict.fromkeys(configs))
 
 
 def fwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
     """The pointer kernel's pruned space (`candidates`) and the other variants' configs (the TMA
-    kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU."""
-    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch))
+    kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU. A softcap
+    key gets the pointer kernel's alone: the TMA kernel has no cap."""
+    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch, not key.softcap))
+
+
+def sdpa_same(key: Key) -> bool:
+    """Whether torch SDPA computes `key`'s call: not with a softcap (SDPA has none)."""
+    return not key.softcap
 
 
 def fwd_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
@@ -134,12 +141,12 @@ def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
 
 
 def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key, *,
-                  max_bytes: int | None = None) -> torch.Tensor:
+                  max_bytes: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """SDPA's math attention in fp32 for `key`'s inputs, `max_bytes` of scores at a time. It has no GQA: each
     K/V head serves `key.group` consecutive query heads (the kernel's and SDPA's enable_gqa mapping), so they
     are repeated up to Hq."""
     rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
-    return fp32_reference(q, rk, rv, key.causal, max_bytes=max_bytes)  # with SDPA's default scale, as ours
+    return fp32_reference(q, rk, rv, key.causal, max_bytes=max_bytes, softcap=softcap)  # SDPA's default scale, as ours
 
 
 class KeyInputs(OpInputs):
@@ -150,7 +157,7 @@ class KeyInputs(OpInputs):
 
     def compute_reference(self) -> torch.Tensor:
         """`fwd_reference` of the inputs, within the workload's reference byte budget."""
-        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes)
+        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, softcap=self.softcap)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
@@ -159,9 +166,9 @@ class KeyInputs(OpInputs):
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
         o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                config=config, out=out)
+                                config=config, out=out, softcap=self.softcap)
         return o, compiled
 
 
 FWD = OpSpec("fwd", space=fwd_space, plan=fwd_plan, default=fwd_default, flops=attention_flops,
-             sdpa_providers=True, inputs=KeyInputs)
+             sdpa_providers=True, inputs=KeyInputs, sdpa_keys=sdpa_same)

@@ -165,7 +165,7 @@ class KVCacheInputs(OpInputs):
         per_seq = 2 * 4 * k.shape[1] * key.seq_len_kv * key.head_dim
         step = max(1, (self.reference_bytes or REFERENCE_CHUNK_BYTES) // per_seq)
         return torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
-                                                      scale=self.scale, dtype=torch.float32)
+                                                      scale=self.scale, dtype=torch.float32, softcap=self.softcap)
                           for i in range(0, q.shape[0], step)])
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
@@ -176,13 +176,13 @@ class KVCacheInputs(OpInputs):
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=False, scale=self.scale), None
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
-                             scale=self.scale, config=config, out=out)
+                             scale=self.scale, config=config, out=out, softcap=self.softcap)
 
 
 def sdpa_decode_key(key: Key) -> bool:
     """Whether SDPA (no lengths, top-left causal) computes a kvcache key's full-cache call: every query sees
-    every cached key (one query, or not causal)."""
-    return key.seq_len == 1 or not key.causal
+    every cached key (one query, or not causal), and it has no softcap."""
+    return (key.seq_len == 1 or not key.causal) and not key.softcap
 
 
 KVCACHE = OpSpec(OP, space=kvcache_space, plan=kvcache_plan, default=kvcache_default,

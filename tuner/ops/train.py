@@ -32,7 +32,7 @@ from ...kernel.providers import KERNEL, provider_of
 from ...kernel.sdpa import run_sdpa
 
 from .bwd import TOLERANCE as BWD_TOLERANCE, BwdInputs, bwd_default, bwd_flops, fp32_gradients, gradient_errors
-from .fwd import TOLERANCE as FWD_TOLERANCE, attention_flops, fwd_default, fwd_reference
+from .fwd import TOLERANCE as FWD_TOLERANCE, attention_flops, fwd_default, fwd_reference, sdpa_same
 from .inputs import Draw, OpInputs, relative_error
 from .space import Candidate
 from .spec import OpSpec
@@ -101,9 +101,9 @@ class TrainInputs(OpInputs):
 
     def compute_reference(self) -> tuple[torch.Tensor, ...]:
         """(O, dQ, dK, dV) in fp32, within the workload's reference byte budget."""
-        out = fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes)
+        out = fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, softcap=self.softcap)
         return (out, *fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
-                                     max_bytes=self.reference_bytes))
+                                     max_bytes=self.reference_bytes, softcap=self.softcap))
 
     @classmethod
     def footprint(cls, key: Key, batch_heads: int) -> int:
@@ -124,10 +124,10 @@ class TrainInputs(OpInputs):
         forward, backward = split_pair(config)
         o_buf, *grads_buf = out if out is not None else self.buffers()
         o, lse, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                  config=forward, return_lse=True, out=o_buf)
+                                  config=forward, return_lse=True, out=o_buf, softcap=self.softcap)
         dq, dk, dv, kernels = launch_bwd(self.do, self.q, self.k, self.v, o, lse, self.shape, causal=self.key.causal,
                                          scale=self.scale, config=backward, deterministic=False,
-                                         out=tuple(grads_buf))  # type: ignore[arg-type]
+                                         out=tuple(grads_buf), softcap=self.softcap)  # type: ignore[arg-type]
         return (o, dq, dk, dv), {"fwd": compiled, **kernels}
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
@@ -148,4 +148,5 @@ class TrainInputs(OpInputs):
 
 
 TRAIN = OpSpec("train", space=train_space, plan=train_plan, default=train_default, flops=train_flops,
-               sdpa_providers=True, inputs=TrainInputs, parts=("fwd", "bwd"), compose=compose_pairs)
+               sdpa_providers=True, inputs=TrainInputs, parts=("fwd", "bwd"), compose=compose_pairs,
+               sdpa_keys=sdpa_same)
