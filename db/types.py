@@ -326,7 +326,6 @@ class Key:
         """The features that are on, by field name (what the exchange file and JSON output write)."""
         return {name: value for (name, default), value in zip(FEATURE_DEFAULTS.items(), self.features)
                 if value != default}
-        return "/".join((text, *self.feature_parts()))
 
     @classmethod
     def parse(cls, text: str) -> "Key":
