@@ -49,6 +49,9 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+SOFTCAP = 2.0  # small enough that the scores of N(0, 1) inputs reach it
+
+
 def _draw(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
@@ -96,6 +99,19 @@ def cases(device: str) -> Iterator[tuple[str, Callable[[], tuple[torch.Tensor, .
                             return api["bwd"](do, q, k, v, o, lse, causal=causal, scale=None, config=config,
                                               deterministic=deterministic)
                         yield f"bwd/{config}/{tag}", bwd
+                if si == 0:  # softcap (pointer kernels only), on the first shape
+                    def capped_fwd(causal: bool = causal) -> tuple[torch.Tensor, ...]:
+                        q, k, v, _ = inputs(4)
+                        return api["fwd"](q, k, v, causal=causal, config=fwd_configs[1], return_lse=True,
+                                          softcap=SOFTCAP)
+
+                    def capped_bwd(causal: bool = causal) -> tuple[torch.Tensor, ...]:
+                        q, k, v, do = inputs(4)
+                        o, lse = capped_fwd(causal)
+                        return api["bwd"](do, q, k, v, o, lse, causal=causal, scale=None, config=bwd_configs[0],
+                                          softcap=SOFTCAP)
+                    yield f"fwd/softcap/{tag}", capped_fwd
+                    yield f"bwd/softcap/{tag}", capped_bwd
             for config in kv_configs:  # decode: a few queries against a cache, ragged lengths too
                 for ragged in (False, True):
                     def kv(config: Any = config, ragged: bool = ragged) -> tuple[torch.Tensor, ...]:
@@ -106,6 +122,13 @@ def cases(device: str) -> Iterator[tuple[str, Callable[[], tuple[torch.Tensor, .
                         return (api["kvcache"](q, kc, vc, cache_seqlens=lens, causal=True, config=config),)
                     yield f"kvcache/{config}/{str(dtype).removeprefix('torch.')}/s{si}/" \
                           f"{'ragged' if ragged else 'uniform'}", kv
+            if si == 0:
+                def kv_capped() -> tuple[torch.Tensor, ...]:
+                    gen = torch.Generator(device=device).manual_seed(5)
+                    q = _draw(gen, device, dtype, b, hq, 1 if gpu else 2, d)
+                    kc, vc = (_draw(gen, device, dtype, b, hkv, nk, d) for _ in range(2))
+                    return (api["kvcache"](q, kc, vc, causal=True, config=kv_configs[1], softcap=SOFTCAP),)
+                yield f"kvcache/softcap/{str(dtype).removeprefix('torch.')}/s{si}", kv_capped
 
 
 def fingerprints(device: str) -> dict[str, str]:
