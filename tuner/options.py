@@ -157,7 +157,9 @@ def recorded_ranking(db_url: str | None, arch: str, ops: Sequence[str] = ("fwd",
             entries.append((entry.key, entry.calls))
         else:
             other.append(entry.key)
-    what = f"{arch} {','.join(ops)}"
+    from .ops import OPS
+
+    what = arch if set(ops) >= set(OPS) else f"{arch} {','.join(ops)}"
     if not entries:
         raise TuneError(f"--recorded: no recorded {what} keys in the database ({len(other)} of other archs "
                         "or ops); run the app with FLASHTUNE_RECORD=1 on this GPU first")

@@ -208,10 +208,12 @@ def test_recorded_dry_run_plans_the_recorded_keys_without_a_gpu(tmp_path):
     assert [r["key"] for r in plan["recorded"]] == ["sm_90/fwd/N=1024/D=64/float16/full/BH=256", str(gqa)]
     assert plan["recorded"][1]["batch_heads"] == 32 and plan["recorded"][1]["group"] == 4
     assert all(r["kernel_configs"] > 0 and r["providers"] == 3 for r in plan["recorded"])
-    assert "skipping 1 recorded key(s) not for sm_90 fwd: sm_80/" in result.stderr
+    assert "skipping 1 recorded key(s) not for sm_90: sm_80/" in result.stderr
     one_line_error(run("--recorded", "--dry-run", "--db", url), "--recorded --dry-run: give --arch")
     one_line_error(run("--recorded", "--dry-run", "--arch", "sm_86", "--db", url),
-                   "--recorded: no recorded sm_86 fwd keys")
+                   "--recorded: no recorded sm_86 keys")
+    fwd_only = run("--recorded", "--op", "fwd", "--dry-run", "--arch", "sm_80", "--db", url, "--json")
+    assert "skipping 2 recorded key(s) not for sm_80 fwd" in fwd_only.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -225,7 +227,7 @@ def test_tune_recorded_tunes_exactly_the_recorded_keys_most_called_first(stand_i
     assert [k["key"] for k in summary["keys"]] == [str(tiny_key(bh=2)), str(tiny_key(bh=1))]
     assert [k["bench_batch_heads"] for k in summary["keys"]] == [2, 1]
     assert summary["keys"][1]["narrowed"]  # the sibling bucket timed the first one's top configs
-    assert "skipping 1 recorded key(s) not for sm_80 fwd" in result.stderr
+    assert "skipping 1 recorded key(s) not for sm_80" in result.stderr
     with Store.open(url, create=False) as store:
         assert {w.key for w in store.winners("sm_80")} == {tiny_key(bh=1), tiny_key(bh=2)}
 

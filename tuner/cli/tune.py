@@ -307,7 +307,7 @@ def fleet_options(func: F) -> F:
 @click.option("--op", "ops", type=OPS_LIST, default="fwd", show_default=True,
               help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), kvcache "
                    "(attention_kvcache's split-KV decode; see --decode), fwd,bwd. "
-                   "With --recorded: which recorded ops to tune.")
+                   "With --recorded: which recorded ops to tune (default: all of them).")
 @click.option("--softcap", is_flag=True,
               help="Tune keys with logit softcapping (attention(softcap=...), Gemma 2; timed with a cap of 1).")
 @click.option("--decode", is_flag=True,
@@ -358,6 +358,10 @@ def _options(params: Mapping[str, Any]) -> TuneOptions:
     given = frozenset(name for name in params
                       if (source := ctx.get_parameter_source(name)) is not None
                       and source.name not in ("DEFAULT", "DEFAULT_MAP"))
+    if params["recorded"] and "ops" not in given and not params["decode"]:
+        from ..ops import OPS
+
+        ops = list(OPS)  # what the app recorded, whatever its ops: its forward, training and decode calls
     gpus = params["gpus"]
     kv_lens = params["kv_lens"]
     return TuneOptions(
