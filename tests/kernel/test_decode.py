@@ -102,16 +102,19 @@ def test_gpu_grid_fp16_bf16(warps, stages):
 
 
 @pytest.mark.gpu
-def test_gpu_long_ragged_default_config():
-    """A decode-sized GQA batch with lengths from 1 to Nmax through the public API and its default config."""
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_gpu_long_ragged_default_config(softcap):
+    """A decode-sized GQA batch with lengths from 1 to Nmax through the public API and its default config;
+    with a cap, queries scaled so that most scores reach it."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     b, hq, hkv, d, nmax = 6, 32, 8, 128, 8192
-    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen) * (5.0 if softcap else 1.0)
     k, v = (torch.randn(b, hkv, nmax, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     lens = torch.tensor([1, 100, 1000, 4097, 8000, nmax], dtype=torch.int32, device="cuda")
     for causal in (False, True):
-        o = attention_kvcache(q, k, v, cache_seqlens=lens, causal=causal)
-        ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=causal, dtype=torch.float32)
+        o = attention_kvcache(q, k, v, cache_seqlens=lens, causal=causal, softcap=softcap)
+        ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=causal, dtype=torch.float32,
+                                          softcap=softcap)
         assert rel(o, ref.double()) < BOUNDS[torch.bfloat16]
 
 

@@ -180,21 +180,6 @@ def test_gpu_grid_fp16_bf16(warps, stages):
 
 
 @pytest.mark.gpu
-def test_gpu_long_ragged_default_config_bf16():
-    """A decode-sized GQA batch with lengths from 1 to Nmax through the public API and its default config."""
-    gen = torch.Generator(device="cuda").manual_seed(12)
-    b, hq, hkv, d, nmax = 6, 32, 8, 128, 8192
-    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen) * SCORE_STD
-    k, v = (torch.randn(b, hkv, nmax, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    lens = torch.tensor([1, 100, 1000, 4097, 8000, nmax], dtype=torch.int32, device="cuda")
-    for causal in (False, True):
-        o = attention_kvcache(q, k, v, cache_seqlens=lens, causal=causal, softcap=2.0)
-        ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=causal, dtype=torch.float32,
-                                          softcap=2.0)
-        assert rel(o, ref.double()) < BOUNDS[torch.bfloat16]
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_relaunched_steps_alternating_caps_equal_the_jit_launch_bitwise(dtype):
     """The direct relaunch keeps a capped and an uncapped launcher per plan and picks by the call's cap."""
