@@ -271,8 +271,10 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
     if fast:
         out = torch.empty_like(q)
         lse = _lse_buffer(q, shape) if return_lse else out
-        cap_in, cap_out = softcap_factors(scale, softcap) if softcap else (0.0, 0.0)
-        if fast.call((q, k, v, out, lse), {_SCALE_AT: scale * LOG2E, _CAP_AT: cap_in, _CAP_AT + 1: cap_out}):
+        replace = {_SCALE_AT: scale * LOG2E}
+        if softcap:  # an uncapped launcher was built with the factors at 0.0 and keeps them
+            replace[_CAP_AT], replace[_CAP_AT + 1] = softcap_factors(scale, softcap)
+        if fast.call((q, k, v, out, lse), replace):
             return out, (lse if return_lse else None)
     return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse, out=out,
                   softcap=softcap)[:2]
