@@ -114,10 +114,10 @@ def _sdpa_providers() -> frozenset[str]:
 def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
            seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
            smem_limit: int | None = None, kernel_only: bool = False, op: str = OP,
-           sm_count: int | None = None) -> Choice:
-    """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, or
-    "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache length) on `arch` (no
-    tensors, no memo, no warnings).
+           sm_count: int | None = None, softcap: bool = False) -> Choice:
+    """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, "train": the
+    pair of a training call, or "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache
+    length) on `arch` (no tensors, no memo, no warnings); `softcap`: a capped call (a key feature).
 
     `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
     the arch table's planning figure (db.arch.ARCH_SMEM); `sm_count` (the kvcache default's split
@@ -125,6 +125,7 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     """
     _rules(op)
     kernel_only = check_bool(kernel_only, "kernel_only")
+    softcap = check_bool(softcap, "softcap")
     key = Key(arch, op, seq_len, head_dim, dtype, check_bool(causal, "causal"), seq_len_kv=seq_len_kv or seq_len,
               batch_heads=bucket(batch_heads), group=group)
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
@@ -132,15 +133,19 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     heads_kv = max(1, key.batch_heads // key.group)
     shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
     return _resolve(_tables.table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op,
-                    sm_count=sm_count)
+                    sm_count=sm_count, features=_features(softcap))
 
 
 _SOFTCAP: dict[str, Any] = {"softcap": True}  # the key features of a capped call
 
 
+def _features(softcap: bool) -> dict[str, Any] | None:
+    return _SOFTCAP if softcap else None
+
+
 def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, *,
             kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
-    features = _SOFTCAP if softcap else None
+    features = _features(softcap)
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
                         kernel_only=kernel_only, op=op, sm_count=device_sm_count(device), features=features)
@@ -435,10 +440,11 @@ def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-            arch: str | None = None, kernel_only: bool = False, op: str = OP) -> Choice:
+            arch: str | None = None, kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
-    `op="bwd"`, which config its backward uses; with `op="kvcache"`, which config
-    `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
+    `op="bwd"`, which config its backward uses; with `op="train"`, the pair a training call's key decides;
+    with `op="kvcache"`, which config `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
+    `softcap=True`: the same for a capped call (its own key).
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
@@ -448,9 +454,12 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     """
     causal = check_bool(is_causal, "is_causal")
     kernel_only = check_bool(kernel_only, "kernel_only")
+    softcap = check_bool(softcap, "softcap")
     _rules(op)
     if arch is not None:
         shape = check_tensors(q, k, v)
         name, limit = _arch_limit(arch)
-        return _resolve(_tables.table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op)
-    return _choose(_tables.current, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op)
+        return _resolve(_tables.table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op,
+                        features=_features(softcap))
+    return _choose(_tables.current, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op,
+                   softcap=softcap)

@@ -121,3 +121,20 @@ def test_a_capped_call_takes_its_own_key_s_winner_and_records_it(tuned_table, la
     assert tiles == [(16, 32, True), (32, 16, False)]
     assert rel(out, attention_reference(q, k, v, causal=True, softcap=4.0), floor=0.1) < 2e-5
     assert record.pending() == {capped: 1, plain: 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="routes CPU tensors under the interpreter")
+def test_explain_and_lookup_answer_for_a_capped_call(tuned_table) -> None:
+    from flashtune.db.types import Key, bucket
+
+    plain = Key(dispatch.INTERPRETER_ARCH, "fwd", 24, 16, "float32", True, batch_heads=bucket(4))
+    capped = Key(dispatch.INTERPRETER_ARCH, "fwd", 24, 16, "float32", True, batch_heads=bucket(4), softcap=True)
+    tuned_table([(plain, Config(32, 16, 2, 1), None), (capped, Config(16, 32, 2, 1), None)])
+    q, k, v = _qkv("cpu", torch.float32, 2, 2, 24, 24, 16)
+    assert dispatch.explain(q, k, v, True).config == Config(32, 16, 2, 1)
+    choice = dispatch.explain(q, k, v, True, softcap=True)
+    assert choice.config == Config(16, 32, 2, 1) and choice.key == capped and choice.source == "exact"
+    found = dispatch.lookup(dispatch.INTERPRETER_ARCH, 24, 16, "float32", True, batch_heads=4, softcap=True)
+    assert found.config == Config(16, 32, 2, 1)
+    with pytest.raises(TypeError, match="softcap"):
+        dispatch.explain(q, k, v, True, softcap="yes")
