@@ -84,7 +84,7 @@ def _dry_run(options: TuneOptions) -> None:
         _plan_recorded(_planned_gpu(options.arch), recorded_ranking(options.db_url, options.arch, options.ops),
                        options)
         return
-    keys_count = len(options.grid("sm_90"))
+    keys_count = len(options.keys("sm_90"))  # a composed key's parts included
     _plan_grid(_planned_gpu(options.arch), keys_count, options)
 
 
@@ -151,6 +151,9 @@ def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
                    + ("" if g["sdpa_providers"] or not providers else "; no SDPA providers for this op"))
         echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
                    right=["smem KB"])
+        if op_spec(g["op"]).parts:
+            click.echo(f"{what}: the default shown; the kernel candidates are composed from the tuned trials of "
+                       f"its {' and '.join(op_spec(g['op']).parts)} keys, tuned first")
         click.echo(f"{what}: {len(g['variants'])} other kernel-variant configs (the forward's "
                    f"tensor-descriptor (TMA) kernel on archs with TMA)")
         if g["variants"]:
