@@ -172,7 +172,8 @@ def check_softcap(softcap: Any) -> float:
             value = float(softcap)
         except OverflowError:
             pass
-    if not (value == 0.0 or (math.isfinite(value) and value > 0)):
+    # Comparisons only (no math.isfinite): torch.compile traces them without a graph break; NaN fails both.
+    if not (value == 0.0 or 0.0 < value < math.inf):
         raise ValueError(f"softcap must be 0 (off) or a finite number > 0, got {reprlib.repr(softcap)}")
     return value
 

@@ -198,22 +198,25 @@ def test_cpu_tensors_outside_the_interpreter() -> None:
 def test_custom_op_passes_opcheck() -> None:
     q, k, v = qkv(nq=20, nk=36)
     torch.library.opcheck(torch.ops.flashtune.attention_fwd.default, (q, k, v, True, 0.25))
+    torch.library.opcheck(torch.ops.flashtune.attention_fwd.default, (q, k, v, True, 0.25, 2.0))  # softcap
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_torch_compile_fullgraph_no_graph_breaks(dynamic: bool) -> None:
+@pytest.mark.parametrize("dynamic, softcap", [(False, 0.0), (True, 0.0), (True, 3.0)])
+def test_torch_compile_fullgraph_no_graph_breaks(dynamic: bool, softcap: float) -> None:
     def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q * 2.0, k, v, is_causal=True).sum(dim=1)
+        return attention(q * 2.0, k, v, is_causal=True, softcap=softcap).sum(dim=1)
+
+    def want(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention_reference(q * 2.0, k, v, causal=True, softcap=softcap).sum(dim=1)
 
     q, k, v = qkv(nq=40, nk=40)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(block)(q, k, v)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(block, fullgraph=True, dynamic=dynamic, backend="aot_eager")
-    ref = attention_reference(q * 2.0, k, v, causal=True).sum(dim=1)
-    close(compiled(q, k, v), ref, torch.float32)
+    close(compiled(q, k, v), want(q, k, v), torch.float32)
     q2, k2, v2 = qkv(nq=40 if not dynamic else 29, nk=40 if not dynamic else 53, seed=3)
-    close(compiled(q2, k2, v2), attention_reference(q2 * 2.0, k2, v2, causal=True).sum(dim=1), torch.float32)
+    close(compiled(q2, k2, v2), want(q2, k2, v2), torch.float32)
 
 
 def test_torch_compile_fallback_for_a_mask() -> None:

@@ -92,11 +92,12 @@ def test_deterministic_algorithms_keep_an_atomic_dq_winner_off_atomics(tuned_tab
         assert rel(got, want.grad, floor=0.1) < BOUND[torch.float32]
 
 
-def test_compiled_training_step_has_no_graph_break() -> None:
-    q, k, v = (t.requires_grad_(True) for t in _draw(1, 2, 2, 24, 24, 16, torch.float32))
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_compiled_training_step_has_no_graph_break(softcap: float) -> None:
+    q, k, v = (t.mul(3).requires_grad_(True) for t in _draw(1, 2, 2, 24, 24, 16, torch.float32))
 
     def step(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return attention(a, b, c, is_causal=True).square().mean()
+        return attention(a, b, c, is_causal=True, softcap=softcap).square().mean()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
     compiled(q, k, v).backward()
