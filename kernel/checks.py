@@ -163,15 +163,21 @@ def device_limits(t: torch.Tensor) -> tuple[str | None, int | None]:
 _SCALE_TYPES = (int, float, np.integer, np.floating)
 
 
+def _as_float(value: Any) -> float:
+    """`value` as a float if it is a Python or numpy int or float (not a bool), else NaN (an int beyond
+    float's range, e.g. 10**400, too)."""
+    if isinstance(value, _SCALE_TYPES) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    return math.nan
+
+
 def check_softcap(softcap: Any) -> float:
     """The logit cap as a float: 0 (off) or a finite number > 0 (Python or numpy int or float); ValueError
     naming it otherwise."""
-    value = math.nan
-    if isinstance(softcap, _SCALE_TYPES) and not isinstance(softcap, bool):
-        try:
-            value = float(softcap)
-        except OverflowError:
-            pass
+    value = _as_float(softcap)
     # Comparisons only (no math.isfinite): torch.compile traces them without a graph break; NaN fails both.
     if not (value == 0.0 or 0.0 < value < math.inf):
         raise ValueError(f"softcap must be 0 (off) or a finite number > 0, got {reprlib.repr(softcap)}")
@@ -183,12 +189,7 @@ def check_scale(scale: Any, head_dim: int) -> float:
     number (Python or numpy int or float); ValueError naming it otherwise."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    value = math.nan
-    if isinstance(scale, _SCALE_TYPES) and not isinstance(scale, bool):
-        try:
-            value = float(scale)
-        except OverflowError:  # an int beyond float's range, e.g. 10**400
-            pass
+    value = _as_float(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be a finite number, got {reprlib.repr(scale)}")
     return value

@@ -228,7 +228,8 @@ def launch_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     CompilationError) propagate for the tuner to record.
     """
     knobs = bwd_knobs(config)
-    softcap = check_softcap(softcap)  # a wrong cap would give finite, wrong gradients: refuse it here too
+    if type(softcap) is not float or softcap != 0.0:  # the common uncapped call skips the check
+        softcap = check_softcap(softcap)  # a wrong cap would give finite, wrong gradients: refuse it here too
     capped = softcap > 0.0
     cap_in, cap_out = softcap_factors(scale, softcap) if capped else (0.0, 0.0)
     atomic = not deterministic and not knobs.deterministic
