@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-
 
 # The fp32 reference runs in chunks of batch·heads whose N×N scores stay under this many bytes.
 REFERENCE_BYTES = {"cuda": 4 << 30, "cpu": 256 << 20}
@@ -23,30 +22,84 @@ def _heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
     return x.double().repeat_interleave(group, dim=1) if group > 1 else x.double()
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None,
-            softcap: float = 0.0) -> torch.Tensor:
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float | None, softcap: float = 0.0, *,
+            window_size: tuple[int, int] | None = None, alibi_slopes: torch.Tensor | None = None,
+            attn_mask: torch.Tensor | None = None, diag: int = 0) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.double(), _heads(k, q.shape[1]).transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    nq, nk = q.shape[2], k.shape[2]
+    # rel = j − (i + diag): the key's offset from the query's diagonal (top-left for diag = 0).
+    rel = (torch.arange(nk, device=q.device)[None, :] - torch.arange(nq, device=q.device)[:, None] - diag).double()
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double()
+        slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(slopes.shape[0], -1, 1, 1)
+        scores = scores - slopes * rel.abs()
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.double()
+    keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
     if causal:
-        # Top-left alignment, as torch SDPA is_causal=True: query i sees keys j <= i.
-        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
+        # Top-left alignment (diag = 0), as torch SDPA is_causal=True: query i sees keys j <= i + diag.
+        keep &= rel <= 0
+    if window_size is not None:
+        left, right = window_size
+        if left >= 0:
+            keep &= rel >= -left
+        if right >= 0:
+            keep &= rel <= right
+    keep = keep.expand_as(scores)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = keep & attn_mask
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Row softmax; `sinks` (Hq,) join each row's denominator; a row with nothing visible gives zeros (SDPA)."""
+    if sinks is not None:
+        sink = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(scores - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return probs[..., :-1] if sinks is not None else probs
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                        scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
-    """softmax(scale·QKᵀ + mask)·V in float64, (B, Hq, Nq, D); GQA by head groups. `softcap` c > 0 caps the
-    scaled scores s to c·tanh(s/c) before the mask and the softmax (0: off)."""
-    return torch.matmul(torch.softmax(_scores(q, k, causal, scale, softcap), dim=-1), _heads(v, q.shape[1]))
+                        scale: float | None = None, softcap: float = 0.0,
+                        window_size: tuple[int, int] | None = None, sinks: torch.Tensor | None = None,
+                        alibi_slopes: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                        dropout_keep: torch.Tensor | None = None, dropout_p: float = 0.0,
+                        diag: int = 0) -> torch.Tensor:
+    """softmax(scale·QKᵀ + modifiers)·V in float64, (B, Hq, Nq, D); GQA by head groups; differentiable.
+
+    The modifiers follow kernel.mods' conventions, written out here independently of the kernels: `softcap`
+    c > 0 caps the scaled scores to c·tanh(s/c); `alibi_slopes` (Hq,) or (B, Hq) subtract m·|j − i − diag|;
+    a float `attn_mask` is added, a bool one keeps its True entries; `causal` keeps j <= i + diag and
+    `window_size` (left, right) keeps i + diag − left <= j <= i + diag + right (-1: unbounded); `sinks` (Hq,)
+    join each row's denominator; `dropout_keep` (broadcastable to (B, Hq, Nq, Nk), bool) keeps probabilities,
+    scaled by 1/(1 − dropout_p). A row that sees no key gives zeros, as SDPA does."""
+    scores = _scores(q, k, causal, scale, softcap, window_size=window_size, alibi_slopes=alibi_slopes,
+                     attn_mask=attn_mask, diag=diag)
+    probs = _softmax(scores, sinks)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    return torch.matmul(probs, _heads(v, q.shape[1]))
 
 
 def lse_reference(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
-                  scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
-    """Row log-sum-exp of the scaled (softcapped, masked) scores in float64, (B, Hq, Nq)."""
-    return torch.logsumexp(_scores(q, k, causal, scale, softcap), dim=-1)
+                  scale: float | None = None, softcap: float = 0.0, window_size: tuple[int, int] | None = None,
+                  sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                  attn_mask: torch.Tensor | None = None, diag: int = 0) -> torch.Tensor:
+    """Row log-sum-exp of the scaled (modified, masked) scores in float64, (B, Hq, Nq), the sinks included
+    (as `attention_reference` takes them); −inf for a row that sees nothing."""
+    scores = _scores(q, k, causal, scale, softcap, window_size=window_size, alibi_slopes=alibi_slopes,
+                     attn_mask=attn_mask, diag=diag)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], dim=-1)
+    return torch.logsumexp(scores, dim=-1)
 
 
 def attention_flops(batch_heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool) -> float:

@@ -100,3 +100,54 @@ def softcap_scores(raw, cap_in, cap_out):
 def softcap_factors(scale: float, softcap: float) -> tuple[float, float]:
     """(cap_in, cap_out) of `softcap_scores` for softmax scale `scale` and cap `softcap` > 0."""
     return scale / softcap, softcap * LOG2E
+
+
+@triton.jit
+def visible_range(start, seq_other, diag, before, after, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """The tiles of the other axis that rows [start, start + BLOCK) see, where row r sees index o when
+    r + diag − before <= o <= r + diag + after and 0 <= o < seq_other: (lo, full_lo, full_hi, hi).
+
+    Rows are queries and o keys (before/after = the window's left/right, `diag` the diagonal offset), or rows
+    are keys and o queries (before = right, after = left, diag negated). A side without bound is
+    kernel.mods.UNBOUNDED; causal caps the query frame's `after` at 0. Tiles in [lo, full_lo) and
+    [full_hi, hi) need the mask; tiles in [full_lo, full_hi) are seen whole by every row and lie inside
+    seq_other. lo, full_lo and full_hi are multiples of TILE; hi is the exclusive end (past it nothing is
+    loaded). Without a window and not causal: (0, 0, seq_other rounded down, seq_other)."""
+    lo = (tl.maximum(start + diag - before, 0) // TILE) * TILE
+    hi = tl.maximum(tl.minimum(start + BLOCK + diag + after, seq_other), lo)
+    hi_tiles = tl.cdiv(hi, TILE) * TILE
+    full_lo = tl.cdiv(tl.maximum(start + BLOCK - 1 + diag - before, 0), TILE) * TILE
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_tiles)
+    full_hi = (tl.maximum(tl.minimum(start + diag + after + 1, seq_other), 0) // TILE) * TILE
+    full_hi = tl.maximum(full_lo, tl.minimum(full_hi, hi_tiles))
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def mod_scores(qk, rel, valid, slope, mask_tile, before, after,
+               WINDOW: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr):
+    """A tile's scores (base-2 units: scaled or capped) with the modifiers applied, −inf where hidden.
+
+    rel = o − (r + diag) per element in either frame (key index minus the query's diagonal); `valid` the
+    positions inside both sequences (and the causal mask, where the caller applies it); `slope` ALiBi's slope
+    of this (batch, head); `mask_tile` the attn_mask values of the tile (MASK 1: bool, 2: float, 0: none).
+    ALiBi subtracts slope·|rel| and a float mask is added (both in natural-log units, so times log2(e));
+    the window keeps −before <= rel <= after; a bool mask keeps its nonzero entries."""
+    if ALIBI:
+        qk = qk - (slope * LOG2E_C) * tl.abs(rel).to(tl.float32)
+    if MASK == 2:
+        qk = qk + mask_tile.to(tl.float32) * LOG2E_C
+    if WINDOW:
+        valid = valid & (rel >= -before) & (rel <= after)
+    if MASK == 1:
+        valid = valid & (mask_tile != 0)
+    return tl.where(valid, qk, float("-inf"))
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, seq_k, dropout_p):
+    """Which probabilities of a tile dropout keeps: Philox (tl.rand) keyed by `seed` + the (batch·heads) index
+    `bh`, at offset row·seq_k + col (2-D `rows`, `cols`, either frame), kept where the uniform draw >= p.
+    The forward and the backward call it with the same arguments, so the backward sees the forward's mask.
+    Offsets are int32: a (batch, head) plane holds up to 2^32 distinct draws (Nq·Nk <= 2^32, then they wrap)."""
+    return tl.rand(seed + bh, rows * seq_k + cols) >= dropout_p
