@@ -37,7 +37,7 @@ from ..db.types import window_bucket
 from .checks import AttnShape, _as_float, check_softcap
 
 __all__ = ["NO_MODS", "NO_WINDOW", "UNBOUNDED", "ScoreMods", "check_dropout", "check_mods", "check_window",
-           "draw_seed", "dropout_keep_mask",
+           "draw_seed", "dropout_keep_mask", "sdpa_mask",
            "sinks_grad"]
 
 NO_WINDOW: tuple[int, int] = (-1, -1)
@@ -224,3 +224,54 @@ def dropout_keep_mask(seed: int, dropout_p: float, batch: int, heads: int, seq_q
     dropout_mask_kernel[one_axis_grid(batch, heads, seq_q, 32)](out, seed, dropout_p, seq_q, seq_k, heads,
                                                                  BLOCK_M=32, BLOCK_N=32)
     return out.bool()
+
+
+def _compact(t: Tensor) -> Tensor:
+    """`t` with each expanded (stride-0) dimension cut to size 1: the broadcast shape it was expanded from."""
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+
+
+def sdpa_mask(mods: ScoreMods, shape: AttnShape, causal: bool, device: torch.device | str,
+              dtype: torch.dtype) -> Tensor | None:
+    """The `attn_mask` with which torch SDPA computes a call of `shape` with `mods`, or None when SDPA needs none
+    (no window, ALiBi or mask: call it with is_causal=`causal`).
+
+    A mask returned has the causal mask folded in (SDPA refuses attn_mask with is_causal): call SDPA with it and
+    is_causal=False. It is boolean (True: take part) when only the window, the causal mask and a boolean mask
+    restrict the keys, else a float bias in `dtype` (the query's: SDPA takes a float mask of the query's dtype):
+    −slope·|j − i| for ALiBi plus a float mask, −inf where a key is hidden. The window is top-left aligned
+    (diag = 0, `attention()`'s). Its shape broadcasts to (B, Hq, Nq, Nk): a dimension is 1 where nothing varies
+    along it. ValueError for modifiers SDPA does not compute (softcap, sinks, dropout).
+    """
+    missing = [name for name, on in (("softcap", bool(mods.softcap)), ("sinks", mods.sinks is not None),
+                                     ("dropout", bool(mods.dropout_p))) if on]
+    if missing:
+        raise ValueError(f"torch SDPA does not compute {', '.join(missing)}: no attn_mask expresses it")
+    if not mods.windowed and mods.alibi is None and mods.mask is None:
+        return None
+    rel = (torch.arange(shape.seq_k, device=device).view(1, -1)
+           - torch.arange(shape.seq_q, device=device).view(-1, 1))  # j − i: the key's offset from the diagonal
+    keep: Tensor | None = None
+    if causal:
+        keep = rel <= 0
+    if mods.windowed:
+        left, right = mods.window_sides(causal)
+        seen = (rel >= -left) & (rel <= right)
+        keep = seen if keep is None else keep & seen
+    if keep is not None:
+        keep = keep.view(1, 1, shape.seq_q, shape.seq_k)
+    if mods.mask is not None and mods.mask.dtype == torch.bool:
+        given = _compact(mods.mask).to(device)
+        keep = given if keep is None else keep & given
+    bias: Tensor | None = None
+    if mods.alibi is not None:
+        slopes = _compact(mods.alibi).to(device=device, dtype=torch.float32)  # (B or 1, Hq or 1)
+        bias = -slopes.view(*slopes.shape, 1, 1) * rel.abs().float().view(1, 1, shape.seq_q, shape.seq_k)
+    if mods.mask is not None and mods.mask.dtype != torch.bool:
+        given = _compact(mods.mask).to(device=device, dtype=torch.float32)
+        bias = given if bias is None else bias + given
+    if bias is None:
+        return keep
+    if keep is not None:
+        bias = torch.where(keep, bias, float("-inf"))  # broadcasts both ways (masked_fill only the mask)
+    return bias.to(dtype)

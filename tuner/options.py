@@ -8,11 +8,11 @@ with it (a group larger than every bucket, no recorded keys, GPUs or a job that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import click
 
-from ..db.types import Key
+from ..db.types import FEATURE_DEFAULTS, Key
 
 from .fleet.gpus import compile_share
 
@@ -54,6 +54,8 @@ class TuneOptions:
     `ops` are the ops to tune, `--decode` already applied; kvcache keys take Nq from `q_lens` and
     their cache length from `kv_lens` (None: `seq`). `given` names the command-line parameters
     given explicitly (not left at their defaults): `--join` refuses options the job already holds.
+    `softcap`, `window`, `sinks`, `alibi`, `mask` and `dropout` are the attention features every key of
+    the grid has (`tune --softcap --window 4096 ...`; db.types.Key's fields).
     """
 
     arch: str | None
@@ -78,11 +80,23 @@ class TuneOptions:
     fleet: FleetOptions = field(default_factory=FleetOptions)
     softcap: bool = False  # the grid's keys cap their scores (`tune --softcap`)
     given: frozenset[str] = frozenset()
+    window: int = 0  # the grid's keys' sliding-window bucket (`tune --window W`); 0: none
+    sinks: bool = False
+    alibi: bool = False
+    mask: str = "none"  # "bool" or "float": the grid's keys take an explicit mask (`tune --mask`)
+    dropout: bool = False
+
+    @property
+    def features(self) -> dict[str, Any]:
+        """The grid's attention features that are on, as Key keywords (`{"window": 4096, "sinks": True}`)."""
+        values = {"window": self.window, "softcap": self.softcap, "sinks": self.sinks, "alibi": self.alibi,
+                  "dropout": self.dropout, "mask": self.mask}
+        return {name: value for name, value in values.items() if value != FEATURE_DEFAULTS[name]}
 
     def grid(self, arch: str) -> list[Key]:
         """The keys of the grid on `arch` (`grid_keys`)."""
         return grid_keys(arch, self.seq, self.head_dim, self.dtype, self.causal, self.batch_heads, self.groups,
-                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens, softcap=self.softcap)
+                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens, features=self.features)
 
     def keys(self, arch: str) -> list[Key]:
         """The keys to tune on `arch`: the recorded ones, the largest estimated share of the app's
@@ -98,7 +112,8 @@ class TuneOptions:
                 "causal": list(self.causal), "batch_heads": list(self.batch_heads), "group": list(self.groups),
                 "op": list(self.ops), "q_len": list(self.q_lens),
                 "kv_len": None if self.kv_lens is None else list(self.kv_lens), "kernel_only": self.kernel_only,
-                "recorded": self.recorded, "budget_s": self.budget_s, "softcap": self.softcap}
+                "recorded": self.recorded, "budget_s": self.budget_s, "softcap": self.softcap, "window": self.window,
+                "sinks": self.sinks, "alibi": self.alibi, "mask": self.mask, "dropout": self.dropout}
 
     def compile_shares(self, gpus: int = 1) -> tuple[int, int]:
         """(compile threads, compile-pool processes) of each of `gpus` benchmark workers on this host: as
@@ -111,24 +126,47 @@ class TuneOptions:
 def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
               causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
               ops: Sequence[str] = ("fwd",), *, q_lens: Sequence[int] = (1,),
-              kv_lens: Sequence[int] | None = None, softcap: bool = False) -> list[Key]:
+              kv_lens: Sequence[int] | None = None, features: Mapping[str, Any] | None = None) -> list[Key]:
     """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
     workload and is left out (TuneError naming --group when that leaves nothing). kvcache keys take
     Nq from `q_lens` and the cache length from `kv_lens` (default: `seqs`); a causal one with more
-    queries than cached keys is left out (bottom-right causal would give query 0 no key). `softcap`:
-    every key has the softcap feature."""
+    queries than cached keys is left out (bottom-right causal would give query 0 no key). `features`:
+    the attention features every key has (Key keywords); a key whose sliding window covers every key
+    (no call has such a key: tuner.ops.mods.nominal_window) is left out, TuneError naming --window when
+    that leaves nothing, and TuneError for features kvcache keys do not take (a mask, dropout)."""
+    from .ops.mods import KVCACHE_FEATURES, nominal_window
+
+    features = dict(features or {})
+    if "kvcache" in ops:
+        other = [name for name in features if name not in KVCACHE_FEATURES]
+        if other:
+            raise TuneError(f"--{' and --'.join(other)}: kvcache keys (attention_kvcache) take no "
+                            f"{' or '.join(other)}; tune them without it")
+
     def lengths(op: str) -> list[tuple[int, int]]:
         if op != "kvcache":
             return [(n, n) for n in seqs]
         return [(nq, nk) for nq in q_lens for nk in (kv_lens or seqs)]
 
-    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, softcap=softcap)
+    def windowed(causal: bool, seq_k: int) -> bool:
+        try:
+            nominal_window(features["window"], causal, seq_k)
+        except ValueError:
+            return False
+        return True
+
+    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, **features)
             for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
             for n, n_kv in lengths(op) for bh in batch_heads
             if bh >= g and not (op == "kvcache" and c and n > n_kv)]
     if not keys:
         raise TuneError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
                         f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq")
+    if features.get("window"):
+        keys = [key for key in keys if windowed(key.causal, key.seq_len_kv)]
+        if not keys:
+            raise TuneError(f"--window {features['window']}: a window that wide covers every key of every "
+                            "sequence length given (no window at all); give longer sequences or a smaller window")
     return keys
 
 

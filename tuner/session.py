@@ -27,6 +27,7 @@ from .compile_pool import pool_for_gpu
 from .loop import KeyResult, Progress, Tuner, TuneSettings
 from .measure import Bench
 from .ops import part_keys, spec_of, with_parts
+from .ops.sdpa import key_backends
 
 
 class SessionError(RuntimeError):
@@ -122,9 +123,13 @@ def provider_configs() -> list[Config]:
 
 
 def key_providers(key: Key, kernel_only: bool = False) -> list[Config]:
-    """The SDPA backend configs that compete for `key`: none for kernel-only runs or for ops whose
-    spec says SDPA's backends are no candidate (the backward: see tuner.ops.bwd)."""
-    return [] if kernel_only or not spec_of(key).sdpa_competes(key) else provider_configs()
+    """The SDPA backend configs that compete for `key`: none for kernel-only runs, for ops whose
+    spec says SDPA's backends are no candidate (the backward: see tuner.ops.bwd) or for keys whose call SDPA
+    does not compute (a softcap, sinks, dropout); for keys SDPA computes through an attn_mask (a window,
+    ALiBi, a mask), the backends that take one (tuner.ops.sdpa)."""
+    if kernel_only or not spec_of(key).sdpa_competes(key):
+        return []
+    return [provider_config(p) for p in key_backends(key, available_providers())]
 
 
 @contextmanager

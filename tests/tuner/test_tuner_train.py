@@ -18,6 +18,7 @@ from flashtune.db.store import RunInfo, Store
 from flashtune.db.types import Config, Key
 from flashtune.kernel import attention, dispatch, record
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
+from flashtune.kernel.mods import NO_MODS
 from flashtune.kernel.ops.train import pair_config, split_pair
 from flashtune.kernel.providers import provider_of
 from flashtune.kernel.testing import attention_reference
@@ -190,7 +191,7 @@ def test_softcap_keys_are_tuned_capped_without_sdpa_or_tma(kernel_device: str, t
     config = op_spec("fwd").default(key, planned_gpu(INTERPRETER_ARCH))
     out, _ = inputs.run(config)
     assert inputs.check(out) is None
-    uncapped, _ = KeyInputs.run(dataclasses.replace(inputs, key=dataclasses.replace(key, softcap=False)), config)
+    uncapped, _ = KeyInputs.run(dataclasses.replace(inputs, mods=NO_MODS), config)
     assert "relative error" in inputs.check(uncapped)  # the cap is active at the nominal value
     if kernel_device != "cpu":
         return

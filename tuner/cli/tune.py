@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 import click
 
-from ...db.types import MAX_BATCH_HEADS, MAX_GROUP, Key, normalize_op
+from ...db.types import MASKS, MAX_BATCH_HEADS, MAX_GROUP, MAX_WINDOW, Key, normalize_op
 from ..fleet.gpus import parse_gpus
 from ..options import FleetOptions, TuneError, TuneOptions
 from ..ranges import parse_int, parse_seq_lens
@@ -56,7 +56,18 @@ def parse_ops(text: str) -> list[str]:
     return list(dict.fromkeys(normalize_op(item.strip()) for item in str(text).split(",")))
 
 
+def parse_window(text: str) -> int:
+    """A sliding window's key bucket: a power of two from 1 to MAX_WINDOW (db.types.window_bucket's values)."""
+    value = parse_int(text, 1, MAX_WINDOW)
+    if value & (value - 1):
+        raise ValueError(f"{value} is not a window bucket: a power of two from 1 to {MAX_WINDOW} (the key rounds a "
+                         "window's total size left + 1 + right to one)")
+    return value
+
+
+FEATURE_OPTIONS = ("softcap", "window", "sinks", "alibi", "mask", "dropout")  # the grid's attention features
 BATCH_HEADS = Parsed(parse_batch_heads, "RANGE")
+WINDOW = Parsed(parse_window, "W")
 GROUPS = Parsed(parse_groups, "G[,G...]")
 OPS_LIST = Parsed(parse_ops, "OP[,OP...]")
 GPUS = Parsed(parse_gpus, "all|I[,I...]")
@@ -103,13 +114,24 @@ def _planned_gpu(arch: str | None) -> Any:
     return here if here is not None and here.arch == arch else planned_gpu(arch)
 
 
-def _planned_providers(options: TuneOptions) -> tuple[bool, list[str]]:
-    """Whether torch SDPA's backends compete for any op planned, and their configs as text."""
-    from ..ops import op_spec
-    from ..session import provider_configs
+def _feature_key(arch: str, op: str, features: Mapping[str, Any]) -> Key:
+    """A key of `op` with the grid's `features` that SDPA's backends compete for unless the features or the op
+    rule them out (a kvcache key of one query: one whose query sees the whole cache)."""
+    return Key(arch, op, 1 if op == "kvcache" else 1024, 64, "float16", False, seq_len_kv=1024, **features)
 
-    with_sdpa = not options.kernel_only and any(op_spec(op).sdpa_providers for op in options.ops)
-    return with_sdpa, [str(c) for c in provider_configs()] if with_sdpa else []
+
+def _sdpa_plan(arch: str, op: str, features: Mapping[str, Any], kernel_only: bool) -> list[str]:
+    """The SDPA provider configs, as text, that compete for the grid's keys of `op` with `features`."""
+    from ..session import key_providers
+
+    return [str(c) for c in key_providers(_feature_key(arch, op, features), kernel_only)]
+
+
+def _planned_providers(options: TuneOptions, arch: str) -> tuple[bool, list[str]]:
+    """Whether torch SDPA's backends compete for any op planned (with the grid's features), and their configs
+    as text."""
+    providers = {c: None for op in options.ops for c in _sdpa_plan(arch, op, options.features, options.kernel_only)}
+    return bool(providers), list(providers)
 
 
 def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
@@ -117,7 +139,8 @@ def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
     from ..ops import op_spec
     from ..ops.kvcache import NOMINAL
 
-    with_sdpa, providers = _planned_providers(options)
+    features = options.features
+    with_sdpa, providers = _planned_providers(options, gpu.arch)
     groups = []
     for op in options.ops:
         spec = op_spec(op)
@@ -129,26 +152,28 @@ def _plan_grid(gpu: Any, keys_count: int, options: TuneOptions) -> None:
                 # The op's other kernel variants (the forward's TMA kernel, sm_90 on): causal keys'
                 # list, the superset: what the op's space adds to its base plan.
                 base = {c.config for c in entries if c.kept}
-                causal_key = Key(gpu.arch, op, options.seq[0], head_dim, dtype, True)
+                causal_key = Key(gpu.arch, op, options.seq[0], head_dim, dtype, True, **features)
                 if op == "kvcache":  # its plan is the nominal decode key's space: the same key, causal
-                    causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL)
+                    causal_key = Key(gpu.arch, op, head_dim=head_dim, dtype=dtype, causal=True, **NOMINAL, **features)
                 variants = [{"config": str(c), "smem": spec.smem(c, head_dim, dtype, gpu.arch)}
                             for c in spec.space(causal_key, gpu) if c not in base]
                 groups.append({"op": op, "head_dim": head_dim, "dtype": dtype, "configs": kept,
                                "space": len(entries), "dropped_smem": over,
                                "dropped_other": len(entries) - len(kept) - over, "variants": variants,
-                               "sdpa_providers": with_sdpa and spec.sdpa_providers})
+                               "sdpa_providers": with_sdpa and bool(_sdpa_plan(gpu.arch, op, features, False))})
     if options.as_json:
         echo_json({"arch": gpu.arch, "gpu": gpu.name, "smem_limit": gpu.smem_limit, "keys": keys_count,
-                   "providers": providers, "groups": groups})
+                   "features": features, "providers": providers, "groups": groups})
         return
+    shown = Key(gpu.arch, "fwd", 1, 64, "float16", False, **features).feature_parts()
     click.echo(f"{gpu.arch} ({gpu.name}), shared memory limit {gpu.smem_limit // 1024} KB per block; "
-               f"{keys_count} keys; SDPA providers: {', '.join(providers) or 'none'}")
+               f"{keys_count} keys" + (f" with {', '.join(shown)}" if shown else "")
+               + f"; SDPA providers: {', '.join(providers) or 'none'}")
     for g in groups:
         what = f"{g['op']} D={g['head_dim']} {g['dtype']}"
         click.echo(f"\n{what}: {len(g['configs'])} of {g['space']} configs kept "
                    f"({g['dropped_smem']} over the shared-memory limit, {g['dropped_other']} by tile rules)"
-                   + ("" if g["sdpa_providers"] or not providers else "; no SDPA providers for this op"))
+                   + ("" if g["sdpa_providers"] or options.kernel_only else "; no SDPA providers for these keys"))
         echo_table(["config", "smem KB"], [[c["config"], f"{c['smem'] / 1024:.1f}"] for c in g["configs"]],
                    right=["smem KB"])
         if op_spec(g["op"]).parts:
@@ -168,7 +193,7 @@ def _plan_recorded(gpu: Any, ranking: Sequence[Any], options: TuneOptions) -> No
     from ..ops import op_spec
     from ..session import key_providers, session_space
 
-    _, providers = _planned_providers(options)
+    _, providers = _planned_providers(options, gpu.arch)
     rows = [{**_key_fields(r.key), "calls": r.calls, "time_share": r.share,
              "kernel_configs": len(session_space(r.key, gpu)),
              "providers": len(key_providers(r.key, options.kernel_only))} for r in ranking]
@@ -313,6 +338,18 @@ def fleet_options(func: F) -> F:
                    "With --recorded: which recorded ops to tune (default: all of them).")
 @click.option("--softcap", is_flag=True,
               help="Tune keys with logit softcapping (attention(softcap=...), Gemma 2; timed with a cap of 1).")
+@click.option("--window", type=WINDOW, default=None,
+              help="Tune keys with a sliding window of this bucket, a power of two (the key's W: the window's "
+                   "total size left + 1 + right, rounded; timed with a span of W, the last W keys when causal). "
+                   "Keys whose sequences are too short for such a window are left out.")
+@click.option("--sinks", is_flag=True, help="Tune keys with attention sinks (one learnt logit per head).")
+@click.option("--alibi", is_flag=True, help="Tune keys with ALiBi (timed with the standard slopes of the heads).")
+@click.option("--mask", type=click.Choice([m for m in MASKS if m != "none"]), default=None,
+              help="Tune keys with an explicit attention mask of this kind (attn_mask; timed with a random "
+                   "(B, 1, N, N) mask: key padding and hidden blocks, or a float bias).")
+@click.option("--dropout", is_flag=True,
+              help="Tune keys with dropout (a training call's; timed with p = 0.1). The feature options combine; "
+                   "kvcache keys take no --mask or --dropout.")
 @click.option("--decode", is_flag=True,
               help="Tune decode keys (--op kvcache, attention_kvcache): --q-len queries against a cache of "
                    "--kv-len keys; added to an explicit --op.")
@@ -365,6 +402,10 @@ def _options(params: Mapping[str, Any]) -> TuneOptions:
         from ..ops import OPS
 
         ops = list(OPS)  # what the app recorded, whatever its ops: its forward, training and decode calls
+    features = [f"--{name}" for name in FEATURE_OPTIONS if name in given]
+    if params["recorded"] and features:
+        raise CliError(f"{', '.join(features)}: --recorded tunes the recorded keys, each with its own features; "
+                       "these options give a grid's keys theirs")
     gpus = params["gpus"]
     kv_lens = params["kv_lens"]
     return TuneOptions(
@@ -377,7 +418,8 @@ def _options(params: Mapping[str, Any]) -> TuneOptions:
         compile_procs=params["compile_procs"], trial_timeout_s=params["trial_timeout"],
         fleet=FleetOptions(gpus=gpus if gpus is None or isinstance(gpus, str) else tuple(gpus), job=params["job"],
                            join=params["join"], lease_s=params["lease_s"]),
-        given=given, softcap=params["softcap"])
+        given=given, softcap=params["softcap"], window=params["window"] or 0, sinks=params["sinks"],
+        alibi=params["alibi"], mask=params["mask"] or "none", dropout=params["dropout"])
 
 
 def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:

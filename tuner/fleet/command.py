@@ -42,7 +42,8 @@ SQLITE_JOIN = ("--join: {url} is SQLite, and SQLite cannot share a queue across 
 # The options a job holds, by parameter name: `--join` takes them from the job, not the command line.
 JOB_OPTIONS = {"seq": "--seq", "head_dim": "--head-dim", "dtype": "--dtype", "causal": "--causal/--no-causal",
                "batch_heads": "--batch-heads", "groups": "--group", "ops": "--op", "kernel_only": "--kernel-only",
-               "recorded": "--recorded", "lease_s": "--lease"}
+               "recorded": "--recorded", "lease_s": "--lease", "softcap": "--softcap", "window": "--window",
+               "sinks": "--sinks", "alibi": "--alibi", "mask": "--mask", "dropout": "--dropout"}
 
 
 @dataclass

@@ -29,7 +29,9 @@ register rule leaves none, and the default alone is timed). Rules, each with a r
 A bwd key has the forward key's fields with op "bwd": the gradients of attention on that shape. Its
 workload draws q, k, v and dO (real GQA heads, B·Hq split like the forward's), runs the forward
 kernel once (default config) for O and the row log-sum-exp, and computes the reference gradients by
-fp32 autograd of torch SDPA's math attention. A candidate's run is the backward launch alone
+fp32 autograd of torch SDPA's math attention (a key with attention features: float64 autograd of the
+reference with the same modifiers, tuner.ops.reference; the forward and the backward both take the
+workload's modifiers, the dropout seed included). A candidate's run is the backward launch alone
 (`launch_bwd`: the delta preprocess, the dK/dV pass, the dQ pass or the atomic dQ conversion), the
 same the training path runs, with dQ atomics allowed (what `attention()` does unless
 torch.use_deterministic_algorithms is on), so a `deterministic: false` config is timed with them.
@@ -56,10 +58,13 @@ from ...kernel.ops.bwd import launch_bwd
 from ...kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.testing import REFERENCE_BYTES, math_attention, query_rows
 from ...kernel.testing import attention_flops as shape_flops
 
-from .inputs import Draw, OpInputs
+from .inputs import Draw, OpInputs, unmodified
+from .mods import mods_bytes
+from .reference import modified_gradients
 from .space import MMA_ROWS, THREAD_FP32_MAX, Candidate
 from .spec import OpSpec
 
@@ -155,14 +160,18 @@ def bwd_gpu_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
 def bwd_default(key: Key, gpu: "GpuInfo") -> Config:
     """kernel.ops.bwd.default_bwd_config for the key on this GPU's shared memory: the dispatcher's untuned choice."""
     return default_bwd_config(key.arch, key.head_dim, key.dtype, gpu.smem_limit)
+
+
 def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, causal: bool, scale: float,
                    *, max_bytes: int | None = None,
-                   softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in fp32 of softmax(scale·QKᵀ [capped] [+ causal mask])·V for output gradient `do`, by autograd
-    through torch SDPA's math backend on fp32 copies (kernel.testing.math_attention, which writes the steps
-    out with a `softcap`); GQA by each K/V head serving its group of
-    consecutive query heads (autograd sums dK, dV over the group). Computed a few K/V heads at a
-    time so that a long sequence never needs all B·H·N·N scores at once."""
+                   mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in fp32 of softmax(scale·QKᵀ [+ causal mask])·V for output gradient `do`, by autograd
+    through torch SDPA's math backend on fp32 copies (kernel.testing.math_attention); GQA by each K/V head
+    serving its group of consecutive query heads (autograd sums dK, dV over the group). Computed a few K/V
+    heads at a time so that a long sequence never needs all B·H·N·N scores at once. With score modifiers
+    `mods`: float64 autograd of the reference with the same modifiers, in fp32 (tuner.ops.reference)."""
+    if not unmodified(mods):
+        return modified_gradients(q, k, v, do, causal=causal, scale=scale, mods=mods, max_bytes=max_bytes)
     b, hq, n, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -185,7 +194,7 @@ def fp32_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.
             for r0, r1, mask in query_rows(n, nk, rows, causal, q.device):
                 qs = qg[lo:hi, :, r0:r1].float().requires_grad_(True)
                 out = math_attention(qs, ks.expand(-1, group, -1, -1), vs.expand(-1, group, -1, -1),
-                                     attn_mask=mask, is_causal=causal and mask is None, scale=scale, softcap=softcap)
+                                     attn_mask=mask, is_causal=causal and mask is None, scale=scale)
                 gq, gk, gv = torch.autograd.grad(out, (qs, ks, vs), dog[lo:hi, :, r0:r1].float())
                 dq[lo:hi, :, r0:r1] = gq
                 dk[lo:hi] += gk
@@ -226,22 +235,23 @@ class BwdInputs(OpInputs):
         self.do = draw(self.q.shape[1], key.seq_len)
         self.o, self.lse, _ = launch(self.q, self.k, self.v, self.shape, causal=key.causal, scale=self.scale,
                                      return_lse=True, config=default_config(key.arch, key.head_dim, key.dtype),
-                                     softcap=self.softcap)
+                                     mods=self.mods)
 
     def compute_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dQ, dK, dV) by fp32 autograd (`fp32_gradients`)."""
         return fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
-                              max_bytes=self.reference_bytes, softcap=self.softcap)
+                              max_bytes=self.reference_bytes, mods=self.mods)
 
     @classmethod
     def footprint(cls, key: Key, batch_heads: int) -> int:
         """q, k, v, dO, O, the dQ/dK/dV buffers (and an fp32 dQ for the atomic variant), LSE and the
-        fp32 reference gradients."""
+        fp32 reference gradients, and a feature key's modifiers (tuner.ops.mods.mods_bytes)."""
         batch, heads_q, heads_kv = cls.sizes(key, batch_heads)
         q = batch * heads_q * key.seq_len * key.head_dim
         kv = 2 * batch * heads_kv * key.seq_len_kv * key.head_dim
         elt = DTYPE_BYTES[key.dtype]
-        return (4 * q + 2 * kv) * elt + (2 * q + kv) * 4 + batch * heads_q * key.seq_len * 4
+        return ((4 * q + 2 * kv) * elt + (2 * q + kv) * 4 + batch * heads_q * key.seq_len * 4
+                + mods_bytes(key, batch, heads_q))
 
     def run(self, config: Config, out: tuple[torch.Tensor, ...] | None = None) -> tuple[tuple[torch.Tensor, ...], Any]:
         """The backward launch with `config`: ((dQ, dK, dV), Triton's compiled kernels by name), into `out`
@@ -251,7 +261,7 @@ class BwdInputs(OpInputs):
         dq, dk, dv, compiled = launch_bwd(self.do, self.q, self.k, self.v, self.o, self.lse, self.shape,
                                           causal=self.key.causal, scale=self.scale, config=config,
                                           deterministic=False, out=out,  # type: ignore[arg-type]
-                                          softcap=self.softcap)
+                                          mods=self.mods)
         return (dq, dk, dv), compiled
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
@@ -262,7 +272,7 @@ class BwdInputs(OpInputs):
         if errors[worst] <= tolerance:
             return None
         grad = ("dQ", "dK", "dV")[worst]
-        return f"relative error {errors[worst]:.3g} in {grad} > {tolerance:g} against {self.against}"
+        return f"relative error {errors[worst]:.3g} in {grad} > {tolerance:g} against {self.described}"
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV buffers the timed launches share."""

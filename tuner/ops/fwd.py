@@ -14,7 +14,8 @@ order, each with a reason a person can read in `--dry-run`:
   latency needs for big tiles.
 
 Validation compares each candidate's output with torch SDPA's math backend in fp32 on the same
-inputs (kernel.testing.fp32_reference), by relative Frobenius error (`TOLERANCE`).
+inputs (kernel.testing.fp32_reference), by relative Frobenius error (`TOLERANCE`); a key with attention
+features (tuner.ops.mods) with the float64 reference of the same modifiers (tuner.ops.reference).
 """
 from __future__ import annotations
 
@@ -28,11 +29,14 @@ from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, Key, normalize_dtype
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.testing import attention_flops as shape_flops, fp32_reference
 from ...kernel.providers import KERNEL, provider_of
-from ...kernel.sdpa import run_sdpa
 
-from .inputs import OpInputs
+from .inputs import OpInputs, unmodified
+from .mods import has_features
+from .reference import modified_attention
+from .sdpa import run_provider, sdpa_computes
 from .space import MMA_ROWS, THREAD_FP32_MAX, Candidate, full_space
 from .spec import OpSpec
 
@@ -120,14 +124,14 @@ def _space(head_dim: int, dtype: str, causal: bool, smem_limit: int, arch: str,
 
 def fwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
     """The pointer kernel's pruned space (`candidates`) and the other variants' configs (the TMA
-    kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU. A softcap
-    key gets the pointer kernel's alone: the TMA kernel has no cap."""
-    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch, not key.softcap))
+    kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU. A key with
+    attention features gets the pointer kernel's alone: the TMA kernel takes no score modifiers."""
+    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch, not has_features(key)))
 
 
 def sdpa_same(key: Key) -> bool:
-    """Whether torch SDPA computes `key`'s call: not with a softcap (SDPA has none)."""
-    return not key.softcap
+    """Whether torch SDPA computes `key`'s call: not with a softcap, sinks or dropout (tuner.ops.sdpa)."""
+    return sdpa_computes(key)
 
 
 def fwd_plan(head_dim: int, dtype: str, gpu: "GpuInfo") -> list[Candidate]:
@@ -141,12 +145,16 @@ def fwd_default(key: Key, gpu: "GpuInfo") -> Config:
 
 
 def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key, *,
-                  max_bytes: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+                  max_bytes: int | None = None, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """SDPA's math attention in fp32 for `key`'s inputs, `max_bytes` of scores at a time. It has no GQA: each
     K/V head serves `key.group` consecutive query heads (the kernel's and SDPA's enable_gqa mapping), so they
-    are repeated up to Hq."""
+    are repeated up to Hq. With score modifiers `mods`: the float64 reference of the same modifiers, in fp32
+    (tuner.ops.reference)."""
+    if not unmodified(mods):
+        return modified_attention(q, k, v, causal=key.causal, scale=q.shape[-1] ** -0.5, mods=mods,
+                                  max_bytes=max_bytes)
     rk, rv = (x.repeat_interleave(key.group, dim=1) if key.group > 1 else x for x in (k, v))
-    return fp32_reference(q, rk, rv, key.causal, max_bytes=max_bytes, softcap=softcap)  # SDPA's default scale, as ours
+    return fp32_reference(q, rk, rv, key.causal, max_bytes=max_bytes)  # SDPA's default scale, as ours
 
 
 class KeyInputs(OpInputs):
@@ -157,16 +165,18 @@ class KeyInputs(OpInputs):
 
     def compute_reference(self) -> torch.Tensor:
         """`fwd_reference` of the inputs, within the workload's reference byte budget."""
-        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, softcap=self.softcap)
+        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, mods=self.mods)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
-        SDPA `provider` runs torch SDPA pinned to that backend (it allocates its own output)."""
+        SDPA `provider` runs torch SDPA pinned to that backend (it allocates its own output), with the attn_mask
+        of the workload's modifiers where they need one."""
         provider = provider_of(config)
         if provider != KERNEL:
-            return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
+            return run_provider(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale,
+                                attn_mask=self.sdpa_attn_mask), None
         o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                config=config, out=out, softcap=self.softcap)
+                                config=config, out=out, mods=self.mods)
         return o, compiled
 
 

@@ -3,13 +3,16 @@
 An op's inputs are q, k and v of the key's shape, drawn from N(0, 1) with a seeded generator on the
 bench device: B·Hq is the key's bucket split by `split_heads`, k and v have Hq / key.group heads
 (real GQA inputs), and the compile pool's copy (`warm`) has only compile_batch(B) sequences and no
-reference. The op's class adds what is its own: more tensors (`prepare`), the reference
-(`compute_reference`), the launch (`run`) and, where one relative error does not fit, the check.
+reference. A key with attention features also gets its score modifiers (`mods`, tuner.ops.mods), drawn
+after q, k and v, which the launches and the reference both take. The op's class adds what is its own:
+more tensors (`prepare`), the reference (`compute_reference`), the launch (`run`) and, where one
+relative error does not fit, the check.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
@@ -17,10 +20,12 @@ import torch
 from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.dtypes import TORCH_DTYPES
 from ...kernel.checks import AttnShape, check_inputs
+from ...kernel.mods import NO_MODS, ScoreMods, sdpa_mask
 
-# The cap a softcap key is timed and checked with. What a config costs does not depend on the cap's value;
-# the scores of N(0, 1) inputs reach this one (tanh bends them), so a candidate that ignored it fails the check.
-NOMINAL_SOFTCAP = 1.0
+from .mods import NOMINAL_SOFTCAP, mods_bytes, workload_mods
+
+__all__ = ["NOMINAL_SOFTCAP", "OpInputs", "compile_batch", "poisoned", "relative_error", "split_heads", "unmodified"]
+
 HEADS = 16  # query heads of the benchmark inputs when B·Hq allows: one Hq for every bucket shares compiles
 
 Draw = Callable[[int, int], torch.Tensor]  # (heads, length) -> a (B, heads, length, D) tensor of the inputs' stream
@@ -72,6 +77,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return output_errors(out, ref)[1]
 
 
+def unmodified(mods: ScoreMods) -> bool:
+    """Whether `mods` modify nothing: then the references are torch SDPA's (math backend, fp32), else the float64
+    reference with the modifiers (tuner.ops.reference)."""
+    return mods.plain and not mods.softcap
+
+
 def poisoned(buffers: Any) -> Any:
     """`buffers` (a tensor or a tuple of them, as `Workload.buffers` gives) NaN-filled, so that an element a
     candidate leaves unwritten fails the check instead of passing on what an earlier candidate wrote there."""
@@ -99,14 +110,23 @@ class OpInputs:
     reference: Any = None
     # The byte budget of the reference's chunks (its fp32 scores at once); None: kernel.testing's default.
     reference_bytes: int | None = None
+    # The score modifiers of the key's features (tuner.ops.mods.workload_mods); NO_MODS for a key without.
+    mods: ScoreMods = NO_MODS
 
     tolerance: ClassVar[Mapping[str, float]]
     against: ClassVar[str]
+    against_modified: ClassVar[str] = "the float64 reference with the key's modifiers"
 
     @property
-    def softcap(self) -> float:
-        """The cap a capped key's workload runs with (`NOMINAL_SOFTCAP`; 0.0: the key has no softcap)."""
-        return NOMINAL_SOFTCAP if self.key.softcap else 0.0
+    def described(self) -> str:
+        """What the reference is, for the check's message."""
+        return self.against if unmodified(self.mods) else self.against_modified
+
+    @cached_property
+    def sdpa_attn_mask(self) -> torch.Tensor | None:
+        """The attn_mask an SDPA candidate computes this workload's modifiers with (kernel.mods.sdpa_mask, the
+        causal mask folded in), or None: none needed. Built once per workload, outside the timed launches."""
+        return sdpa_mask(self.mods, self.shape, self.key.causal, self.q.device, self.q.dtype)
 
     @classmethod
     def build(cls: type[I], key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
@@ -124,8 +144,9 @@ class OpInputs:
             return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
 
         q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
-        inputs = cls(key, batch_heads, q, k, v, cls.shape_of(q, k, v), 1.0 / math.sqrt(key.head_dim),
-                     reference_bytes=reference_bytes)
+        shape = cls.shape_of(q, k, v)
+        inputs = cls(key, batch_heads, q, k, v, shape, 1.0 / math.sqrt(key.head_dim),
+                     reference_bytes=reference_bytes, mods=workload_mods(key, shape, gen, device, dtype))
         inputs.prepare(draw)
         if not warm:
             inputs.reference = inputs.compute_reference()
@@ -133,7 +154,11 @@ class OpInputs:
 
     @classmethod
     def check_key(cls, key: Key) -> None:
-        """ValueError for a key whose inputs cannot be drawn; every key's can, unless the op says otherwise."""
+        """ValueError for a key whose inputs cannot be drawn: features its op's kernels do not take, a window no
+        call can have (tuner.ops.mods.check_features), or what the op says otherwise."""
+        from .mods import check_features
+
+        check_features(key)
 
     @classmethod
     def sizes(cls, key: Key, batch_heads: int) -> tuple[int, int, int]:
@@ -145,11 +170,12 @@ class OpInputs:
     def footprint(cls, key: Key, batch_heads: int) -> int:
         """Bytes one workload of `key` at `batch_heads` holds on the device: q, k, v, the output buffer
         (like q) and an fp32 reference of q's shape. An op that holds more (further inputs, several
-        outputs) adds its own; the bench sizes the batch by it (tuner.bench)."""
+        outputs) adds its own; the bench sizes the batch by it (tuner.bench). A feature key's modifiers add
+        theirs (tuner.ops.mods.mods_bytes)."""
         batch, heads_q, heads_kv = cls.sizes(key, batch_heads)
         q = batch * heads_q * key.seq_len * key.head_dim
         kv = 2 * batch * heads_kv * key.seq_len_kv * key.head_dim
-        return (2 * q + kv) * DTYPE_BYTES[key.dtype] + 4 * q
+        return (2 * q + kv) * DTYPE_BYTES[key.dtype] + 4 * q + mods_bytes(key, batch, heads_q)
 
     @classmethod
     def shape_of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttnShape:
@@ -176,7 +202,7 @@ class OpInputs:
     def problem(self, output: Any, reference: Any, tolerance: float) -> str | None:
         """Why `output` is off `reference` by more than `tolerance` (one line), or None: its relative error."""
         err = relative_error(output, reference)
-        return None if err <= tolerance else f"relative error {err:.3g} > {tolerance:g} against {self.against}"
+        return None if err <= tolerance else f"relative error {err:.3g} > {tolerance:g} against {self.described}"
 
     def buffers(self) -> Any:
         """One output tensor the timed launches share."""

@@ -4,7 +4,9 @@ A "kvcache" key is Key(arch, "kvcache", seq_len=Nq, seq_len_kv=the cache length 
 causal=bottom-right causal, batch_heads=bucket(B·Hq), group=Hq/Hkv). Its workload is random q and
 caches with real GQA (Hkv = Hq / group KV heads) and every sequence Nmax long; each candidate's output
 is checked against kernel/testing.py in fp32 on the bench device, with the forward's
-tolerance.
+tolerance. A key with features (window, softcap, sinks, ALiBi: tuner.ops.mods; a decode call has no mask
+and no dropout) runs them bottom-right aligned, as the cache's causal mask (diag = Nmax − Nq), and is
+checked against the float64 reference of the same modifiers (tuner.ops.reference).
 
 The space: num_splits x block_n x (warps, stages), and the half-size query tile where the packed rows
 G·Nq fill more than 16 rows, around the key's default (kernel.ops.kvcache.default_decode_config with the
@@ -13,9 +15,11 @@ split to whole tiles) are one config. Pruned by the shared-memory estimate and C
 
 torch SDPA's backends compete where they compute the same thing (`sdpa_decode_key`): a query that sees
 every cached key, i.e. one query (Nq = 1: bottom-right causal sees the whole cache) or a non-causal key, on a
-full cache (the workload's). SDPA has no per-sequence lengths and its is_causal is top-left, so calls with
-`cache_seqlens` of a key an SDPA backend won run the kernel config stored beside the win
-(kernel.dispatch.kvcache_plan), and causal keys with Nq > 1 have no SDPA candidate.
+full cache (the workload's), without attention features. SDPA has no per-sequence lengths and its is_causal
+is top-left, so calls with `cache_seqlens` of a key an SDPA backend won run the kernel config stored beside
+the win (kernel.dispatch.kvcache_plan), and causal keys with Nq > 1 have no SDPA candidate; nor do keys with
+features: a window or ALiBi is aligned to each sequence's own length, which no one SDPA mask of a call with
+lengths gives.
 
 Decode is memory-bound: the trials table's rate column holds the FLOP rate (`kvcache_flops`) like every
 op's, and `kvcache_bytes` (K + V + Q + O, kernel.ops.kvcache.decode_bytes) gives the TB/s that `tune` prints.
@@ -37,7 +41,9 @@ from ...kernel.sdpa import run_sdpa
 from ...kernel.testing import attention_kvcache_reference
 
 from .fwd import TOLERANCE
-from .inputs import OpInputs
+from .inputs import OpInputs, unmodified
+from .mods import has_features
+from .reference import modified_attention
 from .space import Candidate
 from .spec import OpSpec
 
@@ -144,7 +150,8 @@ class KVCacheInputs(OpInputs):
     @classmethod
     def check_key(cls, key: Key) -> None:
         """ValueError for a causal key with more queries than cached keys (bottom-right causal would
-        leave query 0 no key)."""
+        leave query 0 no key), or with features a decode call does not take (tuner.ops.mods.check_features)."""
+        super().check_key(key)
         if key.causal and key.seq_len > key.seq_len_kv:
             raise ValueError(f"{key}: causal decode needs at least as many cached keys as queries "
                              f"(Nq={key.seq_len} > Nkv={key.seq_len_kv})")
@@ -160,12 +167,16 @@ class KVCacheInputs(OpInputs):
         return check_kvcache_inputs(q, k, v)
 
     def compute_reference(self) -> torch.Tensor:
-        """The fp32 reference, a few sequences at a time: it holds fp32 copies of their K and V."""
+        """The fp32 reference, a few sequences at a time: it holds fp32 copies of their K and V. With score
+        modifiers: the float64 reference of the same modifiers, bottom-right aligned (tuner.ops.reference)."""
         q, k, v, key = self.q, self.k, self.v, self.key
+        if not unmodified(self.mods):
+            return modified_attention(q, k, v, causal=key.causal, scale=self.scale, mods=self.mods,
+                                      diag=key.seq_len_kv - key.seq_len, max_bytes=self.reference_bytes)
         per_seq = 2 * 4 * k.shape[1] * key.seq_len_kv * key.head_dim
         step = max(1, (self.reference_bytes or REFERENCE_CHUNK_BYTES) // per_seq)
         return torch.cat([attention_kvcache_reference(q[i:i + step], k[i:i + step], v[i:i + step], causal=key.causal,
-                                                      scale=self.scale, dtype=torch.float32, softcap=self.softcap)
+                                                      scale=self.scale, dtype=torch.float32)
                           for i in range(0, q.shape[0], step)])
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
@@ -176,13 +187,13 @@ class KVCacheInputs(OpInputs):
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=False, scale=self.scale), None
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
-                             scale=self.scale, config=config, out=out, softcap=self.softcap)
+                             scale=self.scale, config=config, out=out, mods=self.mods)
 
 
 def sdpa_decode_key(key: Key) -> bool:
     """Whether SDPA (no lengths, top-left causal) computes a kvcache key's full-cache call: every query sees
-    every cached key (one query, or not causal), and it has no softcap."""
-    return (key.seq_len == 1 or not key.causal) and not key.softcap
+    every cached key (one query, or not causal), and it has no attention features."""
+    return (key.seq_len == 1 or not key.causal) and not has_features(key)
 
 
 KVCACHE = OpSpec(OP, space=kvcache_space, plan=kvcache_plan, default=kvcache_default,

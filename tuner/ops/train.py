@@ -9,7 +9,9 @@ the forward (keeping its row log-sum-exp) and the backward with a random dO. Its
   backward's fastest `PAIR_TOP`, so a pair is never searched over the product of both spaces; and the
   default pair, always;
 - each torch SDPA backend, running its own forward and its own backward through autograd: SDPA's
-  backward is tied to its forward, so only a pair decision can compare it with flashtune.
+  backward is tied to its forward, so only a pair decision can compare it with flashtune. A key with
+  features SDPA computes through an attn_mask (window, ALiBi, mask) has the backends that take one;
+  with a softcap, sinks or dropout, none (tuner.ops.sdpa).
 
 A candidate is checked on its output and its three gradients: O against the forward's fp32 reference
 (tuner.ops.fwd's tolerance) and dQ, dK, dV against fp32 autograd (tuner.ops.bwd's). It is timed as one
@@ -29,11 +31,11 @@ from ...kernel.ops.bwd import launch_bwd
 from ...kernel.ops.fwd import launch
 from ...kernel.ops.train import estimate_train_smem, pair_config, split_pair
 from ...kernel.providers import KERNEL, provider_of
-from ...kernel.sdpa import run_sdpa
 
 from .bwd import TOLERANCE as BWD_TOLERANCE, BwdInputs, bwd_default, bwd_flops, fp32_gradients, gradient_errors
 from .fwd import TOLERANCE as FWD_TOLERANCE, attention_flops, fwd_default, fwd_reference, sdpa_same
 from .inputs import Draw, OpInputs, relative_error
+from .sdpa import run_provider
 from .space import Candidate
 from .spec import OpSpec
 
@@ -101,9 +103,9 @@ class TrainInputs(OpInputs):
 
     def compute_reference(self) -> tuple[torch.Tensor, ...]:
         """(O, dQ, dK, dV) in fp32, within the workload's reference byte budget."""
-        out = fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, softcap=self.softcap)
+        out = fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, mods=self.mods)
         return (out, *fp32_gradients(self.q, self.k, self.v, self.do, self.key.causal, self.scale,
-                                     max_bytes=self.reference_bytes, softcap=self.softcap))
+                                     max_bytes=self.reference_bytes, mods=self.mods))
 
     @classmethod
     def footprint(cls, key: Key, batch_heads: int) -> int:
@@ -118,16 +120,17 @@ class TrainInputs(OpInputs):
         provider = provider_of(config)
         if provider != KERNEL:
             with torch.enable_grad():
-                o = run_sdpa(provider, *self.leaves, causal=self.key.causal, scale=self.scale)
+                o = run_provider(provider, *self.leaves, causal=self.key.causal, scale=self.scale,
+                                 attn_mask=self.sdpa_attn_mask)
                 grads = torch.autograd.grad(o, self.leaves, self.do)
             return (o.detach(), *grads), None
         forward, backward = split_pair(config)
         o_buf, *grads_buf = out if out is not None else self.buffers()
         o, lse, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                  config=forward, return_lse=True, out=o_buf, softcap=self.softcap)
+                                  config=forward, return_lse=True, out=o_buf, mods=self.mods)
         dq, dk, dv, kernels = launch_bwd(self.do, self.q, self.k, self.v, o, lse, self.shape, causal=self.key.causal,
                                          scale=self.scale, config=backward, deterministic=False,
-                                         out=tuple(grads_buf), softcap=self.softcap)  # type: ignore[arg-type]
+                                         out=tuple(grads_buf), mods=self.mods)  # type: ignore[arg-type]
         return (o, dq, dk, dv), {"fwd": compiled, **kernels}
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
@@ -139,7 +142,7 @@ class TrainInputs(OpInputs):
         if errors[worst] <= limits[worst]:
             return None
         what = ("O", "dQ", "dK", "dV")[worst]
-        return f"relative error {errors[worst]:.3g} in {what} > {limits[worst]:g} against {self.against}"
+        return f"relative error {errors[worst]:.3g} in {what} > {limits[worst]:g} against {self.described}"
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """O, dQ, dK, dV buffers the timed steps share."""
