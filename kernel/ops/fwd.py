@@ -197,33 +197,20 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, 
     the kernel variant (kernel.ops.fwd; ValueError for a knob the kernel does not know, raised
     before anything runs). Triton's own errors (OutOfResources, CompilationError) propagate
     unchanged so the tuner can record them. `mods` (kernel.mods, checked by the caller) modify the
-    scores: softcap, window (top-left, diag = 0), sinks, ALiBi, attn_mask, dropout; the pointer kernel
-    only (ValueError for a TMA config). The LSE is then the modified scores' (sinks included, -inf for a
-    row that sees no key, whose output is 0); it never includes dropout.
+    scores: softcap, window (top-left, diag = 0), sinks, ALiBi, attn_mask, dropout (a TMA config takes the
+    first four: ValueError for a mask or dropout). The LSE is then the modified scores' (sinks included, -inf
+    for a row that sees no key, whose output is 0); it never includes dropout.
     """
     variant = fwd_variant(config) if config.extra else PLAIN_FWD
     if variant.launch is not None:
-        if mods is not NO_MODS:
-            refuse_tma_mods(config, mods)
         return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
-                              fp32_precision=fp32_precision, out=out)
+                              fp32_precision=fp32_precision, out=out, mods=mods)
     o = torch.empty_like(q) if out is None else out
     lse = _lse_buffer(q, shape) if return_lse else o
     grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse, fp32_precision,
                                         variant.constexprs, mods)
     compiled = variant.kernel[grid](*args, **kwargs)
     return o, (lse if return_lse else None), compiled
-
-
-def refuse_tma_mods(config: Config, mods: ScoreMods) -> None:
-    """ValueError naming the modifiers of `mods` that the TMA forward kernel lacks (it has none)."""
-    names = [name for name, on in (("softcap", bool(mods.softcap)), ("window_size", mods.windowed),
-                                   ("sinks", mods.sinks is not None), ("alibi_slopes", mods.alibi is not None),
-                                   ("attn_mask", mods.mask is not None), ("dropout", bool(mods.dropout_p)))
-             if on]
-    if names:
-        raise ValueError(f"config {config}: the TMA forward kernel has no {', '.join(names)}; "
-                         "use a pointer-kernel config")
 
 
 _TENSORS = 5  # q, k, v, o, lse lead the pointer kernel's arguments
@@ -334,7 +321,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     float32 inputs use IEEE fp32 dots unless fp32_precision="tf32". With return_lse, also returns
     the fp32 row log-sum-exp of the scaled (modified) scores, (B, Hq, Nq), the sinks included.
 
-    Score modifiers (kernel.mods; pointer-kernel configs only, a TMA config refuses them): `softcap` c > 0
+    Score modifiers (kernel.mods; a TMA config takes all but attn_mask): `softcap` c > 0
     caps the scaled scores to c·tanh(s/c); `window_size` (left, right) lets query i see keys i − left ..= i +
     right (-1: unbounded); `sinks` (Hq,) join each row's softmax denominator; `alibi_slopes` (Hq,) or (B, Hq)
     subtract slope·|j − i|; `attn_mask` (SDPA's, broadcastable to (B, Hq, Nq, Nk)) bool (True: take part)

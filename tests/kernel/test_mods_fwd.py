@@ -16,8 +16,10 @@ import pytest
 import torch
 from flashtune.db.types import Config
 from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.device import device_arch
 from flashtune.kernel.mods import ScoreMods, check_mods, draw_seed, dropout_keep_mask
 from flashtune.kernel.ops.fwd import attention_fwd, launch, launch_cached
+from flashtune.kernel.ops.fwd_tma import tma_config, tma_supported
 from flashtune.kernel.testing import attention_reference, lse_reference
 from helpers import rel
 
@@ -212,11 +214,28 @@ def test_bad_modifiers_are_named(kernel_device: str) -> None:
         attention_fwd(q, k, v, window_size=4)
     with pytest.raises(ValueError, match="attn_mask"):
         attention_fwd(q, k, v, attn_mask=torch.ones(5, 16, dtype=torch.bool, device=kernel_device))
-    tma = Config(64, 64, 4, 2, {"loads": "tma"})
-    for kw, name in (({"window_size": (4, 4)}, "window_size"), ({"sinks": torch.zeros(2, device=kernel_device)},
-                                                                 "sinks")):
-        with pytest.raises(ValueError, match=f"TMA forward kernel has no {name}"):
-            attention_fwd(q, k, v, config=tma, **kw)
+    with pytest.raises(ValueError, match="TMA forward kernel has no attn_mask"):
+        attention_fwd(q, k, v, config=tma_config(16, 16, 4, 2), attn_mask=torch.ones(16, 16, dtype=torch.bool,
+                                                                                     device=kernel_device))
+
+
+# The TMA variant: softcap, window, sinks and ALiBi (no mask, no dropout); every schedule, ws on and off.
+TMA_CASES = [
+    (1, 4, 2, 40, 40, 24, True, "window12,3", tma_config(16, 16, 4, 2), torch.float32),
+    (1, 2, 2, 40, 20, 16, False, "window2,2", tma_config(16, 16, 4, 2, ws=True), torch.float16),
+    (2, 2, 1, 33, 40, 16, True, "sinks+alibiB", tma_config(16, 16, 4, 2, schedule="persistent"), torch.float32),
+    (1, 2, 2, 40, 48, 24, False, "cap2+window10,5+sinks", tma_config(16, 32, 4, 2, schedule="heavy_first"),
+     torch.float16),
+    (1, 4, 4, 40, 40, 16, True, "alibi+cap3", tma_config(16, 16, 4, 2, ws=True), torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: _ids(c) + "-" + c[8].extra_dict["schedule"]
+                         + ("-ws" if c[8].extra_dict["ws"] else ""))
+def test_tma_variant_modifiers_match_float64(case) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the gpu tests below cover CUDA")
+    _check_case(case, case[-1], "cpu")
 
 
 # --- CUDA: fp16 and bf16 at moderate shapes ----------------------------------------------------------------
@@ -230,12 +249,19 @@ GPU_CASES = [
     (2, 4, 2, 500, 512, 128, True, "keypad", Config(128, 64, 8, 3)),
     (2, 4, 4, 512, 512, 64, False, "float", Config(64, 64, 4, 2)),
     (1, 8, 8, 1024, 1024, 96, True, "cap30+window128,-1+sinks", Config(128, 64, 8, 3)),
+    (2, 8, 2, 1024, 1024, 128, True, "window256,0+sinks", tma_config(128, 64, 8, 2)),
+    (2, 8, 2, 1024, 1024, 128, True, "window256,0+alibi", tma_config(128, 64, 4, 2, ws=True)),
+    (2, 8, 8, 1000, 1000, 64, False, "cap20+window100,100", tma_config(128, 64, 8, 2, schedule="persistent")),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: _ids((*c, None)))
 def test_modifiers_match_float64_gpu(case) -> None:
+    if case[-1].extra_dict.get("loads") == "tma":
+        reason = tma_supported(device_arch(torch.device("cuda")), case[5], extra=case[-1].extra_dict)
+        if reason:
+            pytest.skip(reason)
     for dtype in (torch.float16, torch.bfloat16):
         _check_case((*case, dtype), dtype, "cuda")
 
