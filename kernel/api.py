@@ -24,6 +24,7 @@ from torch import Tensor
 from . import dispatch, record
 from .ops.bwd import launch_bwd
 from .checks import check_bool, check_inputs, check_scale, check_softcap, needs_grad
+from .mods import NO_MODS, ScoreMods
 from .ops.fwd import launch, launch_cached
 from .sdpa import is_refusal, run_sdpa
 
@@ -35,13 +36,14 @@ def _launch_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal
     try:
         # The plan keeps the compiled kernel: after its first launch it is relaunched directly.
         return launch_cached(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
-                             return_lse=return_lse, cache=plan.launchers, softcap=softcap)
+                             return_lse=return_lse, cache=plan.launchers,
+                             mods=ScoreMods(softcap=softcap) if softcap else NO_MODS)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.config_failed(q, k, v, causal, plan.choice, error, plan.softcap)
         return launch(q, k, v, plan.shape, causal=causal, scale=scale, config=plan.kernel,
-                      return_lse=return_lse, softcap=softcap)[:2]
+                      return_lse=return_lse, mods=ScoreMods(softcap=softcap) if softcap else NO_MODS)[:2]
 
 
 def _run_planned(q: Tensor, k: Tensor, v: Tensor, plan: dispatch.Plan, causal: bool, scale: float,

@@ -14,6 +14,7 @@ from . import device as _device
 from . import dispatch, record
 from .checks import (check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale,
                      check_softcap, needs_grad)
+from .mods import NO_MODS, ScoreMods
 from .ops.kvcache import check_decode_config, launch_decode
 from .sdpa import is_refusal, run_sdpa
 
@@ -77,7 +78,8 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         else:
             check_decode_config(config, shape, None, ragged=ragged)
         return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal,
-                             scale=check_scale(scale, shape.head_dim), config=config, softcap=softcap)[0]
+                             scale=check_scale(scale, shape.head_dim), config=config,
+                             mods=ScoreMods(softcap=softcap) if softcap else NO_MODS)[0]
     return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths, softcap=softcap)
 
 
@@ -114,10 +116,12 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 raise
             dispatch.kvcache_backend_refused(q, k_cache, v_cache, causal, False)
     try:
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale,
+                           ScoreMods(softcap=softcap) if softcap else NO_MODS)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, cache_seqlens is not None, plan.choice,
                                               error, softcap > 0)
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale,
+                           ScoreMods(softcap=softcap) if softcap else NO_MODS)
