@@ -122,7 +122,7 @@ def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, mas
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
         if MODS:
             if MASK != 0:
-                mask_tile = load_tile(mask_ptrs + start_m * stride_mm, n_ok, m_ok, MASKED, MASKED)
+                mask_tile = load_tile(mask_ptrs + start_m.to(tl.int64) * stride_mm, n_ok, m_ok, MASKED, MASKED)
             else:
                 mask_tile = 0.0
             rel = offs_n[:, None] - (offs_m[None, :] + diag)  # key − the query's diagonal, as the forward's
@@ -241,8 +241,10 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI_SLOPES, 
             slope = tl.load(ALIBI_SLOPES + batch * stride_ab + head * stride_ah)
         else:
             slope = 0.0
-        # (keys x queries), as the scores of this frame
-        mask_ptrs = ATTN_MASK + batch * stride_mb + head * stride_mh + offs_n[:, None] * stride_mn + offs_m0[None, :] * stride_mm
+        # (keys x queries), as the scores of this frame; 64-bit offsets: a (batch, head) plane of the mask may
+        # hold more than 2^31 elements, which no check bounds
+        mask_ptrs = (ATTN_MASK + batch * stride_mb + head * stride_mh + offs_n[:, None].to(tl.int64) * stride_mn
+                     + offs_m0[None, :].to(tl.int64) * stride_mm)
         dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, mask_ptrs, lo, mid,
                              offs_m0, offs_n, n_ok, d_mask, seq_q, seq_k, qk_scale, cap_in, cap_out,
                              slope, left, right, diag, bh_q, dropout_p, seed,
@@ -297,7 +299,7 @@ def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, mask_ptrs, lo, hi, offs_
         if MODS:
             if MASK != 0:
                 # The query block may end past seq_q: its rows are always masked.
-                mask_tile = load_tile(mask_ptrs + start_n * stride_mn, m_ok, n_ok, True, MASKED)
+                mask_tile = load_tile(mask_ptrs + start_n.to(tl.int64) * stride_mn, m_ok, n_ok, True, MASKED)
             else:
                 mask_tile = 0.0
             rel = cols[None, :] - (offs_m[:, None] + diag)
@@ -366,7 +368,8 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ALIBI_SLOPES, ATTN_MASK,
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=m_ok, other=0.0)
     kT_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
-    mask_ptrs = ATTN_MASK + batch * stride_mb + head * stride_mh + offs_m[:, None] * stride_mm + offs_n0[None, :] * stride_mn
+    mask_ptrs = (ATTN_MASK + batch * stride_mb + head * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm
+                 + offs_n0[None, :].to(tl.int64) * stride_mn)  # 64-bit: as in attn_bwd_dkdv_kernel
     if ALIBI:
         slope = tl.load(ALIBI_SLOPES + batch * stride_ab + head * stride_ah)
     else:

