@@ -77,20 +77,22 @@ def _uses_wgmma(rows: int, num_warps: int, dtype: str, arch: str) -> bool:
 
 
 def estimate_dkdv_smem(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int, dtype: str,
-                       arch: str, atomic_dq: bool = False) -> int:
+                       arch: str, atomic_dq: bool = False, mask_bytes: int = 0) -> int:
     """Estimated shared memory (bytes) of the dK/dV kernel on `arch`.
 
     K and V are staged once (two block_n x D tiles). On the wgmma path the Q and dO tiles are
     buffered num_stages deep; on the mma.sync path one Q/dO pair plus a conversion scratch of one
     more Q-sized tile, and one extra Q-sized buffer per stage past the second. The fp32 LSE and
     delta rows are buffered num_stages - 1 deep. The atomic-dQ variant adds a K tile (the B operand
-    of dSᵀᵀ·K) and room for transposing dSᵀ.
+    of dSᵀᵀ·K) and room for transposing dSᵀ. An attn_mask of `mask_bytes` per element (0: none) adds one
+    staged block_n x block_m mask tile.
     """
     dtype = normalize_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
     d = padded_head_dim(head_dim)
     t_q, t_k = block_m * d * elt, block_n * d * elt
     rows = -(-8 * block_m * max(0, num_stages - 1) // 1024) * 1024  # LSE + delta (fp32), 1 KB-aligned
+    rows += block_m * block_n * mask_bytes  # Triton 3.9 stages at most one mask tile (measured: sm_80, sm_90)
     if _uses_wgmma(block_n, num_warps, dtype, arch):
         need = 2 * t_k + num_stages * 2 * t_q + rows
         return need + (t_k + 2 * t_q if atomic_dq else 0)
@@ -99,43 +101,48 @@ def estimate_dkdv_smem(block_m: int, block_n: int, num_warps: int, num_stages: i
 
 
 def estimate_dq_smem(block_m: int, block_n: int, num_warps: int, num_stages: int, head_dim: int, dtype: str,
-                     arch: str) -> int:
+                     arch: str, mask_bytes: int = 0) -> int:
     """Estimated shared memory (bytes) of the dQ kernel on `arch`.
 
     Q and dO are staged once; the streamed K and V tiles are buffered num_stages deep on the wgmma
-    path, and on the mma.sync path one K/V pair plus one K tile per further stage.
+    path, and on the mma.sync path one K/V pair plus one K tile per further stage. An attn_mask of
+    `mask_bytes` per element (0: none) adds one staged block_m x block_n mask tile.
     """
     dtype = normalize_dtype(dtype)
     elt = DTYPE_BYTES[dtype]
     d = padded_head_dim(head_dim)
     t_q, t_k = block_m * d * elt, block_n * d * elt
+    mask = block_m * block_n * mask_bytes
     if _uses_wgmma(block_m, num_warps, dtype, arch):
-        return 2 * t_q + num_stages * 2 * t_k
-    return 2 * t_q + 2 * t_k + max(0, num_stages - 1) * t_k
+        return 2 * t_q + num_stages * 2 * t_k + mask
+    return 2 * t_q + 2 * t_k + max(0, num_stages - 1) * t_k + mask
 
 
-def estimate_bwd_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
+def estimate_bwd_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None, mask_bytes: int = 0) -> int:
     """Estimated shared memory (bytes) of the backward with `config`: the larger of its kernels' needs.
 
     Each kernel is its own launch, so the per-block limit applies to each separately. With
     `deterministic: false` the dK/dV kernel also forms dQ tiles and the dQ pass does not run.
-    `arch=None` gives the larger of the wgmma (sm_90) and mma.sync paths, a bound for any GPU.
+    `arch=None` gives the larger of the wgmma (sm_90) and mma.sync paths, a bound for any GPU. `mask_bytes`:
+    the element size of an attn_mask (1 bool, 2 or 4 float; 0 none).
     """
     knobs = bwd_knobs(config)
     if arch is None:
-        return max(estimate_bwd_smem(config, head_dim, dtype, "sm_90"), estimate_bwd_smem(config, head_dim, dtype, "sm_80"))
+        return max(estimate_bwd_smem(config, head_dim, dtype, "sm_90", mask_bytes),
+                   estimate_bwd_smem(config, head_dim, dtype, "sm_80", mask_bytes))
     dkdv = estimate_dkdv_smem(knobs.block_m, knobs.block_n, knobs.num_warps, knobs.num_stages, head_dim, dtype, arch,
-                              atomic_dq=not knobs.deterministic)
+                              atomic_dq=not knobs.deterministic, mask_bytes=mask_bytes)
     if not knobs.deterministic:
         return dkdv
     dq = estimate_dq_smem(knobs.block_m_dq, knobs.block_n_dq, knobs.num_warps_dq, knobs.num_stages_dq, head_dim,
-                          dtype, arch)
+                          dtype, arch, mask_bytes)
     return max(dkdv, dq)
 
 
-def bwd_fits(config: Config, head_dim: int, dtype: str, limit_bytes: int, arch: str | None = None) -> bool:
+def bwd_fits(config: Config, head_dim: int, dtype: str, limit_bytes: int, arch: str | None = None,
+             mask_bytes: int = 0) -> bool:
     """Whether the backward estimate fits a shared-memory limit."""
-    return estimate_bwd_smem(config, head_dim, dtype, arch) <= limit_bytes
+    return estimate_bwd_smem(config, head_dim, dtype, arch, mask_bytes) <= limit_bytes
 
 
 def _bwd(block_m: int, block_n: int, warps: int, stages: int, m_dq: int, n_dq: int, **extra: Any) -> Config:

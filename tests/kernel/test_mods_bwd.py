@@ -286,6 +286,25 @@ def test_no_modifiers_compile_the_plain_kernels(kernel_device, launches):
         assert not any(launch.kwargs.get(flag) for flag in ("WINDOW", "ALIBI", "MASK", "DROPOUT", "SOFTCAP"))
 
 
+def test_smem_model_bounds_the_masked_kernels():
+    # metadata.shared of the kernels with an fp16 float attn_mask (MASK=2, with every other modifier on), compiled
+    # offline by Triton 3.9 (fp16): the mask adds at most one staged tile, and the estimate with mask_bytes
+    # stays above the compiled figure.
+    from flashtune.kernel.ops.bwd import estimate_dkdv_smem, estimate_dq_smem
+
+    measured = [  # (kernel, arch, D, block_m, block_n, warps, stages, bytes without mask, bytes with it)
+        ("dkdv", "sm_90", 128, 32, 128, 8, 3, 82432, 90624), ("dkdv", "sm_90", 128, 32, 64, 8, 2, 49408, 53504),
+        ("dq", "sm_90", 128, 128, 64, 8, 2, 98304, 114688), ("dq", "sm_90", 128, 64, 32, 8, 2, 49152, 53248),
+        ("dq", "sm_80", 64, 128, 64, 8, 2, 49152, 57344), ("dq", "sm_80", 64, 128, 32, 8, 2, 40960, 45056),
+    ]
+    for kind, arch, d, bm, bn, w, s, plain, masked in measured:
+        if kind == "dkdv":
+            est = [estimate_dkdv_smem(bm, bn, w, s, d, "float16", arch, mask_bytes=m) for m in (0, 2)]
+        else:
+            est = [estimate_dq_smem(bm, bn, w, s, d, "float16", arch, mask_bytes=m) for m in (0, 2)]
+        assert est[1] - est[0] >= masked - plain and est[1] >= masked, (kind, arch, d, bm, bn, est, masked)
+
+
 # --- GPU: fp16 and bf16 at moderate sizes ---------------------------------------------------------------------
 
 GPU_CASES = [
