@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import dispatch, record
 from .ops.bwd import launch_bwd
+from .mods import NO_MODS, ScoreMods
 from .checks import check_bool, check_inputs, check_scale, check_softcap, needs_grad
 from .mods import NO_MODS, ScoreMods
 from .ops.fwd import launch, launch_cached
@@ -114,7 +115,8 @@ def attention_bwd_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
 
     def run(config: Any) -> tuple[Tensor, Tensor, Tensor]:
         return launch_bwd(grad_out, query, key, value, out, lse, plan.shape, causal=is_causal, scale=scale,
-                          config=config, deterministic=deterministic, softcap=softcap)[:3]
+                          config=config, deterministic=deterministic,
+                          mods=ScoreMods(softcap=softcap) if softcap else NO_MODS)[:3]
 
     try:
         return run(plan.bwd if plan.bwd is not None else choice.config)

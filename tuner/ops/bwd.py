@@ -53,6 +53,7 @@ import torch
 from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, Key, normalize_dtype
 from ...kernel.ops.bwd import launch_bwd
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
@@ -252,7 +253,7 @@ class BwdInputs(OpInputs):
         dq, dk, dv, compiled = launch_bwd(self.do, self.q, self.k, self.v, self.o, self.lse, self.shape,
                                           causal=self.key.causal, scale=self.scale, config=config,
                                           deterministic=False, out=out,  # type: ignore[arg-type]
-                                          softcap=self.softcap)
+                                          mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         return (dq, dk, dv), compiled
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],

@@ -129,7 +129,8 @@ class TrainInputs(OpInputs):
                                   mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         dq, dk, dv, kernels = launch_bwd(self.do, self.q, self.k, self.v, o, lse, self.shape, causal=self.key.causal,
                                          scale=self.scale, config=backward, deterministic=False,
-                                         out=tuple(grads_buf), softcap=self.softcap)  # type: ignore[arg-type]
+                                         out=tuple(grads_buf),  # type: ignore[arg-type]
+                                         mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         return (o, dq, dk, dv), {"fwd": compiled, **kernels}
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
