@@ -9,11 +9,18 @@ from __future__ import annotations
 import torch
 
 from ..db.types import Config
-
 from . import device as _device
 from . import dispatch, record
-from .checks import (check_bool, check_cache_lengths, check_cache_seqlens, check_kvcache_inputs, check_scale,
-                     check_softcap, needs_grad)
+from .checks import (
+    check_bool,
+    check_cache_lengths,
+    check_cache_seqlens,
+    check_kvcache_inputs,
+    check_scale,
+    check_softcap,
+    needs_grad,
+)
+from .mods import NO_MODS, ScoreMods, capped, check_mods
 from .ops.kvcache import check_decode_config, launch_decode
 from .sdpa import is_refusal, run_sdpa
 
@@ -22,7 +29,9 @@ __all__ = ["attention_kvcache", "run_planned"]
 
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                       cache_seqlens: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                      config: Config | None = None, check_lengths: bool = False, softcap: float = 0.0) -> torch.Tensor:
+                      config: Config | None = None, check_lengths: bool = False,
+                      window_size: tuple[int, int] | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q against a KV cache with per-sequence lengths; returns (B, Hq, Nq, D) like q.
 
     q (B, Hq, Nq, D); k_cache, v_cache (B, Hkv, Nmax, D), Hq a multiple of Hkv (GQA/MQA); any
@@ -37,7 +46,10 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     >= Nq; with fewer keys the first queries see none and get zeros, and check_lengths=True
     refuses them). scale defaults to 1/sqrt(D). softcap c > 0 caps the scaled scores s to c·tanh(s/c)
     before the softmax (Gemma 2; flash_attn's convention); 0.0 (the default) is off, and anything else
-    that is not a finite number > 0 is a ValueError.
+    that is not a finite number > 0 is a ValueError. `window_size=(left, right)` (-1: unbounded) keeps
+    query i to keys len − Nq + i − left .. len − Nq + i + right (bottom-right aligned, as causal is here), and
+    only the window's part of the cache is read; `sinks` (Hq,) logits join each row's denominator;
+    `alibi_slopes` (Hq,) or (B, Hq) add −slope·|j − (len − Nq + i)|. kernel.mods has the conventions.
 
     config=None asks the dispatcher (kernel.dispatch.kvcache_plan: the tuned winner of the key
     (arch, "kvcache", Nq, Nmax, D, dtype, causal, B·Hq bucket, Hq/Hkv), else the rules applied to
@@ -67,6 +79,10 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         check_lengths = check_bool(check_lengths, "check_lengths")
     if type(softcap) is not float or softcap != 0.0:
         softcap = check_softcap(softcap)
+    mods = capped(softcap)
+    if window_size is not None or sinks is not None or alibi_slopes is not None:
+        mods = check_mods(check_kvcache_inputs(q, k_cache, v_cache), q.device, softcap=softcap,
+                          window_size=window_size, sinks=sinks, alibi_slopes=alibi_slopes)
     if config is not None:
         shape = check_kvcache_inputs(q, k_cache, v_cache)
         lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal, check_values=check_lengths)
@@ -77,24 +93,25 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         else:
             check_decode_config(config, shape, None, ragged=ragged)
         return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal,
-                             scale=check_scale(scale, shape.head_dim), config=config, softcap=softcap)[0]
-    return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths, softcap=softcap)
+                             scale=check_scale(scale, shape.head_dim), config=config, mods=mods)[0]
+    return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths, mods=mods)
 
 
 def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
-                causal: bool, scale: float | None, check_lengths: bool, *, softcap: float = 0.0) -> torch.Tensor:
+                causal: bool, scale: float | None, check_lengths: bool, *, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """attention_kvcache(config=None) after its own argument checks (grad, causal a bool, check_lengths
-    a bool, softcap a checked cap, 0.0 for off): the transformers integration calls this directly.
+    a bool, `mods` checked: kernel.mods.check_mods): the transformers integration calls this directly.
 
     The dispatcher's plan (kernel.dispatch.kvcache_plan: memoised per signature with Nmax bucketed,
     the caches still validated per call), the checks that depend on the call's exact Nmax (causal
     with fewer keys than queries; cache_seqlens' type, dtype, shape and device, and its values only
     with check_lengths), then the plan's DecodeLaunch, which relaunches the compiled passes directly
     on CUDA. Under FLASHTUNE_RECORD=1 the call counts its plan's key (dispatch.kvcache_key). A
-    stored config that fails to compile falls back to the default with one warning. A capped call
-    never runs an SDPA winner (SDPA has no softcap): it runs the kernel config stored beside it.
+    stored config that fails to compile falls back to the default with one warning. A call with modifiers
+    resolves its own key (their features) and never runs an SDPA winner.
     """
-    plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None, softcap > 0)
+    features = mods.key_features(k_cache.shape[2])
+    plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None, features)
     if record.ENABLED:
         key = dispatch.kvcache_key(plan)
         if key is not None:
@@ -105,8 +122,8 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
         cache_seqlens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal,
                                             check_lengths)
     scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
-    if plan.sdpa is not None and not softcap:  # an SDPA backend won the key, and computes this call: no lengths,
-        # all keys seen, no cap
+    if plan.sdpa is not None:  # an SDPA backend won the key, and computes this call: no lengths, all keys seen,
+        # no modifiers
         try:
             return run_sdpa(plan.sdpa, q, k_cache, v_cache, causal=False, scale=scale)
         except RuntimeError as error:
@@ -114,10 +131,10 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 raise
             dispatch.kvcache_backend_refused(q, k_cache, v_cache, causal, False)
     try:
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, mods)
     except Exception as error:
         if not dispatch.stored_config_failed(plan.choice, error):
             raise
         plan = dispatch.kvcache_config_failed(q, k_cache, v_cache, causal, cache_seqlens is not None, plan.choice,
-                                              error, softcap > 0)
-        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, softcap)
+                                              error, features)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, mods)

@@ -36,9 +36,8 @@ from torch import Tensor
 from ..db.types import window_bucket
 from .checks import AttnShape, _as_float, check_softcap
 
-__all__ = ["NO_MODS", "NO_WINDOW", "UNBOUNDED", "ScoreMods", "check_dropout", "check_mods", "check_window",
-           "draw_seed", "dropout_keep_mask", "sdpa_mask",
-           "sinks_grad"]
+__all__ = ["NO_MODS", "NO_WINDOW", "SDPA_FEATURES", "UNBOUNDED", "Features", "ScoreMods", "capped", "check_dropout",
+           "check_mods", "check_window", "draw_seed", "dropout_keep_mask", "sdpa_computes", "sdpa_mask", "sinks_grad"]
 
 NO_WINDOW: tuple[int, int] = (-1, -1)
 UNBOUNDED = 1 << 30  # what an unbounded window side becomes in the kernels: farther than any sequence
@@ -104,14 +103,37 @@ class ScoreMods:
             out["mask"] = self.mask_kind
         return out
 
-    def signature(self) -> tuple[Any, ...]:
-        """What of the modifiers changes the compiled kernel or the plan: part of the dispatcher's memo key.
-        The window's sides are kept exactly (they are runtime arguments, but the key buckets them)."""
-        return (self.softcap > 0, self.window, self.sinks is not None, self.alibi is not None, self.mask_kind,
-                self.dropout_p > 0)
+    def key_features(self, seq_k: int) -> Features:
+        """`features` as the dispatcher carries them: a sorted tuple of (field, value), hashable; () for none."""
+        return tuple(sorted(self.features(seq_k).items())) if self is not NO_MODS else ()
+
+
+Features = tuple[tuple[str, Any], ...]  # a key's feature fields that are on, sorted: (("softcap", True), ...)
+
+# The features SDPA can compute given an attn_mask (the window as a boolean mask, ALiBi as a float bias, the
+# mask itself); softcap, sinks and dropout it cannot reproduce (dropout: not the same draws).
+SDPA_FEATURES = frozenset({"window", "alibi", "mask"})
+
+
+def sdpa_computes(features: Features) -> bool:
+    """Whether an SDPA backend that takes an attn_mask computes a call with these key features."""
+    return all(name in SDPA_FEATURES for name, _ in features)
 
 
 NO_MODS = ScoreMods()
+CAPPED: dict[float, ScoreMods] = {}  # softcap-only modifiers by cap: the common modified call allocates nothing
+
+
+def capped(softcap: float) -> ScoreMods:
+    """The modifiers of a call with only a softcap (NO_MODS for 0), shared per cap value."""
+    if not softcap:
+        return NO_MODS
+    mods = CAPPED.get(softcap)
+    if mods is None:
+        if len(CAPPED) > 64:
+            CAPPED.clear()
+        mods = CAPPED[softcap] = ScoreMods(softcap=softcap)
+    return mods
 
 
 def check_window(window_size: Any) -> tuple[int, int]:
@@ -181,10 +203,10 @@ def draw_seed() -> int:
 
 def check_mods(shape: AttnShape, device: torch.device, *, softcap: Any = 0.0, window_size: Any = None,
                sinks: Any = None, alibi_slopes: Any = None, attn_mask: Any = None, dropout_p: Any = 0.0,
-               training: bool = False) -> ScoreMods:
+               seed: int | None = None) -> ScoreMods:
     """The checked modifiers of one call with inputs of `shape` on `device` (TypeError / ValueError naming the
-    problem). Dropout applies only when `training` (as SDPA, the caller passes 0 outside training); a call
-    with dropout draws its seed here."""
+    problem). Dropout applies whenever dropout_p > 0, as in SDPA (modules pass 0 in eval mode); a call with
+    dropout draws its seed here unless `seed` is given (the backward of the same call)."""
     cap = check_softcap(softcap) if softcap else 0.0
     window = check_window(window_size)
     sinks_t = None
@@ -196,10 +218,10 @@ def check_mods(shape: AttnShape, device: torch.device, *, softcap: Any = 0.0, wi
         alibi_t = a.expand(shape.batch, shape.heads_q) if a.dim() == 1 else a
     mask_t = None if attn_mask is None else _check_mask(attn_mask, shape, device)
     p = check_dropout(dropout_p) if dropout_p else 0.0
-    if p and not training:
-        p = 0.0
+    if p and seed is None:
+        seed = draw_seed()
     return ScoreMods(softcap=cap, window=window, sinks=sinks_t, alibi=alibi_t, mask=mask_t, dropout_p=p,
-                     seed=draw_seed() if p else 0)
+                     seed=seed if p else 0)
 
 
 def sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:

@@ -103,13 +103,16 @@ def _admits(direct: DirectOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def run_sdpa(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-             scale: float | None) -> torch.Tensor:
+             scale: float | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch SDPA pinned to `provider`'s backend; GQA (Hq a multiple of Hkv) through enable_gqa.
 
     Bitwise the output of F.scaled_dot_product_attention under sdpa_kernel(backend), with torch's own
     backward. Raises torch's RuntimeError ("No available kernel...") when the backend refuses the inputs.
+    A call with an `attn_mask` (never with causal: fold it into the mask) takes the pinned path.
     """
     direct = direct_op(provider)
+    if attn_mask is not None:
+        return run_pinned(provider, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
     if direct is not None and _admits(direct, q, k, v, causal):
         if direct.lse_arg:
             # SDPA's front end: the log-sum-exp is computed when the backward will read it.
@@ -120,14 +123,14 @@ def run_sdpa(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
 
 
 def run_pinned(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-               scale: float | None) -> torch.Tensor:
+               scale: float | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """F.scaled_dot_product_attention under sdpa_kernel(`provider`'s backend): the reference the direct
     call matches, and the path of the calls it does not take."""
     from torch.nn.attention import sdpa_kernel
 
     extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     with sdpa_kernel(_backend(provider)):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **extra)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale, **extra)
 
 
 def is_refusal(error: BaseException) -> bool:

@@ -54,7 +54,7 @@ that arch's planning shared-memory limit, an SDPA backend winner included.
 from __future__ import annotations
 
 from .plans import (INTERPRETER_ARCH, KVCachePlan, Plan, backend_refused, bwd_choice, bwd_config, bwd_config_failed,
-                    config_failed, explain, kvcache_backend_refused, kvcache_config_failed, kvcache_key,
+                    config_failed, explain, feature_fields, kvcache_backend_refused, kvcache_config_failed, kvcache_key,
                     kvcache_plan, lookup, plan,
                     stored_config_failed, train_plan)
 from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, NEAREST_LIMIT, OP, OVERRIDE, TRAIN_OP, Choice,
@@ -63,6 +63,7 @@ from .table import DispatchWarning, LoadInfo, info, reload, visible_archs
 
 __all__ = ["CONFIG_ENV_VAR", "DEFAULT", "EXACT", "INTERPRETER_ARCH", "KV_OP", "NEAREST", "NEAREST_LIMIT", "OP",
            "OVERRIDE", "TRAIN_OP", "Choice", "DispatchWarning", "KVCachePlan", "LoadInfo", "Plan", "backend_refused",
-           "bwd_choice", "bwd_config", "bwd_config_failed", "config_failed", "explain", "info", "kv_bucket",
+           "bwd_choice", "bwd_config", "bwd_config_failed", "config_failed", "explain", "feature_fields", "info",
+           "kv_bucket",
            "kvcache_backend_refused", "kvcache_config_failed", "kvcache_key", "kvcache_plan", "lookup", "plan", "reload",
            "stored_config_failed", "train_plan", "visible_archs"]

@@ -20,6 +20,7 @@ from ..checks import (AttnShape, check_bool, check_inputs, check_kvcache_inputs,
 from ..device import device_arch, device_sm_count, device_smem_limit
 from ..errors import launch_failure
 from ..ops import OPS, Op
+from ..mods import Features, sdpa_computes
 from ..ops.kvcache import DecodeLaunch
 from ..providers import KERNEL
 from ..version import op_version
@@ -67,7 +68,8 @@ class Plan:
     sdpa: str | None = None  # the SDPA backend to run instead of the kernel
     # A training plan (`train_plan`): the backward config its pair decided; None: the op="bwd" table's.
     bwd: Config | None = None
-    softcap: bool = False  # the call caps its scores (its key's softcap feature; never an SDPA backend)
+    # The call's key features that are on (kernel.mods: features, window, sinks, ALiBi, dropout, mask), sorted.
+    features: Features = ()
     # The compiled kernel kept for direct relaunch (kernel.ops.fwd.launch_cached), per return_lse;
     # filled on the plan's first launch. Not part of the plan's identity.
     launchers: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -114,10 +116,12 @@ def _sdpa_providers() -> frozenset[str]:
 def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
            seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
            smem_limit: int | None = None, kernel_only: bool = False, op: str = OP,
-           sm_count: int | None = None, softcap: bool = False) -> Choice:
+           sm_count: int | None = None, window: int = 0, softcap: bool = False, sinks: bool = False,
+           alibi: bool = False, dropout: bool = False, mask: str = "none") -> Choice:
     """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, "train": the
     pair of a training call, or "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache
-    length) on `arch` (no tensors, no memo, no warnings); `softcap`: a capped call (a key feature).
+    length) on `arch` (no tensors, no memo, no warnings). The key's features: `window` (a window bucket, 0:
+    none), `softcap`, `sinks`, `alibi`, `dropout` (bools) and `mask` ("none", "bool" or "float").
 
     `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
     the arch table's planning figure (db.arch.ARCH_SMEM); `sm_count` (the kvcache default's split
@@ -125,27 +129,39 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     """
     _rules(op)
     kernel_only = check_bool(kernel_only, "kernel_only")
-    softcap = check_bool(softcap, "softcap")
+    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
     key = Key(arch, op, seq_len, head_dim, dtype, check_bool(causal, "causal"), seq_len_kv=seq_len_kv or seq_len,
-              batch_heads=bucket(batch_heads), group=group)
+              batch_heads=bucket(batch_heads), group=group, **dict(features))
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
     # A planning shape whose bucket and group are the key's: B=1, Hkv=BH/G (at least 1), Hq=Hkv·G.
     heads_kv = max(1, key.batch_heads // key.group)
     shape = AttnShape(1, heads_kv * key.group, heads_kv, key.seq_len, key.seq_len_kv, key.head_dim, key.dtype)
     return _resolve(_tables.table_for(key.arch), key.arch, limit, shape, key.causal, kernel_only=kernel_only, op=op,
-                    sm_count=sm_count, features=_features(softcap))
+                    sm_count=sm_count, features=_features(features))
 
 
-_SOFTCAP: dict[str, Any] = {"softcap": True}  # the key features of a capped call
+def _features(features: Features) -> dict[str, Any] | None:
+    return dict(features) if features else None
 
 
-def _features(softcap: bool) -> dict[str, Any] | None:
-    return _SOFTCAP if softcap else None
+def feature_fields(*, window: int = 0, softcap: bool = False, sinks: bool = False, alibi: bool = False,
+                   dropout: bool = False, mask: str = "none") -> Features:
+    """The key features that are on, as the dispatcher carries them (kernel.mods.Features), from a key's
+    fields; ValueError / TypeError naming a bad one (db.types.Key checks the window bucket and the mask)."""
+    flags = {name: check_bool(value, name) for name, value in
+             (("softcap", softcap), ("sinks", sinks), ("alibi", alibi), ("dropout", dropout))}
+    Key("sm_90", OP, 1, 64, "float16", False, window=window, mask=mask, **flags)  # validates window and mask
+    fields: dict[str, Any] = {name: True for name, on in flags.items() if on}
+    if window:
+        fields["window"] = window
+    if mask != "none":
+        fields["mask"] = mask
+    return tuple(sorted(fields.items()))
 
 
 def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, *,
-            kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
-    features = _features(softcap)
+            kernel_only: bool = False, op: str = OP, features: Features = ()) -> Choice:
+    features = _features(features)
     if device.type == "cuda":
         return _resolve(table, device_arch(device), device_smem_limit(device), shape, causal,
                         kernel_only=kernel_only, op=op, sm_count=device_sm_count(device), features=features)
@@ -165,12 +181,12 @@ def _choose(table: Table, device: torch.device, shape: AttnShape, causal: bool, 
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-               softcap: bool = False) -> tuple[Any, ...]:
-    # Everything check_inputs and the rules depend on; data pointers do not matter to either. Softcap is a
-    # key feature: its calls resolve another key (the plain signature stays the common case's tuple).
+               features: Features = ()) -> tuple[Any, ...]:
+    # Everything check_inputs and the rules depend on; data pointers do not matter to either. Features (features,
+    # a window, ...) resolve another key (the plain signature stays the common case's tuple).
     signature = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
                  q.device, k.device, v.device, causal)
-    return (*signature, "softcap") if softcap else signature
+    return (*signature, features) if features else signature
 
 
 def _warn_once(token: Any, message: str) -> None:
@@ -190,56 +206,56 @@ def _warn_stale(choice: Choice) -> None:
                    "re-tune to refresh it")
 
 
-def _plan_miss(q: Any, k: Any, v: Any, causal: bool, softcap: bool = False) -> Plan:
+def _plan_miss(q: Any, k: Any, v: Any, causal: bool, features: Features = ()) -> Plan:
     shape = check_inputs(q, k, v)
     table = _tables.current
-    choice = _choose(table, q.device, shape, causal, softcap=softcap)
+    choice = _choose(table, q.device, shape, causal, features=features)
     _warn_stale(choice)
-    sdpa = choice.provider if choice.provider != KERNEL and not softcap else None  # SDPA has no softcap
+    sdpa = choice.provider if choice.provider != KERNEL and sdpa_computes(features) else None
     kernel = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
     entry = Plan(shape, choice, check_scale(None, shape.head_dim), shape.heads_q != shape.heads_kv, kernel, sdpa,
-                 softcap=softcap)
-    _remember(table.memo, _signature(q, k, v, causal, softcap), entry)
+                 features=features)
+    _remember(table.memo, _signature(q, k, v, causal, features), entry)
     return entry
 
 
-def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> Plan:
-    """Validate q, k, v and pick the config, memoised per input signature (the hot path); `softcap`: the
+def plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, features: Features = ()) -> Plan:
+    """Validate q, k, v and pick the config, memoised per input signature (the hot path); `features`: the
     call caps its scores (a key feature).
 
     Raises what kernel.checks.check_inputs raises (TypeError/ValueError) for bad inputs.
     """
     try:
-        hit = _tables.current.memo.get(_signature(q, k, v, causal, softcap))
+        hit = _tables.current.memo.get(_signature(q, k, v, causal, features))
     except (AttributeError, RuntimeError):  # not tensors, or nested ones: check_inputs names the problem
         hit = None
-    return hit if hit is not None else _plan_miss(q, k, v, causal, softcap)
+    return hit if hit is not None else _plan_miss(q, k, v, causal, features)
 
 
-def train_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> Plan:
+def train_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, features: Features = ()) -> Plan:
     """The plan of a training call (inputs that require grad): the forward+backward pair stored for its
     "train" key (a kernel pair, or an SDPA backend running both passes), by the rules above; where no
     pair is tuned near the key, the forward's own plan (`plan`) with the backward from the op="bwd"
     table (`bwd` None). Memoised per input signature like `plan`."""
     try:
-        token = (TRAIN_OP, _signature(q, k, v, causal, softcap))
+        token = (TRAIN_OP, _signature(q, k, v, causal, features))
         hit = _tables.current.memo.get(token)
     except (AttributeError, RuntimeError):
         token, hit = None, None
-    return hit if hit is not None else _train_miss(token, q, k, v, causal, softcap)
+    return hit if hit is not None else _train_miss(token, q, k, v, causal, features)
 
 
-def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool, softcap: bool) -> Plan:
-    forward = plan(q, k, v, causal, softcap)  # validates the inputs
+def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool, features: Features) -> Plan:
+    forward = plan(q, k, v, causal, features)  # validates the inputs
     table = _tables.current
-    choice = _choose(table, q.device, forward.shape, causal, op=TRAIN_OP, softcap=softcap)
+    choice = _choose(table, q.device, forward.shape, causal, op=TRAIN_OP, features=features)
     if choice.source in (EXACT, NEAREST):
         _warn_stale(choice)
         from ..ops.train import split_pair
 
         pair = choice.kernel_config if choice.provider != KERNEL else choice.config
         fwd_config, bwd_config = split_pair(pair)
-        sdpa = choice.provider if choice.provider != KERNEL and not softcap else None
+        sdpa = choice.provider if choice.provider != KERNEL and sdpa_computes(features) else None
         entry = dataclasses.replace(forward, choice=choice, kernel=fwd_config, sdpa=sdpa, bwd=bwd_config,
                                     launchers={})
     else:  # nothing tuned as a pair: the forward and backward tables, each on its own
@@ -249,10 +265,10 @@ def _train_miss(token: Any, q: Any, k: Any, v: Any, causal: bool, softcap: bool)
     return entry
 
 
-def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softcap: bool = False) -> None:
+def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, features: Features = ()) -> None:
     """The SDPA backend of this call's plan refused its inputs: later calls of the same signature run the
     kernel config stored beside the backend's win straight away, and `plan(...).sdpa` says so (what ran)."""
-    signature = _signature(q, k, v, causal, softcap)
+    signature = _signature(q, k, v, causal, features)
     with _tables.lock:
         for token in (signature, (TRAIN_OP, signature)):  # the inference plan and the training plan
             entry = _tables.current.memo.get(token)
@@ -260,35 +276,35 @@ def backend_refused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                 _tables.current.memo[token] = dataclasses.replace(entry, sdpa=None)
 
 
-def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool, softcap: bool = False) -> Choice:
+def bwd_choice(q: torch.Tensor, shape: AttnShape, causal: bool, features: Features = ()) -> Choice:
     """The backward's config for a call of `shape` on q's device, by the same rules as the forward
     from the op="bwd" entries of the table (exact, nearest within NEAREST_LIMIT, else
     kernel.ops.bwd.default_bwd_config); memoised: one dict lookup after the first call."""
-    token = (q.device, shape, causal, softcap)
+    token = (q.device, shape, causal, features)
     hit = _tables.current.choices.get(token)
-    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal, softcap)
+    return hit if hit is not None else _bwd_miss(token, q.device, shape, causal, features)
 
 
 def _bwd_miss(token: tuple[Any, ...], device: torch.device, shape: AttnShape, causal: bool,
-              softcap: bool) -> Choice:
+              features: Features) -> Choice:
     table = _tables.current
-    choice = _choose(table, device, shape, causal, op="bwd", softcap=softcap)
+    choice = _choose(table, device, shape, causal, op="bwd", features=features)
     _warn_stale(choice)
     _remember(table.choices, token, choice)
     return choice
 
 
-def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool, softcap: bool = False) -> Config:
+def bwd_config(q: torch.Tensor, shape: AttnShape, causal: bool, features: Features = ()) -> Config:
     """The backward config for a call of `shape` on q's device (`bwd_choice`'s config)."""
-    return bwd_choice(q, shape, causal, softcap).config
+    return bwd_choice(q, shape, causal, features).config
 
 
 def bwd_config_failed(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice,
-                      error: BaseException, softcap: bool = False) -> Choice:
+                      error: BaseException, features: Features = ()) -> Choice:
     """Record that a stored backward config failed to compile here (one warning); the choice every
     backward of this shape gets from now on (the default)."""
     _record_failure(q, shape, causal, choice, error)
-    return bwd_choice(q, shape, causal, softcap)
+    return bwd_choice(q, shape, causal, features)
 
 
 def _record_failure(q: torch.Tensor, shape: AttnShape, causal: bool, choice: Choice, error: BaseException) -> None:
@@ -312,17 +328,17 @@ def stored_config_failed(choice: Choice, error: BaseException) -> bool:
 
 
 def config_failed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, choice: Choice,
-                  error: BaseException, softcap: bool = False) -> Plan:
+                  error: BaseException, features: Features = ()) -> Plan:
     """Record that a stored config failed to compile here; the plan every call gets from now on (a training
     plan when `choice` was a training pair's)."""
     _record_failure(q, check_inputs(q, k, v), causal, choice, error)
     if choice.op == TRAIN_OP:
-        return train_plan(q, k, v, causal, softcap)
-    return _plan_miss(q, k, v, causal, softcap)
+        return train_plan(q, k, v, causal, features)
+    return _plan_miss(q, k, v, causal, features)
 
 
 def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-                 has_seqlens: bool, softcap: bool = False) -> KVCachePlan:
+                 has_seqlens: bool, features: Features = ()) -> KVCachePlan:
     """Validate q and the caches and pick attention_kvcache's config: the rules above with op="kvcache"
     (key: Nq, the cache length Nmax as N_kv, D, dtype, bottom-right causal, B·Hq bucket, Hq/Hkv; the
     default is kernel.ops.kvcache.default_decode_config for the device's SM count), for Nmax bucketed
@@ -336,12 +352,12 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     (it grows with Nmax and the strides); anything else goes through the full check. Raises what
     kernel.kvcache.check_kvcache_inputs raises for bad inputs. The checks that involve the exact
     Nmax and the lengths (causal with fewer keys than queries, cache_seqlens) are the caller's.
-    `softcap`: the call caps its scores, a key feature (its own plan).
+    `features`: the call's key features (kernel.mods.Features: its own plan).
     """
     try:
         kshape = k_cache.shape
         seq_kv = kshape[2]
-        token = _kv_token(q, k_cache, v_cache, causal, has_seqlens, softcap)
+        token = _kv_token(q, k_cache, v_cache, causal, has_seqlens, features)
         hit = _tables.current.memo.get(token)
         if hit is not None:
             head_dim = kshape[3]
@@ -352,13 +368,13 @@ def kvcache_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                 hit = hit.exact.get(seq_kv, hit)
     except (AttributeError, RuntimeError, TypeError, IndexError, ValueError):  # not dense tensors, Nmax = 0
         token, hit = None, None
-    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens, softcap)
+    return hit if hit is not None else _kvcache_miss(token, q, k_cache, v_cache, causal, has_seqlens, features)
 
 
 def _kv_token(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
-              has_seqlens: bool, softcap: bool = False) -> tuple[Any, ...]:
+              has_seqlens: bool, features: Features = ()) -> tuple[Any, ...]:
     kshape = k_cache.shape
-    return (KV_OP, has_seqlens, causal, softcap, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
+    return (KV_OP, has_seqlens, causal, features, q.shape, q.stride(), q.dtype, q.device, kshape[0], kshape[1],
             kshape[3:], kv_bucket(kshape[2]), k_cache.layout, k_cache.dtype, k_cache.device, v_cache.dtype,
             v_cache.device)
 
@@ -376,26 +392,26 @@ def kvcache_backend_refused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _kvcache_miss(token: tuple[Any, ...] | None, q: Any, k_cache: Any, v_cache: Any, causal: bool,
-                  has_seqlens: bool, softcap: bool = False) -> KVCachePlan:
+                  has_seqlens: bool, features: Features = ()) -> KVCachePlan:
     shape = check_kvcache_inputs(q, k_cache, v_cache)
     table = _tables.current
     bucketed = dataclasses.replace(shape, seq_k=kv_bucket(shape.seq_k))
-    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens, softcap=softcap)
-             for n in _kv_exact_lengths(table, q.device, bucketed, causal, softcap)}
-    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact, softcap=softcap)
+    exact = {n: _kv_plan(table, q.device, dataclasses.replace(shape, seq_k=n), causal, has_seqlens, features=features)
+             for n in _kv_exact_lengths(table, q.device, bucketed, causal, features)}
+    entry = _kv_plan(table, q.device, bucketed, causal, has_seqlens, exact, features=features)
     if token is not None:
         _remember(table.memo, token, entry)
     return entry.exact.get(shape.seq_k, entry)
 
 
 def _kv_plan(table: Table, device: torch.device, shape: AttnShape, causal: bool, has_seqlens: bool,
-             exact: dict[int, KVCachePlan] | None = None, *, softcap: bool = False) -> KVCachePlan:
-    choice = _choose(table, device, shape, causal, op=KV_OP, softcap=softcap)
+             exact: dict[int, KVCachePlan] | None = None, *, features: Features = ()) -> KVCachePlan:
+    choice = _choose(table, device, shape, causal, op=KV_OP, features=features)
     _warn_stale(choice)
     config, sdpa = choice.config, None
     if choice.provider != KERNEL:
         config = choice.kernel_config or config
-        sdpa = choice.provider if _sdpa_serves(shape, causal, has_seqlens) and not softcap else None
+        sdpa = choice.provider if _sdpa_serves(shape, causal, has_seqlens) and not features else None
     launch = DecodeLaunch(shape, config, causal=causal, ragged=has_seqlens)
     return KVCachePlan(shape, choice, check_scale(None, shape.head_dim), launch, exact or {}, sdpa)
 
@@ -407,13 +423,13 @@ def _sdpa_serves(shape: AttnShape, causal: bool, has_seqlens: bool) -> bool:
 
 
 def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool,
-                      softcap: bool = False) -> list[int]:
+                      features: Features = ()) -> list[int]:
     """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored for
     exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
     if device.type != "cuda":
         return []
     arch = device_arch(device)
-    key = key_or_none(arch, bucketed, causal, KV_OP, softcap=softcap)
+    key = key_or_none(arch, bucketed, causal, KV_OP, **dict(features))
     if key is None:
         return []
     entries = table.groups.get(group_key(key), ())
@@ -432,19 +448,22 @@ def kvcache_key(plan: KVCachePlan) -> Key | None:
 
 def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, causal: bool,
                           has_seqlens: bool, choice: Choice, error: BaseException,
-                          softcap: bool = False) -> KVCachePlan:
+                          features: Features = ()) -> KVCachePlan:
     """Record that a stored kvcache config failed to compile here (one warning); the plan every such
     call gets from now on (the default)."""
-    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, softcap).shape, causal, choice, error)
-    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, softcap)
+    _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, features).shape, causal, choice, error)
+    return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, features)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
-            arch: str | None = None, kernel_only: bool = False, op: str = OP, softcap: bool = False) -> Choice:
+            arch: str | None = None, kernel_only: bool = False, op: str = OP, window: int = 0,
+            softcap: bool = False, sinks: bool = False, alibi: bool = False, dropout: bool = False,
+            mask: str = "none") -> Choice:
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
     `op="bwd"`, which config its backward uses; with `op="train"`, the pair a training call's key decides;
     with `op="kvcache"`, which config `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
-    `softcap=True`: the same for a capped call (its own key).
+    The key features (`window` bucket, `softcap`, `sinks`, `alibi`, `dropout`, `mask`, as `lookup` takes
+    them) ask the same for a call with those modifiers (its own key).
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
@@ -454,12 +473,12 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     """
     causal = check_bool(is_causal, "is_causal")
     kernel_only = check_bool(kernel_only, "kernel_only")
-    softcap = check_bool(softcap, "softcap")
+    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
     _rules(op)
     if arch is not None:
         shape = check_tensors(q, k, v)
         name, limit = _arch_limit(arch)
         return _resolve(_tables.table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op,
-                        features=_features(softcap))
+                        features=_features(features))
     return _choose(_tables.current, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op,
-                   softcap=softcap)
+                   features=features)

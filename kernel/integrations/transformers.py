@@ -58,6 +58,7 @@ except ImportError as _error:  # pragma: no cover - exercised only where transfo
 from .. import dispatch
 from ..api import attention
 from ..kvcache import run_planned
+from ..mods import capped
 from ..checks import check_bool, needs_grad
 
 __all__ = ["NAME", "SDPAFallbackWarning", "backend_counts", "fallback_counts", "kernel_counts", "register",
@@ -198,7 +199,7 @@ def _attention(path: str, query: Tensor, key: Tensor, value: Tensor, causal: boo
     beside it (dispatch.backend_refused)."""
     out = attention(query, key, value, is_causal=causal, scale=scale, enable_gqa=True, softcap=softcap)
     planned = dispatch.train_plan if needs_grad(query, key, value) else dispatch.plan
-    backend = planned(query, key, value, causal, softcap > 0).sdpa
+    backend = planned(query, key, value, causal, capped(softcap).key_features(key.shape[2])).sdpa
     if backend is None:
         _kernels[path] += 1
     else:
@@ -230,7 +231,7 @@ def _kvcache(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: flo
     (grad, causal). The lengths' values were checked by causal_form once per forward; reading them
     again would cost a device-to-host sync in every layer.
     """
-    return run_planned(q, k, v, lengths, True, scale, False, softcap=softcap)
+    return run_planned(q, k, v, lengths, True, scale, False, mods=capped(softcap))
 
 
 # --- the attention function -------------------------------------------------------------------
@@ -282,7 +283,8 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
     if needs_grad(query, key, value):
         return "kvcache_grad", "a KV-cache call that requires grad (the KV-cache kernel has no backward)"
     out = _kvcache(query, key, value, None, scaling, softcap)
-    backend = dispatch.kvcache_plan(query, key, value, True, False, softcap > 0).sdpa  # what ran, as _attention
+    backend = dispatch.kvcache_plan(query, key, value, True, False,
+                                    capped(softcap).key_features(key.shape[2])).sdpa  # what ran, as _attention
     if backend is None:
         _kernels["kvcache"] += 1
     else:

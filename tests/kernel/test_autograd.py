@@ -108,8 +108,3 @@ def test_compiled_training_step_has_no_graph_break(softcap: float) -> None:
     for a, b in zip(got, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
-
-def test_mask_and_dropout_still_refused_in_training() -> None:
-    q, k, v = (t.requires_grad_(True) for t in _draw(1, 1, 1, 8, 8, 16, torch.float32))
-    with pytest.raises(NotImplementedError, match="dropout_p=0.5"):
-        attention(q, k, v, dropout_p=0.5)

@@ -54,8 +54,8 @@ def test_the_lse_is_the_capped_scores(kernel_device: str) -> None:
 
 def test_a_capped_call_is_its_own_plan(kernel_device: str) -> None:
     q, k, v = _qkv(kernel_device, torch.float32, 2, 2, 16, 16, 16)
-    capped, plain = dispatch.plan(q, k, v, False, True), dispatch.plan(q, k, v, False)
-    assert capped.softcap and not plain.softcap and capped is not plain
+    capped, plain = dispatch.plan(q, k, v, False, (("softcap", True),)), dispatch.plan(q, k, v, False)
+    assert capped.features == (("softcap", True),) and not plain.features and capped is not plain
     # One then the other, twice: each call gets its own result, never the other's memoised plan.
     for _ in range(2):
         assert rel(attention(q, k, v, softcap=2.0), attention_reference(q, k, v, softcap=2.0), floor=0.1) < 2e-5
@@ -73,17 +73,18 @@ def test_a_bad_cap_is_named(cap, kernel_device: str) -> None:
         attention_fwd(q, k, v, softcap=cap)
 
 
-def test_sdpa_never_stands_in_for_a_capped_call(kernel_device: str) -> None:
+def test_a_capped_masked_call_runs_the_kernel(kernel_device: str) -> None:
     q, k, v = _qkv(kernel_device, torch.float32, 2, 2, 8, 8, 16)
-    with pytest.raises(NotImplementedError, match="attn_mask"):  # fallback=True cannot reach SDPA
-        attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=kernel_device), softcap=2.0,
-                  fallback=True)
+    mask = torch.rand(8, 8, device=kernel_device) > 0.3
+    out = attention(q, k, v, attn_mask=mask, softcap=2.0, fallback=True)  # SDPA has no cap: never the fallback
+    assert rel(out, attention_reference(q, k, v, attn_mask=mask, softcap=2.0), floor=0.1) < 2e-5
 
 
-def test_the_tma_kernel_refuses_a_cap(kernel_device: str) -> None:
-    q, k, v = _qkv(kernel_device, torch.float16 if kernel_device == "cuda" else torch.float32, 2, 2, 64, 64, 64)
-    with pytest.raises(ValueError, match="TMA forward kernel has no softcap"):
-        attention_fwd(q, k, v, softcap=2.0, config=Config(64, 64, 4, 2, {"loads": "tma"}))
+def test_the_tma_kernel_takes_a_cap(kernel_device: str) -> None:
+    dtype = torch.float16 if kernel_device == "cuda" else torch.float32
+    q, k, v = _qkv(kernel_device, dtype, 2, 2, 64, 64, 64)
+    out = attention_fwd(q, k, v, softcap=2.0, config=Config(64, 64, 4, 2, {"loads": "tma"}))
+    assert rel(out, attention_reference(q, k, v, softcap=2.0), floor=0.1) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"h{c[0]}-{c[1]}-n{c[2]}x{c[3]}-d{c[4]}-c{int(c[5])}")

@@ -124,7 +124,7 @@ def test_sdpa_mask_computes_the_modifiers_as_the_reference(causal: bool) -> None
         assert (got - want).abs().max() < 1e-6, case  # the bias is built in fp32
         assert (plain - want).abs().max() > 0.1, case
     assert sdpa_mask(NO_MODS, shape, causal, q.device, q.dtype) is None
-    for case in ({"softcap": 5.0}, {"sinks": torch.randn(h)}, {"dropout_p": 0.1, "training": True}):
+    for case in ({"softcap": 5.0}, {"sinks": torch.randn(h)}, {"dropout_p": 0.1}):
         with pytest.raises(ValueError, match="SDPA does not compute"):
             sdpa_mask(check_mods(shape, q.device, window_size=(4, 4), **case), shape, causal, q.device, q.dtype)
 
@@ -140,7 +140,7 @@ def test_chunked_reference_is_the_whole_one(kernel_device: str) -> None:
     shape = check_inputs(q, k, v)
     mods = check_mods(shape, device, softcap=2.0, window_size=(9, 4), sinks=torch.randn(hq, device=device),
                       alibi_slopes=torch.rand(hq, device=device), attn_mask=torch.randn(b, 1, n, nk, device=device),
-                      dropout_p=0.2, training=True)
+                      dropout_p=0.2)
     keep = dropout_keep_mask(mods.seed, 0.2, b, hq, n, nk, device)
     assert 0.6 < keep.float().mean() < 0.95
     for causal, diag in ((False, 0), (True, nk - n)):

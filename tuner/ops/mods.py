@@ -123,7 +123,7 @@ def workload_mods(key: Key, shape: AttnShape, gen: torch.Generator, device: torc
         args["attn_mask"] = torch.randn(b, 1, nq, nk, generator=gen, device=device, dtype=dtype)
     if key.dropout:
         args["dropout_p"] = NOMINAL_DROPOUT
-    return check_mods(shape, device, training=True, **args)
+    return check_mods(shape, device, **args)
 
 
 def mods_bytes(key: Key, batch: int, heads_q: int) -> int:

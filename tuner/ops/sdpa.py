@@ -2,18 +2,18 @@
 needs, and the run with that mask.
 
 SDPA computes a sliding window, ALiBi and an explicit mask as one `attn_mask` (kernel.mods.sdpa_mask: the window
-and the causal mask as a boolean mask, ALiBi as a float bias added to a float mask), so keys with those features
-and nothing else may be won by a backend that takes an attn_mask: cuDNN's (where this torch's SDPA takes the
-mask there; a refusal is a `compile_error` trial saying so) and the memory-efficient one; the flash backend takes
-no mask. SDPA has no softcap, no sinks and draws its own dropout: keys with any of those are the kernel's alone.
+and the causal mask as a boolean mask, ALiBi as a float bias added to a float mask; kernel.mods.SDPA_FEATURES), so
+keys with those features and nothing else may be won by a backend that takes an attn_mask: cuDNN's (where this
+torch's SDPA takes the mask there; a refusal is a `compile_error` trial saying so) and the memory-efficient one;
+the flash backend takes no mask. SDPA has no softcap, no sinks and draws its own dropout: keys with any of those
+are the kernel's alone (kernel.mods.sdpa_computes, which the dispatcher's routing asks too).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...db.types import Key
-from ...kernel.providers import SDPA_BACKENDS
+from ...kernel.mods import sdpa_computes as features_computed
 from ...kernel.sdpa import run_sdpa
 
 # The SDPA backends that take an attn_mask: the candidates of keys whose call SDPA computes with one.
@@ -22,8 +22,8 @@ MASK_PROVIDERS: frozenset[str] = frozenset({"sdpa_cudnn", "sdpa_efficient"})
 
 def sdpa_computes(key: Key) -> bool:
     """Whether torch SDPA computes `key`'s call (window, ALiBi, mask: through an attn_mask), i.e. no softcap,
-    sinks or dropout."""
-    return not (key.softcap or key.sinks or key.dropout)
+    sinks or dropout (kernel.mods.sdpa_computes of the key's features)."""
+    return features_computed(tuple(key.features_on().items()))
 
 
 def needs_mask(key: Key) -> bool:
@@ -38,13 +38,7 @@ def key_backends(key: Key, available: tuple[str, ...] | list[str]) -> list[str]:
 
 def run_provider(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                  attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA pinned to `provider`'s backend: kernel.sdpa.run_sdpa without a mask; with `attn_mask` (which has
-    the causal mask folded in: kernel.mods.sdpa_mask) F.scaled_dot_product_attention under that backend alone,
-    is_causal off. Raises torch's refusal (kernel.sdpa.is_refusal) when the backend declines."""
-    if attn_mask is None:
-        return run_sdpa(provider, q, k, v, causal=causal, scale=scale)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider])):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False, scale=scale, **extra)
+    """SDPA pinned to `provider`'s backend (kernel.sdpa.run_sdpa), with `attn_mask` (kernel.mods.sdpa_mask, the
+    causal mask folded in: then is_causal is off) or without. Raises torch's refusal (kernel.sdpa.is_refusal)
+    when the backend declines."""
+    return run_sdpa(provider, q, k, v, causal=causal and attn_mask is None, scale=scale, attn_mask=attn_mask)
