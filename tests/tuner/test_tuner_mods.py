@@ -10,17 +10,23 @@ import dataclasses
 import json
 import math
 
+import flashtune.tuner.gpu
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
-import flashtune.tuner.gpu
 from flashtune.db.store import Store
 from flashtune.db.types import Key, window_bucket
 from flashtune.kernel.checks import check_inputs
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
-from flashtune.kernel.mods import NO_MODS, NO_WINDOW, ScoreMods, check_mods, dropout_keep_mask, sdpa_mask
+from flashtune.kernel.mods import (
+    NO_MODS,
+    NO_WINDOW,
+    ScoreMods,
+    check_mods,
+    dropout_keep_mask,
+    sdpa_mask,
+)
 from flashtune.kernel.providers import provider_of
 from flashtune.kernel.testing import attention_reference
 from flashtune.tuner.bench import LocalBench
