@@ -5,7 +5,8 @@
 #                                          # decode with and without lengths), a bucket's winner across its lengths
 #   bash bench/gpu_accept.sh holdout OUT   # the hold-out: record, tune --recorded (fwd, train, kvcache), report
 #   bash bench/gpu_accept.sh models OUT    # the model-level table: GQA, MQA D=256, BERT, ViT, each recorded and tuned
-# Results: bench/results/<gpu>/ (docs/results/ says which file came from which mode).
+# Time limits (seconds): TESTS_S, HOST_S, DECODE_S, MODELS_S; BUDGET: the tune budget; MODELS_ARGS: more
+# options of models.py (e.g. --models gqa,bert). Results: bench/results/<gpu>/ (docs/results/ says which file came from which mode).
 set -uo pipefail
 mode=${1:?usage: bench/gpu_accept.sh check|holdout|models OUT}
 out=${2:?usage: bench/gpu_accept.sh check|holdout|models OUT}
@@ -17,8 +18,8 @@ case "$mode" in
   check)
     timeout ${TESTS_S:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ > "$out/pytest_gpu.txt" 2>&1
     echo "pytest -m gpu: exit $?"
-    timeout 150 python3 "$here/host_bench.py" --out "$out" > "$out/host_bench.txt" 2>&1; echo "host_bench: exit $?"
-    timeout 100 python3 "$here/decode_bench.py" --bucket --out "$out" > "$out/decode_bucket.txt" 2>&1
+    timeout ${HOST_S:-150} python3 "$here/host_bench.py" --out "$out" > "$out/host_bench.txt" 2>&1; echo "host_bench: exit $?"
+    timeout ${DECODE_S:-100} python3 "$here/decode_bench.py" --bucket --out "$out" > "$out/decode_bucket.txt" 2>&1
     echo "decode_bench --bucket: exit $?"
     for f in pytest_gpu host_bench decode_bucket; do echo "== $f"; tail -n 20 "$out/$f.txt"; done
     ;;
@@ -27,7 +28,7 @@ case "$mode" in
     tail -n 45 "$out/holdout.txt"
     ;;
   models)
-    timeout 560 python3 "$here/models.py" --out "$out" --budget "${BUDGET:-30}" > "$out/models.txt" 2>&1
+    timeout ${MODELS_S:-560} python3 "$here/models.py" --out "$out" --budget "${BUDGET:-30}" ${MODELS_ARGS:-} > "$out/models.txt" 2>&1
     echo "models.py: exit $?"
     tail -n 40 "$out/models.txt"
     ;;

@@ -15,10 +15,10 @@ from ...db.arch import ARCH_SMEM, normalize_arch
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, normalize_dtype
 
 from .. import device as _device
-from ..checks import (AttnShape, check_bool, check_inputs, check_precision, check_scale, check_softcap,
-                      device_limits, needs_grad)
+from ..checks import AttnShape, check_bool, check_inputs, check_precision, check_scale, device_limits, needs_grad
 from ..jit.common import LOG2E, one_axis_grid, softcap_factors
 from ..jit.fwd import attn_fwd_kernel
+from ..mods import NO_MODS, ScoreMods, check_mods
 from .common import FALLBACK_SMEM, check_smem, padded_head_dim
 from .fwd_tma import estimate_tma_smem, launch_tma, tma_knobs
 
@@ -189,25 +189,26 @@ def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: st
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
            scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
-           out: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+           out: torch.Tensor | None = None, mods: ScoreMods = NO_MODS
+           ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Launch the kernel with no input checks; returns (o, lse or None, Triton's compiled kernel or None).
 
     The dispatcher's hot path and the tuner call this after validating once. `config.extra` selects
     the kernel variant (kernel.ops.fwd; ValueError for a knob the kernel does not know, raised
     before anything runs). Triton's own errors (OutOfResources, CompilationError) propagate
-    unchanged so the tuner can record them. `softcap` c > 0 caps the scaled scores to c·tanh(s/c)
-    (the pointer kernel only: ValueError for a TMA config); the LSE is then the capped scores'.
+    unchanged so the tuner can record them. `mods` (kernel.mods, checked by the caller) modify the
+    scores: softcap, window (top-left, diag = 0), sinks, ALiBi, attn_mask, dropout (a TMA config takes the
+    first four: ValueError for a mask or dropout). The LSE is then the modified scores' (sinks included, -inf
+    for a row that sees no key, whose output is 0); it never includes dropout.
     """
     variant = fwd_variant(config) if config.extra else PLAIN_FWD
     if variant.launch is not None:
-        if softcap:
-            raise ValueError(f"config {config}: the TMA forward kernel has no softcap; use a pointer-kernel config")
         return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
-                              fp32_precision=fp32_precision, out=out)
+                              fp32_precision=fp32_precision, out=out, mods=mods)
     o = torch.empty_like(q) if out is None else out
     lse = _lse_buffer(q, shape) if return_lse else o
     grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse, fp32_precision,
-                                        variant.constexprs, softcap)
+                                        variant.constexprs, mods)
     compiled = variant.kernel[grid](*args, **kwargs)
     return o, (lse if return_lse else None), compiled
 
@@ -223,25 +224,47 @@ def _lse_buffer(q: torch.Tensor, shape: AttnShape) -> torch.Tensor:
     return torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
 
 
+# The modifier arguments of a call without window, sinks, ALiBi, mask or dropout: window sides, diag, the
+# sinks and ALiBi pointers with ALiBi's strides, the mask pointer with its 4 strides, dropout_p, seed. The
+# kernel reads none of them (their flags are off); None pointers compile as constants.
+_NO_MOD_ARGS: tuple[Any, ...] = (0, 0, 0, None, None, 0, 0, None, 0, 0, 0, 0, 0.0, 0)
+
+
+def mod_arguments(mods: ScoreMods, causal: bool, diag: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The pointer kernel's modifier arguments for `mods` (after cap_out, in attn_fwd_kernel's order) and their
+    constexpr flags, softcap excepted (it travels with the scale)."""
+    if mods.plain:
+        return _NO_MOD_ARGS, {"WINDOW": False, "SINKS": False, "ALIBI": False, "MASK": 0, "DROPOUT": False}
+    before, after = mods.window_sides(causal)
+    alibi, mask = mods.alibi, mods.mask
+    args = (before, after, diag, mods.sinks, alibi, *(alibi.stride() if alibi is not None else (0, 0)),
+            mask, *(mask.stride() if mask is not None else (0, 0, 0, 0)), float(mods.dropout_p), int(mods.seed))
+    flags = {"WINDOW": mods.windowed, "SINKS": mods.sinks is not None, "ALIBI": alibi is not None,
+             "MASK": {"none": 0, "bool": 1, "float": 2}[mods.mask_kind], "DROPOUT": bool(mods.dropout_p)}
+    return args, flags
+
+
 def _fwd_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    shape: AttnShape, causal: bool, scale: float, config: Config, return_lse: bool,
                    fp32_precision: str, constexprs: Any,
-                   softcap: float = 0.0) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+                   mods: ScoreMods = NO_MODS) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
     """The pointer kernel's (grid, positional arguments, keyword arguments) for one call."""
     grid = one_axis_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
+    softcap = mods.softcap
     cap_in, cap_out = softcap_factors(scale, softcap) if softcap else (0.0, 0.0)
+    mod_args, flags = mod_arguments(mods, causal)
     args = (q, k, v, o, lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, cap_in, cap_out)
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, cap_in, cap_out, *mod_args)
     kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision, SOFTCAP=bool(softcap),
-                  num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
+                  **flags, num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
     return grid, args, kwargs
 
 
 def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
-                  scale: float, config: Config, return_lse: bool, cache: dict[Any, Any], softcap: float = 0.0
+                  scale: float, config: Config, return_lse: bool, cache: dict[Any, Any], mods: ScoreMods = NO_MODS
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """launch() for a caller that keeps `cache` per input signature (the dispatcher's Plan): (o, lse or None).
 
@@ -251,7 +274,13 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
     decides, as before). Only the pointer kernel: the TMA variant has its own launch, with tensor
     descriptors, and always takes it. Never under the interpreter. Softcap on or off is compiled in: a
     `cache` serves calls of one of the two (the dispatcher's plans are per key, softcap a key field).
+    Calls with other modifiers (`mods.plain` false: their tensors and window change per call) always
+    take launch(), through the JIT.
     """
+    if not mods.plain:
+        return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
+                      mods=mods)[:2]
+    softcap = mods.softcap
     fast = cache.get(return_lse)
     if fast is None and not _device.INTERPRET and q.device.type == "cuda":
         variant = fwd_variant(config) if config.extra else PLAIN_FWD
@@ -263,7 +292,7 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
             o = torch.empty_like(q)
             lse = _lse_buffer(q, shape) if return_lse else o
             grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse,
-                                                "ieee", variant.constexprs, softcap)
+                                                "ieee", variant.constexprs, mods)
             compiled = variant.kernel[grid](*args, **kwargs)
             cache[return_lse] = fastlaunch.build(variant.kernel, compiled, grid, args, kwargs, _TENSORS) or False
             return o, (lse if return_lse else None)
@@ -277,21 +306,28 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
         if fast.call((q, k, v, out, lse), replace):
             return out, (lse if return_lse else None)
     return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse, out=out,
-                  softcap=softcap)[:2]
+                  mods=mods)[:2]
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   scale: float | None = None, config: Config | None = None, return_lse: bool = False,
-                  fp32_precision: str = "ieee", softcap: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask])·V, with an explicit config;
-    `softcap` c > 0 caps the scaled scores to c·tanh(s/c) first (pointer-kernel configs only).
+                  fp32_precision: str = "ieee", softcap: float = 0.0, window_size: tuple[int, int] | None = None,
+                  sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward, O = softmax(scale·QKᵀ [+ causal mask] [+ modifiers])·V, with an explicit config.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq a multiple of Hkv; any strides. `causal` (a bool)
     is top-left aligned like torch SDPA's is_causal. `config=None` takes the device's default.
     float32 inputs use IEEE fp32 dots unless fp32_precision="tf32". With return_lse, also returns
-    the fp32 row log-sum-exp of the scaled scores, (B, Hq, Nq). Inputs that require grad while
-    grad mode is on raise NotImplementedError: this explicit-config launch is for inference; train
-    through `flashtune.kernel.attention`, which has a backward.
+    the fp32 row log-sum-exp of the scaled (modified) scores, (B, Hq, Nq), the sinks included.
+
+    Score modifiers (kernel.mods; a TMA config takes all but attn_mask): `softcap` c > 0
+    caps the scaled scores to c·tanh(s/c); `window_size` (left, right) lets query i see keys i − left ..= i +
+    right (-1: unbounded); `sinks` (Hq,) join each row's softmax denominator; `alibi_slopes` (Hq,) or (B, Hq)
+    subtract slope·|j − i|; `attn_mask` (SDPA's, broadcastable to (B, Hq, Nq, Nk)) bool (True: take part)
+    or float (added). A row that sees no key gives 0 (lse -inf). No dropout: this is the inference launch.
+    Inputs that require grad while grad mode is on raise NotImplementedError: train through
+    `flashtune.kernel.attention`, which has a backward.
     """
     shape = check_inputs(q, k, v)
     causal = check_bool(causal, "causal")
@@ -299,12 +335,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if needs_grad(q, k, v):
         raise NotImplementedError(f"attention_fwd does not support {GRAD_UNSUPPORTED}")
     scale = check_scale(scale, shape.head_dim)
-    softcap = check_softcap(softcap)
+    mods = check_mods(shape, q.device, softcap=softcap, window_size=window_size, sinks=sinks,
+                      alibi_slopes=alibi_slopes, attn_mask=attn_mask)
+    if mods.plain and not mods.softcap:
+        mods = NO_MODS
     precision = check_precision(fp32_precision)
     arch, smem_limit = device_limits(q)
     if config is None:
         config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_config(config, shape, smem_limit, arch)
     o, lse, _ = launch(q, k, v, shape, causal=causal, scale=scale, config=config,
-                       return_lse=return_lse, fp32_precision=precision, softcap=softcap)
+                       return_lse=return_lse, fp32_precision=precision, mods=mods)
     return (o, lse) if return_lse else o

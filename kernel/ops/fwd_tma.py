@@ -47,8 +47,9 @@ import triton.language as tl
 from ...db.types import DTYPE_BYTES, HEAD_DIMS, HEAD_DIMS_TEXT, Config, normalize_dtype
 
 from .. import device as _device
-from ..jit.common import GRID_X_MAX, LOG2E
+from ..jit.common import GRID_X_MAX, LOG2E, softcap_factors
 from ..jit.fwd_tma import attn_fwd_tma_kernel
+from ..mods import NO_MODS, ScoreMods
 from .common import padded_head_dim
 
 # --- the shared-memory model ------------------------------------------------------------------
@@ -296,10 +297,33 @@ def _sm_resources(device: torch.device) -> tuple[int, int]:
     return int(smem), int(regs)
 
 
+# The modifier arguments of a call without softcap, window, sinks or ALiBi (cap_in, cap_out, window sides,
+# diag, the sinks and ALiBi pointers, ALiBi's strides): the kernel reads none of them.
+_NO_MOD_ARGS: tuple[Any, ...] = (0.0, 0.0, 0, 0, 0, None, None, 0, 0)
+_NO_MOD_FLAGS: dict[str, bool] = {"SOFTCAP": False, "WINDOW": False, "SINKS": False, "ALIBI": False}
+
+
+def tma_mod_arguments(mods: ScoreMods, causal: bool, scale: float) -> tuple[tuple[Any, ...], dict[str, bool]]:
+    """The TMA kernel's modifier arguments (after `reverse`) and constexpr flags for `mods`; ValueError for
+    an attn_mask or dropout, which this kernel does not take (the pointer kernel does)."""
+    if mods.plain and not mods.softcap:
+        return _NO_MOD_ARGS, _NO_MOD_FLAGS
+    if mods.mask is not None or mods.dropout_p:
+        raise ValueError("the TMA forward kernel has no attn_mask and no dropout; use a pointer-kernel config")
+    before, after = mods.window_sides(causal)
+    alibi = mods.alibi
+    caps = softcap_factors(scale, mods.softcap) if mods.softcap else (0.0, 0.0)
+    args = (*caps, before, after, 0, mods.sinks, alibi, *(alibi.stride() if alibi is not None else (0, 0)))
+    return args, {"SOFTCAP": bool(mods.softcap), "WINDOW": mods.windowed, "SINKS": mods.sinks is not None,
+                  "ALIBI": alibi is not None}
+
+
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
-             config: Config, return_lse: bool, fp32_precision: str, out: torch.Tensor | None
+             config: Config, return_lse: bool, fp32_precision: str, out: torch.Tensor | None,
+             mods: ScoreMods = NO_MODS
              ) -> tuple[tuple[int, ...], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor, Any]:
     """(grid, args, constexprs and options, o, lse buffer, persistent-binary key or None) of one call."""
+    mod_args, flags = tma_mod_arguments(mods, causal, scale)
     ws, schedule = _config_knobs(config)
     if ws and not HAS_WARP_SPECIALIZE:
         raise ValueError(f"ws=true needs tl.range(warp_specialize=...), which Triton {triton.__version__} lacks")
@@ -319,7 +343,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
         num_units = shape.batch * shape.heads_q * per_head
         if q.device.type == "cuda":
             binary = (q.device, config, shape.head_dim, q.dtype, bool(causal), bool(return_lse), fp32_precision,
-                      scale < 0, ws and shape.seq_k % config.block_n == 0)
+                      scale < 0, ws and shape.seq_k % config.block_n == 0, *flags.values())
             programs = _device.device_sm_count(q.device) * _BLOCKS_PER_SM.get(binary, 1)
         else:
             programs = 3  # the interpreter: a few programs, so each strides over several units
@@ -332,30 +356,32 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
     args = (q, k, v, o, lse,
             *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m, num_units,
-            int(schedule == "heavy_first"))
+            int(schedule == "heavy_first"), *mod_args)
     kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   CAUSAL=bool(causal), STORE_LSE=bool(return_lse), PRECISION=fp32_precision,
                   WS=ws, PERSISTENT=persistent, NEG_SCALE=scale < 0,
                   # Only the warp-specialised loop reads it: one binary for the plain kernel.
-                  EVEN_N=ws and shape.seq_k % config.block_n == 0,
+                  EVEN_N=ws and shape.seq_k % config.block_n == 0, **flags,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, args, kwargs, o, lse, binary
 
 
 def launch_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool,
                scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+               out: torch.Tensor | None = None, mods: ScoreMods = NO_MODS
+               ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Launch the TMA kernel; returns (o, lse or None, Triton's compiled kernel or None).
 
     `shape` is kernel.ops.fwd.AttnShape (from check_inputs). The same contract as launch.launch,
     plus two cheap checks that raise ValueError before launching: unknown or bad knobs in
     `config.extra` (tma_knobs), and layouts tensor descriptors cannot describe (tma_refusal).
     Triton's own errors (OutOfResources, CompilationError, RuntimeError from an MLIR pass)
-    propagate unchanged so the tuner can record them.
+    propagate unchanged so the tuner can record them. `mods`: softcap, window, sinks and ALiBi as the
+    pointer kernel takes them (ValueError for an attn_mask or dropout).
     """
     grid, args, kwargs, o, lse, binary = _prepare(q, k, v, shape, causal, scale, config, return_lse,
-                                                  fp32_precision, out)
+                                                  fp32_precision, out, mods)
     ensure_allocator()
     compiled = attn_fwd_tma_kernel[grid](*args, **kwargs)
     if binary is not None and binary not in _BLOCKS_PER_SM and compiled is not None:

@@ -17,6 +17,7 @@ from .. import fastlaunch
 from ..checks import AttnShape
 from ..jit.common import GRID_X_MAX, LOG2E, softcap_factors
 from ..jit.decode import decode_combine_kernel, decode_split_kernel
+from ..mods import NO_MODS, ScoreMods
 from .common import check_smem, padded_head_dim
 from .fwd import estimate_smem
 
@@ -278,10 +279,21 @@ def split_geometry(seq_kv: int, block_n: int, requested: int, ragged_rows: int =
     return split_size, -(-seq_kv // split_size)
 
 
+# Pass 1's modifier arguments after cap_in, cap_out for a call without window, sinks or ALiBi (window sides,
+# the sinks and ALiBi pointers, ALiBi's strides), and pass 2's after num_splits (window sides, sinks): the
+# kernels read none of them (their flags are off); None pointers compile as constants.
+_NO_SPLIT_MODS: tuple[Any, ...] = (0, 0, None, None, 0, 0)
+_NO_COMBINE_MODS: tuple[Any, ...] = (0, 0, None)
+_NO_MOD_FLAGS = (False, False, False)
+
+
 def _split_constexprs(head_dim: int, block_d: int, config: Config, causal: bool, has_lens: bool, split: bool,
-                      fp32_precision: str, capped: bool) -> dict[str, Any]:
+                      fp32_precision: str, capped: bool,
+                      flags: tuple[bool, bool, bool] = _NO_MOD_FLAGS) -> dict[str, Any]:
+    """Pass 1's constexprs; `flags` = (WINDOW, SINKS, ALIBI) from `decode_mod_args`."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 CAUSAL=bool(causal), HAS_SEQLENS=has_lens, SPLIT=split, PRECISION=fp32_precision, SOFTCAP=capped,
+                WINDOW=flags[0], SINKS=flags[1], ALIBI=flags[2],
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -293,31 +305,50 @@ def _cap_args(scale: float, softcap: float) -> tuple[float, float]:
     return softcap_factors(scale, softcap) if softcap else _NO_CAP
 
 
-def _combine_constexprs(head_dim: int, block_d: int, num_splits: int, has_lens: bool) -> dict[str, Any]:
+def _combine_constexprs(head_dim: int, block_d: int, num_splits: int, has_lens: bool,
+                        flags: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
+    """Pass 2's constexprs; `flags` = (WINDOW, SINKS) from `decode_mod_args`."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=combine_block_s(num_splits), HAS_SEQLENS=has_lens,
-                num_warps=combine_warps(block_d), num_stages=1)
+                WINDOW=flags[0], SINKS=flags[1], num_warps=combine_warps(block_d), num_stages=1)
+
+
+
+
+def decode_mod_args(mods: ScoreMods, causal: bool) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[bool, bool, bool]]:
+    """(pass 1's modifier arguments, pass 2's, (WINDOW, SINKS, ALIBI)) for `mods` (softcap apart: `_cap_args`).
+    ValueError for a mask or dropout, which the decode kernel does not take."""
+    if mods.plain:
+        return _NO_SPLIT_MODS, _NO_COMBINE_MODS, _NO_MOD_FLAGS
+    if mods.mask is not None or mods.dropout_p:
+        raise ValueError("the decode kernel takes no attn_mask and no dropout")
+    before, after = mods.window_sides(causal)
+    alibi = mods.alibi
+    split = (before, after, mods.sinks, alibi, *(alibi.stride() if alibi is not None else (0, 0)))
+    return split, (before, after, mods.sinks), (mods.windowed, mods.sinks is not None, alibi is not None)
 
 
 def _split_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, acc: torch.Tensor,
                 lse: torch.Tensor, lens: torch.Tensor, stride_s: int, o_strides: tuple[int, ...], heads_kv: int,
                 seq_q: int, seq_kv: int, group: int, split_size: int, num_splits: int, num_m_blocks: int,
-                scale: float, caps: tuple[float, float]) -> tuple[Any, ...]:
-    """Pass 1's positional arguments (decode_split_kernel's order); `caps` from `cap_args`."""
+                scale: float, caps: tuple[float, float],
+                mod_args: tuple[Any, ...] = _NO_SPLIT_MODS) -> tuple[Any, ...]:
+    """Pass 1's positional arguments (decode_split_kernel's order); `caps` from `cap_args`, `mod_args` from
+    `decode_mod_args`."""
     return (q, k, v, o, acc, lse, lens, stride_s, *q.stride(), *k.stride(), *v.stride(), *o_strides,
-            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E, *caps)
+            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E, *caps, *mod_args)
 
 
 def _combine_args(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lens: torch.Tensor, stride_s: int,
                   o_strides: tuple[int, ...], heads_q: int, seq_q: int, seq_kv: int, split_size: int,
-                  num_splits: int) -> tuple[Any, ...]:
+                  num_splits: int, mod_args: tuple[Any, ...] = _NO_COMBINE_MODS) -> tuple[Any, ...]:
     """Pass 2's positional arguments (decode_combine_kernel's order)."""
-    return (acc, lse, o, lens, stride_s, *o_strides, heads_q, seq_q, seq_kv, split_size, num_splits)
+    return (acc, lse, o, lens, stride_s, *o_strides, heads_q, seq_q, seq_kv, split_size, num_splits, *mod_args)
 
 
 def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: AttnShape, *,
                   cache_seqlens: torch.Tensor | None, causal: bool, scale: float, config: Config,
                   out: torch.Tensor | None = None, partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fp32_precision: str = "ieee", softcap: float = 0.0) -> tuple[torch.Tensor, tuple[Any, ...]]:
+                  fp32_precision: str = "ieee", mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """Launch the split-KV kernel with no input checks; returns (o, compiled kernels of the passes run).
 
     The tuner and the explicit-config path call this after validating once (`check_kvcache_inputs`,
@@ -325,11 +356,13 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     config knobs raise ValueError; Triton's own errors (OutOfResources, CompilationError) propagate
     unchanged so the tuner can record them. `out` (laid out like q, any strides) and `partials`
     (from `decode_partials`) may be given preallocated; the compiled-kernel tuple holds pass 1, then
-    pass 2 when it ran (entries are None under the interpreter). `softcap` c > 0 caps the scaled scores
-    s to c·tanh(s/c) before the softmax (0.0: off, today's kernel; the caller checks the value,
-    kernel.checks.check_softcap).
+    pass 2 when it ran (entries are None under the interpreter). `mods` (kernel.mods, checked by the caller):
+    softcap, window and ALiBi bottom-right aligned like causal (query i's diagonal key is len − Nq + i),
+    sinks; NO_MODS compiles today's kernels. ValueError for an attn_mask or dropout (decode has neither).
     """
     decode_knobs(config)
+    split_mods, combine_mods, (window, sinks, alibi) = decode_mod_args(mods, causal)
+    softcap = mods.softcap
     plan = plan_decode(config, batch=shape.batch, heads_kv=shape.heads_kv, group=shape.group, seq_q=shape.seq_q,
                        seq_kv=shape.seq_k, head_dim=shape.head_dim, ragged=cache_seqlens is not None)
     o = torch.empty_like(q) if out is None else out
@@ -345,15 +378,15 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     first = decode_split_kernel[grid](
         *_split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, shape.heads_kv, shape.seq_q,
                      shape.seq_k, shape.group, plan.split_size, plan.num_splits, plan.num_m_blocks, scale,
-                     _cap_args(scale, softcap)),
+                     _cap_args(scale, softcap), split_mods),
         **_split_constexprs(shape.head_dim, plan.block_d, config, causal, has_lens, plan.split, fp32_precision,
-                            bool(softcap)))
+                            bool(softcap), (window, sinks, alibi)))
     if not plan.split:
         return o, (first,)
     second = decode_combine_kernel[(shape.batch * shape.heads_q * shape.seq_q,)](
         *_combine_args(acc, lse, o, lens, stride_s, o_strides, shape.heads_q, shape.seq_q, shape.seq_k,
-                       plan.split_size, plan.num_splits),
-        **_combine_constexprs(shape.head_dim, plan.block_d, plan.num_splits, has_lens))
+                       plan.split_size, plan.num_splits, combine_mods),
+        **_combine_constexprs(shape.head_dim, plan.block_d, plan.num_splits, has_lens, (window, sinks)))
     return o, (first, second)
 
 
@@ -408,15 +441,21 @@ class DecodeLaunch:
         self.launchers: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_kv: int,
-                 cache_seqlens: torch.Tensor | None, scale: float, softcap: float = 0.0) -> torch.Tensor:
-        """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax, `softcap`
-        a checked cap (0.0: off). The cap selects pass 1's SOFTCAP variant per call (part of the relaunch key)."""
+                 cache_seqlens: torch.Tensor | None, scale: float, mods: ScoreMods = NO_MODS) -> torch.Tensor:
+        """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax, `mods` the
+        checked modifiers (kernel.mods; no mask, no dropout). The cap selects pass 1's SOFTCAP variant per
+        call (part of the relaunch key); calls with a window, sinks or ALiBi (not `mods.plain`) launch
+        through the JIT."""
+        softcap = mods.softcap
         capped = softcap != 0.0
         split_size, num_splits = split_geometry(seq_kv, self.block_n, self.requested, self.ragged_rows)
         o = torch.empty_like(q)
         partials = self.rows * num_splits * self.head_dim  # ACC's floats; LSE follows
         scratch = (torch.empty(partials + self.rows * num_splits, device=o.device, dtype=torch.float32)
                    if num_splits > 1 else None)
+        if not mods.plain:
+            return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size,
+                             num_splits, scale, mods, None)
         if q.is_cuda and not fastlaunch.disabled() and not torch.compiler.is_compiling():
             q_ptr, k_ptr, v_ptr, o_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o.data_ptr()
             if cache_seqlens is None:
@@ -442,12 +481,12 @@ class DecodeLaunch:
                     args = (q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, lse_ptr, lens_ptr, stride_s, *q.stride(), *k_strides,
                             *v_strides, *o_strides, self.heads_kv, self.seq_q, seq_kv, self.group, split_size,
                             num_splits, self.num_m_blocks, scale * LOG2E,
-                            *_cap_args(scale, softcap))
+                            *_cap_args(scale, softcap), *_NO_SPLIT_MODS)
                     if first.launch(stream, (self.programs * num_splits, 1, 1), args):
                         if scratch is None:
                             return o
                         combine = (acc_ptr, lse_ptr, o_ptr, lens_ptr, stride_s, *o_strides, self.heads_q,
-                                   self.seq_q, seq_kv, split_size, num_splits)
+                                   self.seq_q, seq_kv, split_size, num_splits, *_NO_COMBINE_MODS)
                         if second is None or not second.launch(stream, (self.rows, 1, 1), combine):
                             # pass 1 ran; pass 2 through the JIT, which needs tensors where the relaunch took ints
                             acc, lse = self._partials(scratch, partials, num_splits)
@@ -459,14 +498,16 @@ class DecodeLaunch:
         else:
             key = None
         return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size, num_splits,
-                         scale, softcap, key)
+                         scale, mods, key)
 
     def _jit(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o: torch.Tensor,
              scratch: torch.Tensor | None, partials: int, seq_kv: int, cache_seqlens: torch.Tensor | None,
-             split_size: int, num_splits: int, scale: float, softcap: float,
+             split_size: int, num_splits: int, scale: float, mods: ScoreMods,
              key: tuple[Any, ...] | None) -> torch.Tensor:
         """Both passes through Triton's JIT on tensors (views of the scratch); keeps the compiled passes
-        under `key` for direct relaunch (None: keep nothing)."""
+        under `key` for direct relaunch (None: keep nothing; always for calls that are not `mods.plain`)."""
+        softcap = mods.softcap
+        split_mods, combine_mods, flags = decode_mod_args(mods, self.causal)
         split = scratch is not None
         if split:
             acc, lse = self._partials(scratch, partials, num_splits)
@@ -479,15 +520,20 @@ class DecodeLaunch:
         o_strides = o.stride()
         args = _split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, self.heads_kv, self.seq_q,
                            seq_kv, self.group, split_size, num_splits, self.num_m_blocks, scale,
-                           _cap_args(scale, softcap))
+                           _cap_args(scale, softcap), split_mods)
         capped = softcap != 0.0
         grid = self.programs * num_splits
         combine = (_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q, self.seq_q, seq_kv, split_size,
-                                 num_splits) if split else None)
-        compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split, capped])
-        second = self._combine(combine, num_splits) if combine is not None else None
+                                 num_splits, combine_mods) if split else None)
+        if mods.plain:
+            compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split, capped])
+            second = self._combine(combine, num_splits) if combine is not None else None
+        else:
+            compiled = decode_split_kernel[(grid,)](*args, **_split_constexprs(
+                self.head_dim, self.block_d, self.config, self.causal, self.has_lens, split, "ieee", capped, flags))
+            second = self._combine(combine, num_splits, flags[:2]) if combine is not None else None
         if key is not None:
-            self._keep(key, (grid,), args, compiled, combine, second, split, capped)
+            self._keep(key, (grid,), args, compiled, combine, second, split, capped, num_splits)
         return o
 
     def _partials(self, scratch: torch.Tensor, partials: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -495,17 +541,17 @@ class DecodeLaunch:
         return (scratch[:partials].view(self.rows, num_splits, self.head_dim),
                 scratch[partials:].view(self.rows, num_splits))
 
-    def _combine(self, args: tuple[Any, ...], num_splits: int) -> Any:
+    def _combine(self, args: tuple[Any, ...], num_splits: int, flags: tuple[bool, bool] = (False, False)) -> Any:
         return decode_combine_kernel[(self.rows,)](*args, **_combine_constexprs(self.head_dim, self.block_d, num_splits,
-                                                                                  self.has_lens))
+                                                                                  self.has_lens, flags))
 
     def _keep(self, key: tuple[Any, ...], grid: tuple[int], args: tuple[Any, ...], compiled: Any,
-              combine: tuple[Any, ...] | None, second: Any, split: bool, capped: bool) -> None:
+              combine: tuple[Any, ...] | None, second: Any, split: bool, capped: bool, num_splits: int) -> None:
         first = fastlaunch.build(decode_split_kernel, compiled, grid, args, self.split_kw[split, capped], len(args))
         relaunch_second = None
         if combine is not None:
             relaunch_second = fastlaunch.build(decode_combine_kernel, second, (self.rows,), combine,
-                                               _combine_constexprs(self.head_dim, self.block_d, combine[-1],
+                                               _combine_constexprs(self.head_dim, self.block_d, num_splits,
                                                                    self.has_lens), len(combine))
         if len(self.launchers) >= _LAUNCHERS_LIMIT:
             self.launchers.clear()

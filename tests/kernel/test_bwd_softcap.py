@@ -13,6 +13,7 @@ import torch
 from flashtune.db.types import Config
 from flashtune.kernel.checks import check_bwd_inputs
 from flashtune.kernel.jit.common import softcap_factors
+from flashtune.kernel.mods import ScoreMods
 from flashtune.kernel.ops.bwd import attention_bwd, default_bwd_config, launch_bwd
 from flashtune.kernel.testing import attention_reference, lse_reference
 
@@ -78,7 +79,7 @@ def _run(q, k, v, do, causal, softcap, config, deterministic=True):
     shape = check_bwd_inputs(do, q, k, v, o, lse)
     out = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
     dq, dk, dv, _ = launch_bwd(do, q, k, v, o, lse, shape, causal=causal, scale=1.0 / math.sqrt(q.shape[-1]),
-                               config=config, deterministic=deterministic, out=out, softcap=softcap)
+                               config=config, deterministic=deterministic, out=out, mods=ScoreMods(softcap=softcap))
     return dq, dk, dv
 
 
@@ -151,7 +152,7 @@ def test_softcap_zero_is_the_uncapped_backward(kernel_device, launches):
     base = launch_bwd(do, q, k, v, o, lse, shape, **kwargs)[:3]
     for off in (0.0, 0):
         assert all(torch.equal(a, b) for a, b in zip(base, launch_bwd(do, q, k, v, o, lse, shape, **kwargs,
-                                                                      softcap=off)[:3]))
+                                                                      mods=ScoreMods(softcap=off))[:3]))
     assert {launch.kwargs["SOFTCAP"] for launch in launches if "SOFTCAP" in launch.kwargs} == {False}
     for g, ref in zip(base, _reference_grads(q, k, v, do, True, 0.0, scale=0.2)):
         assert rel(g, ref, floor=0.1) < BOUNDS[torch.float32]
@@ -166,7 +167,7 @@ def test_bad_softcap_is_named(entry, softcap, kernel_device, launches):
     with pytest.raises(ValueError, match="softcap must be 0 .off. or a finite number > 0"):
         if entry == "launch_bwd":
             launch_bwd(do, q, k, v, o, lse, check_bwd_inputs(do, q, k, v, o, lse), causal=False, scale=0.1,
-                       config=Config(16, 16, 2, 1), softcap=softcap)
+                       config=Config(16, 16, 2, 1), mods=ScoreMods(softcap=softcap))
         else:
             attention_bwd(do, q, k, v, o, lse, causal=False, scale=None, softcap=softcap)
     assert launches == []

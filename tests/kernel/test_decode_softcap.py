@@ -19,6 +19,7 @@ from flashtune.kernel import attention_kvcache, dispatch
 from flashtune.kernel.checks import check_kvcache_inputs
 from flashtune.kernel.dispatch import kv_bucket
 from flashtune.kernel.kvcache import run_planned
+from flashtune.kernel.mods import NO_MODS, ScoreMods
 from flashtune.kernel.ops.kvcache import SPLITS_KNOB, decode_partials, launch_decode, plan_decode
 from flashtune.kernel.providers import provider_config
 from flashtune.kernel.testing import attention_kvcache_reference
@@ -69,7 +70,7 @@ def _check_explicit(case, dtype, device, seed, config=None):
     out = torch.full_like(q, float("nan"))
     partials = tuple(t.fill_(float("nan")) for t in decode_partials(shape, plan, q.device))
     o, _ = launch_decode(q, k, v, shape, cache_seqlens=seqlens, causal=causal, scale=1 / math.sqrt(case[5]),
-                         config=config, out=out, partials=partials, softcap=cap)
+                         config=config, out=out, partials=partials, mods=ScoreMods(softcap=cap))
     ref = attention_kvcache_reference(q, k, v, cache_seqlens=seqlens, causal=causal, softcap=cap)
     err = rel(o, ref)
     assert err < BOUNDS[dtype], f"{_ids(case)} {dtype} {config}: relative error {err:.2e}"
@@ -194,7 +195,8 @@ def test_gpu_relaunched_steps_alternating_caps_equal_the_jit_launch_bitwise(dtyp
             got = attention_kvcache(q, k, v, cache_seqlens=lens, causal=True, softcap=cap)
             plan = dispatch.kvcache_plan(q, k, v, True, lens is not None)
             want = launch_decode(q, k, v, check_kvcache_inputs(q, k, v), cache_seqlens=lens, causal=True,
-                                 scale=plan.default_scale, config=plan.choice.config, softcap=cap)[0]
+                                 scale=plan.default_scale, config=plan.choice.config,
+                                 mods=ScoreMods(softcap=cap) if cap else NO_MODS)[0]
             assert torch.equal(got, want), (step, cap)
             ref = attention_kvcache_reference(q, k, v, cache_seqlens=lens, causal=True, dtype=torch.float32,
                                               softcap=cap)

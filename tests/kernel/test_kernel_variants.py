@@ -54,8 +54,11 @@ _FWD_KERNELS = {"attn_fwd_kernel": "ptr", "attn_fwd_tma_kernel": "tma"}
 
 
 def _schedule(launch) -> str:
-    # The TMA kernel's last positional argument is the heavy-first flag; PERSISTENT picks the strided grid.
-    return "persistent" if launch.kwargs["PERSISTENT"] else "heavy_first" if launch.args[-1] == 1 else "grid"
+    # The TMA kernel's `reverse` argument is the heavy-first flag; PERSISTENT picks the strided grid.
+    from flashtune.kernel.jit.fwd_tma import attn_fwd_tma_kernel
+
+    reverse = launch.args[attn_fwd_tma_kernel.arg_names.index("reverse")]
+    return "persistent" if launch.kwargs["PERSISTENT"] else "heavy_first" if reverse == 1 else "grid"
 
 
 FWD_SEEN = {

@@ -33,7 +33,7 @@ def _mask(device: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
 
 # (name, attention() keywords, the reference's keywords); tensors are built per call from (device, hq, nq, nk).
 def _cases(device: str, b: int, hq: int, nq: int, nk: int) -> dict[str, tuple[dict, dict]]:
-    sinks = torch.randn(hq, device=device)
+    sinks = torch.randn(hq, device=device) + 8  # about a row's largest score: the sink takes a real share
     slopes = torch.rand(hq, device=device) * 0.5
     bool_mask = _mask(device, (b, 1, nq, nk), "bool")
     float_mask = _mask(device, (nq, nk), "float")
@@ -132,7 +132,7 @@ def test_kvcache_takes_window_sinks_and_alibi_bottom_right(kernel_device: str) -
     b, hq, hkv, nq, nmax, d = 2, 4, 1, 3, 45, 16
     q, k, v = _draw(kernel_device, torch.float32, b, hq, hkv, nq, nmax, d)
     lengths = torch.tensor([45, 30], dtype=torch.int32, device=kernel_device)
-    sinks = torch.randn(hq, device=kernel_device)
+    sinks = torch.randn(hq, device=kernel_device) + 8
     slopes = torch.rand(hq, device=kernel_device) * 0.3
     for kw in ({"window_size": (8, 0)}, {"sinks": sinks}, {"alibi_slopes": slopes},
                {"window_size": (6, 0), "sinks": sinks, "softcap": 2.0}):

@@ -53,9 +53,11 @@ import torch
 from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, Key, normalize_dtype
 from ...kernel.ops.bwd import launch_bwd
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.ops.bwd import bwd_knobs, default_bwd_config, estimate_bwd_smem
 from ...kernel.ops.fwd import default_config
 from ...kernel.ops.fwd import launch
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.testing import REFERENCE_BYTES, math_attention, query_rows
 from ...kernel.testing import attention_flops as shape_flops
 
@@ -226,7 +228,7 @@ class BwdInputs(OpInputs):
         self.do = draw(self.q.shape[1], key.seq_len)
         self.o, self.lse, _ = launch(self.q, self.k, self.v, self.shape, causal=key.causal, scale=self.scale,
                                      return_lse=True, config=default_config(key.arch, key.head_dim, key.dtype),
-                                     softcap=self.softcap)
+                                     mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
 
     def compute_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dQ, dK, dV) by fp32 autograd (`fp32_gradients`)."""
@@ -251,7 +253,7 @@ class BwdInputs(OpInputs):
         dq, dk, dv, compiled = launch_bwd(self.do, self.q, self.k, self.v, self.o, self.lse, self.shape,
                                           causal=self.key.causal, scale=self.scale, config=config,
                                           deterministic=False, out=out,  # type: ignore[arg-type]
-                                          softcap=self.softcap)
+                                          mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         return (dq, dk, dv), compiled
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],

@@ -27,6 +27,7 @@ from ...kernel.ops.fwd import estimate_smem
 from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, Key, normalize_dtype
 from ...kernel.ops.fwd import default_config
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.ops.fwd import launch
 from ...kernel.testing import attention_flops as shape_flops, fp32_reference
 from ...kernel.providers import KERNEL, provider_of
@@ -166,7 +167,8 @@ class KeyInputs(OpInputs):
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale), None
         o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                config=config, out=out, softcap=self.softcap)
+                                config=config, out=out,
+                                mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         return o, compiled
 
 

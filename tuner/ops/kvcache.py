@@ -30,6 +30,7 @@ from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.jit.common import GRID_X_MAX
 from ...kernel.ops.kvcache import SPLITS_KNOB, decode_bytes, num_splits_of, default_decode_config, estimate_decode_smem, plan_decode
 from ...kernel.checks import check_kvcache_inputs
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.ops.kvcache import launch_decode
 from ...kernel.checks import AttnShape
 from ...kernel.providers import KERNEL, provider_of
@@ -176,7 +177,8 @@ class KVCacheInputs(OpInputs):
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=False, scale=self.scale), None
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
-                             scale=self.scale, config=config, out=out, softcap=self.softcap)
+                             scale=self.scale, config=config, out=out,
+                             mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
 
 
 def sdpa_decode_key(key: Key) -> bool:

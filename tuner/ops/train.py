@@ -26,6 +26,7 @@ import torch
 
 from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.ops.bwd import launch_bwd
+from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.ops.fwd import launch
 from ...kernel.ops.train import estimate_train_smem, pair_config, split_pair
 from ...kernel.providers import KERNEL, provider_of
@@ -124,10 +125,12 @@ class TrainInputs(OpInputs):
         forward, backward = split_pair(config)
         o_buf, *grads_buf = out if out is not None else self.buffers()
         o, lse, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                  config=forward, return_lse=True, out=o_buf, softcap=self.softcap)
+                                  config=forward, return_lse=True, out=o_buf,
+                                  mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         dq, dk, dv, kernels = launch_bwd(self.do, self.q, self.k, self.v, o, lse, self.shape, causal=self.key.causal,
                                          scale=self.scale, config=backward, deterministic=False,
-                                         out=tuple(grads_buf), softcap=self.softcap)  # type: ignore[arg-type]
+                                         out=tuple(grads_buf),  # type: ignore[arg-type]
+                                         mods=ScoreMods(softcap=self.softcap) if self.softcap else NO_MODS)
         return (o, dq, dk, dv), {"fwd": compiled, **kernels}
 
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
