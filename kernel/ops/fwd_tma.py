@@ -325,6 +325,11 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
     """(grid, args, constexprs and options, o, lse buffer, persistent-binary key or None) of one call."""
     mod_args, flags = tma_mod_arguments(mods, causal, scale)
     ws, schedule = _config_knobs(config)
+    if ws and config.num_warps == 4 and flags is not _NO_MOD_FLAGS:
+        # Measured on an H100 with Triton 3.6: the warp-specialised kernel (1 producer + 2 consumer warpgroups)
+        # returned wrong results with a window and ALiBi, as it does with causal masking (docs: kernels).
+        raise ValueError("the warp-specialised TMA forward kernel (ws=true, 4 warps) takes no score modifiers: "
+                         "Triton's warp specialisation miscompiles them; use ws=false or a pointer-kernel config")
     if ws and not HAS_WARP_SPECIALIZE:
         raise ValueError(f"ws=true needs tl.range(warp_specialize=...), which Triton {triton.__version__} lacks")
     problem = tma_refusal(q, k, v, out)

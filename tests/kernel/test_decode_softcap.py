@@ -20,6 +20,7 @@ from flashtune.kernel.checks import check_kvcache_inputs
 from flashtune.kernel.dispatch import kv_bucket
 from flashtune.kernel.kvcache import run_planned
 from flashtune.kernel.mods import NO_MODS, ScoreMods
+from flashtune.kernel.mods import capped as capped_mods
 from flashtune.kernel.ops.kvcache import SPLITS_KNOB, decode_partials, launch_decode, plan_decode
 from flashtune.kernel.providers import provider_config
 from flashtune.kernel.testing import attention_kvcache_reference
@@ -102,14 +103,14 @@ def test_one_plan_serves_capped_and_uncapped_calls(causal, lens, kernel_device):
     assert len(plans) == 1
 
 
-def test_run_planned_takes_the_cap_as_a_keyword_and_keeps_its_positional_call(kernel_device):
-    """The transformers integration's positional call is unchanged; the cap is a keyword after it."""
+def test_run_planned_takes_the_modifiers_as_a_keyword_and_keeps_its_positional_call(kernel_device):
+    """The transformers integration's positional call is unchanged; the modifiers are a keyword after it."""
     dtype = torch.float16 if kernel_device == "cuda" else torch.float32
     case = (1, 4, 2, 1, 29, 16, True, [29], None, 2.0)
     q, k, v, seqlens = _inputs(case, dtype, kernel_device, seed=77)
     with torch.no_grad():
         plain = run_planned(q, k, v, seqlens, True, 0.3, False)
-        capped = run_planned(q, k, v, seqlens, True, 0.3, False, softcap=2.0)
+        capped = run_planned(q, k, v, seqlens, True, 0.3, False, mods=capped_mods(2.0))
     assert rel(plain, attention_kvcache_reference(q, k, v, cache_seqlens=seqlens, causal=True, scale=0.3)) \
         < BOUNDS[dtype]
     assert rel(capped, attention_kvcache_reference(q, k, v, cache_seqlens=seqlens, causal=True, scale=0.3,
@@ -147,7 +148,7 @@ def test_a_capped_call_is_its_own_key_and_never_runs_an_uncapped_sdpa_winner(tun
               group=HQ // HKV)
     tuned_table([(key, provider_config("sdpa_flash"), FALLBACK)])
     q, k, v, _ = _inputs((B, HQ, HKV, 1, NK, D, True, None, None, 2.0), torch.float32, "cpu", seed=9)
-    plan = dispatch.kvcache_plan(q, k, v, True, False, True)
+    plan = dispatch.kvcache_plan(q, k, v, True, False, (("softcap", True),))
     assert plan.choice.key.softcap and plan.choice.source == "default" and plan.sdpa is None
     out = attention_kvcache(q, k, v, causal=True, softcap=2.0)
     split = [x for x in launches if x.name == "decode_split_kernel"]

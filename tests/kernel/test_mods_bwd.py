@@ -70,7 +70,7 @@ def _run(q, k, v, do, causal, config, deterministic, forward=None, **user):
     delta)."""
     b, hq, nq, d = q.shape
     shape = AttnShape(b, hq, k.shape[1], nq, k.shape[2], d, str(q.dtype).removeprefix("torch."))
-    mods = check_mods(shape, q.device, training=True, **user)
+    mods = check_mods(shape, q.device, **user)
     keep = (dropout_keep_mask(mods.seed, mods.dropout_p, b, hq, nq, k.shape[2], q.device) if mods.dropout_p
             else None)
     ref = _reference_kwargs(mods, user, keep)

@@ -250,7 +250,7 @@ GPU_CASES = [
     (2, 4, 4, 512, 512, 64, False, "float", Config(64, 64, 4, 2)),
     (1, 8, 8, 1024, 1024, 96, True, "cap30+window128,-1+sinks", Config(128, 64, 8, 3)),
     (2, 8, 2, 1024, 1024, 128, True, "window256,0+sinks", tma_config(128, 64, 8, 2)),
-    (2, 8, 2, 1024, 1024, 128, True, "window256,0+alibi", tma_config(128, 64, 4, 2, ws=True)),
+    (2, 8, 2, 1024, 1024, 128, True, "window256,0+alibi", tma_config(128, 64, 4, 2)),
     (2, 8, 8, 1000, 1000, 64, False, "cap20+window100,100", tma_config(128, 64, 8, 2, schedule="persistent")),
 ]
 
@@ -266,22 +266,12 @@ def test_modifiers_match_float64_gpu(case) -> None:
         _check_case((*case, dtype), dtype, "cuda")
 
 
-@pytest.mark.gpu
-def test_window_cost_follows_the_window_gpu() -> None:
-    """A narrow window over a long sequence reads ~N·W keys: much faster than the full attention."""
-    q, k, v = _qkv(1, 8, 8, 16384, 16384, 128, torch.float16, "cuda", _gen("cuda"))
+def test_the_warp_specialised_tma_kernel_refuses_modifiers(kernel_device: str) -> None:
+    """Triton 3.6 miscompiles the warp-specialised kernel with a window and ALiBi (wrong results on an H100):
+    such a config is refused before anything launches, and the plain call still runs it."""
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64, torch.float16 if kernel_device == "cuda" else torch.float32,
+                   kernel_device, _gen(kernel_device))
     shape = check_inputs(q, k, v)
-    full = check_mods(shape, q.device, window_size=(-1, -1))
-    narrow = check_mods(shape, q.device, window_size=(256, 0))
-
-    def timed(mods: ScoreMods) -> float:
-        launch(q, k, v, shape, causal=True, scale=0.1, config=Config(128, 64, 8, 3), mods=mods)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            launch(q, k, v, shape, causal=True, scale=0.1, config=Config(128, 64, 8, 3), mods=mods)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-    assert timed(narrow) * 8 < timed(full)
+    mods = check_mods(shape, q.device, window_size=(16, 0))
+    with pytest.raises(ValueError, match="warp-specialised TMA forward kernel"):
+        launch(q, k, v, shape, causal=True, scale=0.125, config=tma_config(64, 64, 4, 2, ws=True), mods=mods)
