@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from flashtune.kernel.integrations import transformers as ft
+from helpers.hf_models import logits, training_grads
 from helpers import rel
 from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
 from transformers.models.falcon import modeling_falcon
@@ -42,15 +43,6 @@ def _counts() -> None:
     ft.reset_counts()
 
 
-def _logits(model: FalconForCausalLM, implementation: str, ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    model.set_attn_implementation(implementation)
-    try:
-        with torch.no_grad():
-            return model(ids, **kwargs).logits
-    finally:
-        model.set_attn_implementation("eager")
-
-
 def test_bloom_keeps_its_own_attention() -> None:
     """BLOOM's attention is `alibi.baddbmm` in BloomAttention.forward: transformers leaves it eager."""
     net = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=VOCAB))
@@ -61,13 +53,13 @@ def test_bloom_keeps_its_own_attention() -> None:
 @routed
 def test_alibi_logits_match_eager_and_alibi_matters(model: FalconForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 24), device=DEVICE)
-    ours = _logits(model, ft.register(), ids)
+    ours = logits(model, ft.register(), ids)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"masked": LAYERS}
-    eager = _logits(model, "eager", ids)
+    eager = logits(model, "eager", ids)
     assert rel(ours, eager) < 1e-5
     model.transformer.use_alibi = False  # the causal mask alone (the layers still skip rotary embeddings)
     try:
-        unbiased = _logits(model, "eager", ids)
+        unbiased = logits(model, "eager", ids)
     finally:
         model.transformer.use_alibi = True
     assert rel(unbiased, eager) > 1e-2
@@ -78,9 +70,9 @@ def test_left_padded_alibi_batch_matches_eager(model: FalconForCausalLM) -> None
     ids = torch.randint(3, VOCAB, (2, 20), device=DEVICE)
     mask = torch.ones(2, 20, dtype=torch.long, device=DEVICE)
     mask[1, :6] = 0
-    ours = _logits(model, ft.register(), ids, attention_mask=mask)
+    ours = logits(model, ft.register(), ids, attention_mask=mask)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"masked": LAYERS}
-    eager = _logits(model, "eager", ids, attention_mask=mask)
+    eager = logits(model, "eager", ids, attention_mask=mask)
     real = mask.bool()
     assert rel(ours[real], eager[real]) < 1e-5
 
@@ -88,20 +80,9 @@ def test_left_padded_alibi_batch_matches_eager(model: FalconForCausalLM) -> None
 @routed
 def test_alibi_training_gradients_match_eager(model: FalconForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 16), device=DEVICE)
-    grads = []
-    model.train()
-    try:
-        for implementation in (ft.register(), "eager"):
-            model.set_attn_implementation(implementation)
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-    finally:
-        model.set_attn_implementation("eager")
-        model.zero_grad(set_to_none=True)
-        model.eval()
+    ours = training_grads(model, ft.register(), ids)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"masked": LAYERS}
-    ours, eager = grads
+    eager = training_grads(model, "eager", ids)
     assert ours.keys() == eager.keys() and len(ours) > 0
     worst = max(rel(ours[n], eager[n], floor=0.1) for n in ours)
     assert worst < 1e-4

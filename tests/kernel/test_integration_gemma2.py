@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from flashtune.kernel.integrations import transformers as ft
+from helpers.hf_models import logits
 from helpers import rel
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -37,19 +38,10 @@ def model() -> Gemma2ForCausalLM:
     return net
 
 
-def _logits(model: Gemma2ForCausalLM, implementation: str, ids: torch.Tensor) -> torch.Tensor:
-    model.set_attn_implementation(implementation)
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        model.set_attn_implementation("eager")
-
-
 def test_prefill_logits_match_eager_softcapping_and_window(model: Gemma2ForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 24), device=DEVICE)
     ft.reset_counts()
-    ours, eager = _logits(model, ft.register(), ids), _logits(model, "eager", ids)
+    ours, eager = logits(model, ft.register(), ids), logits(model, "eager", ids)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
     assert rel(ours, eager, floor=0.1) < 1e-5
     # The cap matters for these weights: without it the logits differ.
@@ -57,7 +49,7 @@ def test_prefill_logits_match_eager_softcapping_and_window(model: Gemma2ForCausa
     for attn in attentions:
         attn.attn_logit_softcapping = None
     try:
-        uncapped = _logits(model, "eager", ids)
+        uncapped = logits(model, "eager", ids)
     finally:
         for attn in attentions:
             attn.attn_logit_softcapping = CAP
@@ -65,7 +57,7 @@ def test_prefill_logits_match_eager_softcapping_and_window(model: Gemma2ForCausa
     # So does the window (24 tokens, 8 keys): with the first layer full, the logits differ.
     model.config.layer_types = ["full_attention"] * 2  # the mask function per layer follows layer_types
     try:
-        unwindowed = _logits(model, "eager", ids)
+        unwindowed = logits(model, "eager", ids)
     finally:
         model.config.layer_types = list(LAYER_TYPES)
     assert rel(unwindowed, eager, floor=0.1) > 1e-2

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from flashtune.kernel.integrations import transformers as ft
+from helpers.hf_models import logits, training_grads
 from helpers import rel
 from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -42,20 +43,11 @@ def _counts() -> None:
     ft.reset_counts()
 
 
-def _logits(model: GptOssForCausalLM, implementation: str, ids: torch.Tensor) -> torch.Tensor:
-    model.set_attn_implementation(implementation)
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        model.set_attn_implementation("eager")
-
-
 def test_prefill_logits_match_eager_and_sinks_and_window_matter(model: GptOssForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 24), device=DEVICE)
-    ours = _logits(model, ft.register(), ids)
+    ours = logits(model, ft.register(), ids)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
-    eager = _logits(model, "eager", ids)
+    eager = logits(model, "eager", ids)
     assert rel(ours, eager) < 1e-5
     # Without the sinks (a logit of -inf takes no share), or with the first layer full, the logits differ.
     sinks = [layer.self_attn.sinks for layer in model.model.layers]
@@ -64,7 +56,7 @@ def test_prefill_logits_match_eager_and_sinks_and_window_matter(model: GptOssFor
         for s in sinks:
             s.fill_(float("-inf"))
     try:
-        sinkless = _logits(model, "eager", ids)
+        sinkless = logits(model, "eager", ids)
     finally:
         with torch.no_grad():
             for s, value in zip(sinks, saved):
@@ -72,7 +64,7 @@ def test_prefill_logits_match_eager_and_sinks_and_window_matter(model: GptOssFor
     assert rel(sinkless, eager) > 1e-2
     model.config.layer_types = ["full_attention"] * 2  # the mask function per layer follows layer_types
     try:
-        unwindowed = _logits(model, "eager", ids)
+        unwindowed = logits(model, "eager", ids)
     finally:
         model.config.layer_types = list(LAYER_TYPES)
     assert rel(unwindowed, eager) > 1e-2
@@ -96,21 +88,9 @@ def test_greedy_generation_matches_eager(model: GptOssForCausalLM) -> None:
 
 def test_training_gradients_match_eager_sinks_included(model: GptOssForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 16), device=DEVICE)
-    grads = []
-    model.train()
-    try:
-        for implementation in (ft.register(), "eager"):
-            model.set_attn_implementation(implementation)
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-            if implementation != "eager":
-                assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
-    finally:
-        model.set_attn_implementation("eager")
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    ours, eager = grads
+    ours = training_grads(model, ft.register(), ids)
+    assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": 2}
+    eager = training_grads(model, "eager", ids)
     sink_grads = [n for n in eager if n.endswith("self_attn.sinks")]
     assert ours.keys() == eager.keys() and len(sink_grads) == 2
     for name in sink_grads:

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from flashtune.kernel.integrations import transformers as ft
+from helpers.hf_models import logits, training_grads
 from helpers import rel
 from transformers import MistralConfig, MistralForCausalLM
 
@@ -39,29 +40,20 @@ def _counts() -> None:
     ft.reset_counts()
 
 
-def _logits(model: MistralForCausalLM, implementation: str, ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    model.set_attn_implementation(implementation)
-    try:
-        with torch.no_grad():
-            return model(ids, **kwargs).logits
-    finally:
-        model.set_attn_implementation("eager")
-
-
 def _unwindowed(model: MistralForCausalLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Eager logits of the same weights without the window (Mistral reads config.sliding_window per forward)."""
     model.config.sliding_window = None
     try:
-        return _logits(model, "eager", ids, **kwargs)
+        return logits(model, "eager", ids, **kwargs)
     finally:
         model.config.sliding_window = WINDOW
 
 
 def test_prefill_logits_match_eager_and_the_window_matters(model: MistralForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 24), device=DEVICE)
-    ours = _logits(model, ft.register(), ids)
+    ours = logits(model, ft.register(), ids)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": LAYERS}
-    eager = _logits(model, "eager", ids)
+    eager = logits(model, "eager", ids)
     assert rel(ours, eager) < 1e-5
     assert rel(_unwindowed(model, ids), eager) > 1e-2
 
@@ -71,9 +63,9 @@ def test_left_padded_batch_runs_its_mask_in_the_kernel(model: MistralForCausalLM
     mask = torch.ones(3, 20, dtype=torch.long, device=DEVICE)
     mask[0, :7] = 0
     mask[2, :2] = 0
-    ours = _logits(model, ft.register(), ids, attention_mask=mask)
+    ours = logits(model, ft.register(), ids, attention_mask=mask)
     assert ft.fallback_counts() == {} and ft.kernel_counts() == {"masked": LAYERS}
-    eager = _logits(model, "eager", ids, attention_mask=mask)
+    eager = logits(model, "eager", ids, attention_mask=mask)
     real = mask.bool()  # padding rows: zeros here, eager's uniform average there; nothing reads them
     assert rel(ours[real], eager[real]) < 1e-5
     assert rel(_unwindowed(model, ids, attention_mask=mask)[real], eager[real]) > 1e-2
@@ -100,21 +92,9 @@ def test_greedy_generation_past_the_window_matches_eager(model: MistralForCausal
 
 def test_training_gradients_match_eager(model: MistralForCausalLM) -> None:
     ids = torch.randint(3, VOCAB, (2, 16), device=DEVICE)
-    grads = []
-    model.train()
-    try:
-        for implementation in (ft.register(), "eager"):
-            model.set_attn_implementation(implementation)
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-            if implementation != "eager":
-                assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": LAYERS}
-    finally:
-        model.set_attn_implementation("eager")
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    ours, eager = grads
+    ours = training_grads(model, ft.register(), ids)
+    assert ft.fallback_counts() == {} and ft.kernel_counts() == {"causal": LAYERS}
+    eager = training_grads(model, "eager", ids)
     assert ours.keys() == eager.keys() and len(ours) == 3 + 9 * LAYERS
     worst = max(rel(ours[n], eager[n], floor=0.1) for n in ours)
     assert worst < 1e-4

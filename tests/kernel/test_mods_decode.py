@@ -25,6 +25,7 @@ from flashtune.kernel.ops.kvcache import (
 )
 from flashtune.kernel.testing import attention_reference
 from helpers import rel
+from helpers.mods import mods_kwargs
 
 BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SPREAD = 2.0
@@ -43,25 +44,6 @@ def _inputs(b, hq, hkv, nq, nmax, d, lens, dtype, device, gen):
         return (torch.randn(b, h, n, d, generator=gen) * SPREAD).to(device, dtype)
     seqlens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=device)
     return draw(hq, nq), draw(hkv, nmax), draw(hkv, nmax), seqlens
-
-
-def _mods_kwargs(kind: str, b: int, hq: int, device: str, gen: torch.Generator) -> dict:
-    kw: dict = {}
-    for part in kind.split("+"):
-        if part.startswith("window"):
-            left, right = part.removeprefix("window").split(",")
-            kw["window_size"] = (int(left), int(right))
-        elif part.startswith("cap"):
-            kw["softcap"] = float(part.removeprefix("cap"))
-        elif part == "sinks":
-            kw["sinks"] = (torch.randn(hq, generator=gen) + 8.0).to(device)  # about a row's top score
-        elif part == "alibi":
-            kw["alibi_slopes"] = (torch.rand(hq, generator=gen) * 0.9 + 0.1).to(device)
-        elif part == "alibiB":
-            kw["alibi_slopes"] = (torch.rand(b, hq, generator=gen) * 0.9 + 0.1).to(device)
-        else:
-            raise AssertionError(part)
-    return kw
 
 
 def reference(q, k, v, seqlens, causal: bool, kw: dict, *, clean=None) -> torch.Tensor:
@@ -118,7 +100,7 @@ def _check_case(case, dtype: torch.dtype, device: str) -> None:
     b, hq, hkv, nq, nmax, d, causal, lens, config, kind, _ = case
     gen = _gen()
     q, k, v, seqlens = _inputs(b, hq, hkv, nq, nmax, d, lens, dtype, device, gen)
-    kw = _mods_kwargs(kind, b, hq, device, gen)
+    kw = mods_kwargs(kind, b, hq, 1, 1, device, gen)
     mods = check_mods(check_kvcache_inputs(q, k, v), q.device, **kw)
     o = _launch(q, k, v, seqlens, causal, config, mods)
     ref = reference(q, k, v, seqlens, causal, kw)
@@ -161,7 +143,7 @@ def test_the_plan_launch_takes_modifiers(kernel_device: str) -> None:
     shape = check_kvcache_inputs(q, k, v)
     config = cfg(16, 16, 3)
     run = DecodeLaunch(shape, config, causal=True, ragged=True)
-    kw = _mods_kwargs("window12,0+sinks+alibiB", 2, 4, kernel_device, gen)
+    kw = mods_kwargs("window12,0+sinks+alibiB", 2, 4, 1, 1, kernel_device, gen)
     mods = check_mods(shape, q.device, **kw)
     got = run(q, k, v, 64, seqlens, 0.25, mods)
     want = launch_decode(q, k, v, shape, cache_seqlens=seqlens, causal=True, scale=0.25, config=config, mods=mods)[0]

@@ -22,6 +22,7 @@ from flashtune.kernel.ops.fwd import attention_fwd, launch, launch_cached
 from flashtune.kernel.ops.fwd_tma import tma_config, tma_supported
 from flashtune.kernel.testing import attention_reference, lse_reference
 from helpers import rel
+from helpers.mods import mods_kwargs
 
 BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 LSE_BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -38,41 +39,6 @@ def _qkv(b: int, hq: int, hkv: int, nq: int, nk: int, d: int, dtype: torch.dtype
     def draw(h: int, n: int) -> torch.Tensor:
         return (torch.randn(b, h, n, d, generator=gen) * SPREAD).to(device, dtype)
     return draw(hq, nq), draw(hkv, nk), draw(hkv, nk)
-
-
-def _mods_kwargs(kind: str, b: int, hq: int, nq: int, nk: int, device: str, gen: torch.Generator) -> dict:
-    """The modifier arguments a case names, drawn fresh (mask strides and shapes as SDPA users pass them)."""
-    kw: dict = {}
-    for part in kind.split("+"):
-        if part.startswith("window"):
-            left, right = part.removeprefix("window").split(",")
-            kw["window_size"] = (int(left), int(right))
-        elif part.startswith("cap"):
-            kw["softcap"] = float(part.removeprefix("cap"))
-        elif part == "sinks":
-            kw["sinks"] = (torch.randn(hq, generator=gen) + 8.0).to(device)  # about a row's top score
-        elif part == "alibi":
-            kw["alibi_slopes"] = (torch.rand(hq, generator=gen) * 0.9 + 0.1).to(device)
-        elif part == "alibiB":
-            kw["alibi_slopes"] = (torch.rand(b, hq, generator=gen) * 0.9 + 0.1).to(device)
-        elif part == "bool":  # full (B, Hq, Nq, Nk), some rows wholly hidden
-            m = torch.rand(b, hq, nq, nk, generator=gen) > 0.5
-            m[:, :, 3] = False
-            m[0, -1, nq // 2:] = False
-            kw["attn_mask"] = m.to(device)
-        elif part == "bool2d":  # (Nq, Nk): stride 0 over batch and heads
-            kw["attn_mask"] = (torch.rand(nq, nk, generator=gen) > 0.4).to(device)
-        elif part == "keypad":  # (1, Hq, 1, Nk): stride 0 over batch and queries
-            m = torch.rand(1, hq, 1, nk, generator=gen) > 0.3
-            m[..., 0] = True
-            kw["attn_mask"] = m.to(device)
-        elif part == "float":  # (B, 1, Nq, Nk) additive, with some -inf
-            m = torch.randn(b, 1, nq, nk, generator=gen) * 2.0
-            m[torch.rand(b, 1, nq, nk, generator=gen) > 0.8] = float("-inf")
-            kw["attn_mask"] = m.to(device)
-        else:
-            raise AssertionError(part)
-    return kw
 
 
 def _launch(q, k, v, causal: bool, config: Config, mods: ScoreMods) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +86,7 @@ def _check_case(case, dtype: torch.dtype, device: str) -> None:
     b, hq, hkv, nq, nk, d, causal, kind, config, _ = case
     gen = _gen(device)
     q, k, v = _qkv(b, hq, hkv, nq, nk, d, dtype, device, gen)
-    kw = _mods_kwargs(kind, b, hq, nq, nk, device, gen)
+    kw = mods_kwargs(kind, b, hq, nq, nk, device, gen)
     mods = check_mods(check_inputs(q, k, v), q.device, **kw)
     o, lse = _launch(q, k, v, causal, config, mods)
     ref = attention_reference(q, k, v, causal=causal, **kw)
@@ -194,7 +160,7 @@ def test_attention_fwd_takes_the_modifiers(kernel_device: str) -> None:
     dtype = torch.float16 if kernel_device == "cuda" else torch.float32
     gen = _gen(kernel_device)
     q, k, v = _qkv(1, 4, 2, 24, 40, 16, dtype, kernel_device, gen)
-    kw = _mods_kwargs("window6,3+sinks+alibiB", 1, 4, 24, 40, kernel_device, gen)
+    kw = mods_kwargs("window6,3+sinks+alibiB", 1, 4, 24, 40, kernel_device, gen)
     mask = (torch.rand(24, 40, generator=gen) > 0.3).to(kernel_device)
     o, lse = attention_fwd(q, k, v, causal=True, config=CFG, return_lse=True, attn_mask=mask, **kw)
     ref = attention_reference(q, k, v, causal=True, attn_mask=mask, **kw)
@@ -222,11 +188,11 @@ def test_bad_modifiers_are_named(kernel_device: str) -> None:
 # The TMA variant: softcap, window, sinks and ALiBi (no mask, no dropout); every schedule, ws on and off.
 TMA_CASES = [
     (1, 4, 2, 40, 40, 24, True, "window12,3", tma_config(16, 16, 4, 2), torch.float32),
-    (1, 2, 2, 40, 20, 16, False, "window2,2", tma_config(16, 16, 4, 2, ws=True), torch.float16),
+    (1, 2, 2, 40, 20, 16, False, "window2,2", tma_config(16, 16, 8, 2, ws=True), torch.float16),
     (2, 2, 1, 33, 40, 16, True, "sinks+alibiB", tma_config(16, 16, 4, 2, schedule="persistent"), torch.float32),
     (1, 2, 2, 40, 48, 24, False, "cap2+window10,5+sinks", tma_config(16, 32, 4, 2, schedule="heavy_first"),
      torch.float16),
-    (1, 4, 4, 40, 40, 16, True, "alibi+cap3", tma_config(16, 16, 4, 2, ws=True), torch.float32),
+    (1, 4, 4, 40, 40, 16, True, "alibi+cap3", tma_config(16, 16, 2, 2, ws=True), torch.float32),
 ]
 
 
