@@ -2,6 +2,7 @@
 
 - `attention(q, k, v, ...)`: torch SDPA's signature, training included; the dispatcher picks the tuned winner.
 - `attention_kvcache(q, k_cache, v_cache, ...)`: a few queries against a KV cache (decode, chunked prefill).
+- `attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)`: packed sequences (flash_attn's varlen), training included.
 - `attention_fwd(q, k, v, config=...)`, `attention_bwd(...)`: the forward and backward with an explicit config.
 - `explain(q, k, v, ...)`: which config a call gets, and why. `Config`: a kernel config.
 - `dispatch`, `record`: the dispatcher and the key recorder.
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from .api import attention
     from .dispatch import explain
     from .kvcache import attention_kvcache
+    from .varlen import attention_varlen
     from .ops.bwd import attention_bwd
     from .ops.fwd import attention_fwd
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 _PUBLIC: dict[str, tuple[str, str | None]] = {
     "attention": (".api", "attention"),
     "attention_kvcache": (".kvcache", "attention_kvcache"),
+    "attention_varlen": (".varlen", "attention_varlen"),
     "attention_fwd": (".ops.fwd", "attention_fwd"),
     "attention_bwd": (".ops.bwd", "attention_bwd"),
     "explain": (".dispatch", "explain"),
@@ -35,7 +38,7 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "dispatch": (".dispatch", None),
     "record": (".record", None),
 }
-__all__ = ["Config", "attention", "attention_bwd", "attention_fwd", "attention_kvcache", "dispatch", "explain",
+__all__ = ["Config", "attention", "attention_bwd", "attention_fwd", "attention_kvcache", "attention_varlen", "dispatch", "explain",
            "record"]
 
 

@@ -29,6 +29,9 @@ OP_KERNELS: dict[str, tuple[str, ...]] = {
     "bwd": ("jit/bwd:attn_bwd_preprocess_kernel", "jit/bwd:attn_bwd_dkdv_kernel", "jit/bwd:attn_bwd_dq_kernel",
             "jit/bwd:attn_bwd_dq_convert_kernel"),
     "kvcache": ("jit/decode:decode_split_kernel", "jit/decode:decode_combine_kernel"),
+    # Packed sequences: their entries run the forward's and the backward's tile loops.
+    "varlen": ("jit/varlen:attn_fwd_varlen_kernel", "jit/varlen:attn_bwd_dq_varlen_kernel",
+               "jit/varlen:attn_bwd_dkdv_varlen_kernel", "jit/bwd:attn_bwd_preprocess_kernel"),
 }
 # A training pair compiles both the forward's and the backward's kernels.
 OP_KERNELS["train"] = OP_KERNELS["fwd"] + OP_KERNELS["bwd"]
