@@ -37,13 +37,14 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 def test_exports() -> None:
     assert set(kernel.__all__) == {"Config", "attention", "attention_bwd", "attention_fwd", "attention_kvcache",
-                                   "dispatch", "explain", "record"}
+                                   "attention_varlen", "dispatch", "explain", "record"}
     assert kernel.attention is api.attention and kernel.dispatch is sys.modules["flashtune.kernel.dispatch"]
     assert kernel.explain is kernel.dispatch.explain and kernel.Config is sys.modules["flashtune.db.types"].Config
     assert kernel.attention_fwd is sys.modules["flashtune.kernel.ops.fwd"].attention_fwd
     assert kernel.attention_bwd is sys.modules["flashtune.kernel.ops.bwd"].attention_bwd
     assert kernel.attention_kvcache is sys.modules["flashtune.kernel.kvcache"].attention_kvcache
     assert kernel.record is sys.modules["flashtune.kernel.record"]
+    assert kernel.attention_varlen is sys.modules["flashtune.kernel.varlen"].attention_varlen
     q, k, v = qkv(hq=4, hkv=2, nq=24, nk=40)
     plan = kernel.dispatch.plan(q, k, v, True)
     assert (plan.shape.batch, plan.shape.heads_q, plan.shape.heads_kv, plan.shape.seq_q, plan.shape.seq_k,
