@@ -196,13 +196,14 @@ def launch_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pack: Packing, shape: Att
 
 def launch_varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, pack: Packing,
                       shape: AttnShape, *, causal: bool, scale: float, config: Config, mods: ScoreMods = NO_MODS,
-                      fp32_precision: str = "ieee") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      fp32_precision: str = "ieee", out: tuple[Tensor, Tensor, Tensor] | None = None,
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, delta (Hq, total_q) fp32) of the packed call; o and lse (Hq, total_q) from launch_varlen_fwd
     with the same arguments. Always deterministic (no atomics: a config's `deterministic` knob is ignored); the
     sinks' gradient is the caller's (kernel.mods.sinks_grad with delta). Keys no document covers get no
-    gradient written."""
+    gradient written. `out`: the (dq, dk, dv) buffers to write (else new ones like q, k, v)."""
     knobs = bwd_knobs(config)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if out is None else out
     lse = lse.contiguous()
     delta = torch.empty((shape.heads_q, pack.total_q), device=q.device, dtype=torch.float32)
     block_d = padded_head_dim(shape.head_dim)

@@ -15,6 +15,7 @@ from flashtune.kernel import attention_varlen
 from flashtune.kernel.ops.bwd import _bwd
 from flashtune.kernel.ops.varlen import (
     check_varlen_inputs,
+    launch_varlen_bwd,
     launch_varlen_fwd,
     packing,
     schedule,
@@ -54,7 +55,7 @@ def reference(q, k, v, lq, lk, causal, *, lse=False, **mods):
         if y == 0:  # no keys: zeros, and an LSE of the sink alone (or −inf)
             if lse:
                 s = mods.get("sinks")
-                outs.append(torch.full((hq, x), float("-inf"), dtype=torch.float64) if s is None
+                outs.append(torch.full((hq, x), float("-inf"), dtype=torch.float64, device=q.device) if s is None
                             else s.double()[:, None].expand(hq, x))
             else:
                 outs.append(torch.zeros(x, hq, d, dtype=torch.float64, device=q.device))
@@ -143,6 +144,17 @@ def test_lse_and_rows_without_keys(kernel_device):
     launch_varlen_fwd(q, k, v, pack, shape, causal=False, scale=0.25, config=FWD, out=out, return_lse=False)
     assert rel(out, reference(q, k, v, lq, lk, False, scale=0.25)) < 2e-5  # rel: every element written
 
+    # The backward into poisoned buffers: every row written, zeros for keys no query sees (document 2) and
+    # queries that see no key.
+    do = torch.randn_like(o)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    launch_varlen_bwd(do, q, k, v, o, lse, pack, shape, causal=True, scale=0.25, config=BWD, out=grads)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference(*leaves, lq, lk, True, scale=0.25), leaves, do.double())
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r, floor=FLOOR) < 2e-5
+    assert torch.equal(grads[1][12:15], torch.zeros_like(grads[1][12:15]))
+
 
 def test_a_document_sees_only_itself(kernel_device):
     lq, lk = [17, 9, 23], [17, 30, 23]
@@ -216,9 +228,9 @@ def test_bad_inputs_raise_clear_errors(kernel_device):
         with pytest.raises(error, match=text):
             attention_varlen(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
                              args.pop("cu_seqlens_k"), args.pop("max_seqlen_q"), args.pop("max_seqlen_k"), **args)
-    if kernel_device == "cpu":
-        with pytest.raises(ValueError, match="cu_seqlens_q is on meta"):
-            attention_varlen(q, k, v, c.to("meta"), c, 5, 5)
+    elsewhere = "meta" if kernel_device == "cpu" else "cpu"
+    with pytest.raises(ValueError, match=f"cu_seqlens_q is on {elsewhere}"):
+        attention_varlen(q, k, v, c.to(elsewhere), c, 5, 5)
 
 
 @pytest.mark.gpu
