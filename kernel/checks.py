@@ -318,3 +318,81 @@ def check_cache_lengths(cache_seqlens: Any, batch: int, seq_q: int, seq_kv: int,
                                  "with causal=True: with bottom-right alignment query i sees keys j <= len − Nq + i, "
                                  "so the first queries would see no key (lengths must be 0 or >= Nq)")
     return cache_seqlens
+
+
+MIN_PAGE_SIZE = 16  # the smallest page of a paged KV cache: one key tile of the smallest config
+
+
+def _paged_cache_views(q: torch.Tensor, k_cache: Any, v_cache: Any, max_pages: int) -> tuple[Any, Any]:
+    # Stride-0 views of the paged caches with the equivalent contiguous shape (B, Hkv, max_pages·page_size, D):
+    # check_kvcache_inputs and the dispatcher read only their sizes, dtypes and devices, never their memory.
+    _, page_size, heads_kv, head_dim = k_cache.shape
+    size = (q.shape[0], heads_kv, max_pages * page_size, head_dim)
+    return k_cache[0, 0, 0].expand(size), v_cache[0, 0, 0].expand(size)
+
+
+def check_paged_inputs(q: Any, k_cache: Any, v_cache: Any, block_table: Any) -> tuple[AttnShape, Any, Any]:
+    """Validate q (B, Hq, Nq, D), paged caches (num_pages, page_size, Hkv, D) and `block_table` (B, max_pages).
+
+    Returns (the equivalent contiguous shape, seq_k = max_pages·page_size; the stride-0 views of that shape
+    that stand in for the caches where only sizes, dtypes and devices matter, e.g. the dispatcher). The
+    table must be a dense int32 2-D tensor on q's device with one row per sequence; page_size a power of two
+    from MIN_PAGE_SIZE; k_cache and v_cache of one shape. The table's values are not read here (see
+    check_block_table_values). TypeError for types, layouts and dtypes, ValueError for the rest.
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be None or an int32 torch.Tensor of shape (batch, max_pages), got "
+                        f"{type(block_table).__name__}")
+    if block_table.is_nested or block_table.layout is not torch.strided:
+        raise TypeError("block_table must be a dense (strided) tensor")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table has dtype {block_table.dtype}; it must be torch.int32 "
+                        "(e.g. block_table.to(torch.int32))")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be 2-D (batch, max_pages), got shape {tuple(block_table.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout is not torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (num_pages, page_size, kv_heads, head_dim) with a block_table, "
+                             f"got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    page_size = k_cache.shape[1]
+    if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
+        raise ValueError(f"page size (k_cache.shape[1]) must be a power of two from {MIN_PAGE_SIZE}, got {page_size}")
+    if q.dim() >= 1 and block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows; it needs one per sequence of q "
+                         f"(batch {q.shape[0]})")
+    if block_table.shape[1] == 0:
+        raise ValueError("block_table has no columns: each sequence needs at least one page slot")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device}; it must be on q's device {q.device}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(q.shape)}")
+    k_view, v_view = _paged_cache_views(q, k_cache, v_cache, block_table.shape[1])
+    return check_kvcache_inputs(q, k_view, v_view), k_view, v_view
+
+
+def check_block_table_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, page_size: int,
+                             num_pages: int) -> None:
+    """Host check of a paged call's table (check_lengths=True): ValueError naming the first entry that a
+    sequence uses (its first cdiv(len, page_size) entries) and that is not a page of the cache. A copy
+    and a sync; skipped where reading is impossible (CUDA-graph capture, torch.compile tracing)."""
+    if not (_lengths_checkable(block_table) and _lengths_checkable(cache_seqlens)):
+        return
+    table = block_table.cpu()
+    lengths = cache_seqlens.cpu().clamp(0, table.shape[1] * page_size)
+    used = torch.arange(table.shape[1])[None, :] * page_size < lengths[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of the cache: sequence {b} "
+                         f"(length {int(lengths[b])}) uses it, and pages are 0 to {num_pages - 1}")

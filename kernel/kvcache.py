@@ -6,16 +6,21 @@ lengths and bottom-right causal alignment.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..db.types import Config
 from . import device as _device
 from . import dispatch, record
 from .checks import (
+    AttnShape,
+    check_block_table_values,
     check_bool,
     check_cache_lengths,
     check_cache_seqlens,
     check_kvcache_inputs,
+    check_paged_inputs,
     check_scale,
     check_softcap,
     needs_grad,
@@ -24,14 +29,14 @@ from .mods import NO_MODS, ScoreMods, capped, check_mods
 from .ops.kvcache import check_decode_config, launch_decode
 from .sdpa import is_refusal, run_sdpa
 
-__all__ = ["attention_kvcache", "run_planned"]
+__all__ = ["append_paged_kv", "attention_kvcache", "run_planned"]
 
 
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                       cache_seqlens: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
                       config: Config | None = None, check_lengths: bool = False,
                       window_size: tuple[int, int] | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
-                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q against a KV cache with per-sequence lengths; returns (B, Hq, Nq, D) like q.
 
     q (B, Hq, Nq, D); k_cache, v_cache (B, Hkv, Nmax, D), Hq a multiple of Hkv (GQA/MQA); any
@@ -69,6 +74,14 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     (kernel.ops.kvcache.ragged_min_splits), so that a ragged batch runs no slower than a uniform
     one of the same total. A plan of one split launches one pass, which writes the output. Inputs
     that require grad under grad mode raise NotImplementedError.
+
+    Paged caches (vLLM's and flash_attn's layout): with `block_table` (B, max_pages) int32 on q's device,
+    k_cache and v_cache are (num_pages, page_size, Hkv, D), any strides, page_size a power of two from 16;
+    token t of sequence b lives at page block_table[b, t // page_size], slot t % page_size. cache_seqlens
+    is then required (lengths up to max_pages·page_size). The kernel clamps a page number outside
+    [0, num_pages) into it and a length into [0, max_pages·page_size], so no table reads outside the cache;
+    check_lengths=True also reads the table on the host and raises ValueError naming the first bad page
+    a sequence uses. The call plans and tunes as the contiguous cache of Nmax = max_pages·page_size.
     """
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
@@ -80,6 +93,9 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if type(softcap) is not float or softcap != 0.0:
         softcap = check_softcap(softcap)
     mods = capped(softcap)
+    if block_table is not None:
+        return _paged(q, k_cache, v_cache, block_table, cache_seqlens, causal, scale, config, check_lengths, mods,
+                      {"softcap": softcap, "window_size": window_size, "sinks": sinks, "alibi_slopes": alibi_slopes})
     if window_size is not None or sinks is not None or alibi_slopes is not None:
         mods = check_mods(check_kvcache_inputs(q, k_cache, v_cache), q.device, softcap=softcap,
                           window_size=window_size, sinks=sinks, alibi_slopes=alibi_slopes)
@@ -97,8 +113,83 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return run_planned(q, k_cache, v_cache, cache_seqlens, causal, scale, check_lengths, mods=mods)
 
 
+def _paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any, causal: bool,
+           scale: float | None, config: Config | None, check_lengths: bool, mods: ScoreMods,
+           mod_args: dict[str, Any]) -> torch.Tensor:
+    """attention_kvcache with a block table, after the checks that do not depend on the cache layout."""
+    shape, k_view, v_view = check_paged_inputs(q, k_cache, v_cache, block_table)
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required with a block_table: pass each sequence's length, an int32 "
+                         f"tensor of shape ({shape.batch},)")
+    if (mod_args["window_size"] is not None or mod_args["sinks"] is not None
+            or mod_args["alibi_slopes"] is not None):
+        mods = check_mods(shape, q.device, **mod_args)
+    if config is None:
+        return _run_paged(q, k_cache, v_cache, block_table, shape, k_view, v_view, cache_seqlens, causal, scale,
+                          check_lengths, mods)
+    lens = check_cache_seqlens(cache_seqlens, shape, q.device, causal, check_values=check_lengths)
+    if check_lengths:
+        check_block_table_values(block_table, lens, k_cache.shape[1], k_cache.shape[0])
+    if q.device.type == "cuda":
+        check_decode_config(config, shape, _device.device_smem_limit(q.device), _device.device_arch(q.device),
+                            ragged=True)
+    else:
+        check_decode_config(config, shape, None, ragged=True)
+    return launch_decode(q, k_cache, v_cache, shape, cache_seqlens=lens, causal=causal,
+                         scale=check_scale(scale, shape.head_dim), config=config, mods=mods,
+                         block_table=block_table)[0]
+
+
+def _run_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+               shape: AttnShape, k_view: torch.Tensor, v_view: torch.Tensor, cache_seqlens: Any, causal: bool,
+               scale: float | None, check_lengths: bool, mods: ScoreMods) -> torch.Tensor:
+    # The plan of the equivalent contiguous cache (k_view, v_view: its sizes, no memory), launched on the pages.
+    features = mods.key_features(shape.seq_k)
+    plan = dispatch.kvcache_plan(q, k_view, v_view, causal, True, features)
+    if record.ENABLED:
+        key = dispatch.kvcache_key(plan)
+        if key is not None:
+            record.hit(key)
+    seq_kv = shape.seq_k
+    cache_seqlens = check_cache_lengths(cache_seqlens, shape.batch, shape.seq_q, seq_kv, q.device, causal,
+                                        check_lengths)
+    if check_lengths:
+        check_block_table_values(block_table, cache_seqlens, k_cache.shape[1], k_cache.shape[0])
+    scale = plan.default_scale if scale is None else check_scale(scale, shape.head_dim)
+    # Never an SDPA winner: the plan has lengths, and SDPA cannot read pages.
+    try:
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, mods, block_table)
+    except Exception as error:
+        if not dispatch.stored_config_failed(plan.choice, error):
+            raise
+        plan = dispatch.kvcache_config_failed(q, k_view, v_view, causal, True, plan.choice, error, features)
+        return plan.launch(q, k_cache, v_cache, seq_kv, cache_seqlens, scale, mods, block_table)
+
+
+def append_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """Write new tokens into paged caches in place: k_new, v_new (B, Hkv, Nnew, D) (q's layout) go to key
+    positions cache_seqlens[b] + 0 .. Nnew − 1 of each sequence, i.e. page block_table[b, t // page_size],
+    slot t % page_size. cache_seqlens is not changed (add Nnew after the call). torch indexing, no host
+    sync; the table must already hold pages for the new positions (an index past max_pages is torch's
+    index error, a device-side assert on CUDA)."""
+    shape, _, _ = check_paged_inputs(k_new, k_cache, v_cache, block_table)
+    if not isinstance(v_new, torch.Tensor) or v_new.shape != k_new.shape:
+        raise ValueError(f"v_new must be a tensor of k_new's shape {tuple(k_new.shape)}")
+    if k_new.shape[1] != k_cache.shape[2]:
+        raise ValueError(f"k_new has {k_new.shape[1]} heads; the caches have {k_cache.shape[2]}")
+    check_cache_lengths(cache_seqlens, shape.batch, 1, shape.seq_k, k_new.device, False, False)
+    page_size = k_cache.shape[1]
+    pos = cache_seqlens.long()[:, None] + torch.arange(k_new.shape[2], device=k_new.device)[None, :]  # (B, Nnew)
+    pages = block_table.long().gather(1, pos // page_size)
+    slots = pos % page_size
+    k_cache[pages, slots] = k_new.permute(0, 2, 1, 3).to(k_cache.dtype)
+    v_cache[pages, slots] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
+
+
 def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,
-                causal: bool, scale: float | None, check_lengths: bool, *, mods: ScoreMods = NO_MODS) -> torch.Tensor:
+                causal: bool, scale: float | None, check_lengths: bool, *, mods: ScoreMods = NO_MODS,
+                block_table: torch.Tensor | None = None) -> torch.Tensor:
     """attention_kvcache(config=None) after its own argument checks (grad, causal a bool, check_lengths
     a bool, `mods` checked: kernel.mods.check_mods): the transformers integration calls this directly.
 
@@ -108,8 +199,15 @@ def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     with check_lengths), then the plan's DecodeLaunch, which relaunches the compiled passes directly
     on CUDA. Under FLASHTUNE_RECORD=1 the call counts its plan's key (dispatch.kvcache_key). A
     stored config that fails to compile falls back to the default with one warning. A call with modifiers
-    resolves its own key (their features) and never runs an SDPA winner.
+    resolves its own key (their features) and never runs an SDPA winner. `block_table`: paged caches
+    (attention_kvcache's "Paged caches"), checked here.
     """
+    if block_table is not None:
+        shape, k_view, v_view = check_paged_inputs(q, k_cache, v_cache, block_table)
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required with a block_table")
+        return _run_paged(q, k_cache, v_cache, block_table, shape, k_view, v_view, cache_seqlens, causal, scale,
+                          check_lengths, mods)
     features = mods.key_features(k_cache.shape[2])
     plan = dispatch.kvcache_plan(q, k_cache, v_cache, causal, cache_seqlens is not None, features)
     if record.ENABLED:

@@ -34,6 +34,13 @@ at once and pass 2 merges only the splits a row's window reaches, so a long cach
 reads about W keys; ALIBI (slopes per (batch, query head), the distance to the bottom-right diagonal);
 SINKS, which join the denominator once: in pass 2's merge, or in pass 1 when it writes O itself.
 
+Paged caches (PAGED, a constexpr; PAGED=False compiles the contiguous kernel as before): K and V are
+(num_pages, PAGE_SIZE, Hkv, D) and a (B, max_pages) int32 block table maps sequence b's key t to page
+table[b, t // PAGE_SIZE], slot t % PAGE_SIZE (vLLM's and flash_attn's layout). The splits and tiles walk key
+positions exactly as for a contiguous cache; each tile gathers its columns' pages from the table, so a tile
+may span pages and BLOCK_N and PAGE_SIZE are independent. Only the table entries of positions below the
+length are read, and each page number is clamped into [0, num_pages): no table reads outside the cache.
+
 Plain pointers, no block pointers: Triton 3.9 removed `tl.make_block_ptr`, and the same source must
 compile on the GPU machine's Triton 3.6.
 """
@@ -57,14 +64,25 @@ def _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_n, d_mask, seq_
                   cap_in, cap_out, stride_kn, stride_vn, diag_i, before, after, slope,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   PAD_D: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                  WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                  WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                  table=None, num_pages=0, stride_kp=0, stride_vp=0,
+                  PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 16):
+    # PAGED: k_ptrs/v_ptrs hold only the head and head-dim offsets; each key column's page comes from the
+    # sequence's row of the block table (`table`), clamped into [0, num_pages), so a tile may span pages.
     # MASKED=False: whole tiles below the sequence's length that every query sees, loaded and used
     # without masks. MASKED=True: the sequence's tail tile and the tiles holding the causal edge.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         n_ok = cols < seq_len
-        k = load_tile(k_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
+        if PAGED:
+            # n_ok keeps the table read inside its row: seq_len <= max_pages * PAGE_SIZE.
+            page = tl.load(table + cols // PAGE_SIZE, mask=n_ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+            slot = (cols % PAGE_SIZE).to(tl.int64)
+            k = load_tile(k_ptrs + (page * stride_kp + slot * stride_kn)[None, :], d_mask, n_ok, PAD_D, MASKED)
+        else:
+            k = load_tile(k_ptrs + start_n * stride_kn, d_mask, n_ok, PAD_D, MASKED)
         if SOFTCAP:
             qk = softcap_scores(tl.dot(q, k, input_precision=PRECISION), cap_in, cap_out)
         else:
@@ -83,7 +101,10 @@ def _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_n, d_mask, seq_
             qk = tl.where(valid, qk, float("-inf"))
         # Bottom-right causal: a row may have seen no key yet (its limit lies before this split).
         p, m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, MASKED)
-        v = load_tile(v_ptrs + start_n * stride_vn, n_ok, d_mask, MASKED, PAD_D)
+        if PAGED:
+            v = load_tile(v_ptrs + (page * stride_vp + slot * stride_vn)[:, None], n_ok, d_mask, MASKED, PAD_D)
+        else:
+            v = load_tile(v_ptrs + start_n * stride_vn, n_ok, d_mask, MASKED, PAD_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_i
 
@@ -114,11 +135,13 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
                         stride_ob, stride_oh, stride_om, stride_od,
                         heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, qk_scale,
                         cap_in, cap_out, window_before, window_after, Sinks, Alibi, stride_ab, stride_ah,
+                        Table, stride_tb, num_pages,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, SPLIT: tl.constexpr,
                         PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr = False,
-                        SINKS: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                        SINKS: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                        PAGED: tl.constexpr = False, PAGE_SIZE: tl.constexpr = 16):
     """Pass 1. 1-D grid of num_m_blocks · num_splits · batch·heads_kv programs (see the module doc).
 
     SPLIT=False (num_splits == 1) writes O; SPLIT=True writes the partials ACC/LSE. SOFTCAP=True caps the
@@ -127,6 +150,10 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
     (kernel.mods.UNBOUNDED when open; the caller caps after at 0 when causal). ALIBI: `Alibi` slopes at
     batch·stride_ab + query head·stride_ah. SINKS: `Sinks` (Hq,) fp32, read here only when SPLIT is False
     (pass 2 adds them otherwise). Pointers a flag leaves off are never read (None is fine).
+    PAGED: K and V are paged, (num_pages, PAGE_SIZE, Hkv, D) passed with the strides of their
+    (num_pages, Hkv, PAGE_SIZE, D) view (stride_kb is the page stride, stride_kn the slot's); `Table`
+    (B, max_pages) int32 rows at batch·stride_tb map key t to page Table[b, t // PAGE_SIZE], slot
+    t % PAGE_SIZE; seq_kv = max_pages·PAGE_SIZE. Pages are clamped into [0, num_pages).
     """
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
@@ -171,8 +198,17 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
     q = tl.load(q_ptrs, mask=rows_ok[:, None] & d_mask[None, :], other=0.0)
     # K is read transposed, (BLOCK_D, BLOCK_N), so that QK^T is a plain dot. Offsets inside one
     # (batch, head) slice are 32-bit (the API checks the span).
-    k_ptrs = K + batch * stride_kb + head_kv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if PAGED:
+        # The key columns' offsets come per tile from the block table (_decode_tiles).
+        k_ptrs = K + head_kv * stride_kh + offs_d[:, None] * stride_kd
+        v_ptrs = V + head_kv * stride_vh + offs_d[None, :] * stride_vd
+        table = Table + batch * stride_tb
+    else:
+        k_ptrs = (K + batch * stride_kb + head_kv * stride_kh + offs_n[None, :] * stride_kn
+                  + offs_d[:, None] * stride_kd)
+        v_ptrs = (V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn
+                  + offs_d[None, :] * stride_vd)
+        table = Table
 
     if SINKS and not SPLIT:
         # One split writes O: the sink joins the denominator here, as a key every row has already seen
@@ -192,15 +228,18 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
         acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, a, b, offs_n, d_mask, seq_len,
                                       qi, qk_scale, cap_in, cap_out, stride_kn, stride_vn, qi + diag,
                                       window_before, window_after, slope,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI)
+                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI,
+                                      table, num_pages, stride_kb, stride_vb, PAGED, PAGE_SIZE)
         acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, b, c, offs_n, d_mask, seq_len,
                                       qi, qk_scale, cap_in, cap_out, stride_kn, stride_vn, qi + diag,
                                       window_before, window_after, slope,
-                                      BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI)
+                                      BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI,
+                                      table, num_pages, stride_kb, stride_vb, PAGED, PAGE_SIZE)
         acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, c, e, offs_n, d_mask, seq_len,
                                       qi, qk_scale, cap_in, cap_out, stride_kn, stride_vn, qi + diag,
                                       window_before, window_after, slope,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI)
+                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI,
+                                      table, num_pages, stride_kb, stride_vb, PAGED, PAGE_SIZE)
     else:
         if CAUSAL:
             # Query i sees keys j <= len - Nq + i: keys below len - Nq + 1 are seen by every row.
@@ -214,11 +253,13 @@ def decode_split_kernel(Q, K, V, O, ACC, LSE, SEQLENS, stride_s,
         acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, full_hi, offs_n, d_mask, seq_len,
                                       row_limit, qk_scale, cap_in, cap_out, stride_kn, stride_vn, qi + diag,
                                       window_before, window_after, slope,
-                                      BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI)
+                                      BLOCK_N, False, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI,
+                                      table, num_pages, stride_kb, stride_vb, PAGED, PAGE_SIZE)
         acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_hi, hi, offs_n, d_mask, seq_len,
                                       row_limit, qk_scale, cap_in, cap_out, stride_kn, stride_vn, qi + diag,
                                       window_before, window_after, slope,
-                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI)
+                                      BLOCK_N, True, CAUSAL, PAD_D, PRECISION, SOFTCAP, WINDOW, ALIBI,
+                                      table, num_pages, stride_kb, stride_vb, PAGED, PAGE_SIZE)
 
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]  # a row that saw no key keeps acc = 0

@@ -285,15 +285,18 @@ def split_geometry(seq_kv: int, block_n: int, requested: int, ragged_rows: int =
 _NO_SPLIT_MODS: tuple[Any, ...] = (0, 0, None, None, 0, 0)
 _NO_COMBINE_MODS: tuple[Any, ...] = (0, 0, None)
 _NO_MOD_FLAGS = (False, False, False)
+# Pass 1's block-table arguments (Table, stride_tb, num_pages) for a contiguous cache: PAGED=False never reads them.
+_NO_PAGES: tuple[Any, ...] = (None, 0, 0)
 
 
 def _split_constexprs(head_dim: int, block_d: int, config: Config, causal: bool, has_lens: bool, split: bool,
                       fp32_precision: str, capped: bool,
-                      flags: tuple[bool, bool, bool] = _NO_MOD_FLAGS) -> dict[str, Any]:
-    """Pass 1's constexprs; `flags` = (WINDOW, SINKS, ALIBI) from `decode_mod_args`."""
+                      flags: tuple[bool, bool, bool] = _NO_MOD_FLAGS, page_size: int = 0) -> dict[str, Any]:
+    """Pass 1's constexprs; `flags` = (WINDOW, SINKS, ALIBI) from `decode_mod_args`; `page_size` > 0 for a
+    paged cache (PAGED, PAGE_SIZE), 0 for a contiguous one."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                 CAUSAL=bool(causal), HAS_SEQLENS=has_lens, SPLIT=split, PRECISION=fp32_precision, SOFTCAP=capped,
-                WINDOW=flags[0], SINKS=flags[1], ALIBI=flags[2],
+                WINDOW=flags[0], SINKS=flags[1], ALIBI=flags[2], PAGED=page_size > 0, PAGE_SIZE=page_size or 16,
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -331,11 +334,19 @@ def _split_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
                 lse: torch.Tensor, lens: torch.Tensor, stride_s: int, o_strides: tuple[int, ...], heads_kv: int,
                 seq_q: int, seq_kv: int, group: int, split_size: int, num_splits: int, num_m_blocks: int,
                 scale: float, caps: tuple[float, float],
-                mod_args: tuple[Any, ...] = _NO_SPLIT_MODS) -> tuple[Any, ...]:
+                mod_args: tuple[Any, ...] = _NO_SPLIT_MODS, block_table: torch.Tensor | None = None) -> tuple[Any, ...]:
     """Pass 1's positional arguments (decode_split_kernel's order); `caps` from `cap_args`, `mod_args` from
-    `decode_mod_args`."""
+    `decode_mod_args`. With `block_table`, k and v are the paged caches (num_pages, page_size, Hkv, D), passed
+    as their (num_pages, Hkv, page_size, D) views: the kernel reads the page stride where a contiguous cache
+    has its batch stride."""
+    if block_table is None:
+        pages = _NO_PAGES
+    else:
+        pages = (block_table, block_table.stride(0), k.shape[0])
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
     return (q, k, v, o, acc, lse, lens, stride_s, *q.stride(), *k.stride(), *v.stride(), *o_strides,
-            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E, *caps, *mod_args)
+            heads_kv, seq_q, seq_kv, group, split_size, num_splits, num_m_blocks, scale * LOG2E, *caps, *mod_args,
+            *pages)
 
 
 def _combine_args(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lens: torch.Tensor, stride_s: int,
@@ -348,7 +359,8 @@ def _combine_args(acc: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, lens: t
 def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shape: AttnShape, *,
                   cache_seqlens: torch.Tensor | None, causal: bool, scale: float, config: Config,
                   out: torch.Tensor | None = None, partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fp32_precision: str = "ieee", mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, tuple[Any, ...]]:
+                  fp32_precision: str = "ieee", mods: ScoreMods = NO_MODS,
+                  block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """Launch the split-KV kernel with no input checks; returns (o, compiled kernels of the passes run).
 
     The tuner and the explicit-config path call this after validating once (`check_kvcache_inputs`,
@@ -359,6 +371,9 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     pass 2 when it ran (entries are None under the interpreter). `mods` (kernel.mods, checked by the caller):
     softcap, window and ALiBi bottom-right aligned like causal (query i's diagonal key is len − Nq + i),
     sinks; NO_MODS compiles today's kernels. ValueError for an attn_mask or dropout (decode has neither).
+    `block_table` (B, max_pages) int32 (checked: kernel.checks.check_block_table): the caches are paged,
+    (num_pages, page_size, Hkv, D), and `shape` is the equivalent contiguous one (seq_k = max_pages·page_size);
+    the splits walk the sequence's key positions, each column reading its page through the table.
     """
     decode_knobs(config)
     split_mods, combine_mods, (window, sinks, alibi) = decode_mod_args(mods, causal)
@@ -378,9 +393,10 @@ def launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     first = decode_split_kernel[grid](
         *_split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, shape.heads_kv, shape.seq_q,
                      shape.seq_k, shape.group, plan.split_size, plan.num_splits, plan.num_m_blocks, scale,
-                     _cap_args(scale, softcap), split_mods),
+                     _cap_args(scale, softcap), split_mods, block_table),
         **_split_constexprs(shape.head_dim, plan.block_d, config, causal, has_lens, plan.split, fp32_precision,
-                            bool(softcap), (window, sinks, alibi)))
+                            bool(softcap), (window, sinks, alibi),
+                            0 if block_table is None else k_cache.shape[1]))
     if not plan.split:
         return o, (first,)
     second = decode_combine_kernel[(shape.batch * shape.heads_q * shape.seq_q,)](
@@ -441,11 +457,13 @@ class DecodeLaunch:
         self.launchers: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_kv: int,
-                 cache_seqlens: torch.Tensor | None, scale: float, mods: ScoreMods = NO_MODS) -> torch.Tensor:
+                 cache_seqlens: torch.Tensor | None, scale: float, mods: ScoreMods = NO_MODS,
+                 block_table: torch.Tensor | None = None) -> torch.Tensor:
         """The output for one checked call: q and caches of this plan's signature, `seq_kv` = Nmax, `mods` the
         checked modifiers (kernel.mods; no mask, no dropout). The cap selects pass 1's SOFTCAP variant per
         call (part of the relaunch key); calls with a window, sinks or ALiBi (not `mods.plain`) launch
-        through the JIT."""
+        through the JIT. `block_table` (checked): paged caches (launch_decode), with seq_kv = max_pages·page_size;
+        such calls launch through the JIT too."""
         softcap = mods.softcap
         capped = softcap != 0.0
         split_size, num_splits = split_geometry(seq_kv, self.block_n, self.requested, self.ragged_rows)
@@ -453,9 +471,9 @@ class DecodeLaunch:
         partials = self.rows * num_splits * self.head_dim  # ACC's floats; LSE follows
         scratch = (torch.empty(partials + self.rows * num_splits, device=o.device, dtype=torch.float32)
                    if num_splits > 1 else None)
-        if not mods.plain:
+        if not mods.plain or block_table is not None:
             return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size,
-                             num_splits, scale, mods, None)
+                             num_splits, scale, mods, None, block_table)
         if q.is_cuda and not fastlaunch.disabled() and not torch.compiler.is_compiling():
             q_ptr, k_ptr, v_ptr, o_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o.data_ptr()
             if cache_seqlens is None:
@@ -481,7 +499,7 @@ class DecodeLaunch:
                     args = (q_ptr, k_ptr, v_ptr, o_ptr, acc_ptr, lse_ptr, lens_ptr, stride_s, *q.stride(), *k_strides,
                             *v_strides, *o_strides, self.heads_kv, self.seq_q, seq_kv, self.group, split_size,
                             num_splits, self.num_m_blocks, scale * LOG2E,
-                            *_cap_args(scale, softcap), *_NO_SPLIT_MODS)
+                            *_cap_args(scale, softcap), *_NO_SPLIT_MODS, *_NO_PAGES)
                     if first.launch(stream, (self.programs * num_splits, 1, 1), args):
                         if scratch is None:
                             return o
@@ -503,9 +521,10 @@ class DecodeLaunch:
     def _jit(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, o: torch.Tensor,
              scratch: torch.Tensor | None, partials: int, seq_kv: int, cache_seqlens: torch.Tensor | None,
              split_size: int, num_splits: int, scale: float, mods: ScoreMods,
-             key: tuple[Any, ...] | None) -> torch.Tensor:
+             key: tuple[Any, ...] | None, block_table: torch.Tensor | None = None) -> torch.Tensor:
         """Both passes through Triton's JIT on tensors (views of the scratch); keeps the compiled passes
-        under `key` for direct relaunch (None: keep nothing; always for calls that are not `mods.plain`)."""
+        under `key` for direct relaunch (None: keep nothing; always for calls that are not `mods.plain` and
+        for paged ones, `block_table` given)."""
         softcap = mods.softcap
         split_mods, combine_mods, flags = decode_mod_args(mods, self.causal)
         split = scratch is not None
@@ -520,17 +539,18 @@ class DecodeLaunch:
         o_strides = o.stride()
         args = _split_args(q, k_cache, v_cache, o, acc, lse, lens, stride_s, o_strides, self.heads_kv, self.seq_q,
                            seq_kv, self.group, split_size, num_splits, self.num_m_blocks, scale,
-                           _cap_args(scale, softcap), split_mods)
+                           _cap_args(scale, softcap), split_mods, block_table)
         capped = softcap != 0.0
         grid = self.programs * num_splits
         combine = (_combine_args(acc, lse, o, lens, stride_s, o_strides, self.heads_q, self.seq_q, seq_kv, split_size,
                                  num_splits, combine_mods) if split else None)
-        if mods.plain:
+        if mods.plain and block_table is None:
             compiled = decode_split_kernel[(grid,)](*args, **self.split_kw[split, capped])
             second = self._combine(combine, num_splits) if combine is not None else None
         else:
             compiled = decode_split_kernel[(grid,)](*args, **_split_constexprs(
-                self.head_dim, self.block_d, self.config, self.causal, self.has_lens, split, "ieee", capped, flags))
+                self.head_dim, self.block_d, self.config, self.causal, self.has_lens, split, "ieee", capped, flags,
+                0 if block_table is None else k_cache.shape[1]))
             second = self._combine(combine, num_splits, flags[:2]) if combine is not None else None
         if key is not None:
             self._keep(key, (grid,), args, compiled, combine, second, split, capped, num_splits)
