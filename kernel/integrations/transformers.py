@@ -19,7 +19,8 @@ containing "flash" as a request for its flash-attn kernels, so such names are re
   | none, Nq < Nk | decode step, chunked prefill against a cache | `attention_kvcache(causal=True)` (bottom-right) |
   | right padding / a static cache's unfilled slots | | the same, on the first `end` keys (a view), or `cache_seqlens` for one query |
   | a sliding window (Mistral, Gemma 2, GPT-OSS, Qwen 2 layers) | | the same with `window_size=(W - 1, 0)` |
-  | any other mask: left padding, packed sequences, custom patterns, bidirectional, float masks | | `attention(attn_mask=mask)` in the kernel |
+  | a packed batch: transformers' packed-sequence mask, or no mask and `cu_seq_lens_q/k` kwargs | | `attention_varlen(causal=True)` on the flattened tokens, window included |
+  | any other mask: left padding, custom patterns, bidirectional, float masks | | `attention(attn_mask=mask)` in the kernel |
 
   On every path the kernels also run Gemma 2's logit softcapping (`softcap`), GPT-OSS's attention sinks
   (`s_aux`, with their gradient) and the attention dropout transformers passes in training (`dropout_p`).
@@ -41,6 +42,19 @@ the keys SDPA's mask lets it see (the padding comes after it), while the padding
 differ from SDPA's (they see padding keys). Those rows feed nothing real: later real tokens never
 attend to them and losses ignore them (flash-attn's varlen path returns zeros there). A masked call's
 rows that see no key at all (left padding's) give zeros, as SDPA's do.
+
+Packed batches (DataCollatorWithFlattening: batch size 1, position_ids restarting per document, labels -100 at
+each document's first token): transformers detects the documents from position_ids only without a 2D mask and
+without a cache (`use_cache=False`; training usually has none) and composes its causal or sliding mask function
+with `packed_sequence_mask_function(document ids)`. The mask function recognises that composition (see
+packed_documents) and tags SDPA's block-diagonal mask with the documents' cu_seqlens (one device-to-host copy
+of the ids per forward); the attention function runs attention_varlen on the flattened tokens (any batch size:
+each row starts a document), forward and backward, counted as "varlen". With a cache transformers' mask is plain
+causal over the whole row, attending across documents as SDPA does; flash-attn's varlen kwargs
+(`cu_seq_lens_q/k`, `max_length_q/k`, from `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) then
+still give the boundaries, and a call without a mask runs them, as transformers' flash-attn paths do. A mask
+that is not the packed one wins over them, as in SDPA, which ignores them. Attention dropout (which
+attention_varlen lacks) runs the block-diagonal causal mask in `attention()` instead.
 
 ALiBi: no transformers 5 model hands ALiBi slopes to the attention function. BLOOM and MPT compute attention
 inside their own modules (`alibi.baddbmm`, `position_bias`) and ignore `set_attn_implementation`. Falcon with
@@ -73,6 +87,7 @@ try:
     from transformers.masking_utils import (
         and_masks,
         causal_mask_function,
+        packed_sequence_mask_function,
         sdpa_mask,
         sliding_window_overlay,
     )
@@ -80,18 +95,26 @@ except ImportError as _error:  # pragma: no cover - exercised only where transfo
     raise ImportError("flashtune.kernel.integrations.transformers needs Hugging Face transformers 5.x: "
                       "pip install transformers (from a flashtune checkout: pip install '.[transformers]')") from _error
 
+try:  # transformers >= 5.2x remaps the positions of packed documents; 5.17 has no such step
+    from transformers.masking_utils import remap_positions_for_packed_sequence
+except ImportError:  # pragma: no cover - depends on the transformers version
+    remap_positions_for_packed_sequence = None
+
 from .. import dispatch
 from ..api import attention
 from ..checks import check_bool, check_inputs, check_kvcache_inputs, needs_grad
 from ..kvcache import run_planned
 from ..mods import ScoreMods, capped, check_mods
+from ..varlen import attention_varlen
 
-__all__ = ["NAME", "MaskForm", "SDPAFallbackWarning", "backend_counts", "causal_form", "fallback_counts",
-           "kernel_counts", "mask_window", "register", "reset_counts", "tuned_attention_forward", "tuned_mask"]
+__all__ = ["NAME", "MaskForm", "Packing", "SDPAFallbackWarning", "backend_counts", "causal_form", "fallback_counts",
+           "kernel_counts", "mask_window", "packed_documents", "packing", "register", "reset_counts",
+           "tuned_attention_forward", "tuned_mask"]
 
 NAME = "tuned_attention"
 _FORM_ATTR = "_flashtune_form"  # set on the mask tensors this module's mask function builds: their MaskForm
 _CAUSAL_ATTR = "_flashtune_causal"  # ... or, for a mask without one, the causal pattern it holds (see tuned_mask)
+_PACKED_ATTR = "_flashtune_packed"  # ... or the Packing of a packed batch's block-diagonal causal mask
 
 
 class SDPAFallbackWarning(UserWarning):
@@ -196,6 +219,67 @@ def causal_form(attention_mask: Tensor | None, q_length: int, kv_length: int, q_
     return None
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Documents packed end to end along the flattened (B * N) tokens of a call, as attention_varlen takes them.
+
+    cu_seqlens: int32 (documents + 1,) on the queries' device, the documents' start rows and the total (a batch
+    row's end always ends a document); max_seqlen: the longest document; window: transformers' sliding window W
+    where the layer has one (flash-attn's window_size=(W - 1, 0)), 0 where it has none.
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    window: int = 0
+
+    @property
+    def window_size(self) -> tuple[int, int] | None:
+        """The window as attention_varlen takes it, or None."""
+        return (self.window - 1, 0) if self.window else None
+
+
+_PACKED_CODE = packed_sequence_mask_function(torch.zeros(1, 1)).__code__
+_REMAP_CODE = (None if remap_positions_for_packed_sequence is None
+               else remap_positions_for_packed_sequence(causal_mask_function, torch.zeros(1, 1)).__code__)
+
+
+def packed_documents(mask_function: Callable[..., Any], local_size: int | None = None) -> tuple[Tensor, int] | None:
+    """(document ids (B, N), W) for transformers' mask of a packed batch, None for any other mask function.
+
+    transformers detects packing from position_ids (`find_packed_sequence_indices`: a new document wherever the
+    position does not grow by 1; only without a 2D mask and a cache) and composes
+    `and_masks(base, packed_sequence_mask_function(ids))`, where base is its causal (W = 0) or sliding-window
+    causal (W) mask function, wrapped since 5.2x in `remap_positions_for_packed_sequence(base, position_ids)`.
+    Inside a document the positions grow by 1 per token, so the remapped base hides exactly what the plain one
+    hides: each document is causal (and windowed) from its own first token. Recognised by the factories' code
+    objects, as in mask_window; any other composition (an overlay, block-wise attention) gives None."""
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return None
+    parts = _free_vars(mask_function).get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2 or getattr(parts[1], "__code__", None) is not _PACKED_CODE:
+        return None
+    documents = _free_vars(parts[1]).get("packed_sequence_mask")
+    base = parts[0]
+    if _REMAP_CODE is not None and getattr(base, "__code__", None) is _REMAP_CODE:
+        base = _free_vars(base).get("mask_function")
+    window = mask_window(base, local_size) if callable(base) else None
+    if window is None or not isinstance(documents, Tensor) or documents.dim() != 2:
+        return None
+    return documents, window
+
+
+def packing(documents: Tensor, window: int = 0) -> Packing:
+    """The Packing of document ids (B, N) (equal ids on consecutive tokens: one document; each batch row starts a
+    new one). Reads the ids on the host: one small device-to-host copy per forward, as causal_form."""
+    ids = documents.to("cpu")
+    starts = torch.ones(ids.shape, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([ids.numel()])])
+    lengths = bounds.diff()
+    window = window if window and int(lengths.max()) > window else 0  # a window no document outgrows hides nothing
+    return Packing(bounds.to(device=documents.device, dtype=torch.int32), int(lengths.max()), window)
+
+
 def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | Tensor = 0, kv_offset: int = 0,
                mask_function: Callable[..., Any] = causal_mask_function, attention_mask: Tensor | None = None,
                allow_is_causal_skip: bool = True, **kwargs: Any) -> Tensor | None:
@@ -207,9 +291,15 @@ def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | T
     instead, when there is one. A mask of transformers' causal or sliding-window pattern whose queries and keys
     start at the same position (a left-padded prefill) carries that pattern's window instead (0: plain causal):
     the attention function passes it with the mask so that the kernel skips the tiles it hides. Any other mask
-    function (bidirectional, chunked, packed sequences, overlays) gets SDPA's mask untagged.
+    function (bidirectional, chunked, overlays) gets SDPA's mask untagged. transformers' mask of a packed batch
+    (documents detected from position_ids, see packed_documents) carries its Packing: the attention function runs
+    attention_varlen on the flattened tokens instead.
     """
-    form, pattern = None, None
+    form, pattern, packed = None, None, None
+    documents = packed_documents(mask_function, kwargs.get("local_size"))
+    if (documents is not None and not _tracing() and attention_mask is None and isinstance(q_offset, int)
+            and q_offset == kv_offset == 0 and q_length == kv_length == documents[0].shape[-1]):
+        packed = packing(*documents)
     window = mask_window(mask_function, kwargs.get("local_size"))
     if window is not None and not _tracing():
         offset = int(q_offset) if isinstance(q_offset, Tensor) else q_offset  # a static cache's tensor offset
@@ -224,11 +314,13 @@ def tuned_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int | T
     mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      allow_is_causal_skip=False, **kwargs)
-    if (form is not None or pattern is not None) and isinstance(mask, Tensor):
+    if (form is not None or pattern is not None or packed is not None) and isinstance(mask, Tensor):
         # generate() makes a static cache's mask contiguous; a copy would lose the tag, so tag a
         # contiguous mask (then .contiguous() returns it as it is).
         mask = mask.contiguous()
-        if form is not None:
+        if packed is not None:
+            setattr(mask, _PACKED_ATTR, packed)
+        elif form is not None:
             setattr(mask, _FORM_ATTR, form)
         else:
             setattr(mask, _CAUSAL_ATTR, pattern)
@@ -250,7 +342,8 @@ def fallback_counts() -> dict[str, int]:
 
 
 def kernel_counts() -> dict[str, int]:
-    """Calls that ran a flashtune kernel, per path ("causal", "full", "masked", "kvcache", "kvcache_lengths")."""
+    """Calls that ran a flashtune kernel, per path ("causal", "full", "masked", "kvcache", "kvcache_lengths",
+    "varlen": a packed batch)."""
     return dict(_kernels)
 
 
@@ -352,6 +445,54 @@ def _kvcache(path: str, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None,
     return out
 
 
+def _documents(attention_mask: Any, kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, int, int, int] | None:
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, W) of a packed call, or None.
+
+    From the Packing on transformers' packed-batch mask (the mask SDPA would be given), else, where there is no
+    mask at all, from flash-attn's varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`, e.g. from
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True)), which transformers' flash-attn paths run as
+    given. A mask without a Packing wins over the kwargs, as in SDPA, which ignores them."""
+    if attention_mask is not None:
+        packed = getattr(attention_mask, _PACKED_ATTR, None) if isinstance(attention_mask, Tensor) else None
+        if packed is None:
+            return None
+        return packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen, packed.window
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_k is None:  # flash-attn's self-attention convention: one set for both
+        cu_k, max_k = cu_q, max_q
+    elif cu_q is None:
+        cu_q, max_q = cu_k, max_k
+    if not isinstance(cu_q, Tensor) or not isinstance(cu_k, Tensor):
+        raise TypeError(f"cu_seq_lens_q/k must be tensors, got {type(cu_q).__name__} and {type(cu_k).__name__}")
+    if max_q is None or max_k is None:
+        raise ValueError("cu_seq_lens_q/k need max_length_q/k (the longest document), as flash-attn's varlen kwargs")
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), 0
+
+
+def _block_causal_mask(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(1, 1, total, total) bool: causal inside each document of cu_seqlens, nothing across documents."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    document = torch.searchsorted(cu_seqlens.long(), rows, right=True)
+    return ((document[:, None] == document[None, :]) & (rows[None, :] <= rows[:, None])).view(1, 1, total, total)
+
+
+def _varlen(query: Tensor, key: Tensor, value: Tensor, documents: tuple[Tensor, Tensor, int, int, int],
+            call: _Call) -> Tensor:
+    """attention_varlen over the batch's flattened tokens, causal per document: (B, Hq, Nq, D), counted."""
+    cu_q, cu_k, max_q, max_k, window = documents
+    (b, hq, nq, d), (hkv, nk) = query.shape, key.shape[1:3]
+    # (B, H, N, D) -> (B * N, H, D): a view for B = 1 (attention_varlen takes any strides), a copy otherwise.
+    out = attention_varlen(query.transpose(1, 2).reshape(b * nq, hq, d), key.transpose(1, 2).reshape(b * nk, hkv, d),
+                           value.transpose(1, 2).reshape(b * nk, hkv, d), cu_q, cu_k, max_q, max_k, causal=True,
+                           scale=call.scale, window_size=(window - 1, 0) if window else None, softcap=call.softcap,
+                           sinks=call.sinks)
+    _kernels["varlen"] += 1
+    return out.view(b, nq, hq, d).transpose(1, 2)
+
+
 # --- the attention function -------------------------------------------------------------------
 
 _UNSUPPORTED_KWARGS = {  # kwargs transformers may pass that change the result and that no kernel path takes
@@ -379,6 +520,15 @@ def _route(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mas
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if type(causal) is not bool:
         causal = check_bool(causal, "is_causal")  # TypeError: the call goes to SDPA, named as refused
+    documents = _documents(attention_mask, kwargs) if causal else None
+    if documents is not None:
+        if call.dropout:  # attention_varlen has no dropout: the block-diagonal causal mask in attention()
+            if attention_mask is None:
+                if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+                    return "packed", "dropout in a packed call given only as cu_seq_lens with batch > 1 or Nq != Nk"
+                attention_mask = _block_causal_mask(documents[0], query.shape[2])
+            return _attention("masked", query, key, value, False, call, mask=attention_mask)
+        return _varlen(query, key, value, documents, call)
     form: MaskForm | None = None
     if attention_mask is not None:
         form = getattr(attention_mask, _FORM_ATTR, None) if isinstance(attention_mask, Tensor) else None
