@@ -116,6 +116,8 @@ def test_is_causal_hint(kernel_device: str) -> None:
     with torch.no_grad():
         full = ours(x, x, x, need_weights=False)[0]
     assert (out - full).abs().max() > 100 * TOL
+    # torch takes the hint without reading the mask (need_weights=False, no padding): so does flashtune
+    _compare(ref, ours, (x,), attn_mask=torch.zeros(n, n, device=kernel_device), is_causal=True)
     with pytest.raises(RuntimeError, match="Need attn_mask"):  # torch's rule: the hint needs the mask
         ours(x, x, x, need_weights=False, is_causal=True)
 
@@ -170,6 +172,14 @@ def test_swap_attention_in_transformer_encoder(kernel_device: str) -> None:
     assert all(isinstance(m.self_attn, ftnn.MultiheadAttention) for m in model.layers)
     assert [p for p in model.parameters()] == params  # the same Parameter objects: optimizers stay valid
     assert ftnn.swap_attention(model) == 0
+    # a layer built with the flashtune module: its fused inference path is off too
+    built = nn.TransformerEncoderLayer(E, H, dim_feedforward=48, dropout=0.0, batch_first=True, device=kernel_device)
+    built.self_attn = ftnn.MultiheadAttention(E, H, batch_first=True, device=kernel_device)
+    built.eval()
+    with torch.no_grad():
+        built(torch.randn(2, 6, E, device=kernel_device))
+    assert ftnn.kernel_counts() == {"attention": 1}
+    ftnn.reset_counts()
     x = torch.randn(3, 10, E, device=kernel_device)
     kpm = _padding(3, 10, kernel_device)
     # eval without grad: torch's model takes its fused fast paths (nested tensors), the swapped one runs ours
