@@ -84,6 +84,11 @@ def test_key_padding_runs_varlen(kernel_device: str) -> None:
     with torch.no_grad():
         unpadded = ours(x, x, x, need_weights=False)[0]
     assert (out - unpadded)[2].abs().max() > 100 * TOL  # the mask changed the padded rows' outputs
+    kpm[1] = True  # a batch row with no real key: an empty document, zeros before out_proj as in torch
+    with torch.no_grad():
+        _close(ours(x, x, x, need_weights=False, key_padding_mask=kpm)[0],
+               ref(x, x, x, need_weights=False, key_padding_mask=kpm)[0], "output with an empty row")
+    assert ftnn.kernel_counts() == {"varlen": 2, "attention": 1}
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -240,7 +245,7 @@ def test_swapped_encoder_bf16_gpu() -> None:
         (out.float() * grad_out).sum().backward()
         outs.append(out.float())
         grads.append([p.grad.float() for p in m.parameters()])
-    assert ftnn.kernel_counts() == {"varlen": 2}
+    assert ftnn.kernel_counts() == {"varlen": 2, "attention": 1}
     assert (outs[0] - outs[1]).abs().max() <= 5e-2 * outs[0].abs().max()
     for g_ref, g in zip(*grads):
         assert (g - g_ref).abs().max() <= 5e-2 * g_ref.abs().max() + 1e-3
