@@ -75,19 +75,16 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                    "module method `generate_square_subsequent_mask` to create this mask.")
             unbatched = query.dim() == 2
-            if unbatched:
-                query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-                if key_padding_mask is not None:
-                    key_padding_mask = key_padding_mask.unsqueeze(0)
-            elif self.batch_first:
-                query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-            q, k, v = self._project(query, key, value)  # (L, B, H, D), (S, B, H, D)
+            q, k, v = self._project(*_seq_first(query, key, value, unbatched, self.batch_first))  # (L|S, B, H, D)
             try:
                 check_inputs(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3))
             except (TypeError, ValueError) as error:
                 reason = f"kernel refuses the inputs: {error}"
             else:
-                out = self._attend(q, k, v, key_padding_mask, attn_mask, is_causal)  # (L, B, E)
+                padding = key_padding_mask
+                if unbatched and padding is not None:
+                    padding = padding.unsqueeze(0)
+                out = self._attend(q, k, v, padding, attn_mask, is_causal)  # (L, B, E)
                 out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
                 if unbatched:
                     return out.squeeze(1), None
@@ -165,6 +162,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         out = attention_varlen(q.transpose(0, 1).reshape(batch * seq_q, heads, dim), keys, values, cu_q, cu_k,
                                seq_q, seq_k)  # (B·L, H, D)
         return out.reshape(batch, seq_q, self.embed_dim).transpose(0, 1)
+
+
+def _seq_first(query: Tensor, key: Tensor, value: Tensor, unbatched: bool, batch_first: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The inputs as (L, B, E) views, keeping `query is key is value` (one projection matmul for self-attention)."""
+    if unbatched:
+        views = {id(t): t.unsqueeze(1) for t in (query, key, value)}
+    elif batch_first:
+        views = {id(t): t.transpose(0, 1) for t in (query, key, value)}
+    else:
+        return query, key, value
+    return views[id(query)], views[id(key)], views[id(value)]
 
 
 def _as_bool_padding(key_padding_mask: Tensor) -> Tensor:

@@ -146,6 +146,13 @@ def test_need_weights_and_bias_kv_fall_back(kernel_device: str) -> None:
     out = ours(x, x, x, need_weights=False)[0]
     assert torch.equal(out, ref(x, x, x, need_weights=False)[0])
     assert ftnn.fallback_counts() == {"add_bias_kv": 1} and not ftnn.kernel_counts()
+    ref, ours = _pair(kernel_device, batch_first=True, dtype=torch.float64)  # a dtype the kernels do not take
+    x, kpm = x.double(), _padding(2, 8, kernel_device)
+    out = ours(x, x, x, need_weights=False, key_padding_mask=kpm)[0]
+    reasons = ftnn.fallback_counts()
+    assert len(reasons) == 1 and next(iter(reasons)).startswith("kernel refuses the inputs")
+    assert not ftnn.kernel_counts()
+    assert torch.equal(out, ref(x, x, x, need_weights=False, key_padding_mask=kpm)[0])
 
 
 def test_state_dict_round_trip_and_bad_mask(kernel_device: str) -> None:
