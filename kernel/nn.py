@@ -102,6 +102,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             return "add_zero_attn"
         if query.is_nested or key.is_nested or value.is_nested:
             return "nested tensor"
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return "input shapes"  # torch's forward raises its own error for them
         return None
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
