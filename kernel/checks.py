@@ -41,6 +41,21 @@ class AttnShape:
         return self.heads_q // self.heads_kv
 
 
+def check_dense(name: str, t: Any, rank: str) -> None:
+    """`t` is a dense (strided) tensor of a supported dtype with the rank `rank` names ("4-D (batch, ...)");
+    TypeError for the type, layout or dtype, ValueError for the rank, each naming `name`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
+    if t.is_nested or t.layout is not torch.strided:
+        raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs "
+                        "dense (strided) tensors")
+    if t.dim() != int(rank[0]):
+        raise ValueError(f"{name} must be {rank}, got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPE_NAMES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
+
+
 def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v")) -> AttnShape:
     """Validate q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D), any strides, named `names` in messages; their sizes.
 
@@ -51,16 +66,7 @@ def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k"
     ValueError for the rest; the message names the argument.
     """
     for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
-        if t.is_nested or t.layout is not torch.strided:
-            raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs "
-                            "dense (strided) tensors")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPE_NAMES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
+        check_dense(name, t, "4-D (batch, heads, seq_len, head_dim)")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
     listed = ", ".join(names)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ...db.types import HEAD_DIMS, HEAD_DIMS_TEXT, INT32_MAX, Config
-from ..checks import AttnShape, check_runnable
+from ..checks import AttnShape, check_dense, check_runnable
 from ..dtypes import DTYPE_NAMES
 from ..jit.bwd import attn_bwd_preprocess_kernel
 from ..jit.common import GRID_X_MAX, LOG2E, one_axis_grid, softcap_factors
@@ -53,15 +53,7 @@ class Packing:
 
 
 def _check_tokens(name: str, t: Any) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested or t.layout is not torch.strided:
-        raise TypeError(f"{name} has layout {'nested' if t.is_nested else t.layout}: the kernel needs dense "
-                        "(strided) tensors")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if t.dtype not in DTYPE_NAMES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
+    check_dense(name, t, "3-D (total_tokens, heads, head_dim)")
     if t.shape[1] == 0:
         raise ValueError(f"{name} has no heads (shape {tuple(t.shape)})")
 

@@ -79,28 +79,35 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("lq, lk, hq, hkv, d, dtype, causal, mods", CASES)
-def test_forward_and_backward_match_per_document_reference(kernel_device, lq, lk, hq, hkv, d, dtype, causal, mods):
-    q, k, v = packed(lq, lk, hq, hkv, d, dtype, kernel_device)
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    mods = dict(mods)
-    if mods.pop("sinks", False):
-        mods["sinks"] = (torch.randn(hq) + 1.0).to(kernel_device).requires_grad_()
-    out = attention_varlen(q, k, v, cu(lq, kernel_device), cu(lk, kernel_device), max(lq), max(lk), causal=causal,
-                           config=FWD, bwd_config=BWD, **mods)
+def _check_against_reference(q, k, v, lq, lk, causal, mods, dtype, **configs):
+    """attention_varlen's output and gradients (q, k, v and the sinks if given) against float64 autograd of the
+    per-document reference; returns (the leaves, the reference output, the bound) for further checks."""
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    if "sinks" in mods:
+        mods["sinks"] = mods["sinks"].requires_grad_()
+        leaves.append(mods["sinks"])
+    out = attention_varlen(q, k, v, cu(lq, q.device), cu(lk, q.device), max(lq), max(lk), causal=causal,
+                           **configs, **mods)
     do = torch.randn_like(out)
-    leaves = [q, k, v] + ([mods["sinks"]] if "sinks" in mods else [])
     grads = torch.autograd.grad(out, leaves, do)
-
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref_mods = dict(mods, **({"sinks": ref_leaves[3]} if "sinks" in mods else {}))
     ref = reference(*ref_leaves[:3], lq, lk, causal, **ref_mods)
     ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-
     bound = BOUNDS[dtype]
     assert rel(out, ref) < bound
     for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
         assert rel(g, r, floor=FLOOR) < bound * (10 if name == "dsinks" else 1), name
+    return leaves, ref.detach(), bound
+
+
+@pytest.mark.parametrize("lq, lk, hq, hkv, d, dtype, causal, mods", CASES)
+def test_forward_and_backward_match_per_document_reference(kernel_device, lq, lk, hq, hkv, d, dtype, causal, mods):
+    q, k, v = packed(lq, lk, hq, hkv, d, dtype, kernel_device)
+    mods = dict(mods)
+    if mods.pop("sinks", False):
+        mods["sinks"] = (torch.randn(hq) + 1.0).to(kernel_device)
+    leaves, ref, bound = _check_against_reference(q, k, v, lq, lk, causal, mods, dtype, config=FWD, bwd_config=BWD)
     # The case must exercise what it names: its modifiers and the per-document alignment change the result.
     # Without modifiers: the document boundaries (one unsplit sequence gives another result).
     if causal or mods:
@@ -241,19 +248,7 @@ def test_gpu_against_reference(dtype, causal, mods):
     lq = [1, 0, 700, 129, 2048, 64, 513]
     lk = [5, 17, 700, 300, 2048, 0, 400]
     q, k, v = packed(lq, lk, 8, 2, 128, dtype, "cuda")
-    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     mods = dict(mods)
     if mods.pop("sinks", False):
-        mods["sinks"] = torch.randn(8, device="cuda").requires_grad_()
-    out = attention_varlen(q, k, v, cu(lq, "cuda"), cu(lk, "cuda"), max(lq), max(lk), causal=causal, **mods)
-    do = torch.randn_like(out)
-    leaves = [q, k, v] + ([mods["sinks"]] if "sinks" in mods else [])
-    grads = torch.autograd.grad(out, leaves, do)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref_mods = dict(mods, **({"sinks": ref_leaves[3]} if "sinks" in mods else {}))
-    ref = reference(*ref_leaves[:3], lq, lk, causal, **ref_mods)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    bound = BOUNDS[dtype]
-    assert rel(out, ref) < bound
-    for name, g, r in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
-        assert rel(g, r, floor=FLOOR) < bound * (10 if name == "dsinks" else 1), name
+        mods["sinks"] = torch.randn(8, device="cuda")
+    _check_against_reference(q, k, v, lq, lk, causal, mods, dtype)
