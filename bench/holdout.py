@@ -282,10 +282,15 @@ def _ran(shape: Shape, q: Any, k: Any, v: Any) -> dict[str, str]:
     """What attention() ran for the call: the plan's SDPA backend or kernel config, and the choice's source
     (train: the backward's too, where the kernel ran the forward; decode: attention_kvcache's config)."""
     from flashtune.kernel import dispatch
+    from flashtune.kernel.providers import KERNEL
 
     if shape.kind == "decode":
-        choice = dispatch.explain(q, k, v, is_causal=True, op="kvcache")
-        return {"ran": f"kernel {choice.config}", "source": choice.source}
+        # An SDPA winner runs only calls it computes the same (no lengths); the others run the kernel config
+        # stored beside it.
+        plan = dispatch.kvcache_plan(q, k, v, True, shape.lengths)
+        choice = plan.choice
+        config = choice.kernel_config if choice.provider != KERNEL and choice.kernel_config else choice.config
+        return {"ran": plan.sdpa or f"kernel {config}", "source": choice.source}
     if shape.kind == "train":  # the training pair's plan (its key "train"), after the calls
         plan = dispatch.train_plan(q, k, v, shape.causal)
         ran = plan.sdpa or f"kernel {plan.kernel}"
