@@ -56,6 +56,21 @@ def check_dense(name: str, t: Any, rank: str) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
 
 
+def check_int32(name: str, t: Any, device: torch.device, shape: str, *, optional: bool = False) -> None:
+    """`t` is a dense int32 tensor on `device` (an index argument: lengths, offsets, a page table; `shape` names
+    its shape in the messages, which the caller checks); TypeError for the type, layout and dtype, ValueError
+    for the device, each naming `name`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be {'None or ' if optional else ''}an int32 torch.Tensor of shape {shape}, "
+                        f"got {type(t).__name__}")
+    if t.is_nested or t.layout is not torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must be torch.int32 (convert with .to(torch.int32))")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}; it must be on q's device {device}")
+
+
 def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v")) -> AttnShape:
     """Validate q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D), any strides, named `names` in messages; their sizes.
 
@@ -296,19 +311,10 @@ def check_cache_lengths(cache_seqlens: Any, batch: int, seq_q: int, seq_kv: int,
             raise ValueError(f"causal=True needs at least as many cached keys as queries: Nq={seq_q} > "
                              f"Nmax={seq_kv} (query 0 would see no key with bottom-right alignment)")
         return None
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be None or an int32 torch.Tensor of shape ({batch},), got "
-                        f"{type(cache_seqlens).__name__}")
-    if cache_seqlens.is_nested or cache_seqlens.layout is not torch.strided:
-        raise TypeError("cache_seqlens must be a dense (strided) tensor")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens has dtype {cache_seqlens.dtype}; it must be torch.int32 "
-                        "(convert with .to(torch.int32))")
+    check_int32("cache_seqlens", cache_seqlens, device, f"({batch},)", optional=True)
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},) (one length per sequence), got "
                          f"{tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}; it must be on q's device {device}")
     if check_values and _lengths_checkable(cache_seqlens):
         lengths = cache_seqlens.cpu()
         bad = (lengths < 0) | (lengths > seq_kv)
@@ -348,24 +354,11 @@ def check_paged_inputs(q: Any, k_cache: Any, v_cache: Any, block_table: Any) -> 
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if not isinstance(block_table, torch.Tensor):
-        raise TypeError(f"block_table must be None or an int32 torch.Tensor of shape (batch, max_pages), got "
-                        f"{type(block_table).__name__}")
-    if block_table.is_nested or block_table.layout is not torch.strided:
-        raise TypeError("block_table must be a dense (strided) tensor")
-    if block_table.dtype != torch.int32:
-        raise TypeError(f"block_table has dtype {block_table.dtype}; it must be torch.int32 "
-                        "(e.g. block_table.to(torch.int32))")
+    check_int32("block_table", block_table, q.device, "(batch, max_pages)", optional=True)
     if block_table.dim() != 2:
         raise ValueError(f"block_table must be 2-D (batch, max_pages), got shape {tuple(block_table.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.is_nested or t.layout is not torch.strided:
-            raise TypeError(f"{name} must be a dense (strided) tensor")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (num_pages, page_size, kv_heads, head_dim) with a block_table, "
-                             f"got shape {tuple(t.shape)}")
+        check_dense(name, t, "4-D (num_pages, page_size, kv_heads, head_dim) with a block_table")
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
     if k_cache.shape != v_cache.shape:
@@ -379,8 +372,6 @@ def check_paged_inputs(q: Any, k_cache: Any, v_cache: Any, block_table: Any) -> 
                          f"(batch {q.shape[0]})")
     if block_table.shape[1] == 0:
         raise ValueError("block_table has no columns: each sequence needs at least one page slot")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table is on {block_table.device}; it must be on q's device {q.device}")
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(q.shape)}")
     k_view, v_view = _paged_cache_views(q, k_cache, v_cache, block_table.shape[1])

@@ -277,7 +277,7 @@ def launch_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Attn
     Calls with other modifiers (`mods.plain` false: their tensors and window change per call) always
     take launch(), through the JIT.
     """
-    if not mods.plain:
+    if mods is not NO_MODS and not mods.plain:  # identity first: the plain call pays one comparison
         return launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
                       mods=mods)[:2]
     softcap = mods.softcap

@@ -471,7 +471,7 @@ class DecodeLaunch:
         partials = self.rows * num_splits * self.head_dim  # ACC's floats; LSE follows
         scratch = (torch.empty(partials + self.rows * num_splits, device=o.device, dtype=torch.float32)
                    if num_splits > 1 else None)
-        if not mods.plain or block_table is not None:
+        if (mods is not NO_MODS and not mods.plain) or block_table is not None:  # the plain step: one identity test
             return self._jit(q, k_cache, v_cache, o, scratch, partials, seq_kv, cache_seqlens, split_size,
                              num_splits, scale, mods, None, block_table)
         if q.is_cuda and not fastlaunch.disabled() and not torch.compiler.is_compiling():

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ...db.types import HEAD_DIMS, HEAD_DIMS_TEXT, INT32_MAX, Config
-from ..checks import AttnShape, check_dense, check_runnable
+from ..checks import AttnShape, check_dense, check_int32, check_runnable
 from ..dtypes import DTYPE_NAMES
 from ..jit.bwd import attn_bwd_preprocess_kernel
 from ..jit.common import GRID_X_MAX, LOG2E, one_axis_grid, softcap_factors
@@ -59,14 +59,9 @@ def _check_tokens(name: str, t: Any) -> None:
 
 
 def _check_cu(name: str, cu: Any, device: torch.device) -> int:
-    if not isinstance(cu, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of int32 offsets, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype torch.int32 (flash_attn's), got {cu.dtype}")
+    check_int32(name, cu, device, "(batch + 1,)")
     if cu.dim() != 1 or cu.numel() == 0:
         raise ValueError(f"{name} must be 1-D of batch + 1 offsets starting at 0, got shape {tuple(cu.shape)}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}: cu_seqlens live on the device")
     return cu.numel() - 1
 
 
