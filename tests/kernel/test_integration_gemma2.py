@@ -71,7 +71,7 @@ def test_greedy_generation_matches_eager(model: Gemma2ForCausalLM) -> None:
         model.set_attn_implementation(implementation)
         try:
             with torch.no_grad():
-                runs.append(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="dynamic"))
+                runs.append(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="dynamic"))
         finally:
             model.set_attn_implementation("eager")
     assert torch.equal(runs[0], runs[1])

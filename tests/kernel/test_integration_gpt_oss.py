@@ -78,7 +78,7 @@ def test_greedy_generation_matches_eager(model: GptOssForCausalLM) -> None:
         model.set_attn_implementation(implementation)
         try:
             with torch.no_grad():
-                runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
                                            do_sample=False, cache_implementation="dynamic", disable_compile=True))
         finally:
             model.set_attn_implementation("eager")

@@ -76,7 +76,7 @@ def test_greedy_generation_past_the_window_matches_eager(model: MistralForCausal
     """A 9-token prompt and 6 new tokens, window 6: the prefill runs the window, the decode steps the sliding
     cache's last keys (transformers' kv_offset > 0), every call on the kernels."""
     ids = torch.randint(3, VOCAB, (2, 9), device=DEVICE)
-    args = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids),
+    args = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids),
             "cache_implementation": cache, "disable_compile": True}
     runs = []
     for implementation in (ft.register(), "eager"):

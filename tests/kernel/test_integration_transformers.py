@@ -82,7 +82,7 @@ def test_greedy_generation_matches_sdpa(model: LlamaForCausalLM, cache: str) -> 
     ids = _ids(2, 19)
     # On CUDA transformers compiles the decode step of a static cache, and compiled models run SDPA
     # (the module docstring says why): the kernel path is the eager one.
-    args = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(ids),
+    args = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(ids),
             "cache_implementation": cache, "disable_compile": True}
     ref = _run(model, "sdpa", model.generate, ids, **args)
     out = _run(model, name, model.generate, ids, **args)
@@ -121,7 +121,7 @@ def test_left_padded_greedy_generation_matches_sdpa(model: LlamaForCausalLM) -> 
     name = ft.register()
     ids, mask = _ids(2, 11), torch.ones(2, 11, dtype=torch.long, device=DEVICE)
     mask[1, :4] = 0
-    args = {"max_new_tokens": 5, "do_sample": False, "attention_mask": mask, "disable_compile": True}
+    args = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "attention_mask": mask, "disable_compile": True}
     ref = _run(model, "sdpa", model.generate, ids, **args)
     out = _run(model, name, model.generate, ids, **args)
     assert out.shape == (2, 16) and torch.equal(out, ref)
