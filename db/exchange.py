@@ -30,8 +30,8 @@ from .schema import SCHEMA_VERSION
 from .store import Store, Winner
 from .text import label_problem, printable, shown
 from .errors import one_line
-from .types import (FEATURE_DEFAULTS, INT32_MAX, MAX_BATCH_HEADS, MAX_CONFIG_TEXT, MAX_GROUP, MAX_SEQ_LEN, MAX_WINDOW,
-                    Config, InvalidField, Key, normalize_dtype)
+from .types import (FEATURE_DEFAULTS, INT32_MAX, MAX_BATCH_HEADS, MAX_CONFIG_TEXT, MAX_GROUP, MAX_PAGE_SIZE,
+                    MAX_SEQ_LEN, MAX_TOKENS, MAX_WINDOW, Config, InvalidField, Key, normalize_dtype)
 
 FORMAT = "flashtune-winners"
 # 2: keys carry batch_heads and group, winners kernel_config (version 1 files still import: the
@@ -106,6 +106,8 @@ class KeyFields(TypedDict):
     alibi: NotRequired[bool]
     dropout: NotRequired[bool]
     mask: NotRequired[Annotated[str, Field(max_length=8)]]
+    tokens: NotRequired[Annotated[int, Field(ge=0, le=MAX_TOKENS)]]
+    page_size: NotRequired[Annotated[int, Field(ge=0, le=MAX_PAGE_SIZE)]]
 
 
 @with_config(_STRICT)

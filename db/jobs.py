@@ -30,7 +30,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.orm import aliased
 
 from .errors import DatabaseCorruptError, SchemaVersionError
-from .models import FEATURES_SINCE, KEY_COLUMNS, JobKeyRow, JobRow, JobUnitRow, utcnow
+from .models import FEATURE_SINCE, KEY_COLUMNS, JobKeyRow, JobRow, JobUnitRow, utcnow
 from .rows import Check, Decoder, RowSpec, int32, key_values, label, number, when
 from .schema import MIGRATE_COMMAND
 from .store import Store
@@ -244,9 +244,10 @@ class JobQueue:
             raise SchemaVersionError(f"database {store.display_url} has schema version {store.schema_version}, "
                                      f"which has no job tables (they came with version {JOBS_SINCE}): run "
                                      f"`{MIGRATE_COMMAND} --db URL` to migrate it")
-        if store.schema_version < FEATURES_SINCE:  # a read-only open of a schema-3 database
+        complete = max(FEATURE_SINCE.values())
+        if store.schema_version < complete:  # a read-only open of an older database
             raise SchemaVersionError(f"database {store.display_url} has schema version {store.schema_version}, "
-                                     f"whose job keys lack the attention features (version {FEATURES_SINCE}): "
+                                     f"whose job keys lack key columns of version {complete}: "
                                      f"run `{MIGRATE_COMMAND} --db URL` to migrate it")
         self.store = store
 

@@ -15,13 +15,17 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, ForeignKey,
                         TypeDecorator, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .types import FEATURES
+from .types import FEATURES, MAX_OP_TEXT
 
 # `batch_heads` (the B·Hq bucket) and `group` (Hq/Hkv) joined the key in schema version 2, the
-# attention features (`types.FEATURES`: window, softcap, sinks, alibi, dropout, mask) in version 4.
+# attention features (`types.FEATURES`: window, softcap, sinks, alibi, dropout, mask) in version 4, and
+# the packed call's token bucket and the paged cache's page size in version 5.
 KEY_COLUMNS: tuple[str, ...] = ("arch", "op", "seq_len", "seq_len_kv", "head_dim", "dtype", "causal",
                                 "batch_heads", "group", *FEATURES)
-FEATURES_SINCE = 4  # the schema version whose key columns include FEATURES
+FEATURES_SINCE = 4  # the schema version whose key columns include the first attention features
+# The schema version each feature column joined the key in: a database before it reads the column's default.
+FEATURE_SINCE: dict[str, int] = {name: 5 if name in ("tokens", "page_size") else FEATURES_SINCE
+                                 for name in FEATURES}
 CONFIG_COLUMNS: tuple[str, ...] = ("block_m", "block_n", "num_warps", "num_stages", "config_extra")
 
 
@@ -85,7 +89,7 @@ class KeyColumns:
     """The key (KEY_COLUMNS): trials, winners and recorded shapes all carry it."""
 
     arch: Mapped[str] = mapped_column(String(16))
-    op: Mapped[str] = mapped_column(String(8))
+    op: Mapped[str] = mapped_column(String(MAX_OP_TEXT))  # 8 characters before schema 5
     seq_len: Mapped[int] = mapped_column(Integer)
     seq_len_kv: Mapped[int] = mapped_column(Integer)
     head_dim: Mapped[int] = mapped_column(Integer)
@@ -100,6 +104,9 @@ class KeyColumns:
     alibi: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
     dropout: Mapped[bool] = mapped_column(Flag, default=False, server_default=false())
     mask: Mapped[str] = mapped_column(String(8), default="none", server_default="none")  # one of MASKS
+    # Schema 5: a packed call's total-token bucket and a paged cache's page size (0: neither).
+    tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    page_size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class KeyConfigColumns(KeyColumns):

@@ -26,10 +26,10 @@ from .errors import DatabaseCorruptError, DatabaseUnavailableError, SchemaVersio
 from .models import FLASHTUNE_TABLES, Base, MetaRow
 from .text import printable, shown
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The oldest version a read-only open accepts as it is: version 3 only added the fleet's job tables,
-# and version 4 only key columns whose defaults are what every older row meant (the store reads those
-# defaults in their place), so an app whose database is still at 2 keeps its tuned winners until
+# and versions 4 and 5 only key columns whose defaults are what every older row meant (the store reads those
+# defaults in their place; version 5 also widened the op column, which reading does not notice), so an app whose database is still at 2 keeps its tuned winners until
 # someone migrates it.
 READABLE_SINCE = 2
 VERSION_KEY = "schema_version"
@@ -92,23 +92,26 @@ def _to_v3(conn: Connection) -> None:
         model.__table__.create(conn, checkfirst=True)  # a database taken back by hand may still have them
 
 
-def _to_v4(conn: Connection) -> None:
-    """Schema 4: the attention features (`types.FEATURES`) join the key columns of trials, winners,
-    recorded keys and job keys, every old row "off" (the columns' defaults), and the unique keys of
-    winners, recorded keys and job keys include them. A table that earlier steps made from today's
-    models has the columns already: only the missing ones are added, and every present one is kept."""
+def _add_key_columns(conn: Connection, names: Sequence[str]) -> None:
+    """Add the key columns `names` to trials, winners, recorded keys and job keys, every old row "off" (the
+    columns' defaults), and rebuild the unique keys of winners, recorded keys and job keys to include them. A
+    table that earlier steps made from today's models has the columns already: only the missing ones are
+    added, and every present one is kept. The op column takes today's width (PostgreSQL enforces it)."""
     from .models import JobKeyRow, RecordedRow, TrialRow, WinnerRow
-    from .types import FEATURES
 
     ddl = conn.dialect.ddl_compiler(conn.dialect, None)
+    postgres = conn.dialect.name == "postgresql"
 
     def present(table: Any) -> set[str]:
         return {column["name"] for column in inspect(conn).get_columns(table.name)}
 
     def add_columns(table: Any) -> None:
-        for name in [c for c in FEATURES if c not in present(table)]:
+        for name in [c for c in names if c not in present(table)]:
             # The models' own column DDL: the type, NOT NULL and the server default.
             conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl.get_column_specification(table.c[name])}")
+        if postgres:
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN op TYPE "
+                                 f"{table.c['op'].type.compile(dialect=conn.dialect)}")
 
     trials = TrialRow.__table__
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_flashtune_trials_key")
@@ -116,7 +119,7 @@ def _to_v4(conn: Connection) -> None:
     next(i for i in trials.indexes if i.name == "ix_flashtune_trials_key").create(conn)
     for table in (WinnerRow.__table__, RecordedRow.__table__, JobKeyRow.__table__):
         unique = [c for c in table.constraints if isinstance(c, UniqueConstraint)]
-        if conn.dialect.name == "postgresql":
+        if postgres:
             add_columns(table)
             for constraint in unique:
                 # Raw DDL: sqlalchemy's AddConstraint would leave the constraint out of every later CREATE TABLE.
@@ -127,19 +130,37 @@ def _to_v4(conn: Connection) -> None:
         # SQLite cannot change a table constraint: rebuild the table (inside this transaction). Nothing
         # refers to these tables, so renaming them rewrites no other table's foreign key.
         old = [c.name for c in table.columns if c.name in present(table)]
-        conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {table.name}_v3")
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {table.name}_old")
         for index in table.indexes:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
         table.create(conn)
-        names = ", ".join(f'"{c}"' for c in old)
-        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {table.name}_v3")
-        conn.exec_driver_sql(f"DROP TABLE {table.name}_v3")
+        names_sql = ", ".join(f'"{c}"' for c in old)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({names_sql}) SELECT {names_sql} FROM {table.name}_old")
+        conn.exec_driver_sql(f"DROP TABLE {table.name}_old")
+
+
+def _to_v4(conn: Connection) -> None:
+    """Schema 4: the attention features (window, softcap, sinks, alibi, dropout, mask) join the key. Today's
+    models define the unique keys and the trials' index with every later key column too, so this step adds
+    all of `types.FEATURES` at once (migrations always run on to SCHEMA_VERSION in the same transaction)."""
+    from .types import FEATURES
+
+    _add_key_columns(conn, FEATURES)
+
+
+def _to_v5(conn: Connection) -> None:
+    """Schema 5: a packed call's token bucket and a paged cache's page size join the key; the op column widens
+    to 16 characters (varlen_bwd). A database that _to_v4 just migrated has the columns already."""
+    from .types import FEATURES
+
+    _add_key_columns(conn, FEATURES)
 
 
 MIGRATIONS: list[Migration] = [
     Migration(2, "workload keys (batch_heads, group), winners' kernel_config, the recorded table", _to_v2),
     Migration(3, "fleet jobs: the jobs, job_units and job_keys tables", _to_v3),
     Migration(4, "attention features in the key (window, softcap, sinks, alibi, dropout, mask)", _to_v4),
+    Migration(5, "packed and paged keys (tokens, page_size); a wider op column", _to_v5),
 ]
 
 

@@ -34,7 +34,7 @@ from .bulk import BulkStatement
 from .engines import WRITE_OPTIONS, make_engine, use_wal
 from .errors import (DatabaseCorruptError, DatabaseLockedError, DatabaseUnavailableError,
                      SchemaVersionError, StoreError, translated)
-from .models import FEATURES_SINCE, KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
+from .models import FEATURE_SINCE, KEY_COLUMNS, RecordedRow, RunRow, TrialRow, WinnerRow, utcnow
 from .paths import default_url
 from .text import mask_url
 from .rows import (DamagedRow, DamagedRowWarning, Decoder, RowSpec, damage_summary, int32, key_values,
@@ -235,23 +235,28 @@ _RECORDED_COLUMNS = _columns(_RECORDED, _RECORDED_SPEC)
 _N_KEY = len(KEY_COLUMNS)
 
 
+def _missing(version: int) -> set[str]:
+    """The key columns a database at schema `version` does not have yet (features that joined later)."""
+    return {name for name, since in FEATURE_SINCE.items() if version < since}
+
+
 def readable(columns: Sequence[Any], version: int) -> list[Any]:
     """`columns` as a database at schema `version` can select them: a key column it does not have
-    yet (an attention feature, schema 4) reads as its default, which is what every row of it meant.
-    A read-only open of an older database (schema.READABLE_SINCE) reads through this."""
-    if version >= FEATURES_SINCE:
-        return list(columns)
+    yet (an attention feature, schema 4; a token bucket or page size, schema 5) reads as its default,
+    which is what every row of it meant. A read-only open of an older database (schema.READABLE_SINCE)
+    reads through this."""
+    missing = _missing(version)
     return [literal(FEATURE_DEFAULTS[c.name], c.type).label(c.name)
-            if isinstance(c, Column) and c.name in FEATURE_DEFAULTS else c for c in columns]
+            if isinstance(c, Column) and c.name in missing else c for c in columns]
 
 
 def key_filter(table: Any, key: Key, version: int) -> list[Any]:
     """The WHERE terms that match `key`'s row of `table` in a database at schema `version`."""
-    if version >= FEATURES_SINCE:
-        return [table.c[c] == v for c, v in _key_values(key).items()]
-    if key.features != tuple(FEATURE_DEFAULTS.values()):
-        return [false()]  # the database predates the features: no row of it has any on
-    return [table.c[c] == v for c, v in _key_values(key).items() if c not in FEATURE_DEFAULTS]
+    missing = _missing(version)
+    values = _key_values(key)
+    if any(values[c] != FEATURE_DEFAULTS[c] for c in missing):
+        return [false()]  # the database predates that feature: no row of it has it on
+    return [table.c[c] == v for c, v in values.items() if c not in missing]
 
 # Built once: building `.values(...)` per call would cost more than the SQLite commit.
 _INSERT_TRIAL = _TRIALS.insert().returning(_TRIALS.c.id)
@@ -643,8 +648,8 @@ class Store:
         return self._select_winners(select(*readable(_WINNER_COLUMNS, self._schema_version)).where(_WINNERS.c.arch.in_(sorted(set(names)))))
 
     def _select_winners(self, query: Any) -> list[Winner]:
-        order = [_WINNERS.c[c] for c in KEY_COLUMNS if self._schema_version >= FEATURES_SINCE or
-                 c not in FEATURE_DEFAULTS]
+        missing = _missing(self._schema_version)
+        order = [_WINNERS.c[c] for c in KEY_COLUMNS if c not in missing]
         with translated(self._url, "reading winners"), self._read() as conn:
             rows = conn.execute(query.order_by(*order)).all()
         return self._winners(rows)

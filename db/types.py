@@ -21,7 +21,9 @@ _DTYPE_ALIASES: dict[str, str] = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
 }
-OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache", "train")  # forward, backward, split-KV decode, training pair
+# forward, backward, split-KV decode, training pair, and the packed-sequence (varlen) forward and backward
+OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache", "train", "varlen", "varlen_bwd")
+MAX_OP_TEXT = 16
 # out_of_memory: the key's workload (inputs, reference) or the candidate's launch did not fit the GPU's free memory.
 OUTCOMES: tuple[str, ...] = ("ok", "out_of_resources", "compile_error", "wrong_result", "crashed", "timeout",
                              "out_of_memory")
@@ -40,13 +42,16 @@ MAX_SEQ_LEN = INT32_MAX
 MAX_BATCH_HEADS = 2**30  # the largest power of two a 32-bit signed column holds
 MAX_GROUP = 2**16
 MAX_WINDOW = 2**30  # the largest window bucket (a power of two a 32-bit signed column holds)
+MAX_TOKENS = 2**30  # the largest total-token bucket of a packed call
+MAX_PAGE_SIZE = 2**20  # the largest page of a paged KV cache, in tokens
 # An explicit attn_mask's kind: none, a boolean mask (True keeps), or a float mask added to the scores.
 MASKS: tuple[str, ...] = ("none", "bool", "float")
 # The attention features that change the best config, as Key fields, in order, and their "off" values:
-# a key without them reads as every key stored before they were fields.
-FEATURES: tuple[str, ...] = ("window", "softcap", "sinks", "alibi", "dropout", "mask")
+# a key without them reads as every key stored before they were fields. `tokens` (a packed call's total
+# query tokens, bucketed; 0: not packed) and `page_size` (a paged cache's page; 0: contiguous) joined later.
+FEATURES: tuple[str, ...] = ("window", "softcap", "sinks", "alibi", "dropout", "mask", "tokens", "page_size")
 FEATURE_DEFAULTS: dict[str, Any] = {"window": 0, "softcap": False, "sinks": False, "alibi": False,
-                                    "dropout": False, "mask": "none"}
+                                    "dropout": False, "mask": "none", "tokens": 0, "page_size": 0}
 _FLAGS: tuple[str, ...] = ("softcap", "sinks", "alibi", "dropout")
 MAX_EXTRA_TEXT = 64
 MAX_CONFIG_TEXT = 4096  # the canonical text of any valid config is far shorter
@@ -95,7 +100,7 @@ def normalize_dtype(name: str) -> str:
 
 
 def normalize_op(op: str) -> str:
-    """Check an op name (one of OPS: 'fwd', 'bwd', 'kvcache', 'train')."""
+    """Check an op name (one of OPS: 'fwd', 'bwd', 'kvcache', 'train', 'varlen', 'varlen_bwd')."""
     if op not in OPS:
         raise ValueError(f"unknown op {shown(op)}: expected one of {', '.join(OPS)}")
     return op
@@ -233,7 +238,9 @@ class Key:
     `window` is a sliding window's total size bucketed to a power of two (`window_bucket`; 0: no
     window), `softcap`, `sinks`, `alibi` and `dropout` say whether the call uses logit softcapping,
     attention sinks, ALiBi slopes and dropout, and `mask` is the kind of an explicit attention mask
-    ("none", "bool" or "float").
+    ("none", "bool" or "float"). `tokens` is a packed (varlen) call's total query tokens bucketed to a power of
+    two (0: not a packed call; its seq_len and seq_len_kv are then the longest documents' lengths, bucketed
+    likewise), and `page_size` a paged KV cache's tokens per page (0: a contiguous cache).
     """
 
     arch: str
@@ -251,12 +258,15 @@ class Key:
     alibi: bool = False
     dropout: bool = False
     mask: str = "none"  # one of MASKS
+    tokens: int = 0  # a packed (varlen) call's total query tokens, a power of two (bucket); 0: not packed
+    page_size: int = 0  # a paged KV cache's page size in tokens, a power of two; 0: a contiguous cache
 
     def __post_init__(self) -> None:
         kv = self.seq_len_kv if self.seq_len_kv != 0 else self.seq_len
         if not (self.window == 0 and self.softcap is False and self.sinks is False and self.alibi is False
                 and self.dropout is False and self.mask == "none" and type(self.window) is int
-                and type(self.mask) is str):
+                and type(self.mask) is str and self.tokens == 0 and self.page_size == 0
+                and type(self.tokens) is int and type(self.page_size) is int):
             self._check_features()
         bh, group = self.batch_heads, self.group
         if (type(bh) is not int or not (bh == 0 or (0 < bh <= MAX_BATCH_HEADS and bh & (bh - 1) == 0))):
@@ -300,11 +310,18 @@ class Key:
             object.__setattr__(self, name, bool(value))
         if type(self.mask) is not str or self.mask not in MASKS:
             raise InvalidField("mask", f"mask must be one of {', '.join(MASKS)}, got {shown(self.mask)}")
+        for name, high, what in (("tokens", MAX_TOKENS, "bucket gives it from a packed call's total tokens"),
+                                 ("page_size", MAX_PAGE_SIZE, "a paged cache's tokens per page")):
+            value = getattr(self, name)
+            if type(value) is not int or not (value == 0 or (0 < value <= high and value & (value - 1) == 0)):
+                raise InvalidField(name, f"{name} must be 0 or a power of two from 1 to {high} ({what}), "
+                                         f"got {shown(value)}")
 
     @property
     def features(self) -> tuple[Any, ...]:
         """The attention features in FEATURES order: keys that differ in them never share a winner."""
-        return (self.window, self.softcap, self.sinks, self.alibi, self.dropout, self.mask)
+        return (self.window, self.softcap, self.sinks, self.alibi, self.dropout, self.mask, self.tokens,
+                self.page_size)
 
     def __str__(self) -> str:
         n = str(self.seq_len) if self.seq_len_kv == self.seq_len else f"{self.seq_len}x{self.seq_len_kv}"
@@ -320,7 +337,9 @@ class Key:
         """The features that are on, as the key's text shows them: ['W=4096', 'softcap', 'mask=bool']."""
         parts = [f"W={self.window}"] if self.window else []
         parts += [name for name in _FLAGS if getattr(self, name)]
-        return parts + ([f"mask={self.mask}"] if self.mask != "none" else [])
+        parts += [f"mask={self.mask}"] if self.mask != "none" else []
+        parts += [f"T={self.tokens}"] if self.tokens else []
+        return parts + ([f"P={self.page_size}"] if self.page_size else [])
 
     def features_on(self) -> dict[str, Any]:
         """The features that are on, by field name (what the exchange file and JSON output write)."""
@@ -329,27 +348,29 @@ class Key:
 
     @classmethod
     def parse(cls, text: str) -> "Key":
-        """Read the canonical text form `str(key)` gives, e.g. 'sm_90/fwd/N=1024/D=64/float16/causal'
-        or 'sm_90/fwd/N=4096/D=128/bfloat16/causal/BH=64/G=4/W=4096/softcap/mask=bool'."""
+        """Read the canonical text form `str(key)` gives, e.g. 'sm_90/fwd/N=1024/D=64/float16/causal',
+        'sm_90/fwd/N=4096/D=128/bfloat16/causal/BH=64/G=4/W=4096/softcap/mask=bool',
+        'sm_90/varlen/N=8192/D=128/bfloat16/causal/BH=16/T=32768' or 'sm_90/kvcache/N=1x32768/D=128/.../P=64'."""
         m = None
         if isinstance(text, str) and len(text) <= 256:
             m = _KEY_TEXT.fullmatch(text.strip())
         if m is None:
             raise ValueError(f"malformed key {shown(text)}: expected the form "
                              "ARCH/OP/N=1024[x2048]/D=64/DTYPE/causal|full[/BH=..][/G=..][/W=..][/softcap]"
-                             "[/sinks][/alibi][/dropout][/mask=bool|float]")
+                             "[/sinks][/alibi][/dropout][/mask=bool|float][/T=..][/P=..]")
         n_kv = m["n_kv"]
         return cls(m["arch"], m["op"], int(m["n"]), int(m["d"]), m["dtype"], m["causal"] == "causal",
                    int(n_kv) if n_kv else 0, int(m["bh"] or 0), int(m["g"] or 1), int(m["w"] or 0),
-                   **{name: bool(m[name]) for name in _FLAGS}, mask=m["mask"] or "none")
+                   **{name: bool(m[name]) for name in _FLAGS}, mask=m["mask"] or "none",
+                   tokens=int(m["t"] or 0), page_size=int(m["p"] or 0))
 
 
 # The parts of Key.__str__, in its order; numbers of at most 10 digits, so that int() stays cheap.
 _KEY_TEXT = re.compile(
-    r"(?P<arch>[A-Za-z0-9_]{1,16})/(?P<op>[a-z]{1,8})/N=(?P<n>\d{1,10})(?:x(?P<n_kv>\d{1,10}))?/D=(?P<d>\d{1,10})"
+    r"(?P<arch>[A-Za-z0-9_]{1,16})/(?P<op>[a-z_]{1,16})/N=(?P<n>\d{1,10})(?:x(?P<n_kv>\d{1,10}))?/D=(?P<d>\d{1,10})"
     r"/(?P<dtype>[a-z0-9]{1,16})/(?P<causal>causal|full)(?:/BH=(?P<bh>\d{1,10}))?(?:/G=(?P<g>\d{1,10}))?"
     r"(?:/W=(?P<w>\d{1,10}))?(?P<softcap>/softcap)?(?P<sinks>/sinks)?(?P<alibi>/alibi)?(?P<dropout>/dropout)?"
-    r"(?:/mask=(?P<mask>[a-z]{1,8}))?")
+    r"(?:/mask=(?P<mask>[a-z]{1,8}))?(?:/T=(?P<t>\d{1,10}))?(?:/P=(?P<p>\d{1,10}))?")
 
 
 def window_bucket(left: int, right: int, seq_len_kv: int) -> int:

@@ -153,9 +153,10 @@ def test_bad_databases(source: str, tmp_path: Path) -> None:
 def test_newer_schema_is_refused(source: str) -> None:
     with Store.open(source) as store:
         with store._engine.begin() as conn:
-            conn.execute(text("UPDATE flashtune_meta SET value = '5' WHERE name = 'schema_version'"))
+            conn.execute(text(f"UPDATE flashtune_meta SET value = '{SCHEMA_VERSION + 1}' WHERE name = 'schema_version'"))
     for command in (["show"], ["export"], ["db", "migrate"]):
-        assert_usage_error(run(*command, "--db", source), "schema version 5", f"version {SCHEMA_VERSION}")
+        assert_usage_error(run(*command, "--db", source), f"schema version {SCHEMA_VERSION + 1}",
+                           f"version {SCHEMA_VERSION}")
 
 
 def test_db_path(tmp_path: Path) -> None:

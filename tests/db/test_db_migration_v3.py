@@ -56,13 +56,13 @@ def test_schema_2_sqlite_database_migrates_keeping_every_row(tmp_path: Path) -> 
         before = {t: raw.execute(f"SELECT {columns[t]} FROM {t} ORDER BY id").fetchall() for t in tables}
     assert before["flashtune_winners"]
     _readable_but_not_writable_at_2(url)
-    assert migrate_database(url) == (2, schema.SCHEMA_VERSION) == (2, 4)
+    assert migrate_database(url) == (2, schema.SCHEMA_VERSION) == (2, 5)
     with sqlite3.connect(path) as raw:
         after = {t: raw.execute(f"SELECT {columns[t]} FROM {t} ORDER BY id").fetchall() for t in tables}
         names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert after == before and set(JOB_TABLES) <= names
-    assert migrate_database(url) == (4, 4)  # nothing more to do
+    assert migrate_database(url) == (5, 5)  # nothing more to do
     _works_as_a_queue(url)
 
 
@@ -73,7 +73,7 @@ def test_postgres_schema_2_database_migrates(pg_url: str) -> None:
         before = store.winners(), store.trials()
     back_to_schema_2(pg_url)
     _readable_but_not_writable_at_2(pg_url)
-    assert migrate_database(pg_url) == (2, 4)
+    assert migrate_database(pg_url) == (2, 5)
     with Store.open(pg_url, create=False) as store:
         assert (store.winners(), store.trials()) == before
     _works_as_a_queue(pg_url)

@@ -12,7 +12,8 @@ from flashtune.db.errors import SchemaVersionError
 from flashtune.db.jobs import JobQueue, Worker
 from flashtune.db.models import JOB_TABLES, KEY_COLUMNS
 from flashtune.db.store import Store, load_winners, migrate_database
-from flashtune.db.types import FEATURES, Config, Key
+from flashtune.db.schema import SCHEMA_VERSION
+from flashtune.db.types import FEATURE_DEFAULTS, FEATURES, Config, Key
 from flashtune.tuner.fleet.units import claim_units
 
 RECORDED = {Key("sm_90", "fwd", 4096, 128, "bfloat16", True, batch_heads=32, group=4): 7,
@@ -60,12 +61,12 @@ def test_a_schema_3_database_reads_then_migrates_keeping_every_row(db_url: str) 
     assert load_winners(["sm_90"], db_url) == [w for w in before[0] if w.key.arch == "sm_90"]
     with pytest.raises(SchemaVersionError, match="schema version 3, older .*flashtune db migrate"):
         Store.open(db_url)
-    assert migrate_database(db_url) == (3, 4)
+    assert migrate_database(db_url) == (3, SCHEMA_VERSION)
     after = _everything(db_url)
     assert after[:3] == before[:3]
     assert [(k.key, k.state) for k in after[3][0].keys] == [(k.key, k.state) for k in before[3][0].keys]
-    assert all(w.key.features == (0, False, False, False, False, "none") for w in after[0])
-    assert migrate_database(db_url) == (4, 4)
+    assert all(w.key.features == tuple(FEATURE_DEFAULTS.values()) for w in after[0])
+    assert migrate_database(db_url) == (SCHEMA_VERSION, SCHEMA_VERSION)
     # The migrated unique keys include the features: a softcap winner beside its plain twin.
     with Store.open(db_url) as store:
         run = store.start_run(run_info())

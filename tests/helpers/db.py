@@ -224,18 +224,24 @@ def back_to_schema_2(url: str) -> None:
 
 
 def back_to_schema_3(url: str) -> None:
-    """Turn a current database back into schema 3's shape (no attention-feature key columns, the unique
-    keys and the trials index without them), rows kept: SQLite tables are rebuilt from their own DDL
-    without those columns, PostgreSQL drops them (and with them the constraints) and adds schema 3's."""
-    from flashtune.db.models import KEY_COLUMNS, JobKeyRow, RecordedRow, TrialRow, WinnerRow
-    from flashtune.db.types import FEATURES
+    """Turn a current database back into schema 3's shape (no attention-feature key columns); see back_to_schema."""
+    back_to_schema(url, 3)
 
-    key_v3 = ", ".join(f'"{c}"' for c in KEY_COLUMNS if c not in FEATURES)
+
+def back_to_schema(url: str, version: int) -> None:
+    """Turn a current database back into schema `version`'s shape (3 or 4: without the key columns that joined
+    later, db.models.FEATURE_SINCE; the unique keys and the trials index without them; schema 4's 8-character
+    op column), rows kept: SQLite tables are rebuilt from their own DDL without those columns, PostgreSQL drops
+    them (and with them the constraints) and adds the old ones."""
+    from flashtune.db.models import FEATURE_SINCE, KEY_COLUMNS, JobKeyRow, RecordedRow, TrialRow, WinnerRow
+
+    gone = [name for name, since in FEATURE_SINCE.items() if since > version]
+    key_old = ", ".join(f'"{c}"' for c in KEY_COLUMNS if c not in gone)
     tables = [m.__table__.name for m in (TrialRow, WinnerRow, RecordedRow, JobKeyRow)]
     unique = {t.name: c.name for m in (WinnerRow, RecordedRow, JobKeyRow) for t in [m.__table__]
               for c in t.constraints if c.name and c.name.startswith("uq_")}
     job_id = {JobKeyRow.__table__.name: '"job_id", '}
-    trials_index = f"CREATE INDEX ix_flashtune_trials_key ON flashtune_trials ({key_v3}, kernel_version)"
+    trials_index = f"CREATE INDEX ix_flashtune_trials_key ON flashtune_trials ({key_old}, kernel_version)"
     if url.startswith("sqlite"):
         raw = sqlite3.connect(make_url(url).database)
         try:
@@ -246,11 +252,11 @@ def back_to_schema_3(url: str) -> None:
                 indexes = [r[0] for r in raw.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND "
                                                      "tbl_name = ? AND sql IS NOT NULL", (table,))]
                 lines = [line for line in create.split("\n")
-                         if not any(line.strip().startswith((f"{f} ", f'"{f}" ')) for f in FEATURES)]
-                create = "\n".join(lines)
-                for name in FEATURES:
+                         if not any(line.strip().startswith((f"{f} ", f'"{f}" ')) for f in gone)]
+                create = "\n".join(lines).replace("op VARCHAR(16)", "op VARCHAR(8)")
+                for name in gone:
                     create = create.replace(f", {name}", "").replace(f', "{name}"', "")
-                kept = [r[1] for r in raw.execute(f"PRAGMA table_info({table})") if r[1] not in FEATURES]
+                kept = [r[1] for r in raw.execute(f"PRAGMA table_info({table})") if r[1] not in gone]
                 names = ", ".join(f'"{c}"' for c in kept)
                 raw.execute(f"ALTER TABLE {table} RENAME TO {table}_now")
                 for sql in indexes:
@@ -260,7 +266,7 @@ def back_to_schema_3(url: str) -> None:
                 raw.execute(f"DROP TABLE {table}_now")
                 for sql in indexes:
                     raw.execute(trials_index if "ix_flashtune_trials_key" in sql else sql)
-            raw.execute("UPDATE flashtune_meta SET value = '3' WHERE name = 'schema_version'")
+            raw.execute(f"UPDATE flashtune_meta SET value = '{version}' WHERE name = 'schema_version'")
             raw.commit()
         finally:
             raw.close()
@@ -268,11 +274,12 @@ def back_to_schema_3(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         for table in tables:
-            drops = ", ".join(f'DROP COLUMN "{c}"' for c in FEATURES)
+            drops = ", ".join(f'DROP COLUMN "{c}"' for c in gone)
             conn.execute(text(f"ALTER TABLE {table} {drops}"))  # their constraints and index go with them
+            conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN op TYPE VARCHAR(8)"))
             if table in unique:
                 conn.execute(text(f"ALTER TABLE {table} ADD CONSTRAINT {unique[table]} UNIQUE "
-                                  f"({job_id.get(table, '')}{key_v3})"))
+                                  f"({job_id.get(table, '')}{key_old})"))
         conn.execute(text(trials_index))
-        conn.execute(text("UPDATE flashtune_meta SET value = '3' WHERE name = 'schema_version'"))
+        conn.execute(text(f"UPDATE flashtune_meta SET value = '{version}' WHERE name = 'schema_version'"))
     engine.dispose()
