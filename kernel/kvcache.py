@@ -81,7 +81,8 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     is then required (lengths up to max_pages·page_size). The kernel clamps a page number outside
     [0, num_pages) into it and a length into [0, max_pages·page_size], so no table reads outside the cache;
     check_lengths=True also reads the table on the host and raises ValueError naming the first bad page
-    a sequence uses. The call plans and tunes as the contiguous cache of Nmax = max_pages·page_size.
+    a sequence uses. The call plans as the contiguous cache of Nmax = max_pages·page_size, under its own key
+    with the page size (Key.page_size), which `tune --page-size` times on paged caches.
     """
     if needs_grad(q, k_cache, v_cache):
         raise NotImplementedError("attention_kvcache has no backward: inputs that require grad are not supported "
@@ -143,8 +144,9 @@ def _paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: 
 def _run_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                shape: AttnShape, k_view: torch.Tensor, v_view: torch.Tensor, cache_seqlens: Any, causal: bool,
                scale: float | None, check_lengths: bool, mods: ScoreMods) -> torch.Tensor:
-    # The plan of the equivalent contiguous cache (k_view, v_view: its sizes, no memory), launched on the pages.
-    features = mods.key_features(shape.seq_k)
+    # The plan of the equivalent contiguous cache (k_view, v_view: its sizes, no memory), launched on the pages;
+    # its key adds the page size (the page walk changes the best split).
+    features = tuple(sorted((*mods.key_features(shape.seq_k), ("page_size", k_cache.shape[1]))))
     plan = dispatch.kvcache_plan(q, k_view, v_view, causal, True, features)
     if record.ENABLED:
         key = dispatch.kvcache_key(plan)

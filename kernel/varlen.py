@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from ..db.types import Config
+from . import dispatch, record
 from .checks import check_bool, check_scale, check_softcap, device_limits
 from .mods import NO_WINDOW, ScoreMods, check_mods, sinks_grad
-from .ops.bwd import bwd_knobs, check_bwd_config, default_bwd_config
-from .ops.fwd import check_config, default_config
+from .ops.bwd import bwd_knobs, check_bwd_config
+from .ops.fwd import check_config
 from .ops.varlen import (
     check_varlen_inputs,
     launch_varlen_bwd,
@@ -145,8 +146,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     max_seqlen, so bad values never read or write outside the tensors; rows they leave uncovered (or past
     max_seqlen) have undefined output and gradients. The grid walks only the real tiles of real documents.
 
-    `config` (a forward Config, no knobs) and `bwd_config` (a backward Config) default to the device's
-    default configs; the backward is always deterministic. Inputs that require grad get the backward through
+    `config` (a forward Config, no knobs) and `bwd_config` (a backward Config) default to the dispatcher's
+    choices for the call's key (op "varlen" and "varlen_bwd": the longest documents' lengths and the total query
+    tokens, each bucketed to a power of two; kernel.dispatch.varlen_plan), tuned by `tune --op varlen`, else
+    the default configs; under FLASHTUNE_RECORD=1 the call counts those keys. The backward is always
+    deterministic. Inputs that require grad get the backward through
     autograd, also under torch.compile. TypeError / ValueError name any bad argument.
     """
     shape = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -155,11 +159,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     softcap = check_softcap(softcap)
     mods = check_mods(shape, q.device, softcap=softcap, window_size=window_size, sinks=sinks)
     arch, smem_limit = device_limits(q)
-    if config is None:
-        config = default_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
+    if config is None or bwd_config is None:
+        plan = dispatch.varlen_plan(q, shape, q.shape[0], causal, mods.key_features(shape.seq_k))
+        if record.ENABLED:
+            record.hit(plan.fwd.key)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                record.hit(plan.bwd.key)
+        config = plan.fwd.config if config is None else config
+        bwd_config = plan.bwd.config if bwd_config is None else bwd_config
     check_config(config, shape, smem_limit, arch)
-    if bwd_config is None:
-        bwd_config = default_bwd_config(arch or "sm_80", shape.head_dim, shape.dtype, smem_limit)
     check_bwd_config(bwd_config, shape, smem_limit, arch)
     left, right = mods.window if mods.window != NO_WINDOW else NO_WINDOW
     return attention_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),

@@ -33,6 +33,8 @@ OP_KERNELS: dict[str, tuple[str, ...]] = {
     "varlen": ("jit/varlen:attn_fwd_varlen_kernel", "jit/varlen:attn_bwd_dq_varlen_kernel",
                "jit/varlen:attn_bwd_dkdv_varlen_kernel", "jit/bwd:attn_bwd_preprocess_kernel"),
 }
+# The packed backward's configs are timed on the same kernels.
+OP_KERNELS["varlen_bwd"] = OP_KERNELS["varlen"]
 # A training pair compiles both the forward's and the backward's kernels.
 OP_KERNELS["train"] = OP_KERNELS["fwd"] + OP_KERNELS["bwd"]
 

@@ -56,9 +56,9 @@ from __future__ import annotations
 from .plans import (INTERPRETER_ARCH, KVCachePlan, Plan, backend_refused, bwd_choice, bwd_config, bwd_config_failed,
                     config_failed, explain, feature_fields, kvcache_backend_refused, kvcache_config_failed, kvcache_key,
                     kvcache_plan, lookup, plan,
-                    stored_config_failed, train_plan)
-from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, NEAREST_LIMIT, OP, OVERRIDE, TRAIN_OP, Choice,
-                    kv_bucket)
+                    stored_config_failed, train_plan, VarlenPlan, varlen_plan)
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, NEAREST_LIMIT, OP, OVERRIDE, TRAIN_OP,
+                    VARLEN_BWD_OP, VARLEN_OP, Choice, kv_bucket)
 from .table import DispatchWarning, LoadInfo, info, reload, visible_archs
 
 __all__ = ["CONFIG_ENV_VAR", "DEFAULT", "EXACT", "INTERPRETER_ARCH", "KV_OP", "NEAREST", "NEAREST_LIMIT", "OP",
@@ -66,4 +66,5 @@ __all__ = ["CONFIG_ENV_VAR", "DEFAULT", "EXACT", "INTERPRETER_ARCH", "KV_OP", "N
            "bwd_choice", "bwd_config", "bwd_config_failed", "config_failed", "explain", "feature_fields", "info",
            "kv_bucket",
            "kvcache_backend_refused", "kvcache_config_failed", "kvcache_key", "kvcache_plan", "lookup", "plan", "reload",
-           "stored_config_failed", "train_plan", "visible_archs"]
+           "stored_config_failed", "train_plan", "visible_archs", "VARLEN_BWD_OP", "VARLEN_OP", "VarlenPlan",
+           "varlen_plan"]

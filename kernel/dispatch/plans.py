@@ -25,8 +25,8 @@ from ..ops.kvcache import DecodeLaunch
 from ..providers import KERNEL
 from ..version import op_version
 from . import table as _tables
-from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, TRAIN_OP, Choice, group_key,
-                    key_or_none, kv_bucket, kv_shape, resolve)
+from .rules import (CONFIG_ENV_VAR, DEFAULT, EXACT, KV_OP, NEAREST, OP, OVERRIDE, TRAIN_OP, VARLEN_BWD_OP, VARLEN_OP,
+                    Choice, group_key, key_or_none, kv_bucket, kv_shape, resolve)
 from .table import MEMO_LIMIT, DispatchWarning, Table
 
 INTERPRETER_ARCH = "sm_80"  # the nominal arch of CPU tensors, which run under the Triton interpreter
@@ -117,11 +117,14 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
            seq_len_kv: int | None = None, batch_heads: int = 1, group: int = 1,
            smem_limit: int | None = None, kernel_only: bool = False, op: str = OP,
            sm_count: int | None = None, window: int = 0, softcap: bool = False, sinks: bool = False,
-           alibi: bool = False, dropout: bool = False, mask: str = "none") -> Choice:
+           alibi: bool = False, dropout: bool = False, mask: str = "none", tokens: int = 0,
+           page_size: int = 0) -> Choice:
     """The config the rules give a call of `op` ("fwd", "bwd": the backward of such a forward, "train": the
-    pair of a training call, or "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache
-    length) on `arch` (no tensors, no memo, no warnings). The key's features: `window` (a window bucket, 0:
-    none), `softcap`, `sinks`, `alibi`, `dropout` (bools) and `mask` ("none", "bool" or "float").
+    pair of a training call, "kvcache": attention_kvcache with seq_len = Nq and seq_len_kv = the cache
+    length, or "varlen" / "varlen_bwd": attention_varlen with seq_len and seq_len_kv the longest documents and
+    `tokens` the total query tokens) on `arch` (no tensors, no memo, no warnings). The key's features:
+    `window` (a window bucket, 0: none), `softcap`, `sinks`, `alibi`, `dropout` (bools), `mask` ("none",
+    "bool" or "float"), `tokens` (bucketed here) and `page_size` (a paged cache's page, 0: contiguous).
 
     `batch_heads` is the call's B·Hq (bucketed here), `group` its Hq/Hkv. `smem_limit` defaults to
     the arch table's planning figure (db.arch.ARCH_SMEM); `sm_count` (the kvcache default's split
@@ -129,7 +132,8 @@ def lookup(arch: str, seq_len: int, head_dim: int, dtype: str, causal: bool, *,
     """
     _rules(op)
     kernel_only = check_bool(kernel_only, "kernel_only")
-    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
+    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask,
+                              tokens=bucket(tokens) if tokens else 0, page_size=page_size)
     key = Key(arch, op, seq_len, head_dim, dtype, check_bool(causal, "causal"), seq_len_kv=seq_len_kv or seq_len,
               batch_heads=bucket(batch_heads), group=group, **dict(features))
     limit = ARCH_SMEM[key.arch] if smem_limit is None else int(smem_limit)
@@ -145,15 +149,16 @@ def _features(features: Features) -> dict[str, Any] | None:
 
 
 def feature_fields(*, window: int = 0, softcap: bool = False, sinks: bool = False, alibi: bool = False,
-                   dropout: bool = False, mask: str = "none") -> Features:
+                   dropout: bool = False, mask: str = "none", tokens: int = 0, page_size: int = 0) -> Features:
     """The key features that are on, as the dispatcher carries them (kernel.mods.Features), from a key's
-    fields; ValueError / TypeError naming a bad one (db.types.Key checks the window bucket and the mask)."""
+    fields; ValueError / TypeError naming a bad one (db.types.Key checks the window bucket, the mask, the
+    token bucket and the page size)."""
     flags = {name: check_bool(value, name) for name, value in
              (("softcap", softcap), ("sinks", sinks), ("alibi", alibi), ("dropout", dropout))}
-    Key("sm_90", OP, 1, 64, "float16", False, window=window, mask=mask, **flags)  # validates window and mask
+    sizes = {"window": window, "tokens": tokens, "page_size": page_size}
+    Key("sm_90", OP, 1, 64, "float16", False, mask=mask, **sizes, **flags)  # validates the sizes and the mask
     fields: dict[str, Any] = {name: True for name, on in flags.items() if on}
-    if window:
-        fields["window"] = window
+    fields.update((name, value) for name, value in sizes.items() if value)
     if mask != "none":
         fields["mask"] = mask
     return tuple(sorted(fields.items()))
@@ -453,6 +458,39 @@ def kvcache_config_failed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     call gets from now on (the default)."""
     _record_failure(q, kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, features).shape, causal, choice, error)
     return kvcache_plan(q, k_cache, v_cache, causal, has_seqlens, features)
+
+
+@dataclass(frozen=True, slots=True)
+class VarlenPlan:
+    """attention_varlen's plan, memoised per signature: the forward's and the backward's choices for the key
+    of the call's longest documents and total tokens (both bucketed to powers of two)."""
+
+    fwd: Choice
+    bwd: Choice
+
+
+def varlen_plan(q: torch.Tensor, shape: AttnShape, total_q: int, causal: bool, features: Features = ()) -> VarlenPlan:
+    """The configs of a packed call (inputs checked: kernel.ops.varlen.check_varlen_inputs gives `shape`, with
+    batch = the documents and seq_q / seq_k = max_seqlen_q / k): the rules with op="varlen" and "varlen_bwd" for
+    the key of N = bucket(max_seqlen_q), N_kv = bucket(max_seqlen_k), B·Hq = bucket(Hq) and tokens =
+    bucket(total_q) (Key.tokens; the nearest rule measures it like B·Hq). Memoised: one dict lookup a call."""
+    token = (VARLEN_OP, q.device, shape.heads_q, shape.heads_kv, shape.seq_q, shape.seq_k, shape.head_dim,
+             shape.dtype, total_q, causal, features)
+    hit = _tables.current.memo.get(token)
+    if hit is not None:
+        return hit
+    table = _tables.current
+    planning = AttnShape(1, shape.heads_q, shape.heads_kv, bucket(max(shape.seq_q, 1)), bucket(max(shape.seq_k, 1)),
+                         shape.head_dim, shape.dtype)
+    keyed = tuple(sorted((*features, ("tokens", bucket(max(total_q, 1))))))
+    choices = []
+    for op in (VARLEN_OP, VARLEN_BWD_OP):
+        choice = _choose(table, q.device, planning, causal, op=op, features=keyed)
+        _warn_stale(choice)
+        choices.append(choice)
+    entry = VarlenPlan(*choices)
+    _remember(table.memo, token, entry)
+    return entry
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,

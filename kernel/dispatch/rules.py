@@ -24,6 +24,7 @@ CONFIG_ENV_VAR = "FLASHTUNE_CONFIG"
 OP = "fwd"  # the op of `attention()`'s forward calls, and of lookup/explain unless told otherwise
 KV_OP = "kvcache"  # attention_kvcache's op
 TRAIN_OP = "train"  # a training call's forward+backward pair
+VARLEN_OP, VARLEN_BWD_OP = "varlen", "varlen_bwd"  # attention_varlen's forward and backward
 NEAREST_LIMIT = 2.0  # log2 units: how far from a tuned key the nearest rule still reaches
 _UNBUCKETED = 1.0  # distance charged for a winner without a bucket (schema 1)
 _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
@@ -32,7 +33,8 @@ _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
 OVERRIDE, EXACT, NEAREST, DEFAULT = "override", "exact", "nearest", "default"
 
 # (arch, op, head_dim, dtype, causal, grouped, the key's attention features): the nearest rule never
-# crosses a feature, so a softcap call never takes a winner tuned without softcap.
+# crosses a feature, so a softcap call never takes a winner tuned without softcap. A packed call's token
+# bucket is a workload size like B·Hq, not a feature: the group holds every bucket, and the distance counts it.
 GroupKey = tuple[str, str, int, str, bool, bool, tuple[Any, ...]]
 Entry = tuple[int, int, int, int, "Winner"]  # (n, n_kv, batch_heads, group, winner)
 # (op, arch, smem, config, D, dtype, causal) -> the error a stored config failed to compile with here
@@ -68,14 +70,18 @@ class Tables(Protocol):
 
 
 def nearest(entries: tuple[Entry, ...], key: Key) -> "Winner | None":
-    """The entry nearest to `key` in (log N, log N_kv, log BH), within NEAREST_LIMIT; None if none is."""
+    """The entry nearest to `key` in (log N, log N_kv, log BH, and a packed key's log tokens), within
+    NEAREST_LIMIT; None if none is."""
     lq, lk, lb = math.log2(key.seq_len), math.log2(key.seq_len_kv), math.log2(key.batch_heads or 1)
+    lt = math.log2(key.tokens) if key.tokens else 0.0
     best: tuple[float, int, int, int] | None = None
     chosen = None
     for n, n_kv, bh, group, w in entries:
         distance = abs(lq - math.log2(n)) + abs(lk - math.log2(n_kv))
         distance += abs(lb - math.log2(bh)) if bh and key.batch_heads else _UNBUCKETED
         distance += 0.0 if group == key.group else _OTHER_GROUP
+        if lt:
+            distance += abs(lt - math.log2(w.key.tokens))
         # Round so that exact ties in log space (e.g. 256 for 128 and 512) compare equal.
         score = (round(distance, 9), -n, -n_kv, -bh)
         if score[0] <= NEAREST_LIMIT and (best is None or score < best):
@@ -102,17 +108,22 @@ def _unknown_knobs(config: Config, knobs: Callable[[Config], Any]) -> str | None
 
 def group_key(key: Key) -> GroupKey:
     """The nearest rule's group of `key`: the winners it may take are those of the same group."""
-    return (key.arch, key.op, key.head_dim, key.dtype, key.causal, key.group > 1, key.features)
+    features = key.features
+    if key.tokens:
+        features = dataclasses.replace(key, tokens=1).features  # any bucket: `nearest` measures the distance
+    return (key.arch, key.op, key.head_dim, key.dtype, key.causal, key.group > 1, features)
 
 
 def key_or_none(arch: str, shape: Any, causal: bool, op: str = OP, *, window: int = 0, softcap: bool = False,
-                sinks: bool = False, alibi: bool = False, dropout: bool = False, mask: str = "none") -> Key | None:
-    """The key of a call of `shape`, with its attention features (`window` already bucketed:
-    db.types.window_bucket); None where the call has no key (an unlisted arch, a shape no key holds)."""
+                sinks: bool = False, alibi: bool = False, dropout: bool = False, mask: str = "none",
+                tokens: int = 0, page_size: int = 0) -> Key | None:
+    """The key of a call of `shape`, with its attention features (`window` and `tokens` already bucketed:
+    db.types.window_bucket, bucket); None where the call has no key (an unlisted arch, a shape no key holds)."""
     try:
         return Key(arch, op, shape.seq_q, shape.head_dim, shape.dtype, causal, seq_len_kv=shape.seq_k,
                    batch_heads=bucket(shape.batch * shape.heads_q), group=shape.group, window=window,
-                   softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
+                   softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask, tokens=tokens,
+                   page_size=page_size)
     except ValueError:
         return None
 

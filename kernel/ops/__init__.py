@@ -1,4 +1,4 @@
-"""The ops, each in its own module (fwd, bwd, kvcache, train), and the one registry that the dispatcher, the tuner
+"""The ops, each in its own module (fwd, bwd, kvcache, train, varlen: its forward and backward), and the one registry that the dispatcher, the tuner
 and the exchange file's fit check read: each op's default config, shared-memory model and knob check.
 
 An op module holds everything the op needs at run time: its knobs and variants, its default config, its
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ...db.types import Config
 
-from . import bwd, fwd, kvcache, train
+from . import bwd, fwd, kvcache, train, varlen
 
 if TYPE_CHECKING:
     from ..checks import AttnShape
@@ -58,6 +58,9 @@ OPS: dict[str, Op] = {
     "bwd": Op("bwd", _bwd_default, bwd.estimate_bwd_smem, bwd.bwd_knobs),
     "kvcache": Op("kvcache", _kvcache_default, kvcache.estimate_decode_smem, kvcache.decode_knobs),
     "train": Op("train", _train_default, train.estimate_train_smem, train.train_knobs),
+    # Packed sequences run the pointer kernels' tile loops: the dense forward's and backward's configs and models.
+    "varlen": Op("varlen", _fwd_default, fwd.estimate_smem, varlen.varlen_knobs),
+    "varlen_bwd": Op("varlen_bwd", _bwd_default, bwd.estimate_bwd_smem, bwd.bwd_knobs),
 }
 
 

@@ -36,7 +36,8 @@ from .bwd import _elementwise_block, bwd_knobs
 from .common import padded_head_dim
 from .fwd import fwd_variant
 
-__all__ = ["Packing", "check_varlen_inputs", "launch_varlen_bwd", "launch_varlen_fwd", "packing", "schedule"]
+__all__ = ["Packing", "check_varlen_inputs", "launch_varlen_bwd", "launch_varlen_fwd", "packing", "schedule",
+           "varlen_knobs"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,14 @@ def _caps(scale: float, mods: ScoreMods) -> tuple[float, float]:
     return softcap_factors(scale, mods.softcap) if mods.softcap else (0.0, 0.0)
 
 
+def varlen_knobs(config: Config) -> None:
+    """Raise ValueError for a forward config the packed kernel cannot run: it takes the pointer kernel's tile
+    sizes, warps and stages, and no variant knob (TMA loads, schedules, dropout, ...)."""
+    variant = fwd_variant(config)
+    if variant.launch is not None or variant.constexprs:
+        raise ValueError(f"config {config}: the varlen forward runs the pointer kernel only (no knobs)")
+
+
 def launch_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pack: Packing, shape: AttnShape, *, causal: bool,
                       scale: float, config: Config, mods: ScoreMods = NO_MODS, return_lse: bool = True,
                       fp32_precision: str = "ieee", out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -160,9 +169,7 @@ def launch_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, pack: Packing, shape: Att
     `config` is a forward Config of the pointer kernel (block_m, block_n, warps, stages; ValueError for a knob it
     does not take). `mods`: softcap, window and sinks (bottom-right per document); the LSE includes the sinks.
     Rows no document covers are not written."""
-    variant = fwd_variant(config)
-    if variant.launch is not None or variant.constexprs:
-        raise ValueError(f"config {config}: the varlen forward runs the pointer kernel only (no knobs)")
+    varlen_knobs(config)
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty((shape.heads_q, pack.total_q), device=q.device, dtype=torch.float32) if return_lse else o
     n_slots = slots(pack.total_q, pack.batch, pack.max_q, config.block_m)

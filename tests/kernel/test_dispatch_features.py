@@ -41,7 +41,7 @@ def _choose(table, n: int, **features: object):  # type: ignore[no-untyped-def]
 def test_a_call_takes_only_winners_of_its_features(table) -> None:  # type: ignore[no-untyped-def]
     plain = _choose(table, 1024)
     assert (plain.source, plain.config) == (EXACT, PLAIN) and plain.key.features == (0, False, False, False, False,
-                                                                                     "none")
+                                                                                     "none", 0, 0)
     capped = _choose(table, 1024, softcap=True)
     assert (capped.source, capped.config) == (EXACT, SOFTCAP) and capped.key.softcap
     near = _choose(table, 2048, softcap=True)  # the softcap winner at 1024, not the plain one

@@ -30,8 +30,9 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 def test_the_copy_has_the_installed_versions(copy: Path) -> None:
     assert op_versions(copy) == OP_VERSIONS
-    assert set(OP_VERSIONS) == {"fwd", "bwd", "kvcache", "train", "varlen"}
-    assert len(set(OP_VERSIONS.values())) == 5
+    assert set(OP_VERSIONS) == {"fwd", "bwd", "kvcache", "train", "varlen", "varlen_bwd"}
+    # The packed forward and backward are tuned on the same kernels: one version.
+    assert len(set(OP_VERSIONS.values())) == 5 and OP_VERSIONS["varlen_bwd"] == OP_VERSIONS["varlen"]
 
 
 def test_host_only_edits_keep_every_version(copy: Path) -> None:
@@ -76,7 +77,7 @@ def test_a_jit_body_edit_changes_its_op_only(copy: Path, op: str, module: str, f
     # The training pair compiles the forward's and the backward's kernels: it changes with either.
     changed = {op, "train"} if op in ("fwd", "bwd") else {op}
     if function in ("_fwd_tiles", "_dkdv_tiles"):
-        changed.add("varlen")  # the packed-sequence kernels run the dense kernels' tile loops
+        changed |= {"varlen", "varlen_bwd"}  # the packed-sequence kernels run the dense kernels' tile loops
     assert all(after[o] != OP_VERSIONS[o] for o in changed)
     assert {o: v for o, v in after.items() if o not in changed} == {
         o: v for o, v in OP_VERSIONS.items() if o not in changed}
