@@ -41,8 +41,8 @@ table, not a failure. Times are triton.testing.do_bench medians
 (L2 flushed). Writes <out>/packed_bench.csv, packed_bench.json (provenance) and packed_bench.md, prints each
 part's table as it ends and all of them last.
 
-    python bench/packed_bench.py --out bench/results/h100/packed                 # GPU: about 4 minutes
-    python bench/packed_bench.py --out /tmp/packed --quick                        # GPU: under 2 minutes
+    python bench/packed_bench.py --out bench/results/h100/packed                 # GPU: meant to fit 5 minutes
+    python bench/packed_bench.py --out /tmp/packed --quick                        # GPU: meant to fit 2 minutes
     TRITON_INTERPRET=1 python bench/packed_bench.py --smoke --out /tmp/packed-smoke  # CPU: tiny, float32, no timing claims
 """
 from __future__ import annotations
@@ -146,6 +146,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.copy_tbs: float | None = None
+        self.last: Any = None  # the output of the last call `time` ran first (for comparisons)
 
     def gen(self, *parts: Any) -> Any:
         seed = self.args.seed + zlib.crc32(repr(parts).encode())
@@ -186,10 +187,14 @@ class Bench:
 
     def time(self, fn: Callable[[], Any], grads: list[Any] | None = None, graph: bool = False
              ) -> tuple[float | None, str | None]:
-        """(median ms, None) or (None, the error). One call first (under --smoke its wall time is the time)."""
+        """(median ms, None) or (None, the error). One call first (under --smoke its wall time is the time); its
+        output, detached, is kept in `last`."""
+        self.last = None
         try:
             t0 = time.perf_counter()
-            fn()
+            out = fn()
+            self.last = out.detach() if isinstance(out, self.torch.Tensor) else None
+            del out
             if self.cuda:
                 self.torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) * 1e3
@@ -285,8 +290,17 @@ def packed_case(b: Bench, total: int, hq: int, hkv: int) -> None:
     ft_ms, err = b.time(ft, grads=[q, k, v])
     b.add("packed", case, "flashtune varlen", ft_ms, flops, "TFLOP/s", error=err,
           note=f"{len(lengths)} docs {min(lengths)}..{longest}")
-    out_ft = attention_varlen(q, k, v, cu, cu, longest, longest, causal=True).detach()
+    out_ft = b.last if b.last is not None else attention_varlen(q, k, v, cu, cu, longest, longest,
+                                                                 causal=True).detach()
     check_packed(b, case, q, k, v, out_ft, lengths)
+
+    def vs_ft(out: Any) -> str:
+        """A peer's output (packed layout, or (1, H, N, D)) against flashtune's, for the row's note."""
+        if out is None:
+            return ""
+        if out.dim() == 4:
+            out = out[0].transpose(0, 1)
+        return f"max |out - flashtune| {float((out.float() - out_ft.float()).abs().max()):.1e}"
 
     # (1, H, N, D) views of the same values as leaves, for the peers that take a whole pack as one row
     q1, k1, v1 = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(True) for x in (q, k, v))
@@ -325,9 +339,10 @@ def packed_case(b: Bench, total: int, hq: int, hkv: int) -> None:
                 refused.append(f"{name}: {error}")
                 print(f"  sdpa {name} refused or failed: {error}", flush=True)
             elif best[1] is None or ms < best[1]:
-                best = (name, ms, "")
+                best = (name, ms, vs_ft(b.last))
+            b.last = None
         b.add("packed", case, f"sdpa mask ({best[0] or '-'})", best[1], flops, "TFLOP/s", vs="flashtune",
-              ratio=best[1] / ft_ms if best[1] and ft_ms else None, target=1.5,
+              ratio=best[1] / ft_ms if best[1] and ft_ms else None, target=1.5, note=best[2],
               error=None if best[1] else "; ".join(refused) or "no backend ran")
         del mask, pos
         b.free()
@@ -358,13 +373,17 @@ def packed_case(b: Bench, total: int, hq: int, hkv: int) -> None:
             out.backward(doutp)
             return out
         ms_op, err_op = b.time(padded_op, grads=[qp, kp, vp])
+        unpadded = (None if b.last is None else
+                    b.last.transpose(1, 2).reshape(nb * longest, hq, d).index_select(0, idx))
         b.add("packed", case, "padded dense, op only", ms_op, flops, "TFLOP/s", vs="flashtune",
               ratio=ms_op / ft_ms if ms_op and ft_ms else None, error=err_op,
-              note=f"B={nb} N={longest}; no target (the copies excluded)")
-        del qp, kp, vp, doutp
+              note=f"B={nb} N={longest}; no target (the copies excluded); {vs_ft(unpadded)}")
+        del qp, kp, vp, doutp, unpadded
+        b.last = None
         ms_full, err_full = b.time(padded_full, grads=[q, k, v])
         b.add("packed", case, "padded dense + copies", ms_full, flops, "TFLOP/s", vs="flashtune",
-              ratio=ms_full / ft_ms if ms_full and ft_ms else None, target=1.2, error=err_full)
+              ratio=ms_full / ft_ms if ms_full and ft_ms else None, target=1.2, error=err_full, note=vs_ft(b.last))
+        b.last = None
         b.free()
 
     # (c) FlexAttention with a document∧causal block mask
@@ -393,7 +412,8 @@ def packed_case(b: Bench, total: int, hq: int, hkv: int) -> None:
         except Exception as exc:  # noqa: BLE001
             error = error_line(exc, 200)
         b.add("packed", case, "flex", ms, flops, "TFLOP/s", vs="flashtune",
-              ratio=ms / ft_ms if ms and ft_ms else None, target=1.0, error=error)
+              ratio=ms / ft_ms if ms and ft_ms else None, target=1.0, error=error, note=vs_ft(b.last))
+        b.last = None
 
 
 def check_packed(b: Bench, case: str, q: Any, k: Any, v: Any, out: Any, lengths: list[int]) -> None:
@@ -694,7 +714,7 @@ def summary(b: Bench, prov: dict[str, Any]) -> str:
               f"Triton {prov.get('triton')}."), ""]
 
     def cell(x: Any) -> str:
-        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x).replace("|", "/"))
+        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x).replace("|", "\\|"))
     for part in PARTS:
         rows = [r for r in b.rows if r["part"] == part]
         if not rows:
@@ -711,7 +731,7 @@ def main() -> int:
     parser = arguments(__doc__, smoke="CPU run: tiny shapes in float32 under the Triton interpreter, every path "
                                       "once, no timing claims, no Flex compile, no CUDA graphs",
                        seed=True, timing=[Budget(10, 100)])
-    parser.add_argument("--quick", action="store_true", help="fewer cases (under 2 minutes on an H100)")
+    parser.add_argument("--quick", action="store_true", help="fewer cases (meant to fit 2 minutes on an H100)")
     parser.add_argument("--only", type=str_list, default=list(PARTS), help=f"parts, comma list of {','.join(PARTS)}")
     args = parser.parse_args()
     bad = [p for p in args.only if p not in PARTS]
