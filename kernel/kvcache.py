@@ -14,11 +14,13 @@ from ..db.types import Config
 from . import device as _device
 from . import dispatch, record
 from .checks import (
+    MIN_PAGE_SIZE,
     AttnShape,
     check_block_table_values,
     check_bool,
     check_cache_lengths,
     check_cache_seqlens,
+    check_dense,
     check_kvcache_inputs,
     check_paged_inputs,
     check_scale,
@@ -29,7 +31,7 @@ from .mods import NO_MODS, ScoreMods, capped, check_mods
 from .ops.kvcache import check_decode_config, launch_decode
 from .sdpa import is_refusal, run_sdpa
 
-__all__ = ["append_paged_kv", "attention_kvcache", "run_planned"]
+__all__ = ["append_paged_kv", "attention_kvcache", "paged_kv", "run_planned"]
 
 
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
@@ -187,6 +189,39 @@ def append_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: t
     slots = pos % page_size
     k_cache[pages, slots] = k_new.permute(0, 2, 1, 3).to(k_cache.dtype)
     v_cache[pages, slots] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
+
+
+def paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int, cache_seqlens: torch.Tensor | None = None,
+             *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous caches (B, Hkv, Nmax, D) written into pages: (k_pages, v_pages, block_table), the pages
+    (num_pages, page_size, Hkv, D) in a random order drawn from `generator` (a CPU generator; None: torch's
+    default), as a serving engine's allocator leaves them. Sequence b gets cdiv(cache_seqlens[b], page_size)
+    pages (all Nmax tokens when no lengths are given); the table is (B, cdiv(Nmax, page_size)) int32, its
+    entries past a sequence's pages 0. For benchmarks, the tuner and moving an existing cache to pages."""
+    check_dense("k_cache", k_cache, "4-D (batch, kv_heads, seq_len, head_dim)")
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < MIN_PAGE_SIZE or (
+            page_size & (page_size - 1)):
+        raise ValueError(f"page_size must be a power of two from {MIN_PAGE_SIZE}, got {page_size!r}")
+    if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must be a tensor of k_cache's shape {tuple(k_cache.shape)}")
+    batch, heads_kv, seq_kv, head_dim = k_cache.shape
+    device = k_cache.device
+    lengths = [seq_kv] * batch if cache_seqlens is None else [min(int(n), seq_kv) for n in cache_seqlens.tolist()]
+    owned = [-(-n // page_size) for n in lengths]
+    order = torch.randperm(max(1, sum(owned)), generator=generator).to(torch.int32)
+    table = torch.zeros(batch, max(1, -(-seq_kv // page_size)), dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(owned):
+        table[b, :n] = order[at:at + n]
+        at += n
+    table = table.to(device)
+    k_pages = k_cache.new_empty((max(1, sum(owned)), page_size, heads_kv, head_dim))
+    v_pages = torch.empty_like(k_pages)
+    start = torch.zeros(1, dtype=torch.int32, device=device)
+    for b, n in enumerate(lengths):
+        if n:  # one sequence at a time: each writes only its own pages
+            append_paged_kv(k_pages, v_pages, table[b:b + 1], start, k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n])
+    return k_pages, v_pages, table
 
 
 def run_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor | None,

@@ -85,6 +85,8 @@ class TuneOptions:
     alibi: bool = False
     mask: str = "none"  # "bool" or "float": the grid's keys take an explicit mask (`tune --mask`)
     dropout: bool = False
+    tokens: tuple[int, ...] = (32768,)  # total-token buckets of varlen keys (`tune --tokens`)
+    page_sizes: tuple[int, ...] = ()  # kvcache keys' page sizes (`tune --page-size`); (): contiguous caches
 
     @property
     def features(self) -> dict[str, Any]:
@@ -96,7 +98,8 @@ class TuneOptions:
     def grid(self, arch: str) -> list[Key]:
         """The keys of the grid on `arch` (`grid_keys`)."""
         return grid_keys(arch, self.seq, self.head_dim, self.dtype, self.causal, self.batch_heads, self.groups,
-                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens, features=self.features)
+                         self.ops, q_lens=self.q_lens, kv_lens=self.kv_lens, features=self.features,
+                         tokens=self.tokens, page_sizes=self.page_sizes)
 
     def keys(self, arch: str) -> list[Key]:
         """The keys to tune on `arch`: the recorded ones, the largest estimated share of the app's
@@ -113,7 +116,8 @@ class TuneOptions:
                 "op": list(self.ops), "q_len": list(self.q_lens),
                 "kv_len": None if self.kv_lens is None else list(self.kv_lens), "kernel_only": self.kernel_only,
                 "recorded": self.recorded, "budget_s": self.budget_s, "softcap": self.softcap, "window": self.window,
-                "sinks": self.sinks, "alibi": self.alibi, "mask": self.mask, "dropout": self.dropout}
+                "sinks": self.sinks, "alibi": self.alibi, "mask": self.mask, "dropout": self.dropout,
+                "tokens": list(self.tokens), "page_size": list(self.page_sizes)}
 
     def compile_shares(self, gpus: int = 1) -> tuple[int, int]:
         """(compile threads, compile-pool processes) of each of `gpus` benchmark workers on this host: as
@@ -126,27 +130,40 @@ class TuneOptions:
 def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
               causals: Sequence[bool], batch_heads: Sequence[int], groups: Sequence[int],
               ops: Sequence[str] = ("fwd",), *, q_lens: Sequence[int] = (1,),
-              kv_lens: Sequence[int] | None = None, features: Mapping[str, Any] | None = None) -> list[Key]:
+              kv_lens: Sequence[int] | None = None, features: Mapping[str, Any] | None = None,
+              tokens: Sequence[int] = (32768,), page_sizes: Sequence[int] = ()) -> list[Key]:
     """The keys of the grid for each of `ops`; a bucket smaller than its group (B·Hq below Hq) is no
     workload and is left out (TuneError naming --group when that leaves nothing). kvcache keys take
     Nq from `q_lens` and the cache length from `kv_lens` (default: `seqs`); a causal one with more
-    queries than cached keys is left out (bottom-right causal would give query 0 no key). `features`:
-    the attention features every key has (Key keywords); a key whose sliding window covers every key
-    (no call has such a key: tuner.ops.mods.nominal_window) is left out, TuneError naming --window when
-    that leaves nothing, and TuneError for features kvcache keys do not take (a mask, dropout)."""
-    from .ops.mods import KVCACHE_FEATURES, nominal_window
+    queries than cached keys is left out (bottom-right causal would give query 0 no key), and with
+    `page_sizes` each is a paged key of every page size. Packed keys (varlen, varlen_bwd) take their
+    longest document from `seqs`, their total tokens from `tokens` (bucketed; those below the longest
+    document are left out) and Hq from `batch_heads`. `features`: the attention features every key has
+    (Key keywords); a key whose sliding window covers every key (no call has such a key:
+    tuner.ops.mods.nominal_window) is left out, TuneError naming --window when that leaves nothing, and
+    TuneError for features an op's keys do not take (a mask or dropout for kvcache; ALiBi too for varlen)."""
+    from ..db.types import bucket
+    from .ops.mods import KVCACHE_FEATURES, VARLEN_FEATURES, VARLEN_OPS, nominal_window
 
     features = dict(features or {})
-    if "kvcache" in ops:
-        other = [name for name in features if name not in KVCACHE_FEATURES]
-        if other:
-            raise TuneError(f"--{' and --'.join(other)}: kvcache keys (attention_kvcache) take no "
+    for names, takes, api in ((("kvcache",), KVCACHE_FEATURES, "attention_kvcache"),
+                              (VARLEN_OPS, VARLEN_FEATURES, "attention_varlen")):
+        other = [name for name in features if name not in takes]
+        if set(names) & set(ops) and other:
+            raise TuneError(f"--{' and --'.join(other)}: {'/'.join(names)} keys ({api}) take no "
                             f"{' or '.join(other)}; tune them without it")
 
     def lengths(op: str) -> list[tuple[int, int]]:
         if op != "kvcache":
             return [(n, n) for n in seqs]
         return [(nq, nk) for nq in q_lens for nk in (kv_lens or seqs)]
+
+    def layouts(op: str, n: int) -> list[dict[str, int]]:
+        if op in VARLEN_OPS:
+            return [{"tokens": t} for t in dict.fromkeys(bucket(t) for t in tokens) if t >= n]
+        if op == "kvcache" and page_sizes:
+            return [{"page_size": p} for p in page_sizes]
+        return [{}]
 
     def windowed(causal: bool, seq_k: int) -> bool:
         try:
@@ -155,13 +172,14 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
             return False
         return True
 
-    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, **features)
+    keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, **features, **layout)
             for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
-            for n, n_kv in lengths(op) for bh in batch_heads
+            for n, n_kv in lengths(op) for bh in batch_heads for layout in layouts(op, n)
             if bh >= g and not (op == "kvcache" and c and n > n_kv)]
     if not keys:
         raise TuneError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
-                        f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq")
+                        f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq (or, for varlen keys, "
+                        "every --tokens is below every --seq)")
     if features.get("window"):
         keys = [key for key in keys if windowed(key.causal, key.seq_len_kv)]
         if not keys:

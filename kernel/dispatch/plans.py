@@ -496,12 +496,13 @@ def varlen_plan(q: torch.Tensor, shape: AttnShape, total_q: int, causal: bool, f
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *,
             arch: str | None = None, kernel_only: bool = False, op: str = OP, window: int = 0,
             softcap: bool = False, sinks: bool = False, alibi: bool = False, dropout: bool = False,
-            mask: str = "none") -> Choice:
+            mask: str = "none", page_size: int = 0) -> Choice:
     """Which config `attention(q, k, v, is_causal=...)` uses and why, without running it; with
     `op="bwd"`, which config its backward uses; with `op="train"`, the pair a training call's key decides;
     with `op="kvcache"`, which config `attention_kvcache(q, k, v, causal=is_causal)` uses (k, v: the caches).
     The key features (`window` bucket, `softcap`, `sinks`, `alibi`, `dropout`, `mask`, as `lookup` takes
-    them) ask the same for a call with those modifiers (its own key).
+    them) ask the same for a call with those modifiers (its own key); `page_size` for a paged kvcache call
+    (k, v then stand for the equivalent contiguous caches). A packed call's plan is `varlen_plan`'s.
 
     `arch` plans for another GPU arch (its table entries and planning shared-memory limit), e.g.
     to ask about sm_90 from a CPU machine: the tensors may then be on any device, since nothing
@@ -511,7 +512,8 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
     """
     causal = check_bool(is_causal, "is_causal")
     kernel_only = check_bool(kernel_only, "kernel_only")
-    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask)
+    features = feature_fields(window=window, softcap=softcap, sinks=sinks, alibi=alibi, dropout=dropout, mask=mask,
+                              page_size=page_size)
     _rules(op)
     if arch is not None:
         shape = check_tensors(q, k, v)

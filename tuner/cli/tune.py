@@ -334,7 +334,8 @@ def fleet_options(func: F) -> F:
               help="GQA groups Hq/Hkv, a comma list: each key is timed with real GQA inputs.")
 @click.option("--op", "ops", type=OPS_LIST, default="fwd", show_default=True,
               help="Ops to tune, a comma list: fwd (the forward), bwd (the fused backward), kvcache "
-                   "(attention_kvcache's split-KV decode; see --decode), fwd,bwd. "
+                   "(attention_kvcache's split-KV decode; see --decode), train (the forward+backward pair), "
+                   "varlen and varlen_bwd (attention_varlen's packed forward and backward; see --tokens). "
                    "With --recorded: which recorded ops to tune (default: all of them).")
 @click.option("--softcap", is_flag=True,
               help="Tune keys with logit softcapping (attention(softcap=...), Gemma 2; timed with a cap of 1).")
@@ -350,6 +351,12 @@ def fleet_options(func: F) -> F:
 @click.option("--dropout", is_flag=True,
               help="Tune keys with dropout (a training call's; timed with p = 0.1). The feature options combine; "
                    "kvcache keys take no --mask or --dropout.")
+@click.option("--tokens", "tokens", type=SEQ_LENS, default="32768", show_default=True,
+              help="Total tokens of packed keys (--op varlen,varlen_bwd: attention_varlen), written like --seq, "
+                   "each rounded to a power of two; --seq gives their longest document and --batch-heads their Hq.")
+@click.option("--page-size", "page_sizes", type=SEQ_LENS, default=None,
+              help="Page sizes of paged kvcache keys (attention_kvcache with a block_table), powers of two from "
+                   "16, written like --seq; each kvcache key is timed on shuffled pages of each size.")
 @click.option("--decode", is_flag=True,
               help="Tune decode keys (--op kvcache, attention_kvcache): --q-len queries against a cache of "
                    "--kv-len keys; added to an explicit --op.")
@@ -419,7 +426,22 @@ def _options(params: Mapping[str, Any]) -> TuneOptions:
         fleet=FleetOptions(gpus=gpus if gpus is None or isinstance(gpus, str) else tuple(gpus), job=params["job"],
                            join=params["join"], lease_s=params["lease_s"]),
         given=given, softcap=params["softcap"], window=params["window"] or 0, sinks=params["sinks"],
-        alibi=params["alibi"], mask=params["mask"] or "none", dropout=params["dropout"])
+        alibi=params["alibi"], mask=params["mask"] or "none", dropout=params["dropout"],
+        tokens=tuple(params["tokens"]), page_sizes=_page_sizes(params["page_sizes"], ops))
+
+
+def _page_sizes(sizes: list[int] | None, ops: Sequence[str]) -> tuple[int, ...]:
+    """--page-size's values; CliError for a size that is not a power of two from 16, or without kvcache keys."""
+    if sizes is None:
+        return ()
+    if "kvcache" not in ops:
+        raise CliError("--page-size shapes paged decode keys: add --decode (or --op kvcache)")
+    from ...kernel.checks import MIN_PAGE_SIZE
+
+    bad = [p for p in sizes if p < MIN_PAGE_SIZE or p & (p - 1)]
+    if bad:
+        raise CliError(f"--page-size {bad[0]}: a page size is a power of two from {MIN_PAGE_SIZE}")
+    return tuple(dict.fromkeys(sizes))
 
 
 def _with_decode(ops: list[str], decode: bool, kv_lens: list[int] | None, q_lens: list[int] | None) -> list[str]:

@@ -1,5 +1,5 @@
 """The ops the tuner knows: one `OpSpec` per op name, each op's search space and workload in its own
-module (`fwd`, `bwd`, `kvcache`, `train`), on what they share (`spec`: the OpSpec type; `inputs`: the
+module (`fwd`, `bwd`, `kvcache`, `train`, `varlen`: the packed forward and backward), on what they share (`spec`: the OpSpec type; `inputs`: the
 benchmark inputs' base class; `space`: the space's building blocks).
 
 Adding an op is one module, one import and one entry here (and its name in db.types.OPS).
@@ -16,10 +16,11 @@ from .fwd import FWD
 from .kvcache import KVCACHE
 from .spec import OpSpec
 from .train import TRAIN
+from .varlen import VARLEN, VARLEN_BWD
 
 __all__ = ["OPS", "OpSpec", "op_spec", "spec_of", "with_parts"]
 
-OPS: dict[str, OpSpec] = {spec.name: spec for spec in (FWD, BWD, KVCACHE, TRAIN)}
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (FWD, BWD, KVCACHE, TRAIN, VARLEN, VARLEN_BWD)}
 
 
 def op_spec(op: str) -> OpSpec:

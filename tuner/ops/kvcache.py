@@ -6,7 +6,9 @@ caches with real GQA (Hkv = Hq / group KV heads) and every sequence Nmax long; e
 is checked against kernel/testing.py in fp32 on the bench device, with the forward's
 tolerance. A key with features (window, softcap, sinks, ALiBi: tuner.ops.mods; a decode call has no mask
 and no dropout) runs them bottom-right aligned, as the cache's causal mask (diag = Nmax − Nq), and is
-checked against the float64 reference of the same modifiers (tuner.ops.reference).
+checked against the float64 reference of the same modifiers (tuner.ops.reference). A key with a page size
+(Key.page_size) is timed on the same caches written into pages in a shuffled order (kernel.kvcache.paged_kv),
+every sequence's length passed, as a serving engine calls it; no SDPA backend reads pages.
 
 The space: num_splits x block_n x (warps, stages), and the half-size query tile where the packed rows
 G·Nq fill more than 16 rows, around the key's default (kernel.ops.kvcache.default_decode_config with the
@@ -146,6 +148,8 @@ class KVCacheInputs(OpInputs):
 
     tolerance = TOLERANCE
     against = "the KV-cache reference (fp32)"
+    # A paged key's (k_pages, v_pages, block_table, lengths, paged shape), set by `prepare`; None: contiguous.
+    paged: Any = None
 
     @classmethod
     def check_key(cls, key: Key) -> None:
@@ -160,6 +164,29 @@ class KVCacheInputs(OpInputs):
     def sizes(cls, key: Key, batch_heads: int) -> tuple[int, int, int]:
         """(B, Hq, Hkv) of the inputs, as `kvcache_bytes` counts them; a key without a bucket (0) as one of 1."""
         return super().sizes(key, max(1, batch_heads))
+
+    @classmethod
+    def footprint(cls, key: Key, batch_heads: int) -> int:
+        """The contiguous inputs' footprint; a paged key holds a second, paged copy of the caches."""
+        held = super().footprint(key, batch_heads)
+        if key.page_size:
+            batch, _, heads_kv = cls.sizes(key, batch_heads)
+            pages = -(-key.seq_len_kv // key.page_size)
+            held += 2 * batch * heads_kv * pages * key.page_size * key.head_dim * DTYPE_BYTES[key.dtype]
+        return held
+
+    def prepare(self, draw: Any) -> None:
+        """A paged key's caches in shuffled pages, its block table and lengths (every sequence Nmax long)."""
+        self.paged = None
+        if self.key.page_size:
+            from ...kernel.checks import check_paged_inputs
+            from ...kernel.kvcache import paged_kv
+
+            k_pages, v_pages, table = paged_kv(self.k, self.v, self.key.page_size,
+                                               generator=torch.Generator().manual_seed(self.key.page_size))
+            shape = check_paged_inputs(self.q, k_pages, v_pages, table)[0]
+            lengths = torch.full((self.q.shape[0],), self.key.seq_len_kv, dtype=torch.int32, device=self.q.device)
+            self.paged = (k_pages, v_pages, table, lengths, shape)
 
     @classmethod
     def shape_of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttnShape:
@@ -186,14 +213,18 @@ class KVCacheInputs(OpInputs):
         provider = provider_of(config)
         if provider != KERNEL:
             return run_sdpa(provider, self.q, self.k, self.v, causal=False, scale=self.scale), None
+        if self.paged is not None:
+            k_pages, v_pages, table, lengths, shape = self.paged
+            return launch_decode(self.q, k_pages, v_pages, shape, cache_seqlens=lengths, causal=self.key.causal,
+                                 scale=self.scale, config=config, out=out, mods=self.mods, block_table=table)
         return launch_decode(self.q, self.k, self.v, self.shape, cache_seqlens=None, causal=self.key.causal,
                              scale=self.scale, config=config, out=out, mods=self.mods)
 
 
 def sdpa_decode_key(key: Key) -> bool:
     """Whether SDPA (no lengths, top-left causal) computes a kvcache key's full-cache call: every query sees
-    every cached key (one query, or not causal), and it has no attention features."""
-    return (key.seq_len == 1 or not key.causal) and not has_features(key)
+    every cached key (one query, or not causal), and it has no attention features and no pages."""
+    return (key.seq_len == 1 or not key.causal) and not has_features(key) and not key.page_size
 
 
 KVCACHE = OpSpec(OP, space=kvcache_space, plan=kvcache_plan, default=kvcache_default,

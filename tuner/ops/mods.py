@@ -39,13 +39,19 @@ NOMINAL_SOFTCAP = 1.0
 NOMINAL_DROPOUT = 0.1
 MASK_BLOCK = 8  # the random hidden blocks of a boolean mask: smaller than any kernel tile, so tiles are partial
 MASK_HIDDEN = 0.2  # the share of those blocks hidden
-# The ops whose kernels take each feature: a decode call has no explicit mask and no dropout (inference).
-KVCACHE_FEATURES = frozenset({"window", "softcap", "sinks", "alibi"})
+# The ops whose kernels take each feature: a decode call has no explicit mask and no dropout (inference), and
+# a paged cache's page size is its own; a packed call takes the window, softcap and sinks, and has its tokens.
+KVCACHE_FEATURES = frozenset({"window", "softcap", "sinks", "alibi", "page_size"})
+VARLEN_FEATURES = frozenset({"window", "softcap", "sinks", "tokens"})
+VARLEN_OPS = ("varlen", "varlen_bwd")
+# The features that modify the scores (the rest say how the inputs are laid out: packed, paged).
+SCORE_FEATURES = tuple(name for name in FEATURE_DEFAULTS if name not in ("tokens", "page_size"))
 
 
 def has_features(key: Key) -> bool:
-    """Whether any attention feature of `key` is on."""
-    return key.features != tuple(FEATURE_DEFAULTS.values())
+    """Whether any score modifier of `key` is on (a packed call's tokens and a page size are layouts, not
+    modifiers)."""
+    return any(getattr(key, name) != FEATURE_DEFAULTS[name] for name in SCORE_FEATURES)
 
 
 def nominal_window(window: int, causal: bool, seq_k: int) -> tuple[int, int]:
@@ -82,10 +88,12 @@ def alibi_slopes(heads: int) -> list[float]:
 
 def check_features(key: Key) -> None:
     """ValueError for a key whose features its op's kernels do not take, or whose window no call can have."""
-    if key.op == "kvcache":
-        other = [name for name, value in key.features_on().items() if name not in KVCACHE_FEATURES]
-        if other:
-            raise ValueError(f"{key}: a kvcache key takes no {' or '.join(other)} (attention_kvcache has none)")
+    takes = {"kvcache": (KVCACHE_FEATURES, "attention_kvcache"), "varlen": (VARLEN_FEATURES, "attention_varlen"),
+             "varlen_bwd": (VARLEN_FEATURES, "attention_varlen")}
+    allowed, api = takes.get(key.op, (frozenset(SCORE_FEATURES), "attention"))
+    other = [name for name in key.features_on() if name not in allowed]
+    if other:
+        raise ValueError(f"{key}: a {key.op} key takes no {' or '.join(other)} ({api} has none)")
     if key.window:
         nominal_window(key.window, key.causal, key.seq_len_kv)
 
