@@ -11,9 +11,11 @@ import pytest
 import torch
 from flashtune.db import bundled, exchange
 from flashtune.db.types import Config, Key
-from flashtune.kernel import dispatch
+from flashtune.kernel import attention, dispatch
 from flashtune.kernel.ops import smem_need
+from flashtune.kernel.testing import attention_reference
 from flashtune.kernel.version import OP_VERSIONS
+from helpers import qkv, rel
 from helpers.bundled import A100, H100_PCIE, H100_SXM, write_bundle
 from helpers.dispatch import build_db, key
 
@@ -122,14 +124,35 @@ def test_stale_bundled_winner_is_skipped_and_explained(bundle_dir: Path, tmp_pat
         assert_bundles_current([path])
 
 
-def test_explain_on_cpu_tensors_says_bundled(bundle_dir: Path, tmp_path: Path) -> None:
+def _runs_bundled_config(device: str, gpu: bundled.GpuModel, bundle_dir: Path, tmp_path: Path,
+                         **kw: bool) -> None:
+    """A bundled winner for `gpu`'s key of a small call is what explain() names and what the call runs;
+    the output matches float64 attention."""
     n = 64
-    write_bundle(bundle_dir, [(key(n, arch="sm_80", bh=2), BUNDLED_CFG)], A100)
-    load(empty_db(tmp_path), A100, interpreter=True)
-    q, k, v = (torch.randn(1, 2, n, 64, dtype=torch.float16) for _ in range(3))
+    write_bundle(bundle_dir, [(key(n, arch=gpu.arch, bh=2), BUNDLED_CFG)], gpu)
+    build_db(tmp_path / "user.db", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dispatch.DispatchWarning)
+        info = dispatch.reload(f"sqlite:///{tmp_path / 'user.db'}", **kw)
+    assert info.bundled == 1, info
+    q, k, v = qkv(1, 2, 2, n, n, 64, torch.float16, device, torch.Generator().manual_seed(7))
     choice = dispatch.explain(q, k, v)
     assert (choice.config, choice.source, choice.layer) == (BUNDLED_CFG, dispatch.EXACT, dispatch.BUNDLED)
     assert "bundled" in str(choice)
+    assert dispatch.plan(q, k, v, False).kernel == BUNDLED_CFG
+    out = attention(q, k, v)
+    assert rel(out, attention_reference(q.double(), k.double(), v.double())) < 2e-3
+
+
+def test_cpu_call_runs_the_bundled_config(bundle_dir: Path, tmp_path: Path) -> None:
+    _runs_bundled_config("cpu", A100, bundle_dir, tmp_path, gpus=[A100], interpreter=True)
+
+
+@pytest.mark.gpu
+def test_the_visible_gpu_takes_its_own_models_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+    """On a GPU: the dispatcher matches the real device (no stand-in), so its own model's bundle applies."""
+    gpu = dispatch.visible_gpus()[0]
+    _runs_bundled_config("cuda", gpu, bundle_dir, tmp_path)
 
 
 def test_unreadable_bundle_warns_and_never_raises(bundle_dir: Path, tmp_path: Path,
