@@ -279,9 +279,8 @@ def select(gpus: Sequence[GpuModel], versions: Mapping[str, str], *, how: str | 
             continue
         read.append(path)
         for w in winners:
-            if w.key in chosen or not all(matches(w, g, how) for g in by_arch.get(w.key.arch, ())):
-                continue
-            if w.key.arch not in by_arch:
+            here = by_arch.get(w.key.arch)
+            if not here or w.key in chosen or not all(matches(w, g, how) for g in here):
                 continue
             reason = stale_reason(w, versions)
             if reason is None:
