@@ -19,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("kernel", "db", "tuner")
+BUNDLE_PROBE = "db/bundled/packaging-probe.json"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, src / name)
+    # A bundle file as the lead ships them (db/bundled/<model>.json), for a model no GPU is named after: the
+    # wheel must carry it as package data even before a real one is committed.
+    (src / BUNDLE_PROBE).write_text('{"format": "flashtune-winners", "format_version": 2, "winners": []}\n')
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                            "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -81,6 +85,8 @@ def test_the_wheel_holds_every_source_file_and_nothing_else(wheel: Path) -> None
                for p in (REPO / root).rglob("*.py") if "__pycache__" not in p.parts}
     assert len(sources) > 50
     assert sorted(sources - names) == []
+    bundles = {f"flashtune/{p.relative_to(REPO).as_posix()}" for p in (REPO / "db" / "bundled").glob("*.json")}
+    assert sorted((bundles | {f"flashtune/{BUNDLE_PROBE}"}) - names) == []
 
 
 def test_console_scripts_run_from_the_installed_wheel(venv: Path, tmp_path: Path) -> None:

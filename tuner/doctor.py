@@ -136,6 +136,9 @@ def check_dispatcher(db_url: str | None) -> Iterator[Finding]:
     if info.override is not None:
         yield Finding("warn", "dispatcher", f"{dispatch.CONFIG_ENV_VAR}={info.override} forces one config "
                       "for every call")
+    if info.bundled_message:
+        # Stale or unreadable bundled winners are left out: worth a warning, the rest is information.
+        yield Finding("warn" if info.bundled_left_out else "info", "bundled", info.bundled_message)
 
 
 def check_kernel(device: torch.device) -> Iterator[Finding]:

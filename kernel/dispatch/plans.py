@@ -429,18 +429,18 @@ def _sdpa_serves(shape: AttnShape, causal: bool, has_seqlens: bool) -> bool:
 
 def _kv_exact_lengths(table: Table, device: torch.device, bucketed: AttnShape, causal: bool,
                       features: Features = ()) -> list[int]:
-    """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored for
-    exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
+    """The cache lengths in `bucketed`'s bucket, other than the bucket's own, with a winner stored (in the
+    user's database or bundled) for exactly their key (the call's key with that Nk); none for CPU tensors (no table is consulted)."""
     if device.type != "cuda":
         return []
     arch = device_arch(device)
     key = key_or_none(arch, bucketed, causal, KV_OP, **dict(features))
     if key is None:
         return []
-    entries = table.groups.get(group_key(key), ())
-    return [n_kv for n, n_kv, bh, group, _ in entries
-            if (n, bh, group) == (key.seq_len, key.batch_heads, key.group) and n_kv != key.seq_len_kv
-            and kv_bucket(n_kv) == key.seq_len_kv]
+    entries = (*table.groups.get(group_key(key), ()), *table.bundled.groups.get(group_key(key), ()))
+    return sorted({n_kv for n, n_kv, bh, group, _ in entries
+                   if (n, bh, group) == (key.seq_len, key.batch_heads, key.group) and n_kv != key.seq_len_kv
+                   and kv_bucket(n_kv) == key.seq_len_kv})
 
 
 def kvcache_key(plan: KVCachePlan) -> Key | None:

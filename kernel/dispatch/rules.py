@@ -31,6 +31,8 @@ _OTHER_GROUP = 0.5  # distance charged for another GQA group of the same class
 
 # Choice.source values.
 OVERRIDE, EXACT, NEAREST, DEFAULT = "override", "exact", "nearest", "default"
+# Choice.layer values: where a stored winner came from (None for an override or a default).
+DATABASE, BUNDLED = "database", "bundled"
 
 # (arch, op, head_dim, dtype, causal, grouped, the key's attention features): the nearest rule never
 # crosses a feature, so a softcap call never takes a winner tuned without softcap. A packed call's token
@@ -55,18 +57,54 @@ class Choice:
     provider: str = KERNEL  # "kernel", or the SDPA backend that won (kernel.sdpa)
     kernel_config: Config | None = None  # the kernel config to run when the provider cannot (None: `config`)
     op: str = OP  # which op's table and rules gave it: "fwd" or "bwd"
+    layer: str | None = None  # "database" (the user's) or "bundled" (shipped in the wheel) for a stored winner
 
     def __str__(self) -> str:
-        return f"{self.config} ({self.source}): {self.reason}"
+        where = f"{self.layer} {self.source}" if self.layer == BUNDLED else self.source
+        return f"{self.config} ({where}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of stored winners: by exact key, and per group sorted for the nearest rule."""
+
+    exact: Mapping[Key, "Winner"]
+    groups: Mapping[GroupKey, tuple[Entry, ...]]
+
+
+EMPTY = Layer({}, {})
 
 
 class Tables(Protocol):
-    """What the rules read of a loaded table: the winners by exact key, the winners of each group sorted for
-    the nearest rule, and the forced config (FLASHTUNE_CONFIG) if any."""
+    """What the rules read of a loaded table: the user's winners by exact key, the winners of each group sorted
+    for the nearest rule, the forced config (FLASHTUNE_CONFIG) if any, the bundled layer under them, and why
+    bundled winners of some keys were skipped (stale)."""
 
     exact: Mapping[Key, "Winner"]
     groups: Mapping[GroupKey, tuple[Entry, ...]]
     override: Config | None
+    bundled: Layer
+    skipped: Mapping[Key, str]
+
+
+def find(table: Tables, key: Key) -> tuple["Winner | None", str, str | None]:
+    """The stored winner for `key` and how it was found: the user's exact, the user's nearest, the bundled
+    exact, the bundled nearest; (None, DEFAULT, None) when no layer has one."""
+    for layer, exact, groups in ((DATABASE, table.exact, table.groups),
+                                 (BUNDLED, table.bundled.exact, table.bundled.groups)):
+        winner = exact.get(key)
+        if winner is not None:
+            return winner, EXACT, layer
+        entries = groups.get(group_key(key))
+        winner = nearest(entries, key) if entries else None
+        if winner is not None:
+            return winner, NEAREST, layer
+    return None, DEFAULT, None
+
+
+def has_exact(table: Tables, key: Key) -> bool:
+    """Whether any layer stores a winner for exactly `key`."""
+    return key in table.exact or key in table.bundled.exact
 
 
 def nearest(entries: tuple[Entry, ...], key: Key) -> "Winner | None":
@@ -151,7 +189,7 @@ def kv_shape(table: Tables | None, arch: str, shape: Any, causal: bool,
         return shape
     if table is not None:
         key = key_or_none(arch, shape, causal, KV_OP, **(features or {}))
-        if key is not None and key in table.exact:
+        if key is not None and has_exact(table, key):
             return shape
     return dataclasses.replace(shape, seq_k=seq_kv)
 
@@ -168,14 +206,12 @@ def resolve(table: Tables, arch: str, smem_limit: int, shape: Any, causal: bool,
     head_dim, dtype = shape.head_dim, shape.dtype
     if table.override is not None and rules.overridable:
         return Choice(table.override, OVERRIDE, f"forced by {CONFIG_ENV_VAR}", arch, key, op=op)
-    winner = table.exact.get(key) if key is not None else None
-    source = EXACT
-    if winner is None and key is not None:
-        entries = table.groups.get(group_key(key))
-        if entries:
-            winner, source = nearest(entries, key), NEAREST
+    winner, source, layer = find(table, key) if key is not None else (None, DEFAULT, None)
     fallback_why = ("nothing tuned near this key (same arch, head dim, dtype, causal, group class and features, "
                     f"within {NEAREST_LIMIT:g} in log2 of N, N_kv and batch·heads)")
+    if winner is None and key is not None and key in table.skipped:
+        fallback_why += f"; the {table.skipped[key]}, so it is not used"
+    bundled = "bundled (shipped with flashtune) " if layer == BUNDLED else ""
     provider = provider_of(winner.config) if winner is not None else KERNEL
     if winner is not None and provider != KERNEL:
         fallback = kernel_fallback(winner, provider)
@@ -189,10 +225,11 @@ def resolve(table: Tables, arch: str, smem_limit: int, shape: Any, causal: bool,
                 provider = KERNEL
         else:
             stale = winner.kernel_version != op_version(winner.key.op)
-            what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {winner.key}"
+            what = (f"{bundled}stored winner" if source == EXACT
+                    else f"nearest {bundled}tuned key, the winner for {winner.key}")
             return Choice(winner.config, source, f"{what}: torch SDPA's {provider} backend, {timing(winner)}",
                           arch, key, winner, stale, provider,
-                          fallback or rules.default(arch, shape, smem_limit, sm_count), op=op)
+                          fallback or rules.default(arch, shape, smem_limit, sm_count), op=op, layer=layer)
     if winner is not None:
         config, wk = winner.config, winner.key
         failure = failed.get((op, arch, smem_limit, config, head_dim, dtype, causal))
@@ -200,17 +237,17 @@ def resolve(table: Tables, arch: str, smem_limit: int, shape: Any, causal: bool,
         unknown = _unknown_knobs(config, rules.knobs)
         need = rules.smem(config, head_dim, dtype, arch) if unknown is None else 0
         if failure is not None:
-            fallback_why = f"stored config {config} for {wk} failed to compile here ({failure})"
+            fallback_why = f"{bundled}stored config {config} for {wk} failed to compile here ({failure})"
         elif unknown is not None:
-            fallback_why = f"stored config for {wk} cannot run here: {unknown}"
+            fallback_why = f"{bundled}stored config for {wk} cannot run here: {unknown}"
         elif need > smem_limit:
-            fallback_why = (f"stored config {config} for {wk} needs about {need // 1024} KB of shared "
+            fallback_why = (f"{bundled}stored config {config} for {wk} needs about {need // 1024} KB of shared "
                             f"memory; this GPU allows {smem_limit // 1024} KB")
         else:
-            what = "stored winner" if source == EXACT else f"nearest tuned key, the winner for {wk}"
+            what = f"{bundled}stored winner" if source == EXACT else f"nearest {bundled}tuned key, the winner for {wk}"
             reason = f"{what}, {timing(winner)}"
             if stale:
                 reason += f" (tuned with kernel version {winner.kernel_version}, now {op_version(winner.key.op)})"
-            return Choice(config, source, reason, arch, key, winner, stale, op=op)
+            return Choice(config, source, reason, arch, key, winner, stale, op=op, layer=layer)
     config = rules.default(arch, shape, smem_limit, sm_count)
     return Choice(config, DEFAULT, f"default for {arch}: {fallback_why}", arch, key, op=op)

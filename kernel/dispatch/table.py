@@ -1,8 +1,9 @@
 """The dispatcher's table: the winners of the visible GPUs' archs, read from the database once at import (and at
-`reload()`), with FLASHTUNE_CONFIG; and the state the plans share (memos, warnings given, failed configs).
+`reload()`), the bundled winners of the visible GPUs' models under them (db.bundled), with FLASHTUNE_CONFIG; and
+the state the plans share (memos, warnings given, failed configs).
 
-Loading never raises: a missing, locked, corrupt or newer-schema database warns once and leaves the defaults
-(or the table loaded before).
+Loading never raises: a missing, locked, corrupt or newer-schema database warns once and leaves the bundled
+winners and the defaults (or the table loaded before); an unreadable bundled file warns once and is left out.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from ...db import bundled as _bundled
 from ...db.errors import first_line, one_line
 from ...db.text import printable, shown
 from ...db.types import Config, Key
 
-from ..device import device_arch
+from ..device import device_arch, device_name, device_sm_count
 from ..ops.fwd import fwd_variant
-from .rules import CONFIG_ENV_VAR, Entry, GroupKey, group_key
+from ..version import OP_VERSIONS
+from .rules import CONFIG_ENV_VAR, EMPTY, Entry, GroupKey, Layer, group_key
 
 if TYPE_CHECKING:  # the store needs sqlalchemy; it is imported only when the database is read
     from ...db.store import Winner
@@ -51,6 +54,9 @@ class LoadInfo:
     ok: bool  # False when the database could not be read and warned about
     message: str
     override: Config | None = None
+    bundled: int = 0  # bundled winners loaded under the database's (db.bundled)
+    bundled_message: str = ""  # how many bundled winners apply, skipped ones, unreadable files
+    bundled_left_out: int = 0  # bundled winners skipped (stale) plus bundled files unreadable
 
 
 @dataclass
@@ -66,10 +72,13 @@ class Table:
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # plans per call signature
     choices: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # the backward's choices (bwd_choice)
     interpreter: bool = False  # CPU tensors take the rules from INTERPRETER_ARCH's entries (reload)
+    bundled: Layer = EMPTY  # the bundled winners of the visible GPUs' models, consulted after the user's
+    skipped: dict[Key, str] = field(default_factory=dict)  # bundled winners not used (stale), and why
+    gpus: tuple[_bundled.GpuModel, ...] | None = None  # what reload() was given (None: the visible GPUs)
 
 
-def build_table(winners: Iterable["Winner"], override: Config | None, info: LoadInfo) -> Table:
-    """A table of `winners`, grouped for the nearest rule."""
+def build_layer(winners: Iterable["Winner"]) -> Layer:
+    """`winners` by exact key and grouped for the nearest rule."""
     exact: dict[Key, Winner] = {}
     groups: dict[GroupKey, list[Entry]] = {}
     for w in winners:
@@ -77,7 +86,14 @@ def build_table(winners: Iterable["Winner"], override: Config | None, info: Load
         exact[k] = w
         groups.setdefault(group_key(k), []).append(
             (k.seq_len, k.seq_len_kv, k.batch_heads, k.group, w))
-    return Table(exact, {g: tuple(sorted(v, key=lambda e: e[:4])) for g, v in groups.items()}, override, info)
+    return Layer(exact, {g: tuple(sorted(v, key=lambda e: e[:4])) for g, v in groups.items()})
+
+
+def build_table(winners: Iterable["Winner"], override: Config | None, info: LoadInfo,
+                bundled: Layer = EMPTY, skipped: dict[Key, str] | None = None) -> Table:
+    """A table of the user's `winners` over the `bundled` layer."""
+    layer = build_layer(winners)
+    return Table(dict(layer.exact), dict(layer.groups), override, info, bundled=bundled, skipped=skipped or {})
 
 
 def visible_archs() -> tuple[str, ...]:
@@ -85,6 +101,32 @@ def visible_archs() -> tuple[str, ...]:
     if not torch.cuda.is_available():
         return ()
     return tuple(sorted({device_arch(i) for i in range(torch.cuda.device_count())}))
+
+
+def visible_gpus() -> tuple[_bundled.GpuModel, ...]:
+    """The CUDA devices this process sees, as the bundled layer matches them (name, arch, SM count)."""
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(_bundled.GpuModel(device_name(i), device_arch(i), device_sm_count(i))
+                 for i in range(torch.cuda.device_count()))
+
+
+def _read_bundled(gpus: tuple[_bundled.GpuModel, ...]) -> tuple[Layer, dict[Key, str], _bundled.Selection | None]:
+    """The bundled layer for `gpus` and the keys whose bundled winner is stale; warns (never raises) for an
+    unreadable file or FLASHTUNE_BUNDLED's value."""
+    how, problem = _bundled.mode()
+    if problem:
+        warnings.warn(problem, DispatchWarning, stacklevel=4)
+    try:
+        selection = _bundled.select(gpus, OP_VERSIONS, how=how)
+    except Exception as exc:  # noqa: BLE001 - import must never fail for a shipped file
+        warnings.warn(f"flashtune: cannot read the bundled winners ({type(exc).__name__}: {exc}); "
+                      "the database's winners and the defaults apply", DispatchWarning, stacklevel=4)
+        return EMPTY, {}, None
+    for text in selection.problems:
+        warnings.warn(f"flashtune: ignoring a bundled file: {printable(text, 400)}", DispatchWarning, stacklevel=4)
+    skipped = {s.winner.key: s.reason for s in selection.skipped}
+    return build_layer(selection.winners), skipped, selection
 
 
 def _read_override() -> tuple[Config | None, str | None]:
@@ -137,17 +179,27 @@ def _read_winners(url: str | None, archs: tuple[str, ...]) -> tuple[list["Winner
                              f"{len(winners)} tuned config(s) for {', '.join(archs)} from {where}")
 
 
-def _load(url: str | None, archs: Iterable[str] | None, previous: Table | None) -> Table:
-    """Read the database and the override into a new table; warn (never raise) on failure."""
+def _load(url: str | None, archs: Iterable[str] | None, previous: Table | None,
+          gpus: Iterable[_bundled.GpuModel] | None = None) -> Table:
+    """Read the database, the bundled winners and the override into a new table; warn (never raise) on failure.
+    `gpus`: the GPUs whose models the bundled layer matches (None: the visible ones)."""
     override, override_problem = _read_override()
     if override_problem:
         warnings.warn(override_problem, DispatchWarning, stacklevel=3)
+    given = None if gpus is None else tuple(gpus)
     try:
-        arch_list = visible_archs() if archs is None else tuple(sorted({str(a) for a in archs}))
+        models = visible_gpus() if given is None else given
+        if archs is not None:
+            arch_list = tuple(sorted({str(a) for a in archs}))
+        elif given is not None:
+            arch_list = tuple(sorted({g.arch for g in given}))
+        else:
+            arch_list = visible_archs()
     except Exception as exc:  # noqa: BLE001 - a broken driver must not break `import kernel`
         warnings.warn(f"flashtune: cannot query the CUDA devices ({type(exc).__name__}: {exc}); "
                       "default configs will be used", DispatchWarning, stacklevel=3)
-        arch_list = ()
+        arch_list, models = (), ()
+    bundled, skipped, selection = _read_bundled(tuple(g for g in models if g.arch in arch_list))
     winners, info = _read_winners(url, arch_list)
     if winners is None:
         kept = list(previous.exact.values()) if previous is not None else []
@@ -159,9 +211,11 @@ def _load(url: str | None, archs: Iterable[str] | None, previous: Table | None) 
         winners = kept
     else:
         log.info("flashtune: %s", info.message)
-    info = LoadInfo(info.url, info.archs, info.winners, info.ok, info.message, override)
-    table = build_table(winners, override, info)
-    table.url = url
+    info = LoadInfo(info.url, info.archs, info.winners, info.ok, info.message, override, len(bundled.exact),
+                    selection.message if selection is not None else "bundled winners unreadable",
+                    len(selection.skipped) + len(selection.problems) if selection is not None else 1)
+    table = build_table(winners, override, info, bundled, skipped)
+    table.url, table.gpus = url, given
     return table
 
 
@@ -172,16 +226,19 @@ failed: dict[tuple[str, str, int, Config, int, str, bool], str] = {}
 current: Table = _load(None, None, None)
 
 
-def reload(url: str | None = None, archs: Iterable[str] | None = None, *, interpreter: bool = False) -> LoadInfo:
-    """Re-read the database (default: `db.paths.default_url()` now) and FLASHTUNE_CONFIG.
+def reload(url: str | None = None, archs: Iterable[str] | None = None, *, interpreter: bool = False,
+           gpus: Iterable[_bundled.GpuModel] | None = None) -> LoadInfo:
+    """Re-read the database (default: `db.paths.default_url()` now), the bundled winners and FLASHTUNE_CONFIG.
 
-    `archs` defaults to the visible GPUs' archs; pass some to load others (planning, tests). An
-    unreadable database warns and keeps the configs loaded before; this never raises for it.
+    `archs` defaults to the visible GPUs' archs (or `gpus`' archs); pass some to load others (planning,
+    tests). An unreadable database warns and keeps the configs loaded before; this never raises for it.
     `interpreter=True`: CPU tensors (the Triton interpreter) are resolved from the loaded
     `INTERPRETER_ARCH` entries by the same rules as a GPU's calls, instead of getting the default.
+    `gpus` (db.bundled.GpuModel: name, arch, SM count) stands for the visible GPUs when the bundled layer
+    matches models (planning for a GPU that is not here, tests).
     """
     global current
-    new = _load(url, archs, current)
+    new = _load(url, archs, current, gpus)
     new.interpreter = bool(interpreter)
     with lock:
         current = new
@@ -200,4 +257,4 @@ def table_for(arch: str) -> Table:
     table = current
     if arch in table.info.archs:
         return table
-    return _load(table.url, (arch,), None)
+    return _load(table.url, (arch,), None, table.gpus)
