@@ -14,12 +14,15 @@ from typing import Any, Callable, Mapping, Union
 from .arch import ARCH_SMEM, normalize_arch
 from .text import label_problem, shown
 
-DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
-DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+# float8_e4m3fn: fp8 inputs of the inference forward (kernel.fp8), one byte an element; forward keys only.
+FP8_DTYPE = "float8_e4m3fn"
+DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", FP8_DTYPE)
+DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
 _DTYPE_ALIASES: dict[str, str] = {
     "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn", "e4m3": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
 }
 # forward, backward, split-KV decode, training pair, and the packed-sequence (varlen) forward and backward
 OPS: tuple[str, ...] = ("fwd", "bwd", "kvcache", "train", "varlen", "varlen_bwd")
@@ -96,7 +99,7 @@ def normalize_dtype(name: str) -> str:
         return _DTYPE_ALIASES[text]
     except KeyError:
         raise ValueError(f"unknown dtype {shown(name)}: expected one of {', '.join(DTYPES)} "
-                         f"(or fp16, bf16, fp32)") from None
+                         f"(or fp16, bf16, fp32, fp8)") from None
 
 
 def normalize_op(op: str) -> str:
@@ -368,7 +371,7 @@ class Key:
 # The parts of Key.__str__, in its order; numbers of at most 10 digits, so that int() stays cheap.
 _KEY_TEXT = re.compile(
     r"(?P<arch>[A-Za-z0-9_]{1,16})/(?P<op>[a-z_]{1,16})/N=(?P<n>\d{1,10})(?:x(?P<n_kv>\d{1,10}))?/D=(?P<d>\d{1,10})"
-    r"/(?P<dtype>[a-z0-9]{1,16})/(?P<causal>causal|full)(?:/BH=(?P<bh>\d{1,10}))?(?:/G=(?P<g>\d{1,10}))?"
+    r"/(?P<dtype>[a-z0-9_]{1,16})/(?P<causal>causal|full)(?:/BH=(?P<bh>\d{1,10}))?(?:/G=(?P<g>\d{1,10}))?"
     r"(?:/W=(?P<w>\d{1,10}))?(?P<softcap>/softcap)?(?P<sinks>/sinks)?(?P<alibi>/alibi)?(?P<dropout>/dropout)?"
     r"(?:/mask=(?P<mask>[a-z]{1,8}))?(?:/T=(?P<t>\d{1,10}))?(?:/P=(?P<p>\d{1,10}))?")
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import dispatch, record
 from .checks import check_bool, check_inputs, check_scale, check_softcap, needs_grad
+from .dtypes import FP8_DTYPES
 from .mods import NO_MODS, ScoreMods, capped, check_mods, sinks_grad
 from .ops.bwd import launch_bwd
 from .ops.fwd import launch, launch_cached
@@ -304,7 +305,9 @@ def _modified(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False, *, window_size: tuple[int, int] | None = None, softcap: float = 0.0,
-              sinks: Tensor | None = None, alibi_slopes: Tensor | None = None, fallback: bool = False) -> Tensor:
+              sinks: Tensor | None = None, alibi_slopes: Tensor | None = None, fallback: bool = False,
+              q_descale: Tensor | None = None, k_descale: Tensor | None = None, v_descale: Tensor | None = None,
+              out_dtype: torch.dtype | None = None) -> Tensor:
     """softmax(scale·QKᵀ [+ modifiers])·V with the best stored config for this GPU, shape and modifiers.
 
     The signature is torch.nn.functional.scaled_dot_product_attention's, so one swaps for the other.
@@ -339,7 +342,22 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     softcap, sinks or ALiBi). The default is False because a silent fallback hides that a call is not
     running the tuned kernel (a performance cliff a user swapping SDPA for this function would want to hear
     about), and it cannot be undone afterwards.
+
+    FP8 inference (kernel.fp8, FlashAttention 3's convention): q, k, v in torch.float8_e4m3fn with the
+    dequantisation factors `q_descale`, `k_descale`, `v_descale` (None: 1.0; a one-element fp32 tensor, or fp32
+    (B, Hkv) per batch and key/value head), the output in `out_dtype` (bfloat16 by default, or float16). Causal
+    and GQA work; score modifiers, gradients and `fallback` do not (errors name them). The four arguments are
+    refused (ValueError) for inputs of any other dtype.
     """
+    if (q_descale is not None or k_descale is not None or v_descale is not None or out_dtype is not None
+            or getattr(query, "dtype", None) in FP8_DTYPES):
+        from .fp8 import fp8_attention, refuse_modifiers
+
+        causal = check_bool(is_causal, "is_causal")
+        enable_gqa = check_bool(enable_gqa, "enable_gqa")
+        refuse_modifiers(attn_mask, dropout_p, window_size, softcap, sinks, alibi_slopes)
+        return fp8_attention(query, key, value, causal, scale, enable_gqa, q_descale, k_descale, v_descale,
+                             out_dtype)
     causal = is_causal if type(is_causal) is bool else check_bool(is_causal, "is_causal")
     if type(enable_gqa) is not bool:
         enable_gqa = check_bool(enable_gqa, "enable_gqa")

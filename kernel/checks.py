@@ -13,7 +13,7 @@ import torch
 from ..db.types import HEAD_DIMS, HEAD_DIMS_TEXT, INT32_MAX
 
 from . import device as _device
-from .dtypes import DTYPE_NAMES
+from .dtypes import DTYPE_NAMES, FP8_DTYPES
 from .jit.common import GRID_X_MAX, one_axis_grid
 
 
@@ -41,9 +41,10 @@ class AttnShape:
         return self.heads_q // self.heads_kv
 
 
-def check_dense(name: str, t: Any, rank: str) -> None:
+def check_dense(name: str, t: Any, rank: str, *, fp8: bool = False) -> None:
     """`t` is a dense (strided) tensor of a supported dtype with the rank `rank` names ("4-D (batch, ...)");
-    TypeError for the type, layout or dtype, ValueError for the rank, each naming `name`."""
+    TypeError for the type, layout or dtype, ValueError for the rank, each naming `name`. fp8 dtypes
+    (kernel.dtypes.FP8_DTYPES) only with `fp8`: the inference forward alone takes them."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     # is_nested first: a strided-layout nested tensor answers .layout but raises on sizes.
@@ -54,6 +55,10 @@ def check_dense(name: str, t: Any, rank: str) -> None:
         raise ValueError(f"{name} must be {rank}, got shape {tuple(t.shape)}")
     if t.dtype not in DTYPE_NAMES:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(DTYPE_NAMES.values())}")
+    if not fp8 and t.dtype in FP8_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}: fp8 inputs run only in flashtune.kernel.attention's "
+                        "inference forward (with q_descale, k_descale, v_descale); this entry point takes "
+                        "float16, bfloat16 or float32")
 
 
 def check_int32(name: str, t: Any, device: torch.device, shape: str, *, optional: bool = False) -> None:
@@ -71,7 +76,8 @@ def check_int32(name: str, t: Any, device: torch.device, shape: str, *, optional
         raise ValueError(f"{name} is on {t.device}; it must be on q's device {device}")
 
 
-def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v")) -> AttnShape:
+def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k", "v"),
+              fp8: bool = False) -> AttnShape:
     """Validate q (B, Hq, Nq, D) and k, v (B, Hkv, Nk, D), any strides, named `names` in messages; their sizes.
 
     The checks every entry point shares (the forward, the KV-cache path): tensors, dense layouts,
@@ -81,7 +87,7 @@ def check_qkv(q: Any, k: Any, v: Any, *, names: tuple[str, str, str] = ("q", "k"
     ValueError for the rest; the message names the argument.
     """
     for name, t in zip(names, (q, k, v)):
-        check_dense(name, t, "4-D (batch, heads, seq_len, head_dim)")
+        check_dense(name, t, "4-D (batch, heads, seq_len, head_dim)", fp8=fp8)
         if t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dimension must be at least 1")
     listed = ", ".join(names)
@@ -115,7 +121,7 @@ def head_span_fits(seq: int, strides: tuple[int, ...], head_dim: int) -> bool:
     return (seq - 1) * strides[2] + (head_dim - 1) * strides[3] <= INT32_MAX
 
 
-def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
+def check_tensors(q: Any, k: Any, v: Any, *, fp8: bool = False) -> AttnShape:
     """Validate q, k, v of layout (batch, heads, seq, head_dim), any strides; return their sizes.
 
     What planning needs (dispatch.explain for another arch): it does not ask whether this machine
@@ -123,7 +129,7 @@ def check_tensors(q: Any, k: Any, v: Any) -> AttnShape:
     mismatched dtypes, ValueError for devices, ranks, sizes and head dims; the message names the
     argument, the value and what is accepted.
     """
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, v, fp8=fp8)
     if one_axis_grid(shape.batch, shape.heads_q, shape.seq_q, _MIN_BLOCK_M)[0] > GRID_X_MAX:
         # Only broadcast (stride-0) inputs get here: real memory runs out long before.
         raise ValueError(f"q of shape {tuple(q.shape)} needs more than 2**31-1 programs (batch x heads x "
@@ -146,9 +152,10 @@ def check_runnable(t: torch.Tensor, names: str = "q, k, v") -> None:
                         "under TRITON_INTERPRET=1 use float16 or float32; bf16 runs on CUDA GPUs")
 
 
-def check_inputs(q: Any, k: Any, v: Any) -> AttnShape:
-    """check_tensors, and check_runnable: that this machine can run the kernel on them."""
-    shape = check_tensors(q, k, v)
+def check_inputs(q: Any, k: Any, v: Any, *, fp8: bool = False) -> AttnShape:
+    """check_tensors, and check_runnable: that this machine can run the kernel on them (`fp8`: fp8 inputs
+    are accepted, for the fp8 forward and its planning)."""
+    shape = check_tensors(q, k, v, fp8=fp8)
     check_runnable(q)
     return shape
 

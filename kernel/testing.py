@@ -228,3 +228,57 @@ def attention_kvcache_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
     probs = torch.where(keep.any(-1, keepdim=True), probs, torch.zeros((), dtype=dtype, device=q.device))
     return torch.matmul(probs.view(b, hkv, group * nq, nmax), v).reshape(b, hq, nq, d)
+
+
+# --- fp8 (e4m3) --------------------------------------------------------------------------------------
+
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn; torch's cast does not saturate (beyond it: NaN)
+E4M3_UNIT = 2.0 ** -4  # unit roundoff of e4m3 (3 mantissa bits) for normal values, round to nearest
+# Rounding P to e4m3 errs by at most this much in absolute terms below the normal range (2^-6): half the
+# subnormal spacing 2^-9 on the GPU (round to nearest), the whole spacing where the Triton interpreter flushes.
+E4M3_TINY = 2.0 ** -9
+
+
+def quantize_fp8(x: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in float8_e4m3fn, its fp32 descale) for a (B, H, N, D) tensor: one power-of-two descale per tensor
+    (shape (1,)) or per (batch, head) (shape (B, H)), the smallest that keeps |x| / descale <= 448. A
+    power of two, so x8·descale is exact in fp32 (and the kernels' products stay exact)."""
+    amax = x.abs().amax(dim=(2, 3)) if per_head else x.abs().amax().reshape(1)
+    descale = torch.exp2(torch.ceil(torch.log2(amax.float().clamp_min(1e-30) / E4M3_MAX)))
+    view = descale[:, :, None, None] if per_head else descale
+    return (x.float() / view).to(torch.float8_e4m3fn), descale
+
+
+def dequantize_fp8(x8: torch.Tensor, descale: torch.Tensor | None) -> torch.Tensor:
+    """float64 x8·descale (`descale` None, one element, or (B, H)): the real values of an fp8 input."""
+    x = x8.double()
+    if descale is None:
+        return x
+    d = descale.double()
+    return x * (d.reshape(()) if d.numel() == 1 else d[:, :, None, None])
+
+
+def fp8_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An elementwise bound on |out − reference| of the fp8 forward, for the dequantised float64 q, k, v.
+
+    The reference is exact on the dequantised inputs, so the error comes from the kernel's own roundings:
+    - P rounded to e4m3 for the P·V dot. The kernel's p_j (in units of the running row max, <= 1, then rescaled
+      by a factor <= 1) errs by at most u·p_j + t (u = 2^-4, t = E4M3_TINY for subnormals and flushed
+      values). Divided by the row sum l = 1 / max_j π_j (π the reference probabilities), the output errs by at
+      most u·Σ π_j|v_j| + t·max_j π_j·Σ_j |v_j| over the visible keys j.
+    - the scores: fp8 products are exact, summed in fp32 or, in Hopper's fp8 MMA, an accumulator of about 13
+      mantissa bits (an error near 2^-13·Σ_i |q_i k_i|: ~2^-10 of P at D = 128 on N(0, 1) inputs); the
+      exponentials in fp32. Bounded here by 2^-8·Σ π_j|v_j|, still well under u.
+    - the output rounded to `out_dtype`: half an ulp, 2^-8 (bf16) or 2^-11 (fp16) of |out|, taken as twice
+      that of the reference.
+    """
+    scores = _scores(q, k, causal, scale)
+    probs = _softmax(scores, None)
+    va = _heads(v, q.shape[1]).abs()
+    visible = torch.isfinite(scores).double()
+    weighted = torch.matmul(probs, va)
+    tiny = probs.amax(dim=-1, keepdim=True) * torch.matmul(visible, va)
+    out_ulp = 2.0 ** -8 if out_dtype == torch.bfloat16 else 2.0 ** -11
+    ref = torch.matmul(probs, _heads(v, q.shape[1]))
+    return (E4M3_UNIT + 2.0 ** -8) * weighted + E4M3_TINY * tiny + 2 * out_ulp * ref.abs()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import click
 
-from ..db.types import FEATURE_DEFAULTS, Key
+from ..db.types import FEATURE_DEFAULTS, FP8_DTYPE, Key
 
 from .fleet.gpus import compile_share
 
@@ -146,6 +146,10 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
     from .ops.mods import KVCACHE_FEATURES, VARLEN_FEATURES, VARLEN_OPS, nominal_window
 
     features = dict(features or {})
+    fp8 = FP8_DTYPE
+    if fp8 in dtypes and (features or "fwd" not in ops):
+        raise TuneError("--dtype fp8: fp8 keys are plain forward keys (--op fwd, no attention features): the fp8 "
+                        "kernel is an inference forward without score modifiers")
     for names, takes, api in ((("kvcache",), KVCACHE_FEATURES, "attention_kvcache"),
                               (VARLEN_OPS, VARLEN_FEATURES, "attention_varlen")):
         other = [name for name in features if name not in takes]
@@ -175,7 +179,7 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
     keys = [Key(arch, op, n, d, dt, c, seq_len_kv=n_kv, batch_heads=bh, group=g, **features, **layout)
             for op in ops for d in head_dims for dt in dtypes for c in causals for g in groups
             for n, n_kv in lengths(op) for bh in batch_heads for layout in layouts(op, n)
-            if bh >= g and not (op == "kvcache" and c and n > n_kv)]
+            if bh >= g and not (op == "kvcache" and c and n > n_kv) and not (dt == fp8 and op != "fwd")]
     if not keys:
         raise TuneError(f"--group: every group ({', '.join(map(str, groups))}) is larger than every B·Hq "
                         f"bucket ({', '.join(map(str, batch_heads))}); B·Hq is at least Hq (or, for varlen keys, "

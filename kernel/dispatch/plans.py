@@ -212,7 +212,8 @@ def _warn_stale(choice: Choice) -> None:
 
 
 def _plan_miss(q: Any, k: Any, v: Any, causal: bool, features: Features = ()) -> Plan:
-    shape = check_inputs(q, k, v)
+    # fp8 inputs plan their own keys; only attention()'s fp8 path (kernel.fp8) brings them here.
+    shape = check_inputs(q, k, v, fp8=True)
     table = _tables.current
     choice = _choose(table, q.device, shape, causal, features=features)
     _warn_stale(choice)
@@ -516,9 +517,9 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool =
                               page_size=page_size)
     _rules(op)
     if arch is not None:
-        shape = check_tensors(q, k, v)
+        shape = check_tensors(q, k, v, fp8=True)
         name, limit = _arch_limit(arch)
         return _resolve(_tables.table_for(name), name, limit, shape, causal, kernel_only=kernel_only, op=op,
                         features=_features(features))
-    return _choose(_tables.current, q.device, check_inputs(q, k, v), causal, kernel_only=kernel_only, op=op,
+    return _choose(_tables.current, q.device, check_inputs(q, k, v, fp8=True), causal, kernel_only=kernel_only, op=op,
                    features=features)

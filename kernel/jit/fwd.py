@@ -117,7 +117,9 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
                     SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, SINKS: tl.constexpr = False,
-                    ALIBI: tl.constexpr = False, MASK: tl.constexpr = 0, DROPOUT: tl.constexpr = False):
+                    ALIBI: tl.constexpr = False, MASK: tl.constexpr = 0, DROPOUT: tl.constexpr = False,
+                    QD=None, KD=None, VD=None, stride_qdb=0, stride_qdh=0, stride_kdb=0, stride_kdh=0,
+                    stride_vdb=0, stride_vdh=0, FP8: tl.constexpr = False):
     """Grid: one_axis_grid(batch, heads_q, seq_q, BLOCK_M). `group` = heads_q // heads_kv (GQA/MQA).
 
     SOFTCAP: scores are capped (common.softcap_scores with cap_in, cap_out) instead of scaled by qk_scale.
@@ -126,7 +128,12 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
     WINDOW, since without it the causal mask is top-left). SINKS: `Sinks` (Hq,) fp32. ALIBI: `Alibi` slopes
     at batch·stride_ab + head·stride_ah. MASK (1 bool, 2 float): `Mask` (B, Hq, Nq, Nk) with its four strides
     (0 where it broadcasts). DROPOUT: drop with probability dropout_p, Philox keyed by seed. Pointers a flag
-    leaves off are never read (None is fine)."""
+    leaves off are never read (None is fine).
+
+    FP8: Q, K, V are float8 (e4m3); QD, KD, VD are their fp32 dequantisation factors at
+    batch·stride_?db + kv_head·stride_?dh (strides 0 for one factor per tensor). q·k descales fold into
+    qk_scale, P is rounded to V's fp8 type for the P·V dot (as FlashAttention 3 does) and v's descale
+    multiplies the output once; O may be bf16 or fp16. No modifier (the host refuses them)."""
     pid_m, bh, batch, head = block_of(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), heads_q)
     batch = batch.to(tl.int64)
     head_kv = (head // group).to(tl.int64)
@@ -156,6 +163,10 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if FP8:
+        # Scores = scale·(q·qd)(k·kd)ᵀ = (scale·qd·kd)·(q kᵀ): the fp8 dot stays exact in fp32.
+        qk_scale = (qk_scale * tl.load(QD + batch * stride_qdb + head_kv * stride_qdh)
+                    * tl.load(KD + batch * stride_kdb + head_kv * stride_kdh))
     if ALIBI:
         slope = tl.load(Alibi + batch * stride_ab + head * stride_ah)
     else:
@@ -211,6 +222,8 @@ def attn_fwd_kernel(Q, K, V, O, LSE,
         acc = acc / l_i[:, None]
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
+    if FP8:
+        acc = acc * tl.load(VD + batch * stride_vdb + head_kv * stride_vdh)
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_mask[None, :])
     if STORE_LSE:

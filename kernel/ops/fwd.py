@@ -72,6 +72,42 @@ def resolve_variant(config: Config, knobs: Mapping[str, Knob], kernel: Any) -> V
 LOADS_KNOB = "loads"
 
 
+@dataclass(frozen=True)
+class Fp8Scales:
+    """What an fp8 launch adds (kernel.fp8 builds it): the q, k and v dequantisation factors, each an fp32
+    (B, Hkv) tensor or a broadcast view of one (strides 0 for a per-tensor factor), and the output dtype."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out_dtype: torch.dtype
+
+    def kernel_args(self) -> dict[str, Any]:
+        """The pointer kernel's fp8 keyword arguments."""
+        return {"QD": self.q, "KD": self.k, "VD": self.v, "stride_qdb": self.q.stride(0),
+                "stride_qdh": self.q.stride(1), "stride_kdb": self.k.stride(0), "stride_kdh": self.k.stride(1),
+                "stride_vdb": self.v.stride(0), "stride_vdh": self.v.stride(1), "FP8": True}
+
+
+FP8_MIN_K = 32  # NVIDIA's 8-bit MMAs reduce over at least 32 elements: fp8 tiles are >= 32 keys and columns wide
+
+# The fp8 arguments of every other launch (always passed: kernel.fastlaunch relaunches only calls that pass
+# every parameter); with FP8 off the kernel reads none of them.
+_NO_FP8: dict[str, Any] = {"QD": None, "KD": None, "VD": None, "stride_qdb": 0, "stride_qdh": 0, "stride_kdb": 0,
+                           "stride_kdh": 0, "stride_vdb": 0, "stride_vdh": 0, "FP8": False}
+
+
+def fp8_value_layout(v: torch.Tensor) -> torch.Tensor:
+    """`v` with its sequence dim contiguous (the same values, (B, H, N, D) view of a (B, H, D, N) tensor).
+
+    Hopper's fp8 warpgroup MMA takes its B operand K-major only; in P·V the reduction runs over the keys, so
+    the V tiles must be key-contiguous in shared memory (Triton's fused-attention tutorial passes fp8 V so).
+    A `v` already laid out so is returned as it is; otherwise this is one copy of V."""
+    if v.shape[2] == 1 or v.stride(2) == 1:
+        return v
+    return v.transpose(2, 3).contiguous().transpose(2, 3)
+
+
 LOADS: tuple[str, ...] = ("ptr", "tma")
 
 
@@ -189,7 +225,7 @@ def check_config(config: Any, shape: AttnShape, smem_limit: int | None, arch: st
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, *, causal: bool,
            scale: float, config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
-           out: torch.Tensor | None = None, mods: ScoreMods = NO_MODS
+           out: torch.Tensor | None = None, mods: ScoreMods = NO_MODS, fp8: Fp8Scales | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Launch the kernel with no input checks; returns (o, lse or None, Triton's compiled kernel or None).
 
@@ -200,8 +236,24 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttnShape, 
     scores: softcap, window (top-left, diag = 0), sinks, ALiBi, attn_mask, dropout (a TMA config takes the
     first four: ValueError for a mask or dropout). The LSE is then the modified scores' (sinks included, -inf
     for a row that sees no key, whose output is 0); it never includes dropout.
+
+    `fp8`: q, k, v are float8_e4m3fn with these dequantisation factors (kernel.fp8 checks them); the output
+    has `fp8.out_dtype`, V is laid out key-contiguous first (`fp8_value_layout`), and only the pointer kernel
+    runs (ValueError for a TMA config).
     """
     variant = fwd_variant(config) if config.extra else PLAIN_FWD
+    if fp8 is not None:
+        if variant.launch is not None:
+            raise ValueError(f"config {config}: fp8 inputs run on the pointer kernel only (loads='ptr')")
+        if config.block_n < FP8_MIN_K:
+            raise ValueError(f"config {config}: fp8 inputs need block_n >= {FP8_MIN_K} (the fp8 MMA reduces over "
+                             f"at least {FP8_MIN_K} keys in P·V)")
+        v = fp8_value_layout(v)
+        o = torch.empty_like(q, dtype=fp8.out_dtype) if out is None else out
+        lse = _lse_buffer(q, shape) if return_lse else o
+        grid, args, kwargs = _fwd_arguments(q, k, v, o, lse, shape, causal, scale, config, return_lse,
+                                            fp32_precision, variant.constexprs, mods, fp8)
+        return o, (lse if return_lse else None), variant.kernel[grid](*args, **kwargs)
     if variant.launch is not None:
         return variant.launch(q, k, v, shape, causal=causal, scale=scale, config=config, return_lse=return_lse,
                               fp32_precision=fp32_precision, out=out, mods=mods)
@@ -246,8 +298,8 @@ def mod_arguments(mods: ScoreMods, causal: bool, diag: int = 0) -> tuple[tuple[A
 
 def _fwd_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                    shape: AttnShape, causal: bool, scale: float, config: Config, return_lse: bool,
-                   fp32_precision: str, constexprs: Any,
-                   mods: ScoreMods = NO_MODS) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+                   fp32_precision: str, constexprs: Any, mods: ScoreMods = NO_MODS,
+                   fp8: Fp8Scales | None = None) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
     """The pointer kernel's (grid, positional arguments, keyword arguments) for one call."""
     grid = one_axis_grid(shape.batch, shape.heads_q, shape.seq_q, config.block_m)
     softcap = mods.softcap
@@ -256,10 +308,12 @@ def _fwd_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.T
     args = (q, k, v, o, lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, cap_in, cap_out, *mod_args)
-    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=padded_head_dim(shape.head_dim),
+    block_d = padded_head_dim(shape.head_dim) if fp8 is None else max(FP8_MIN_K, padded_head_dim(shape.head_dim))
+    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_D=block_d,
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                   CAUSAL=bool(causal), STORE_LSE=return_lse, PRECISION=fp32_precision, SOFTCAP=bool(softcap),
-                  **flags, num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
+                  **flags, **(_NO_FP8 if fp8 is None else fp8.kernel_args()),
+                  num_warps=config.num_warps, num_stages=config.num_stages, **constexprs)
     return grid, args, kwargs
 
 

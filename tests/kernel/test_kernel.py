@@ -303,6 +303,7 @@ def test_one_dtype_map_matches_the_database_names():
     for name, dtype in TORCH_DTYPES.items():
         assert dtype_name(dtype) == name and torch_dtype(name) is dtype
     assert torch_dtype("bf16") is torch.bfloat16 and torch_dtype("torch.float16") is torch.float16
+    assert torch_dtype("fp8") is torch_dtype("e4m3") is torch_dtype("torch.float8_e4m3fn") is torch.float8_e4m3fn
     with pytest.raises(TypeError, match="torch.float64 is not supported"):
         dtype_name(torch.float64)
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):

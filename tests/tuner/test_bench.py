@@ -92,6 +92,7 @@ def test_shape_follows_tokens_and_hidden_unless_overridden():
     (dict(seq_len=0), "seq_len"),
     (dict(head_dim=20), "head dim 20"),
     (dict(dtype="int8"), "unknown dtype"),
+    (dict(dtype="fp8"), "fp8 has no SDPA counterpart"),
     (dict(hidden=100), "not a multiple of head dim 64"),
     (dict(batch=0), "batch"),
     (dict(tokens=-1), "tokens"),

@@ -46,8 +46,9 @@ def test_head_dims_and_dtypes():
     with pytest.raises(ValueError, match="malformed head dim"):
         parse_head_dims("64;128")
     assert parse_dtypes("fp16,bf16,float16") == ["float16", "bfloat16"]
-    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
-        parse_dtypes("fp16,fp8")
+    assert parse_dtypes("fp16,fp8,e4m3") == ["float16", "float8_e4m3fn"]
+    with pytest.raises(ValueError, match="unknown dtype 'fp4'"):
+        parse_dtypes("fp16,fp4")
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1.5h", 5400),

@@ -20,7 +20,7 @@ import torch
 from ...db.errors import first_line
 from ...db.types import check_head_dim, normalize_dtype
 from ...kernel.device import INTERPRET
-from ...kernel.dtypes import TORCH_DTYPES
+from ...kernel.dtypes import FP8_NAME, TORCH_DTYPES
 from ...kernel.testing import fp32_reference, output_errors
 
 from .providers import PROVIDERS, Provider
@@ -56,7 +56,11 @@ def bench_shape_for(seq_len: int, head_dim: int, dtype: str, causal: bool, *, to
         heads = hidden // head_dim
     if _at_least_one("batch", batch) is None:
         batch = max(1, tokens // seq_len)
-    return BenchShape(batch, heads, seq_len, head_dim, normalize_dtype(dtype), bool(causal))
+    dtype = normalize_dtype(dtype)
+    if dtype == FP8_NAME:
+        raise ValueError("bench compares providers on fp16/bf16/fp32 inputs: fp8 has no SDPA counterpart "
+                         "(bench/fp8_bench.py times the fp8 forward; `tune --dtype fp8` tunes it)")
+    return BenchShape(batch, heads, seq_len, head_dim, dtype, bool(causal))
 
 
 def default_timer(device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> Timer:

@@ -127,7 +127,7 @@ DURATION = Parsed(parse_duration, "TIME")
 
 SEQ_HELP = f"Sequence lengths: {SEQ_FORMS}; each at most {MAX_SEQ_LEN}."
 HEAD_DIM_HELP = f"Head dims, a comma list, each {HEAD_DIMS_TEXT} (e.g. 64,128)."
-DTYPE_HELP = f"Dtypes, a comma list of {', '.join(DTYPES)} (or fp16, bf16, fp32)."
+DTYPE_HELP = f"Dtypes, a comma list of {', '.join(DTYPES)} (or fp16, bf16, fp32, fp8)."
 
 
 def _attach(func: F, *decorators: Callable[[F], F]) -> F:

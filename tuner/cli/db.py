@@ -72,7 +72,7 @@ def _show_recorded(db_url: str | None, arch: str | None, as_json: bool) -> None:
 @db_option
 @click.option("--arch", type=ARCH, default=None, help="Only this arch, e.g. sm_90.")
 @click.option("--op", type=OP, default=None, help="Only this op (fwd, bwd or kvcache).")
-@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
+@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32, fp8).")
 @click.option("--head-dim", type=HEAD_DIM, default=None, help="Only this head dim.")
 @causal_option()
 @click.option("--recorded", is_flag=True, help="List the keys apps ran under FLASHTUNE_RECORD=1 instead, most-called first.")
@@ -153,7 +153,7 @@ def _show_bundled(arch: str | None, op: str | None, dtype: str | None, head_dim:
 @click.command("export")
 @db_option
 @click.option("--arch", type=ARCH, default=None, help="Only this arch, e.g. sm_90.")
-@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32).")
+@click.option("--dtype", type=DTYPE, default=None, help="Only this dtype (fp16, bf16, fp32, fp8).")
 @click.option("-o", "--output", default=STDOUT, metavar="FILE",
               help="Write here, replacing a regular file through a temporary one (a symlink is followed); "
                    "- or nothing: stdout.")

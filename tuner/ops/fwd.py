@@ -19,7 +19,7 @@ features (tuner.ops.mods) with the float64 reference of the same modifiers (tune
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
@@ -28,7 +28,8 @@ from ...kernel.ops.fwd import estimate_smem
 from ...kernel.ops.common import padded_head_dim
 from ...db.types import DTYPE_BYTES, Config, ExtraValue, Key, normalize_dtype
 from ...kernel.ops.fwd import default_config
-from ...kernel.ops.fwd import launch
+from ...kernel.ops.fwd import FP8_MIN_K, Fp8Scales, launch
+from ...kernel.dtypes import FP8_NAME
 from ...kernel.mods import NO_MODS, ScoreMods
 from ...kernel.testing import attention_flops as shape_flops, fp32_reference
 from ...kernel.providers import KERNEL, provider_of
@@ -47,11 +48,18 @@ THREAD_SCORES_MIN = 32  # fewer score values per thread leave the tensor cores i
 KV_IN_FLIGHT_MAX = 96 * 1024  # bytes of K/V prefetched ahead; beyond this more stages only cost occupancy
 # Relative Frobenius-norm error allowed against the fp32 reference. A correct kernel sits near
 # 1e-3 (fp16) and 8e-3 (bf16); a wrong tile schedule is off by tens of percent.
-TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
+# fp8 (against the reference of the dequantised inputs): P is rounded to e4m3 (unit roundoff u = 2^-4), each
+# probability off by a relative error of at most u, about u/√3 ≈ 0.036 RMS; below e4m3's normal range (2^-6)
+# the error is absolute (2^-10), a larger relative one for the tail of small probabilities. Independent errors
+# average: an emulation of the kernel's roundings errs by ~0.02 on N(0, 1) inputs (tests/kernel/test_fp8.py);
+# 2u = 0.125 leaves room for the tail and the bf16 output, while a wrong tile or scale errs by 30% and more.
+TOLERANCE: dict[str, float] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3, FP8_NAME: 0.125}
 
 
 def legal_reason(config: Config, head_dim: int, dtype: str, smem_limit: int, arch: str | None = None) -> str | None:
     """Why `config` cannot be a sensible launch for (head_dim, dtype) on `arch` with `smem_limit`; None if it can."""
+    if dtype == FP8_NAME and config.block_n < FP8_MIN_K:
+        return f"block_n {config.block_n} < {FP8_MIN_K}: the fp8 MMA reduces over at least {FP8_MIN_K} keys"
     smem = estimate_smem(config, head_dim, dtype, arch)
     if smem > smem_limit:
         return f"smem {smem // 1024} KB > {smem_limit // 1024} KB"
@@ -125,8 +133,9 @@ def _space(head_dim: int, dtype: str, causal: bool, smem_limit: int, arch: str,
 def fwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
     """The pointer kernel's pruned space (`candidates`) and the other variants' configs (the TMA
     kernel's on sm_90) for `key` on `gpu`; computed once per head dim, dtype, causal and GPU. A key with
-    attention features gets the pointer kernel's alone: the TMA kernel takes no score modifiers."""
-    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch, not has_features(key)))
+    attention features, or fp8 inputs, gets the pointer kernel's alone: the TMA kernel takes neither."""
+    variants = not has_features(key) and key.dtype != FP8_NAME
+    return list(_space(key.head_dim, key.dtype, key.causal, gpu.smem_limit, gpu.arch, variants))
 
 
 def sdpa_same(key: Key) -> bool:
@@ -158,14 +167,38 @@ def fwd_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key: Key, *
 
 
 class KeyInputs(OpInputs):
-    """A forward key's inputs (tuner.ops.inputs) and the torch SDPA (math, fp32) reference."""
+    """A forward key's inputs (tuner.ops.inputs) and the torch SDPA (math, fp32) reference; an fp8 key's
+    inputs are quantised per tensor, its reference that of the dequantised inputs (exact in fp32: the scales
+    are powers of two), its output bf16."""
 
     tolerance = TOLERANCE
     against = "torch SDPA (fp32)"
+    fp8 = True
+
+    @property
+    def described(self) -> str:
+        """What the reference is (of the dequantised inputs, for an fp8 key)."""
+        return super().described + (" on the dequantised inputs" if self.descales is not None else "")
+
+    @cached_property
+    def fp8_scales(self) -> Fp8Scales | None:
+        """The fp8 launch's descales (per tensor) and bf16 output; None for other keys."""
+        if self.descales is None:
+            return None
+        b, hkv = self.shape.batch, self.shape.heads_kv
+        qd, kd, vd = (d.reshape(()).expand(b, hkv) for d in self.descales)
+        return Fp8Scales(qd, kd, vd, torch.bfloat16)
 
     def compute_reference(self) -> torch.Tensor:
-        """`fwd_reference` of the inputs, within the workload's reference byte budget."""
-        return fwd_reference(self.q, self.k, self.v, self.key, max_bytes=self.reference_bytes, mods=self.mods)
+        """`fwd_reference` of the inputs (dequantised for fp8), within the workload's reference byte budget."""
+        q, k, v = self.q, self.k, self.v
+        if self.descales is not None:
+            q, k, v = (x.float() * d for x, d in zip((q, k, v), self.descales))
+        return fwd_reference(q, k, v, self.key, max_bytes=self.reference_bytes, mods=self.mods)
+
+    def buffers(self) -> torch.Tensor:
+        """One output tensor the timed launches share (bf16 for an fp8 key)."""
+        return torch.empty_like(self.q, dtype=torch.bfloat16 if self.descales is not None else None)
 
     def run(self, config: Config, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """One launch with `config`; returns (output, Triton's compiled kernel or None). A config with an
@@ -176,7 +209,7 @@ class KeyInputs(OpInputs):
             return run_provider(provider, self.q, self.k, self.v, causal=self.key.causal, scale=self.scale,
                                 attn_mask=self.sdpa_attn_mask), None
         o, _, compiled = launch(self.q, self.k, self.v, self.shape, causal=self.key.causal, scale=self.scale,
-                                config=config, out=out, mods=self.mods)
+                                config=config, out=out, mods=self.mods, fp8=self.fp8_scales)
         return o, compiled
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 import torch
 
 from ...db.types import DTYPE_BYTES, Config, Key
-from ...kernel.dtypes import TORCH_DTYPES
+from ...kernel.dtypes import FP8_NAME, TORCH_DTYPES
 from ...kernel.checks import AttnShape, check_inputs
 from ...kernel.mods import NO_MODS, ScoreMods, sdpa_mask
 
@@ -112,9 +112,12 @@ class OpInputs:
     reference_bytes: int | None = None
     # The score modifiers of the key's features (tuner.ops.mods.workload_mods); NO_MODS for a key without.
     mods: ScoreMods = NO_MODS
+    # An fp8 key's per-tensor fp32 descales of q, k, v (kernel.testing.quantize_fp8); None otherwise.
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     tolerance: ClassVar[Mapping[str, float]]
     against: ClassVar[str]
+    fp8: ClassVar[bool] = False  # whether the op takes fp8 keys (the forward alone)
     against_modified: ClassVar[str] = "the float64 reference with the key's modifiers"
 
     @property
@@ -139,14 +142,24 @@ class OpInputs:
         batch = compile_batch(batch) if warm else batch
         gen = torch.Generator(device=device).manual_seed(seed)
         dtype = TORCH_DTYPES[key.dtype]
+        fp8 = key.dtype == FP8_NAME
+        # fp8 inputs are fresh fp32 draws quantised with one power-of-two scale per tensor.
+        drawn = torch.float32 if fp8 else dtype
 
         def draw(heads: int, n: int) -> torch.Tensor:
-            return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
+            return torch.randn(batch, heads, n, key.head_dim, generator=gen, device=device, dtype=drawn)
 
         q, k, v = draw(heads_q, key.seq_len), draw(heads_kv, key.seq_len_kv), draw(heads_kv, key.seq_len_kv)
+        descales = None
+        if fp8:
+            from ...kernel.testing import quantize_fp8
+
+            (q, qd), (k, kd), (v, vd) = (quantize_fp8(x) for x in (q, k, v))
+            descales = (qd, kd, vd)
         shape = cls.shape_of(q, k, v)
         inputs = cls(key, batch_heads, q, k, v, shape, 1.0 / math.sqrt(key.head_dim),
-                     reference_bytes=reference_bytes, mods=workload_mods(key, shape, gen, device, dtype))
+                     reference_bytes=reference_bytes, mods=workload_mods(key, shape, gen, device, dtype),
+                     descales=descales)
         inputs.prepare(draw)
         if not warm:
             inputs.reference = inputs.compute_reference()
@@ -156,9 +169,12 @@ class OpInputs:
     def check_key(cls, key: Key) -> None:
         """ValueError for a key whose inputs cannot be drawn: features its op's kernels do not take, a window no
         call can have (tuner.ops.mods.check_features), or what the op says otherwise."""
-        from .mods import check_features
+        from .mods import check_features, has_features
 
         check_features(key)
+        if key.dtype == FP8_NAME and (not cls.fp8 or has_features(key)):
+            raise ValueError(f"{key}: fp8 keys are plain forward keys (the fp8 kernel is an inference forward "
+                             "without score modifiers)")
 
     @classmethod
     def sizes(cls, key: Key, batch_heads: int) -> tuple[int, int, int]:
@@ -180,7 +196,7 @@ class OpInputs:
     @classmethod
     def shape_of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttnShape:
         """The launch shape of q, k, v, checked as the op's entry point checks it."""
-        return check_inputs(q, k, v)
+        return check_inputs(q, k, v, fp8=cls.fp8)
 
     def prepare(self, draw: Draw) -> None:
         """Draw or compute the op's further inputs, after q, k and v from the same stream (`draw`)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...db.types import Key
+from ...kernel.dtypes import FP8_NAME
 from ...kernel.mods import sdpa_computes as features_computed
 from ...kernel.sdpa import run_sdpa
 
@@ -22,8 +23,9 @@ MASK_PROVIDERS: frozenset[str] = frozenset({"sdpa_cudnn", "sdpa_efficient"})
 
 def sdpa_computes(key: Key) -> bool:
     """Whether torch SDPA computes `key`'s call (window, ALiBi, mask: through an attn_mask), i.e. no softcap,
-    sinks or dropout (kernel.mods.sdpa_computes of the key's features)."""
-    return features_computed(tuple(key.features_on().items()))
+    sinks or dropout (kernel.mods.sdpa_computes of the key's features), and not for fp8 inputs: torch's SDPA
+    takes none (its backends accept fp16, bf16 and fp32)."""
+    return key.dtype != FP8_NAME and features_computed(tuple(key.features_on().items()))
 
 
 def needs_mask(key: Key) -> bool:
