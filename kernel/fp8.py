@@ -31,12 +31,22 @@ __all__ = ["OUT_DTYPES", "check_descale", "check_fp8", "fp8_attention", "refuse_
 OUT_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 
+_UNITS: dict[torch.device, Tensor] = {}  # one fp32 1.0 per device: a missing descale costs no allocation
+
+
+def _unit(device: torch.device) -> Tensor:
+    unit = _UNITS.get(device)
+    if unit is None:
+        unit = _UNITS[device] = torch.ones((), device=device, dtype=torch.float32)
+    return unit
+
+
 def check_descale(name: str, descale: Any, shape: AttnShape, device: torch.device) -> Tensor:
     """`descale` (None, a one-element fp32 tensor or an fp32 (B, Hkv) tensor on `device`) as an fp32 (B, Hkv)
     tensor or broadcast view; TypeError for its type or dtype, ValueError for its shape or device."""
     batch, heads_kv = shape.batch, shape.heads_kv
     if descale is None:
-        return torch.ones((), device=device, dtype=torch.float32).expand(batch, heads_kv)
+        return _unit(device).expand(batch, heads_kv)
     if not isinstance(descale, Tensor):
         raise TypeError(f"{name} must be None or a float32 torch.Tensor (one element, or shape (batch, kv heads) = "
                         f"({batch}, {heads_kv})), got {type(descale).__name__}")
