@@ -1,0 +1,216 @@
+"""The Gluon forward variant for Hopper (kernel/jit/fwd_gluon.py): knobs, shared-memory model, refusals, launch.
+
+Knobs, carried in `Config.extra` (see `GLUON_KNOBS`):
+- `loads`: "gluon" (this variant).
+- `ws`: a one-warp TMA producer partition (`gl.warp_specialize`) beside the consumer warps; without it
+  the consumer warps issue the loads themselves, `num_stages - 1` key tiles ahead.
+- `schedule`: "grid" (query blocks in order) or "heavy_first" (reversed, so a causal grid ends on its
+  cheapest blocks).
+
+The tile: `block_m` 64 or 128 query rows with `num_warps = block_m // 16` consumer warps (the wgmma
+layout stacks them along the rows), `block_n` 64 or 128 keys, `num_stages` 2 to 4 K/V ring stages.
+
+It takes fp16/bf16, head dims 64 and 128, no score modifiers, layouts tensor descriptors can describe
+(kernel.ops.fwd_tma.tma_refusal), on sm_90 CUDA devices; anything else is refused with a ValueError
+before launching, so a caller can fall back to the pointer kernel. The variant exists only where the
+Gluon module imports and compiles with this Triton's Gluon API (`GLUON_AVAILABLE`); elsewhere the tuner
+never lists it and a config naming it is refused.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+import triton
+
+from ...db.types import DTYPE_BYTES, Config, normalize_dtype
+
+from .. import device as _device
+from ..jit.common import GRID_X_MAX, LOG2E
+from ..mods import NO_MODS, ScoreMods
+from .fwd_tma import _clean_strides, ensure_allocator, tma_refusal
+
+try:  # the Gluon API moves between Triton versions: without a usable one the variant is simply absent
+    from ..jit.fwd_gluon import attn_fwd_gluon_kernel
+    GLUON_IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - any failure of an experimental API means "not available"
+    attn_fwd_gluon_kernel = None
+    GLUON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+GLUON_AVAILABLE: bool = attn_fwd_gluon_kernel is not None
+
+GLUON_SCHEDULES: tuple[str, ...] = ("grid", "heavy_first")
+# Every knob this variant reads from Config.extra, with its legal values; the first is the default.
+GLUON_KNOBS: dict[str, tuple[Any, ...]] = {
+    "loads": ("gluon",),
+    "ws": (False, True),
+    "schedule": GLUON_SCHEDULES,
+}
+GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
+GLUON_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+GLUON_BLOCK_M: tuple[int, ...] = (64, 128)
+GLUON_BLOCK_N: tuple[int, ...] = (64, 128)
+GLUON_STAGES: tuple[int, ...] = (2, 3, 4)
+PRODUCER_REGS = 24  # registers per thread of the load warp: it holds a few indices only
+
+
+def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
+    """(ws, schedule) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
+    unknown = sorted(set(extra) - set(GLUON_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown knob(s) for the Gluon forward kernel: {', '.join(unknown)}; "
+                         f"known: {', '.join(GLUON_KNOBS)}")
+    loads = extra.get("loads", "gluon")
+    if loads != "gluon":
+        raise ValueError(f"loads={loads!r}: the Gluon forward kernel runs loads='gluon' only")
+    ws = extra.get("ws", False)
+    if not isinstance(ws, bool):
+        raise ValueError(f"ws={ws!r}: must be true or false")
+    schedule = extra.get("schedule", "grid")
+    if schedule not in GLUON_SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(GLUON_SCHEDULES)}")
+    return ws, schedule
+
+
+def gluon_tile_problem(config: Config) -> str | None:
+    """Why the Gluon kernel cannot take `config`'s tile, or None."""
+    if config.block_m not in GLUON_BLOCK_M:
+        return f"block_m={config.block_m}: the Gluon forward kernel takes {GLUON_BLOCK_M}"
+    if config.block_n not in GLUON_BLOCK_N:
+        return f"block_n={config.block_n}: the Gluon forward kernel takes {GLUON_BLOCK_N}"
+    if config.num_warps != config.block_m // 16:
+        return (f"num_warps={config.num_warps}: the Gluon forward kernel runs block_m // 16 = "
+                f"{config.block_m // 16} consumer warps (16 rows each)")
+    if config.num_stages not in GLUON_STAGES:
+        return f"num_stages={config.num_stages}: the Gluon forward kernel's K/V ring takes {GLUON_STAGES}"
+    return None
+
+
+@lru_cache(maxsize=None)
+def check_gluon_config(config: Config) -> tuple[bool, str]:
+    """(ws, schedule) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
+    knobs = gluon_knobs(config.extra_dict)
+    problem = gluon_tile_problem(config)
+    if problem:
+        raise ValueError(f"config {config}: {problem}")
+    if not GLUON_AVAILABLE:
+        raise ValueError(f"config {config}: the Gluon forward kernel is not available with Triton "
+                         f"{triton.__version__} ({GLUON_IMPORT_ERROR})")
+    return knobs
+
+
+def estimate_gluon_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
+    """Estimated shared memory (bytes) of the Gluon kernel: the Q box (reused to stage the output), the K and
+    V boxes `num_stages` deep, and the mbarriers (three per stage and Q's). Matches the compiled kernels'
+    `metadata.shared` for sm_90 on Triton 3.6 within 256 bytes (bench/gluon_compile_check.py)."""
+    elt = DTYPE_BYTES[normalize_dtype(dtype)]
+    q_box, kv_box = config.block_m * head_dim * elt, config.block_n * head_dim * elt
+    return q_box + 2 * max(1, config.num_stages) * kv_box + 256
+
+
+def gluon_supported(arch: str | None, head_dim: int, dtype: str) -> str | None:
+    """None when the Gluon variant can run for (arch, head dim, dtype); else the reason, in one line."""
+    if not GLUON_AVAILABLE:
+        return f"Triton {triton.__version__} cannot build the Gluon forward kernel ({GLUON_IMPORT_ERROR})"
+    if arch != "sm_90":
+        return f"{arch or 'the interpreter'}: the Gluon forward kernel is written for sm_90 (Hopper wgmma)"
+    if head_dim not in GLUON_HEAD_DIMS:
+        return f"head dim {head_dim}: the Gluon forward kernel takes {GLUON_HEAD_DIMS}"
+    if normalize_dtype(dtype) not in GLUON_DTYPES:
+        return f"dtype {dtype}: the Gluon forward kernel takes float16 and bfloat16"
+    return None
+
+
+def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, mods: ScoreMods,
+                  out: torch.Tensor | None = None) -> str | None:
+    """Why the Gluon kernel cannot take these (already validated) inputs, or None."""
+    if q.device.type != "cuda" or _device.INTERPRET:
+        return "it needs a CUDA device (Gluon kernels do not run under the Triton interpreter)"
+    problem = gluon_supported(_device.device_arch(q.device), shape.head_dim, str(q.dtype))
+    if problem:
+        return problem
+    if not (mods is NO_MODS or (mods.plain and not mods.softcap)):
+        return "it takes no score modifiers (softcap, window, sinks, ALiBi, attn_mask, dropout)"
+    if shape.seq_k == 0 or shape.seq_q == 0:
+        return "empty sequences"
+    return tma_refusal(q, k, v, out)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
+             config: Config, return_lse: bool, out: torch.Tensor | None, mods: ScoreMods
+             ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
+    ws, schedule = check_gluon_config(config)
+    problem = gluon_refusal(q, k, v, shape, mods, out)
+    if problem:
+        raise ValueError(f"the Gluon forward kernel cannot take these inputs: {problem}")
+    o = torch.empty_like(q) if out is None else out
+    if return_lse:
+        lse = torch.empty((shape.batch, shape.heads_q, shape.seq_q), device=q.device, dtype=torch.float32)
+    else:
+        lse = o  # never written (STORE_LSE=False)
+    num_m = triton.cdiv(shape.seq_q, config.block_m)
+    grid = (shape.batch * shape.heads_q * num_m,)
+    if grid[0] > GRID_X_MAX:
+        raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
+    args = (q, k, v, o, lse, *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m)
+    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                  STAGES=config.num_stages, CAUSAL=bool(causal), STORE_LSE=bool(return_lse), NEG_SCALE=scale < 0,
+                  WS=ws, REVERSE=schedule == "heavy_first", PRODUCER_REGS=PRODUCER_REGS,
+                  num_warps=config.num_warps)
+    return grid, args, kwargs, o, lse
+
+
+def launch_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool, scale: float,
+                 config: Config, return_lse: bool = False, fp32_precision: str = "ieee",
+                 out: torch.Tensor | None = None, mods: ScoreMods = NO_MODS
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Launch the Gluon kernel; returns (o, lse or None, Triton's compiled kernel).
+
+    kernel.ops.fwd.launch's contract. ValueError before launching for bad knobs or tiles, inputs the
+    kernel does not take (`gluon_refusal`) and any score modifier; `fp32_precision` is unused (no fp32).
+    """
+    grid, args, kwargs, o, lse = _prepare(q, k, v, shape, causal, scale, config, return_lse, out, mods)
+    ensure_allocator()  # the in-kernel tensor descriptors live in a global scratch buffer
+    compiled = attn_fwd_gluon_kernel[grid](*args, **kwargs)
+    return o, (lse if return_lse else None), compiled
+
+
+def compile_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool, scale: float,
+                  config: Config, return_lse: bool = False) -> Any:
+    """Compile (or load from Triton's cache) the binary `launch_gluon` would run, without running it."""
+    grid, args, kwargs, _, _ = _prepare(q, k, v, shape, causal, scale, config, return_lse, None, NO_MODS)
+    return attn_fwd_gluon_kernel.warmup(*args, grid=grid, **kwargs)
+
+
+# Tiles worth trying: FA3's 128×128 (D 64/128) and narrower key tiles for register pressure.
+_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+)
+
+
+def gluon_candidates(arch: str, head_dim: int, dtype: str, causal: bool, smem_limit: int) -> list[Config]:
+    """The Gluon variant's configs for a tuner's space: none unless the variant is available, the arch is sm_90
+    and it takes the head dim and dtype; each fitting `smem_limit` by estimate_gluon_smem."""
+    if gluon_supported(arch, head_dim, dtype):
+        return []
+    schedules = GLUON_SCHEDULES if causal else ("grid",)
+    out = []
+    for (bm, bn, w, st), ws, schedule in ((t, ws, sc) for t in _TILES for ws in (False, True) for sc in schedules):
+        config = gluon_config(bm, bn, w, st, ws=ws, schedule=schedule)
+        if estimate_gluon_smem(config, head_dim, dtype, arch) <= smem_limit:
+            out.append(config)
+    return out
+
+
+def gluon_config(block_m: int, block_n: int, num_warps: int, num_stages: int, *, ws: bool = False,
+                 schedule: str = "grid") -> Config:
+    """A Config for this variant with its knobs in canonical form (ValueError for bad knobs or tiles)."""
+    gluon_knobs({"ws": ws, "schedule": schedule})
+    config = Config(block_m, block_n, num_warps, num_stages,
+                    (("loads", "gluon"), ("schedule", schedule), ("ws", bool(ws))))
+    problem = gluon_tile_problem(config)
+    if problem:
+        raise ValueError(f"config {config}: {problem}")
+    return config
