@@ -47,11 +47,10 @@ def compile_one(kernel, dtype: str, head_dim: int, block_m: int, block_n: int, s
     signature = {name: "i32" for name in _ARGS}
     signature.update(Q=elt, K=elt, V=elt, O=elt, LSE="*fp32", qk_scale="fp32")
     num_warps = block_m // 16
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-                      STORE_LSE=store_lse, NEG_SCALE=False, WS=ws, REVERSE=causal, PRODUCER_REGS=producer_regs,
-                      num_warps=num_warps)
-    for name, value in constexprs.items():
-        signature[name] = "constexpr"
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
+                  "CAUSAL": causal, "STORE_LSE": store_lse, "NEG_SCALE": False, "WS": ws, "REVERSE": causal,
+                  "PRODUCER_REGS": producer_regs, "num_warps": num_warps}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = GluonASTSource(kernel, signature, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype, d, bm, bn, st, ws, causal = cfg
         try:
             ck = compile_one(kernel, dtype, d, bm, bn, st, ws, causal)
-        except Exception as exc:  # report and go on: one config's failure says nothing of the others
+        except Exception as exc:  # noqa: BLE001 - report and go on: one config's failure says nothing of the others
             failed += 1
             print(f"{dtype:5} {d:>3} {bm:>3} {bn:>3} {st:>2} {ws!s:>5} {causal!s:>6} FAILED: "
                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

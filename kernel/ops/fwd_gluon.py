@@ -18,14 +18,14 @@ never lists it and a config naming it is refused.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, Mapping
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
 
 import torch
 import triton
 
 from ...db.types import DTYPE_BYTES, Config, normalize_dtype
-
 from .. import device as _device
 from ..jit.common import GRID_X_MAX, LOG2E
 from ..mods import NO_MODS, ScoreMods
@@ -66,7 +66,8 @@ def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
         raise ValueError(f"loads={loads!r}: the Gluon forward kernel runs loads='gluon' only")
     ws = extra.get("ws", False)
     if not isinstance(ws, bool):
-        raise ValueError(f"ws={ws!r}: must be true or false")
+        # ValueError like every knob problem: callers of fwd_variant catch that one (kernel.ops.fwd_tma too).
+        raise ValueError(f"ws={ws!r}: must be true or false")  # noqa: TRY004
     schedule = extra.get("schedule", "grid")
     if schedule not in GLUON_SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(GLUON_SCHEDULES)}")
@@ -87,7 +88,7 @@ def gluon_tile_problem(config: Config) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def check_gluon_config(config: Config) -> tuple[bool, str]:
     """(ws, schedule) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
     knobs = gluon_knobs(config.extra_dict)
@@ -155,10 +156,10 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
         raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
     args = (q, k, v, o, lse, *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m)
-    kwargs = dict(HEAD_DIM=shape.head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                  STAGES=config.num_stages, CAUSAL=bool(causal), STORE_LSE=bool(return_lse), NEG_SCALE=scale < 0,
-                  WS=ws, REVERSE=schedule == "heavy_first", PRODUCER_REGS=PRODUCER_REGS,
-                  num_warps=config.num_warps)
+    kwargs = {"HEAD_DIM": shape.head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+              "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
+              "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first",
+              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
     return grid, args, kwargs, o, lse
 
 

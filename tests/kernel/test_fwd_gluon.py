@@ -1,0 +1,194 @@
+"""The Gluon forward variant (kernel/ops/fwd_gluon.py): its knob and tile contract, refusals, shared-memory model
+and tuner configs on CPU; its numerics against the fp64 reference on an sm_90 GPU (Gluon kernels do not run
+under the interpreter). The CPU side also compiles one config for sm_90 offline and checks the PTX holds wgmma.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flashtune.db.types import Config
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.ops.fwd import estimate_smem, fwd_variant
+from flashtune.kernel.ops.fwd_gluon import (
+    GLUON_AVAILABLE,
+    GLUON_KNOBS,
+    estimate_gluon_smem,
+    gluon_candidates,
+    gluon_config,
+    gluon_knobs,
+    gluon_supported,
+    launch_gluon,
+)
+from flashtune.kernel.testing import attention_reference, lse_reference
+from flashtune.kernel.version import OP_KERNELS, closure
+from helpers import qkv, rel
+
+BOUNDS = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+H100_SMEM = 227 * 1024
+
+needs_gluon = pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton cannot build the Gluon kernel")
+
+
+def test_knob_contract():
+    assert gluon_knobs({}) == (False, "grid")
+    assert gluon_knobs({"loads": "gluon", "ws": True, "schedule": "heavy_first"}) == (True, "heavy_first")
+    with pytest.raises(ValueError, match="ws=1"):
+        gluon_knobs({"ws": 1})
+    for bad, words in (({"schedule": "persistent"}, "schedule"), ({"loads": "tma"}, "loads"),
+                       ({"swizzle": 2}, "unknown knob")):
+        with pytest.raises(ValueError, match=words):
+            gluon_knobs(bad)
+    assert set(GLUON_KNOBS) == {"loads", "ws", "schedule"}
+
+
+def test_config_tiles_are_checked():
+    config = gluon_config(128, 128, 8, 2, ws=True, schedule="heavy_first")
+    assert str(config) == 'm128-n128-w8-s2+{"loads":"gluon","schedule":"heavy_first","ws":true}'
+    for args, words in (((128, 128, 4, 2), "num_warps=4"), ((32, 64, 2, 2), "block_m=32"),
+                        ((128, 32, 8, 2), "block_n=32"), ((64, 64, 4, 1), "num_stages=1")):
+        with pytest.raises(ValueError, match=words):
+            gluon_config(*args)
+
+
+@needs_gluon
+def test_fwd_variant_routes_loads_gluon():
+    variant = fwd_variant(gluon_config(64, 64, 4, 3))
+    assert variant.launch is launch_gluon
+    with pytest.raises(ValueError, match="num_warps"):
+        fwd_variant(Config(128, 128, 4, 2, (("loads", "gluon"),)))
+    with pytest.raises(ValueError, match="unknown knob"):
+        fwd_variant(Config(128, 128, 8, 2, (("loads", "gluon"), ("num_splits", 2))))
+
+
+def test_smem_estimate_matches_compiled_figures():
+    # metadata.shared of sm_90 compiles with ws on (bench/gluon_compile_check.py, Triton 3.6): (tile, D, bytes).
+    for tile, head_dim, shared in (((128, 128, 8, 2), 64, 82108), ((128, 64, 8, 2), 64, 49340),
+                                   ((64, 128, 4, 2), 64, 73916), ((128, 128, 8, 3), 64, 114924),
+                                   ((128, 128, 8, 2), 128, 164028), ((128, 64, 8, 2), 128, 98492),
+                                   ((64, 128, 4, 2), 128, 147644), ((128, 128, 8, 3), 128, 229612)):
+        config = gluon_config(*tile, ws=True)
+        need = estimate_gluon_smem(config, head_dim, "float16", "sm_90")
+        assert shared <= need <= shared + 256, (tile, head_dim)
+        assert estimate_smem(config, head_dim, "float16", "sm_90") == need
+
+
+def test_candidates_only_on_sm90_for_its_head_dims_and_dtypes():
+    assert gluon_candidates("sm_80", 128, "float16", True, H100_SMEM) == []
+    assert gluon_candidates("sm_90", 96, "float16", True, H100_SMEM) == []
+    assert gluon_candidates("sm_90", 128, "float32", True, H100_SMEM) == []
+    configs = gluon_candidates("sm_90", 128, "float16", True, H100_SMEM)
+    if not GLUON_AVAILABLE:
+        assert configs == []
+        return
+    assert configs and all(c.extra_dict["loads"] == "gluon" for c in configs)
+    assert {c.extra_dict["ws"] for c in configs} == {False, True}
+    assert all(estimate_gluon_smem(c, 128, "float16", "sm_90") <= H100_SMEM for c in configs)
+    full = gluon_candidates("sm_90", 64, "bfloat16", False, H100_SMEM)
+    assert {c.extra_dict["schedule"] for c in full} == {"grid"}  # heavy_first only reorders equal blocks
+
+
+def test_supported_names_the_reason():
+    assert "sm_90" in gluon_supported("sm_80", 128, "float16")
+    assert "head dim" in (gluon_supported("sm_90", 256, "float16") or "head dim")
+    if GLUON_AVAILABLE:
+        assert gluon_supported("sm_90", 64, "bfloat16") is None
+
+
+def test_fwd_version_hashes_the_gluon_kernel():
+    reached = closure(OP_KERNELS["fwd"])
+    assert "jit/fwd_gluon:attn_fwd_gluon_kernel" in reached
+    assert "jit/fwd_gluon:_gl_consumer" in reached and "jit/fwd_gluon:_gl_producer" in reached
+
+
+@needs_gluon
+def test_launch_refuses_cpu_tensors_before_running():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(1, 2, 2, 32, 32, 64, torch.float16, "cpu", gen)
+    with pytest.raises(ValueError, match="CUDA device"):
+        launch_gluon(q, k, v, check_inputs(q, k, v), causal=True, scale=0.125, config=gluon_config(64, 64, 4, 2))
+
+
+@needs_gluon
+def test_compiles_to_wgmma_for_sm90_without_a_gpu():
+    # In a child process: this one runs under the interpreter (conftest), where Gluon compiles nothing.
+    script = Path(__file__).resolve().parents[2] / "bench" / "gluon_compile_check.py"
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('cc', {str(script)!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); "
+            "c = m.compile_one(m._load_kernel(), 'fp16', 64, 64, 64, 2, ws=True, causal=True); "
+            "p = c.asm['ptx']; print('wgmma.mma_async' in p, 'cp.async.bulk.tensor' in p)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=240, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["True", "True"], run.stdout
+
+
+# --- on the GPU --------------------------------------------------------------------------------------------
+
+GPU_TILES = [(128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3)]
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal): lengths no tile divides, GQA, cross attention.
+GPU_CASES = [(2, 4, 2, 300, 300, 64, True), (1, 4, 4, 257, 257, 128, False), (1, 2, 1, 511, 511, 128, True),
+             (1, 2, 2, 100, 333, 64, True), (1, 2, 2, 333, 100, 128, True), (2, 2, 2, 256, 256, 64, False)]
+
+
+def _gpu_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from flashtune.kernel.device import device_arch
+    return gluon_supported(device_arch(0), 128, "float16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ws", [False, True], ids=["ws0", "ws1"])
+def test_gpu_matches_fp64_reference(dtype, ws):
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(4242 + ws)
+    bad = []
+    for i, case in enumerate(GPU_CASES):
+        q, k, v = qkv(*case[:6], dtype, "cuda", gen)
+        causal = case[-1]
+        scale = 1.0 / math.sqrt(case[5])
+        ref = attention_reference(q, k, v, causal=causal, scale=scale)
+        ref_lse = lse_reference(q, k, causal=causal, scale=scale)
+        for j, tile in enumerate(GPU_TILES):
+            config = gluon_config(*tile, ws=ws, schedule=("grid", "heavy_first")[(i + j) % 2])
+            if estimate_gluon_smem(config, case[5], str(dtype).removeprefix("torch.")) > H100_SMEM:
+                continue
+            o, lse, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=scale, config=config,
+                                     return_lse=True, out=torch.full_like(q, float("nan")))
+            err = rel(o, ref) if torch.isfinite(o).all() else math.inf
+            lse_err = (lse.double() - ref_lse).abs().max().item()
+            if not (err < BOUNDS[dtype] and lse_err < 1e-2):
+                bad.append(f"{config} {case}: relative error {err:.3g}, LSE error {lse_err:.3g}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.gpu
+def test_gpu_refuses_modifiers_and_layouts_cleanly():
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    from flashtune.kernel.mods import check_mods
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = qkv(1, 2, 2, 64, 64, 64, torch.float16, "cuda", gen)
+    shape = check_inputs(q, k, v)
+    config = gluon_config(64, 64, 4, 2)
+    mods = check_mods(shape, q.device, softcap=30.0)
+    with pytest.raises(ValueError, match="score modifiers"):
+        launch_gluon(q, k, v, shape, causal=False, scale=0.125, config=config, mods=mods)
+    q96, k96, v96 = qkv(1, 2, 2, 64, 64, 96, torch.float16, "cuda", gen)
+    with pytest.raises(ValueError, match="head dim 96"):
+        launch_gluon(q96, k96, v96, check_inputs(q96, k96, v96), causal=False, scale=0.1, config=config)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # head dim not contiguous
+    with pytest.raises(ValueError, match="contiguous head dim"):
+        launch_gluon(qt, k, v, check_inputs(qt, k, v), causal=False, scale=0.125, config=config)
