@@ -1,7 +1,7 @@
 """The Gluon forward kernel on an sm_90 GPU: correctness of every config in child processes, then speed against
 torch SDPA's cuDNN and flash backends, the TMA kernel and the pointer kernel.
 
-1. Correctness. Each Gluon config (tile × ws; schedules alternate over the shapes) runs in its own child process
+1. Correctness. Each Gluon config (tile × ws × overlap; schedules alternate over the shapes) runs in its own child process
    with a hard timeout (--check-timeout, default 60 s), so a kernel stuck on an mbarrier ends only that child:
    B=1, H=2 (and a GQA case), N=256 and 300, D=64 and 128, causal and not, fp16 and bf16, on NaN-poisoned
    output, against the float64 reference (max abs error, relative error, LSE error). The children run a few
@@ -266,7 +266,7 @@ def main() -> int:
         print(f"gluon_bench: the Gluon kernel is not available here: {GLUON_IMPORT_ERROR}", file=sys.stderr)
         return 2
     tiles = QUICK_TILES if args.quick else TILES
-    configs = [str(gluon_config(*t, ws=ws)) for t in tiles for ws in (False, True)]
+    configs = [str(gluon_config(*t, ws=ws, overlap=ov)) for t in tiles for ws in (False, True) for ov in (False, True)]
 
     # 1. correctness, each config in its own child with a hard timeout
     def check(text: str) -> tuple[str, int | str, list[dict[str, Any]], str]:

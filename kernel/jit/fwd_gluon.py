@@ -12,6 +12,9 @@ explicit, as in FlashAttention-3:
 - K and V tiles stream through a `STAGES`-deep ring in shared memory, one mbarrier per tile and stage;
 - QKᵀ is a `warpgroup_mma` from shared memory into registers, P stays in registers (a dot-operand
   layout) as the A operand of P·V, so no score tile ever touches shared memory;
+- OVERLAP: FA3's intra-warpgroup pipeline. QKᵀ of tile j and P·V of tile j - 1 are issued together
+  (two wgmma groups); the softmax of tile j waits for the first only, so it runs while P·V is still on
+  the tensor cores, and the accumulator is rescaled once P·V is done.
 - WS: a one-warp producer partition (`gl.warp_specialize`) issues the TMA loads and waits on `empty`
   barriers that the consumer warps arrive on once a stage's P·V is done; the consumers keep the
   registers. Without WS the consumer warps issue the loads themselves, `STAGES - 1` tiles ahead.
@@ -101,12 +104,37 @@ def _gl_producer(K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride
 
 
 @gluon.jit
+def _gl_softmax(qk, m_i, l_i, j, full_tiles, offs_m, offs_n, seq_k, qk_scale, BLOCK_N: gl.constexpr,
+                CAUSAL: gl.constexpr, NEG_SCALE: gl.constexpr):
+    # One tile's online-softmax step in base 2: (p, new max, new sum, rescale factor of the old sums).
+    if j >= full_tiles:
+        # A tile on the causal diagonal or past the key range's end: mask it.
+        cols = j * BLOCK_N + offs_n
+        valid = gl.expand_dims(cols < seq_k, 0)
+        if CAUSAL:
+            valid = valid & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(cols, 0))
+        # Top-left causal: every row sees key 0 in tile 0, so its max is finite by now.
+        qk = gl.where(valid, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(qk, 1))
+        p = gl.exp2(qk - gl.expand_dims(m_new, 1))
+    else:
+        # Unmasked: the max on the raw scores, scaled once, so each exponent is one FMA.
+        if NEG_SCALE:
+            m_new = gl.maximum(m_i, gl.min(qk, 1) * qk_scale)  # a negative scale flips the order
+        else:
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+@gluon.jit
 def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                  seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, NEG_SCALE: gl.constexpr, WS: gl.constexpr,
-                 REVERSE: gl.constexpr, num_warps: gl.constexpr):
+                 REVERSE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     # The softmax/MMA warps: one query block against every key tile it sees.
     dtype: gl.constexpr = Q.dtype.element_ty
     pid_m, head, batch = _gl_tile_coords(num_m, heads_q, REVERSE)
@@ -155,41 +183,63 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
         full_tiles = seq_k // BLOCK_N
     mbarrier.wait(q_bar, 0)
 
-    for j in range(n_tiles):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
-        if not WS:
-            # Refill the stage tile j - 1 used: its P·V was waited on at the end of the last iteration.
-            nxt = j + STAGES - 1
-            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, nxt < n_tiles, STAGES, BLOCK_N)
-        mbarrier.wait(k_ready.index(s), phase)
-        qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    if OVERLAP:
+        # FA3's intra-warpgroup pipeline: QKᵀ of tile j and P·V of tile j - 1 are in flight together,
+        # and the softmax of tile j runs while P·V of tile j - 1 is still on the tensor cores.
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-        if j >= full_tiles:
-            cols = j * BLOCK_N + offs_n
-            valid = gl.expand_dims(cols < seq_k, 0)
-            if CAUSAL:
-                valid = valid & (gl.expand_dims(offs_m, 1) >= gl.expand_dims(cols, 0))
-            # Top-left causal: every row sees key 0 in tile 0, so its max is finite by now.
-            qk = gl.where(valid, qk * qk_scale, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1))
-            p = gl.exp2(qk - gl.expand_dims(m_new, 1))
-        else:
-            if NEG_SCALE:
-                m_new = gl.maximum(m_i, gl.min(qk, 1) * qk_scale)  # a negative scale flips the order
-            else:
-                m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        p, m_i, l_i, alpha = _gl_softmax(qk, m_i, l_i, 0, full_tiles, offs_m, offs_n, seq_k, qk_scale,
+                                         BLOCK_N, CAUSAL, NEG_SCALE)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(s), phase)
-        acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+        if not WS:
+            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, STAGES - 1, STAGES - 1 < n_tiles,
+                         STAGES, BLOCK_N)
+        for j in range(1, n_tiles):
+            s = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+            qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # QKᵀ was issued first: it is done
+            p, m_i, l_i, alpha = _gl_softmax(qk, m_i, l_i, j, full_tiles, offs_m, offs_n, seq_k, qk_scale,
+                                             BLOCK_N, CAUSAL, NEG_SCALE)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            # Tile j - 1 is done with its stage: hand it back (or refill it) before rescaling.
+            if WS:
+                mbarrier.arrive(empty.index(prev), count=1)
+            else:
+                nxt = j + STAGES - 1
+                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, nxt < n_tiles, STAGES,
+                             BLOCK_N)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        if WS:
-            mbarrier.arrive(empty.index(s), count=1)
+    else:
+        for j in range(n_tiles):
+            s = j % STAGES
+            phase = (j // STAGES) & 1
+            if not WS:
+                # Refill the stage tile j - 1 used: its P·V was waited on at the end of the last iteration.
+                nxt = j + STAGES - 1
+                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, nxt < n_tiles, STAGES,
+                             BLOCK_N)
+            mbarrier.wait(k_ready.index(s), phase)
+            qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            p, m_i, l_i, alpha = _gl_softmax(qk, m_i, l_i, j, full_tiles, offs_m, offs_n, seq_k, qk_scale,
+                                             BLOCK_N, CAUSAL, NEG_SCALE)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(s), phase)
+            acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if WS:
+                mbarrier.arrive(empty.index(s), count=1)
 
     mbarrier.invalidate(q_bar)
     l_o = gl.convert_layout(l_i, row_o)
@@ -217,7 +267,7 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
                           NEG_SCALE: gl.constexpr, WS: gl.constexpr, REVERSE: gl.constexpr,
-                          PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          OVERLAP: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Grid (batch * heads_q * num_m,). q/k/v/o last dims contiguous, fp16 or bf16, HEAD_DIM 64 or 128.
 
     BLOCK_M = 16 · num_warps rows per program (the consumer warps stack along the rows). WS adds a
@@ -240,7 +290,7 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
                             stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                             seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE,
-                            num_warps)),
+                            OVERLAP, num_warps)),
             (_gl_producer, (K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                             seq_k, num_m, heads_q, k_smem, v_smem, k_ready, v_ready, empty,
                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, REVERSE)),
@@ -249,7 +299,8 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
         _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                      seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
-                     HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE, num_warps)
+                     HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE, OVERLAP,
+                     num_warps)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))

@@ -4,6 +4,9 @@ Knobs, carried in `Config.extra` (see `GLUON_KNOBS`):
 - `loads`: "gluon" (this variant).
 - `ws`: a one-warp TMA producer partition (`gl.warp_specialize`) beside the consumer warps; without it
   the consumer warps issue the loads themselves, `num_stages - 1` key tiles ahead.
+- `overlap`: FA3's intra-warpgroup pipeline: the next tile's QKᵀ and this tile's P·V are in flight on the
+  tensor cores while the softmax runs (two async wgmma groups, `warpgroup_mma_wait(1)`); without it each
+  product is waited on before the softmax that needs it.
 - `schedule`: "grid" (query blocks in order) or "heavy_first" (reversed, so a causal grid ends on its
   cheapest blocks).
 
@@ -45,6 +48,7 @@ GLUON_SCHEDULES: tuple[str, ...] = ("grid", "heavy_first")
 GLUON_KNOBS: dict[str, tuple[Any, ...]] = {
     "loads": ("gluon",),
     "ws": (False, True),
+    "overlap": (False, True),
     "schedule": GLUON_SCHEDULES,
 }
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
@@ -55,8 +59,8 @@ GLUON_STAGES: tuple[int, ...] = (2, 3, 4)
 PRODUCER_REGS = 24  # registers per thread of the load warp: it holds a few indices only
 
 
-def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
-    """(ws, schedule) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
+def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, bool, str]:
+    """(ws, overlap, schedule) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
     unknown = sorted(set(extra) - set(GLUON_KNOBS))
     if unknown:
         raise ValueError(f"unknown knob(s) for the Gluon forward kernel: {', '.join(unknown)}; "
@@ -68,10 +72,13 @@ def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, str]:
     if not isinstance(ws, bool):
         # ValueError like every knob problem: callers of fwd_variant catch that one (kernel.ops.fwd_tma too).
         raise ValueError(f"ws={ws!r}: must be true or false")  # noqa: TRY004
+    overlap = extra.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap={overlap!r}: must be true or false")  # noqa: TRY004
     schedule = extra.get("schedule", "grid")
     if schedule not in GLUON_SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(GLUON_SCHEDULES)}")
-    return ws, schedule
+    return ws, overlap, schedule
 
 
 def gluon_tile_problem(config: Config) -> str | None:
@@ -89,8 +96,8 @@ def gluon_tile_problem(config: Config) -> str | None:
 
 
 @cache
-def check_gluon_config(config: Config) -> tuple[bool, str]:
-    """(ws, schedule) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
+def check_gluon_config(config: Config) -> tuple[bool, bool, str]:
+    """(ws, overlap, schedule) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
     knobs = gluon_knobs(config.extra_dict)
     problem = gluon_tile_problem(config)
     if problem:
@@ -141,7 +148,7 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any,
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
              config: Config, return_lse: bool, out: torch.Tensor | None, mods: ScoreMods
              ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
-    ws, schedule = check_gluon_config(config)
+    ws, overlap, schedule = check_gluon_config(config)
     problem = gluon_refusal(q, k, v, shape, mods, out)
     if problem:
         raise ValueError(f"the Gluon forward kernel cannot take these inputs: {problem}")
@@ -158,7 +165,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m)
     kwargs = {"HEAD_DIM": shape.head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
               "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
-              "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first",
+              "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first", "OVERLAP": overlap,
               "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
     return grid, args, kwargs, o, lse
 
@@ -187,7 +194,7 @@ def compile_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any,
 
 # Tiles worth trying: FA3's 128×128 (D 64/128) and narrower key tiles for register pressure.
 _TILES: tuple[tuple[int, int, int, int], ...] = (
-    (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
+    (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2),
 )
 
 
@@ -198,19 +205,20 @@ def gluon_candidates(arch: str, head_dim: int, dtype: str, causal: bool, smem_li
         return []
     schedules = GLUON_SCHEDULES if causal else ("grid",)
     out = []
-    for (bm, bn, w, st), ws, schedule in ((t, ws, sc) for t in _TILES for ws in (False, True) for sc in schedules):
-        config = gluon_config(bm, bn, w, st, ws=ws, schedule=schedule)
+    for (bm, bn, w, st), ws, overlap, schedule in ((t, ws, ov, sc) for t in _TILES for ws in (False, True)
+                                                   for ov in (False, True) for sc in schedules):
+        config = gluon_config(bm, bn, w, st, ws=ws, overlap=overlap, schedule=schedule)
         if estimate_gluon_smem(config, head_dim, dtype, arch) <= smem_limit:
             out.append(config)
     return out
 
 
 def gluon_config(block_m: int, block_n: int, num_warps: int, num_stages: int, *, ws: bool = False,
-                 schedule: str = "grid") -> Config:
+                 overlap: bool = False, schedule: str = "grid") -> Config:
     """A Config for this variant with its knobs in canonical form (ValueError for bad knobs or tiles)."""
-    gluon_knobs({"ws": ws, "schedule": schedule})
+    gluon_knobs({"ws": ws, "overlap": overlap, "schedule": schedule})
     config = Config(block_m, block_n, num_warps, num_stages,
-                    (("loads", "gluon"), ("schedule", schedule), ("ws", bool(ws))))
+                    (("loads", "gluon"), ("overlap", overlap), ("schedule", schedule), ("ws", ws)))
     problem = gluon_tile_problem(config)
     if problem:
         raise ValueError(f"config {config}: {problem}")

@@ -36,20 +36,24 @@ needs_gluon = pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton cannot
 
 
 def test_knob_contract():
-    assert gluon_knobs({}) == (False, "grid")
-    assert gluon_knobs({"loads": "gluon", "ws": True, "schedule": "heavy_first"}) == (True, "heavy_first")
+    assert gluon_knobs({}) == (False, False, "grid")
+    assert gluon_knobs({"loads": "gluon", "ws": True, "overlap": True, "schedule": "heavy_first"}) == (
+        True, True, "heavy_first")
+    with pytest.raises(ValueError, match="overlap=0"):
+        gluon_knobs({"overlap": 0})
     with pytest.raises(ValueError, match="ws=1"):
         gluon_knobs({"ws": 1})
     for bad, words in (({"schedule": "persistent"}, "schedule"), ({"loads": "tma"}, "loads"),
                        ({"swizzle": 2}, "unknown knob")):
         with pytest.raises(ValueError, match=words):
             gluon_knobs(bad)
-    assert set(GLUON_KNOBS) == {"loads", "ws", "schedule"}
+    assert set(GLUON_KNOBS) == {"loads", "ws", "overlap", "schedule"}
 
 
 def test_config_tiles_are_checked():
-    config = gluon_config(128, 128, 8, 2, ws=True, schedule="heavy_first")
-    assert str(config) == 'm128-n128-w8-s2+{"loads":"gluon","schedule":"heavy_first","ws":true}'
+    config = gluon_config(128, 128, 8, 2, ws=True, overlap=True, schedule="heavy_first")
+    assert str(config) == 'm128-n128-w8-s2+{"loads":"gluon","overlap":true,"schedule":"heavy_first","ws":true}'
+    assert Config.parse(str(config)) == config
     for args, words in (((128, 128, 4, 2), "num_warps=4"), ((32, 64, 2, 2), "block_m=32"),
                         ((128, 32, 8, 2), "block_n=32"), ((64, 64, 4, 1), "num_stages=1")):
         with pytest.raises(ValueError, match=words):
@@ -87,7 +91,8 @@ def test_candidates_only_on_sm90_for_its_head_dims_and_dtypes():
         assert configs == []
         return
     assert configs and all(c.extra_dict["loads"] == "gluon" for c in configs)
-    assert {c.extra_dict["ws"] for c in configs} == {False, True}
+    assert {(c.extra_dict["ws"], c.extra_dict["overlap"]) for c in configs} == {
+        (False, False), (False, True), (True, False), (True, True)}
     assert all(estimate_gluon_smem(c, 128, "float16", "sm_90") <= H100_SMEM for c in configs)
     full = gluon_candidates("sm_90", 64, "bfloat16", False, H100_SMEM)
     assert {c.extra_dict["schedule"] for c in full} == {"grid"}  # heavy_first only reorders equal blocks
@@ -120,7 +125,7 @@ def test_compiles_to_wgmma_for_sm90_without_a_gpu():
     script = Path(__file__).resolve().parents[2] / "bench" / "gluon_compile_check.py"
     code = (f"import importlib.util as u; s = u.spec_from_file_location('cc', {str(script)!r}); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); "
-            "c = m.compile_one(m._load_kernel(), 'fp16', 64, 64, 64, 2, ws=True, causal=True); "
+            "c = m.compile_one(m._load_kernel(), 'fp16', 64, 64, 64, 2, ws=True, causal=True, overlap=True); "
             "p = c.asm['ptx']; print('wgmma.mma_async' in p, 'cp.async.bulk.tensor' in p)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -147,11 +152,12 @@ def _gpu_reason() -> str | None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ws", [False, True], ids=["ws0", "ws1"])
-def test_gpu_matches_fp64_reference(dtype, ws):
+@pytest.mark.parametrize("overlap", [False, True], ids=["ov0", "ov1"])
+def test_gpu_matches_fp64_reference(dtype, ws, overlap):
     reason = _gpu_reason()
     if reason:
         pytest.skip(reason)
-    gen = torch.Generator().manual_seed(4242 + ws)
+    gen = torch.Generator().manual_seed(4242 + ws + 2 * overlap)
     bad = []
     for i, case in enumerate(GPU_CASES):
         q, k, v = qkv(*case[:6], dtype, "cuda", gen)
@@ -160,7 +166,7 @@ def test_gpu_matches_fp64_reference(dtype, ws):
         ref = attention_reference(q, k, v, causal=causal, scale=scale)
         ref_lse = lse_reference(q, k, causal=causal, scale=scale)
         for j, tile in enumerate(GPU_TILES):
-            config = gluon_config(*tile, ws=ws, schedule=("grid", "heavy_first")[(i + j) % 2])
+            config = gluon_config(*tile, ws=ws, overlap=overlap, schedule=("grid", "heavy_first")[(i + j) % 2])
             if estimate_gluon_smem(config, case[5], str(dtype).removeprefix("torch.")) > H100_SMEM:
                 continue
             o, lse, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=scale, config=config,
