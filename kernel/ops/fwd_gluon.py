@@ -145,10 +145,20 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any,
     return tma_refusal(q, k, v, out)
 
 
+def gluon_constexprs(config: Config, head_dim: int, *, causal: bool, return_lse: bool, scale: float
+                     ) -> dict[str, Any]:
+    """The kernel's constexpr arguments and launch options for a (checked) config: where each knob goes."""
+    ws, overlap, schedule = check_gluon_config(config)
+    return {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+            "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
+            "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first", "OVERLAP": overlap,
+            "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
+
+
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
              config: Config, return_lse: bool, out: torch.Tensor | None, mods: ScoreMods
              ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
-    ws, overlap, schedule = check_gluon_config(config)
+    check_gluon_config(config)
     problem = gluon_refusal(q, k, v, shape, mods, out)
     if problem:
         raise ValueError(f"the Gluon forward kernel cannot take these inputs: {problem}")
@@ -163,10 +173,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
         raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
     args = (q, k, v, o, lse, *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
             shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m)
-    kwargs = {"HEAD_DIM": shape.head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-              "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
-              "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first", "OVERLAP": overlap,
-              "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
+    kwargs = gluon_constexprs(config, shape.head_dim, causal=causal, return_lse=return_lse, scale=scale)
     return grid, args, kwargs, o, lse
 
 

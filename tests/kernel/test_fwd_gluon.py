@@ -21,6 +21,7 @@ from flashtune.kernel.ops.fwd_gluon import (
     estimate_gluon_smem,
     gluon_candidates,
     gluon_config,
+    gluon_constexprs,
     gluon_knobs,
     gluon_supported,
     launch_gluon,
@@ -48,6 +49,22 @@ def test_knob_contract():
         with pytest.raises(ValueError, match=words):
             gluon_knobs(bad)
     assert set(GLUON_KNOBS) == {"loads", "ws", "overlap", "schedule"}
+
+
+@needs_gluon
+def test_knobs_reach_the_constexprs():
+    # Every knob of GLUON_KNOBS but `loads` (which picks this kernel: test_fwd_variant_routes_loads_gluon).
+    seen = {"ws": "WS", "overlap": "OVERLAP", "schedule": "REVERSE"}
+    assert set(seen) == set(GLUON_KNOBS) - {"loads"}
+    plain = gluon_constexprs(gluon_config(128, 64, 8, 3), 128, causal=True, return_lse=False, scale=0.1)
+    assert (plain["WS"], plain["OVERLAP"], plain["REVERSE"]) == (False, False, False)
+    assert (plain["BLOCK_M"], plain["BLOCK_N"], plain["STAGES"], plain["num_warps"]) == (128, 64, 3, 8)
+    for knob, value, constexpr, expected in (("ws", True, "WS", True), ("overlap", True, "OVERLAP", True),
+                                             ("schedule", "heavy_first", "REVERSE", True)):
+        config = gluon_config(128, 64, 8, 3, **{knob: value})
+        assert gluon_constexprs(config, 128, causal=True, return_lse=False, scale=0.1)[constexpr] == expected
+    assert gluon_constexprs(gluon_config(64, 64, 4, 2), 64, causal=False, return_lse=True, scale=-0.1)[
+        "NEG_SCALE"]
 
 
 def test_config_tiles_are_checked():
