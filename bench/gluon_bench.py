@@ -7,7 +7,8 @@ torch SDPA's cuDNN and flash backends, the TMA kernel and the pointer kernel.
    output, against the float64 reference (max abs error, relative error, LSE error). The children run a few
    at a time.
 2. Speed. Configs that passed every check are timed in one child process (its timeout: what is left of
-   --budget), each result written as it comes, so a hang loses only what was not yet measured:
+   --budget), each result written as it comes, so a hang loses only what was not yet measured (the tiles of
+   TIME_TILES, every ws/overlap combination; their binaries are compiled first, in threads):
    triton.testing.do_bench medians, H=16, B·N = 32k tokens, N in 4096, 8192, 16384 (--quick: fp16, D=128,
    N 4096 and 16384), fp16 and bf16, D=128 and 64, causal and not. Every Gluon result is also checked
    against torch SDPA (fp16/bf16, flash backend) on the same inputs before it counts. TFLOP/s = 4·B·H·N²·D,
@@ -37,9 +38,19 @@ sys.path.insert(0, str(HERE.parent))
 # (block_m, block_n, num_warps, num_stages) of the Gluon configs checked and timed
 TILES = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3)]
 QUICK_TILES = [(128, 128, 8, 2), (128, 64, 8, 3)]
-# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal)
-CHECK_CASES = [(1, 2, 2, 256, 256, d, c) for d in (64, 128) for c in (False, True)] + [
-    (1, 4, 2, 300, 300, 64, True), (1, 2, 2, 300, 300, 128, False), (1, 2, 2, 100, 333, 128, True)]
+# Timed: the Gluon tiles worth the compile time (every ws/overlap combination of them that passed).
+TIME_TILES = [(128, 128, 8, 2), (128, 64, 8, 3)]
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, dtype, schedule). Sizes are not specialised on, so
+# the cases share six binaries per config (dtype × head dim × causal × schedule), which keeps each child short.
+CHECK_CASES = [
+    (1, 2, 2, 256, 256, 64, False, "float16", "grid"), (1, 4, 2, 300, 300, 64, False, "float16", "grid"),
+    (1, 2, 2, 256, 256, 64, True, "float16", "heavy_first"), (1, 4, 2, 300, 300, 64, True, "float16", "heavy_first"),
+    (1, 2, 2, 256, 256, 128, False, "float16", "grid"), (1, 2, 2, 100, 333, 128, False, "float16", "grid"),
+    (1, 2, 2, 256, 256, 128, True, "float16", "grid"), (1, 2, 2, 100, 333, 128, True, "float16", "grid"),
+    (1, 2, 2, 333, 100, 128, True, "float16", "grid"),
+    (1, 2, 2, 256, 256, 128, True, "bfloat16", "heavy_first"), (1, 4, 1, 300, 300, 128, True, "bfloat16", "heavy_first"),
+    (1, 2, 2, 256, 256, 64, False, "bfloat16", "grid"),
+]
 BOUNDS = {"float16": 2e-3, "bfloat16": 1.5e-2}
 
 
@@ -80,38 +91,37 @@ def check_config(text: str) -> None:
 
     base = Config.parse(text)
     limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
-    for i, case in enumerate(CHECK_CASES):
-        for dtype in (torch.float16, torch.bfloat16):
-            b, hq, hkv, nq, nk, d, causal = case
-            schedule = ("grid", "heavy_first")[i % 2] if causal else "grid"
-            extra = dict(base.extra_dict, schedule=schedule)
-            config = Config(base.block_m, base.block_n, base.num_warps, base.num_stages, tuple(sorted(extra.items())))
-            row: dict[str, Any] = {"config": str(config), "case": str(case), "dtype": str(dtype)[6:]}
-            if estimate_gluon_smem(config, d, row["dtype"]) > limit:
-                print(json.dumps({**row, "outcome": "too_much_smem"}), flush=True)
-                continue
-            gen = torch.Generator(device="cuda").manual_seed(1000 * i + (dtype == torch.bfloat16))
-            q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype, generator=gen)
-            k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
-            v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
-            scale = d ** -0.5
-            try:
-                o, lse, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=scale, config=config,
-                                         return_lse=True, out=torch.full_like(q, float("nan")))
-                torch.cuda.synchronize()
-            except Exception as exc:  # noqa: BLE001 - a compile error is this config's outcome, recorded
-                print(json.dumps({**row, "outcome": "error", "error": f"{type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]}), flush=True)
-                continue
-            ref = attention_reference(q, k, v, causal=causal, scale=scale)
-            ref_lse = lse_reference(q, k, causal=causal, scale=scale)
-            finite = bool(torch.isfinite(o).all())
-            diff = (o.double() - ref).abs()
-            rel = float((o.double() - ref).norm() / ref.norm()) if finite else math.inf
-            lse_err = float((lse.double() - ref_lse).abs().max())
-            ok = finite and rel < BOUNDS[row["dtype"]] and lse_err < 1e-2
-            print(json.dumps({**row, "outcome": "ok" if ok else "wrong_result", "max_abs_err": float(diff.max()),
-                              "rel_err": rel, "lse_err": lse_err, "finite": finite}), flush=True)
+    for i, (b, hq, hkv, nq, nk, d, causal, dtype_name, schedule) in enumerate(CHECK_CASES):
+        extra = dict(base.extra_dict, schedule=schedule)
+        config = Config(base.block_m, base.block_n, base.num_warps, base.num_stages, tuple(sorted(extra.items())))
+        row: dict[str, Any] = {"config": str(config), "case": f"b{b} h{hq}/{hkv} n{nq}x{nk} d{d} causal={causal}",
+                               "dtype": dtype_name}
+        if estimate_gluon_smem(config, d, dtype_name) > limit:
+            print(json.dumps({**row, "outcome": "too_much_smem"}), flush=True)
+            continue
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator(device="cuda").manual_seed(1000 + i)
+        q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype, generator=gen)
+        k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
+        v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dtype, generator=gen)
+        scale = d ** -0.5
+        try:
+            o, lse, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=scale, config=config,
+                                     return_lse=True, out=torch.full_like(q, float("nan")))
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a compile error is this config's outcome, recorded
+            print(json.dumps({**row, "outcome": "error", "error": f"{type(exc).__name__}: "
+                              f"{(str(exc).strip().splitlines() or [''])[0]}"[:300]}), flush=True)
+            continue
+        ref = attention_reference(q, k, v, causal=causal, scale=scale)
+        ref_lse = lse_reference(q, k, causal=causal, scale=scale)
+        finite = bool(torch.isfinite(o).all())
+        diff = (o.double() - ref).abs()
+        rel = float((o.double() - ref).norm() / ref.norm()) if finite else math.inf
+        lse_err = float((lse.double() - ref_lse).abs().max())
+        ok = finite and rel < BOUNDS[dtype_name] and lse_err < 1e-2
+        print(json.dumps({**row, "outcome": "ok" if ok else "wrong_result", "max_abs_err": float(diff.max()),
+                          "rel_err": rel, "lse_err": lse_err, "finite": finite}), flush=True)
 
 
 # --- child: timing -------------------------------------------------------------------------------------------
@@ -128,6 +138,7 @@ def time_all(configs: list[str], quick: bool, out: Path, warmup: int, rep: int) 
     dims = [128] if quick else [128, 64]
     seqs = [4096, 16384] if quick else [4096, 8192, 16384]
     tma_configs = [tma_config(128, 64, 8, 3), tma_config(128, 64, 4, 2, ws=True)]
+    _precompile(configs, dtypes, dims, limit)
     with out.open("a") as sink:
         for dtype_name in dtypes:
             for d in dims:
@@ -140,12 +151,45 @@ def time_all(configs: list[str], quick: bool, out: Path, warmup: int, rep: int) 
                         torch.cuda.empty_cache()
 
 
+def _timed_config(text: str, causal: bool) -> Any:
+    """The Gluon config timed for `text` on a causal or full shape: causal ones take the costliest blocks first."""
+    from flashtune.db.types import Config
+
+    c = Config.parse(text)
+    extra = dict(c.extra_dict, schedule="heavy_first" if causal else "grid")
+    return Config(c.block_m, c.block_n, c.num_warps, c.num_stages, tuple(sorted(extra.items())))
+
+
+def _precompile(configs: list[str], dtypes: list[str], dims: list[int], limit: int) -> None:
+    """Compile every Gluon binary the timing runs, in threads (sizes are not specialised on: small inputs do)."""
+    import torch
+    from flashtune.kernel.checks import check_inputs
+    from flashtune.kernel.ops.fwd_gluon import compile_gluon, estimate_gluon_smem
+
+    jobs = [(text, dt, d, causal) for dt in dtypes for d in dims for causal in (False, True) for text in configs]
+
+    def one(job: tuple[str, str, int, bool]) -> None:
+        text, dt, d, causal = job
+        config = _timed_config(text, causal)
+        if estimate_gluon_smem(config, d, dt) > limit:
+            return
+        q = torch.randn(1, 2, 64, d, device="cuda", dtype=getattr(torch, dt))
+        try:
+            compile_gluon(q, q, q, check_inputs(q, q, q), causal=causal, scale=d ** -0.5, config=config)
+        except Exception as exc:  # noqa: BLE001 - the timing loop records it again for its row
+            print(f"precompile {config} {dt} D={d} causal={causal}: {type(exc).__name__}", flush=True)
+
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, jobs))
+    print(f"precompiled {len(jobs)} Gluon binaries in {time.time() - started:.0f} s", flush=True)
+
+
 def _time_shape(dtype_name: str, d: int, n: int, causal: bool, configs: list[str], tma_configs: list[Any],
                 limit: int, warmup: int, rep: int, heads: int = 16):
     """Yield one row per candidate on one shape: H=`heads`, B·N = 32k tokens."""
     import torch
     import triton
-    from flashtune.db.types import Config
     from flashtune.kernel.checks import check_inputs
     from flashtune.kernel.ops.fwd import default_config, launch
     from flashtune.kernel.ops.fwd_gluon import estimate_gluon_smem, launch_gluon
@@ -178,10 +222,7 @@ def _time_shape(dtype_name: str, d: int, n: int, causal: bool, configs: list[str
     cands += [("tma", str(c), kernel(launch_tma, c)) for c in tma_configs
               if estimate_tma_smem(c, d, dtype_name, "sm_90") <= limit]
     for text in configs:
-        c = Config.parse(text)
-        if causal:  # the costliest query blocks first
-            extra = dict(c.extra_dict, schedule="heavy_first")
-            c = Config(c.block_m, c.block_n, c.num_warps, c.num_stages, tuple(sorted(extra.items())))
+        c = _timed_config(text, causal)
         if estimate_gluon_smem(c, d, dtype_name) <= limit:
             cands.append(("gluon", str(c), kernel(launch_gluon, c)))
     for variant, config, fn in cands:
@@ -238,7 +279,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two Gluon tiles, fp16 D=128 N 4096/16384 timing")
     parser.add_argument("--check-timeout", type=float, default=60.0, help="seconds per correctness child")
     parser.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run")
-    parser.add_argument("--parallel", type=int, default=4, help="correctness children at once")
+    parser.add_argument("--parallel", type=int, default=8, help="correctness children at once")
     parser.add_argument("--warmup", type=int, default=5, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=40, help="do_bench repetitions, ms")
     parser.add_argument("--child-check", help=argparse.SUPPRESS)
@@ -256,6 +297,7 @@ def main() -> int:
     started = time.time()
     out = out_dir(args.out)
     _import_flashtune()
+    from flashtune.db.types import Config
     from flashtune.kernel.ops.fwd_gluon import (
         GLUON_AVAILABLE,
         GLUON_IMPORT_ERROR,
@@ -294,7 +336,11 @@ def main() -> int:
     left = args.budget - (time.time() - started)
     status: int | str = "skipped"
     if left > 20:
-        child = ["--out", str(out), "--child-time", ";".join(passed), "--child-out", str(timing_file),
+        def tile(text: str) -> tuple[int, int, int, int]:
+            c = Config.parse(text)
+            return c.block_m, c.block_n, c.num_warps, c.num_stages
+        timed = [c for c in passed if tile(c) in TIME_TILES]
+        child = ["--out", str(out), "--child-time", ";".join(timed), "--child-out", str(timing_file),
                  "--warmup", str(args.warmup), "--rep", str(args.rep)] + (["--quick"] if args.quick else [])
         status, stdout = _child(child, left - 5)
         if status != 0:
