@@ -116,10 +116,13 @@ def test_candidates_only_on_sm90_for_its_head_dims_and_dtypes():
 
 
 def test_supported_names_the_reason():
+    if not GLUON_AVAILABLE:
+        assert "Gluon" in gluon_supported("sm_90", 64, "float16")
+        return
     assert "sm_90" in gluon_supported("sm_80", 128, "float16")
-    assert "head dim" in (gluon_supported("sm_90", 256, "float16") or "head dim")
-    if GLUON_AVAILABLE:
-        assert gluon_supported("sm_90", 64, "bfloat16") is None
+    assert "head dim 256" in gluon_supported("sm_90", 256, "float16")
+    assert "float32" in gluon_supported("sm_90", 128, "float32")
+    assert gluon_supported("sm_90", 64, "bfloat16") is None
 
 
 def test_fwd_version_hashes_the_gluon_kernel():
