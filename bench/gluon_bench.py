@@ -41,7 +41,7 @@ QUICK_TILES = [(128, 128, 8, 2), (128, 64, 8, 3)]
 # Timed: the Gluon tiles worth the compile time (every ws/overlap combination of them that passed).
 TIME_TILES = [(128, 128, 8, 2), (128, 64, 8, 3)]
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, dtype, schedule). Sizes are not specialised on, so
-# the cases share six binaries per config (dtype × head dim × causal × schedule), which keeps each child short.
+# the cases share nine binaries per config (dtype × head dim × causal × schedule), which keeps each child short.
 CHECK_CASES = [
     (1, 2, 2, 256, 256, 64, False, "float16", "grid"), (1, 4, 2, 300, 300, 64, False, "float16", "grid"),
     (1, 2, 2, 256, 256, 64, True, "float16", "heavy_first"), (1, 4, 2, 300, 300, 64, True, "float16", "heavy_first"),
@@ -50,6 +50,10 @@ CHECK_CASES = [
     (1, 2, 2, 333, 100, 128, True, "float16", "grid"),
     (1, 2, 2, 256, 256, 128, True, "bfloat16", "heavy_first"), (1, 4, 1, 300, 300, 128, True, "bfloat16", "heavy_first"),
     (1, 2, 2, 256, 256, 64, False, "bfloat16", "grid"),
+    (2, 4, 2, 300, 300, 64, True, "float16", "persistent"), (1, 4, 4, 257, 257, 128, False, "float16", "persistent"),
+    (1, 2, 2, 100, 333, 128, True, "bfloat16", "persistent"),
+    # more units than an H100 or H200 has SMs: each program strides over several, its K/V ring carrying on
+    (2, 16, 8, 640, 640, 128, True, "float16", "persistent"), (2, 16, 8, 640, 640, 64, True, "float16", "persistent"),
 ]
 BOUNDS = {"float16": 2e-3, "bfloat16": 1.5e-2}
 
@@ -152,11 +156,15 @@ def time_all(configs: list[str], quick: bool, out: Path, warmup: int, rep: int) 
 
 
 def _timed_config(text: str, causal: bool) -> Any:
-    """The Gluon config timed for `text` on a causal or full shape: causal ones take the costliest blocks first."""
+    """The Gluon config timed for `text` on a causal or full shape: a persistent one stays persistent, a grid
+    one takes the costliest blocks first when causal."""
     from flashtune.db.types import Config
 
     c = Config.parse(text)
-    extra = dict(c.extra_dict, schedule="heavy_first" if causal else "grid")
+    schedule = c.extra_dict.get("schedule", "grid")
+    if schedule != "persistent":
+        schedule = "heavy_first" if causal else "grid"
+    extra = dict(c.extra_dict, schedule=schedule)
     return Config(c.block_m, c.block_n, c.num_warps, c.num_stages, tuple(sorted(extra.items())))
 
 
@@ -340,6 +348,8 @@ def main() -> int:
             c = Config.parse(text)
             return c.block_m, c.block_n, c.num_warps, c.num_stages
         timed = [c for c in passed if tile(c) in TIME_TILES]
+        # and the persistent schedule of the overlapped ones (checked in the same children)
+        timed += [c.replace('"schedule":"grid"', '"schedule":"persistent"') for c in timed if '"overlap":true' in c]
         child = ["--out", str(out), "--child-time", ";".join(timed), "--child-out", str(timing_file),
                  "--warmup", str(args.warmup), "--rep", str(args.rep)] + (["--quick"] if args.quick else [])
         status, stdout = _child(child, left - 5)

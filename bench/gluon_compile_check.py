@@ -4,7 +4,7 @@ Runs against whichever Triton is first on PYTHONPATH (the GPU machine has Triton
 
     PYTHONPATH=/tmp/tr36site python bench/gluon_compile_check.py
 
-For each config (dtype, head dim, block sizes, stages, warp specialisation, overlap, causal) it prints
+For each config (dtype, head dim, block sizes, stages, warp specialisation, overlap, causal, persistent) it prints
 ptxas's registers and spill stores, shared memory, warps, the consumers' setmaxnreg budget and whether the PTX holds `wgmma.mma_async` and TMA copies (`cp.async.bulk.tensor`).
 The kernel file is loaded by path, so neither torch nor the rest of flashtune is imported. Exits 1 if any
 config fails to compile or lacks wgmma.
@@ -30,7 +30,7 @@ _KERNEL = Path(__file__).resolve().parents[1] / "kernel" / "jit" / "fwd_gluon.py
 _ARGS = ("Q", "K", "V", "O", "LSE",
          "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
          "stride_vb", "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_om",
-         "seq_q", "seq_k", "heads_q", "group", "qk_scale", "num_m")
+         "seq_q", "seq_k", "heads_q", "group", "qk_scale", "num_m", "num_units")
 
 
 def _load_kernel():
@@ -41,7 +41,8 @@ def _load_kernel():
 
 
 def compile_one(kernel, dtype: str, head_dim: int, block_m: int, block_n: int, stages: int, ws: bool,
-                causal: bool, overlap: bool = False, store_lse: bool = True, producer_regs: int = 24):
+                causal: bool, overlap: bool = False, persistent: bool = False, store_lse: bool = True,
+                producer_regs: int = 24):
     """Compile one config for sm_90; returns Triton's compiled kernel."""
     elt = {"fp16": "*fp16", "bf16": "*bf16"}[dtype]
     signature = {name: "i32" for name in _ARGS}
@@ -49,7 +50,7 @@ def compile_one(kernel, dtype: str, head_dim: int, block_m: int, block_n: int, s
     num_warps = block_m // 16
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages,
                   "CAUSAL": causal, "STORE_LSE": store_lse, "NEG_SCALE": False, "WS": ws, "REVERSE": causal,
-                  "OVERLAP": overlap, "PRODUCER_REGS": producer_regs, "num_warps": num_warps}
+                  "OVERLAP": overlap, "PERSISTENT": persistent, "PRODUCER_REGS": producer_regs, "num_warps": num_warps}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = GluonASTSource(kernel, signature, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -79,21 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kernel = _load_kernel()
     print(f"triton {triton.__version__} from {Path(triton.__file__).parent}")
-    configs = [("fp16", d, bm, bn, st, ws, ov, c)
+    configs = [("fp16", d, bm, bn, st, ws, ov, c, False)
                for d, (bm, bn, st), ws, ov, c in itertools.product(
                    (64, 128), ((128, 128, 2), (128, 64, 3), (64, 128, 2), (128, 128, 3)), (False, True),
                    (False, True), (False, True))]
-    configs += [("bf16", 128, 128, 128, 2, ws, True, True) for ws in (False, True)]
+    configs += [("fp16", d, 128, 128, 2, ws, ov, True, True)
+                for d, ws, ov in itertools.product((64, 128), (False, True), (False, True))]
+    configs += [("bf16", 128, 128, 128, 2, ws, True, True, False) for ws in (False, True)]
     if args.quick:
         configs = [c for c in configs if c[2:5] == (128, 128, 2) and c[0] == "fp16" and c[7]]
     failed = 0
-    print(f"{'dtype':5} {'D':>3} {'BM':>3} {'BN':>3} {'st':>2} {'ws':>5} {'ovl':>5} {'causal':>6} {'regs':>4} "
+    print(f"{'dtype':5} {'D':>3} {'BM':>3} {'BN':>3} {'st':>2} {'ws':>5} {'ovl':>5} {'causal':>6} {'pers':>5} {'regs':>4} "
           f"{'spill':>5} {'smem':>6} {'warps':>5} {'maxnreg':>7} wgmma tma")
     for cfg in configs:
-        dtype, d, bm, bn, st, ws, ov, causal = cfg
-        head = f"{dtype:5} {d:>3} {bm:>3} {bn:>3} {st:>2} {ws!s:>5} {ov!s:>5} {causal!s:>6}"
+        dtype, d, bm, bn, st, ws, ov, causal, pers = cfg
+        head = f"{dtype:5} {d:>3} {bm:>3} {bn:>3} {st:>2} {ws!s:>5} {ov!s:>5} {causal!s:>6} {pers!s:>5}"
         try:
-            ck = compile_one(kernel, dtype, d, bm, bn, st, ws, causal, overlap=ov)
+            ck = compile_one(kernel, dtype, d, bm, bn, st, ws, causal, overlap=ov, persistent=pers)
         except Exception as exc:  # noqa: BLE001 - report and go on: one config's failure says nothing of the others
             failed += 1
             print(f"{head} FAILED: "
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
         if args.ptx:
             args.ptx.mkdir(parents=True, exist_ok=True)
-            (args.ptx / f"{dtype}_d{d}_{bm}x{bn}_s{st}_ws{int(ws)}_ov{int(ov)}_c{int(causal)}.ptx").write_text(ptx)
+            (args.ptx / f"{dtype}_d{d}_{bm}x{bn}_s{st}_ws{int(ws)}_ov{int(ov)}_c{int(causal)}_p{int(pers)}.ptx").write_text(ptx)
         # With ws the consumer warps raise their register budget (setmaxnreg) above the launch figure.
         maxnreg = max(map(int, re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)), default=0)
         print(f"{head} {regs:>4} {spills:>5} {ck.metadata.shared:>6} {ck.metadata.num_warps:>5} "

@@ -15,6 +15,9 @@ explicit, as in FlashAttention-3:
 - OVERLAP: FA3's intra-warpgroup pipeline. QKᵀ of tile j and P·V of tile j - 1 are issued together
   (two wgmma groups); the softmax of tile j waits for the first only, so it runs while P·V is still on
   the tensor cores, and the accumulator is rescaled once P·V is done.
+- PERSISTENT: about one program per SM, each striding over the (query block, head) units, query-block
+  major and (causally) last block first, so every wave takes the costliest blocks left; the K/V ring
+  and its barriers carry on from one unit to the next.
 - WS: a one-warp producer partition (`gl.warp_specialize`) issues the TMA loads and waits on `empty`
   barriers that the consumer warps arrive on once a stage's P·V is done; the consumers keep the
   registers. Without WS the consumer warps issue the loads themselves, `STAGES - 1` tiles ahead.
@@ -39,14 +42,18 @@ GL_LN2 = gl.constexpr(0.6931471805599453)
 
 
 @gluon.jit
-def _gl_tile_coords(num_m, heads_q, REVERSE: gl.constexpr):
-    # (query block, head, batch) of this program; REVERSE takes the query blocks last-first, so a causal
-    # grid starts on its costliest blocks and ends on the cheap ones.
-    pid = gl.program_id(0)
-    pid_m = pid % num_m
+def _gl_unit_coords(unit, num_m, num_bh, heads_q, REVERSE: gl.constexpr, PERSISTENT: gl.constexpr):
+    # (query block, head, batch) of work unit `unit` (the program id in a grid). REVERSE takes the query
+    # blocks last-first, so a causal run starts on its costliest blocks and ends on the cheap ones. A
+    # persistent run goes query-block-major: the programs of one wave take the same block of many heads.
+    if PERSISTENT:
+        pid_m = unit // num_bh
+        bh = unit % num_bh
+    else:
+        pid_m = unit % num_m
+        bh = unit // num_m
     if REVERSE:
         pid_m = num_m - 1 - pid_m
-    bh = pid // num_m
     return pid_m, bh % heads_q, bh // heads_q
 
 
@@ -73,11 +80,11 @@ def _gl_kv_tiles(start_m, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, C
 
 
 @gluon.jit
-def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, pred, STAGES: gl.constexpr,
+def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, g, pred, STAGES: gl.constexpr,
                  BLOCK_N: gl.constexpr):
-    # TMA loads of key tile j into its ring stage, each signalling its own barrier (QKᵀ can start
-    # before V lands).
-    s = j % STAGES
+    # TMA loads of key tile j into ring slot g (the ring's running tile count), each signalling its own
+    # barrier (QKᵀ can start before V lands).
+    s = g % STAGES
     kb = k_ready.index(s)
     vb = v_ready.index(s)
     mbarrier.expect(kb, k_desc.block_type.nbytes, pred=pred)
@@ -88,19 +95,41 @@ def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, pred, STAG
 
 @gluon.jit
 def _gl_producer(K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                 seq_k, num_m, heads_q, k_smem, v_smem, k_ready, v_ready, empty,
+                 seq_k, num_m, heads_q, num_units, k_smem, v_smem, k_ready, v_ready, empty,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr, REVERSE: gl.constexpr):
+                 CAUSAL: gl.constexpr, REVERSE: gl.constexpr, PERSISTENT: gl.constexpr):
     # The load partition (one warp): fill the ring as fast as the consumers free its stages.
-    pid_m, head, batch = _gl_tile_coords(num_m, heads_q, REVERSE)
+    num_bh = num_units // num_m
+    if PERSISTENT:
+        it = 0
+        for unit in range(gl.program_id(0), num_units, gl.num_programs(0)):
+            pid_m, head, batch = _gl_unit_coords(unit, num_m, num_bh, heads_q, REVERSE, PERSISTENT)
+            it = _gl_produce(K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, seq_k,
+                             pid_m, head, batch, it, k_smem, v_smem, k_ready, v_ready, empty,
+                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+    else:
+        pid_m, head, batch = _gl_unit_coords(gl.program_id(0), num_m, num_bh, heads_q, REVERSE, PERSISTENT)
+        _gl_produce(K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, seq_k,
+                    pid_m, head, batch, 0, k_smem, v_smem, k_ready, v_ready, empty,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL)
+
+
+@gluon.jit
+def _gl_produce(K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, seq_k,
+                pid_m, head, batch, it, k_smem, v_smem, k_ready, v_ready, empty,
+                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                CAUSAL: gl.constexpr):
+    # One query block's key tiles, into ring slots it, it + 1, ...; returns the next free slot count.
     k_desc, v_desc = _gl_kv_descs(K, V, batch, head, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                                   stride_vn, seq_k, HEAD_DIM, BLOCK_N)
     n_tiles = _gl_kv_tiles(pid_m * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     for j in range(n_tiles):
+        g = it + j
         # Parity of the previous use of this stage: the first pass waits on parity 1 of a fresh
         # barrier, which counts as completed.
-        mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
-        _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, True, STAGES, BLOCK_N)
+        mbarrier.wait(empty.index(g % STAGES), ((g // STAGES) & 1) ^ 1)
+        _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, g, True, STAGES, BLOCK_N)
+    return it + n_tiles
 
 
 @gluon.jit
@@ -131,13 +160,48 @@ def _gl_softmax(qk, m_i, l_i, j, full_tiles, offs_m, offs_n, seq_k, qk_scale, BL
 @gluon.jit
 def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                 seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
+                 seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, NEG_SCALE: gl.constexpr, WS: gl.constexpr,
-                 REVERSE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
-    # The softmax/MMA warps: one query block against every key tile it sees.
+                 REVERSE: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
+    # The softmax/MMA warps: each query block of this program against every key tile it sees.
     dtype: gl.constexpr = Q.dtype.element_ty
-    pid_m, head, batch = _gl_tile_coords(num_m, heads_q, REVERSE)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    num_bh = num_units // num_m
+    if PERSISTENT:
+        it = 0
+        for unit in range(gl.program_id(0), num_units, gl.num_programs(0)):
+            q_phase = ((unit - gl.program_id(0)) // gl.num_programs(0)) & 1  # one Q load per unit
+            pid_m, head, batch = _gl_unit_coords(unit, num_m, num_bh, heads_q, REVERSE, PERSISTENT)
+            it = _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                            stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                            seq_q, seq_k, heads_q, qk_scale, pid_m, head, batch, it, q_phase, q_smem, q_bar,
+                            k_smem, v_smem, k_ready, v_ready, empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                            STORE_LSE, NEG_SCALE, WS, OVERLAP, num_warps)
+    else:
+        pid_m, head, batch = _gl_unit_coords(gl.program_id(0), num_m, num_bh, heads_q, REVERSE, PERSISTENT)
+        _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                   seq_q, seq_k, heads_q, qk_scale, pid_m, head, batch, 0, 0, q_smem, q_bar,
+                   k_smem, v_smem, k_ready, v_ready, empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
+                   STORE_LSE, NEG_SCALE, WS, OVERLAP, num_warps)
+    mbarrier.invalidate(q_bar)
+
+
+@gluon.jit
+def _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+               seq_q, seq_k, heads_q, qk_scale, pid_m, head, batch, it, q_phase, q_smem, q_bar,
+               k_smem, v_smem, k_ready, v_ready, empty,
+               HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, NEG_SCALE: gl.constexpr, WS: gl.constexpr,
+               OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+    # One query block against every key tile it sees; its key tiles use ring slots it, it + 1, ...
+    # Returns the next slot count.
+    dtype: gl.constexpr = Q.dtype.element_ty
     start_m = pid_m * BLOCK_M
     b64 = batch.to(gl.int64)
     h64 = head.to(gl.int64)
@@ -158,9 +222,6 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma_load(q_desc, [start_m, 0], q_bar, q_smem)
 
@@ -168,7 +229,7 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
         k_desc, v_desc = _gl_kv_descs(K, V, batch, head, group, stride_kb, stride_kh, stride_kn, stride_vb,
                                       stride_vh, stride_vn, seq_k, HEAD_DIM, BLOCK_N)
         for j in gl.static_range(STAGES - 1):
-            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, j < n_tiles, STAGES, BLOCK_N)
+            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, it + j, j < n_tiles, STAGES, BLOCK_N)
 
     offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
     offs_n = gl.arange(0, BLOCK_N, layout=col_s)
@@ -181,26 +242,28 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
         full_tiles = gl.minimum(start_m, seq_k) // BLOCK_N
     else:
         full_tiles = seq_k // BLOCK_N
-    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(q_bar, q_phase)
 
     if OVERLAP:
         # FA3's intra-warpgroup pipeline: QKᵀ of tile j and P·V of tile j - 1 are in flight together,
         # and the softmax of tile j runs while P·V of tile j - 1 is still on the tensor cores.
-        mbarrier.wait(k_ready.index(0), 0)
-        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(k_ready.index(it % STAGES), (it // STAGES) & 1)
+        qk = warpgroup_mma(q_smem, k_smem.index(it % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
         p, m_i, l_i, alpha = _gl_softmax(qk, m_i, l_i, 0, full_tiles, offs_m, offs_n, seq_k, qk_scale,
                                          BLOCK_N, CAUSAL, NEG_SCALE)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         if not WS:
-            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, STAGES - 1, STAGES - 1 < n_tiles,
-                         STAGES, BLOCK_N)
+            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, STAGES - 1, it + STAGES - 1,
+                         STAGES - 1 < n_tiles, STAGES, BLOCK_N)
         for j in range(1, n_tiles):
-            s = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+            g = it + j
+            s = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_ready.index(s), (g // STAGES) & 1)
             qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # QKᵀ was issued first: it is done
             p, m_i, l_i, alpha = _gl_softmax(qk, m_i, l_i, j, full_tiles, offs_m, offs_n, seq_k, qk_scale,
@@ -211,23 +274,25 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
                 mbarrier.arrive(empty.index(prev), count=1)
             else:
                 nxt = j + STAGES - 1
-                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, nxt < n_tiles, STAGES,
-                             BLOCK_N)
+                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, it + nxt, nxt < n_tiles,
+                             STAGES, BLOCK_N)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        g_last = it + n_tiles - 1
+        last = g_last % STAGES
+        mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     else:
         for j in range(n_tiles):
-            s = j % STAGES
-            phase = (j // STAGES) & 1
+            g = it + j
+            s = g % STAGES
+            phase = (g // STAGES) & 1
             if not WS:
                 # Refill the stage tile j - 1 used: its P·V was waited on at the end of the last iteration.
                 nxt = j + STAGES - 1
-                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, nxt < n_tiles, STAGES,
-                             BLOCK_N)
+                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, nxt, it + nxt, nxt < n_tiles,
+                             STAGES, BLOCK_N)
             mbarrier.wait(k_ready.index(s), phase)
             qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
@@ -241,7 +306,6 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
             if WS:
                 mbarrier.arrive(empty.index(s), count=1)
 
-    mbarrier.invalidate(q_bar)
     l_o = gl.convert_layout(l_i, row_o)
     out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
     # The Q box is free once the last QKᵀ is done: stage the output there for the TMA store.
@@ -253,22 +317,26 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
         lse = (m_i + gl.log2(l_i)) * GL_LN2
         row0 = (b64 * heads_q + h64) * seq_q
         gl.store(LSE + row0 + offs_m, lse, mask=offs_m < seq_q)
+    # The next query block's Q lands in the same box: the store must have read it.
     tma.store_wait(pendings=0)
+    return it + n_tiles
 
 
 # Sizes are not specialised on, so one binary serves every shape of a (dtype, head dim, config).
-@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_m"])
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group", "num_m", "num_units"])
 def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
                           stride_qb, stride_qh, stride_qm,
                           stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn,
                           stride_ob, stride_oh, stride_om,
-                          seq_q, seq_k, heads_q, group, qk_scale, num_m,
+                          seq_q, seq_k, heads_q, group, qk_scale, num_m, num_units,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
                           NEG_SCALE: gl.constexpr, WS: gl.constexpr, REVERSE: gl.constexpr,
-                          OVERLAP: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Grid (batch * heads_q * num_m,). q/k/v/o last dims contiguous, fp16 or bf16, HEAD_DIM 64 or 128.
+                          OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """Grid (num_units,) with num_units = batch * heads_q * num_m, or fewer programs striding over the units
+    when PERSISTENT. q/k/v/o last dims contiguous, fp16 or bf16, HEAD_DIM 64 or 128.
 
     BLOCK_M = 16 · num_warps rows per program (the consumer warps stack along the rows). WS adds a
     one-warp TMA producer with PRODUCER_REGS registers per thread.
@@ -288,19 +356,19 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
         gl.warp_specialize([
             (_gl_consumer, (Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                             stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                            seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE,
-                            OVERLAP, num_warps)),
+                            seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready,
+                            empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE,
+                            OVERLAP, PERSISTENT, num_warps)),
             (_gl_producer, (K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                            seq_k, num_m, heads_q, k_smem, v_smem, k_ready, v_ready, empty,
-                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, REVERSE)),
+                            seq_k, num_m, heads_q, num_units, k_smem, v_smem, k_ready, v_ready, empty,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, REVERSE, PERSISTENT)),
         ], [1], [PRODUCER_REGS])
     else:
         _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                     seq_q, seq_k, heads_q, num_m, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
+                     seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE, OVERLAP,
-                     num_warps)
+                     PERSISTENT, num_warps)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))

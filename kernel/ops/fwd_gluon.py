@@ -7,8 +7,9 @@ Knobs, carried in `Config.extra` (see `GLUON_KNOBS`):
 - `overlap`: FA3's intra-warpgroup pipeline: the next tile's QKᵀ and this tile's P·V are in flight on the
   tensor cores while the softmax runs (two async wgmma groups, `warpgroup_mma_wait(1)`); without it each
   product is waited on before the softmax that needs it.
-- `schedule`: "grid" (query blocks in order) or "heavy_first" (reversed, so a causal grid ends on its
-  cheapest blocks).
+- `schedule`: "grid" (query blocks in order), "heavy_first" (reversed, so a causal grid ends on its
+  cheapest blocks) or "persistent" (about one wave of programs striding over the units, query-block major,
+  causally the costliest blocks first; the K/V ring carries on from one unit to the next).
 
 The tile: `block_m` 64 or 128 query rows with `num_warps = block_m // 16` consumer warps (the wgmma
 layout stacks them along the rows), `block_n` 64 or 128 keys, `num_stages` 2 to 4 K/V ring stages.
@@ -32,7 +33,13 @@ from ...db.types import DTYPE_BYTES, Config, normalize_dtype
 from .. import device as _device
 from ..jit.common import GRID_X_MAX, LOG2E
 from ..mods import NO_MODS, ScoreMods
-from .fwd_tma import _clean_strides, ensure_allocator, tma_refusal
+from .fwd_tma import (
+    _clean_strides,
+    _sm_resources,
+    blocks_per_sm,
+    ensure_allocator,
+    tma_refusal,
+)
 
 try:  # the Gluon API moves between Triton versions: without a usable one the variant is simply absent
     from ..jit.fwd_gluon import attn_fwd_gluon_kernel
@@ -43,7 +50,7 @@ except Exception as exc:  # noqa: BLE001 - any failure of an experimental API me
 
 GLUON_AVAILABLE: bool = attn_fwd_gluon_kernel is not None
 
-GLUON_SCHEDULES: tuple[str, ...] = ("grid", "heavy_first")
+GLUON_SCHEDULES: tuple[str, ...] = ("grid", "heavy_first", "persistent")
 # Every knob this variant reads from Config.extra, with its legal values; the first is the default.
 GLUON_KNOBS: dict[str, tuple[Any, ...]] = {
     "loads": ("gluon",),
@@ -57,6 +64,8 @@ GLUON_BLOCK_M: tuple[int, ...] = (64, 128)
 GLUON_BLOCK_N: tuple[int, ...] = (64, 128)
 GLUON_STAGES: tuple[int, ...] = (2, 3, 4)
 PRODUCER_REGS = 24  # registers per thread of the load warp: it holds a few indices only
+# Blocks per SM of each compiled persistent binary, by (device, config, head dim, dtype, flags), from its first launch.
+_BLOCKS_PER_SM: dict[tuple[Any, ...], int] = {}
 
 
 def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, bool, str]:
@@ -111,10 +120,10 @@ def check_gluon_config(config: Config) -> tuple[bool, bool, str]:
 def estimate_gluon_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
     """Estimated shared memory (bytes) of the Gluon kernel: the Q box (reused to stage the output), the K and
     V boxes `num_stages` deep, and the mbarriers (three per stage and Q's). Matches the compiled kernels'
-    `metadata.shared` for sm_90 on Triton 3.6 within 256 bytes (bench/gluon_compile_check.py)."""
+    `metadata.shared` for sm_90 on Triton 3.6 within 512 bytes, never below it (bench/gluon_compile_check.py)."""
     elt = DTYPE_BYTES[normalize_dtype(dtype)]
     q_box, kv_box = config.block_m * head_dim * elt, config.block_n * head_dim * elt
-    return q_box + 2 * max(1, config.num_stages) * kv_box + 256
+    return q_box + 2 * max(1, config.num_stages) * kv_box + 512
 
 
 def gluon_supported(arch: str | None, head_dim: int, dtype: str) -> str | None:
@@ -151,13 +160,14 @@ def gluon_constexprs(config: Config, head_dim: int, *, causal: bool, return_lse:
     ws, overlap, schedule = check_gluon_config(config)
     return {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
             "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
-            "NEG_SCALE": scale < 0, "WS": ws, "REVERSE": schedule == "heavy_first", "OVERLAP": overlap,
+            "NEG_SCALE": scale < 0, "WS": ws, "OVERLAP": overlap, "PERSISTENT": schedule == "persistent",
+            "REVERSE": schedule == "heavy_first" or (schedule == "persistent" and bool(causal)),
             "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
              config: Config, return_lse: bool, out: torch.Tensor | None, mods: ScoreMods
-             ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor]:
+             ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any], torch.Tensor, torch.Tensor, Any]:
     check_gluon_config(config)
     problem = gluon_refusal(q, k, v, shape, mods, out)
     if problem:
@@ -168,13 +178,21 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, caus
     else:
         lse = o  # never written (STORE_LSE=False)
     num_m = triton.cdiv(shape.seq_q, config.block_m)
-    grid = (shape.batch * shape.heads_q * num_m,)
-    if grid[0] > GRID_X_MAX:
-        raise ValueError(f"{grid[0]} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
-    args = (q, k, v, o, lse, *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
-            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m)
+    num_units = shape.batch * shape.heads_q * num_m
     kwargs = gluon_constexprs(config, shape.head_dim, causal=causal, return_lse=return_lse, scale=scale)
-    return grid, args, kwargs, o, lse
+    binary = None
+    if kwargs["PERSISTENT"]:
+        # Blocks per SM come from the compiled kernel after its first launch (one block per SM until then).
+        binary = (q.device, config, shape.head_dim, q.dtype, bool(causal), bool(return_lse), scale < 0)
+        programs = _device.device_sm_count(q.device) * _BLOCKS_PER_SM.get(binary, 1)
+        grid = (max(1, min(programs, num_units)),)
+    else:
+        grid = (num_units,)
+    if num_units > GRID_X_MAX:
+        raise ValueError(f"{num_units} query blocks exceed CUDA's grid limit (2**31-1): split the batch")
+    args = (q, k, v, o, lse, *_clean_strides(q), *_clean_strides(k), *_clean_strides(v), *_clean_strides(o),
+            shape.seq_q, shape.seq_k, shape.heads_q, shape.group, scale * LOG2E, num_m, num_units)
+    return grid, args, kwargs, o, lse, binary
 
 
 def launch_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool, scale: float,
@@ -186,16 +204,18 @@ def launch_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, 
     kernel.ops.fwd.launch's contract. ValueError before launching for bad knobs or tiles, inputs the
     kernel does not take (`gluon_refusal`) and any score modifier; `fp32_precision` is unused (no fp32).
     """
-    grid, args, kwargs, o, lse = _prepare(q, k, v, shape, causal, scale, config, return_lse, out, mods)
+    grid, args, kwargs, o, lse, binary = _prepare(q, k, v, shape, causal, scale, config, return_lse, out, mods)
     ensure_allocator()  # the in-kernel tensor descriptors live in a global scratch buffer
     compiled = attn_fwd_gluon_kernel[grid](*args, **kwargs)
+    if binary is not None and binary not in _BLOCKS_PER_SM and compiled is not None:
+        _BLOCKS_PER_SM[binary] = blocks_per_sm(compiled, *_sm_resources(q.device))
     return o, (lse if return_lse else None), compiled
 
 
 def compile_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, *, causal: bool, scale: float,
                   config: Config, return_lse: bool = False) -> Any:
     """Compile (or load from Triton's cache) the binary `launch_gluon` would run, without running it."""
-    grid, args, kwargs, _, _ = _prepare(q, k, v, shape, causal, scale, config, return_lse, None, NO_MODS)
+    grid, args, kwargs, _, _, _ = _prepare(q, k, v, shape, causal, scale, config, return_lse, None, NO_MODS)
     return attn_fwd_gluon_kernel.warmup(*args, grid=grid, **kwargs)
 
 
@@ -210,7 +230,7 @@ def gluon_candidates(arch: str, head_dim: int, dtype: str, causal: bool, smem_li
     and it takes the head dim and dtype; each fitting `smem_limit` by estimate_gluon_smem."""
     if gluon_supported(arch, head_dim, dtype):
         return []
-    schedules = GLUON_SCHEDULES if causal else ("grid",)
+    schedules = GLUON_SCHEDULES if causal else ("grid", "persistent")
     out = []
     for (bm, bn, w, st), ws, overlap, schedule in ((t, ws, ov, sc) for t in _TILES for ws in (False, True)
                                                    for ov in (False, True) for sc in schedules):
