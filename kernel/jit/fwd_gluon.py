@@ -18,6 +18,10 @@ explicit, as in FlashAttention-3:
 - PERSISTENT: about one program per SM, each striding over the (query block, head) units, query-block
   major and (causally) last block first, so every wave takes the costliest blocks left; the K/V ring
   and its barriers carry on from one unit to the next.
+- CONSUMERS=2 (FA3's two consumer warpgroups): the 128-row block is split between two consumer
+  partitions of 4 warps, each with its own Q half, registers and instruction stream, so the scheduler can
+  run one's softmax while the other's products are on the tensor cores. (FA3 also orders their phases
+  with named barriers; here the order is left to the hardware.)
 - WS: a one-warp producer partition (`gl.warp_specialize`) issues the TMA loads and waits on `empty`
   barriers that the consumer warps arrive on once a stage's P·V is done; the consumers keep the
   registers. Without WS the consumer warps issue the loads themselves, `STAGES - 1` tiles ahead.
@@ -163,13 +167,15 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
                  seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, NEG_SCALE: gl.constexpr, WS: gl.constexpr,
-                 REVERSE: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, num_warps: gl.constexpr):
-    # The softmax/MMA warps: each query block of this program against every key tile it sees.
+                 REVERSE: gl.constexpr, OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, ROWS: gl.constexpr,
+                 HALF: gl.constexpr, num_warps: gl.constexpr):
+    # The softmax/MMA warps: rows HALF·ROWS .. of each query block of this program against every key tile
+    # the block sees (ROWS = BLOCK_M with one consumer partition, BLOCK_M / 2 with two).
     dtype: gl.constexpr = Q.dtype.element_ty
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_layout)
     num_bh = num_units // num_m
     if PERSISTENT:
         it = 0
@@ -180,14 +186,14 @@ def _gl_consumer(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride
                             stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                             seq_q, seq_k, heads_q, qk_scale, pid_m, head, batch, it, q_phase, q_smem, q_bar,
                             k_smem, v_smem, k_ready, v_ready, empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
-                            STORE_LSE, NEG_SCALE, WS, OVERLAP, num_warps)
+                            STORE_LSE, NEG_SCALE, WS, OVERLAP, ROWS, HALF, num_warps)
     else:
         pid_m, head, batch = _gl_unit_coords(gl.program_id(0), num_m, num_bh, heads_q, REVERSE, PERSISTENT)
         _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                    seq_q, seq_k, heads_q, qk_scale, pid_m, head, batch, 0, 0, q_smem, q_bar,
                    k_smem, v_smem, k_ready, v_ready, empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL,
-                   STORE_LSE, NEG_SCALE, WS, OVERLAP, num_warps)
+                   STORE_LSE, NEG_SCALE, WS, OVERLAP, ROWS, HALF, num_warps)
     mbarrier.invalidate(q_bar)
 
 
@@ -198,19 +204,19 @@ def _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_k
                k_smem, v_smem, k_ready, v_ready, empty,
                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr, NEG_SCALE: gl.constexpr, WS: gl.constexpr,
-               OVERLAP: gl.constexpr, num_warps: gl.constexpr):
-    # One query block against every key tile it sees; its key tiles use ring slots it, it + 1, ...
+               OVERLAP: gl.constexpr, ROWS: gl.constexpr, HALF: gl.constexpr, num_warps: gl.constexpr):
+    # ROWS rows of one query block against every key tile the block sees; its key tiles use ring slots it, it + 1, ...
     # Returns the next slot count.
     dtype: gl.constexpr = Q.dtype.element_ty
-    start_m = pid_m * BLOCK_M
+    start_m = pid_m * BLOCK_M + HALF * ROWS  # this consumer's rows of the block
     b64 = batch.to(gl.int64)
     h64 = head.to(gl.int64)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh, shape=[seq_q, HEAD_DIM],
-                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+                                        strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_layout)
     o_desc = tma.make_tensor_descriptor(O + b64 * stride_ob + h64 * stride_oh, shape=[seq_q, HEAD_DIM],
-                                        strides=[stride_om, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-    n_tiles = _gl_kv_tiles(start_m, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+                                        strides=[stride_om, 1], block_shape=[ROWS, HEAD_DIM], layout=q_layout)
+    n_tiles = _gl_kv_tiles(pid_m * BLOCK_M, seq_k, BLOCK_M, BLOCK_N, CAUSAL)  # the block's: as the producer's
 
     # wgmma layouts: the warps stack along the rows (16 rows per warp), N is the whole tile.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -231,12 +237,12 @@ def _gl_attend(Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_k
         for j in gl.static_range(STAGES - 1):
             _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, j, it + j, j < n_tiles, STAGES, BLOCK_N)
 
-    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+    offs_m = start_m + gl.arange(0, ROWS, layout=row_s)
     offs_n = gl.arange(0, BLOCK_N, layout=col_s)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     # Tiles from here on need a mask: the causal diagonal's, or the key range's tail.
     if CAUSAL:
         full_tiles = gl.minimum(start_m, seq_k) // BLOCK_N
@@ -333,13 +339,14 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, STORE_LSE: gl.constexpr,
                           NEG_SCALE: gl.constexpr, WS: gl.constexpr, REVERSE: gl.constexpr,
-                          OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          OVERLAP: gl.constexpr, PERSISTENT: gl.constexpr, CONSUMERS: gl.constexpr,
+                          PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Grid (num_units,) with num_units = batch * heads_q * num_m, or fewer programs striding over the units
     when PERSISTENT. q/k/v/o last dims contiguous, fp16 or bf16, HEAD_DIM 64 or 128.
 
-    BLOCK_M = 16 · num_warps rows per program (the consumer warps stack along the rows). WS adds a
-    one-warp TMA producer with PRODUCER_REGS registers per thread.
+    BLOCK_M = 16 · num_warps · CONSUMERS rows per program (the consumer warps stack along the rows). WS adds a
+    one-warp TMA producer with PRODUCER_REGS registers per thread; CONSUMERS=2 (with WS) splits the block
+    between two consumer partitions of num_warps warps each, the second with CONSUMER_REGS registers.
     """
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -351,14 +358,33 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    if WS:
+        mbarrier.init(empty.index(s), count=CONSUMERS)  # every consumer hands each stage back
+    ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+    if CONSUMERS == 2:
+        # Two consumer partitions on the two halves of the block, each with its own registers and
+        # instruction stream, so one's softmax can run while the other's products are on the tensor cores.
+        gl.warp_specialize([
+            (_gl_consumer, (Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                            stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                            seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready,
+                            empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, True, REVERSE,
+                            OVERLAP, PERSISTENT, ROWS, 0, num_warps)),
+            (_gl_consumer, (Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                            stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                            seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready,
+                            empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, True, REVERSE,
+                            OVERLAP, PERSISTENT, ROWS, 1, num_warps)),
+            (_gl_producer, (K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                            seq_k, num_m, heads_q, num_units, k_smem, v_smem, k_ready, v_ready, empty,
+                            HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, REVERSE, PERSISTENT)),
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    elif WS:
         gl.warp_specialize([
             (_gl_consumer, (Q, K, V, O, LSE, group, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
                             stride_kn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                             seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready,
                             empty, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE,
-                            OVERLAP, PERSISTENT, num_warps)),
+                            OVERLAP, PERSISTENT, ROWS, 0, num_warps)),
             (_gl_producer, (K, V, group, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                             seq_k, num_m, heads_q, num_units, k_smem, v_smem, k_ready, v_ready, empty,
                             HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, REVERSE, PERSISTENT)),
@@ -368,7 +394,7 @@ def attn_fwd_gluon_kernel(Q, K, V, O, LSE,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                      seq_q, seq_k, heads_q, num_m, num_units, qk_scale, k_smem, v_smem, k_ready, v_ready, empty,
                      HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, STORE_LSE, NEG_SCALE, WS, REVERSE, OVERLAP,
-                     PERSISTENT, num_warps)
+                     PERSISTENT, ROWS, 0, num_warps)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(s))
         mbarrier.invalidate(v_ready.index(s))

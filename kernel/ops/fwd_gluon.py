@@ -4,6 +4,9 @@ Knobs, carried in `Config.extra` (see `GLUON_KNOBS`):
 - `loads`: "gluon" (this variant).
 - `ws`: a one-warp TMA producer partition (`gl.warp_specialize`) beside the consumer warps; without it
   the consumer warps issue the loads themselves, `num_stages - 1` key tiles ahead.
+- `consumers`: 1 or 2 consumer partitions. With 2 (needs `ws` and `block_m` 128) the block's two 64-row
+  halves go to two 4-warp partitions with their own registers and instruction streams (FA3's two consumer
+  warpgroups; their phases are not ordered on purpose, as FA3's named barriers do).
 - `overlap`: FA3's intra-warpgroup pipeline: the next tile's QKᵀ and this tile's P·V are in flight on the
   tensor cores while the softmax runs (two async wgmma groups, `warpgroup_mma_wait(1)`); without it each
   product is waited on before the softmax that needs it.
@@ -56,6 +59,7 @@ GLUON_KNOBS: dict[str, tuple[Any, ...]] = {
     "loads": ("gluon",),
     "ws": (False, True),
     "overlap": (False, True),
+    "consumers": (1, 2),
     "schedule": GLUON_SCHEDULES,
 }
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
@@ -64,12 +68,15 @@ GLUON_BLOCK_M: tuple[int, ...] = (64, 128)
 GLUON_BLOCK_N: tuple[int, ...] = (64, 128)
 GLUON_STAGES: tuple[int, ...] = (2, 3, 4)
 PRODUCER_REGS = 24  # registers per thread of the load warp: it holds a few indices only
+# Registers per thread of the second consumer partition: with the default partition's at most 256 and the
+# producer's 24, 4 warps each, the three fit the SM's 64K.
+CONSUMER_REGS = 232
 # Blocks per SM of each compiled persistent binary, by (device, config, head dim, dtype, flags), from its first launch.
 _BLOCKS_PER_SM: dict[tuple[Any, ...], int] = {}
 
 
-def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, bool, str]:
-    """(ws, overlap, schedule) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
+def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, bool, str, int]:
+    """(ws, overlap, schedule, consumers) from a config's extra knobs; ValueError naming any unknown knob or bad value."""
     unknown = sorted(set(extra) - set(GLUON_KNOBS))
     if unknown:
         raise ValueError(f"unknown knob(s) for the Gluon forward kernel: {', '.join(unknown)}; "
@@ -87,7 +94,12 @@ def gluon_knobs(extra: Mapping[str, Any]) -> tuple[bool, bool, str]:
     schedule = extra.get("schedule", "grid")
     if schedule not in GLUON_SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: must be one of {', '.join(GLUON_SCHEDULES)}")
-    return ws, overlap, schedule
+    consumers = extra.get("consumers", 1)
+    if isinstance(consumers, bool) or consumers not in (1, 2):
+        raise ValueError(f"consumers={consumers!r}: must be 1 or 2")
+    if consumers == 2 and not ws:
+        raise ValueError("consumers=2 needs ws=true: the second consumer is a warp-specialised partition")
+    return ws, overlap, schedule, consumers
 
 
 def gluon_tile_problem(config: Config) -> str | None:
@@ -99,14 +111,16 @@ def gluon_tile_problem(config: Config) -> str | None:
     if config.num_warps != config.block_m // 16:
         return (f"num_warps={config.num_warps}: the Gluon forward kernel runs block_m // 16 = "
                 f"{config.block_m // 16} consumer warps (16 rows each)")
+    if config.extra_dict.get("consumers", 1) == 2 and config.block_m != 128:
+        return f"block_m={config.block_m}: two consumer partitions split a 128-row block"
     if config.num_stages not in GLUON_STAGES:
         return f"num_stages={config.num_stages}: the Gluon forward kernel's K/V ring takes {GLUON_STAGES}"
     return None
 
 
 @cache
-def check_gluon_config(config: Config) -> tuple[bool, bool, str]:
-    """(ws, overlap, schedule) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
+def check_gluon_config(config: Config) -> tuple[bool, bool, str, int]:
+    """(ws, overlap, schedule, consumers) of a Gluon config; ValueError for bad knobs, a bad tile, or a Triton without the variant."""
     knobs = gluon_knobs(config.extra_dict)
     problem = gluon_tile_problem(config)
     if problem:
@@ -157,12 +171,14 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any,
 def gluon_constexprs(config: Config, head_dim: int, *, causal: bool, return_lse: bool, scale: float
                      ) -> dict[str, Any]:
     """The kernel's constexpr arguments and launch options for a (checked) config: where each knob goes."""
-    ws, overlap, schedule = check_gluon_config(config)
+    ws, overlap, schedule, consumers = check_gluon_config(config)
     return {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
             "STAGES": config.num_stages, "CAUSAL": bool(causal), "STORE_LSE": bool(return_lse),
             "NEG_SCALE": scale < 0, "WS": ws, "OVERLAP": overlap, "PERSISTENT": schedule == "persistent",
             "REVERSE": schedule == "heavy_first" or (schedule == "persistent" and bool(causal)),
-            "PRODUCER_REGS": PRODUCER_REGS, "num_warps": config.num_warps}
+            "CONSUMERS": consumers, "PRODUCER_REGS": PRODUCER_REGS, "CONSUMER_REGS": CONSUMER_REGS,
+            # num_warps: each consumer partition's (the launch's own partition is the first consumer)
+            "num_warps": config.num_warps // consumers}
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Any, causal: bool, scale: float,
@@ -232,20 +248,26 @@ def gluon_candidates(arch: str, head_dim: int, dtype: str, causal: bool, smem_li
         return []
     schedules = GLUON_SCHEDULES if causal else ("grid", "persistent")
     out = []
-    for (bm, bn, w, st), ws, overlap, schedule in ((t, ws, ov, sc) for t in _TILES for ws in (False, True)
-                                                   for ov in (False, True) for sc in schedules):
-        config = gluon_config(bm, bn, w, st, ws=ws, overlap=overlap, schedule=schedule)
+    for (bm, bn, w, st), ws, overlap, schedule, consumers in (
+            (t, ws, ov, sc, n) for t in _TILES for ws in (False, True) for ov in (False, True) for sc in schedules
+            for n in (1, 2)):
+        if consumers == 2 and not (ws and bm == 128):
+            continue
+        config = gluon_config(bm, bn, w, st, ws=ws, overlap=overlap, schedule=schedule, consumers=consumers)
         if estimate_gluon_smem(config, head_dim, dtype, arch) <= smem_limit:
             out.append(config)
     return out
 
 
 def gluon_config(block_m: int, block_n: int, num_warps: int, num_stages: int, *, ws: bool = False,
-                 overlap: bool = False, schedule: str = "grid") -> Config:
-    """A Config for this variant with its knobs in canonical form (ValueError for bad knobs or tiles)."""
-    gluon_knobs({"ws": ws, "overlap": overlap, "schedule": schedule})
-    config = Config(block_m, block_n, num_warps, num_stages,
-                    (("loads", "gluon"), ("overlap", overlap), ("schedule", schedule), ("ws", ws)))
+                 overlap: bool = False, schedule: str = "grid", consumers: int = 1) -> Config:
+    """A Config for this variant with its knobs in canonical form (ValueError for bad knobs or tiles); the
+    `consumers` knob is left out at its default, 1."""
+    gluon_knobs({"ws": ws, "overlap": overlap, "schedule": schedule, "consumers": consumers})
+    extra = (("loads", "gluon"), ("overlap", overlap), ("schedule", schedule), ("ws", ws))
+    if consumers != 1:
+        extra = (("consumers", consumers), *extra)
+    config = Config(block_m, block_n, num_warps, num_stages, extra)
     problem = gluon_tile_problem(config)
     if problem:
         raise ValueError(f"config {config}: {problem}")

@@ -37,9 +37,14 @@ needs_gluon = pytest.mark.skipif(not GLUON_AVAILABLE, reason="this Triton cannot
 
 
 def test_knob_contract():
-    assert gluon_knobs({}) == (False, False, "grid")
-    assert gluon_knobs({"loads": "gluon", "ws": True, "overlap": True, "schedule": "heavy_first"}) == (
-        True, True, "heavy_first")
+    assert gluon_knobs({}) == (False, False, "grid", 1)
+    assert gluon_knobs({"loads": "gluon", "ws": True, "overlap": True, "schedule": "heavy_first", "consumers": 2}) == (
+        True, True, "heavy_first", 2)
+    with pytest.raises(ValueError, match="consumers=2 needs ws=true"):
+        gluon_knobs({"consumers": 2})
+    for bad in (3, True, "2"):
+        with pytest.raises(ValueError, match="consumers="):
+            gluon_knobs({"consumers": bad, "ws": True})
     with pytest.raises(ValueError, match="overlap=0"):
         gluon_knobs({"overlap": 0})
     with pytest.raises(ValueError, match="ws=1"):
@@ -48,13 +53,13 @@ def test_knob_contract():
                        ({"swizzle": 2}, "unknown knob")):
         with pytest.raises(ValueError, match=words):
             gluon_knobs(bad)
-    assert set(GLUON_KNOBS) == {"loads", "ws", "overlap", "schedule"}
+    assert set(GLUON_KNOBS) == {"loads", "ws", "overlap", "schedule", "consumers"}
 
 
 @needs_gluon
 def test_knobs_reach_the_constexprs():
     # Every knob of GLUON_KNOBS but `loads` (which picks this kernel: test_fwd_variant_routes_loads_gluon).
-    seen = {"ws": "WS", "overlap": "OVERLAP", "schedule": ("REVERSE", "PERSISTENT")}
+    seen = {"ws": "WS", "overlap": "OVERLAP", "schedule": ("REVERSE", "PERSISTENT"), "consumers": "CONSUMERS"}
     assert set(seen) == set(GLUON_KNOBS) - {"loads"}
     plain = gluon_constexprs(gluon_config(128, 64, 8, 3), 128, causal=True, return_lse=False, scale=0.1)
     assert (plain["WS"], plain["OVERLAP"], plain["REVERSE"], plain["PERSISTENT"]) == (False, False, False, False)
@@ -65,6 +70,10 @@ def test_knobs_reach_the_constexprs():
         assert gluon_constexprs(config, 128, causal=True, return_lse=False, scale=0.1)[constexpr] == expected
     assert gluon_constexprs(gluon_config(64, 64, 4, 2), 64, causal=False, return_lse=True, scale=-0.1)[
         "NEG_SCALE"]
+    # two consumer partitions of 4 warps each: the launch's num_warps is one partition's
+    cx = gluon_constexprs(gluon_config(128, 64, 8, 3, ws=True, consumers=2), 128, causal=True, return_lse=False,
+                          scale=0.1)
+    assert (cx["CONSUMERS"], cx["num_warps"], plain["CONSUMERS"]) == (2, 4, 1)
     # persistent: the strided grid, causally the costliest query blocks first
     persistent = gluon_config(128, 64, 8, 3, schedule="persistent")
     for causal in (False, True):
@@ -76,6 +85,10 @@ def test_config_tiles_are_checked():
     config = gluon_config(128, 128, 8, 2, ws=True, overlap=True, schedule="heavy_first")
     assert str(config) == 'm128-n128-w8-s2+{"loads":"gluon","overlap":true,"schedule":"heavy_first","ws":true}'
     assert Config.parse(str(config)) == config
+    two = gluon_config(128, 64, 8, 3, ws=True, consumers=2)
+    assert two.extra_dict["consumers"] == 2 and "consumers" not in gluon_config(128, 64, 8, 3).extra_dict
+    with pytest.raises(ValueError, match="two consumer partitions"):
+        gluon_config(64, 64, 4, 2, ws=True, consumers=2)
     for args, words in (((128, 128, 4, 2), "num_warps=4"), ((32, 64, 2, 2), "block_m=32"),
                         ((128, 32, 8, 2), "block_n=32"), ((64, 64, 4, 1), "num_stages=1")):
         with pytest.raises(ValueError, match=words):
@@ -104,6 +117,9 @@ def test_smem_estimate_matches_compiled_figures():
         need = estimate_gluon_smem(config, head_dim, "float16", "sm_90")
         assert shared <= need <= shared + 512, (tile, head_dim)
         assert estimate_smem(config, head_dim, "float16", "sm_90") == need
+    for tile, head_dim, shared in (((128, 128, 8, 2), 128, 164296), ((128, 64, 8, 3), 128, 131576)):
+        need = estimate_gluon_smem(gluon_config(*tile, ws=True, consumers=2), head_dim, "float16", "sm_90")
+        assert shared <= need <= shared + 512, ("consumers=2", tile, head_dim)
 
 
 def test_candidates_only_on_sm90_for_its_head_dims_and_dtypes():
@@ -117,6 +133,8 @@ def test_candidates_only_on_sm90_for_its_head_dims_and_dtypes():
     assert configs and all(c.extra_dict["loads"] == "gluon" for c in configs)
     assert {(c.extra_dict["ws"], c.extra_dict["overlap"]) for c in configs} == {
         (False, False), (False, True), (True, False), (True, True)}
+    two = [c for c in configs if c.extra_dict.get("consumers") == 2]
+    assert two and all(c.extra_dict["ws"] and c.block_m == 128 for c in two)
     assert all(estimate_gluon_smem(c, 128, "float16", "sm_90") <= H100_SMEM for c in configs)
     full = gluon_candidates("sm_90", 64, "bfloat16", False, H100_SMEM)
     assert {c.extra_dict["schedule"] for c in full} == {"grid", "persistent"}  # heavy_first: equal blocks
@@ -152,7 +170,8 @@ def test_compiles_to_wgmma_for_sm90_without_a_gpu():
     script = Path(__file__).resolve().parents[2] / "bench" / "gluon_compile_check.py"
     code = (f"import importlib.util as u; s = u.spec_from_file_location('cc', {str(script)!r}); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); "
-            "c = m.compile_one(m._load_kernel(), 'fp16', 64, 64, 64, 2, ws=True, causal=True, overlap=True); "
+            "c = m.compile_one(m._load_kernel(), 'fp16', 64, 128, 64, 2, ws=True, causal=True, overlap=True, "
+            "persistent=True, consumers=2); "
             "p = c.asm['ptx']; print('wgmma.mma_async' in p, 'cp.async.bulk.tensor' in p)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -223,14 +242,42 @@ def test_gpu_persistent_strides_over_many_units(dtype):
     for d, causal in ((128, True), (64, False)):
         q, k, v = qkv(2, 16, 8, 640, 640, d, dtype, "cuda", gen)
         ref = attention_reference(q, k, v, causal=causal, scale=d ** -0.5)
-        for tile, ws, overlap in (((128, 128, 8, 2), True, True), ((128, 64, 8, 3), False, True),
-                                  ((64, 128, 4, 2), True, False), ((128, 128, 8, 2), False, False)):
-            config = gluon_config(*tile, ws=ws, overlap=overlap, schedule="persistent")
+        for tile, ws, overlap, consumers in (((128, 128, 8, 2), True, True, 1), ((128, 64, 8, 3), False, True, 1),
+                                             ((64, 128, 4, 2), True, False, 1), ((128, 128, 8, 2), False, False, 1),
+                                             ((128, 128, 8, 2), True, True, 2), ((128, 64, 8, 3), True, False, 2)):
+            config = gluon_config(*tile, ws=ws, overlap=overlap, schedule="persistent", consumers=consumers)
             o, _, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=d ** -0.5, config=config,
                                    out=torch.full_like(q, float("nan")))
             err = rel(o, ref) if torch.isfinite(o).all() else math.inf
             if not err < BOUNDS[dtype]:
                 bad.append(f"{config} D={d} causal={causal}: relative error {err:.3g}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("overlap", [False, True], ids=["ov0", "ov1"])
+def test_gpu_two_consumer_partitions(dtype, overlap):
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(31 + overlap)
+    bad = []
+    for i, case in enumerate(GPU_CASES):
+        q, k, v = qkv(*case[:6], dtype, "cuda", gen)
+        causal = case[-1]
+        scale = 1.0 / math.sqrt(case[5])
+        ref = attention_reference(q, k, v, causal=causal, scale=scale)
+        ref_lse = lse_reference(q, k, causal=causal, scale=scale)
+        for j, tile in enumerate([(128, 128, 8, 2), (128, 64, 8, 3)]):
+            schedule = ("grid", "heavy_first", "persistent")[(i + j) % 3] if causal else "grid"
+            config = gluon_config(*tile, ws=True, overlap=overlap, schedule=schedule, consumers=2)
+            o, lse, _ = launch_gluon(q, k, v, check_inputs(q, k, v), causal=causal, scale=scale, config=config,
+                                     return_lse=True, out=torch.full_like(q, float("nan")))
+            err = rel(o, ref) if torch.isfinite(o).all() else math.inf
+            lse_err = (lse.double() - ref_lse).abs().max().item()
+            if not (err < BOUNDS[dtype] and lse_err < 1e-2):
+                bad.append(f"{config} {case}: relative error {err:.3g}, LSE error {lse_err:.3g}")
     assert not bad, "\n".join(bad)
 
 
