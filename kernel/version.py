@@ -25,7 +25,8 @@ _PACKAGE = Path(__file__).resolve().parent
 # op -> its entry kernels, as "module:function" with the module path relative to this package.
 OP_KERNELS: dict[str, tuple[str, ...]] = {
     # The dropout mask kernel writes out the draws the forward (and the backward) make: it belongs to them.
-    "fwd": ("jit/fwd:attn_fwd_kernel", "jit/fwd_tma:attn_fwd_tma_kernel", "jit/dropout:dropout_mask_kernel"),
+    "fwd": ("jit/fwd:attn_fwd_kernel", "jit/fwd_tma:attn_fwd_tma_kernel", "jit/fwd_gluon:attn_fwd_gluon_kernel",
+            "jit/dropout:dropout_mask_kernel"),
     "bwd": ("jit/bwd:attn_bwd_preprocess_kernel", "jit/bwd:attn_bwd_dkdv_kernel", "jit/bwd:attn_bwd_dq_kernel",
             "jit/bwd:attn_bwd_dq_convert_kernel"),
     "kvcache": ("jit/decode:decode_split_kernel", "jit/decode:decode_combine_kernel"),

@@ -1,7 +1,8 @@
 """The forward op: its knobs and variants, default config, shared-memory model and launch.
 
 The pointer kernel (kernel/jit/fwd.py) is the base variant; the knob `loads="tma"` selects the
-tensor-descriptor variant (kernel/ops/fwd_tma.py), which has its own launch.
+tensor-descriptor variant (kernel/ops/fwd_tma.py) and `loads="gluon"` the Gluon Hopper variant
+(kernel/ops/fwd_gluon.py); each has its own launch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..jit.common import LOG2E, one_axis_grid, softcap_factors
 from ..jit.fwd import attn_fwd_kernel
 from ..mods import NO_MODS, ScoreMods, check_mods
 from .common import FALLBACK_SMEM, check_smem, padded_head_dim
+from .fwd_gluon import check_gluon_config, estimate_gluon_smem, launch_gluon
 from .fwd_tma import estimate_tma_smem, launch_tma, tma_knobs
 
 GRAD_UNSUPPORTED = ("inputs that require grad (attention_fwd is the explicit-config inference launch: train "
@@ -108,7 +110,7 @@ def fp8_value_layout(v: torch.Tensor) -> torch.Tensor:
     return v.transpose(2, 3).contiguous().transpose(2, 3)
 
 
-LOADS: tuple[str, ...] = ("ptr", "tma")
+LOADS: tuple[str, ...] = ("ptr", "tma", "gluon")
 
 
 @lru_cache(maxsize=1024)
@@ -118,6 +120,9 @@ def fwd_variant(config: Config) -> Variant:
     if loads == "tma":
         tma_knobs(config.extra_dict)  # ValueError for a knob or value the TMA kernel does not take
         return Variant(None, {}, launch_tma)
+    if loads == "gluon":
+        check_gluon_config(config)  # ValueError for a bad knob or tile, or a Triton without the variant
+        return Variant(None, {}, launch_gluon)
     if loads != "ptr":
         raise ValueError(f"config {config}: knob loads={loads!r} is not one of {', '.join(map(repr, LOADS))}")
     plain = Config(config.block_m, config.block_n, config.num_warps, config.num_stages,
@@ -171,10 +176,12 @@ def fits(config: Config, head_dim: int, dtype: str, limit_bytes: int, arch: str 
 
 def estimate_smem(config: Config, head_dim: int, dtype: str, arch: str | None = None) -> int:
     """Estimated shared memory (bytes) of the forward kernel variant `config` selects (its `loads`
-    knob: the pointer kernel, or the tensor-descriptor one), compiled for `arch`."""
+    knob: the pointer kernel, the tensor-descriptor one or the Gluon one), compiled for `arch`."""
     for name, value in config.extra:
         if name == "loads" and value == "tma":
             return estimate_tma_smem(config, head_dim, dtype, arch)
+        if name == "loads" and value == "gluon":
+            return estimate_gluon_smem(config, head_dim, dtype, arch)
     return estimate_ptr_smem(config, head_dim, dtype, arch)
 
 

@@ -111,10 +111,14 @@ def candidates(head_dim: int, dtype: str, smem_limit: int, *, arch: str | None =
 def variant_candidates(head_dim: int, dtype: str, causal: bool, smem_limit: int, *, arch: str) -> list[Config]:
     """The other kernel variants' configs for a key: the tensor-descriptor (TMA) kernel's tiles, warp
     specialisation and causal schedules on archs with TMA (none elsewhere: `--dry-run --arch sm_86`
-    lists none), each fitting `smem_limit` by its own shared-memory model."""
+    lists none), and the Gluon kernel's on sm_90 where this Triton builds it, each fitting `smem_limit` by
+    its own shared-memory model."""
+    from ...kernel.ops.fwd_gluon import gluon_candidates
     from ...kernel.ops.fwd_tma import tma_candidates
 
-    return tma_candidates(arch, head_dim, normalize_dtype(dtype), causal, smem_limit)
+    dtype = normalize_dtype(dtype)
+    return [*tma_candidates(arch, head_dim, dtype, causal, smem_limit),
+            *gluon_candidates(arch, head_dim, dtype, causal, smem_limit)]
 
 
 def attention_flops(key: Key, batch_heads: int) -> float:
