@@ -233,7 +233,7 @@ def test_tune_recorded_tunes_exactly_the_recorded_keys_most_called_first(stand_i
         assert {w.key for w in store.winners("sm_80")} == {tiny_key(bh=1), tiny_key(bh=2)}
 
 
-def test_dry_run_lists_the_tma_variants_on_sm90_only() -> None:
+def test_dry_run_lists_the_tma_and_gluon_variants_on_sm90_only() -> None:
     from click.testing import CliRunner
 
     from flashtune.tuner.cli import main as cli_main
@@ -242,7 +242,8 @@ def test_dry_run_lists_the_tma_variants_on_sm90_only() -> None:
                                            "128", "--dtype", "fp16", "--json"])
     assert hopper.exit_code == 0, hopper.output
     [group] = json.loads(hopper.stdout)["groups"]
-    assert group["variants"] and all('"loads":"tma"' in v["config"] for v in group["variants"])
+    loads = {json.loads(v["config"].split("+", 1)[1])["loads"] for v in group["variants"]}
+    assert loads <= {"tma", "gluon"} and "tma" in loads
     assert all(v["smem"] <= 227 * 1024 for v in group["variants"])
     ampere = CliRunner().invoke(cli_main, ["tune", "--dry-run", "--arch", "sm_86", "--seq", "1024", "--head-dim",
                                            "128", "--dtype", "fp16", "--json"])
