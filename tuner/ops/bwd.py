@@ -217,6 +217,17 @@ def gradient_errors(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]
     return tuple(errors)
 
 
+def gradient_problem(output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...], tolerance: float,
+                     against: str) -> str | None:
+    """Why gradients (dQ, dK, dV) are off their reference by more than `tolerance` (the worst of the three, by
+    `gradient_errors`), or None."""
+    errors = gradient_errors(output, reference)
+    worst = max(range(3), key=lambda i: errors[i])
+    if errors[worst] <= tolerance:
+        return None
+    return f"relative error {errors[worst]:.3g} in {('dQ', 'dK', 'dV')[worst]} > {tolerance:g} against {against}"
+
+
 @dataclass
 class BwdInputs(OpInputs):
     """A bwd key's inputs (tuner.ops.inputs) with dO, the forward kernel's O and LSE, and the fp32
@@ -267,12 +278,7 @@ class BwdInputs(OpInputs):
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
                 tolerance: float) -> str | None:
         """Why the gradients are wrong against fp32 autograd (the worst of dQ, dK, dV), or None."""
-        errors = gradient_errors(output, reference)
-        worst = max(range(3), key=lambda i: errors[i])
-        if errors[worst] <= tolerance:
-            return None
-        grad = ("dQ", "dK", "dV")[worst]
-        return f"relative error {errors[worst]:.3g} in {grad} > {tolerance:g} against {self.described}"
+        return gradient_problem(output, reference, tolerance, self.described)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV buffers the timed launches share."""

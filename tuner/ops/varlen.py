@@ -29,7 +29,7 @@ from ...kernel.ops.fwd import default_config
 from ...kernel.ops.varlen import check_varlen_inputs, launch_varlen_bwd, launch_varlen_fwd, packing
 from ...kernel.testing import attention_flops as shape_flops
 
-from .bwd import BWD_FLOP_RATIO, TOLERANCE as BWD_TOLERANCE, bwd_default, bwd_gpu_plan, bwd_space, gradient_errors
+from .bwd import BWD_FLOP_RATIO, TOLERANCE as BWD_TOLERANCE, bwd_default, bwd_gpu_plan, bwd_space, gradient_problem
 from .fwd import TOLERANCE as FWD_TOLERANCE, candidates, fwd_default, fwd_plan
 from .inputs import OpInputs
 from .mods import workload_mods
@@ -218,12 +218,7 @@ class VarlenBwdInputs(VarlenInputs):
     def problem(self, output: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
                 tolerance: float) -> str | None:
         """Why the gradients are wrong (the worst of dQ, dK, dV), or None."""
-        errors = gradient_errors(output, reference)
-        worst = max(range(3), key=lambda i: errors[i])
-        if errors[worst] <= tolerance:
-            return None
-        return (f"relative error {errors[worst]:.3g} in {('dQ', 'dK', 'dV')[worst]} > {tolerance:g} against "
-                f"{self.described}")
+        return gradient_problem(output, reference, tolerance, self.described)
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dQ, dK, dV buffers the timed launches share."""
