@@ -3,12 +3,14 @@
 A script builds its parser with `arguments()` (the shared `--out`, `--smoke`, `--seed` and timing budgets)
 and adds only its own options; times calls with `Timer` (triton.testing.do_bench on CUDA, the wall clock
 under the Triton interpreter), `interleaved_ms` (CUDA events, runs interleaved round-robin) or
-`loop_times`/`host_rounds`/`synced_s` (host time); records `provenance()` beside its results; writes them
-with `write_json`/`write_csv`/`write_text` under its out folder, which belongs under bench/results/<gpu>/;
-and prints `print_table` last.
+`loop_times`/`host_rounds`/`synced_s` (host time), short calls as CUDA-graph replays (`cuda_graph`); a script
+that checks and times one call after another keeps its state in a `Runner` (seeded inputs, notes, `measure`);
+records `provenance()` beside its results; writes them with `write_json`/`write_csv`/`write_text` under its out
+folder, which belongs under bench/results/<gpu>/; and prints `print_table` last.
 
 torch, triton and flashtune are imported inside the functions that use them, so a script can call
-`use_interpreter()` before the kernels are imported, and the CPU-only scripts import none of them.
+`use_interpreter()` before the kernels are imported, and the CPU-only scripts import none of them;
+`import_flashtune()` loads flashtune from a plain checkout where it is not installed.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 BENCH = Path(__file__).resolve().parent
 OUT_HELP = "results directory, e.g. bench/results/h200 (results belong under bench/results/<gpu>/)"
@@ -133,6 +137,30 @@ def str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def import_flashtune() -> None:
+    """Make `flashtune` importable from a plain checkout too: when it is not installed, the repo's kernel/, db/ and
+    tuner/ folders are loaded as `flashtune.kernel`, `flashtune.db` and `flashtune.tuner`."""
+    try:
+        import flashtune.kernel  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+    import types
+
+    root = BENCH.parent
+    pkg = types.ModuleType("flashtune")
+    pkg.__path__ = []  # type: ignore[attr-defined]
+    sys.modules["flashtune"] = pkg
+    for sub in ("db", "kernel", "tuner"):
+        spec = importlib.util.spec_from_file_location(f"flashtune.{sub}", root / sub / "__init__.py",
+                                                      submodule_search_locations=[str(root / sub)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"flashtune.{sub}"] = module
+        spec.loader.exec_module(module)
+        setattr(pkg, sub, module)
+
+
 def require_gpu(unless: bool = False, hint: str = "") -> None:
     """Exit with status 2 and one line ('<script>: needs a CUDA GPU; <hint>') when no CUDA GPU is visible,
     unless `unless` holds (a CPU mode was asked for)."""
@@ -156,7 +184,8 @@ def use_interpreter(when: bool = True, *, even_with_gpu: bool = False) -> bool:
             gpu = False
         if even_with_gpu or not gpu:
             os.environ["TRITON_INTERPRET"] = "1"
-    from flashtune.kernel.device import triton_interprets  # Triton's reading of the variable, not ours
+    # Triton's reading of the variable, not ours
+    from flashtune.kernel.device import triton_interprets
 
     return triton_interprets()
 
@@ -257,6 +286,103 @@ def peak_extra_bytes(fn: Callable[[], Any], cuda: bool = True) -> int | None:
     return int(peak)
 
 
+def cuda_graph(fn: Callable[[], Any], warmup: int = 2) -> Callable[[], Any]:
+    """One call of `fn` captured in a CUDA graph after `warmup` runs on a side stream; its replay (short calls
+    lose their launch cost)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+class Runner:
+    """A script's run on one device: seeded inputs, notes, memory, and `measure`, which checks and times one call.
+
+    On CUDA unless `args.smoke` (then on the CPU, under the interpreter, where the first call's wall time stands
+    for the time); timed by `Timer.from_args(args)`, so the script's parser holds `--smoke`, `--seed` and a
+    `Budget`. A script subclasses it with its own rows and tables."""
+
+    def __init__(self, args: argparse.Namespace, dtype: Any) -> None:
+        import torch
+
+        self.torch, self.args, self.smoke = torch, args, bool(args.smoke)
+        self.cuda = torch.cuda.is_available() and not self.smoke
+        self.device = "cuda" if self.cuda else "cpu"
+        self.dtype = dtype
+        self.timer = Timer.from_args(args, self.cuda)
+        self.notes: list[str] = []
+
+    def gen(self, *parts: Any) -> Any:
+        """A generator seeded by `parts` (and --seed): each case draws the same inputs whatever ran before it."""
+        seed = self.args.seed + zlib.crc32(repr(parts).encode())
+        return self.torch.Generator(device=self.device).manual_seed(seed)
+
+    def randn(self, *shape: int, gen: Any, dtype: Any = None, grad: bool = False) -> Any:
+        """Normal random values on the run's device, in the run's dtype unless `dtype` is given."""
+        x = self.torch.randn(*shape, generator=gen, device=self.device, dtype=dtype or self.dtype)
+        return x.requires_grad_(grad)
+
+    def note(self, text: str) -> None:
+        """Print `text` and keep it among the run's notes."""
+        print(f"  note: {text}", flush=True)
+        self.notes.append(text)
+
+    def free(self) -> None:
+        """Give back what the finished calls held (collected first: a failed call's tensors may sit in a cycle)."""
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+
+    def free_bytes(self) -> int:
+        """Free GPU memory in bytes; on the CPU a number no smoke-size buffer reaches."""
+        return self.torch.cuda.mem_get_info()[0] if self.cuda else 1 << 62
+
+    def measure(self, fn: Callable[[], Any], grads: Sequence[Any] | None = None, graph: bool = False,
+                keep: Callable[[Any], Any] = lambda out: out) -> tuple[Any, float | None, str | None]:
+        """(keep(output of one call), median ms or None, error or None).
+
+        One call first: `keep` takes its output before the timing starts (what the script checks; the rest is
+        let go), and with `grads` their .grad are that call's gradients; under --smoke its wall time stands for
+        the time. Then `timer` times `fn`, with `graph` as the replay of a CUDA graph (`cuda_graph`; eagerly,
+        with a note, where capture fails). A failure is returned as the error, not raised: a refusal or an
+        out-of-memory is a result, not the end of the run."""
+        for g in grads or ():
+            g.grad = None
+        kept, ms, error = None, None, None
+        try:
+            t0 = time.perf_counter()
+            kept = keep(fn())
+            if self.cuda:
+                self.torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3
+            if not self.smoke:
+                call = fn
+                if graph:
+                    try:
+                        call = cuda_graph(fn)
+                    except Exception as exc:  # noqa: BLE001
+                        self.note(f"CUDA graph capture failed ({error_line(exc, 120)}): timed eagerly")
+                ms = None  # a timing that fails gives no time
+                ms = self.timer(call, grad_to_none=grads)
+        except Exception as exc:  # noqa: BLE001 - a refusal or OOM is a result, not the end of the run
+            error = error_line(exc, 200)
+        if error:  # outside the handler: the traceback no longer holds the failed call's tensors
+            self.free()
+        return kept, ms, error
+
+
 def error_line(exc: BaseException, limit: int = 300) -> str:
     """'Type: the line that says what failed' of an exception (for Triton's MLIR failures, the line naming the
     failed pass rather than the IR printed before it), at most `limit` characters."""
@@ -276,7 +402,7 @@ def _attempt(fn: Callable[[], Any]) -> Any:
 
 
 def _git(*args: str) -> str | None:
-    done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True, timeout=10)
+    done = subprocess.run(["git", "-C", str(BENCH), *args], capture_output=True, text=True, timeout=10, check=False)
     return done.stdout.strip() if done.returncode == 0 else None
 
 
@@ -340,7 +466,7 @@ def provenance(device: int = 0) -> dict[str, Any]:
 def explicit_api() -> dict[str, Callable[..., Any]]:
     """The explicit-config launches (`fwd`, `bwd`, `kvcache`) and `Config` of the installed flashtune, wherever
     its version keeps them: a script comparing two trees runs under each."""
-    import flashtune.kernel as kernel
+    from flashtune import kernel
 
     try:  # the public surface
         return {"fwd": kernel.attention_fwd, "bwd": kernel.attention_bwd, "kvcache": kernel.attention_kvcache,
@@ -396,7 +522,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path | Non
 
 
 Cell = str | int | float | bool | None
-_NUMBER = re.compile(r"^[-+x×]?\s*(\d[\d,]*(\.\d*)?|\.\d+)(e[-+]?\d+)?\s*%?$|^-$|^n/a$", re.I)
+_NUMBER = re.compile(r"^[-+x×]?\s*(\d[\d,]*(\.\d*)?|\.\d+)(e[-+]?\d+)?\s*%?$|^-$|^n/a$", re.IGNORECASE)
 
 
 def _text(cell: Cell, floats: str) -> str:

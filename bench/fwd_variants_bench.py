@@ -38,51 +38,44 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from common import Runs, Shapes, arguments, error_line, interleaved_ms, out_dir, print_table, provenance, \
-    require_gpu, use_interpreter, write_json
+from common import (
+    Runs,
+    Shapes,
+    arguments,
+    error_line,
+    import_flashtune,
+    interleaved_ms,
+    out_dir,
+    print_table,
+    provenance,
+    require_gpu,
+    use_interpreter,
+    write_json,
+)
 
 use_interpreter("--smoke" in sys.argv)  # before triton is first imported (by flashtune.kernel below)
 
+import_flashtune()
 
-def _import_flashtune() -> None:
-    """Make `flashtune` importable from a plain checkout too (the repo's kernel/, db/, tuner/ folders)."""
-    try:
-        import flashtune.kernel  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-    import types
-
-    root = Path(__file__).resolve().parents[1]
-    pkg = types.ModuleType("flashtune")
-    pkg.__path__ = []  # type: ignore[attr-defined]
-    sys.modules["flashtune"] = pkg
-    for sub in ("db", "kernel", "tuner"):
-        spec = importlib.util.spec_from_file_location(f"flashtune.{sub}", root / sub / "__init__.py",
-                                                      submodule_search_locations=[str(root / sub)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"flashtune.{sub}"] = module
-        spec.loader.exec_module(module)
-        setattr(pkg, sub, module)
-
-
-_import_flashtune()
-
-import triton  # noqa: E402
-
-from flashtune.db.types import Config  # noqa: E402
-from flashtune.kernel.device import triton_interprets  # noqa: E402
-from flashtune.kernel.ops import fwd_tma  # noqa: E402
-from flashtune.kernel.checks import check_inputs  # noqa: E402
-from flashtune.kernel.ops.fwd import launch  # noqa: E402
-from flashtune.kernel.testing import attention_flops, fp32_reference, output_errors, tflops  # noqa: E402
+import triton
+from flashtune.db.types import Config
+from flashtune.kernel.checks import check_inputs
+from flashtune.kernel.device import triton_interprets
+from flashtune.kernel.ops import fwd_tma
+from flashtune.kernel.ops.fwd import launch
+from flashtune.kernel.testing import (
+    attention_flops,
+    fp32_reference,
+    output_errors,
+    tflops,
+)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative-norm error allowed against the fp32 reference: the tuner's (tuner/bench.py TOLERANCE).
@@ -100,7 +93,7 @@ SMOKE_PTR = [(16, 16, 2, 1), (32, 16, 4, 2)]
 SMOKE_TMA = [(16, 16, 2, 1), (32, 16, 4, 2)]
 SDPA_BACKENDS = ("sdpa_cudnn", "sdpa_flash")
 STICKY = re.compile(r"illegal (memory )?address|unspecified launch failure|misaligned address|"
-                    r"an illegal instruction|device-side assert|CUDA error: (an )?unknown", re.I)
+                    r"an illegal instruction|device-side assert|CUDA error: (an )?unknown", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -548,8 +541,8 @@ class Bench:
         meta = dict(self.provenance, has_warp_specialize=fwd_tma.HAS_WARP_SPECIALIZE, wall_s=time.time() - self.started,
                     interpreter=not self.cuda, context_lost=self.context_lost, note=note,
                     tolerance={str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()})
-        doc = dict(meta=meta, results=[asdict(r) for r in self.results], best=self.best, asm=self.asm,
-                   miscompiles=self.miscompiles(), failed_shapes=self.failed_shapes)
+        doc = {"meta": meta, "results": [asdict(r) for r in self.results], "best": self.best, "asm": self.asm,
+               "miscompiles": self.miscompiles(), "failed_shapes": self.failed_shapes}
         return write_json(out_dir(self.args.out) / name, doc)
 
     def table(self) -> None:
@@ -592,8 +585,8 @@ def describe_compiled(compiled: Any) -> dict[str, Any]:
     if compiled is None:
         return {"note": "interpreter: nothing compiled"}
     md = compiled.metadata
-    info: dict[str, Any] = dict(regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
-                                shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None))
+    info: dict[str, Any] = {"regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+                            "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None)}
     asm = compiled.asm
     ptx = asm.get("ptx", "") if hasattr(asm, "get") else ""
     ttgir = asm.get("ttgir", "") if hasattr(asm, "get") else ""
@@ -623,8 +616,9 @@ def smem_offline(args: argparse.Namespace) -> int:
     def compile_one(job: tuple[int, int, int, int, int, bool, bool]) -> dict[str, Any]:
         d, bm, bn, w, st, ws, persistent = job
         config = fwd_tma.tma_config(bm, bn, w, st, ws=ws, schedule="persistent" if persistent else "grid")
-        consts = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True,
-                      STORE_LSE=False, PRECISION="ieee", WS=ws, PERSISTENT=persistent, NEG_SCALE=False, EVEN_N=ws)
+        consts = {"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True,
+                  "STORE_LSE": False, "PRECISION": "ieee", "WS": ws, "PERSISTENT": persistent, "NEG_SCALE": False,
+                  "EVEN_N": ws}
         sig, attrs = {}, {}
         for i, name in enumerate(kernel.arg_names):
             if name in consts:
@@ -634,11 +628,11 @@ def smem_offline(args: argparse.Namespace) -> int:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # what the launch specialises them to
             else:
                 sig[name] = "fp32" if name == "qk_scale" else "i32"
-        row = dict(config=str(config), head_dim=d, dtype="float16", triton=triton.__version__,
-                   estimate=fwd_tma.estimate_tma_smem(config, d, "float16", "sm_90"))
+        row = {"config": str(config), "head_dim": d, "dtype": "float16", "triton": triton.__version__,
+               "estimate": fwd_tma.estimate_tma_smem(config, d, "float16", "sm_90")}
         try:
             compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=w, num_stages=st))
+                                      options={"num_warps": w, "num_stages": st})
         except Exception as exc:  # noqa: BLE001 - a data point
             row["error"] = error_line(exc)
             return row

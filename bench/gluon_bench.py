@@ -36,6 +36,8 @@ from typing import Any
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
+from common import import_flashtune  # bench/ is on the path from the line above
+
 # (block_m, block_n, num_warps, num_stages) of the Gluon configs checked and timed
 TILES = [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 2)]
 QUICK_TILES = [(128, 128, 8, 2), (128, 64, 8, 3)]
@@ -59,35 +61,12 @@ CHECK_CASES = [
 BOUNDS = {"float16": 2e-3, "bfloat16": 1.5e-2}
 
 
-def _import_flashtune() -> None:
-    """Make `flashtune` importable from a plain checkout (the repo's kernel/, db/, tuner/ folders)."""
-    try:
-        import flashtune.kernel  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-    import types
-
-    root = HERE.parents[1]
-    pkg = types.ModuleType("flashtune")
-    pkg.__path__ = []  # type: ignore[attr-defined]
-    sys.modules["flashtune"] = pkg
-    for sub in ("db", "kernel", "tuner"):
-        spec = importlib.util.spec_from_file_location(f"flashtune.{sub}", root / sub / "__init__.py",
-                                                      submodule_search_locations=[str(root / sub)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"flashtune.{sub}"] = module
-        spec.loader.exec_module(module)
-        setattr(pkg, sub, module)
-
-
 # --- child: correctness of one config ----------------------------------------------------------------------
 
 
 def check_config(text: str) -> None:
     """Print one JSON line per (case, dtype) for the Gluon config `text`."""
-    _import_flashtune()
+    import_flashtune()
     import torch
     from flashtune.db.types import Config
     from flashtune.kernel.checks import check_inputs
@@ -134,7 +113,7 @@ def check_config(text: str) -> None:
 
 def time_all(configs: list[str], quick: bool, out: Path, warmup: int, rep: int) -> None:
     """Append one JSON line per (shape, candidate) to `out` as each is measured."""
-    _import_flashtune()
+    import_flashtune()
     import torch
     from flashtune.kernel.ops.fwd_tma import tma_config
 
@@ -305,7 +284,7 @@ def main() -> int:
     require_gpu(hint="the Gluon kernel runs on sm_90 only")
     started = time.time()
     out = out_dir(args.out)
-    _import_flashtune()
+    import_flashtune()
     from flashtune.db.types import Config
     from flashtune.kernel.ops.fwd_gluon import (
         GLUON_AVAILABLE,

@@ -57,6 +57,7 @@ from typing import Any
 
 from common import (
     arguments,
+    cuda_graph,
     error_line,
     out_dir,
     print_table,
@@ -268,23 +269,6 @@ def one_sequence_per_row() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
-def capture(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn captured into a CUDA graph after three warm-up runs on a side stream; returns its replay."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay
-
-
 def graphed(net: Any, impls: dict[str, str], fn: Callable[[], Any]) -> tuple[dict[str, Callable[[], Any]], str]:
     """Each implementation's fn as a CUDA-graph replay, or, if capture fails for either, eager for both;
     with the mode said in words ("cuda graph", or "eager: <impl> capture failed: <error>")."""
@@ -293,7 +277,7 @@ def graphed(net: Any, impls: dict[str, str], fn: Callable[[], Any]) -> tuple[dic
         net.set_attn_implementation(impl)
         try:
             with one_sequence_per_row():
-                replays[label] = capture(fn)
+                replays[label] = cuda_graph(fn, warmup=3)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be captured is timed eagerly, and said so
             import torch
 

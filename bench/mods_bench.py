@@ -50,14 +50,13 @@ import math
 import os
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from common import (
     Budget,
-    Timer,
+    Runner,
     arguments,
     error_line,
     out_dir,
@@ -113,90 +112,23 @@ def nerr(x: Any, ref: Any) -> float:
     return float(diff.abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-class Bench:
-    """The run's state: sizes, timer, rows, checks, notes; `measure` runs, checks and times one call."""
+class Bench(Runner):
+    """The run's state: sizes, rows, checks; `measure` (the runner's) runs, checks and times one call."""
 
     def __init__(self, args: Any) -> None:
         import torch
 
-        self.torch, self.args, self.smoke = torch, args, args.smoke
-        self.cuda = torch.cuda.is_available() and not args.smoke
-        self.device = "cuda" if self.cuda else "cpu"
-        self.dtype = torch.float32 if args.smoke else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        super().__init__(args, torch.float32 if args.smoke else {"bf16": torch.bfloat16,
+                                                                 "fp16": torch.float16}[args.dtype])
         self.dtype_name = str(self.dtype).removeprefix("torch.")
         self.bound = BOUND[self.dtype_name]
         sizes = SMOKE if args.smoke else GPU
         if args.quick and not args.smoke:
             sizes = Sizes(**{**sizes.__dict__, "seqs": (8192,)})
         self.sizes = sizes
-        self.timer = Timer(self.cuda, args.warmup, args.rep)
         self.rows: list[dict[str, Any]] = []
         self.checks: list[dict[str, Any]] = []
-        self.notes: list[str] = []
         self.flex: Any = None
-
-    # --- inputs ---
-    def gen(self, *parts: Any) -> Any:
-        seed = self.args.seed + zlib.crc32(repr(parts).encode())
-        return self.torch.Generator(device=self.device).manual_seed(seed)
-
-    def randn(self, *shape: int, gen: Any, dtype: Any = None) -> Any:
-        return self.torch.randn(*shape, generator=gen, device=self.device, dtype=dtype or self.dtype)
-
-    def note(self, text: str) -> None:
-        print(f"  note: {text}", flush=True)
-        self.notes.append(text)
-
-    def free(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.empty_cache()
-
-    def free_bytes(self) -> int:
-        return self.torch.cuda.mem_get_info()[0] if self.cuda else 1 << 62
-
-    # --- running ---
-    def graphed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """One call of `fn` captured in a CUDA graph; its replay (sub-50 µs calls lose their launch cost)."""
-        torch = self.torch
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-
-    def measure(self, fn: Callable[[], Any], grads: list[Any] | None = None,
-                graph: bool = False) -> tuple[Any, float | None, str | None]:
-        """(output of one call, median ms or None, error or None). The first call's output is for the checks
-        (with `grads`, their .grad are the call's gradients); under --smoke its wall time stands for the time."""
-        for g in grads or ():
-            g.grad = None
-        out, ms, error = None, None, None
-        try:
-            t0 = time.perf_counter()
-            out = fn()
-            if self.cuda:
-                self.torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) * 1e3  # --smoke: the first call's wall time stands for the time
-            if not self.smoke:
-                call = fn
-                if graph:
-                    try:
-                        call = self.graphed(fn)
-                    except Exception as exc:  # noqa: BLE001
-                        self.note(f"CUDA graph capture failed ({error_line(exc, 120)}): timed eagerly")
-                ms = None  # a timing that fails gives no time
-                ms = self.timer(call, grad_to_none=grads)
-        except Exception as exc:  # noqa: BLE001 - a refusal or OOM is a result, not the end of the run
-            error = error_line(exc, 200)
-        if error:  # outside the handler: the traceback no longer holds the failed call's tensors
-            self.free()
-        return out, ms, error
 
     def ran(self, q: Any, k: Any, v: Any, causal: bool, op: str = "fwd", **mods: Any) -> str:
         """What the dispatcher runs for this call (kernel.explain), in words."""

@@ -52,7 +52,6 @@ import math
 import sys
 import time
 import traceback
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -60,7 +59,7 @@ from typing import Any
 
 from common import (
     Budget,
-    Timer,
+    Runner,
     arguments,
     error_line,
     out_dir,
@@ -131,86 +130,27 @@ def causal_flops(lengths: list[int], heads: int, head_dim: int) -> float:
     return float(sum(2 * heads * n * n * head_dim for n in lengths))
 
 
-class Bench:
-    """The run's state and its helpers: inputs, timing, rows, notes."""
+class Bench(Runner):
+    """The run's state: sizes, rows and the copy bandwidth; `time` times one call, keeping its output in `last`."""
 
     def __init__(self, args: Any) -> None:
         import torch
 
-        self.torch, self.args, self.smoke = torch, args, args.smoke
-        self.cuda = torch.cuda.is_available() and not args.smoke
-        self.device = "cuda" if self.cuda else "cpu"
-        self.dtype = torch.float32 if args.smoke else torch.bfloat16
+        super().__init__(args, torch.float32 if args.smoke else torch.bfloat16)
         self.sizes = SMOKE if args.smoke else (QUICK if args.quick else GPU)
-        self.timer = Timer(self.cuda, args.warmup, args.rep)
         self.rows: list[dict[str, Any]] = []
-        self.notes: list[str] = []
         self.copy_tbs: float | None = None
         self.last: Any = None  # the output of the last call `time` ran first (for comparisons)
 
-    def gen(self, *parts: Any) -> Any:
-        seed = self.args.seed + zlib.crc32(repr(parts).encode())
-        return self.torch.Generator(device=self.device).manual_seed(seed)
-
-    def randn(self, *shape: int, gen: Any, dtype: Any = None, grad: bool = False) -> Any:
-        x = self.torch.randn(*shape, generator=gen, device=self.device, dtype=dtype or self.dtype)
-        return x.requires_grad_(grad)
-
-    def note(self, text: str) -> None:
-        print(f"  note: {text}", flush=True)
-        self.notes.append(text)
-
-    def free(self) -> None:
-        import gc
-
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.synchronize()
-            self.torch.cuda.empty_cache()
-
-    def free_bytes(self) -> int:
-        return self.torch.cuda.mem_get_info()[0] if self.cuda else 1 << 40
-
-    def graphed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        """One call of `fn` captured in a CUDA graph; its replay (short decode calls lose their launch cost)."""
-        torch = self.torch
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-
     def time(self, fn: Callable[[], Any], grads: list[Any] | None = None, graph: bool = False
              ) -> tuple[float | None, str | None]:
-        """(median ms, None) or (None, the error). One call first (under --smoke its wall time is the time); its
-        output, detached, is kept in `last`."""
-        self.last = None
-        try:
-            t0 = time.perf_counter()
-            out = fn()
-            self.last = out.detach() if isinstance(out, self.torch.Tensor) else None
-            del out
-            if self.cuda:
-                self.torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) * 1e3
-            if self.smoke:
-                return ms, None
-            call = fn
-            if graph:
-                try:
-                    call = self.graphed(fn)
-                except Exception as exc:  # noqa: BLE001
-                    self.note(f"CUDA graph capture failed ({error_line(exc, 120)}): timed eagerly")
-            return self.timer(call, grad_to_none=grads), None
-        except Exception as exc:  # noqa: BLE001 - a refusal or OOM is a result, not the end of the run
-            error = error_line(exc, 200)
-        self.free()
-        return None, error
+        """(median ms, None) or (None, the error), as `measure` times them; the first call's output, detached,
+        is kept in `last`."""
+        self.last, ms, error = self.measure(fn, grads, graph, keep=self._detached)
+        return ms, error
+
+    def _detached(self, out: Any) -> Any:
+        return out.detach() if isinstance(out, self.torch.Tensor) else None
 
     def add(self, part: str, case: str, who: str, ms: float | None, work: float | None, unit: str, *,
             vs: str | None = None, vs_ms: float | None = None, ratio: float | None = None,

@@ -1,6 +1,7 @@
 """What the tests share: one relative-error measure, one q/k/v factory, the dtypes a device checks, and (in
 this package's modules) the database fixtures (`helpers.db`, registered in conftest.py through
-`pytest_plugins`), subprocess environments, CUDA-graph replay and the fleet's cost model."""
+`pytest_plugins`), subprocess environments, loading bench/ scripts, CUDA-graph replay and the fleet's cost
+model."""
 from __future__ import annotations
 
 import math

@@ -2,28 +2,10 @@
 bench/models.py's size overrides and quantiles."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
 from flashtune.db.types import Key, bucket
 from flashtune.tuner.options import grid_keys
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _script(name: str):
-    sys.path.insert(0, str(BENCH))  # the scripts import their runner as `common`
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from helpers.bench_scripts import bench_script
 
 
 def _keys(shape, arch: str = "sm_90") -> list[Key]:
@@ -36,7 +18,7 @@ def _keys(shape, arch: str = "sm_90") -> list[Key]:
 
 
 def test_no_holdout_shape_is_a_key_of_the_main_grid() -> None:
-    holdout = _script("holdout")
+    holdout = bench_script("holdout")
     grid = set(grid_keys("sm_90", [128 << i for i in range(6)], [64, 128], ["float16", "bfloat16"], [False, True],
                          [16, 64, 256], [1], ops=("fwd", "bwd", "kvcache")))
     on_grid = [s for s in holdout.SHAPES if set(_keys(s)) & grid]
@@ -44,7 +26,7 @@ def test_no_holdout_shape_is_a_key_of_the_main_grid() -> None:
 
 
 def test_the_holdout_spans_head_dims_groups_batches_and_kinds() -> None:
-    shapes = _script("holdout").SHAPES
+    shapes = bench_script("holdout").SHAPES
     assert 20 <= len(shapes) <= 30
     assert {s.kind for s in shapes} == {"fwd", "train", "decode"}
     assert {40, 64, 80, 96, 128, 256} <= {s.head_dim for s in shapes}
@@ -55,7 +37,7 @@ def test_the_holdout_spans_head_dims_groups_batches_and_kinds() -> None:
 
 
 def test_model_sizes_take_overrides_and_name_a_bad_one() -> None:
-    models = _script("models")
+    models = bench_script("models")
     sizes = models.apply_sets(models.MODELS, ["gqa.layers=8", "bert.batch=64"], smoke=False)
     assert sizes["gqa"].layers == 8 and sizes["bert"].batch == 64
     assert sizes["mqa"] == models.MODELS["mqa"].gpu
@@ -65,7 +47,7 @@ def test_model_sizes_take_overrides_and_name_a_bad_one() -> None:
 
 
 def test_quantile_interpolates_between_order_statistics() -> None:
-    quantile = _script("models").quantile
+    quantile = bench_script("models").quantile
     values = [4.0, 1.0, 3.0, 2.0]
     assert quantile(values, 0.0) == 1.0 and quantile(values, 1.0) == 4.0
     assert quantile(values, 0.5) == pytest.approx(2.5)

@@ -2,33 +2,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers.bench_scripts import BENCH, bench_script
 from helpers.subproc import repo_env
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 SCRIPT = BENCH / "packed_bench.py"
-
-
-def _script():
-    sys.path.insert(0, str(BENCH))  # the script imports its runner as `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_packed_bench", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.parametrize(("total", "low", "high"), [(96, 5, 40), (16384, 100, 8192), (65536, 100, 8192)])
 def test_document_lengths_fill_the_pack_within_bounds(total, low, high):
-    bench = _script()
+    bench = bench_script("packed_bench")
     lengths = bench.draw_lengths(total, low, high, seed=total)
     assert sum(lengths) == total
     assert all(low <= n < high + low for n in lengths)  # a short remainder joins the document before it
@@ -37,7 +23,7 @@ def test_document_lengths_fill_the_pack_within_bounds(total, low, high):
 
 
 def test_causal_flops_are_half_of_4hn2d_per_document():
-    bench = _script()
+    bench = bench_script("packed_bench")
     assert bench.causal_flops([100, 300], 16, 128) == 0.5 * 4 * 16 * 128 * (100 ** 2 + 300 ** 2)
 
 
