@@ -6,14 +6,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
-from helpers.db import back_to_schema, populate, run_info
 from flashtune.db.errors import SchemaVersionError
 from flashtune.db.jobs import JobQueue
 from flashtune.db.models import KEY_COLUMNS
 from flashtune.db.schema import SCHEMA_VERSION
 from flashtune.db.store import Store, load_winners, migrate_database
 from flashtune.db.types import Config, Key
+from helpers.db import back_to_schema, populate, run_info
 
 PLAIN = Key("sm_90", "kvcache", 1, 128, "bfloat16", True, 32768, batch_heads=32, group=8)
 PAGED = Key("sm_90", "kvcache", 1, 128, "bfloat16", True, 32768, batch_heads=32, group=8, page_size=64)

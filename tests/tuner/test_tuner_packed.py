@@ -17,10 +17,10 @@ from flashtune.kernel import attention_kvcache, attention_varlen, dispatch
 from flashtune.kernel.dispatch import INTERPRETER_ARCH
 from flashtune.kernel.kvcache import paged_kv
 from flashtune.kernel.testing import attention_kvcache_reference
+from flashtune.kernel.version import op_version
 from flashtune.tuner.cli import main
 from flashtune.tuner.gpu import planned_gpu
 from flashtune.tuner.ops import op_spec
-from flashtune.kernel.version import op_version
 from flashtune.tuner.ops.varlen import document_lengths
 from helpers.db import run_info
 

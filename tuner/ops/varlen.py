@@ -26,11 +26,17 @@ from ...db.types import DTYPE_BYTES, Config, Key
 from ...kernel.dtypes import TORCH_DTYPES
 from ...kernel.ops.bwd import bwd_knobs
 from ...kernel.ops.fwd import default_config
-from ...kernel.ops.varlen import check_varlen_inputs, launch_varlen_bwd, launch_varlen_fwd, packing
+from ...kernel.ops.varlen import (
+    check_varlen_inputs,
+    launch_varlen_bwd,
+    launch_varlen_fwd,
+    packing,
+)
 from ...kernel.testing import attention_flops as shape_flops
-
-from .bwd import BWD_FLOP_RATIO, TOLERANCE as BWD_TOLERANCE, bwd_default, bwd_gpu_plan, bwd_space, gradient_problem
-from .fwd import TOLERANCE as FWD_TOLERANCE, candidates, fwd_default, fwd_plan
+from .bwd import BWD_FLOP_RATIO, bwd_default, bwd_gpu_plan, bwd_space, gradient_problem
+from .bwd import TOLERANCE as BWD_TOLERANCE
+from .fwd import TOLERANCE as FWD_TOLERANCE
+from .fwd import candidates, fwd_default, fwd_plan
 from .inputs import OpInputs
 from .mods import workload_mods
 from .reference import modified_attention, modified_gradients
@@ -118,7 +124,7 @@ class VarlenInputs(OpInputs):
 
     @classmethod
     def build(cls, key: Key, batch_heads: int, device: torch.device, seed: int = 0, *,
-              warm: bool = False, reference_bytes: int | None = None) -> "VarlenInputs":
+              warm: bool = False, reference_bytes: int | None = None) -> VarlenInputs:
         """The packed inputs drawn with `seed` (the documents are the key's own draw, `document_lengths`); the
         compile pool's (`warm`) are the same sizes without the reference: a packed launch's compile does not
         depend on the token count."""
@@ -145,8 +151,7 @@ class VarlenInputs(OpInputs):
 
     def documents(self) -> list[tuple[int, int]]:
         """(start, end) rows of each document."""
-        cuts = [0, *itertools.accumulate(self.lengths)]
-        return list(zip(cuts[:-1], cuts[1:]))
+        return list(itertools.pairwise([0, *itertools.accumulate(self.lengths)]))
 
     @staticmethod
     def dense(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -225,12 +230,12 @@ class VarlenBwdInputs(VarlenInputs):
         return torch.empty_like(self.q), torch.empty_like(self.k), torch.empty_like(self.v)
 
 
-def varlen_space(key: Key, gpu: "GpuInfo") -> list[Config]:
+def varlen_space(key: Key, gpu: GpuInfo) -> list[Config]:
     """The pointer forward kernel's pruned space (the packed forward takes no variant knob)."""
     return candidates(key.head_dim, key.dtype, gpu.smem_limit, arch=gpu.arch)
 
 
-def varlen_bwd_space(key: Key, gpu: "GpuInfo") -> list[Config]:
+def varlen_bwd_space(key: Key, gpu: GpuInfo) -> list[Config]:
     """The backward's space without the atomic-dQ variants (the packed backward is always deterministic)."""
     return [c for c in bwd_space(key, gpu) if bwd_knobs(c).deterministic]
 
