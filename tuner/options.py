@@ -143,19 +143,19 @@ def grid_keys(arch: str, seqs: Sequence[int], head_dims: Sequence[int], dtypes: 
     tuner.ops.mods.nominal_window) is left out, TuneError naming --window when that leaves nothing, and
     TuneError for features an op's keys do not take (a mask or dropout for kvcache; ALiBi too for varlen)."""
     from ..db.types import bucket
-    from .ops.mods import KVCACHE_FEATURES, VARLEN_FEATURES, VARLEN_OPS, nominal_window
+    from .ops.mods import VARLEN_OPS, nominal_window, op_takes
 
     features = dict(features or {})
     fp8 = FP8_DTYPE
     if fp8 in dtypes and (features or "fwd" not in ops):
         raise TuneError("--dtype fp8: fp8 keys are plain forward keys (--op fwd, no attention features): the fp8 "
                         "kernel is an inference forward without score modifiers")
-    for names, takes, api in ((("kvcache",), KVCACHE_FEATURES, "attention_kvcache"),
-                              (VARLEN_OPS, VARLEN_FEATURES, "attention_varlen")):
+    for op in dict.fromkeys(ops):
+        takes, api = op_takes(op)
         other = [name for name in features if name not in takes]
-        if set(names) & set(ops) and other:
-            raise TuneError(f"--{' and --'.join(other)}: {'/'.join(names)} keys ({api}) take no "
-                            f"{' or '.join(other)}; tune them without it")
+        if other:
+            raise TuneError(f"--{' and --'.join(other)}: {op} keys ({api}) take no {' or '.join(other)}; "
+                            "tune them without it")
 
     def lengths(op: str) -> list[tuple[int, int]]:
         if op != "kvcache":

@@ -86,11 +86,19 @@ def alibi_slopes(heads: int) -> list[float]:
     return geometric(below) + geometric(2 * below)[0::2][:heads - below]
 
 
+_TAKES: dict[str, tuple[frozenset[str], str]] = {
+    "kvcache": (KVCACHE_FEATURES, "attention_kvcache"),
+    **{op: (VARLEN_FEATURES, "attention_varlen") for op in VARLEN_OPS}}
+
+
+def op_takes(op: str) -> tuple[frozenset[str], str]:
+    """(the features keys of `op` take, the API whose calls they are); the dense ops take every score modifier."""
+    return _TAKES.get(op, (frozenset(SCORE_FEATURES), "attention"))
+
+
 def check_features(key: Key) -> None:
     """ValueError for a key whose features its op's kernels do not take, or whose window no call can have."""
-    takes = {"kvcache": (KVCACHE_FEATURES, "attention_kvcache"), "varlen": (VARLEN_FEATURES, "attention_varlen"),
-             "varlen_bwd": (VARLEN_FEATURES, "attention_varlen")}
-    allowed, api = takes.get(key.op, (frozenset(SCORE_FEATURES), "attention"))
+    allowed, api = op_takes(key.op)
     other = [name for name in key.features_on() if name not in allowed]
     if other:
         raise ValueError(f"{key}: a {key.op} key takes no {' or '.join(other)} ({api} has none)")
